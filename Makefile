@@ -1,0 +1,77 @@
+# Moonpost: the developer's front door.
+#
+#   make              build the C core as Lua modules into build/lib
+#   make deps         install the Debian packages that are missing (apt-get, as root)
+#   make run          build, then start examples/quickstart.lua (MOONPOST_* env applies)
+#   make test         deps + build + lint + specs + fuzz smoke + rock install;
+#                     ends with one line: "N passed, N failed"
+#   make test-long    the slow suites (long fuzz run, large loads)
+#   make lint         luacheck over every Lua file
+#   make fuzz         run the fuzz targets under ASan+UBSan (FUZZ_TIME seconds each)
+#   make bench        benchmarks under scripts/bench/ (figures and ratios, not tests)
+#   make clean
+#
+# Knobs (make VAR=value):
+#   CC, CFLAGS        compiler and flags (warnings are errors)
+#   LUA_INC           Lua headers (default: LuaJIT's)
+#   FUZZ_TIME         seconds per fuzz target for `make fuzz` (default 600)
+#   FUZZ_SMOKE        seconds per fuzz target inside `make test` (default 20)
+#   SPEC              busted arguments for `make test` (default: everything under spec/)
+
+CC        ?= cc
+LUA_INC   ?= /usr/include/luajit-2.1
+CFLAGS    ?= -O2 -g
+WARN      := -Wall -Wextra -Werror
+MODCFLAGS := $(CFLAGS) $(WARN) -std=gnu99 -fPIC -fvisibility=hidden -I$(LUA_INC) -Icore
+MODLDFLAGS:= -shared
+FUZZ_TIME ?= 600
+FUZZ_SMOKE?= 20
+BUILD     := build
+LIBDIR    := $(BUILD)/lib/moonpost/core
+
+SMTP_SRC  := core/smtp.c core/lsmtp.c
+SMTP_HDR  := core/smtp.h core/lcompat.h
+
+MODULES   := $(LIBDIR)/smtp.so
+
+.PHONY: all deps run test test-long lint fuzz fuzz-build bench clean
+
+all: $(MODULES)
+
+$(LIBDIR)/smtp.so: $(SMTP_SRC) $(SMTP_HDR)
+	@mkdir -p $(LIBDIR)
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(SMTP_SRC)
+
+deps:
+	@scripts/deps.sh
+
+run: deps all
+	scripts/moonpost run examples/quickstart.lua
+
+lint:
+	luacheck --no-color -q .
+
+# Fuzz targets: libFuzzer with AddressSanitizer and UBSan.
+FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Icore
+FUZZERS     := $(BUILD)/fuzz/fuzz_smtp_in $(BUILD)/fuzz/fuzz_smtp_path $(BUILD)/fuzz/fuzz_smtp_reply
+
+$(BUILD)/fuzz/%: core/fuzz/%.c core/smtp.c core/smtp.h
+	@mkdir -p $(BUILD)/fuzz
+	clang $(FUZZ_CFLAGS) -o $@ $< core/smtp.c
+
+fuzz-build: $(FUZZERS)
+
+fuzz: fuzz-build
+	@scripts/fuzz.sh $(FUZZ_TIME) $(FUZZERS)
+
+test: deps all
+	@scripts/test.sh
+
+test-long: deps all
+	@TEST_LONG=1 scripts/test.sh
+
+bench: deps all
+	@scripts/bench/run.sh
+
+clean:
+	rm -rf $(BUILD)

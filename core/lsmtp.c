@@ -1,0 +1,677 @@
+/*
+ * moonpost.core.smtp: the Lua face of the SMTP engine (smtp.c).
+ *
+ *   smtp.parser([limits])     -> parser     server-side input framing
+ *   smtp.reply_parser()       -> reply      client-side reply framing
+ *   smtp.message(s)           -> message    a message body held in C
+ *   smtp.parse_path(arg, kind)-> path table | nil, code, enhanced, text
+ *   smtp.check_param(k, v)    -> true | nil, why
+ *   smtp.dotstuff(s)          -> s          (for tests and small bodies)
+ *   smtp.utf8_valid(s), smtp.xtext_valid(s)
+ */
+#include <stdint.h>
+#include <unistd.h>
+
+#include "lcompat.h"
+#include "smtp.h"
+
+#define PARSER_MT "moonpost.core.smtp.parser"
+#define MESSAGE_MT "moonpost.core.smtp.message"
+#define REPLY_MT "moonpost.core.smtp.reply"
+
+/* ---- message ------------------------------------------------------------ */
+
+typedef struct lmessage {
+    mp_body body;
+    int closed;
+} lmessage;
+
+/* Pushed closed, so an allocation failure after this leaks nothing. */
+static lmessage *newmessage(lua_State *L)
+{
+    lmessage *m = lua_newuserdata(L, sizeof *m);
+    mp_body_init(&m->body);
+    m->closed = 1;
+    luaL_getmetatable(L, MESSAGE_MT);
+    lua_setmetatable(L, -2);
+    return m;
+}
+
+static lmessage *checkmessage(lua_State *L, int i)
+{
+    lmessage *m = luaL_checkudata(L, i, MESSAGE_MT);
+    if (m->closed) luaL_argerror(L, i, "message is closed");
+    return m;
+}
+
+static int l_message(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    lmessage *m = newmessage(L);
+    m->closed = 0;
+    if (mp_body_append(&m->body, s, n) != 0) return luaL_error(L, "out of memory");
+    return 1;
+}
+
+static int m_size(lua_State *L)
+{
+    lmessage *m = checkmessage(L, 1);
+    lua_pushnumber(L, (lua_Number)m->body.len);
+    return 1;
+}
+
+static int m_tostring(lua_State *L)
+{
+    lmessage *m = checkmessage(L, 1);
+    lua_pushlstring(L, mp_body_data(&m->body), m->body.len);
+    return 1;
+}
+
+/* sub(i [, j]): bytes i..j, 1-based and inclusive like string.sub. */
+static int m_sub(lua_State *L)
+{
+    lmessage *m = checkmessage(L, 1);
+    lua_Integer len = (lua_Integer)m->body.len;
+    lua_Integer i = luaL_checkinteger(L, 2);
+    lua_Integer j = luaL_optinteger(L, 3, -1);
+    if (i < 0) i = len + i + 1;
+    if (j < 0) j = len + j + 1;
+    if (i < 1) i = 1;
+    if (j > len) j = len;
+    if (i > j) lua_pushliteral(L, "");
+    else lua_pushlstring(L, mp_body_data(&m->body) + i - 1, (size_t)(j - i + 1));
+    return 1;
+}
+
+/* headers(): the header section including the empty line that ends it, or
+ * the whole message when it has no body. */
+static int m_headers(lua_State *L)
+{
+    lmessage *m = checkmessage(L, 1);
+    const char *s = mp_body_data(&m->body);
+    size_t n = m->body.len, i;
+    if (n >= 2 && s[0] == '\r' && s[1] == '\n') {
+        lua_pushliteral(L, "\r\n");
+        return 1;
+    }
+    for (i = 0; i + 3 < n; i++) {
+        const char *p = memchr(s + i, '\r', n - i - 3);
+        if (p == NULL) break;
+        i = (size_t)(p - s);
+        if (p[1] == '\n' && p[2] == '\r' && p[3] == '\n') {
+            lua_pushlstring(L, s, i + 4);
+            return 1;
+        }
+    }
+    lua_pushlstring(L, s, n);
+    return 1;
+}
+
+static int m_prepend(lua_State *L)
+{
+    lmessage *m = checkmessage(L, 1);
+    size_t n;
+    const char *s = luaL_checklstring(L, 2, &n);
+    if (mp_body_prepend(&m->body, s, n) != 0) return luaL_error(L, "out of memory");
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int m_append(lua_State *L)
+{
+    lmessage *m = checkmessage(L, 1);
+    size_t n;
+    const char *s = luaL_checklstring(L, 2, &n);
+    if (mp_body_append(&m->body, s, n) != 0) return luaL_error(L, "out of memory");
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* write(fd [, prefix]): write the optional prefix then the message to a file
+ * descriptor. Meant for regular files: the write lands in the page cache and
+ * the caller syncs through the thread pool. Returns the bytes written, or
+ * nil, "write: <strerror>", "ECODE". */
+static int m_write(lua_State *L)
+{
+    lmessage *m = checkmessage(L, 1);
+    int fd = (int)luaL_checkinteger(L, 2);
+    size_t plen = 0;
+    const char *prefix = luaL_optlstring(L, 3, NULL, &plen);
+    const char *parts[2];
+    size_t lens[2], total = 0;
+    int k;
+    parts[0] = prefix;
+    lens[0] = prefix ? plen : 0;
+    parts[1] = mp_body_data(&m->body);
+    lens[1] = m->body.len;
+    for (k = 0; k < 2; k++) {
+        size_t done = 0;
+        while (done < lens[k]) {
+            ssize_t w = write(fd, parts[k] + done, lens[k] - done);
+            if (w < 0) {
+                if (errno == EINTR) continue;
+                return mp_pusherrno(L, "write", errno);
+            }
+            done += (size_t)w;
+        }
+        total += done;
+    }
+    lua_pushnumber(L, (lua_Number)total);
+    return 1;
+}
+
+static int m_close(lua_State *L)
+{
+    lmessage *m = luaL_checkudata(L, 1, MESSAGE_MT);
+    if (!m->closed) {
+        mp_body_free(&m->body);
+        m->closed = 1;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int m_gc(lua_State *L)
+{
+    lmessage *m = luaL_checkudata(L, 1, MESSAGE_MT);
+    if (!m->closed) {
+        mp_body_free(&m->body);
+        m->closed = 1;
+    }
+    return 0;
+}
+
+static int m_len(lua_State *L)
+{
+    lmessage *m = luaL_checkudata(L, 1, MESSAGE_MT);
+    lua_pushnumber(L, m->closed ? 0 : (lua_Number)m->body.len);
+    return 1;
+}
+
+static int m___tostring(lua_State *L)
+{
+    lmessage *m = luaL_checkudata(L, 1, MESSAGE_MT);
+    if (m->closed) lua_pushliteral(L, "smtp.message (closed)");
+    else lua_pushfstring(L, "smtp.message (%d bytes)", (int)m->body.len);
+    return 1;
+}
+
+/* ---- parser --------------------------------------------------------------- */
+
+typedef struct lparser {
+    mp_smtp_in *p;
+} lparser;
+
+static lparser *checkparser(lua_State *L, int i)
+{
+    lparser *lp = luaL_checkudata(L, i, PARSER_MT);
+    if (lp->p == NULL) luaL_argerror(L, i, "parser is closed");
+    return lp;
+}
+
+static size_t optsize(lua_State *L, int t, const char *field, size_t def)
+{
+    lua_Number v;
+    lua_getfield(L, t, field);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return def;
+    }
+    if (!lua_isnumber(L, -1)) luaL_error(L, "limit '%s' must be a number", field);
+    v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    if (v < 0 || v != v) luaL_error(L, "limit '%s' must not be negative", field);
+    return (size_t)v;
+}
+
+static void readlimits(lua_State *L, int t, mp_in_limits *l)
+{
+    if (lua_isnoneornil(L, t)) return;
+    luaL_checktype(L, t, LUA_TTABLE);
+    l->cmd_line = optsize(L, t, "cmd_line", l->cmd_line);
+    l->text_line = optsize(L, t, "text_line", l->text_line);
+    l->max_size = optsize(L, t, "max_size", l->max_size);
+    if (l->cmd_line < 16) luaL_error(L, "limit 'cmd_line' must be at least 16");
+}
+
+static int l_parser(lua_State *L)
+{
+    mp_in_limits lim;
+    lparser *lp;
+    mp_in_limits_default(&lim);
+    readlimits(L, 1, &lim);
+    lp = lua_newuserdata(L, sizeof *lp);
+    lp->p = NULL;
+    luaL_getmetatable(L, PARSER_MT);
+    lua_setmetatable(L, -2);
+    lp->p = mp_in_new(&lim);
+    if (lp->p == NULL) return luaL_error(L, "out of memory");
+    return 1;
+}
+
+static int p_set_limits(lua_State *L)
+{
+    lparser *lp = checkparser(L, 1);
+    mp_in_limits lim = *mp_in_get_limits(lp->p);
+    readlimits(L, 2, &lim);
+    mp_in_set_limits(lp->p, &lim);
+    return 0;
+}
+
+static int p_push(lua_State *L)
+{
+    lparser *lp = checkparser(L, 1);
+    size_t n;
+    const char *s = luaL_checklstring(L, 2, &n);
+    if (mp_in_push(lp->p, s, n) != 0) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "no memory");
+        return 2;
+    }
+    lua_pushnumber(L, (lua_Number)mp_in_buffered(lp->p));
+    return 1;
+}
+
+/* next() -> nil                          need more input
+ *         | "cmd", VERB, arg, flags
+ *         | "line", line, flags          (after begin_line)
+ *         | "too_long", wire_length
+ *         | "data", msgflags             DATA content complete
+ *         | "bdat", msgflags             BDAT chunk complete */
+static int p_next(lua_State *L)
+{
+    lparser *lp = checkparser(L, 1);
+    mp_in_ev ev;
+    switch (mp_in_next(lp->p, &ev)) {
+    case MP_EV_CMD:
+        lua_pushliteral(L, "cmd");
+        lua_pushlstring(L, ev.verb, ev.verb_len);
+        lua_pushlstring(L, ev.arg, ev.arg_len);
+        lua_pushinteger(L, (lua_Integer)ev.flags);
+        return 4;
+    case MP_EV_LINE:
+        lua_pushliteral(L, "line");
+        lua_pushlstring(L, ev.arg, ev.arg_len);
+        lua_pushinteger(L, (lua_Integer)ev.flags);
+        return 3;
+    case MP_EV_TOO_LONG:
+        lua_pushliteral(L, "too_long");
+        lua_pushnumber(L, (lua_Number)ev.line_len);
+        return 2;
+    case MP_EV_DATA_END:
+        lua_pushliteral(L, "data");
+        lua_pushinteger(L, (lua_Integer)ev.flags);
+        return 2;
+    case MP_EV_BDAT_END:
+        lua_pushliteral(L, "bdat");
+        lua_pushinteger(L, (lua_Integer)ev.flags);
+        return 2;
+    default:
+        return 0;
+    }
+}
+
+static int p_begin_data(lua_State *L)
+{
+    mp_in_begin_data(checkparser(L, 1)->p);
+    return 0;
+}
+
+static int p_begin_bdat(lua_State *L)
+{
+    lparser *lp = checkparser(L, 1);
+    lua_Number n = luaL_checknumber(L, 2);
+    if (n < 0 || n != n || n > 9007199254740992.0) luaL_argerror(L, 2, "chunk size out of range");
+    mp_in_begin_bdat(lp->p, (uint64_t)n);
+    return 0;
+}
+
+static int p_begin_line(lua_State *L)
+{
+    mp_in_begin_line(checkparser(L, 1)->p);
+    return 0;
+}
+
+static int p_discard(lua_State *L)
+{
+    mp_in_discard(checkparser(L, 1)->p);
+    return 0;
+}
+
+static int p_reset_body(lua_State *L)
+{
+    mp_in_reset_body(checkparser(L, 1)->p);
+    return 0;
+}
+
+/* take() -> message, msgflags: the body received so far, moved out of the parser. */
+static int p_take(lua_State *L)
+{
+    lparser *lp = checkparser(L, 1);
+    lmessage *m = newmessage(L);
+    unsigned flags = mp_in_take_body(lp->p, &m->body);
+    m->closed = 0;
+    lua_pushinteger(L, (lua_Integer)flags);
+    return 2;
+}
+
+static int p_buffered(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)mp_in_buffered(checkparser(L, 1)->p));
+    return 1;
+}
+
+static int p_body_size(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)mp_in_body_size(checkparser(L, 1)->p));
+    return 1;
+}
+
+static int p_mode(lua_State *L)
+{
+    static const char *const names[] = {"cmd", "line", "data", "bdat"};
+    lua_pushstring(L, names[mp_in_mode(checkparser(L, 1)->p)]);
+    return 1;
+}
+
+static int p_close(lua_State *L)
+{
+    lparser *lp = luaL_checkudata(L, 1, PARSER_MT);
+    mp_in_free(lp->p);
+    lp->p = NULL;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int p_gc(lua_State *L)
+{
+    lparser *lp = luaL_checkudata(L, 1, PARSER_MT);
+    mp_in_free(lp->p);
+    lp->p = NULL;
+    return 0;
+}
+
+/* ---- reply parser ---------------------------------------------------------- */
+
+typedef struct lreply {
+    mp_reply_parser *r;
+} lreply;
+
+static lreply *checkreply(lua_State *L, int i)
+{
+    lreply *lr = luaL_checkudata(L, i, REPLY_MT);
+    if (lr->r == NULL) luaL_argerror(L, i, "reply parser is closed");
+    return lr;
+}
+
+static int l_reply_parser(lua_State *L)
+{
+    lreply *lr = lua_newuserdata(L, sizeof *lr);
+    lr->r = NULL;
+    luaL_getmetatable(L, REPLY_MT);
+    lua_setmetatable(L, -2);
+    lr->r = mp_reply_new();
+    if (lr->r == NULL) return luaL_error(L, "out of memory");
+    return 1;
+}
+
+static int r_push(lua_State *L)
+{
+    lreply *lr = checkreply(L, 1);
+    size_t n;
+    const char *s = luaL_checklstring(L, 2, &n);
+    if (mp_reply_push(lr->r, s, n) != 0) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "no memory");
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* next() -> code, enhanced|false, text, nlines | nil (need more) | nil, "error: detail" */
+static int r_next(lua_State *L)
+{
+    lreply *lr = checkreply(L, 1);
+    mp_reply rep;
+    switch (mp_reply_next(lr->r, &rep)) {
+    case MP_REPLY_DONE:
+        lua_pushinteger(L, rep.code);
+        if (rep.enhanced[0]) lua_pushstring(L, rep.enhanced);
+        else lua_pushboolean(L, 0);
+        lua_pushlstring(L, rep.text, rep.text_len);
+        lua_pushinteger(L, rep.nlines);
+        return 4;
+    case MP_REPLY_ERROR:
+        lua_pushnil(L);
+        lua_pushfstring(L, "protocol: %s", rep.error);
+        return 2;
+    default:
+        return 0;
+    }
+}
+
+static int r_buffered(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)mp_reply_buffered(checkreply(L, 1)->r));
+    return 1;
+}
+
+static int r_close(lua_State *L)
+{
+    lreply *lr = luaL_checkudata(L, 1, REPLY_MT);
+    mp_reply_free(lr->r);
+    lr->r = NULL;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int r_gc(lua_State *L)
+{
+    lreply *lr = luaL_checkudata(L, 1, REPLY_MT);
+    mp_reply_free(lr->r);
+    lr->r = NULL;
+    return 0;
+}
+
+/* ---- module functions ------------------------------------------------------ */
+
+static void setlstr(lua_State *L, const char *k, const char *s, size_t n)
+{
+    lua_pushlstring(L, s, n);
+    lua_setfield(L, -2, k);
+}
+
+static void setbool(lua_State *L, const char *k, int v)
+{
+    lua_pushboolean(L, v);
+    lua_setfield(L, -2, k);
+}
+
+/* parse_path(arg, "mail"|"rcpt") -> { address, local, domain, null, postmaster,
+ * utf8, literal, route, params = { KEY = value|true } }
+ * or nil, code, enhanced, text. Parameter keys are upper-cased; a repeated
+ * key is an error (501 5.5.4). Values are checked by check_param separately. */
+static int l_parse_path(lua_State *L)
+{
+    size_t n;
+    const char *arg = luaL_checklstring(L, 1, &n);
+    static const char *const kinds[] = {"mail", "rcpt", NULL};
+    int kind = luaL_checkoption(L, 2, NULL, kinds);
+    mp_path path;
+    char buf[MP_SMTP_PATH_MAX + 64];
+    const char *detail;
+    int err = mp_parse_path(arg, n, kind, &path, buf, sizeof buf, &detail);
+    int i;
+    if (err != MP_PATH_OK) {
+        lua_pushnil(L);
+        switch (err) {
+        case MP_PATH_ERR_ADDRESS:
+        case MP_PATH_ERR_TOO_LONG:
+            lua_pushinteger(L, 553);
+            lua_pushstring(L, kind == MP_PATH_MAIL ? "5.1.7" : "5.1.3");
+            break;
+        case MP_PATH_ERR_PARAM:
+        case MP_PATH_ERR_PARAMS:
+            lua_pushinteger(L, 501);
+            lua_pushliteral(L, "5.5.4");
+            break;
+        default:
+            lua_pushinteger(L, 501);
+            lua_pushliteral(L, "5.5.2");
+            break;
+        }
+        lua_pushstring(L, detail);
+        return 4;
+    }
+    lua_createtable(L, 0, 10);
+    setlstr(L, "address", path.mailbox, path.mailbox_len);
+    setlstr(L, "local", path.local, path.local_len);
+    setlstr(L, "domain", path.domain, path.domain_len);
+    if (path.null_path) setbool(L, "null", 1);
+    if (path.postmaster) setbool(L, "postmaster", 1);
+    if (path.utf8) setbool(L, "utf8", 1);
+    if (path.literal) setbool(L, "literal", 1);
+    if (path.had_route) setbool(L, "route", 1);
+    lua_createtable(L, 0, path.nparams);
+    for (i = 0; i < path.nparams; i++) {
+        char key[64];
+        size_t k, kl = path.params[i].key_len;
+        if (kl >= sizeof key) kl = sizeof key - 1;
+        for (k = 0; k < kl; k++) {
+            char c = path.params[i].key[k];
+            key[k] = (c >= 'a' && c <= 'z') ? (char)(c - 32) : c;
+        }
+        key[kl] = '\0';
+        lua_getfield(L, -1, key);
+        if (!lua_isnil(L, -1)) {
+            lua_pushnil(L);
+            lua_pushinteger(L, 501);
+            lua_pushliteral(L, "5.5.4");
+            lua_pushfstring(L, "duplicate parameter %s", key);
+            return 4;
+        }
+        lua_pop(L, 1);
+        if (path.params[i].value) lua_pushlstring(L, path.params[i].value, path.params[i].value_len);
+        else lua_pushboolean(L, 1);
+        lua_setfield(L, -2, key);
+    }
+    lua_setfield(L, -2, "params");
+    return 1;
+}
+
+static int l_check_param(lua_State *L)
+{
+    size_t kn, vn = 0;
+    const char *k = luaL_checklstring(L, 1, &kn);
+    const char *v = NULL;
+    const char *why;
+    if (lua_type(L, 2) == LUA_TSTRING) v = lua_tolstring(L, 2, &vn);
+    why = mp_check_param(k, kn, v, vn);
+    if (why) {
+        lua_pushnil(L);
+        lua_pushstring(L, why);
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_dotstuff(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    mp_stuff st;
+    mp_body out;
+    mp_body_init(&out);
+    mp_stuff_init(&st);
+    if (mp_stuff_feed(&st, s, n, &out) != 0 || mp_stuff_finish(&st, &out) != 0) {
+        mp_body_free(&out);
+        return luaL_error(L, "out of memory");
+    }
+    lua_pushlstring(L, mp_body_data(&out), out.len);
+    mp_body_free(&out);
+    return 1;
+}
+
+static int l_utf8_valid(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    lua_pushboolean(L, mp_utf8_valid(s, n));
+    return 1;
+}
+
+static int l_xtext_valid(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    lua_pushboolean(L, mp_xtext_valid(s, n));
+    return 1;
+}
+
+static const luaL_Reg funcs[] = {
+    {"parser", l_parser},
+    {"reply_parser", l_reply_parser},
+    {"message", l_message},
+    {"parse_path", l_parse_path},
+    {"check_param", l_check_param},
+    {"dotstuff", l_dotstuff},
+    {"utf8_valid", l_utf8_valid},
+    {"xtext_valid", l_xtext_valid},
+    {NULL, NULL}};
+
+static const luaL_Reg parser_methods[] = {
+    {"push", p_push},
+    {"next", p_next},
+    {"begin_data", p_begin_data},
+    {"begin_bdat", p_begin_bdat},
+    {"begin_line", p_begin_line},
+    {"discard", p_discard},
+    {"reset_body", p_reset_body},
+    {"take", p_take},
+    {"buffered", p_buffered},
+    {"body_size", p_body_size},
+    {"mode", p_mode},
+    {"set_limits", p_set_limits},
+    {"close", p_close},
+    {NULL, NULL}};
+
+static const luaL_Reg parser_meta[] = {{"__gc", p_gc}, {NULL, NULL}};
+
+static const luaL_Reg message_methods[] = {
+    {"size", m_size},
+    {"tostring", m_tostring},
+    {"sub", m_sub},
+    {"headers", m_headers},
+    {"prepend", m_prepend},
+    {"append", m_append},
+    {"write", m_write},
+    {"close", m_close},
+    {NULL, NULL}};
+
+static const luaL_Reg message_meta[] = {
+    {"__gc", m_gc}, {"__len", m_len}, {"__tostring", m___tostring}, {NULL, NULL}};
+
+static const luaL_Reg reply_methods[] = {
+    {"push", r_push}, {"next", r_next}, {"buffered", r_buffered}, {"close", r_close}, {NULL, NULL}};
+
+static const luaL_Reg reply_meta[] = {{"__gc", r_gc}, {NULL, NULL}};
+
+MP_EXPORT int luaopen_moonpost_core_smtp(lua_State *L);
+MP_EXPORT int luaopen_moonpost_core_smtp(lua_State *L)
+{
+    mp_createmeta(L, PARSER_MT, parser_meta, parser_methods);
+    mp_createmeta(L, MESSAGE_MT, message_meta, message_methods);
+    mp_createmeta(L, REPLY_MT, reply_meta, reply_methods);
+    lua_newtable(L);
+    mp_setfuncs(L, funcs);
+    lua_pushinteger(L, MP_SMTP_CMD_LINE_MAX);
+    lua_setfield(L, -2, "CMD_LINE_MAX");
+    lua_pushinteger(L, MP_SMTP_TEXT_LINE_MAX);
+    lua_setfield(L, -2, "TEXT_LINE_MAX");
+    lua_pushinteger(L, MP_SMTP_PATH_MAX);
+    lua_setfield(L, -2, "PATH_MAX");
+    return 1;
+}

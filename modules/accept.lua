@@ -1,0 +1,79 @@
+-- moonpost.accept: where mail comes in.
+--
+--   mta:use(require("moonpost.accept").smtp {
+--     listen = { "0.0.0.0:25", "[::]:25" },
+--     max_message_size = "50M",
+--     max_recipients = 1000,
+--   })
+--
+-- Every option is in docs/accept.md.
+local config = require "moonpost.runtime.config"
+
+local _M = { _VERSION = "0.1" }
+
+local EXTENSIONS = { "pipelining", "size", "8bitmime", "enhancedstatuscodes", "smtputf8",
+  "chunking", "dsn" }
+
+local SMTP_SCHEMA = {
+  listen = { type = "list", default = function() return { "127.0.0.1:2525" } end },
+  name = { type = "string" },
+  hostname = { type = "string" },
+  banner = { type = "string" },
+  max_message_size = { type = "size", default = 52428800 },
+  max_recipients = { type = "posint", default = 1000 },
+  max_errors = { type = "posint", default = 20 },
+  max_connections = { type = "posint", default = 10000 },
+  max_command_length = { type = "posint", default = 512,
+    check = function(v) return v >= 64, "must be at least 64" end },
+  max_line_length = { type = "nonneg", default = 1000 },
+  command_timeout = { type = "duration", default = 300 },
+  data_timeout = { type = "duration", default = 180 },
+  send_timeout = { type = "duration", default = 300 },
+  bare_lf = { type = "enum", values = { "normalize", "reject" }, default = "normalize" },
+  extensions = { type = "table" },
+  backlog = { type = "posint", default = 511 },
+  log_messages = { type = "boolean", default = true },
+  input_high_water = { type = "size", default = 1048576 },
+}
+
+local function check_extensions(t, level)
+  local out = {}
+  for _, name in ipairs(EXTENSIONS) do out[name] = true end
+  if t == nil then return out end
+  for k, v in pairs(t) do
+    if out[k] == nil then
+      error(string.format("accept.smtp: field 'extensions': unknown extension '%s' (known: %s)",
+        tostring(k), table.concat(EXTENSIONS, ", ")), level)
+    end
+    if type(v) ~= "boolean" then
+      error(string.format("accept.smtp: field 'extensions.%s': expected true or false, got %s",
+        k, tostring(v)), level)
+    end
+    out[k] = v
+  end
+  return out
+end
+
+-- smtp(opts) -> block: SMTP listeners on every address in opts.listen.
+function _M.smtp(opts)
+  local o = config.check("accept.smtp", opts, SMTP_SCHEMA, 2)
+  o.extensions = check_extensions(o.extensions, 3)
+  o.timeouts = { command = o.command_timeout, data = o.data_timeout, send = o.send_timeout }
+  local addrs = {}
+  for i, a in ipairs(o.listen) do
+    local host, port = config.parse_address(a)
+    if not host then
+      error(string.format("accept.smtp: field 'listen' item %d: %s", i, port), 2)
+    end
+    addrs[i] = { host = host, port = port }
+  end
+  local block = { name = "accept.smtp", opts = o }
+  function block.attach(_, mta)
+    for _, a in ipairs(addrs) do
+      mta:add_listener({ host = a.host, port = a.port, opts = o, name = o.name })
+    end
+  end
+  return block
+end
+
+return _M

@@ -1,0 +1,184 @@
+-- moonpost: the policy API.
+--
+--   local moonpost = require "moonpost"
+--   local mta = moonpost.new { hostname = "mta1.example.net" }
+--   mta:use(require("moonpost.accept").smtp { listen = moonpost.env.listen })
+--   mta:on("smtp_server_rcpt_to", function(txn, rcpt) ... end)
+--   mta:run()
+--
+-- Verdicts: moonpost.reject(code, enhanced, text), moonpost.tempfail(...),
+-- moonpost.accept(...). See docs/events.md for every event.
+local uv = require "luv"
+local hooks = require "moonpost.runtime.hooks"
+local config = require "moonpost.runtime.config"
+local log = require "moonpost.runtime.log"
+local sched = require "moonpost.runtime.sched"
+local server = require "moonpost.runtime.server"
+local env = require "moonpost.runtime.env"
+
+local _M = { _VERSION = "0.1.0" }
+
+_M.reject = hooks.reject
+_M.tempfail = hooks.tempfail
+_M.accept = hooks.accept
+_M.is_verdict = hooks.is_verdict
+_M.env = env
+_M.log = log
+_M.sleep = sched.sleep
+_M.spawn = sched.spawn
+
+-- Set by `moonpost check`: policies load and are validated, nothing starts.
+_M.check_mode = false
+
+-- Every event a policy can hook (docs/events.md has one section each).
+_M.EVENTS = {
+  smtp_server_connect = true,
+  smtp_server_ehlo = true,
+  smtp_server_mail_from = true,
+  smtp_server_rcpt_to = true,
+  smtp_server_data = true,
+  smtp_server_message_received = true,
+  smtp_server_disconnect = true,
+}
+
+local instances = setmetatable({}, { __mode = "v" })
+_M.instances = instances
+
+local MTA = {}
+local mta_mt = { __index = MTA }
+
+local NEW_SCHEMA = {
+  hostname = { type = "string", default = function() return env.hostname end },
+  log_level = { type = "enum", values = { "error", "warn", "info", "debug" } },
+  stop_grace = { type = "duration", default = 10 },
+}
+
+function _M.new(opts)
+  opts = config.check("moonpost.new", opts, NEW_SCHEMA, 2)
+  if opts.log_level then log.set_level(opts.log_level) end
+  local mta = setmetatable({
+    hostname = opts.hostname,
+    opts = opts,
+    bus = hooks.new(_M.EVENTS),
+    listen_specs = {},
+    listeners = {},
+    started = false,
+    stopping = false,
+  }, mta_mt)
+  instances[#instances + 1] = mta
+  return mta
+end
+
+-- on(event, fn): append fn to the event's chain.
+function MTA:on(event, fn)
+  self.bus:on(event, fn, 2)
+  return self
+end
+
+-- use(block): a block is a table with an `on` table of handlers
+-- ({ event = fn | { fn, ... } }) and/or an attach(mta) function.
+function MTA:use(block)
+  if type(block) ~= "table" then
+    error("use(): expected a block (a table from a module's constructor), got " .. type(block), 2)
+  end
+  if block.attach then block:attach(self, 3) end
+  if block.on then
+    for event, fns in pairs(block.on) do
+      if type(fns) == "function" then fns = { fns } end
+      for _, fn in ipairs(fns) do self.bus:on(event, fn, 2) end
+    end
+  end
+  return self
+end
+
+-- Used by moonpost.accept: remember a listener to open at start().
+function MTA:add_listener(spec)
+  self.listen_specs[#self.listen_specs + 1] = spec
+end
+
+-- start(): open the listeners and return (the loop runs elsewhere).
+function MTA:start()
+  if self.started then return true end
+  if _M.check_mode then return true end
+  for _, spec in ipairs(self.listen_specs) do
+    local l, err = server.listen(self, spec)
+    if not l then
+      for _, open in ipairs(self.listeners) do open:close() end
+      self.listeners = {}
+      return nil, err
+    end
+    self.listeners[#self.listeners + 1] = l
+    log.info("listening smtp %s", l.name)
+  end
+  self.started = true
+  return true
+end
+
+-- addresses() -> { { host, port, name }, ... } of the open listeners.
+function MTA:addresses()
+  local out = {}
+  for i, l in ipairs(self.listeners) do
+    out[i] = { host = l.address, port = l.port, name = l.name }
+  end
+  return out
+end
+
+function MTA:sessions()
+  local n = 0
+  for _, l in ipairs(self.listeners) do n = n + l.active end
+  return n
+end
+
+-- stop([grace]): stop accepting; sessions get `grace` seconds to finish,
+-- then are closed. Calls done() when nothing is left.
+function MTA:stop(grace, done)
+  if self.stopping then return end
+  self.stopping = true
+  grace = grace or self.opts.stop_grace
+  for _, l in ipairs(self.listeners) do l:close() end
+  local function finish()
+    for _, l in ipairs(self.listeners) do l:drop_sessions() end
+    self.listeners = {}
+    self.started = false
+    if done then done() end
+  end
+  if self:sessions() == 0 or grace <= 0 then return finish() end
+  local t = uv.new_timer()
+  local waited = 0
+  t:start(50, 50, sched.callback(function()
+    waited = waited + 0.05
+    if self:sessions() == 0 or waited >= grace then
+      t:close()
+      finish()
+    end
+  end, "stop"))
+end
+
+-- run(): start, then run the loop until SIGTERM/SIGINT (or stop()).
+function MTA:run()
+  if _M.check_mode then
+    self.checked = true
+    return true
+  end
+  local ok, err = self:start()
+  if not ok then error(err, 2) end
+  self.ran = true
+  local signals = {}
+  local function stop(name)
+    log.info("%s: stopping (grace %gs)", name, self.opts.stop_grace)
+    for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end
+    self:stop(nil, function()
+      log.info("stopped")
+      uv.stop()
+    end)
+  end
+  for _, name in ipairs({ "sigterm", "sigint" }) do
+    local s = uv.new_signal()
+    s:start(name, sched.callback(function() stop(name) end, "signal"))
+    signals[#signals + 1] = s
+  end
+  uv.run("default")
+  return true
+end
+
+return _M

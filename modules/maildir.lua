@@ -1,0 +1,139 @@
+-- moonpost.maildir: local delivery into Maildir folders.
+--
+--   mta:use(require("moonpost.maildir").deliver { root = "/var/mail" })
+--
+-- Each recipient's message goes to <root>/<local-part>/new/ (or the folder
+-- that opts.folder(rcpt, txn) returns). A file is written in tmp/, fsynced,
+-- renamed into new/, and new/ is fsynced, so a message that got its 250 is
+-- on disk. Every recipient's copy is written and synced before any is
+-- renamed: a failure tempfails the whole message with no partial delivery.
+-- All file work runs in the libuv thread pool.
+local uv = require "luv"
+local config = require "moonpost.runtime.config"
+local fs = require "moonpost.runtime.fs"
+local log = require "moonpost.runtime.log"
+local hooks = require "moonpost.runtime.hooks"
+
+local format, gsub, lower = string.format, string.gsub, string.lower
+
+local _M = { _VERSION = "0.1" }
+
+-- The folder name for a local part: quotes and escapes removed, ASCII
+-- lower-cased, and nothing that could leave <root> ("/", leading dots,
+-- control characters).
+function _M.folder_name(localpart)
+  local s = localpart
+  if s:sub(1, 1) == '"' and s:sub(-1) == '"' and #s >= 2 then
+    s = gsub(s:sub(2, -2), "\\(.)", "%1")
+  end
+  s = lower(s)
+  s = gsub(s, "[%z\1-\31/\127\\]", "_")
+  s = gsub(s, "^%.", "_")
+  if s == "" then s = "_" end
+  if #s > 200 then s = s:sub(1, 200) end
+  return s
+end
+
+local host_part = gsub(gsub(uv.os_gethostname() or "localhost", "/", "\\057"), ":", "\\072")
+local pid = uv.os_getpid()
+local seq = 0
+
+local function unique_name(size)
+  seq = seq + 1
+  local s, us = uv.gettimeofday()
+  return format("%d.M%dP%dQ%d.%s,S=%d", s, us, pid, seq, host_part, size)
+end
+
+local SCHEMA = {
+  root = { type = "string", required = true },
+  folder = { type = "function" },
+  fsync = { type = "boolean", default = true },
+  mode = { type = "nonneg", default = 384 },
+}
+
+function _M.deliver(opts)
+  local o = config.check("maildir.deliver", opts, SCHEMA, 2)
+  local root = o.root:gsub("/+$", "")
+  local made = {}  -- folders known to exist
+
+  local function ensure(dir)
+    if made[dir] then return true end
+    for _, sub in ipairs({ "tmp", "new", "cur" }) do
+      local ok, err, code = fs.mkdir_p(dir .. "/" .. sub, 448)
+      if not ok then return nil, err, code end
+    end
+    made[dir] = true
+    return true
+  end
+
+  local function write_tmp(dir, msg)
+    local name = unique_name(msg:size())
+    local tmp = dir .. "/tmp/" .. name
+    local fd, err, code = fs.open(tmp, "wx", o.mode)
+    if not fd then return nil, err, code end
+    local n, werr, wcode = msg:write(fd)
+    if n and o.fsync then
+      local ok, e2, c2 = fs.fsync(fd)
+      if not ok then n, werr, wcode = nil, e2, c2 end
+    end
+    fs.close(fd)
+    if not n then
+      fs.unlink(tmp)
+      return nil, werr, wcode
+    end
+    return { tmp = tmp, new = dir .. "/new/" .. name, dir = dir }
+  end
+
+  local function store(txn, msg)
+    local files, seen = {}, {}
+    local failure
+    for _, rcpt in ipairs(txn.recipients) do
+      local dir
+      if o.folder then
+        dir = o.folder(rcpt, txn)
+        if type(dir) ~= "string" then
+          error("maildir.deliver: folder() must return a directory path, got " .. type(dir), 0)
+        end
+      else
+        dir = root .. "/" .. _M.folder_name(rcpt["local"])
+      end
+      if not seen[dir] then
+        seen[dir] = true
+        local ok, err = ensure(dir)
+        local f
+        if ok then f, err = write_tmp(dir, msg) end
+        if not f then
+          failure = err
+          break
+        end
+        files[#files + 1] = f
+      end
+    end
+    if failure then
+      for _, f in ipairs(files) do fs.unlink(f.tmp) end
+      log.error("%s: maildir delivery failed: %s", txn.id, tostring(failure))
+      return hooks.tempfail(451, "4.3.0", "Local delivery failed, try again later")
+    end
+    local dirs = {}
+    for _, f in ipairs(files) do
+      local ok, err = fs.rename(f.tmp, f.new)
+      if not ok then
+        log.error("%s: maildir rename failed: %s", txn.id, tostring(err))
+        return hooks.tempfail(451, "4.3.0", "Local delivery failed, try again later")
+      end
+      dirs[f.dir] = true
+    end
+    if o.fsync then
+      for dir in pairs(dirs) do fs.fsync_dir(dir .. "/new") end
+    end
+    txn.notes.maildir = files
+    return nil
+  end
+
+  return {
+    name = "maildir.deliver",
+    on = { smtp_server_message_received = store },
+  }
+end
+
+return _M

@@ -1,0 +1,87 @@
+-- The moonpost command line (scripts/moonpost runs this file).
+--
+--   moonpost run POLICY.lua [args...]   load the policy and run it
+--   moonpost check POLICY.lua           load and validate the policy; start nothing
+--   moonpost version
+--
+-- Exit status: 0 ok, 1 the policy failed to load or run, 2 usage.
+local dev_root = os.getenv("MOONPOST_DEV_ROOT")
+if dev_root and (...) ~= "moonpost.runtime.cli" then
+  dofile(dev_root .. "/runtime/devpath.lua").install(dev_root)
+end
+
+local _M = {}
+
+local USAGE = [[
+usage: moonpost run POLICY.lua [args...]   run a policy
+       moonpost check POLICY.lua           load and validate a policy, start nothing
+       moonpost version
+]]
+
+local function die(code, fmt, ...)
+  io.stderr:write("moonpost: ", string.format(fmt, ...), "\n")
+  return code
+end
+
+-- Load and run the policy file. Errors come back as a message that starts
+-- with the policy's file and line.
+local function load_policy(path, args)
+  local f = io.open(path, "r")
+  if not f then return nil, path .. ": cannot open file" end
+  f:close()
+  local chunk, err = loadfile(path)
+  if not chunk then return nil, err end
+  _G.arg = { [0] = path }
+  for i, a in ipairs(args) do _G.arg[i] = a end
+  local traceback = os.getenv("MOONPOST_TRACEBACK") and debug.traceback or function(e) return e end
+  local ok, perr = xpcall(chunk, traceback, unpack(args))
+  if not ok then return nil, tostring(perr) end
+  return true
+end
+
+function _M.main(argv)
+  local cmd = argv[1]
+  if cmd == "version" or cmd == "--version" then
+    local moonpost = require "moonpost"
+    io.stdout:write("moonpost ", moonpost._VERSION, " (", jit and jit.version or _VERSION, ")\n")
+    return 0
+  end
+  if cmd ~= "run" and cmd ~= "check" then
+    io.stderr:write(USAGE)
+    return 2
+  end
+  local path = argv[2]
+  if not path then
+    io.stderr:write(USAGE)
+    return 2
+  end
+  local args = {}
+  for i = 3, #argv do args[#args + 1] = argv[i] end
+  local moonpost = require "moonpost"
+  if cmd == "check" then
+    moonpost.check_mode = true
+    local ok, err = load_policy(path, args)
+    if not ok then return die(1, "%s", err) end
+    io.stdout:write(path, ": ok\n")
+    return 0
+  end
+  local ok, err = load_policy(path, args)
+  if not ok then return die(1, "%s", err) end
+  -- A policy that builds an MTA but never calls run(): run it now.
+  for _, mta in ipairs(moonpost.instances) do
+    if not mta.ran and not mta.stopping then
+      local rok, rerr = pcall(mta.run, mta)
+      if not rok then return die(1, "%s", tostring(rerr)) end
+      break
+    end
+  end
+  return 0
+end
+
+if (...) ~= "moonpost.runtime.cli" then
+  io.stdout:setvbuf("line")
+  io.stderr:setvbuf("line")
+  os.exit(_M.main(arg))
+end
+
+return _M

@@ -1,0 +1,158 @@
+-- Option checking for policy-facing constructors. A mistake is raised at the
+-- policy's own line, naming the block and the field:
+--
+--   policy.lua:12: accept.smtp: field 'max_recipients': expected a positive integer, got "lots"
+--
+--   local opts = config.check("accept.smtp", user_opts, SCHEMA, level)
+--
+-- A schema maps field names to { type, default = ..., check = fn(v) -> ok, why }.
+-- Types: string, boolean, function, table, number, posint, nonneg (integer >= 0),
+-- duration (seconds, or "300ms", "30s", "5m", "2h", "3d"), size (octets, or
+-- "512k", "50M", "1G"), list (a string or a list of strings), enum (with
+-- values = { ... }). Unknown fields are errors: a typo must not pass silently.
+local type, tostring, pairs, ipairs, format, tonumber = type, tostring, pairs, ipairs, string.format, tonumber
+
+local _M = { _VERSION = "0.1" }
+
+local UNITS_T = { ms = 0.001, s = 1, m = 60, h = 3600, d = 86400, w = 604800 }
+local UNITS_S = { [""] = 1, b = 1, k = 1024, kb = 1024, m = 1048576, mb = 1048576,
+  g = 1073741824, gb = 1073741824 }
+
+function _M.duration(v)
+  if type(v) == "number" then return v >= 0 and v or nil end
+  if type(v) ~= "string" then return nil end
+  local n, u = v:match("^%s*(%d+%.?%d*)%s*(%a*)%s*$")
+  n = tonumber(n)
+  local mult = UNITS_T[(u or ""):lower()] or (u == "" and 1)
+  if not n or not mult then return nil end
+  return n * mult
+end
+
+function _M.size(v)
+  if type(v) == "number" then return (v >= 0 and v % 1 == 0) and v or nil end
+  if type(v) ~= "string" then return nil end
+  local n, u = v:match("^%s*(%d+%.?%d*)%s*(%a*)%s*$")
+  n = tonumber(n)
+  local mult = UNITS_S[(u or ""):lower()]
+  if not n or not mult then return nil end
+  return math.floor(n * mult)
+end
+
+local function show(v)
+  if type(v) == "string" then return format("%q", v) end
+  if type(v) == "table" or type(v) == "function" then return type(v) end
+  return tostring(v)
+end
+
+local function convert(spec, v)
+  local t = spec.type
+  if t == "string" then
+    if type(v) == "string" then return v end
+    return nil, "expected a string"
+  elseif t == "boolean" then
+    if type(v) == "boolean" then return v end
+    return nil, "expected true or false"
+  elseif t == "function" then
+    if type(v) == "function" then return v end
+    return nil, "expected a function"
+  elseif t == "table" then
+    if type(v) == "table" then return v end
+    return nil, "expected a table"
+  elseif t == "number" then
+    if type(v) == "number" then return v end
+    return nil, "expected a number"
+  elseif t == "posint" then
+    if type(v) == "number" and v >= 1 and v % 1 == 0 then return v end
+    return nil, "expected a positive integer"
+  elseif t == "nonneg" then
+    if type(v) == "number" and v >= 0 and v % 1 == 0 then return v end
+    return nil, "expected an integer >= 0"
+  elseif t == "duration" then
+    local d = _M.duration(v)
+    if d then return d end
+    return nil, "expected a duration (seconds, or like \"30s\", \"5m\", \"2h\")"
+  elseif t == "size" then
+    local s = _M.size(v)
+    if s then return s end
+    return nil, "expected a size (octets, or like \"512k\", \"50M\")"
+  elseif t == "list" then
+    if type(v) == "string" then return { v } end
+    if type(v) == "table" then
+      local out = {}
+      for i, x in ipairs(v) do
+        if type(x) ~= "string" then return nil, format("item %d: expected a string", i) end
+        out[i] = x
+      end
+      if #out == 0 then return nil, "expected a string or a non-empty list of strings" end
+      return out
+    end
+    return nil, "expected a string or a list of strings"
+  elseif t == "enum" then
+    for _, x in ipairs(spec.values) do
+      if v == x then return v end
+    end
+    local names = {}
+    for i, x in ipairs(spec.values) do names[i] = show(x) end
+    return nil, "expected one of " .. table.concat(names, ", ")
+  end
+  error("config: unknown schema type " .. tostring(t))
+end
+
+-- check(block, opts, schema, level) -> checked copy with defaults filled in.
+-- level: as for error(), counted from the caller of check.
+function _M.check(block, opts, schema, level)
+  level = (level or 1) + 1
+  if opts == nil then opts = {} end
+  if type(opts) ~= "table" then
+    error(format("%s: options must be a table, got %s", block, show(opts)), level)
+  end
+  for k in pairs(opts) do
+    if type(k) ~= "string" or not schema[k] then
+      local names = {}
+      for name in pairs(schema) do names[#names + 1] = name end
+      table.sort(names)
+      error(format("%s: unknown field '%s' (known: %s)", block, tostring(k),
+        table.concat(names, ", ")), level)
+    end
+  end
+  local out = {}
+  for name, spec in pairs(schema) do
+    local v = opts[name]
+    if v == nil then
+      v = spec.default
+      if type(v) == "function" and spec.type ~= "function" then v = v() end
+      if v == nil and spec.required then
+        error(format("%s: field '%s' is required", block, name), level)
+      end
+      out[name] = v
+    else
+      local c, why = convert(spec, v)
+      if c == nil then
+        error(format("%s: field '%s': %s, got %s", block, name, why, show(v)), level)
+      end
+      if spec.check then
+        local ok, why2 = spec.check(c)
+        if not ok then
+          error(format("%s: field '%s': %s", block, name, why2 or "invalid value"), level)
+        end
+      end
+      out[name] = c
+    end
+  end
+  return out
+end
+
+-- Parse "host:port", "[v6]:port", ":port" or "port" -> host, port | nil, why.
+function _M.parse_address(s, default_host)
+  if type(s) ~= "string" then return nil, "expected host:port" end
+  local host, port = s:match("^%[([%x:%.]+)%]:(%d+)$")
+  if not host then host, port = s:match("^([^:%[%]]*):(%d+)$") end
+  if not host and s:match("^%d+$") then host, port = "", s end
+  if not host then return nil, "expected host:port or [ipv6]:port, got " .. show(s) end
+  port = tonumber(port)
+  if port > 65535 then return nil, "port out of range in " .. show(s) end
+  if host == "" then host = default_host or "0.0.0.0" end
+  return host, port
+end
+
+return _M

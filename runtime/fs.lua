@@ -1,0 +1,73 @@
+-- File system calls for tasks: each runs in the libuv thread pool and the
+-- task waits for it, so the loop never blocks on the disk.
+--
+--   local fd, err, code = fs.open(path, "wx", 384)
+--   fs.fsync(fd), fs.fdatasync(fd), fs.close(fd), fs.rename(a, b), fs.mkdir(p, mode),
+--   fs.unlink(p), fs.stat(p), fs.mkdir_p(p, mode), fs.fsync_dir(p)
+--
+-- Errors come back as nil, "ENOSPC: no space left on device: /path", "ENOSPC".
+local uv = require "luv"
+local sched = require "moonpost.runtime.sched"
+
+local reserve, wake_token, wait = sched.reserve, sched.wake_token, sched.wait
+local select, unpack, match = select, unpack, string.match
+
+local _M = { _VERSION = "0.1" }
+
+local function code_of(err)
+  return err and match(err, "^(%u[%u%d]+):") or nil
+end
+
+local function call(fn, ...)
+  local n = select("#", ...)
+  local args = { ... }
+  local task, token = reserve()
+  args[n + 1] = function(err, result)
+    wake_token(task, token, err or false, result)
+  end
+  local req, err = fn(unpack(args, 1, n + 1))
+  if not req then
+    task.reserved = nil
+    return nil, err, code_of(err)
+  end
+  local e, result = wait()
+  if e then return nil, e, code_of(e) end
+  if result == nil then result = true end
+  return result
+end
+
+function _M.open(path, flags, mode) return call(uv.fs_open, path, flags, mode or 384) end
+function _M.close(fd) return call(uv.fs_close, fd) end
+function _M.fsync(fd) return call(uv.fs_fsync, fd) end
+function _M.fdatasync(fd) return call(uv.fs_fdatasync, fd) end
+function _M.rename(a, b) return call(uv.fs_rename, a, b) end
+function _M.unlink(path) return call(uv.fs_unlink, path) end
+function _M.stat(path) return call(uv.fs_stat, path) end
+function _M.write(fd, data, offset) return call(uv.fs_write, fd, data, offset or -1) end
+function _M.mkdir(path, mode) return call(uv.fs_mkdir, path, mode or 448) end
+
+-- mkdir -p; existing directories are fine.
+function _M.mkdir_p(path, mode)
+  local ok, err, code = _M.mkdir(path, mode)
+  if ok or code == "EEXIST" then return true end
+  if code ~= "ENOENT" then return nil, err, code end
+  local parent = match(path, "^(.*)/[^/]+/*$")
+  if not parent or parent == "" or parent == path then return nil, err, code end
+  ok, err, code = _M.mkdir_p(parent, mode)
+  if not ok then return nil, err, code end
+  ok, err, code = _M.mkdir(path, mode)
+  if ok or code == "EEXIST" then return true end
+  return nil, err, code
+end
+
+-- Make a rename or create in the directory durable.
+function _M.fsync_dir(path)
+  local fd, err, code = _M.open(path, "r", 0)
+  if not fd then return nil, err, code end
+  local ok, e2, c2 = _M.fsync(fd)
+  _M.close(fd)
+  if not ok then return nil, e2, c2 end
+  return true
+end
+
+return _M

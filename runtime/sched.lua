@@ -1,0 +1,294 @@
+-- The coroutine scheduler over luv. This is the only module that calls
+-- coroutine.resume or sees a luv callback on behalf of tasks.
+--
+--   sched.spawn(fn, ...)  -> task   run fn as a task, now, until its first wait
+--   sched.wait(timeout)   -> ...    suspend the running task until wake() or timeout
+--                                   (then returns nil, "timeout")
+--   sched.wake(task, ...)           resume a waiting task with values
+--   sched.sleep(seconds)
+--   sched.current()       -> task | nil
+--   sched.callback(fn)    -> fn     wrap a luv callback so that an error is logged
+--                                   instead of taking the process down
+--
+-- Every task body runs under xpcall: an error ends that task only, with its
+-- traceback logged (or handed to task.on_error). Wakes that come from inside
+-- a task are deferred to the loop so that no task ever resumes another
+-- re-entrantly.
+local uv = require "luv"
+local log = require "moonpost.runtime.log"
+
+local co_create, co_resume, co_yield, co_running, co_status =
+  coroutine.create, coroutine.resume, coroutine.yield, coroutine.running, coroutine.status
+local xpcall, traceback, select, unpack = xpcall, debug.traceback, select, unpack
+local floor, ceil = math.floor, math.ceil
+
+local _M = { _VERSION = "0.1" }
+
+local tasks = setmetatable({}, { __mode = "k" })   -- coroutine -> task
+local handles = setmetatable({}, { __mode = "k" }) -- internal handles (not leaks)
+
+-- Timeouts live in a wheel of TICK-millisecond buckets, so a wait costs two
+-- table writes instead of a timer start and stop, and a session needs no
+-- timer handle of its own.
+local TICK = 25
+local buckets = {}       -- slot -> { [task] = token }
+local armed = 0          -- entries in buckets
+local wheel_timer        -- runs every TICK while armed > 0
+local last_slot          -- slot processed up to
+
+local ready = {}         -- deferred wakes: task, token, nargs, args...
+local ready_n = 0
+local ready_timer
+
+local function now_ms()
+  return uv.now()
+end
+
+local function on_task_error(task, err)
+  if task.on_error then
+    local ok, e2 = pcall(task.on_error, err)
+    if not ok then log.error("task %s: error handler failed: %s", task.name or "?", tostring(e2)) end
+  else
+    log.error("task %s failed: %s", task.name or "?", tostring(err))
+  end
+end
+
+local function finish(task, ok, err)
+  task.done = true
+  tasks[task.co] = nil
+  if not ok then
+    task.error = err
+    on_task_error(task, err)
+  end
+end
+
+local function body(task, fn, ...)
+  finish(task, xpcall(fn, traceback, ...))
+end
+
+-- The only place a task is resumed.
+local function resume(task, ...)
+  local ok, err = co_resume(task.co, ...)
+  if not ok then
+    -- body() wraps everything in xpcall, so this is a scheduler bug.
+    task.done = true
+    log.error("task %s: resume failed: %s", task.name or "?", tostring(err))
+  end
+end
+
+local function wheel_remove(task)
+  local slot = task.slot
+  if slot then
+    local b = buckets[slot]
+    if b and b[task] then
+      b[task] = nil
+      armed = armed - 1
+    end
+    task.slot = nil
+  end
+end
+
+local function wheel_tick()
+  local now_slot = floor(now_ms() / TICK)
+  local s = last_slot or now_slot
+  while s <= now_slot do
+    local b = buckets[s]
+    if b then
+      buckets[s] = nil
+      for task, token in pairs(b) do
+        armed = armed - 1
+        if task.waiting == token then
+          task.slot = nil
+          task.waiting = false
+          resume(task, nil, "timeout")
+        end
+      end
+    end
+    s = s + 1
+  end
+  last_slot = now_slot + 1
+  if armed <= 0 then
+    armed = 0
+    wheel_timer:stop()
+    last_slot = nil
+  end
+end
+
+local function wheel_add(task, token, timeout)
+  if not wheel_timer then
+    wheel_timer = uv.new_timer()
+    wheel_timer:unref()
+    handles[wheel_timer] = true
+  end
+  local slot = ceil((now_ms() + timeout * 1000) / TICK)
+  local b = buckets[slot]
+  if not b then
+    b = {}
+    buckets[slot] = b
+  end
+  b[task] = token
+  task.slot = slot
+  armed = armed + 1
+  if armed == 1 then
+    last_slot = floor(now_ms() / TICK)
+    wheel_timer:start(TICK, TICK, function()
+      local ok, err = pcall(wheel_tick)
+      if not ok then log.error("timer wheel: %s", tostring(err)) end
+    end)
+  end
+end
+
+local function run_ready()
+  local q, n = ready, ready_n
+  ready, ready_n = {}, 0
+  local i = 1
+  while i <= n do
+    local task, token, nargs = q[i], q[i + 1], q[i + 2]
+    -- A wake meant for an earlier wait (that timed out since) is dropped.
+    if task.waiting == token and not task.done then
+      task.waiting = false
+      wheel_remove(task)
+      resume(task, unpack(q, i + 3, i + 2 + nargs))
+    end
+    i = i + 3 + nargs
+  end
+end
+
+local function defer(task, ...)
+  local n = select("#", ...)
+  ready[ready_n + 1] = task
+  ready[ready_n + 2] = task.waiting
+  ready[ready_n + 3] = n
+  for k = 1, n do ready[ready_n + 3 + k] = (select(k, ...)) end
+  ready_n = ready_n + 3 + n
+  if not ready_timer then
+    ready_timer = uv.new_timer()
+    handles[ready_timer] = true
+  end
+  if not ready_timer:is_active() then
+    ready_timer:start(0, 0, function()
+      local ok, err = pcall(run_ready)
+      if not ok then log.error("scheduler: %s", tostring(err)) end
+    end)
+  end
+end
+
+local token_seq = 0
+
+function _M.spawn(fn, ...)
+  local task = { name = nil, waiting = false, done = false }
+  task.co = co_create(body)
+  tasks[task.co] = task
+  resume(task, task, fn, ...)
+  return task
+end
+
+-- Like spawn, with a name for the logs and an error handler.
+function _M.spawn_named(name, on_error, fn, ...)
+  local task = { name = name, on_error = on_error, waiting = false, done = false }
+  task.co = co_create(body)
+  tasks[task.co] = task
+  resume(task, task, fn, ...)
+  return task
+end
+
+function _M.current()
+  local co = co_running()
+  return co and tasks[co]
+end
+
+function _M.wait(timeout)
+  local task = tasks[co_running() or false]
+  if not task then error("sched.wait() outside a task", 2) end
+  local token = task.reserved
+  if token then
+    task.reserved = nil
+  else
+    token_seq = token_seq + 1
+    token = token_seq
+  end
+  task.waiting = token
+  if timeout then wheel_add(task, token, timeout) end
+  return co_yield()
+end
+
+function _M.wake(task, ...)
+  if not task.waiting or task.done then return false end
+  if co_running() and tasks[co_running()] then
+    defer(task, ...)
+    return true
+  end
+  task.waiting = false
+  wheel_remove(task)
+  resume(task, ...)
+  return true
+end
+
+-- reserve() -> task, token: the token of the current task's next wait(). A
+-- callback registered before that wait wakes it with wake_token(), and a
+-- callback that fires late (after a timeout) then wakes nothing.
+function _M.reserve()
+  local task = tasks[co_running() or false]
+  if not task then error("sched.reserve() outside a task", 2) end
+  token_seq = token_seq + 1
+  task.reserved = token_seq
+  return task, token_seq
+end
+
+function _M.wake_token(task, token, ...)
+  if task.waiting ~= token or task.done then return false end
+  if co_running() and tasks[co_running()] then
+    defer(task, ...)
+    return true
+  end
+  task.waiting = false
+  wheel_remove(task)
+  resume(task, ...)
+  return true
+end
+
+function _M.is_waiting(task)
+  return task.waiting and true or false
+end
+
+-- Sleeps use their own timer: precise, and not on any hot path.
+function _M.sleep(seconds)
+  local task = _M.current()
+  if not task then error("sched.sleep() outside a task", 2) end
+  local t = uv.new_timer()
+  t:start(floor(seconds * 1000 + 0.5), 0, function()
+    t:close()
+    _M.wake(task, true)
+  end)
+  local r = _M.wait()
+  if not t:is_closing() then t:close() end
+  return r
+end
+
+-- Yield to let other tasks and callbacks run.
+function _M.yield()
+  local task = _M.current()
+  if not task then return end
+  token_seq = token_seq + 1
+  task.waiting = token_seq
+  defer(task, true)
+  return co_yield()
+end
+
+function _M.callback(fn, what)
+  return function(...)
+    local ok, err = xpcall(fn, traceback, ...)
+    if not ok then log.error("%s: %s", what or "callback", tostring(err)) end
+  end
+end
+
+function _M.is_internal(handle)
+  return handles[handle] == true
+end
+
+function _M.status(task)
+  if task.done then return "dead" end
+  return co_status(task.co)
+end
+
+return _M

@@ -1,0 +1,702 @@
+-- SMTP listeners and the server session (RFC 5321, with PIPELINING,
+-- 8BITMIME, SIZE, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING and DSN).
+--
+-- A session is a task. The C parser frames the input; this module keeps the
+-- state machine, runs the policy's hooks and writes replies. Replies are
+-- batched while pipelined input is waiting and flushed before the session
+-- waits for more (RFC 2920).
+local uv = require "luv"
+local bit = require "bit"
+local smtp = require "moonpost.core.smtp"
+local sched = require "moonpost.runtime.sched"
+local stream = require "moonpost.runtime.stream"
+local log = require "moonpost.runtime.log"
+local ids = require "moonpost.runtime.ids"
+
+local band = bit.band
+local format, concat, upper, sub, find, gsub = string.format, table.concat, string.upper,
+  string.sub, string.find, string.gsub
+local parse_path, check_param = smtp.parse_path, smtp.check_param
+local xpcall, traceback, tostring, tonumber, pairs, ipairs = xpcall, debug.traceback, tostring, tonumber,
+  pairs, ipairs
+
+local _M = { _VERSION = "0.1" }
+
+-- message flags from the C engine (smtp.h MP_MSG_*)
+local MSG_BARE_LF, MSG_BARE_CR, MSG_LONG_LINE, MSG_TOO_BIG, MSG_NOMEM = 1, 2, 4, 8, 16
+local LINE_BARE_LF, LINE_BAD_CHAR = 1, 2
+
+local Session = {}
+local session_mt = { __index = Session }
+
+-- ---- replies ---------------------------------------------------------------
+
+-- Queue a reply; multi-line text ("a\nb") becomes a multi-line reply.
+local function reply(self, code, enhanced, text)
+  local out = self.out
+  local n = self.nout
+  if not find(text, "\n", 1, true) then
+    if enhanced then
+      out[n + 1] = format("%d %s %s\r\n", code, enhanced, text)
+    else
+      out[n + 1] = format("%d %s\r\n", code, text)
+    end
+    self.nout = n + 1
+  else
+    local lines = {}
+    for line in (text .. "\n"):gmatch("([^\n]*)\n") do lines[#lines + 1] = line end
+    local parts = {}
+    for i, line in ipairs(lines) do
+      local sep = i < #lines and "-" or " "
+      parts[i] = enhanced and format("%d%s%s %s\r\n", code, sep, enhanced, line)
+        or format("%d%s%s\r\n", code, sep, line)
+    end
+    out[n + 1] = concat(parts)
+    self.nout = n + 1
+  end
+  self.last_code = code
+end
+
+local function flush(self, timeout)
+  local n = self.nout
+  if n == 0 then return true end
+  local data = n == 1 and self.out[1] or concat(self.out, "", 1, n)
+  for i = 1, n do self.out[i] = nil end
+  self.nout = 0
+  local ok, err = self.stream:send(data, timeout or self.opts.timeouts.send)
+  if not ok then
+    self.quit = true
+    self.close_reason = "send failed: " .. tostring(err)
+  end
+  return ok
+end
+
+-- A protocol error: counts towards max_errors.
+local function error_reply(self, code, enhanced, text)
+  self.errors = self.errors + 1
+  if self.errors >= self.opts.max_errors then
+    reply(self, 421, "4.7.0", self.hostname .. " Error: too many errors")
+    self.quit = true
+    self.close_reason = "too many errors"
+    return
+  end
+  reply(self, code, enhanced, text)
+end
+
+local function verdict_reply(self, v)
+  reply(self, v.code, v.enhanced, v.text)
+  if v.code == 421 then
+    self.quit = true
+    self.close_reason = "policy 421"
+  end
+end
+
+-- ---- state -------------------------------------------------------------------
+
+-- The only place the state changes; logged at debug level.
+local function set_state(self, new)
+  if log.enabled("debug") then
+    log.debug("session %s: %s -> %s", self.conn.id, self.state, new)
+  end
+  self.state = new
+end
+
+local function reset_txn(self)
+  if self.txn then
+    self.txn = nil
+    self.parser:reset_body()
+  end
+  if self.state ~= "connected" and self.state ~= "rejected" then set_state(self, "ready") end
+end
+
+-- ---- the Received header (RFC 5321 4.4) --------------------------------------
+
+local date_sec, date_str = -1, ""
+local function rfc5322_date()
+  local t = os.time()
+  if t ~= date_sec then
+    date_sec = t
+    date_str = os.date("!%a, %d %b %Y %H:%M:%S +0000", t)
+  end
+  return date_str
+end
+
+local function protocol_keyword(self, txn)
+  if not self.esmtp then return "SMTP" end
+  local p = (txn.smtputf8 and "UTF8SMTP" or "ESMTP")
+  if self.conn.tls then p = p .. "S" end
+  if self.conn.auth then p = p .. "A" end
+  return p
+end
+
+local function clean(s, max)
+  s = gsub(s, "[%c()\\]", "?")
+  if #s > max then s = sub(s, 1, max) end
+  return s
+end
+
+local function received_header(self, txn)
+  local conn = self.conn
+  local ip = conn.remote_ip or "unknown"
+  local lit = find(ip, ":", 1, true) and ("IPv6:" .. ip) or ip
+  local from = clean(conn.helo or "unknown", 255)
+  local rcpt = ""
+  if #txn.recipients == 1 then
+    rcpt = "\r\n\tfor <" .. clean(txn.recipients[1].address, 256) .. ">"
+  end
+  return format("Received: from %s ([%s])\r\n\tby %s (Moonpost) with %s id %s%s;\r\n\t%s\r\n",
+    from, lit, self.hostname, protocol_keyword(self, txn), txn.id, rcpt, rfc5322_date())
+end
+
+-- ---- commands --------------------------------------------------------------------
+
+local commands = {}
+
+local function greeted(self)
+  if self.state == "connected" then
+    error_reply(self, 503, "5.5.1", "Error: send HELO/EHLO first")
+    return false
+  end
+  return true
+end
+
+local function helo(self, arg, is_ehlo)
+  if arg == "" then
+    return error_reply(self, 501, "5.5.4", "Syntax: " .. (is_ehlo and "EHLO" or "HELO") .. " hostname")
+  end
+  local name = arg:match("^(%S+)")
+  -- RFC 5321 4.1.4: EHLO/HELO resets any transaction.
+  reset_txn(self)
+  local conn = self.conn
+  local prev_helo, prev_esmtp = conn.helo, self.esmtp
+  conn.helo = name
+  self.esmtp = is_ehlo
+  conn.esmtp = is_ehlo
+  local v = self.mta.bus:run("smtp_server_ehlo", conn, name, is_ehlo)
+  if v and v.kind ~= "accept" then
+    conn.helo, self.esmtp, conn.esmtp = prev_helo, prev_esmtp, prev_esmtp
+    return verdict_reply(self, v)
+  end
+  set_state(self, "ready")
+  if is_ehlo then
+    self.out[self.nout + 1] = self.ehlo_reply
+    self.nout = self.nout + 1
+    self.last_code = 250
+  else
+    reply(self, 250, nil, self.hostname)
+  end
+end
+
+commands.EHLO = function(self, arg) return helo(self, arg, true) end
+commands.HELO = function(self, arg) return helo(self, arg, false) end
+
+local MAIL_PARAMS = { SIZE = "size", BODY = "8bitmime", SMTPUTF8 = "smtputf8", RET = "dsn",
+  ENVID = "dsn" }
+local RCPT_PARAMS = { NOTIFY = "dsn", ORCPT = "dsn" }
+
+-- Check parameters against what this listener advertised. Returns true, or
+-- replies and returns false.
+local function check_params(self, params, allowed)
+  for key, value in pairs(params) do
+    local ext = allowed[key]
+    if not ext or not self.esmtp or not self.ext[ext] then
+      error_reply(self, 555, "5.5.4", "Unsupported parameter " .. key)
+      return false
+    end
+    local ok, why = check_param(key, value)
+    if not ok then
+      error_reply(self, 501, "5.5.4", why)
+      return false
+    end
+  end
+  return true
+end
+
+commands.MAIL = function(self, arg)
+  if not greeted(self) then return end
+  if self.txn then return error_reply(self, 503, "5.5.1", "Error: nested MAIL command") end
+  local path, code, enh, text = parse_path(arg, "mail")
+  if not path then return error_reply(self, code, enh, text) end
+  local params = path.params
+  if not check_params(self, params, MAIL_PARAMS) then return end
+  if params.BODY and upper(params.BODY) == "BINARYMIME" then
+    return error_reply(self, 555, "5.5.4", "BODY=BINARYMIME is not supported")
+  end
+  if path.utf8 and not params.SMTPUTF8 then
+    return error_reply(self, 553, "5.6.7", "Non-ASCII sender address needs SMTPUTF8")
+  end
+  local size = tonumber(params.SIZE)
+  local max = self.opts.max_message_size
+  if size and max > 0 and size > max then
+    return reply(self, 552, "5.3.4", "Message size exceeds fixed maximum message size")
+  end
+  local txn = {
+    id = ids.next(),
+    conn = self.conn,
+    sender = path,
+    params = params,
+    recipients = {},
+    notes = {},
+    size_declared = size,
+    body_type = params.BODY and upper(params.BODY) or nil,
+    smtputf8 = params.SMTPUTF8 and true or false,
+    ret = params.RET and upper(params.RET) or nil,
+    envid = params.ENVID,
+  }
+  local v = self.mta.bus:run("smtp_server_mail_from", txn, path)
+  if v and v.kind ~= "accept" then return verdict_reply(self, v) end
+  self.txn = txn
+  set_state(self, "mail")
+  if v then return verdict_reply(self, v) end
+  reply(self, 250, "2.1.0", "Ok")
+end
+
+commands.RCPT = function(self, arg)
+  if not greeted(self) then return end
+  local txn = self.txn
+  if not txn then return error_reply(self, 503, "5.5.1", "Error: need MAIL command") end
+  if #txn.recipients >= self.opts.max_recipients then
+    return reply(self, 452, "4.5.3", "Error: too many recipients")
+  end
+  local path, code, enh, text = parse_path(arg, "rcpt")
+  if not path then return error_reply(self, code, enh, text) end
+  local params = path.params
+  if not check_params(self, params, RCPT_PARAMS) then return end
+  if path.utf8 and not txn.smtputf8 then
+    return error_reply(self, 553, "5.6.7", "Non-ASCII recipient address needs SMTPUTF8")
+  end
+  if params.NOTIFY then path.notify = upper(params.NOTIFY) end
+  if params.ORCPT then path.orcpt = params.ORCPT end
+  local v = self.mta.bus:run("smtp_server_rcpt_to", txn, path)
+  if v and v.kind ~= "accept" then return verdict_reply(self, v) end
+  txn.recipients[#txn.recipients + 1] = path
+  set_state(self, "rcpt")
+  if v then return verdict_reply(self, v) end
+  reply(self, 250, "2.1.5", "Ok")
+end
+
+-- The data hook runs once per transaction, at DATA or at the first BDAT.
+local function data_hook(self, txn)
+  local v = self.mta.bus:run("smtp_server_data", txn)
+  if v and v.kind ~= "accept" then return v end
+  return nil
+end
+
+-- End of message content (DATA or BDAT LAST).
+local function message_done(self, msg, flags)
+  local txn = self.txn
+  local opts = self.opts
+  if band(flags, MSG_TOO_BIG) ~= 0 then
+    msg:close()
+    reset_txn(self)
+    return reply(self, 552, "5.3.4", "Message size exceeds fixed maximum message size")
+  end
+  if band(flags, MSG_NOMEM) ~= 0 then
+    msg:close()
+    reset_txn(self)
+    return reply(self, 452, "4.3.1", "Insufficient system storage")
+  end
+  if opts.bare_lf == "reject" and band(flags, MSG_BARE_LF + MSG_BARE_CR) ~= 0 then
+    msg:close()
+    reset_txn(self)
+    return reply(self, 550, "5.6.0", "Message contains bare CR or LF characters")
+  end
+  if band(flags, MSG_LONG_LINE) ~= 0 then
+    msg:close()
+    reset_txn(self)
+    return reply(self, 550, "5.6.0",
+      format("Message has a line longer than %d octets", opts.max_line_length))
+  end
+  msg:prepend(received_header(self, txn))
+  txn.size = msg:size()
+  txn.received_at = os.time()
+  self.conn.messages = self.conn.messages + 1
+  local ok, v = xpcall(self.mta.bus.run, traceback, self.mta.bus, "smtp_server_message_received",
+    txn, msg)
+  msg:close()
+  self.txn = nil
+  self.parser:reset_body()
+  set_state(self, "ready")
+  if not ok then error(v, 0) end
+  if v and v.kind ~= "accept" then return verdict_reply(self, v) end
+  if v then return verdict_reply(self, v) end
+  if self.opts.log_messages then
+    log.info("%s: from=<%s> size=%d nrcpt=%d session=%s client=[%s]", txn.id, txn.sender.address,
+      txn.size, #txn.recipients, self.conn.id, self.conn.remote_ip or "?")
+  end
+  reply(self, 250, "2.0.0", "Ok: queued as " .. txn.id)
+end
+
+commands.DATA = function(self, arg)
+  if not greeted(self) then return end
+  local txn = self.txn
+  if arg ~= "" then return error_reply(self, 501, "5.5.4", "Syntax: DATA") end
+  if not txn then return error_reply(self, 503, "5.5.1", "Error: need MAIL command") end
+  if txn.chunking then return error_reply(self, 503, "5.5.1", "Error: BDAT in progress; DATA not allowed") end
+  if #txn.recipients == 0 then return error_reply(self, 554, "5.5.1", "Error: no valid recipients") end
+  local v = data_hook(self, txn)
+  if v then
+    reset_txn(self)
+    return verdict_reply(self, v)
+  end
+  reply(self, 354, nil, "End data with <CR><LF>.<CR><LF>")
+  set_state(self, "data")
+  self.parser:begin_data()
+  self.in_content = true
+end
+
+commands.BDAT = function(self, arg)
+  if not greeted(self) then return end
+  local size, last = arg:match("^(%d+)%s*(%a*)$")
+  if not size or #size > 15 or (last ~= "" and upper(last) ~= "LAST") then
+    return error_reply(self, 501, "5.5.4", "Syntax: BDAT size [LAST]")
+  end
+  size = tonumber(size)
+  last = last ~= ""
+  -- RFC 3030: the chunk is read whatever the reply will be.
+  self.parser:begin_bdat(size)
+  self.in_content = true
+  self.bdat = { size = size, last = last }
+end
+
+local function bdat_done(self, flags)
+  local b = self.bdat
+  self.bdat = nil
+  local txn = self.txn
+  if not self.ext.chunking or not self.esmtp then
+    self.parser:reset_body()
+    return error_reply(self, 503, "5.5.1", "Error: BDAT not enabled")
+  end
+  if not txn then
+    self.parser:reset_body()
+    return error_reply(self, 503, "5.5.1", "Error: need MAIL command")
+  end
+  if #txn.recipients == 0 then
+    self.parser:reset_body()
+    return error_reply(self, 554, "5.5.1", "Error: no valid recipients")
+  end
+  if not txn.chunking then
+    txn.chunking = true
+    set_state(self, "bdat")
+    local v = data_hook(self, txn)
+    if v then
+      -- RFC 3030 3: a failed chunk fails the transaction.
+      reset_txn(self)
+      return verdict_reply(self, v)
+    end
+  end
+  if band(flags, MSG_TOO_BIG) ~= 0 then
+    reset_txn(self)
+    return reply(self, 552, "5.3.4", "Message size exceeds fixed maximum message size")
+  end
+  if not b.last then
+    return reply(self, 250, "2.0.0", format("%d octets received", b.size))
+  end
+  local msg, mflags = self.parser:take()
+  return message_done(self, msg, mflags)
+end
+
+commands.RSET = function(self, arg)
+  if arg ~= "" then return error_reply(self, 501, "5.5.4", "Syntax: RSET") end
+  reset_txn(self)
+  reply(self, 250, "2.0.0", "Ok")
+end
+
+commands.NOOP = function(self)
+  reply(self, 250, "2.0.0", "Ok")
+end
+
+commands.QUIT = function(self, arg)
+  if arg ~= "" then return error_reply(self, 501, "5.5.4", "Syntax: QUIT") end
+  reply(self, 221, "2.0.0", "Bye")
+  self.quit = true
+  self.close_reason = "quit"
+end
+
+commands.VRFY = function(self, arg)
+  if arg == "" then return error_reply(self, 501, "5.5.4", "Syntax: VRFY address") end
+  reply(self, 252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+end
+
+commands.EXPN = function(self)
+  error_reply(self, 502, "5.5.1", "Error: EXPN not implemented")
+end
+
+commands.HELP = function(self)
+  reply(self, 214, "2.0.0",
+    "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\nhttps://moonpost.dev/docs")
+end
+
+commands.STARTTLS = function(self)
+  error_reply(self, 502, "5.5.1", "Error: STARTTLS not available")
+end
+
+commands.AUTH = function(self)
+  error_reply(self, 502, "5.5.1", "Error: authentication not enabled")
+end
+
+-- In the rejected state (554 greeting) only QUIT and NOOP work (RFC 5321 3.1).
+local function rejected_command(self, verb, arg)
+  if verb == "QUIT" then return commands.QUIT(self, arg) end
+  if verb == "NOOP" then return commands.NOOP(self, arg) end
+  error_reply(self, 503, "5.5.1", "Error: no SMTP service here")
+end
+
+local function on_command(self, verb, arg, flags)
+  if flags ~= 0 then
+    if band(flags, LINE_BAD_CHAR) ~= 0 then
+      return error_reply(self, 500, "5.5.2", "Error: bad character in command")
+    end
+    if band(flags, LINE_BARE_LF) ~= 0 and self.opts.bare_lf == "reject" then
+      return error_reply(self, 500, "5.5.2", "Error: command line ended with bare LF")
+    end
+  end
+  if self.state == "rejected" then return rejected_command(self, verb, arg) end
+  local fn = commands[verb]
+  if not fn then
+    return error_reply(self, 500, "5.5.2", "Error: command not recognized")
+  end
+  return fn(self, arg)
+end
+
+-- ---- the session loop ---------------------------------------------------------------
+
+local function greet(self)
+  local conn = self.conn
+  local v = self.mta.bus:run("smtp_server_connect", conn)
+  if v and v.kind == "reject" then
+    set_state(self, "rejected")
+    reply(self, v.code, v.enhanced, v.text)
+    return true
+  elseif v and v.kind == "tempfail" then
+    reply(self, 421, v.enhanced, v.text)
+    self.quit = true
+    self.close_reason = "connect tempfail"
+    return false
+  end
+  reply(self, 220, nil, self.banner)
+  return true
+end
+
+local function serve(self)
+  local parser = self.parser
+  local s = self.stream
+  local opts = self.opts
+  local timeouts = opts.timeouts
+  if not greet(self) then return end
+  while not self.quit do
+    local kind, a, b, c = parser:next()
+    if kind == nil then
+      if self.nout > 0 and not flush(self) then return end
+      local ok, err = s:wait_input(self.in_content and timeouts.data or timeouts.command)
+      if not ok then
+        if err == "timeout" then
+          reply(self, 421, "4.4.2", self.hostname .. " Error: timeout exceeded")
+          self.close_reason = "timeout"
+        else
+          self.close_reason = self.in_content and "disconnected in message content" or "disconnected"
+          self.nout = 0
+        end
+        return
+      end
+    elseif kind == "cmd" then
+      on_command(self, a, b, c)
+    elseif kind == "data" then
+      self.in_content = false
+      local msg, flags = parser:take()
+      message_done(self, msg, flags)
+    elseif kind == "bdat" then
+      self.in_content = false
+      bdat_done(self, a)
+    elseif kind == "too_long" then
+      error_reply(self, 500, "5.5.2", "Error: line too long")
+    elseif kind == "line" then
+      error_reply(self, 500, "5.5.2", "Error: unexpected line")
+    end
+  end
+end
+
+local function session_main(self)
+  local ok, err = xpcall(serve, traceback, self)
+  if not ok then
+    -- A bug or a failing hook costs this session only.
+    log.error("session %s: internal error: %s", self.conn.id, tostring(err))
+    self.close_reason = "internal error"
+    self.nout = 0
+    reply(self, 421, "4.3.0", self.hostname .. " Error: internal error, closing connection")
+  end
+  if self.nout > 0 and not self.stream.closed then
+    flush(self, math.min(self.opts.timeouts.send, 10))
+  end
+end
+
+local function session_close(self)
+  local listener = self.listener
+  listener.active = listener.active - 1
+  listener.sessions[self] = nil
+  self.stream:close()
+  if self.txn then self.txn = nil end
+  self.parser:close()
+  local conn = self.conn
+  conn.closed_reason = self.close_reason or "closed"
+  if log.enabled("debug") then
+    log.debug("session %s: closed (%s)", conn.id, conn.closed_reason)
+  end
+  self.mta.bus:emit("smtp_server_disconnect", conn, conn.closed_reason)
+end
+
+local function run_session(self)
+  session_main(self)
+  session_close(self)
+end
+
+-- ---- listeners -------------------------------------------------------------------------
+
+local function ehlo_reply(hostname, opts)
+  local lines = { "250-" .. hostname }
+  local ext = opts.extensions
+  if ext.pipelining then lines[#lines + 1] = "250-PIPELINING" end
+  if ext.size then lines[#lines + 1] = "250-SIZE " .. tostring(opts.max_message_size) end
+  if ext["8bitmime"] then lines[#lines + 1] = "250-8BITMIME" end
+  if ext.enhancedstatuscodes then lines[#lines + 1] = "250-ENHANCEDSTATUSCODES" end
+  if ext.smtputf8 then lines[#lines + 1] = "250-SMTPUTF8" end
+  if ext.chunking then lines[#lines + 1] = "250-CHUNKING" end
+  if ext.dsn then lines[#lines + 1] = "250-DSN" end
+  lines[#lines + 1] = "250 HELP"
+  return concat(lines, "\r\n") .. "\r\n"
+end
+
+local session_seq = 0
+
+local function on_connection(listener, client)
+  local mta = listener.mta
+  local opts = listener.opts
+  session_seq = session_seq + 1
+  client:nodelay(true)
+  local s = stream.new(client)
+  if listener.active >= opts.max_connections then
+    -- Over the cap: answer and close without a session.
+    pcall(uv.try_write, client, "421 4.7.0 " .. listener.hostname .. " Error: too many connections\r\n")
+    s:close()
+    log.warn("listener %s: connection refused, %d sessions active", listener.name, listener.active)
+    return
+  end
+  local ip, port = s:peername()
+  local lip, lport = s:sockname()
+  local conn = {
+    id = ids.session(session_seq),
+    remote_ip = ip,
+    remote_port = port,
+    local_ip = lip,
+    local_port = lport,
+    listener = listener.name,
+    helo = nil,
+    esmtp = false,
+    tls = false,
+    auth = nil,
+    messages = 0,
+    notes = {},
+    started = uv.now(),
+  }
+  local parser = smtp.parser({
+    cmd_line = opts.max_command_length,
+    text_line = opts.max_line_length,
+    max_size = opts.max_message_size,
+  })
+  s:attach(parser, opts.input_high_water)
+  local self = setmetatable({
+    mta = mta,
+    listener = listener,
+    opts = opts,
+    ext = opts.extensions,
+    hostname = listener.hostname,
+    banner = listener.banner,
+    ehlo_reply = listener.ehlo_reply,
+    stream = s,
+    parser = parser,
+    conn = conn,
+    state = "connected",
+    esmtp = false,
+    txn = nil,
+    errors = 0,
+    out = {},
+    nout = 0,
+    quit = false,
+    in_content = false,
+  }, session_mt)
+  listener.active = listener.active + 1
+  listener.sessions[self] = true
+  sched.spawn_named("session " .. conn.id, nil, run_session, self)
+end
+
+local Listener = {}
+local listener_mt = { __index = Listener }
+
+-- listen(mta, spec) where spec = { host, port, opts, name }
+function _M.listen(mta, spec)
+  local opts = spec.opts
+  local hostname = opts.hostname or mta.hostname
+  local listener = setmetatable({
+    mta = mta,
+    opts = opts,
+    name = spec.name or (spec.host .. ":" .. spec.port),
+    hostname = hostname,
+    banner = opts.banner or (hostname .. " ESMTP Moonpost"),
+    ehlo_reply = ehlo_reply(hostname, opts),
+    active = 0,
+    sessions = {},
+    handles = {},
+  }, listener_mt)
+  local tcp = uv.new_tcp()
+  local ok, err = tcp:bind(spec.host, spec.port, find(spec.host, ":", 1, true) and { ipv6only = true } or nil)
+  if not ok then
+    tcp:close()
+    return nil, format("cannot listen on %s: %s", listener.name, tostring(err))
+  end
+  ok, err = tcp:listen(opts.backlog, sched.callback(function(lerr)
+    if lerr then
+      log.error("listener %s: accept: %s", listener.name, tostring(lerr))
+      return
+    end
+    local client = uv.new_tcp()
+    local aok, aerr = tcp:accept(client)
+    if not aok then
+      client:close()
+      log.warn("listener %s: accept failed: %s", listener.name, tostring(aerr))
+      return
+    end
+    on_connection(listener, client)
+  end, "listener"))
+  if not ok then
+    tcp:close()
+    return nil, format("cannot listen on %s: %s", listener.name, tostring(err))
+  end
+  listener.tcp = tcp
+  local a = tcp:getsockname()
+  listener.address = a.ip
+  listener.port = a.port
+  listener.name = spec.name or ((find(a.ip, ":", 1, true) and ("[" .. a.ip .. "]") or a.ip) .. ":" .. a.port)
+  return listener
+end
+
+-- Stop accepting; sessions carry on.
+function Listener:close()
+  if self.tcp and not self.tcp:is_closing() then self.tcp:close() end
+  self.tcp = nil
+end
+
+-- Close every session now (421 to those that are idle between commands).
+function Listener:drop_sessions(text)
+  for sess in pairs(self.sessions) do
+    if not sess.stream.closed then
+      if not sess.in_content and sess.nout == 0 then
+        pcall(uv.try_write, sess.stream.tcp, "421 4.3.2 " .. (text or "Service shutting down") .. "\r\n")
+      end
+      sess.quit = true
+      sess.close_reason = "shutdown"
+      sess.stream:close()
+    end
+  end
+end
+
+return _M

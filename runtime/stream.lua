@@ -1,0 +1,219 @@
+-- Cosocket-style streams over luv TCP handles, for code running in a task.
+--
+--   local s = stream.new(tcp)
+--   s:attach(parser [, high_water])  feed received bytes straight into a C parser
+--   s:wait_input(timeout)            wait for the next chunk: true | nil, "closed" | "timeout" | err
+--   s:receive("*l" | n, timeout)     line (without CRLF) or n bytes, when no parser is attached
+--   s:send(data, timeout)            true | nil, err
+--   s:close()                        idempotent, returns true
+--
+-- Every wait has a timeout and returns nil, "timeout" when it passes.
+-- Reading runs continuously; it pauses when the parser holds more than
+-- high_water unconsumed bytes and resumes when the task waits again.
+local uv = require "luv"
+local sched = require "moonpost.runtime.sched"
+
+local try_write, wait, wake, current = uv.try_write, sched.wait, sched.wake, sched.current
+local reserve, wake_token = sched.reserve, sched.wake_token
+local sub, find = string.sub, string.find
+
+local _M = { _VERSION = "0.1" }
+local Stream = {}
+local mt = { __index = Stream }
+
+local DEFAULT_HIGH_WATER = 1024 * 1024
+
+local function make_on_read(self)
+  return function(err, chunk)
+    if err then
+      self.err = err
+      self.eof = true
+    elseif chunk then
+      self.bytes_in = self.bytes_in + #chunk
+      local p = self.parser
+      if p then
+        local n = p:push(chunk)
+        if n and n > self.high_water and not self.paused then
+          self.paused = true
+          self.tcp:read_stop()
+        end
+      else
+        local b = self.rbuf
+        b[#b + 1] = chunk
+      end
+    else
+      self.eof = true
+    end
+    local r = self.reader
+    if r then
+      self.reader = nil
+      wake(r, true)
+    end
+  end
+end
+
+function _M.new(tcp)
+  local self = setmetatable({
+    tcp = tcp,
+    reader = nil,
+    eof = false,
+    err = nil,
+    closed = false,
+    paused = false,
+    reading = false,
+    parser = nil,
+    high_water = DEFAULT_HIGH_WATER,
+    rbuf = {},
+    bytes_in = 0,
+    bytes_out = 0,
+  }, mt)
+  return self
+end
+
+function Stream:attach(parser, high_water)
+  self.parser = parser
+  if high_water then self.high_water = high_water end
+end
+
+local function start_reading(self)
+  if not self.reading then
+    self.reading = true
+    self.on_read = self.on_read or make_on_read(self)
+    local ok, err = self.tcp:read_start(self.on_read)
+    if not ok then
+      self.err = err
+      self.eof = true
+    end
+  elseif self.paused then
+    self.paused = false
+    self.tcp:read_start(self.on_read)
+  end
+end
+
+function Stream:wait_input(timeout)
+  if self.closed then return nil, "closed" end
+  if self.eof then return nil, self.err or "closed" end
+  start_reading(self)
+  if self.eof then return nil, self.err or "closed" end
+  self.reader = current()
+  local ok, err = wait(timeout)
+  self.reader = nil
+  if ok then return true end
+  if self.closed or self.eof then return nil, self.err or "closed" end
+  return nil, err
+end
+
+-- receive("*l") -> line without CRLF; receive(n) -> exactly n bytes.
+-- For streams without a parser (tests, simple protocol clients).
+function Stream:receive(pattern, timeout)
+  local deadline = timeout and (uv.now() + timeout * 1000)
+  while true do
+    local data = table.concat(self.rbuf)
+    if pattern == "*l" then
+      local i = find(data, "\n", 1, true)
+      if i then
+        local line = sub(data, 1, i - 1)
+        self.rbuf = { sub(data, i + 1) }
+        if sub(line, -1) == "\r" then line = sub(line, 1, -2) end
+        return line
+      end
+    elseif type(pattern) == "number" then
+      if #data >= pattern then
+        self.rbuf = { sub(data, pattern + 1) }
+        return sub(data, 1, pattern)
+      end
+    else
+      error("receive: pattern must be '*l' or a number", 2)
+    end
+    self.rbuf = { data }
+    local left = deadline and (deadline - uv.now()) / 1000
+    if left and left <= 0 then return nil, "timeout", data end
+    local ok, err = self:wait_input(left)
+    if not ok then return nil, err, data end
+  end
+end
+
+function Stream:send(data, timeout)
+  if self.closed then return nil, "closed" end
+  local len = #data
+  if len == 0 then return true end
+  local n, err, name = try_write(self.tcp, data)
+  if n == len then
+    self.bytes_out = self.bytes_out + len
+    return true
+  end
+  if not n then
+    if name ~= "EAGAIN" then
+      self.err = err
+      return nil, err
+    end
+    n = 0
+  end
+  local rest = n > 0 and sub(data, n + 1) or data
+  local task, token = reserve()
+  local req_done = false
+  local ok, werr = self.tcp:write(rest, function(e)
+    req_done = true
+    wake_token(task, token, not e and true or nil, e)
+  end)
+  if not ok then
+    self.err = werr
+    return nil, werr
+  end
+  local r, e = wait(timeout)
+  if not r then
+    if not req_done then
+      -- The peer does not read: give up on the connection.
+      self:close()
+    end
+    return nil, e or "closed"
+  end
+  self.bytes_out = self.bytes_out + len
+  return true
+end
+
+function Stream:close()
+  if self.closed then return true end
+  self.closed = true
+  local tcp = self.tcp
+  if self.reading then pcall(tcp.read_stop, tcp) end
+  if not tcp:is_closing() then tcp:close() end
+  local r = self.reader
+  if r then
+    self.reader = nil
+    wake(r, nil, "closed")
+  end
+  return true
+end
+
+function Stream:peername()
+  local a = self.tcp:getpeername()
+  if a then return a.ip, a.port, a.family end
+end
+
+function Stream:sockname()
+  local a = self.tcp:getsockname()
+  if a then return a.ip, a.port, a.family end
+end
+
+-- connect(host, port, timeout) -> stream | nil, err. Host must be an address.
+function _M.connect(host, port, timeout)
+  local tcp = uv.new_tcp()
+  local task, token = reserve()
+  local ok, err = tcp:connect(host, port, function(e)
+    wake_token(task, token, not e and true or nil, e)
+  end)
+  if not ok then
+    tcp:close()
+    return nil, err
+  end
+  local r, e = wait(timeout or 30)
+  if not r then
+    if not tcp:is_closing() then tcp:close() end
+    return nil, e
+  end
+  tcp:nodelay(true)
+  return _M.new(tcp)
+end
+
+return _M
