@@ -426,7 +426,7 @@ static int r_push(lua_State *L)
         lua_pushliteral(L, "no memory");
         return 2;
     }
-    lua_pushboolean(L, 1);
+    lua_pushnumber(L, (lua_Number)mp_reply_buffered(lr->r));
     return 1;
 }
 

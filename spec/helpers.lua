@@ -1,0 +1,379 @@
+-- Spec helpers: a loop runner that fails on leaked handles, an in-process
+-- MTA on 127.0.0.1:0, a scripted SMTP peer, and a runner for real client
+-- programs (swaks, python3, smtp-source).
+local uv = require "luv"
+local sched = require "moonpost.runtime.sched"
+local stream = require "moonpost.runtime.stream"
+local smtp = require "moonpost.core.smtp"
+
+local H = {}
+H.root = _G.MOONPOST_ROOT or "."
+H.python = "/usr/bin/python3"   -- Debian's, with Debian's modules
+
+-- ---- the loop runner ----------------------------------------------------------
+
+local function open_handles()
+  local list = {}
+  uv.walk(function(h)
+    if not h:is_closing() and not sched.is_internal(h) then list[#list + 1] = h end
+  end)
+  return list
+end
+
+-- run(fn, [timeout]) runs fn as a task on the loop until it returns. It
+-- raises fn's error, fails after `timeout` seconds (default 60) and fails
+-- when fn leaves a handle open.
+function H.run(fn, timeout)
+  timeout = timeout or 60
+  local results, failure
+  local task = sched.spawn_named("spec", function(e) failure = e end, function()
+    results = { fn() }
+  end)
+  local timed_out = false
+  local timer = uv.new_timer()
+  timer:start(math.floor(timeout * 1000), 0, function()
+    timed_out = true
+  end)
+  while not task.done and not timed_out do
+    uv.run("once")
+  end
+  timer:close()
+  -- Let close callbacks and finishing sessions run.
+  for _ = 1, 20 do
+    if not uv.run("nowait") then break end
+  end
+  local leaks = open_handles()
+  for _, h in ipairs(leaks) do h:close() end
+  for _ = 1, 5 do uv.run("nowait") end
+  if timed_out then error(string.format("spec task timed out after %gs", timeout), 2) end
+  if failure then error(failure, 2) end
+  if #leaks > 0 then
+    local names = {}
+    for i, h in ipairs(leaks) do names[i] = tostring(h) end
+    error("spec left handles open: " .. table.concat(names, ", "), 2)
+  end
+  return unpack(results)
+end
+
+-- The captured process log (see spec/helper.lua): all of it, or the lines
+-- that contain `needle`.
+function H.log(needle)
+  local out = {}
+  for _, l in ipairs(_G.MOONPOST_LOG or {}) do
+    if not needle or l:find(needle, 1, true) then out[#out + 1] = l end
+  end
+  return table.concat(out)
+end
+
+-- ---- files -----------------------------------------------------------------------
+
+function H.tmpdir(prefix)
+  local dir = uv.fs_mkdtemp("/tmp/" .. (prefix or "moonpost-spec") .. "-XXXXXX")
+  return dir
+end
+
+function H.rm_rf(dir)
+  assert(dir and dir:match("^/tmp/"), "rm_rf only under /tmp")
+  os.execute("rm -rf '" .. dir .. "'")
+end
+
+-- Files directly in dir (not recursive), sorted.
+function H.ls(dir)
+  local out = {}
+  local req = uv.fs_scandir(dir)
+  if not req then return out end
+  while true do
+    local name, t = uv.fs_scandir_next(req)
+    if not name then break end
+    if t == "file" then out[#out + 1] = name end
+  end
+  table.sort(out)
+  return out
+end
+
+function H.read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+function H.write(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
+-- ---- an MTA in this process ----------------------------------------------------
+
+-- start_mta(accept_opts, setup) -> mta, port. setup(mta, moonpost) adds hooks.
+function H.start_mta(accept_opts, setup)
+  local moonpost = require "moonpost"
+  local accept = require "moonpost.accept"
+  local mta = moonpost.new { hostname = "mx.test" }
+  local o = {}
+  for k, v in pairs(accept_opts or {}) do o[k] = v end
+  o.listen = o.listen or "127.0.0.1:0"
+  if o.log_messages == nil then o.log_messages = false end
+  mta:use(accept.smtp(o))
+  if setup then setup(mta, moonpost) end
+  assert(mta:start())
+  return mta, mta:addresses()[1].port
+end
+
+-- Stop an MTA and wait (bounded) until its sessions have closed.
+function H.stop_mta(mta)
+  local done = false
+  mta:stop(0, function() done = true end)
+  for _ = 1, 200 do
+    if done and mta:sessions() == 0 then break end
+    sched.sleep(0.01)
+  end
+  sched.sleep(0.01)
+end
+
+-- ---- the scripted peer --------------------------------------------------------------
+
+local Peer = {}
+Peer.__index = Peer
+
+function H.connect(port, host, timeout)
+  local s, err = stream.connect(host or "127.0.0.1", port, timeout or 10)
+  if not s then return nil, err end
+  local rp = smtp.reply_parser()
+  s:attach(rp)
+  return setmetatable({ s = s, rp = rp, timeout = timeout or 10 }, Peer)
+end
+
+function Peer:send(data)
+  local ok, err = self.s:send(data, self.timeout)
+  assert(ok, "peer send failed: " .. tostring(err))
+  return self
+end
+
+function Peer:cmd(line)
+  return self:send(line .. "\r\n")
+end
+
+-- reply() -> code, enhanced, text | nil, err
+function Peer:reply(timeout)
+  while true do
+    local code, enh, text = self.rp:next()
+    if code then return code, enh or nil, text end
+    if enh then return nil, enh end
+    local ok, err = self.s:wait_input(timeout or self.timeout)
+    if not ok then return nil, err end
+  end
+end
+
+-- expect(code, [enhanced], [text]) asserts the next reply; text is a plain
+-- substring. Returns the reply text.
+function Peer:expect(code, enhanced, text)
+  local c, e, t = self:reply()
+  if c ~= code or (enhanced and e ~= enhanced) or (text and not (t or ""):find(text, 1, true)) then
+    error(string.format("expected %s %s %s, got %s %s %s", tostring(code), tostring(enhanced or ""),
+      tostring(text or ""), tostring(c), tostring(e), tostring(t)), 2)
+  end
+  return t
+end
+
+-- closed([timeout]) -> true when the server closes the connection
+function Peer:closed(timeout)
+  local deadline = uv.now() + (timeout or self.timeout) * 1000
+  while true do
+    local left = (deadline - uv.now()) / 1000
+    if left <= 0 then return false end
+    local ok, err = self.s:wait_input(left)
+    if not ok then return err ~= "timeout" end
+  end
+end
+
+-- script([[
+--   S: 220
+--   C: EHLO x
+--   S: 250
+--   C: MAIL FROM:<a@b>
+--   S: 250 2.1.0
+-- ]]) sends the C: lines with CRLF and checks each S: reply (code, then an
+-- optional enhanced code, then an optional text substring).
+function Peer:script(text)
+  local n = 0
+  for line in text:gmatch("[^\n]+") do
+    line = line:gsub("^%s+", "")
+    if line ~= "" then
+      n = n + 1
+      local who, rest = line:match("^([CS]):%s?(.*)$")
+      assert(who, "bad transcript line: " .. line)
+      if who == "C" then
+        self:cmd(rest)
+      else
+        local code, enh, sub = rest:match("^(%d%d%d)%s*([245]%.%d+%.%d+)%s*(.*)$")
+        if not code then
+          code, sub = rest:match("^(%d%d%d)%s*(.*)$")
+        end
+        local c, e, t = self:reply()
+        if c ~= tonumber(code) or (enh and e ~= enh) or (sub ~= "" and not (t or ""):find(sub, 1, true)) then
+          error(string.format("transcript line %d: expected %q, got %s %s %s", n, rest,
+            tostring(c), tostring(e), tostring(t)), 2)
+        end
+      end
+    end
+  end
+  return self
+end
+
+function Peer:close()
+  self.s:close()
+  self.rp:close()
+end
+
+-- ---- real programs ----------------------------------------------------------------------
+
+local function environ(extra)
+  local env = {}
+  for k, v in pairs(uv.os_environ()) do
+    if not (extra and extra[k] ~= nil) then env[#env + 1] = k .. "=" .. v end
+  end
+  for k, v in pairs(extra or {}) do
+    if v then env[#env + 1] = k .. "=" .. v end
+  end
+  return env
+end
+
+-- exec(cmd, args, opts) -> exit code, stdout, stderr. opts: timeout (s),
+-- env (extra variables), stdin (string), cwd. The process is killed at the
+-- timeout and the code is then nil.
+function H.exec(cmd, args, opts)
+  opts = opts or {}
+  local out, err = {}, {}
+  local stdout, stderr = uv.new_pipe(false), uv.new_pipe(false)
+  local stdin = uv.new_pipe(false)
+  local task = sched.current()
+  local pending = 3
+  local code, signal
+  local function part_done()
+    pending = pending - 1
+    if pending == 0 then sched.wake(task, true) end
+  end
+  local handle, pid
+  handle, pid = uv.spawn(cmd, {
+    args = args,
+    stdio = { stdin, stdout, stderr },
+    env = environ(opts.env),
+    cwd = opts.cwd,
+  }, function(c, s)
+    code, signal = c, s
+    handle:close()
+    part_done()
+  end)
+  if not handle then
+    stdout:close()
+    stderr:close()
+    stdin:close()
+    error("cannot run " .. cmd .. ": " .. tostring(pid))
+  end
+  local function reader(pipe, buf)
+    pipe:read_start(function(e, chunk)
+      if chunk then
+        buf[#buf + 1] = chunk
+      else
+        pipe:read_stop()
+        pipe:close()
+        part_done()
+      end
+      if e then return end
+    end)
+  end
+  reader(stdout, out)
+  reader(stderr, err)
+  if opts.stdin then stdin:write(opts.stdin) end
+  stdin:shutdown(function() stdin:close() end)
+  local timer = uv.new_timer()
+  local killed = false
+  timer:start(math.floor((opts.timeout or 120) * 1000), 0, function()
+    killed = true
+    uv.kill(pid, "sigkill")
+  end)
+  while pending > 0 do sched.wait() end
+  timer:close()
+  if killed then code = nil end
+  return code, table.concat(out), table.concat(err), signal
+end
+
+-- Does a program exist on PATH (or as an absolute path)?
+function H.have(cmd)
+  if cmd:sub(1, 1) == "/" then return uv.fs_stat(cmd) ~= nil end
+  return os.execute("command -v " .. cmd .. " >/dev/null 2>&1") == 0
+end
+
+-- A free TCP port on 127.0.0.1 (for processes that need a port up front).
+function H.free_port()
+  local t = uv.new_tcp()
+  assert(t:bind("127.0.0.1", 0))
+  local port = t:getsockname().port
+  t:close()
+  uv.run("nowait")
+  return port
+end
+
+-- Launch scripts/moonpost with a policy as a child process and wait until it
+-- listens. Returns a handle: { port, pid, stop(), log() }.
+function H.launch(policy, env, opts)
+  opts = opts or {}
+  local port = H.free_port()
+  local e = { MOONPOST_LISTEN = "127.0.0.1:" .. port }
+  for k, v in pairs(env or {}) do e[k] = v end
+  local logbuf = {}
+  local stderr = uv.new_pipe(false)
+  local stdout = uv.new_pipe(false)
+  local exited, exit_code = false, nil
+  local proc = { port = port, logbuf = logbuf }
+  local handle, pid
+  handle, pid = uv.spawn(H.root .. "/scripts/moonpost", {
+    args = { opts.command or "run", policy },
+    stdio = { nil, stdout, stderr },
+    env = environ(e),
+    cwd = opts.cwd,
+  }, function(c)
+    exited, exit_code = true, c
+    handle:close()
+    if proc.waiter then sched.wake(proc.waiter, true) end
+  end)
+  assert(handle, "cannot launch moonpost: " .. tostring(pid))
+  proc.pid = pid
+  for _, p in ipairs({ stdout, stderr }) do
+    p:read_start(function(_, chunk)
+      if chunk then logbuf[#logbuf + 1] = chunk else p:close() end
+    end)
+  end
+  function proc.log() return table.concat(logbuf) end
+  function proc.exited() return exited, exit_code end
+  -- wait until the port answers
+  local deadline = uv.now() + 15000
+  while uv.now() < deadline and not exited do
+    local s = stream.connect("127.0.0.1", port, 1)
+    if s then
+      s:close()
+      break
+    end
+    sched.sleep(0.05)
+  end
+  function proc.stop(sig)
+    if not exited then
+      uv.kill(pid, sig or "sigterm")
+      proc.waiter = sched.current()
+      local deadline2 = uv.now() + 15000
+      while not exited and uv.now() < deadline2 do sched.wait(1) end
+      proc.waiter = nil
+      if not exited then
+        uv.kill(pid, "sigkill")
+        while not exited do sched.sleep(0.05) end
+      end
+    end
+    sched.sleep(0.02)
+    return exit_code
+  end
+  return proc
+end
+
+return H
