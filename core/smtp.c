@@ -483,6 +483,12 @@ static int line_next(mp_smtp_in *p, mp_in_ev *ev)
 int mp_in_next(mp_smtp_in *p, mp_in_ev *ev)
 {
     memset(ev, 0, sizeof *ev);
+    /* No input buffer at all (never pushed, or freed by discard): only an
+     * empty BDAT chunk can complete. */
+    if (p->buf == NULL) {
+        if (p->mode == MP_MODE_BDAT) return bdat_next(p, ev);
+        return MP_EV_NONE;
+    }
     switch (p->mode) {
     case MP_MODE_DATA: return data_next(p, ev);
     case MP_MODE_BDAT: return bdat_next(p, ev);

@@ -36,18 +36,18 @@ local SMTP_SCHEMA = {
   input_high_water = { type = "size", default = 1048576 },
 }
 
-local function check_extensions(t, level)
+local function check_extensions(t)
   local out = {}
   for _, name in ipairs(EXTENSIONS) do out[name] = true end
   if t == nil then return out end
   for k, v in pairs(t) do
     if out[k] == nil then
-      error(string.format("accept.smtp: field 'extensions': unknown extension '%s' (known: %s)",
-        tostring(k), table.concat(EXTENSIONS, ", ")), level)
+      config.raise(string.format("accept.smtp: field 'extensions': unknown extension '%s' (known: %s)",
+        tostring(k), table.concat(EXTENSIONS, ", ")))
     end
     if type(v) ~= "boolean" then
-      error(string.format("accept.smtp: field 'extensions.%s': expected true or false, got %s",
-        k, tostring(v)), level)
+      config.raise(string.format("accept.smtp: field 'extensions.%s': expected true or false, got %s",
+        k, tostring(v)))
     end
     out[k] = v
   end
@@ -56,14 +56,14 @@ end
 
 -- smtp(opts) -> block: SMTP listeners on every address in opts.listen.
 function _M.smtp(opts)
-  local o = config.check("accept.smtp", opts, SMTP_SCHEMA, 2)
-  o.extensions = check_extensions(o.extensions, 3)
+  local o = config.check("accept.smtp", opts, SMTP_SCHEMA)
+  o.extensions = check_extensions(o.extensions)
   o.timeouts = { command = o.command_timeout, data = o.data_timeout, send = o.send_timeout }
   local addrs = {}
   for i, a in ipairs(o.listen) do
     local host, port = config.parse_address(a)
     if not host then
-      error(string.format("accept.smtp: field 'listen' item %d: %s", i, port), 2)
+      config.raise(string.format("accept.smtp: field 'listen' item %d: %s", i, port))
     end
     addrs[i] = { host = host, port = port }
   end

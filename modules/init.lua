@@ -54,7 +54,7 @@ local NEW_SCHEMA = {
 }
 
 function _M.new(opts)
-  opts = config.check("moonpost.new", opts, NEW_SCHEMA, 2)
+  opts = config.check("moonpost.new", opts, NEW_SCHEMA)
   if opts.log_level then log.set_level(opts.log_level) end
   local mta = setmetatable({
     hostname = opts.hostname,
@@ -71,7 +71,7 @@ end
 
 -- on(event, fn): append fn to the event's chain.
 function MTA:on(event, fn)
-  self.bus:on(event, fn, 2)
+  self.bus:on(event, fn)
   return self
 end
 
@@ -79,13 +79,13 @@ end
 -- ({ event = fn | { fn, ... } }) and/or an attach(mta) function.
 function MTA:use(block)
   if type(block) ~= "table" then
-    error("use(): expected a block (a table from a module's constructor), got " .. type(block), 2)
+    config.raise("use(): expected a block (a table from a module's constructor), got " .. type(block))
   end
-  if block.attach then block:attach(self, 3) end
+  if block.attach then block:attach(self) end
   if block.on then
     for event, fns in pairs(block.on) do
       if type(fns) == "function" then fns = { fns } end
-      for _, fn in ipairs(fns) do self.bus:on(event, fn, 2) end
+      for _, fn in ipairs(fns) do self.bus:on(event, fn) end
     end
   end
   return self

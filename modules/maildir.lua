@@ -52,7 +52,7 @@ local SCHEMA = {
 }
 
 function _M.deliver(opts)
-  local o = config.check("maildir.deliver", opts, SCHEMA, 2)
+  local o = config.check("maildir.deliver", opts, SCHEMA)
   local root = o.root:gsub("/+$", "")
   local made = {}  -- folders known to exist
 

@@ -3,7 +3,8 @@
 --
 --   policy.lua:12: accept.smtp: field 'max_recipients': expected a positive integer, got "lots"
 --
---   local opts = config.check("accept.smtp", user_opts, SCHEMA, level)
+--   local opts = config.check("accept.smtp", user_opts, SCHEMA)
+--   config.raise(msg)   -- any other mistake, at the policy's line
 --
 -- A schema maps field names to { type, default = ..., check = fn(v) -> ok, why }.
 -- Types: string, boolean, function, table, number, posint, nonneg (integer >= 0),
@@ -13,6 +14,49 @@
 local type, tostring, pairs, ipairs, format, tonumber = type, tostring, pairs, ipairs, string.format, tonumber
 
 local _M = { _VERSION = "0.1" }
+
+-- Moonpost's own Lua files: in a checkout <root>/runtime/ and <root>/modules/,
+-- installed <tree>/moonpost/. A mistake is reported at the first frame
+-- outside them, which is the policy (or the spec) that made the call.
+local own_prefixes
+do
+  local src = debug.getinfo(1, "S").source
+  local file = src:sub(1, 1) == "@" and src:sub(2) or src
+  local dir = file:match("^(.*)/runtime/config%.lua$")
+  if dir and dir:match("/moonpost$") then
+    own_prefixes = { dir .. "/" }
+  elseif dir then
+    own_prefixes = { dir .. "/runtime/", dir .. "/modules/" }
+  else
+    own_prefixes = {}
+  end
+end
+
+local function is_own(source)
+  if source:sub(1, 1) ~= "@" then return false end
+  local file = source:sub(2)
+  for _, p in ipairs(own_prefixes) do
+    if file:sub(1, #p) == p then return true end
+  end
+  return false
+end
+
+-- where() -> "file:line: " of the first caller outside Moonpost, or "".
+function _M.where()
+  for level = 3, 60 do
+    local info = debug.getinfo(level, "Sl")
+    if not info then break end
+    if info.what ~= "C" and info.currentline and info.currentline > 0 and not is_own(info.source) then
+      return info.short_src .. ":" .. info.currentline .. ": "
+    end
+  end
+  return ""
+end
+
+-- raise(msg): error at the policy's line, with no traceback position added.
+function _M.raise(msg)
+  error(_M.where() .. msg, 0)
+end
 
 local UNITS_T = { ms = 0.001, s = 1, m = 60, h = 3600, d = 86400, w = 604800 }
 local UNITS_S = { [""] = 1, b = 1, k = 1024, kb = 1024, m = 1048576, mb = 1048576,
@@ -98,21 +142,19 @@ local function convert(spec, v)
   error("config: unknown schema type " .. tostring(t))
 end
 
--- check(block, opts, schema, level) -> checked copy with defaults filled in.
--- level: as for error(), counted from the caller of check.
-function _M.check(block, opts, schema, level)
-  level = (level or 1) + 1
+-- check(block, opts, schema) -> checked copy with defaults filled in.
+function _M.check(block, opts, schema)
   if opts == nil then opts = {} end
   if type(opts) ~= "table" then
-    error(format("%s: options must be a table, got %s", block, show(opts)), level)
+    _M.raise(format("%s: options must be a table, got %s", block, show(opts)))
   end
   for k in pairs(opts) do
     if type(k) ~= "string" or not schema[k] then
       local names = {}
       for name in pairs(schema) do names[#names + 1] = name end
       table.sort(names)
-      error(format("%s: unknown field '%s' (known: %s)", block, tostring(k),
-        table.concat(names, ", ")), level)
+      _M.raise(format("%s: unknown field '%s' (known: %s)", block, tostring(k),
+        table.concat(names, ", ")))
     end
   end
   local out = {}
@@ -122,18 +164,18 @@ function _M.check(block, opts, schema, level)
       v = spec.default
       if type(v) == "function" and spec.type ~= "function" then v = v() end
       if v == nil and spec.required then
-        error(format("%s: field '%s' is required", block, name), level)
+        _M.raise(format("%s: field '%s' is required", block, name))
       end
       out[name] = v
     else
       local c, why = convert(spec, v)
       if c == nil then
-        error(format("%s: field '%s': %s, got %s", block, name, why, show(v)), level)
+        _M.raise(format("%s: field '%s': %s, got %s", block, name, why, show(v)))
       end
       if spec.check then
         local ok, why2 = spec.check(c)
         if not ok then
-          error(format("%s: field '%s': %s", block, name, why2 or "invalid value"), level)
+          _M.raise(format("%s: field '%s': %s", block, name, why2 or "invalid value"))
         end
       end
       out[name] = c

@@ -26,7 +26,7 @@ function _M.resolve(root, name)
 end
 
 function _M.install(root)
-  local loaders = package.loaders or package.searchers
+  local loaders = package.loaders -- LuaJIT (Lua 5.1)
   table.insert(loaders, 2, function(name)
     local path, kind = _M.resolve(root, name)
     if not path then return nil end

@@ -11,6 +11,7 @@
 --   hooks.tempfail([code], [enhanced], [text])  4xx (default 451 4.7.1)
 --   hooks.accept([code], [enhanced], [text])    2xx (default 250 2.0.0)
 local log = require "moonpost.runtime.log"
+local config = require "moonpost.runtime.config"
 
 local type, tostring, setmetatable, getmetatable = type, tostring, setmetatable, getmetatable
 local match, format = string.match, string.format
@@ -27,7 +28,7 @@ local DEFAULTS = {
   accept = { 250, "2.0.0", "Ok", 200, 299 },
 }
 
-local function make(kind, level, code, enhanced, text)
+local function make(kind, code, enhanced, text)
   local d = DEFAULTS[kind]
   if type(code) == "table" then
     code, enhanced, text = code.code, code.enhanced, code.text
@@ -37,32 +38,31 @@ local function make(kind, level, code, enhanced, text)
   end
   if code == nil then code = d[1] end
   if type(code) ~= "number" or code % 1 ~= 0 or code < d[4] or code > d[5] then
-    error(format("moonpost.%s: code must be an integer from %d to %d, got %s",
-      kind, d[4], d[5], tostring(code)), level + 1)
+    config.raise(format("moonpost.%s: code must be an integer from %d to %d, got %s",
+      kind, d[4], d[5], tostring(code)))
   end
   if enhanced == nil then
     enhanced = match(d[2], "^%d") == match(tostring(code), "^%d") and d[2]
       or (tostring(code):sub(1, 1) .. d[2]:sub(2))
   elseif enhanced ~= false then
     if type(enhanced) ~= "string" or not match(enhanced, "^[245]%.%d%d?%d?%.%d%d?%d?$") then
-      error(format("moonpost.%s: enhanced status must look like %s, got %s",
-        kind, d[2], tostring(enhanced)), level + 1)
+      config.raise(format("moonpost.%s: enhanced status must look like %s, got %s",
+        kind, d[2], tostring(enhanced)))
     end
     if enhanced:sub(1, 1) ~= tostring(code):sub(1, 1) then
-      error(format("moonpost.%s: enhanced status %s does not match code %d", kind, enhanced, code),
-        level + 1)
+      config.raise(format("moonpost.%s: enhanced status %s does not match code %d", kind, enhanced, code))
     end
   end
   if text == nil then text = d[3] end
   if type(text) ~= "string" then
-    error(format("moonpost.%s: text must be a string, got %s", kind, type(text)), level + 1)
+    config.raise(format("moonpost.%s: text must be a string, got %s", kind, type(text)))
   end
   return setmetatable({ kind = kind, code = code, enhanced = enhanced or nil, text = text }, verdict_mt)
 end
 
-function _M.reject(code, enhanced, text) return make("reject", 2, code, enhanced, text) end
-function _M.tempfail(code, enhanced, text) return make("tempfail", 2, code, enhanced, text) end
-function _M.accept(code, enhanced, text) return make("accept", 2, code, enhanced, text) end
+function _M.reject(code, enhanced, text) return make("reject", code, enhanced, text) end
+function _M.tempfail(code, enhanced, text) return make("tempfail", code, enhanced, text) end
+function _M.accept(code, enhanced, text) return make("accept", code, enhanced, text) end
 
 function _M.is_verdict(v)
   return getmetatable(v) == verdict_mt
@@ -75,18 +75,16 @@ function _M.new(known)
   return setmetatable({ chains = {}, known = known or false }, bus_mt)
 end
 
--- on(event, fn, level): level is for error() so that a mistake is reported
--- at the policy's line.
-function Bus:on(event, fn, level)
-  level = (level or 1) + 1
+-- on(event, fn): a mistake is reported at the policy's line.
+function Bus:on(event, fn)
   if type(event) ~= "string" then
-    error("on(): event name must be a string, got " .. type(event), level)
+    config.raise("on(): event name must be a string, got " .. type(event))
   end
   if self.known and not self.known[event] then
-    error(format("on(): unknown event '%s'", event), level)
+    config.raise(format("on(): unknown event '%s'", event))
   end
   if type(fn) ~= "function" then
-    error(format("on('%s'): handler must be a function, got %s", event, type(fn)), level)
+    config.raise(format("on('%s'): handler must be a function, got %s", event, type(fn)))
   end
   local chain = self.chains[event]
   if not chain then

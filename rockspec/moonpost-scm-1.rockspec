@@ -1,0 +1,55 @@
+-- LuaRocks package. From a checkout:
+--   luarocks make rockspec/moonpost-scm-1.rockspec --tree DIR
+-- then DIR/bin/moonpost run policy.lua. Needs LuaJIT to run (the launcher
+-- execs `luajit`); builds against the Lua 5.1 C API.
+-- With Debian's lua-luv, lua-lpeg and lua-cjson installed by apt, tell
+-- LuaRocks they are present (rocks_provided, see docs/install.md) or pass
+-- --deps-mode=none.
+rockspec_format = "3.0"
+package = "moonpost"
+version = "scm-1"
+source = {
+  url = "git+https://github.com/moonpost/moonpost.git",
+}
+description = {
+  summary = "A programmable mail transfer agent on LuaJIT and libuv",
+  detailed = [[
+A compact C core (SMTP parsing, TLS, DKIM, spool I/O) under a mail pipeline
+written in Lua: accept, route, shape, bounce and suppress, composed in one
+policy script.]],
+  homepage = "https://github.com/moonpost/moonpost",
+  license = "Apache-2.0",
+}
+dependencies = {
+  "lua >= 5.1",
+  "luv >= 1.30",
+  "lpeg >= 1.0",
+  "lua-cjson >= 2.1",
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["moonpost"] = "modules/init.lua",
+    ["moonpost.accept"] = "modules/accept.lua",
+    ["moonpost.maildir"] = "modules/maildir.lua",
+    ["moonpost.runtime.cli"] = "runtime/cli.lua",
+    ["moonpost.runtime.config"] = "runtime/config.lua",
+    ["moonpost.runtime.devpath"] = "runtime/devpath.lua",
+    ["moonpost.runtime.env"] = "runtime/env.lua",
+    ["moonpost.runtime.fs"] = "runtime/fs.lua",
+    ["moonpost.runtime.hooks"] = "runtime/hooks.lua",
+    ["moonpost.runtime.ids"] = "runtime/ids.lua",
+    ["moonpost.runtime.log"] = "runtime/log.lua",
+    ["moonpost.runtime.sched"] = "runtime/sched.lua",
+    ["moonpost.runtime.server"] = "runtime/server.lua",
+    ["moonpost.runtime.stream"] = "runtime/stream.lua",
+    ["moonpost.core.smtp"] = {
+      sources = { "core/smtp.c", "core/lsmtp.c" },
+      incdirs = { "core" },
+    },
+  },
+  install = {
+    bin = { moonpost = "scripts/moonpost" },
+  },
+  copy_directories = { "docs", "examples" },
+}
