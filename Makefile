@@ -30,9 +30,11 @@ BUILD     := build
 LIBDIR    := $(BUILD)/lib/moonpost/core
 
 SMTP_SRC  := core/smtp.c core/lsmtp.c
-SMTP_HDR  := core/smtp.h core/lcompat.h
+SMTP_HDR  := core/smtp.h core/lcompat.h core/lmessage.h
+SPOOL_SRC := core/spool.c core/lspool.c
+SPOOL_HDR := core/spool.h core/lcompat.h core/lmessage.h core/smtp.h
 
-MODULES   := $(LIBDIR)/smtp.so
+MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so
 
 .PHONY: all deps run test test-long lint fuzz fuzz-build bench clean
 
@@ -41,6 +43,10 @@ all: $(MODULES)
 $(LIBDIR)/smtp.so: $(SMTP_SRC) $(SMTP_HDR)
 	@mkdir -p $(LIBDIR)
 	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(SMTP_SRC)
+
+$(LIBDIR)/spool.so: $(SPOOL_SRC) $(SPOOL_HDR)
+	@mkdir -p $(LIBDIR)
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(SPOOL_SRC)
 
 deps:
 	@scripts/deps.sh

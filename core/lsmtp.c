@@ -13,18 +13,13 @@
 #include <unistd.h>
 
 #include "lcompat.h"
+#include "lmessage.h"
 #include "smtp.h"
 
 #define PARSER_MT "moonpost.core.smtp.parser"
-#define MESSAGE_MT "moonpost.core.smtp.message"
 #define REPLY_MT "moonpost.core.smtp.reply"
 
 /* ---- message ------------------------------------------------------------ */
-
-typedef struct lmessage {
-    mp_body body;
-    int closed;
-} lmessage;
 
 /* Pushed closed, so an allocation failure after this leaks nothing. */
 static lmessage *newmessage(lua_State *L)

@@ -1,17 +1,18 @@
--- Quickstart: an SMTP server that stores every message it receives in a
--- Maildir per recipient, <MOONPOST_MAILDIR>/<local-part>/new/.
+-- Quickstart: an SMTP server that spools every message it receives (250 only
+-- once it is on disk) and delivers it from the spool into a Maildir per
+-- recipient, <MOONPOST_MAILDIR>/<local-part>/new/.
 --
 --   make run                       (or: scripts/moonpost run examples/quickstart.lua)
 --   swaks --server 127.0.0.1:2525 --to someone@example.com
 --   ls var/mail/someone/new/
 --
--- Environment: MOONPOST_LISTEN (default 127.0.0.1:2525), MOONPOST_MAILDIR
--- (default ./var/mail). It accepts mail for any recipient, so keep it on
--- loopback or a private network.
+-- Environment: MOONPOST_LISTEN (default 127.0.0.1:2525), MOONPOST_SPOOL
+-- (default ./var/spool), MOONPOST_MAILDIR (default ./var/mail). It accepts
+-- mail for any recipient, so keep it on loopback or a private network.
 local moonpost = require "moonpost"
 local env = moonpost.env
 
-local mta = moonpost.new {}
+local mta = moonpost.new { spool = env.spool }
 
 mta:use(require("moonpost.accept").smtp { listen = env.listen })
 mta:use(require("moonpost.maildir").deliver { root = env.maildir })

@@ -15,6 +15,8 @@ local log = require "moonpost.runtime.log"
 local sched = require "moonpost.runtime.sched"
 local server = require "moonpost.runtime.server"
 local env = require "moonpost.runtime.env"
+local spool = require "moonpost.runtime.spool"
+local queue = require "moonpost.runtime.queue"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -39,6 +41,9 @@ _M.EVENTS = {
   smtp_server_data = true,
   smtp_server_message_received = true,
   smtp_server_disconnect = true,
+  delivery_delivered = true,
+  delivery_deferred = true,
+  delivery_bounced = true,
 }
 
 local instances = setmetatable({}, { __mode = "v" })
@@ -51,10 +56,65 @@ local NEW_SCHEMA = {
   hostname = { type = "string", default = function() return env.hostname end },
   log_level = { type = "enum", values = { "error", "warn", "info", "debug" } },
   stop_grace = { type = "duration", default = 10 },
+  spool = { type = "any" },
+  queue = { type = "table" },
 }
+
+local SPOOL_SCHEMA = {
+  dir = { type = "string", required = true },
+  segment_size = { type = "size", default = 64 * 1048576,
+    check = function(v) return v >= 4096, "must be at least 4096" end },
+  min_free = { type = "size", default = 64 * 1048576 },
+  compact_ratio = { type = "number", default = 0.5,
+    check = function(v) return v >= 0 and v <= 1, "must be between 0 and 1" end },
+  check_interval = { type = "duration", default = 2 },
+}
+
+local QUEUE_SCHEMA = {
+  concurrency = { type = "posint", default = 20 },
+  retry = { type = "table", default = function() return { "30s", "1m", "5m", "15m", "30m" } end },
+  max_age = { type = "duration", default = "5d" },
+}
+
+-- MOONPOST_SPOOL_FAULT=compaction_pause=<seconds>: a pause in the middle of a
+-- compaction, so that the crash tests can kill the process right there.
+local function spool_faults()
+  local f = {}
+  local s = env.get("MOONPOST_SPOOL_FAULT")
+  if s then
+    for k, v in s:gmatch("([%w_]+)=([%d%.]+)") do f[k] = tonumber(v) end
+  end
+  return f
+end
+
+local function check_spool(v)
+  if v == nil or v == false then return nil end
+  if type(v) == "string" then v = { dir = v } end
+  if type(v) ~= "table" then
+    config.raise("moonpost.new: field 'spool': expected a directory, a table or false, got " .. type(v))
+  end
+  return config.check("moonpost.new: spool", v, SPOOL_SCHEMA)
+end
+
+local function check_queue(v)
+  local q = config.check("moonpost.new: queue", v, QUEUE_SCHEMA)
+  local r = {}
+  for i, d in ipairs(q.retry) do
+    r[i] = config.duration(d)
+    if not r[i] then
+      config.raise(string.format("moonpost.new: queue: field 'retry' item %d: expected a duration, got %s",
+        i, tostring(d)))
+    end
+  end
+  if #r == 0 then config.raise("moonpost.new: queue: field 'retry': needs at least one interval") end
+  q.retry = r
+  return q
+end
 
 function _M.new(opts)
   opts = config.check("moonpost.new", opts, NEW_SCHEMA)
+  opts.spool = check_spool(opts.spool)
+  opts.queue = check_queue(opts.queue)
   if opts.log_level then log.set_level(opts.log_level) end
   local mta = setmetatable({
     hostname = opts.hostname,
@@ -96,15 +156,43 @@ function MTA:add_listener(spec)
   self.listen_specs[#self.listen_specs + 1] = spec
 end
 
--- start(): open the listeners and return (the loop runs elsewhere).
+-- Used by delivery blocks (moonpost.maildir): the function that delivers
+-- spooled messages. See runtime/queue.lua for its contract.
+function MTA:set_transport(fn)
+  if self.transport then config.raise("only one transport can deliver spooled mail for now") end
+  self.transport = fn
+end
+
+function MTA:has_spool()
+  return self.opts.spool ~= nil
+end
+
+-- start(): recover the spool, start delivering, open the listeners, and
+-- return (the loop runs elsewhere).
 function MTA:start()
   if self.started then return true end
   if _M.check_mode then return true end
+  local so = self.opts.spool
+  if so then
+    local sp, err = spool.open({ dir = so.dir, segment_size = so.segment_size, min_free = so.min_free,
+      compact_ratio = so.compact_ratio, check_interval = so.check_interval, fault = spool_faults() })
+    if not sp then return nil, err end
+    self.spool = sp
+    local q = queue.new(self, sp, self.opts.queue)
+    self.queue = q
+    if self.transport then q:set_transport(self.transport) end
+    sp:each(function(m) q:add(m) end)
+    sp.on_stored = function(m) q:add(m) end
+    q:start()
+  else
+    log.warn("no spool configured: accepted messages are only handed to smtp_server_message_received")
+  end
   for _, spec in ipairs(self.listen_specs) do
     local l, err = server.listen(self, spec)
     if not l then
       for _, open in ipairs(self.listeners) do open:close() end
       self.listeners = {}
+      self:close_spool()
       return nil, err
     end
     self.listeners[#self.listeners + 1] = l
@@ -136,22 +224,40 @@ function MTA:stop(grace, done)
   self.stopping = true
   grace = grace or self.opts.stop_grace
   for _, l in ipairs(self.listeners) do l:close() end
+  if self.queue then self.queue:stop() end
   local function finish()
     for _, l in ipairs(self.listeners) do l:drop_sessions() end
     self.listeners = {}
     self.started = false
+    self:close_spool()
     if done then done() end
   end
-  if self:sessions() == 0 or grace <= 0 then return finish() end
+  local function busy()
+    return self:sessions() > 0 or (self.queue and self.queue.running > 0)
+  end
+  if not busy() or grace <= 0 then return finish() end
+  -- Sessions finish their transactions and deliveries in progress end
+  -- (their outcome is recorded), within the grace period.
   local t = uv.new_timer()
   local waited = 0
   t:start(50, 50, sched.callback(function()
     waited = waited + 0.05
-    if self:sessions() == 0 or waited >= grace then
+    if not busy() or waited >= grace then
       t:close()
       finish()
     end
   end, "stop"))
+end
+
+function MTA:close_spool()
+  if self.queue then
+    self.queue:stop()
+    self.queue = nil
+  end
+  if self.spool then
+    self.spool:close()
+    self.spool = nil
+  end
 end
 
 -- run(): start, then run the loop until SIGTERM/SIGINT (or stop()).

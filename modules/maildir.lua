@@ -3,11 +3,16 @@
 --   mta:use(require("moonpost.maildir").deliver { root = "/var/mail" })
 --
 -- Each recipient's message goes to <root>/<local-part>/new/ (or the folder
--- that opts.folder(rcpt, txn) returns). A file is written in tmp/, fsynced,
--- renamed into new/, and new/ is fsynced, so a message that got its 250 is
--- on disk. Every recipient's copy is written and synced before any is
--- renamed: a failure tempfails the whole message with no partial delivery.
--- All file work runs in the libuv thread pool.
+-- that opts.folder(rcpt, envelope) returns). A file is written in tmp/,
+-- fsynced, renamed into new/, and new/ is fsynced. All file work runs in
+-- the libuv thread pool.
+--
+-- With a spool (moonpost.new { spool = ... }) the block is the transport of
+-- spooled mail: delivery happens after the 250, from the spool, and a
+-- recipient whose folder cannot be written is retried later. Without a spool
+-- it delivers inside smtp_server_message_received, before the 250: every
+-- recipient's copy is written and synced before any is renamed, and a
+-- failure tempfails the whole message.
 local uv = require "luv"
 local config = require "moonpost.runtime.config"
 local fs = require "moonpost.runtime.fs"
@@ -66,12 +71,19 @@ function _M.deliver(opts)
     return true
   end
 
+  -- msg: a message handle (bytes in C) or a string read from the spool
   local function write_tmp(dir, msg)
-    local name = unique_name(msg:size())
+    local size = type(msg) == "string" and #msg or msg:size()
+    local name = unique_name(size)
     local tmp = dir .. "/tmp/" .. name
     local fd, err, code = fs.open(tmp, "wx", o.mode)
     if not fd then return nil, err, code end
-    local n, werr, wcode = msg:write(fd)
+    local n, werr, wcode
+    if type(msg) == "string" then
+      n, werr, wcode = fs.write(fd, msg, 0)
+    else
+      n, werr, wcode = msg:write(fd)
+    end
     if n and o.fsync then
       local ok, e2, c2 = fs.fsync(fd)
       if not ok then n, werr, wcode = nil, e2, c2 end
@@ -84,19 +96,22 @@ function _M.deliver(opts)
     return { tmp = tmp, new = dir .. "/new/" .. name, dir = dir }
   end
 
+  local function folder_of(rcpt, ctx)
+    if o.folder then
+      local dir = o.folder(rcpt, ctx)
+      if type(dir) ~= "string" then
+        error("maildir.deliver: folder() must return a directory path, got " .. type(dir), 0)
+      end
+      return dir
+    end
+    return root .. "/" .. _M.folder_name(rcpt["local"])
+  end
+
   local function store(txn, msg)
     local files, seen = {}, {}
     local failure
     for _, rcpt in ipairs(txn.recipients) do
-      local dir
-      if o.folder then
-        dir = o.folder(rcpt, txn)
-        if type(dir) ~= "string" then
-          error("maildir.deliver: folder() must return a directory path, got " .. type(dir), 0)
-        end
-      else
-        dir = root .. "/" .. _M.folder_name(rcpt["local"])
-      end
+      local dir = folder_of(rcpt, txn)
       if not seen[dir] then
         seen[dir] = true
         local ok, err = ensure(dir)
@@ -130,10 +145,41 @@ function _M.deliver(opts)
     return nil
   end
 
-  return {
-    name = "maildir.deliver",
-    on = { smtp_server_message_received = store },
-  }
+  -- The transport for spooled mail: one result per recipient.
+  local function transport(env, body, rcpts)
+    local results, by_dir = {}, {}
+    for _, rcpt in ipairs(rcpts) do
+      local dir = folder_of(rcpt, env)
+      local r = by_dir[dir]
+      if r == nil then
+        local ok, err = ensure(dir)
+        local f
+        if ok then f, err = write_tmp(dir, body) end
+        if f then
+          ok, err = fs.rename(f.tmp, f.new)
+          if not ok then fs.unlink(f.tmp) end
+        else
+          ok = false
+        end
+        if ok and o.fsync then fs.fsync_dir(dir .. "/new") end
+        r = ok and { status = "delivered", text = "2.0.0 delivered to maildir " .. dir }
+          or { status = "deferred", text = "4.3.0 maildir " .. dir .. ": " .. tostring(err) }
+        by_dir[dir] = r
+      end
+      results[rcpt.index] = r
+    end
+    return results
+  end
+
+  local block = { name = "maildir.deliver" }
+  function block.attach(_, mta)
+    if mta:has_spool() then
+      mta:set_transport(transport)
+    else
+      mta:on("smtp_server_message_received", store)
+    end
+  end
+  return block
 end
 
 return _M

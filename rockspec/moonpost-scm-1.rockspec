@@ -40,11 +40,17 @@ build = {
     ["moonpost.runtime.hooks"] = "runtime/hooks.lua",
     ["moonpost.runtime.ids"] = "runtime/ids.lua",
     ["moonpost.runtime.log"] = "runtime/log.lua",
+    ["moonpost.runtime.queue"] = "runtime/queue.lua",
     ["moonpost.runtime.sched"] = "runtime/sched.lua",
     ["moonpost.runtime.server"] = "runtime/server.lua",
+    ["moonpost.runtime.spool"] = "runtime/spool.lua",
     ["moonpost.runtime.stream"] = "runtime/stream.lua",
     ["moonpost.core.smtp"] = {
       sources = { "core/smtp.c", "core/lsmtp.c" },
+      incdirs = { "core" },
+    },
+    ["moonpost.core.spool"] = {
+      sources = { "core/spool.c", "core/lspool.c" },
       incdirs = { "core" },
     },
   },

@@ -131,6 +131,8 @@ local function convert(spec, v)
       return out
     end
     return nil, "expected a string or a list of strings"
+  elseif t == "any" then
+    return v
   elseif t == "enum" then
     for _, x in ipairs(spec.values) do
       if v == x then return v end
@@ -165,6 +167,12 @@ function _M.check(block, opts, schema)
       if type(v) == "function" and spec.type ~= "function" then v = v() end
       if v == nil and spec.required then
         _M.raise(format("%s: field '%s' is required", block, name))
+      end
+      if v ~= nil then
+        -- defaults are written like user values ("5d", "64M"): convert them too
+        local c, why = convert(spec, v)
+        if c == nil then error(format("%s: bad default for '%s': %s", block, name, why)) end
+        v = c
       end
       out[name] = v
     else

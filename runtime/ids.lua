@@ -1,20 +1,46 @@
 -- Identifiers for messages and sessions.
---   ids.next()        -> "67d3a1f2c4e9a1": 8 hex digits of Unix time, then 6 of a
---                        counter that starts at a random value, so that ids stay
---                        unique across restarts and sort roughly by arrival.
---   ids.session(seq)  -> a session id for the logs
+--
+--   ids.next()      -> "1ac3f5e2b000001a": a new message id, as hex
+--   ids.number(hex) -> the id as a number (exact: ids stay below 2^53)
+--   ids.hex(n)      -> the id as hex
+--   ids.bump(n)     -> later ids are greater than n (after spool recovery)
+--   ids.session(seq)-> a session id for the logs
+--
+-- A message id is Unix seconds * 2^20 plus a counter, kept strictly
+-- increasing: unique within a spool (one process holds its lock), sortable
+-- by arrival, and readable as a time (id / 2^20).
 local uv = require "luv"
-local format = string.format
+local format, floor, max = string.format, math.floor, math.max
 
 local _M = { _VERSION = "0.1" }
 
-local seed = (uv.hrtime() + uv.os_getpid() * 7919) % 0x1000000
-local counter = seed
+local SHIFT = 1048576
+local last = 0
 local pid = uv.os_getpid()
 
+function _M.next_number()
+  last = max(last + 1, os.time() * SHIFT)
+  return last
+end
+
+function _M.hex(n)
+  return format("%013x", n)
+end
+
+function _M.number(hex)
+  return tonumber(hex, 16)
+end
+
 function _M.next()
-  counter = (counter + 1) % 0x1000000
-  return format("%08x%06x", os.time(), counter)
+  return format("%013x", _M.next_number())
+end
+
+function _M.bump(n)
+  if n > last then last = n end
+end
+
+function _M.time_of(n)
+  return floor(n / SHIFT)
 end
 
 function _M.session(seq)

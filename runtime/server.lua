@@ -258,6 +258,10 @@ commands.RCPT = function(self, arg)
   if #txn.recipients >= self.opts.max_recipients then
     return reply(self, 452, "4.5.3", "Error: too many recipients")
   end
+  local sp = self.mta.spool
+  if sp and not sp:accepting() then
+    return reply(self, 452, "4.3.1", "Insufficient system storage")
+  end
   local path, code, enh, text = parse_path(arg, "rcpt")
   if not path then return error_reply(self, code, enh, text) end
   local params = path.params
@@ -313,12 +317,22 @@ local function message_done(self, msg, flags)
   self.conn.messages = self.conn.messages + 1
   local ok, v = xpcall(self.mta.bus.run, traceback, self.mta.bus, "smtp_server_message_received",
     txn, msg)
+  local stored, serr, scode = true, nil, nil -- luacheck: ignore scode
+  local sp = self.mta.spool
+  if ok and sp and (not v or v.kind == "accept") then
+    -- The promise: 250 only once the message is on disk.
+    stored, serr, scode = sp:store(txn, msg)
+  end
   msg:close()
   self.txn = nil
   self.parser:reset_body()
   set_state(self, "ready")
   if not ok then error(v, 0) end
   if v and v.kind ~= "accept" then return verdict_reply(self, v) end
+  if not stored then
+    log.error("%s: not queued: %s (%s)", txn.id, tostring(serr), tostring(scode))
+    return reply(self, 451, "4.3.0", "Error: queue file write error")
+  end
   if v then return verdict_reply(self, v) end
   if self.opts.log_messages then
     log.info("%s: from=<%s> size=%d nrcpt=%d session=%s client=[%s]", txn.id, txn.sender.address,
@@ -334,6 +348,11 @@ commands.DATA = function(self, arg)
   if not txn then return error_reply(self, 503, "5.5.1", "Error: need MAIL command") end
   if txn.chunking then return error_reply(self, 503, "5.5.1", "Error: BDAT in progress; DATA not allowed") end
   if #txn.recipients == 0 then return error_reply(self, 554, "5.5.1", "Error: no valid recipients") end
+  local sp = self.mta.spool
+  if sp and not sp:accepting() then
+    reset_txn(self)
+    return reply(self, 452, "4.3.1", "Insufficient system storage")
+  end
   local v = data_hook(self, txn)
   if v then
     reset_txn(self)
@@ -378,6 +397,11 @@ local function bdat_done(self, flags)
   if not txn.chunking then
     txn.chunking = true
     set_state(self, "bdat")
+    local sp = self.mta.spool
+    if sp and not sp:accepting() then
+      reset_txn(self)
+      return reply(self, 452, "4.3.1", "Insufficient system storage")
+    end
     local v = data_hook(self, txn)
     if v then
       -- RFC 3030 3: a failed chunk fails the transaction.

@@ -65,6 +65,17 @@ function H.log(needle)
   return table.concat(out)
 end
 
+-- wait_for(fn, [timeout]) -> true once fn() is true, false after timeout
+-- seconds (default 30), polling every 20 ms.
+function H.wait_for(fn, timeout)
+  local deadline = uv.now() + (timeout or 30) * 1000
+  while uv.now() < deadline do
+    if fn() then return true end
+    sched.sleep(0.02)
+  end
+  return fn() and true or false
+end
+
 -- ---- files -----------------------------------------------------------------------
 
 function H.tmpdir(prefix)

@@ -84,3 +84,16 @@ describe("moonpost.runtime.config", function()
     assert.is_nil(config.parse_address("h:99999"))
   end)
 end)
+
+describe("moonpost.runtime.config defaults", function()
+  it("converts defaults like user values", function()
+    local o = config.check("blk", {}, {
+      age = { type = "duration", default = "5d" },
+      size = { type = "size", default = "64M" },
+      addrs = { type = "list", default = "a:1" },
+    })
+    assert.equal(432000, o.age)
+    assert.equal(67108864, o.size)
+    assert.same({ "a:1" }, o.addrs)
+  end)
+end)

@@ -73,22 +73,29 @@ describe("moonpost run", function()
 
   it("exits 1 naming the address when the port is taken", function()
     H.run(function()
-      local srv = H.launch(H.root .. "/examples/quickstart.lua", { MOONPOST_MAILDIR = "/tmp/unused-moonpost-mail" })
+      local dir = H.tmpdir()
+      local srv = H.launch(H.root .. "/examples/quickstart.lua",
+        { MOONPOST_MAILDIR = dir .. "/mail", MOONPOST_SPOOL = dir .. "/spool1" })
       local code, _, err = H.exec(MOONPOST, { "run", "examples/quickstart.lua" },
-        { cwd = H.root, timeout = 30, env = { MOONPOST_LISTEN = "127.0.0.1:" .. srv.port } })
+        { cwd = H.root, timeout = 30, env = { MOONPOST_LISTEN = "127.0.0.1:" .. srv.port,
+          MOONPOST_SPOOL = dir .. "/spool2" } })
       assert.equal(1, code)
       assert.matches("cannot listen on 127.0.0.1:" .. srv.port .. ": EADDRINUSE", err, nil, true)
       assert.equal(0, srv.stop())
+      H.rm_rf(dir)
     end)
   end)
 
   it("stops on SIGTERM and SIGINT with status 0", function()
     H.run(function()
+      local dir = H.tmpdir()
       for _, sig in ipairs({ "sigterm", "sigint" }) do
-        local srv = H.launch(H.root .. "/examples/quickstart.lua", { MOONPOST_MAILDIR = "/tmp/unused-moonpost-mail" })
+        local srv = H.launch(H.root .. "/examples/quickstart.lua",
+          { MOONPOST_MAILDIR = dir .. "/mail", MOONPOST_SPOOL = dir .. "/spool" })
         assert.equal(0, srv.stop(sig))
         assert.matches(sig .. ": stopping", srv.log(), nil, true)
       end
+      H.rm_rf(dir)
     end)
   end)
 

@@ -43,7 +43,8 @@ describe("luarocks package", function()
       local done = false
       local handle = uv.spawn(bin, {
         args = { "run", work .. "/examples/quickstart.lua" },
-        env = { "PATH=" .. os.getenv("PATH"), "MOONPOST_LISTEN=127.0.0.1:" .. port, "MOONPOST_MAILDIR=" .. mail },
+        env = { "PATH=" .. os.getenv("PATH"), "MOONPOST_LISTEN=127.0.0.1:" .. port, "MOONPOST_MAILDIR=" .. mail,
+          "MOONPOST_SPOOL=" .. tree .. "/spool" },
         cwd = "/",
       }, function() done = true end)
       local sched = require "moonpost.runtime.sched"
@@ -56,6 +57,7 @@ describe("luarocks package", function()
       assert.is_true(ok, "installed moonpost did not start")
       code, out = H.exec("swaks", { "--server", "127.0.0.1:" .. port, "--to", "rock@example.com",
         "--from", "a@b.c" }, { timeout = 30 })
+      H.wait_for(function() return #H.ls(mail .. "/rock/new") == 1 end)
       handle:kill("sigterm")
       while not done do sched.sleep(0.05) end
       handle:close()

@@ -1,0 +1,225 @@
+-- The delivery queue: takes messages from the spool to a transport and
+-- records the outcome per recipient.
+--
+--   local q = queue.new(mta, spool, { concurrency = 20, retry = { 30, 60, 300 }, max_age = 432000 })
+--   q:set_transport(fn)   -- fn(env, body, rcpts) -> { [i] = { status = ..., text = ... } }
+--   q:add(m)              -- a spool entry, due at m.next
+--   q:start(), q:stop()
+--
+-- A transport gets the envelope (env.from, env.rcpt[i].a, ...), the stored
+-- message and the recipients still to do ({ index, address, local, domain }),
+-- and returns a result per recipient index: status "delivered", "deferred"
+-- or "bounced", with the reply text. A transport that raises defers every
+-- recipient. Outcomes raise delivery_delivered / delivery_deferred /
+-- delivery_bounced (informational events). A message whose recipients are
+-- all final is done; one older than max_age is expired (its remaining
+-- recipients bounce with 4.4.7).
+local sched = require "moonpost.runtime.sched"
+local log = require "moonpost.runtime.log"
+local ids = require "moonpost.runtime.ids"
+
+local floor, min, max = math.floor, math.min, math.max
+
+local _M = { _VERSION = "0.1" }
+
+local Queue = {}
+local mt = { __index = Queue }
+
+-- ---- a min-heap of entries by .next ------------------------------------------------
+
+local function heap_push(h, m)
+  local n = #h + 1
+  h[n] = m
+  while n > 1 do
+    local p = floor(n / 2)
+    if h[p].next <= m.next then break end
+    h[n], h[p] = h[p], m
+    n = p
+  end
+end
+
+local function heap_pop(h)
+  local top = h[1]
+  local n = #h
+  local last = h[n]
+  h[n] = nil
+  n = n - 1
+  if n > 0 then
+    local i = 1
+    h[1] = last
+    while true do
+      local l, r = 2 * i, 2 * i + 1
+      local s = i
+      if l <= n and h[l].next < h[s].next then s = l end
+      if r <= n and h[r].next < h[s].next then s = r end
+      if s == i then break end
+      h[i], h[s] = h[s], h[i]
+      i = s
+    end
+  end
+  return top
+end
+
+-- ---- queue ------------------------------------------------------------------------------
+
+function _M.new(mta, spool, opts)
+  opts = opts or {}
+  return setmetatable({
+    mta = mta,
+    spool = spool,
+    concurrency = opts.concurrency or 20,
+    retry = opts.retry or { 30, 60, 300, 900, 1800 },
+    max_age = opts.max_age or 5 * 86400,
+    heap = {},
+    running = 0,
+    stopped = true,
+    transport = nil,
+    stats = { delivered = 0, deferred = 0, bounced = 0, attempts = 0 },
+  }, mt)
+end
+
+function Queue:set_transport(fn)
+  self.transport = fn
+end
+
+function Queue:add(m)
+  heap_push(self.heap, m)
+  local w = self.waiter
+  if w then
+    self.waiter = nil
+    sched.wake(w, true)
+  end
+end
+
+local function split(address)
+  local l, d = address:match("^(.*)@([^@]*)$")
+  if not l then return address, "" end
+  return l, d
+end
+
+local function retry_after(self, attempts)
+  local r = self.retry
+  return r[min(attempts, #r)]
+end
+
+local function deliver(self, m)
+  local spool, bus = self.spool, self.mta.bus
+  local env, body = spool:read(m)
+  local now = os.time()
+  if not env then
+    log.error("queue: %s: %s", ids.hex(m.id), tostring(body))
+    m.next = now + 60
+    return self:add(m)
+  end
+  local rcpts = {}
+  for i, r in ipairs(env.rcpt) do
+    if not r.done then
+      local l, d = split(r.a)
+      rcpts[#rcpts + 1] = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o }
+    end
+  end
+  m.attempts = (m.attempts or 0) + 1
+  self.stats.attempts = self.stats.attempts + 1
+  local ok, results = xpcall(self.transport, debug.traceback, env, body, rcpts)
+  if not ok then
+    log.error("queue: %s: transport failed: %s", env.id, tostring(results))
+    results = {}
+  end
+  results = results or {}
+  local done, deferred = {}, 0
+  local expired = now - (env.t or now) >= self.max_age
+  for _, r in ipairs(rcpts) do
+    local res = results[r.index] or { status = "deferred", text = "transport gave no result" }
+    if res.status == "deferred" and expired then
+      res = { status = "bounced", text = "4.4.7 message expired: " .. tostring(res.text), expired = true }
+    end
+    if res.status == "delivered" then
+      done[#done + 1] = r.index
+      self.stats.delivered = self.stats.delivered + 1
+      log.info("%s: to=<%s> delivered: %s", env.id, r.address, tostring(res.text))
+      bus:emit("delivery_delivered", env, r, res)
+    elseif res.status == "bounced" then
+      done[#done + 1] = r.index
+      self.stats.bounced = self.stats.bounced + 1
+      log.warn("%s: to=<%s> bounced: %s", env.id, r.address, tostring(res.text))
+      bus:emit("delivery_bounced", env, r, res)
+    else
+      deferred = deferred + 1
+      self.stats.deferred = self.stats.deferred + 1
+      log.info("%s: to=<%s> deferred: %s", env.id, r.address, tostring(res.text))
+      bus:emit("delivery_deferred", env, r, res)
+    end
+  end
+  if deferred == 0 then
+    spool:done(m.id)
+    return
+  end
+  m.next = now + retry_after(self, m.attempts)
+  spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next })
+  if spool:get(m.id) then self:add(m) end
+end
+
+local function dispatcher(self)
+  while not self.stopped do
+    local h = self.heap
+    local now = os.time()
+    while self.running < self.concurrency and h[1] and h[1].next <= now do
+      local m = heap_pop(h)
+      if self.spool:get(m.id) == m then
+        self.running = self.running + 1
+        sched.spawn_named("delivery " .. ids.hex(m.id), function(err)
+          log.error("queue: delivery of %s failed: %s", ids.hex(m.id), tostring(err))
+        end, function()
+          local ok, err = xpcall(deliver, debug.traceback, self, m)
+          self.running = self.running - 1
+          if not ok then
+            log.error("queue: %s: %s", ids.hex(m.id), tostring(err))
+            m.next = os.time() + 60
+            self:add(m)
+          end
+          local w = self.waiter
+          if w then
+            self.waiter = nil
+            sched.wake(w, true)
+          end
+        end)
+      end
+    end
+    local timeout = 1
+    if h[1] and self.running < self.concurrency then
+      timeout = max(0.05, min(1, h[1].next - os.time()))
+    end
+    self.waiter = sched.current()
+    sched.wait(timeout)
+    self.waiter = nil
+  end
+end
+
+function Queue:start()
+  if not self.transport then
+    log.warn("queue: no transport configured: messages stay in the spool")
+    return
+  end
+  if not self.stopped then return end
+  self.stopped = false
+  self.task = sched.spawn_named("queue", function(err)
+    log.error("queue dispatcher failed: %s", tostring(err))
+  end, dispatcher, self)
+end
+
+function Queue:stop()
+  self.stopped = true
+  local w = self.waiter
+  if w then
+    self.waiter = nil
+    sched.wake(w, true)
+  end
+end
+
+function Queue:depth()
+  return #self.heap + self.running
+end
+
+_M.split = split
+
+return _M

@@ -1,0 +1,618 @@
+-- The durable spool: a log of segment files under <dir>/seg/.
+--
+--   local sp, err = spool.open { dir = "/var/spool/moonpost" }
+--   local ok, err, code = sp:store(txn, msg)  -- in a task: returns once on disk
+--   sp:accepting()                           -- false while the disk is full
+--   local m = sp:get(id); local env, body = sp:read(m)
+--   sp:update(id, state)                     -- a state change (attempts, results)
+--   sp:done(id)                              -- finished: reclaimable
+--
+-- Records go to the page cache from the loop (core/spool.c, pwritev straight
+-- from the message buffer). Group commit: at most one fdatasync runs at a
+-- time, in the libuv thread pool; every store() waiting when it starts is
+-- answered when it ends, and the stores that arrive meanwhile form the next
+-- batch. A new segment file is made durable with an fsync of its directory
+-- in the same batch.
+--
+-- Reclamation is oldest-first: a segment is deleted when it and every older
+-- segment hold no live message (a younger segment may hold the state records
+-- of an older one's messages). An old segment that keeps a few live messages
+-- is compacted: the live messages are copied to the head as COPY records
+-- carrying their current state, the copies are synced, and only then is the
+-- old segment deleted. A crash in between leaves both copies; recovery keeps
+-- the later one. Nothing is lost and nothing is delivered twice.
+local uv = require "luv"
+local cjson = require "cjson.safe"
+local core = require "moonpost.core.spool"
+local sched = require "moonpost.runtime.sched"
+local log = require "moonpost.runtime.log"
+local ids = require "moonpost.runtime.ids"
+
+local MSG, STATE, DONE, F_COPY = core.MSG, core.STATE, core.DONE, core.F_COPY
+local format, tonumber, pairs, ipairs, type = string.format, tonumber, pairs, ipairs, type
+local reserve, wake_token, wait = sched.reserve, sched.wake_token, sched.wait
+local encode, decode = cjson.encode, cjson.decode
+
+local _M = { _VERSION = "0.1" }
+
+local Spool = {}
+local mt = { __index = Spool }
+
+local DEFAULTS = {
+  segment_size = 64 * 1048576,
+  compact_ratio = 0.5,     -- compact the oldest segment when live bytes fall below this share
+  min_free = 64 * 1048576, -- refuse new mail (452 4.3.1) below this much free space
+  check_interval = 2,      -- seconds between free-space checks
+}
+
+-- ---- helpers ------------------------------------------------------------------------
+
+local function seg_name(num)
+  return format("%016d.seg", num)
+end
+
+local function mkdir_sync(path)
+  local ok, err, code = uv.fs_mkdir(path, 448)
+  if not ok and code ~= "EEXIST" then return nil, err end
+  uv.fs_chmod(path, 448)
+  return true
+end
+
+local function list_segments(dir)
+  local out = {}
+  local req = uv.fs_scandir(dir)
+  if not req then return out end
+  while true do
+    local name = uv.fs_scandir_next(req)
+    if not name then break end
+    local num = name:match("^(%d+)%.seg$")
+    if num then out[#out + 1] = tonumber(num) end
+  end
+  table.sort(out)
+  return out
+end
+
+-- The envelope written with each message (JSON metadata of its MSG record).
+local function envelope_of(txn)
+  local rcpts = {}
+  for i, r in ipairs(txn.recipients) do
+    rcpts[i] = { a = r.address, n = r.notify, o = r.orcpt }
+  end
+  local conn = txn.conn or {}
+  return {
+    v = 1,
+    from = txn.sender and txn.sender.address or "",
+    rcpt = rcpts,
+    t = txn.received_at or os.time(),
+    tenant = txn.tenant,
+    ret = txn.ret,
+    envid = txn.envid,
+    body = txn.body_type,
+    utf8 = txn.smtputf8 or nil,
+    ip = conn.remote_ip,
+    helo = conn.helo,
+  }
+end
+
+-- ---- open and recover -------------------------------------------------------------------
+
+-- open(opts) -> spool | nil, err. Takes the lock, recovers every segment and
+-- starts a new head segment. Runs before the listeners open; it may block.
+function _M.open(opts)
+  local self = setmetatable({
+    dir = opts.dir:gsub("/+$", ""),
+    msgs = {},        -- id -> message entry
+    nlive = 0,
+    segs = {},        -- num -> segment entry
+    order = {},       -- segment numbers, oldest first
+    head = nil,
+    dirty = {},       -- segments written since the last sync started
+    dir_dirty = false,
+    waiters = {},     -- tasks waiting for the next sync: task, token pairs
+    syncing = false,
+    full = false,
+    stats = { batches = 0, synced = 0, fsyncs = 0, stored = 0, bytes = 0, quarantined = 0,
+      torn = 0, recovered = 0, compactions = 0, deleted = 0 },
+    fault = opts.fault or {},
+  }, mt)
+  for k, v in pairs(DEFAULTS) do
+    self[k] = opts[k] ~= nil and opts[k] or v
+  end
+  local ok, err = mkdir_sync(self.dir)
+  if not ok then return nil, "spool: cannot create " .. self.dir .. ": " .. tostring(err) end
+  local lock, lerr = core.lock(self.dir)
+  if not lock then return nil, lerr end
+  self.lock = lock
+  for _, sub in ipairs({ "seg", "quarantine" }) do
+    ok, err = mkdir_sync(self.dir .. "/" .. sub)
+    if not ok then
+      lock:close()
+      return nil, "spool: cannot create " .. self.dir .. "/" .. sub .. ": " .. tostring(err)
+    end
+  end
+  local t0 = uv.hrtime()
+  ok, err = self:recover()
+  if not ok then
+    self:close()
+    return nil, err
+  end
+  self.stats.recover_seconds = (uv.hrtime() - t0) / 1e9
+  ok, err = self:new_head()
+  if not ok then
+    self:close()
+    return nil, err
+  end
+  self:reclaim()
+  self:check_space()
+  return self
+end
+
+local function quarantine(self, seg, off, len, why)
+  local qname = format("%s/quarantine/%s-%d.bad", self.dir, seg_name(seg.num), off)
+  local data = seg.file:read(off, len) or ""
+  local f = io.open(qname, "wb")
+  if f then
+    f:write(data)
+    f:close()
+    uv.fs_chmod(qname, 384)
+  end
+  local w = io.open(qname:gsub("%.bad$", ".why"), "wb")
+  if w then
+    w:write(format("segment %s offset %d length %d: %s\n", seg_name(seg.num), off, #data, why))
+    w:close()
+  end
+  self.stats.quarantined = self.stats.quarantined + 1
+  log.error("spool: %s offset %d: %d damaged bytes quarantined (%s) as %s", seg_name(seg.num), off,
+    #data, why, qname)
+end
+
+local function apply_state(m, st)
+  if type(st) ~= "table" then return end
+  if type(st.done) == "table" then
+    m.rdone = m.rdone or {}
+    for _, i in ipairs(st.done) do
+      if not m.rdone[i] then
+        m.rdone[i] = true
+        m.pending = m.pending - 1
+      end
+    end
+  end
+  if st.attempts then m.attempts = st.attempts end
+  if st.next then m.next = st.next end
+end
+
+local function add_live(m, seg, off, len)
+  m.seg, m.off, m.len = seg, off, len
+  seg.live = seg.live + 1
+  seg.live_bytes = seg.live_bytes + len
+end
+
+local function drop_live(m)
+  local seg = m.seg
+  seg.live = seg.live - 1
+  seg.live_bytes = seg.live_bytes - m.len
+end
+
+function Spool:recover()
+  local nums = list_segments(self.dir .. "/seg")
+  local max_id = 0
+  local unknown, dups = 0, 0
+  for idx, num in ipairs(nums) do
+    local path = format("%s/seg/%s", self.dir, seg_name(num))
+    local file, err = core.open(path, false)
+    if not file then return nil, "spool: cannot open " .. path .. ": " .. tostring(err) end
+    local seg = { num = num, path = path, file = file, size = file:size(), live = 0, live_bytes = 0 }
+    self.segs[num] = seg
+    self.order[#self.order + 1] = num
+    local sc = file:scan()
+    while true do
+      local kind, a, b, c, d, e, f = sc:next()
+      if kind == nil then break end
+      if kind == "rec" then
+        local off, len, rtype, flags, id, meta = a, b, c, d, e, f
+        if id > max_id then max_id = id end
+        if rtype == MSG then
+          local env = decode(meta)
+          local m = self.msgs[id]
+          if not env then
+            quarantine(self, seg, off, len, "unreadable envelope")
+          elseif m and flags % 2 == 1 then
+            -- a compaction copy supersedes the older copy of the message
+            drop_live(m)
+            add_live(m, seg, off, len)
+            m.pending, m.rdone = #env.rcpt, nil
+            apply_state(m, env.state)
+          elseif m then
+            dups = dups + 1
+            log.warn("spool: %s offset %d: duplicate message id %s ignored", seg_name(num), off, ids.hex(id))
+          else
+            m = { id = id, pending = #env.rcpt, attempts = 0, next = 0, t = env.t }
+            add_live(m, seg, off, len)
+            apply_state(m, env.state)
+            self.msgs[id] = m
+            self.nlive = self.nlive + 1
+          end
+        elseif rtype == STATE then
+          local m = self.msgs[id]
+          if m then apply_state(m, decode(meta)) else unknown = unknown + 1 end
+        elseif rtype == DONE then
+          local m = self.msgs[id]
+          if m then
+            drop_live(m)
+            self.msgs[id] = nil
+            self.nlive = self.nlive - 1
+          else
+            unknown = unknown + 1
+          end
+        end
+      elseif kind == "corrupt" then
+        quarantine(self, seg, a, b, c)
+      elseif kind == "torn" then
+        local off, why = a, b
+        local size = file:size()
+        if idx < #nums then
+          -- damage at the end of an older segment: keep it for inspection
+          quarantine(self, seg, off, size - off, why)
+        else
+          self.stats.torn = self.stats.torn + 1
+          log.warn("spool: %s: torn tail at offset %d (%s): %d bytes truncated", seg_name(num), off, why,
+            size - off)
+        end
+        local ok, terr = file:truncate(off)
+        if not ok then return nil, "spool: cannot truncate " .. path .. ": " .. tostring(terr) end
+        break
+      else
+        return nil, format("spool: cannot read %s: %s", path, tostring(a))
+      end
+    end
+    seg.size = file:size()
+  end
+  -- messages whose every recipient is final but whose DONE record was lost
+  for id, m in pairs(self.msgs) do
+    if m.pending <= 0 then
+      drop_live(m)
+      self.msgs[id] = nil
+      self.nlive = self.nlive - 1
+    end
+  end
+  ids.bump(max_id)
+  self.stats.recovered = self.nlive
+  if unknown > 0 or dups > 0 then
+    log.info("spool: %d state records for finished messages, %d duplicates ignored", unknown, dups)
+  end
+  log.info("spool: %s: %d segments, %d messages queued", self.dir, #nums, self.nlive)
+  return true
+end
+
+function Spool:new_head()
+  local num = (self.order[#self.order] or 0) + 1
+  local path = format("%s/seg/%s", self.dir, seg_name(num))
+  local file, err, code = core.open(path, true)
+  if not file then return nil, "spool: cannot create " .. path .. ": " .. tostring(err), code end
+  local seg = { num = num, path = path, file = file, size = 0, live = 0, live_bytes = 0 }
+  self.segs[num] = seg
+  self.order[#self.order + 1] = num
+  self.head = seg
+  self.dir_dirty = true
+  return seg
+end
+
+-- ---- writing -------------------------------------------------------------------------------
+
+local function set_full(self, code)
+  if not self.full then
+    log.error("spool: %s: %s; refusing new mail until space returns", self.dir, code or "write failed")
+  end
+  self.full = code or true
+end
+
+local function append(self, rtype, flags, id, meta, body)
+  local seg = self.head
+  if seg.size >= self.segment_size then
+    local nseg, err, code = self:new_head()
+    if not nseg then return nil, err, code end
+    seg = nseg
+  end
+  local off, len, code = seg.file:append(rtype, flags, id, meta, body)
+  if not off then
+    if len and (code == "ENOSPC" or code == "EDQUOT" or code == "EIO" or code == "EFBIG") then
+      set_full(self, code)
+    end
+    return nil, len, code
+  end
+  seg.size = off + len
+  self.dirty[seg] = true
+  self.stats.bytes = self.stats.bytes + len
+  return seg, off, len
+end
+
+local function start_sync(self)
+  local batch = self.waiters
+  self.waiters = {}
+  self.syncing = true
+  local segs = {}
+  for seg in pairs(self.dirty) do segs[#segs + 1] = seg end
+  self.dirty = {}
+  local dir_fd
+  if self.dir_dirty then
+    self.dir_dirty = false
+    dir_fd = uv.fs_open(self.dir .. "/seg", "r", 0)
+  end
+  local pending = #segs + (dir_fd and 1 or 0)
+  local failure
+  local function finish()
+    self.syncing = false
+    self.stats.batches = self.stats.batches + 1
+    self.stats.synced = self.stats.synced + #batch / 2
+    for i = 1, #batch, 2 do
+      wake_token(batch[i], batch[i + 1], not failure and true or nil, failure)
+    end
+    if #self.waiters > 0 then start_sync(self) end
+  end
+  if pending == 0 then return finish() end
+  local function one_done(err)
+    pending = pending - 1
+    if err then failure = failure or err end
+    if pending == 0 then finish() end
+  end
+  for _, seg in ipairs(segs) do
+    self.stats.fsyncs = self.stats.fsyncs + 1
+    uv.fs_fdatasync(seg.file:fd(), function(err) one_done(err) end)
+  end
+  if dir_fd then
+    self.stats.fsyncs = self.stats.fsyncs + 1
+    uv.fs_fsync(dir_fd, function(err)
+      uv.fs_close(dir_fd)
+      one_done(err)
+    end)
+  end
+end
+
+-- sync() waits until everything written so far is on disk.
+function Spool:sync()
+  local task, token = reserve()
+  local w = self.waiters
+  w[#w + 1] = task
+  w[#w + 1] = token
+  if not self.syncing then start_sync(self) end
+  return wait()
+end
+
+-- store(txn, msg) -> true | nil, err, code. In a task; returns when the
+-- message is durable. txn.id names the message.
+function Spool:store(txn, msg)
+  local id = tonumber(txn.id, 16)
+  local meta = encode(envelope_of(txn))
+  local seg, off, len = append(self, MSG, 0, id, meta, msg)
+  if not seg then return nil, off, len end
+  seg.live = seg.live + 1
+  seg.live_bytes = seg.live_bytes + len
+  local ok, err = self:sync()
+  if not ok then
+    -- Not acknowledged: make sure it is not delivered either.
+    seg.live = seg.live - 1
+    seg.live_bytes = seg.live_bytes - len
+    append(self, DONE, 0, id, "")
+    log.error("spool: sync failed for %s: %s", txn.id, tostring(err))
+    return nil, "sync: " .. tostring(err), err and err:match("^(%u+)")
+  end
+  if self.full then self.full = false end
+  local m = { id = id, pending = #txn.recipients, attempts = 0, next = 0, t = txn.received_at or os.time(),
+    seg = seg, off = off, len = len }
+  self.msgs[id] = m
+  self.nlive = self.nlive + 1
+  self.stats.stored = self.stats.stored + 1
+  if self.on_stored then self.on_stored(m) end
+  return true
+end
+
+function Spool:accepting()
+  return not self.full
+end
+
+function Spool:get(id)
+  return self.msgs[id]
+end
+
+function Spool:count()
+  return self.nlive
+end
+
+-- each(fn): call fn(m) for every live message.
+function Spool:each(fn)
+  for _, m in pairs(self.msgs) do fn(m) end
+end
+
+-- read(m) -> envelope, body | nil, err. In a task (reads in the thread pool).
+function Spool:read(m) -- luacheck: ignore self
+  local task, token = reserve()
+  local req, rerr = uv.fs_read(m.seg.file:fd(), m.len, m.off, function(err, data)
+    wake_token(task, token, err, data)
+  end)
+  if not req then
+    task.reserved = nil
+    return nil, rerr
+  end
+  local err, data = wait()
+  if err then return nil, err end
+  local rtype, _, id, meta, body = core.decode(data)
+  if not rtype then return nil, "spool: record of " .. ids.hex(m.id) .. ": " .. tostring(_) end
+  if id ~= m.id or rtype ~= MSG then return nil, "spool: record mismatch for " .. ids.hex(m.id) end
+  local env = decode(meta)
+  if not env then return nil, "spool: unreadable envelope of " .. ids.hex(m.id) end
+  env.id = ids.hex(id)
+  if m.rdone then
+    for i, r in ipairs(env.rcpt) do r.done = m.rdone[i] or nil end
+  end
+  return env, body
+end
+
+-- update(id, state): record a state change. state.done lists recipient
+-- indexes that are final; attempts and next are kept as given. Written to
+-- the page cache now and synced with the next batch.
+function Spool:update(id, state)
+  local m = self.msgs[id]
+  if not m then return nil, "unknown message" end
+  apply_state(m, state)
+  local seg, err, code = append(self, STATE, 0, id, encode(state))
+  if not seg then
+    log.error("spool: cannot record the state of %s: %s", ids.hex(id), tostring(err))
+    return nil, err, code
+  end
+  return true
+end
+
+-- done(id): the message is finished (delivered, bounced or expired).
+function Spool:done(id)
+  local m = self.msgs[id]
+  if not m then return nil, "unknown message" end
+  local seg, err = append(self, DONE, 0, id, "")
+  if not seg then
+    -- Keep it out of the queue; the DONE is written again when space returns.
+    self.pending_done = self.pending_done or {}
+    self.pending_done[id] = true
+    log.error("spool: cannot record %s as done: %s", ids.hex(id), tostring(err))
+  end
+  drop_live(m)
+  self.msgs[id] = nil
+  self.nlive = self.nlive - 1
+  if not self.reclaim_scheduled then
+    self.reclaim_scheduled = true
+    sched.spawn(function()
+      sched.yield()
+      self.reclaim_scheduled = false
+      self:reclaim()
+    end)
+  end
+  return true
+end
+
+-- ---- reclamation -------------------------------------------------------------------------------
+
+local function delete_segment(self, seg)
+  seg.file:close()
+  uv.fs_unlink(seg.path)
+  self.segs[seg.num] = nil
+  table.remove(self.order, 1)
+  self.dir_dirty = true
+  self.stats.deleted = self.stats.deleted + 1
+  log.debug("spool: deleted %s", seg_name(seg.num))
+end
+
+-- reclaim(): delete empty segments from the oldest; compact the oldest one
+-- when it holds little live data.
+function Spool:reclaim()
+  while #self.order > 1 do
+    local seg = self.segs[self.order[1]]
+    if seg == self.head or seg.live > 0 then break end
+    delete_segment(self, seg)
+  end
+  local oldest = self.segs[self.order[1]]
+  if oldest and oldest ~= self.head and not self.compacting and oldest.live > 0
+    and oldest.live_bytes <= self.compact_ratio * math.max(oldest.size, 1) then
+    self.compacting = true
+    sched.spawn_named("spool compaction", function(err)
+      self.compacting = false
+      log.error("spool: compaction failed: %s", tostring(err))
+    end, function()
+      self:compact(oldest)
+      self.compacting = false
+      self:reclaim()
+    end)
+  end
+end
+
+-- compact(seg): copy its live messages to the head with their current
+-- state, sync, then delete it.
+function Spool:compact(seg)
+  local live = {}
+  for _, m in pairs(self.msgs) do
+    if m.seg == seg then live[#live + 1] = m end
+  end
+  table.sort(live, function(a, b) return a.off < b.off end)
+  log.info("spool: compacting %s: %d live messages, %d of %d bytes", seg_name(seg.num), #live,
+    seg.live_bytes, seg.size)
+  for i, m in ipairs(live) do
+    if self.fault.compaction_pause and i == math.floor(#live / 2) + 1 then
+      log.warn("spool: compaction paused for %gs (fault injection)", self.fault.compaction_pause)
+      sched.sleep(self.fault.compaction_pause)
+    end
+    local raw, err = seg.file:read(m.off, m.len)
+    local rtype, _, id, meta, body = core.decode(raw or "")
+    if not rtype then
+      return log.error("spool: compaction of %s stopped at %s: %s", seg_name(seg.num), ids.hex(m.id),
+        tostring(err or _))
+    end
+    -- Still live? (It may have been delivered while we worked.)
+    if self.msgs[id] == m and m.seg == seg then
+      local env = decode(meta)
+      local done = {}
+      for k in pairs(m.rdone or {}) do done[#done + 1] = k end
+      table.sort(done)
+      env.state = { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next }
+      local nseg, off, len = append(self, MSG, F_COPY, id, encode(env), body)
+      if not nseg then
+        return log.error("spool: compaction of %s stopped: %s", seg_name(seg.num), tostring(off))
+      end
+      drop_live(m)
+      add_live(m, nseg, off, len)
+    end
+  end
+  local ok, err = self:sync()
+  if not ok then return log.error("spool: compaction sync failed: %s", tostring(err)) end
+  if seg.live == 0 then
+    self.stats.compactions = self.stats.compactions + 1
+    log.info("spool: compacted %s", seg_name(seg.num))
+  end
+end
+
+-- ---- free space ---------------------------------------------------------------------------------
+
+function Spool:free_bytes()
+  local st = uv.fs_statfs(self.dir)
+  if not st then return nil end
+  return st.bavail * st.bsize
+end
+
+-- Check free space now and every check_interval seconds.
+function Spool:check_space()
+  local function check()
+    local free = self:free_bytes()
+    if free and free < self.min_free then
+      set_full(self, "low disk space")
+    elseif free and self.full then
+      log.info("spool: %s: space is back (%d bytes free); accepting mail", self.dir, free)
+      self.full = false
+      if self.pending_done then
+        local pend = self.pending_done
+        self.pending_done = nil
+        for id in pairs(pend) do append(self, DONE, 0, id, "") end
+      end
+    end
+  end
+  check()
+  if not self.space_timer then
+    self.space_timer = uv.new_timer()
+    self.space_timer:unref()
+    self.space_timer:start(self.check_interval * 1000, self.check_interval * 1000,
+      sched.callback(check, "spool space check"))
+  end
+end
+
+function Spool:close()
+  if self.space_timer then
+    self.space_timer:close()
+    self.space_timer = nil
+  end
+  for _, seg in pairs(self.segs) do seg.file:close() end
+  self.segs = {}
+  if self.lock then
+    self.lock:close()
+    self.lock = nil
+  end
+end
+
+_M.envelope_of = envelope_of
+_M.seg_name = seg_name
+
+return _M
