@@ -217,6 +217,8 @@ static void body_add(mp_smtp_in *p, const char *s, size_t n)
 {
     if (n == 0 || (p->body_flags & (MP_MSG_TOO_BIG | MP_MSG_NOMEM))) return;
     if (p->lim.max_size && p->body.len + n > p->lim.max_size) {
+        /* Keep exactly max_size octets, whatever the chunking of the input. */
+        if (mp_body_append(&p->body, s, p->lim.max_size - p->body.len) != 0) p->body_flags |= MP_MSG_NOMEM;
         p->body_flags |= MP_MSG_TOO_BIG;
         return;
     }
