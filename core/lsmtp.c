@@ -188,7 +188,7 @@ static int m___tostring(lua_State *L)
 {
     lmessage *m = luaL_checkudata(L, 1, MESSAGE_MT);
     if (m->closed) lua_pushliteral(L, "smtp.message (closed)");
-    else lua_pushfstring(L, "smtp.message (%d bytes)", (int)m->body.len);
+    else lua_pushfstring(L, "smtp.message (%f bytes)", (lua_Number)m->body.len);
     return 1;
 }
 
@@ -216,7 +216,9 @@ static size_t optsize(lua_State *L, int t, const char *field, size_t def)
     if (!lua_isnumber(L, -1)) luaL_error(L, "limit '%s' must be a number", field);
     v = lua_tonumber(L, -1);
     lua_pop(L, 1);
-    if (v < 0 || v != v) luaL_error(L, "limit '%s' must not be negative", field);
+    /* integers up to 2^53: anything else would not convert exactly */
+    if (!(v >= 0 && v <= 9007199254740992.0) || v != (lua_Number)(uint64_t)v)
+        luaL_error(L, "limit '%s' must be an integer from 0 to 2^53", field);
     return (size_t)v;
 }
 
@@ -354,6 +356,13 @@ static int p_take(lua_State *L)
 static int p_buffered(lua_State *L)
 {
     lua_pushnumber(L, (lua_Number)mp_in_buffered(checkparser(L, 1)->p));
+    return 1;
+}
+
+/* capacity(): bytes allocated for unconsumed input (for tests and metrics) */
+static int p_capacity(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)mp_in_capacity(checkparser(L, 1)->p));
     return 1;
 }
 
@@ -628,6 +637,7 @@ static const luaL_Reg parser_methods[] = {
     {"take", p_take},
     {"buffered", p_buffered},
     {"body_size", p_body_size},
+    {"capacity", p_capacity},
     {"mode", p_mode},
     {"set_limits", p_set_limits},
     {"close", p_close},

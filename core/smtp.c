@@ -123,6 +123,7 @@ void mp_in_free(mp_smtp_in *p)
 void mp_in_set_limits(mp_smtp_in *p, const mp_in_limits *limits) { p->lim = *limits; }
 const mp_in_limits *mp_in_get_limits(const mp_smtp_in *p) { return &p->lim; }
 size_t mp_in_buffered(const mp_smtp_in *p) { return p->len - p->off; }
+size_t mp_in_capacity(const mp_smtp_in *p) { return p->cap; }
 size_t mp_in_body_size(const mp_smtp_in *p) { return p->body.len; }
 int mp_in_mode(const mp_smtp_in *p) { return p->mode; }
 
@@ -217,8 +218,11 @@ static void body_add(mp_smtp_in *p, const char *s, size_t n)
 {
     if (n == 0 || (p->body_flags & (MP_MSG_TOO_BIG | MP_MSG_NOMEM))) return;
     if (p->lim.max_size && p->body.len + n > p->lim.max_size) {
-        /* Keep exactly max_size octets, whatever the chunking of the input. */
-        if (mp_body_append(&p->body, s, p->lim.max_size - p->body.len) != 0) p->body_flags |= MP_MSG_NOMEM;
+        /* Keep exactly max_size octets, whatever the chunking of the input
+         * (none if the limit was lowered below what is already stored). */
+        if (p->body.len < p->lim.max_size &&
+            mp_body_append(&p->body, s, p->lim.max_size - p->body.len) != 0)
+            p->body_flags |= MP_MSG_NOMEM;
         p->body_flags |= MP_MSG_TOO_BIG;
         return;
     }
@@ -257,9 +261,10 @@ static int data_next(mp_smtp_in *p, mp_in_ev *ev)
                         return MP_EV_DATA_END;
                     }
                 }
-                /* Transparency (RFC 5321 4.5.2): drop the leading dot. */
+                /* Transparency (RFC 5321 4.5.2): drop the leading dot. The
+                 * text line limit (4.5.3.1.6) does not count it. */
                 p->off += 1;
-                p->cur_line = 1;
+                p->cur_line = 0;
                 p->bol = 0;
                 continue;
             }
@@ -482,7 +487,22 @@ static int line_next(mp_smtp_in *p, mp_in_ev *ev)
     return MP_EV_CMD;
 }
 
+static int in_next(mp_smtp_in *p, mp_in_ev *ev);
+
 int mp_in_next(mp_smtp_in *p, mp_in_ev *ev)
+{
+    int t = in_next(p, ev);
+    /* Everything consumed: do not let one large burst pin a big buffer for
+     * the rest of a long, idle session. */
+    if (t == MP_EV_NONE && p->off == p->len && p->cap > 65536) {
+        free(p->buf);
+        p->buf = NULL;
+        p->cap = p->off = p->len = 0;
+    }
+    return t;
+}
+
+static int in_next(mp_smtp_in *p, mp_in_ev *ev)
 {
     memset(ev, 0, sizeof *ev);
     /* No input buffer at all (never pushed, or freed by discard): only an

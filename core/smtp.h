@@ -125,6 +125,7 @@ void mp_in_reset_body(mp_smtp_in *p);
 /* Move the current body out; p starts a fresh one. Returns the MP_MSG_* flags. */
 unsigned mp_in_take_body(mp_smtp_in *p, mp_body *out);
 size_t mp_in_buffered(const mp_smtp_in *p);
+size_t mp_in_capacity(const mp_smtp_in *p);   /* bytes allocated for input */
 size_t mp_in_body_size(const mp_smtp_in *p);   /* octets received for the body so far */
 int mp_in_mode(const mp_smtp_in *p);
 void mp_in_set_limits(mp_smtp_in *p, const mp_in_limits *limits);

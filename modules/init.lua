@@ -46,7 +46,8 @@ _M.EVENTS = {
   delivery_bounced = true,
 }
 
-local instances = setmetatable({}, { __mode = "v" })
+-- Every MTA the policy made (the launcher runs one the policy did not).
+local instances = {}
 _M.instances = instances
 
 local MTA = {}
@@ -220,8 +221,15 @@ end
 -- stop([grace]): stop accepting; sessions get `grace` seconds to finish,
 -- then are closed. Calls done() when nothing is left.
 function MTA:stop(grace, done)
-  if self.stopping then return end
+  if self.stopping then
+    -- already stopping: call done when that finishes
+    if done then
+      if self.stopped then done() else self.stop_waiters[#self.stop_waiters + 1] = done end
+    end
+    return
+  end
   self.stopping = true
+  self.stop_waiters = { done }
   grace = grace or self.opts.stop_grace
   for _, l in ipairs(self.listeners) do l:close() end
   if self.queue then self.queue:stop() end
@@ -230,7 +238,8 @@ function MTA:stop(grace, done)
     self.listeners = {}
     self.started = false
     self:close_spool()
-    if done then done() end
+    self.stopped = true
+    for _, fn in ipairs(self.stop_waiters) do fn() end
   end
   local function busy()
     return self:sessions() > 0 or (self.queue and self.queue.running > 0)

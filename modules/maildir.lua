@@ -35,7 +35,12 @@ function _M.folder_name(localpart)
   s = gsub(s, "[%z\1-\31/\127\\]", "_")
   s = gsub(s, "^%.", "_")
   if s == "" then s = "_" end
-  if #s > 200 then s = s:sub(1, 200) end
+  if #s > 200 then
+    -- cut on a UTF-8 character boundary
+    local cut = 200
+    while cut > 0 and s:byte(cut + 1) and s:byte(cut + 1) >= 0x80 and s:byte(cut + 1) < 0xC0 do cut = cut - 1 end
+    s = s:sub(1, cut)
+  end
   return s
 end
 
@@ -130,16 +135,21 @@ function _M.deliver(opts)
       return hooks.tempfail(451, "4.3.0", "Local delivery failed, try again later")
     end
     local dirs = {}
-    for _, f in ipairs(files) do
+    for i, f in ipairs(files) do
       local ok, err = fs.rename(f.tmp, f.new)
       if not ok then
+        -- Earlier copies are delivered; remove the rest and let the client retry.
+        for k = i, #files do fs.unlink(files[k].tmp) end
         log.error("%s: maildir rename failed: %s", txn.id, tostring(err))
         return hooks.tempfail(451, "4.3.0", "Local delivery failed, try again later")
       end
       dirs[f.dir] = true
     end
     if o.fsync then
-      for dir in pairs(dirs) do fs.fsync_dir(dir .. "/new") end
+      for dir in pairs(dirs) do
+        local ok, err = fs.fsync_dir(dir .. "/new")
+        if not ok then log.error("%s: maildir fsync of %s/new: %s", txn.id, dir, tostring(err)) end
+      end
     end
     txn.notes.maildir = files
     return nil
@@ -161,7 +171,10 @@ function _M.deliver(opts)
         else
           ok = false
         end
-        if ok and o.fsync then fs.fsync_dir(dir .. "/new") end
+        if ok and o.fsync then
+          local sok, serr = fs.fsync_dir(dir .. "/new")
+          if not sok then ok, err = false, serr end
+        end
         r = ok and { status = "delivered", text = "2.0.0 delivered to maildir " .. dir }
           or { status = "deferred", text = "4.3.0 maildir " .. dir .. ": " .. tostring(err) }
         by_dir[dir] = r

@@ -23,7 +23,6 @@ policy script.]],
 dependencies = {
   "lua >= 5.1",
   "luv >= 1.30",
-  "lpeg >= 1.0",
   "lua-cjson >= 2.1",
 }
 build = {

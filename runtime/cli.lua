@@ -15,6 +15,7 @@ local _M = {}
 local USAGE = [[
 usage: moonpost run POLICY.lua [args...]   run a policy
        moonpost check POLICY.lua           load and validate a policy, start nothing
+       moonpost spool list DIR [--json]    list the messages queued in a spool
        moonpost version
 ]]
 
@@ -33,7 +34,8 @@ local function load_policy(path, args)
   if not chunk then return nil, err end
   _G.arg = { [0] = path }
   for i, a in ipairs(args) do _G.arg[i] = a end
-  local traceback = os.getenv("MOONPOST_TRACEBACK") and debug.traceback or function(e) return e end
+  local tb = os.getenv("MOONPOST_TRACEBACK")
+  local traceback = (tb and tb ~= "" and tb ~= "0") and debug.traceback or function(e) return e end
   local ok, perr = xpcall(chunk, traceback, unpack(args))
   if not ok then return nil, tostring(perr) end
   return true
@@ -46,6 +48,7 @@ function _M.main(argv)
     io.stdout:write("moonpost ", moonpost._VERSION, " (", jit and jit.version or _VERSION, ")\n")
     return 0
   end
+  if cmd == "spool" then return _M.spool(argv) end
   if cmd ~= "run" and cmd ~= "check" then
     io.stderr:write(USAGE)
     return 2
@@ -75,6 +78,50 @@ function _M.main(argv)
       break
     end
   end
+  return 0
+end
+
+-- moonpost spool list DIR [--json]: what is queued, read from the segment
+-- files (works while a server runs on that spool).
+function _M.spool(argv)
+  local sub, dir, flag = argv[2], argv[3], argv[4]
+  if sub ~= "list" or not dir or (flag and flag ~= "--json") then
+    io.stderr:write(USAGE)
+    return 2
+  end
+  local log = require "moonpost.runtime.log"
+  log.set_level("warn")
+  local spool = require "moonpost.runtime.spool"
+  local ids = require "moonpost.runtime.ids"
+  local sp, err = spool.open({ dir = dir, readonly = true })
+  if not sp then return die(1, "%s", err) end
+  local list = {}
+  sp:each(function(m) list[#list + 1] = m end)
+  table.sort(list, function(a, b) return a.id < b.id end)
+  local now = os.time()
+  if flag == "--json" then
+    local cjson = require "cjson"
+    local out = {}
+    for i, m in ipairs(list) do
+      local pending = {}
+      for k, r in ipairs(m.env.rcpt) do
+        if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = r.a end
+      end
+      out[i] = { id = ids.hex(m.id), received = m.env.t, size = m.len, from = m.env.from,
+        pending = pending, attempts = m.attempts, next_attempt = m.next, tenant = m.env.tenant }
+    end
+    io.stdout:write(cjson.encode({ queued = #list, messages = out }), "\n")
+    return 0
+  end
+  for _, m in ipairs(list) do
+    local pending = {}
+    for k, r in ipairs(m.env.rcpt) do
+      if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = "<" .. r.a .. ">" end
+    end
+    io.stdout:write(string.format("%s  %6ds  %8d  <%s>  %s  attempts=%d\n", ids.hex(m.id),
+      now - (m.env.t or now), m.len, m.env.from, table.concat(pending, " "), m.attempts or 0))
+  end
+  io.stdout:write(string.format("%d queued\n", #list))
   return 0
 end
 

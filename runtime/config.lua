@@ -202,6 +202,15 @@ function _M.parse_address(s, default_host)
   port = tonumber(port)
   if port > 65535 then return nil, "port out of range in " .. show(s) end
   if host == "" then host = default_host or "0.0.0.0" end
+  -- Listeners bind addresses, not names (no DNS at start-up).
+  local v4 = { host:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$") }
+  if #v4 == 4 then
+    for _, o in ipairs(v4) do
+      if tonumber(o) > 255 then return nil, "bad IPv4 address in " .. show(s) end
+    end
+  elseif not host:find(":", 1, true) then
+    return nil, "expected an IP address, not a host name, in " .. show(s)
+  end
   return host, port
 end
 

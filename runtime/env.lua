@@ -1,5 +1,5 @@
 -- The MOONPOST_* environment, read once, with the defaults that every shipped
--- example uses (../docs/configuration.md#environment). Examples read their
+-- example uses (docs/cli.md#environment). Examples read their
 -- addresses and paths from here so one file runs on a laptop, in CI and in a
 -- container:
 --

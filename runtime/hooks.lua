@@ -57,6 +57,8 @@ local function make(kind, code, enhanced, text)
   if type(text) ~= "string" then
     config.raise(format("moonpost.%s: text must be a string, got %s", kind, type(text)))
   end
+  -- "\n" makes a multi-line reply; a CR or NUL must never reach the wire
+  text = text:gsub("[\r%z]", " ")
   return setmetatable({ kind = kind, code = code, enhanced = enhanced or nil, text = text }, verdict_mt)
 end
 

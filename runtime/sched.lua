@@ -13,7 +13,8 @@
 -- Every task body runs under xpcall: an error ends that task only, with its
 -- traceback logged (or handed to task.on_error). Wakes that come from inside
 -- a task are deferred to the loop so that no task ever resumes another
--- re-entrantly.
+-- re-entrantly; spawn() runs the new task at once, up to its first wait,
+-- like a function call.
 local uv = require "luv"
 local log = require "moonpost.runtime.log"
 
@@ -90,8 +91,12 @@ end
 
 local function wheel_tick()
   local now_slot = floor(now_ms() / TICK)
-  local s = last_slot or now_slot
-  while s <= now_slot do
+  last_slot = last_slot or now_slot
+  -- last_slot moves past a slot before its tasks run, so a task that waits
+  -- again from here is filed in a slot still to come.
+  while last_slot <= now_slot do
+    local s = last_slot
+    last_slot = s + 1
     local b = buckets[s]
     if b then
       buckets[s] = nil
@@ -104,9 +109,7 @@ local function wheel_tick()
         end
       end
     end
-    s = s + 1
   end
-  last_slot = now_slot + 1
   if armed <= 0 then
     armed = 0
     wheel_timer:stop()
@@ -121,6 +124,9 @@ local function wheel_add(task, token, timeout)
     handles[wheel_timer] = true
   end
   local slot = ceil((now_ms() + timeout * 1000) / TICK)
+  -- A slot the wheel has already passed would never fire (timeout <= 0,
+  -- or a wait filed from inside a tick): use the next one it will process.
+  if last_slot and slot < last_slot then slot = last_slot end
   local b = buckets[slot]
   if not b then
     b = {}
@@ -208,7 +214,14 @@ function _M.wait(timeout)
     token = token_seq
   end
   task.waiting = token
-  if timeout then wheel_add(task, token, timeout) end
+  if timeout then
+    if timeout <= 0 then
+      -- a poll: give others a turn, then time out (unless woken first)
+      defer(task, nil, "timeout")
+    else
+      wheel_add(task, token, timeout)
+    end
+  end
   return co_yield()
 end
 

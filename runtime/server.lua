@@ -35,6 +35,7 @@ local session_mt = { __index = Session }
 local function reply(self, code, enhanced, text)
   local out = self.out
   local n = self.nout
+  if not self.ext.enhancedstatuscodes then enhanced = nil end
   if not find(text, "\n", 1, true) then
     if enhanced then
       out[n + 1] = format("%d %s %s\r\n", code, enhanced, text)
@@ -57,6 +58,11 @@ local function reply(self, code, enhanced, text)
   self.last_code = code
 end
 
+local function closing(self, why)
+  self.quit = true
+  if not self.close_reason then self.close_reason = why end
+end
+
 local function flush(self, timeout)
   local n = self.nout
   if n == 0 then return true end
@@ -64,10 +70,7 @@ local function flush(self, timeout)
   for i = 1, n do self.out[i] = nil end
   self.nout = 0
   local ok, err = self.stream:send(data, timeout or self.opts.timeouts.send)
-  if not ok then
-    self.quit = true
-    self.close_reason = "send failed: " .. tostring(err)
-  end
+  if not ok then closing(self, "send failed: " .. tostring(err)) end
   return ok
 end
 
@@ -76,19 +79,14 @@ local function error_reply(self, code, enhanced, text)
   self.errors = self.errors + 1
   if self.errors >= self.opts.max_errors then
     reply(self, 421, "4.7.0", self.hostname .. " Error: too many errors")
-    self.quit = true
-    self.close_reason = "too many errors"
-    return
+    return closing(self, "too many errors")
   end
   reply(self, code, enhanced, text)
 end
 
 local function verdict_reply(self, v)
   reply(self, v.code, v.enhanced, v.text)
-  if v.code == 421 then
-    self.quit = true
-    self.close_reason = "policy 421"
-  end
+  if v.code == 421 then closing(self, "policy 421") end
 end
 
 -- ---- state -------------------------------------------------------------------
@@ -130,22 +128,32 @@ local function protocol_keyword(self, txn)
 end
 
 local function clean(s, max)
-  s = gsub(s, "[%c()\\]", "?")
+  s = gsub(s, "[%c()\\<>]", "?")
   if #s > max then s = sub(s, 1, max) end
   return s
+end
+
+-- The From part: the HELO name when it is a domain or an address literal,
+-- else the address with the name in a comment, made safe.
+local function received_from(conn, lit)
+  local helo = conn.helo
+  if helo and #helo <= 255 and (helo:match("^[%w][%w%-%._]*$") or helo:match("^%[[%w%.:]+%]$")) then
+    return helo .. " ([" .. lit .. "])"
+  end
+  local shown = helo and gsub(helo, "[^%w%.%-_:%[%]@]", "?") or "none"
+  return "[" .. lit .. "] (helo=" .. sub(shown, 1, 255) .. ")"
 end
 
 local function received_header(self, txn)
   local conn = self.conn
   local ip = conn.remote_ip or "unknown"
   local lit = find(ip, ":", 1, true) and ("IPv6:" .. ip) or ip
-  local from = clean(conn.helo or "unknown", 255)
   local rcpt = ""
   if #txn.recipients == 1 then
     rcpt = "\r\n\tfor <" .. clean(txn.recipients[1].address, 256) .. ">"
   end
-  return format("Received: from %s ([%s])\r\n\tby %s (Moonpost) with %s id %s%s;\r\n\t%s\r\n",
-    from, lit, self.hostname, protocol_keyword(self, txn), txn.id, rcpt, rfc5322_date())
+  return format("Received: from %s\r\n\tby %s (Moonpost) with %s id %s%s;\r\n\t%s\r\n",
+    received_from(conn, lit), self.hostname, protocol_keyword(self, txn), txn.id, rcpt, rfc5322_date())
 end
 
 -- ---- commands --------------------------------------------------------------------
@@ -161,10 +169,10 @@ local function greeted(self)
 end
 
 local function helo(self, arg, is_ehlo)
-  if arg == "" then
+  local name = arg:match("^%s*(%S+)")
+  if not name then
     return error_reply(self, 501, "5.5.4", "Syntax: " .. (is_ehlo and "EHLO" or "HELO") .. " hostname")
   end
-  local name = arg:match("^(%S+)")
   -- RFC 5321 4.1.4: EHLO/HELO resets any transaction.
   reset_txn(self)
   local conn = self.conn
@@ -255,15 +263,16 @@ commands.RCPT = function(self, arg)
   if not greeted(self) then return end
   local txn = self.txn
   if not txn then return error_reply(self, 503, "5.5.1", "Error: need MAIL command") end
+  if txn.chunking then return error_reply(self, 503, "5.5.1", "Error: RCPT after BDAT") end
   if #txn.recipients >= self.opts.max_recipients then
     return reply(self, 452, "4.5.3", "Error: too many recipients")
   end
+  local path, code, enh, text = parse_path(arg, "rcpt")
+  if not path then return error_reply(self, code, enh, text) end
   local sp = self.mta.spool
   if sp and not sp:accepting() then
     return reply(self, 452, "4.3.1", "Insufficient system storage")
   end
-  local path, code, enh, text = parse_path(arg, "rcpt")
-  if not path then return error_reply(self, code, enh, text) end
   local params = path.params
   if not check_params(self, params, RCPT_PARAMS) then return end
   if path.utf8 and not txn.smtputf8 then
@@ -314,7 +323,6 @@ local function message_done(self, msg, flags)
   msg:prepend(received_header(self, txn))
   txn.size = msg:size()
   txn.received_at = os.time()
-  self.conn.messages = self.conn.messages + 1
   local ok, v = xpcall(self.mta.bus.run, traceback, self.mta.bus, "smtp_server_message_received",
     txn, msg)
   local stored, serr, scode = true, nil, nil -- luacheck: ignore scode
@@ -333,11 +341,12 @@ local function message_done(self, msg, flags)
     log.error("%s: not queued: %s (%s)", txn.id, tostring(serr), tostring(scode))
     return reply(self, 451, "4.3.0", "Error: queue file write error")
   end
-  if v then return verdict_reply(self, v) end
+  self.conn.messages = self.conn.messages + 1
   if self.opts.log_messages then
     log.info("%s: from=<%s> size=%d nrcpt=%d session=%s client=[%s]", txn.id, txn.sender.address,
       txn.size, #txn.recipients, self.conn.id, self.conn.remote_ip or "?")
   end
+  if v then return verdict_reply(self, v) end
   reply(self, 250, "2.0.0", "Ok: queued as " .. txn.id)
 end
 
@@ -365,10 +374,11 @@ commands.DATA = function(self, arg)
 end
 
 commands.BDAT = function(self, arg)
-  if not greeted(self) then return end
   local size, last = arg:match("^(%d+)%s*(%a*)$")
   if not size or #size > 15 or (last ~= "" and upper(last) ~= "LAST") then
-    return error_reply(self, 501, "5.5.4", "Syntax: BDAT size [LAST]")
+    -- Without a chunk size the input cannot be framed any more (RFC 3030).
+    reply(self, 501, "5.5.4", "Syntax: BDAT size [LAST]")
+    return closing(self, "bad BDAT")
   end
   size = tonumber(size)
   last = last ~= ""
@@ -382,6 +392,14 @@ local function bdat_done(self, flags)
   local b = self.bdat
   self.bdat = nil
   local txn = self.txn
+  if self.state == "rejected" then
+    self.parser:reset_body()
+    return error_reply(self, 503, "5.5.1", "Error: no SMTP service here")
+  end
+  if not greeted(self) then
+    self.parser:reset_body()
+    return
+  end
   if not self.ext.chunking or not self.esmtp then
     self.parser:reset_body()
     return error_reply(self, 503, "5.5.1", "Error: BDAT not enabled")
@@ -433,13 +451,12 @@ end
 commands.QUIT = function(self, arg)
   if arg ~= "" then return error_reply(self, 501, "5.5.4", "Syntax: QUIT") end
   reply(self, 221, "2.0.0", "Bye")
-  self.quit = true
-  self.close_reason = "quit"
+  closing(self, "quit")
 end
 
 commands.VRFY = function(self, arg)
   if arg == "" then return error_reply(self, 501, "5.5.4", "Syntax: VRFY address") end
-  reply(self, 252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+  reply(self, 252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 end
 
 commands.EXPN = function(self)
@@ -447,8 +464,7 @@ commands.EXPN = function(self)
 end
 
 commands.HELP = function(self)
-  reply(self, 214, "2.0.0",
-    "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\nhttps://moonpost.dev/docs")
+  reply(self, 214, "2.0.0", self.listener.help_text)
 end
 
 commands.STARTTLS = function(self)
@@ -475,7 +491,8 @@ local function on_command(self, verb, arg, flags)
       return error_reply(self, 500, "5.5.2", "Error: command line ended with bare LF")
     end
   end
-  if self.state == "rejected" then return rejected_command(self, verb, arg) end
+  -- BDAT reads its chunk in every state; bdat_done() answers for the state.
+  if self.state == "rejected" and verb ~= "BDAT" then return rejected_command(self, verb, arg) end
   local fn = commands[verb]
   if not fn then
     return error_reply(self, 500, "5.5.2", "Error: command not recognized")
@@ -489,13 +506,13 @@ local function greet(self)
   local conn = self.conn
   local v = self.mta.bus:run("smtp_server_connect", conn)
   if v and v.kind == "reject" then
+    -- RFC 5321 3.1: the only refusal greeting is 554.
     set_state(self, "rejected")
-    reply(self, v.code, v.enhanced, v.text)
+    reply(self, 554, v.enhanced, v.text)
     return true
   elseif v and v.kind == "tempfail" then
     reply(self, 421, v.enhanced, v.text)
-    self.quit = true
-    self.close_reason = "connect tempfail"
+    closing(self, "connect tempfail")
     return false
   end
   reply(self, 220, nil, self.banner)
@@ -516,9 +533,9 @@ local function serve(self)
       if not ok then
         if err == "timeout" then
           reply(self, 421, "4.4.2", self.hostname .. " Error: timeout exceeded")
-          self.close_reason = "timeout"
+          closing(self, "timeout")
         else
-          self.close_reason = self.in_content and "disconnected in message content" or "disconnected"
+          closing(self, self.in_content and "disconnected in message content" or "disconnected")
           self.nout = 0
         end
         return
@@ -545,7 +562,7 @@ local function session_main(self)
   if not ok then
     -- A bug or a failing hook costs this session only.
     log.error("session %s: internal error: %s", self.conn.id, tostring(err))
-    self.close_reason = "internal error"
+    closing(self, "internal error")
     self.nout = 0
     reply(self, 421, "4.3.0", self.hostname .. " Error: internal error, closing connection")
   end
@@ -667,12 +684,16 @@ function _M.listen(mta, spec)
     hostname = hostname,
     banner = opts.banner or (hostname .. " ESMTP Moonpost"),
     ehlo_reply = ehlo_reply(hostname, opts),
+    help_text = "Commands: HELO EHLO MAIL RCPT DATA " .. (opts.extensions.chunking and "BDAT " or "")
+      .. "RSET NOOP QUIT VRFY HELP",
     active = 0,
     sessions = {},
     handles = {},
   }, listener_mt)
   local tcp = uv.new_tcp()
-  local ok, err = tcp:bind(spec.host, spec.port, find(spec.host, ":", 1, true) and { ipv6only = true } or nil)
+  local pok, ok, err = pcall(tcp.bind, tcp, spec.host, spec.port,
+    find(spec.host, ":", 1, true) and { ipv6only = true } or nil)
+  if not pok then ok, err = nil, ok end
   if not ok then
     tcp:close()
     return nil, format("cannot listen on %s: %s", listener.name, tostring(err))
@@ -714,10 +735,10 @@ function Listener:drop_sessions(text)
   for sess in pairs(self.sessions) do
     if not sess.stream.closed then
       if not sess.in_content and sess.nout == 0 then
-        pcall(uv.try_write, sess.stream.tcp, "421 4.3.2 " .. (text or "Service shutting down") .. "\r\n")
+        pcall(uv.try_write, sess.stream.tcp, "421 4.3.2 " .. self.hostname .. " "
+          .. (text or "Service shutting down") .. "\r\n")
       end
-      sess.quit = true
-      sess.close_reason = "shutdown"
+      closing(sess, "shutdown")
       sess.stream:close()
     end
   end

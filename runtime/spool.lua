@@ -43,6 +43,7 @@ local DEFAULTS = {
   compact_ratio = 0.5,     -- compact the oldest segment when live bytes fall below this share
   min_free = 64 * 1048576, -- refuse new mail (452 4.3.1) below this much free space
   check_interval = 2,      -- seconds between free-space checks
+  lazy_sync = 0.1,         -- state records reach the disk within this many seconds
 }
 
 -- ---- helpers ------------------------------------------------------------------------
@@ -118,6 +119,15 @@ function _M.open(opts)
   for k, v in pairs(DEFAULTS) do
     self[k] = opts[k] ~= nil and opts[k] or v
   end
+  if opts.readonly then
+    -- Inspection (moonpost spool list): no lock, no change to any file,
+    -- envelopes kept in memory. Works beside a running server.
+    self.readonly = true
+    if not uv.fs_stat(self.dir .. "/seg") then return nil, "spool: no spool at " .. self.dir end
+    local ok, err = self:recover()
+    if not ok then return nil, err end
+    return self
+  end
   local ok, err = mkdir_sync(self.dir)
   if not ok then return nil, "spool: cannot create " .. self.dir .. ": " .. tostring(err) end
   local lock, lerr = core.lock(self.dir)
@@ -148,6 +158,11 @@ function _M.open(opts)
 end
 
 local function quarantine(self, seg, off, len, why)
+  if self.readonly then
+    self.stats.quarantined = self.stats.quarantined + 1
+    log.warn("spool: %s offset %d: %d damaged bytes (%s)", seg_name(seg.num), off, len, why)
+    return
+  end
   local qname = format("%s/quarantine/%s-%d.bad", self.dir, seg_name(seg.num), off)
   local data = seg.file:read(off, len) or ""
   local f = io.open(qname, "wb")
@@ -221,12 +236,14 @@ function Spool:recover()
             drop_live(m)
             add_live(m, seg, off, len)
             m.pending, m.rdone = #env.rcpt, nil
+            if self.readonly then m.env = env end
             apply_state(m, env.state)
           elseif m then
             dups = dups + 1
             log.warn("spool: %s offset %d: duplicate message id %s ignored", seg_name(num), off, ids.hex(id))
           else
             m = { id = id, pending = #env.rcpt, attempts = 0, next = 0, t = env.t }
+            if self.readonly then m.env = env end
             add_live(m, seg, off, len)
             apply_state(m, env.state)
             self.msgs[id] = m
@@ -250,6 +267,11 @@ function Spool:recover()
       elseif kind == "torn" then
         local off, why = a, b
         local size = file:size()
+        if self.readonly then
+          -- the head of a running server may be mid-write: not damage
+          if idx < #nums then quarantine(self, seg, off, size - off, why) end
+          break
+        end
         if idx < #nums then
           -- damage at the end of an older segment: keep it for inspection
           quarantine(self, seg, off, size - off, why)
@@ -447,9 +469,25 @@ function Spool:read(m) -- luacheck: ignore self
   return env, body
 end
 
+-- State records (update, done) are not waited for: they are synced with
+-- the next group commit, and at the latest lazy_sync seconds after they
+-- were written, so that a power failure repeats few deliveries.
+local function lazy_sync(self)
+  if self.lazy_timer or self.readonly then return end
+  local t = uv.new_timer()
+  self.lazy_timer = t
+  t:start(math.floor(self.lazy_sync * 1000), 0, function()
+    t:close()
+    self.lazy_timer = nil
+    if next(self.dirty) and not self.syncing and self.head then
+      local ok, err = pcall(start_sync, self)
+      if not ok then log.error("spool: lazy sync: %s", tostring(err)) end
+    end
+  end)
+end
+
 -- update(id, state): record a state change. state.done lists recipient
--- indexes that are final; attempts and next are kept as given. Written to
--- the page cache now and synced with the next batch.
+-- indexes that are final; attempts and next are kept as given.
 function Spool:update(id, state)
   local m = self.msgs[id]
   if not m then return nil, "unknown message" end
@@ -459,6 +497,7 @@ function Spool:update(id, state)
     log.error("spool: cannot record the state of %s: %s", ids.hex(id), tostring(err))
     return nil, err, code
   end
+  lazy_sync(self)
   return true
 end
 
@@ -467,6 +506,7 @@ function Spool:done(id)
   local m = self.msgs[id]
   if not m then return nil, "unknown message" end
   local seg, err = append(self, DONE, 0, id, "")
+  if seg then lazy_sync(self) end
   if not seg then
     -- Keep it out of the queue; the DONE is written again when space returns.
     self.pending_done = self.pending_done or {}
@@ -600,6 +640,10 @@ function Spool:check_space()
 end
 
 function Spool:close()
+  if self.lazy_timer then
+    self.lazy_timer:close()
+    self.lazy_timer = nil
+  end
   if self.space_timer then
     self.space_timer:close()
     self.space_timer = nil

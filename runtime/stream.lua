@@ -33,7 +33,12 @@ local function make_on_read(self)
       local p = self.parser
       if p then
         local n = p:push(chunk)
-        if n and n > self.high_water and not self.paused then
+        if not n then
+          -- Out of memory: the input can no longer be framed.
+          self.err = "ENOMEM"
+          self.eof = true
+          pcall(self.tcp.read_stop, self.tcp)
+        elseif n > self.high_water and not self.paused then
           self.paused = true
           self.tcp:read_stop()
         end

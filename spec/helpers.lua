@@ -117,19 +117,57 @@ end
 
 -- ---- an MTA in this process ----------------------------------------------------
 
--- start_mta(accept_opts, setup) -> mta, port. setup(mta, moonpost) adds hooks.
-function H.start_mta(accept_opts, setup)
+-- start_mta(accept_opts, setup, new_opts) -> mta, port. setup(mta, moonpost)
+-- adds hooks; new_opts go to moonpost.new (spool, queue, ...).
+function H.start_mta(accept_opts, setup, new_opts)
   local moonpost = require "moonpost"
   local accept = require "moonpost.accept"
-  local mta = moonpost.new { hostname = "mx.test" }
+  local no = { hostname = "mx.test" }
+  for k, v in pairs(new_opts or {}) do no[k] = v end
+  local mta = moonpost.new(no)
   local o = {}
   for k, v in pairs(accept_opts or {}) do o[k] = v end
   o.listen = o.listen or "127.0.0.1:0"
   if o.log_messages == nil then o.log_messages = false end
   mta:use(accept.smtp(o))
   if setup then setup(mta, moonpost) end
-  assert(mta:start())
+  local ok, err = mta:start()
+  if not ok then error(err, 2) end
   return mta, mta:addresses()[1].port
+end
+
+-- send(port, opts) sends one message over a new connection and returns the
+-- final reply: code, enhanced, text. opts: from, to (string or list), body,
+-- mail_params, rcpt_params.
+function H.send(port, opts)
+  opts = opts or {}
+  local p, err = H.connect(port)
+  if not p then return nil, err end
+  local function step(line, want)
+    if line then p:cmd(line) end
+    local c, e, t = p:reply()
+    if c ~= want then
+      p:close()
+      return false, c, e, t
+    end
+    return true
+  end
+  local ok, c, e, t = step(nil, 220)
+  if ok then ok, c, e, t = step("EHLO client.test", 250) end
+  if ok then ok, c, e, t = step("MAIL FROM:<" .. (opts.from or "sender@client.test") .. ">"
+    .. (opts.mail_params and (" " .. opts.mail_params) or ""), 250) end
+  local to = type(opts.to) == "table" and opts.to or { opts.to or "rcpt@mx.test" }
+  for _, r in ipairs(to) do
+    if ok then ok, c, e, t = step("RCPT TO:<" .. r .. ">" .. (opts.rcpt_params and (" " .. opts.rcpt_params) or ""), 250) end
+  end
+  if ok then ok, c, e, t = step("DATA", 354) end
+  if not ok then return c, e, t end
+  p:send((opts.body or "Subject: test\r\n\r\nbody\r\n") .. ".\r\n")
+  c, e, t = p:reply()
+  p:cmd("QUIT")
+  p:reply()
+  p:close()
+  return c, e, t
 end
 
 -- Stop an MTA and wait (bounded) until its sessions have closed.

@@ -61,7 +61,21 @@ describe("CHUNKING", function()
     end)
   end)
 
-  it("rejects bad BDAT syntax with 501 5.5.4 and an oversized message with 552 5.3.4", function()
+  it("closes the session on a BDAT without a usable size (the input cannot be framed)", function()
+    H.run(function()
+      local mta, port = server()
+      for _, bad in ipairs({ "BDAT", "BDAT x LAST", "BDAT 10 FIRST", "BDAT 1234567890123456 LAST" }) do
+        local p = H.connect(port)
+        p:script("S: 220\nC: EHLO x\nS: 250\nC: " .. bad .. "\nS: 501 5.5.4")
+        p:cmd("HELP")
+        assert.is_true(p:closed(), bad)
+        p:close()
+      end
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("rejects an oversized message with 552 5.3.4 and fails the transaction", function()
     H.run(function()
       local mta, port, got = server({ max_message_size = 100 })
       local p = H.connect(port)
@@ -69,12 +83,6 @@ describe("CHUNKING", function()
         S: 220
         C: EHLO x
         S: 250
-        C: BDAT
-        S: 501 5.5.4
-        C: BDAT x LAST
-        S: 501 5.5.4
-        C: BDAT 10 FIRST
-        S: 501 5.5.4
         C: MAIL FROM:<a@b.c>
         S: 250
         C: RCPT TO:<r@b.c>

@@ -176,7 +176,7 @@ describe("smtp server session", function()
         C: VRFY
         S: 501 5.5.4
         C: VRFY someone
-        S: 252 2.5.2
+        S: 252 2.0.0
         C: EXPN list
         S: 502 5.5.1
         C: HELP

@@ -1,0 +1,172 @@
+local sp = require "moonpost.core.spool"
+local smtp = require "moonpost.core.smtp"
+local H = require "helpers"
+
+local function scan_all(file)
+  local out = {}
+  local sc = file:scan()
+  while true do
+    local r = { sc:next() }
+    if #r == 0 then break end
+    out[#out + 1] = r
+  end
+  return out
+end
+
+local function flip(path, offset)
+  local f = assert(io.open(path, "r+b"))
+  f:seek("set", offset)
+  local b = f:read(1)
+  f:seek("set", offset)
+  f:write(string.char((b:byte() + 1) % 256))
+  f:close()
+end
+
+describe("moonpost.core.spool", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-core-spool") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  it("crc32c() is CRC32C (Castagnoli) and continues over parts", function()
+    assert.equal(0xE3069283, sp.crc32c("123456789"))
+    assert.equal(0, sp.crc32c(""))
+    local whole = sp.crc32c(string.rep("moonpost", 1000))
+    local part = sp.crc32c(string.rep("moonpost", 400))
+    assert.equal(whole, sp.crc32c(string.rep("moonpost", 600), part))
+  end)
+
+  it("append() writes records that scan() and decode() read back", function()
+    local f = assert(sp.open(dir .. "/s", true))
+    local body = smtp.message("Subject: x\r\n\r\nbody\r\n")
+    assert.same({ 0, 32 + 7 + 20 }, { f:append(sp.MSG, 0, 42, '{"a":1}', body) })
+    assert.same({ 59, 32 + 5 }, { f:append(sp.STATE, 0, 42, '{"x"}') })
+    assert.same({ 96, 32 }, { f:append(sp.DONE, 0, 42, "") })
+    assert.equal(128, f:size())
+    local recs = scan_all(f)
+    assert.same({ "rec", 0, 59, sp.MSG, 0, 42, '{"a":1}' }, recs[1])
+    assert.same({ "rec", 59, 37, sp.STATE, 0, 42, '{"x"}' }, recs[2])
+    assert.same({ "rec", 96, 32, sp.DONE, 0, 42, "" }, recs[3])
+    assert.equal(3, #recs)
+    assert.same({ sp.MSG, 0, 42, '{"a":1}', "Subject: x\r\n\r\nbody\r\n" }, { sp.decode(f:read(0, 59)) })
+    f:close()
+    local st = require("luv").fs_stat(dir .. "/s")
+    assert.equal(tonumber("600", 8), st.mode % 512)
+  end)
+
+  it("keeps large ids exact", function()
+    local f = assert(sp.open(dir .. "/s", true))
+    local id = 2 ^ 52 + 12345
+    f:append(sp.DONE, 0, id, "")
+    assert.equal(id, scan_all(f)[1][6])
+    assert.has_error(function() f:append(sp.DONE, 0, -1, "") end)
+    assert.has_error(function() f:append(sp.DONE, 0, 1.5, "") end)
+    assert.has_error(function() f:append(9, 0, 1, "") end)
+  end)
+
+  it("scan() reports a torn tail at every truncation point", function()
+    local f = assert(sp.open(dir .. "/s", true))
+    f:append(sp.MSG, 0, 1, "{}", "first")
+    f:append(sp.MSG, 0, 2, "{}", "second message")
+    local full = f:size()
+    f:close()
+    for cut = 40, full - 1 do
+      local g = assert(sp.open(dir .. "/s", false))
+      g:truncate(cut)
+      local recs = scan_all(g)
+      assert.equal("rec", recs[1][1])
+      assert.same({ "torn", 39 }, { recs[2][1], recs[2][2] }, "cut " .. cut)
+      assert.equal(2, #recs)
+      g:close()
+      -- restore
+      g = assert(sp.open(dir .. "/s", false))
+      g:close()
+      os.remove(dir .. "/s")
+      local h = assert(sp.open(dir .. "/s", true))
+      h:append(sp.MSG, 0, 1, "{}", "first")
+      h:append(sp.MSG, 0, 2, "{}", "second message")
+      h:close()
+    end
+  end)
+
+  it("scan() reports a damaged payload as corrupt and carries on", function()
+    local f = assert(sp.open(dir .. "/s", true))
+    f:append(sp.MSG, 0, 1, "{}", "one")
+    f:append(sp.MSG, 0, 2, "{}", "two two")
+    f:append(sp.MSG, 0, 3, "{}", "three")
+    f:close()
+    flip(dir .. "/s", 37 + 32 + 4) -- inside the payload of record 2
+    f = assert(sp.open(dir .. "/s", false))
+    local recs = scan_all(f)
+    assert.same({ "rec", 0, 37, sp.MSG, 0, 1, "{}" }, recs[1])
+    assert.same({ "corrupt", 37, 41, "payload checksum" }, recs[2])
+    assert.same({ "rec", 78, 39, sp.MSG, 0, 3, "{}" }, recs[3])
+    f:close()
+  end)
+
+  it("scan() resynchronises after a damaged header", function()
+    local f = assert(sp.open(dir .. "/s", true))
+    f:append(sp.MSG, 0, 1, "{}", "one")
+    f:append(sp.MSG, 0, 2, "{}", "two two")
+    f:append(sp.MSG, 0, 3, "{}", "three")
+    f:close()
+    flip(dir .. "/s", 37 + 20) -- the length field of record 2
+    f = assert(sp.open(dir .. "/s", false))
+    local recs = scan_all(f)
+    assert.equal("rec", recs[1][1])
+    assert.same({ "corrupt", 37, 41, "bad header" }, recs[2])
+    assert.equal(3, recs[3][6])
+    f:close()
+  end)
+
+  it("scan() does not take a record hidden in a torn record's body for a real one", function()
+    local inner = assert(sp.open(dir .. "/inner", true))
+    inner:append(sp.MSG, 0, 999, '{"rcpt":[{"a":"victim@x"}]}', "forged")
+    local forged = inner:read(0, inner:size())
+    inner:close()
+    local f = assert(sp.open(dir .. "/s", true))
+    f:append(sp.MSG, 0, 1, "{}", "one")
+    f:append(sp.MSG, 0, 2, "{}", "attacker body: " .. forged .. " and more")
+    local full = f:size()
+    f:truncate(full - 5) -- the crash tore the end of the attacker's message
+    local recs = scan_all(f)
+    assert.equal(2, #recs)
+    assert.equal("rec", recs[1][1])
+    assert.same({ "torn", 37, "short record" }, recs[2])
+    f:close()
+  end)
+
+  it("decode() checks header, length and checksum", function()
+    local f = assert(sp.open(dir .. "/s", true))
+    f:append(sp.MSG, 0, 7, "{}", "payload")
+    local raw = f:read(0, f:size())
+    f:close()
+    assert.same({ nil, "short record" }, { sp.decode(raw:sub(1, -2)) })
+    assert.same({ nil, "bad header" }, { sp.decode("x" .. raw:sub(2)) })
+    assert.same({ nil, "payload checksum" }, { sp.decode(raw:sub(1, -2) .. "X") })
+  end)
+
+  it("lock() is exclusive and names the holder", function()
+    local lk = assert(sp.lock(dir))
+    local none, err, code = sp.lock(dir)
+    assert.is_nil(none)
+    assert.equal("EWOULDBLOCK", code)
+    local pat = dir:gsub("%p", "%%%0")
+    assert.matches("spool " .. pat .. " is locked by another process %(pid %d+; lock file " .. pat .. "/LOCK%)", err)
+    assert.is_true(lk:close())
+    assert.is_true(lk:close())
+    local again = assert(sp.lock(dir))
+    again:close()
+  end)
+
+  it("open() reports errors with a code; close() is idempotent", function()
+    local none, err, code = sp.open(dir .. "/missing/s", true)
+    assert.is_nil(none)
+    assert.matches("^open: ", err)
+    assert.equal("ENOENT", code)
+    local f = assert(sp.open(dir .. "/s", true))
+    assert.is_nil((sp.open(dir .. "/s", true)))
+    assert.is_true(f:close())
+    assert.is_true(f:close())
+    assert.has_error(function() f:size() end)
+  end)
+end)

@@ -1,0 +1,311 @@
+-- The durable spool behind a live server: what got a 250 is on disk with
+-- its envelope, group commit, recovery, reclamation, compaction, the lock,
+-- file modes, torn writes and a full disk.
+local H = require "helpers"
+local uv = require "luv"
+local sched = require "moonpost.runtime.sched"
+local spool_mod = require "moonpost.runtime.spool"
+
+local function listing(dir)
+  local sp = assert(spool_mod.open({ dir = dir, readonly = true }))
+  local out = {}
+  sp:each(function(m) out[#out + 1] = m end)
+  table.sort(out, function(a, b) return a.id < b.id end)
+  return out, sp
+end
+
+local function seg_files(dir)
+  return H.ls(dir .. "/seg")
+end
+
+local function spool_opts(dir, extra)
+  local o = { dir = dir, min_free = 0 }
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return o
+end
+
+-- a transport that records deliveries and can be told to hold or defer
+local function recorder()
+  local r = { delivered = {}, hold = false, defer = {} }
+  function r.transport(env, body, rcpts)
+    while r.hold do sched.sleep(0.02) end
+    local res = {}
+    for _, rc in ipairs(rcpts) do
+      if r.defer[rc["local"]] then
+        res[rc.index] = { status = "deferred", text = "4.2.0 not now" }
+      else
+        r.delivered[#r.delivered + 1] = { id = env.id, rcpt = rc.address, body = body, from = env.from }
+        res[rc.index] = { status = "delivered", text = "2.0.0 ok" }
+      end
+    end
+    return res
+  end
+  return r
+end
+
+describe("spool", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-spool") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  it("keeps every message that got a 250, with its envelope, across a restart", function()
+    H.run(function()
+      local mta, port = H.start_mta({}, nil, { spool = spool_opts(dir .. "/spool") })
+      local ids = {}
+      for i = 1, 3 do
+        local c, e, t = H.send(port, { from = "s" .. i .. "@client.test", to = { "a@x.test", "b@y.test" },
+          mail_params = "RET=HDRS ENVID=env" .. i, rcpt_params = "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+40x.test",
+          body = "Subject: " .. i .. "\r\n\r\nbody " .. i .. "\r\n" })
+        assert.equal(250, c, t)
+        assert.equal("2.0.0", e)
+        ids[i] = t:match("queued as (%x+)")
+      end
+      H.stop_mta(mta)
+      local list = listing(dir .. "/spool")
+      assert.equal(3, #list)
+      for i, m in ipairs(list) do
+        assert.equal(ids[i], require("moonpost.runtime.ids").hex(m.id))
+        assert.equal("s" .. i .. "@client.test", m.env.from)
+        assert.same({ "a@x.test", "b@y.test" }, { m.env.rcpt[1].a, m.env.rcpt[2].a })
+        assert.equal("SUCCESS,FAILURE", m.env.rcpt[1].n)
+        assert.equal("rfc822;a+40x.test", m.env.rcpt[1].o)
+        assert.equal("HDRS", m.env.ret)
+        assert.equal("env" .. i, m.env.envid)
+        assert.equal("127.0.0.1", m.env.ip)
+      end
+      -- a restarted server delivers them from the spool
+      local r = recorder()
+      mta = H.start_mta({}, function(m) m:set_transport(r.transport) end, { spool = spool_opts(dir .. "/spool") })
+      assert.is_true(H.wait_for(function() return #r.delivered == 6 end))
+      for _, d in ipairs(r.delivered) do
+        local i = d.from:match("^s(%d)@")
+        assert.equal(ids[tonumber(i)], d.id)
+        assert.truthy(d.body:find("^Received: from client%.test"))
+        assert.truthy(d.body:find("body " .. i .. "\r\n$"))
+      end
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end))
+      H.stop_mta(mta)
+      assert.equal(0, #listing(dir .. "/spool"))
+    end)
+  end)
+
+  it("answers many concurrent transactions per fdatasync (group commit)", function()
+    H.run(function()
+      local mta, port = H.start_mta({}, nil, { spool = spool_opts(dir .. "/spool") })
+      local sessions, per, done = 40, 10, 0
+      for s = 1, sessions do
+        sched.spawn(function()
+          for i = 1, per do
+            local c = H.send(port, { from = "s" .. s .. "@c.test", body = "Subject: " .. s .. "." .. i .. "\r\n\r\nx\r\n" })
+            assert(c == 250, "got " .. tostring(c))
+          end
+          done = done + 1
+        end)
+      end
+      assert.is_true(H.wait_for(function() return done == sessions end, 60))
+      local st = mta.spool.stats
+      assert.equal(sessions * per, st.stored)
+      assert.is_true(st.batches < st.stored, "batches " .. st.batches .. " for " .. st.stored .. " messages")
+      H.stop_mta(mta)
+      assert.equal(sessions * per, #listing(dir .. "/spool"))
+    end)
+  end)
+
+  it("creates the spool directory 0700 and its files 0600", function()
+    H.run(function()
+      local mta, port = H.start_mta({}, nil, { spool = spool_opts(dir .. "/spool") })
+      assert.equal(250, (H.send(port)))
+      H.stop_mta(mta)
+      for _, p in ipairs({ "/spool", "/spool/seg", "/spool/quarantine" }) do
+        assert.equal(tonumber("700", 8), uv.fs_stat(dir .. p).mode % 512, p)
+      end
+      for _, f in ipairs(seg_files(dir .. "/spool")) do
+        assert.equal(tonumber("600", 8), uv.fs_stat(dir .. "/spool/seg/" .. f).mode % 512, f)
+      end
+      assert.equal(tonumber("600", 8), uv.fs_stat(dir .. "/spool/LOCK").mode % 512)
+    end)
+  end)
+
+  it("refuses a second process on the same spool, naming the lock", function()
+    H.run(function()
+      local mta = H.start_mta({}, nil, { spool = spool_opts(dir .. "/spool") })
+      local moonpost = require "moonpost"
+      local m2 = moonpost.new { spool = spool_opts(dir .. "/spool") }
+      m2:use(require("moonpost.accept").smtp { listen = "127.0.0.1:0" })
+      local ok, err = m2:start()
+      assert.is_nil(ok)
+      assert.truthy(err:find("is locked by another process (pid " .. uv.os_getpid() .. "; lock file "
+        .. dir .. "/spool/LOCK)", 1, true), err)
+      H.stop_mta(mta)
+      -- and the launcher exits non-zero with that message
+      local holder = H.launch(H.root .. "/spec/fixtures/policies/spool_only.lua", { MOONPOST_SPOOL = dir .. "/spool" })
+      local code, _, stderr = H.exec(H.root .. "/scripts/moonpost", { "run", "spec/fixtures/policies/spool_only.lua" },
+        { cwd = H.root, env = { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_LISTEN = "127.0.0.1:0" }, timeout = 30 })
+      assert.equal(1, code)
+      assert.matches("moonpost: .*spool_only%.lua:%d+: spool .* is locked by another process %(pid "
+        .. holder.pid .. "; lock file .*/LOCK%)", stderr)
+      holder.stop()
+    end)
+  end)
+
+  it("deletes segments whose messages are all delivered", function()
+    H.run(function()
+      local r = recorder()
+      local mta, port = H.start_mta({}, function(m) m:set_transport(r.transport) end,
+        { spool = spool_opts(dir .. "/spool", { segment_size = 8192 }) })
+      for i = 1, 60 do
+        assert.equal(250, (H.send(port, { body = "Subject: " .. i .. "\r\n\r\n" .. string.rep("x", 500) .. "\r\n" })))
+      end
+      assert.is_true(H.wait_for(function() return #r.delivered == 60 and mta.spool:count() == 0 end))
+      sched.sleep(0.05)
+      -- only the head (and at most one that has not been noticed yet) remain
+      assert.is_true(#seg_files(dir .. "/spool") <= 2, table.concat(seg_files(dir .. "/spool"), " "))
+      assert.is_true(mta.spool.stats.deleted >= 5)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("compacts an old segment that keeps a few live messages, keeping their state", function()
+    H.run(function()
+      local r = recorder()
+      r.defer.later = true
+      local mta, port = H.start_mta({}, function(m) m:set_transport(r.transport) end,
+        { spool = spool_opts(dir .. "/spool", { segment_size = 8192 }), queue = { retry = { "1h" } } })
+      for i = 1, 60 do
+        local to = (i % 10 == 0) and { "later@x.test", "now@x.test" } or { "now@x.test" }
+        assert.equal(250, (H.send(port, { to = to, body = "Subject: " .. i .. "\r\n\r\n" .. string.rep("y", 500) .. "\r\n" })))
+      end
+      assert.is_true(H.wait_for(function() return #r.delivered == 60 end))
+      assert.is_true(H.wait_for(function() return mta.spool.stats.compactions >= 1 end, 10))
+      sched.sleep(0.1)
+      H.stop_mta(mta)
+      local list = listing(dir .. "/spool")
+      assert.equal(6, #list)
+      for _, m in ipairs(list) do
+        -- "now@" was delivered before the copy: the copy knows it
+        assert.is_true(m.rdone[2])
+        assert.is_nil(m.rdone[1])
+        assert.equal(1, m.attempts)
+      end
+      -- the first segments are gone
+      assert.is_nil(uv.fs_stat(dir .. "/spool/seg/" .. spool_mod.seg_name(1)))
+    end)
+  end)
+
+  it("recovers after torn tails and damage: keeps intact messages, quarantines the damaged one", function()
+    H.run(function()
+      local so = spool_opts(dir .. "/spool", { segment_size = 4096 })
+      local mta, port = H.start_mta({}, nil, { spool = so })
+      for i = 1, 30 do
+        assert.equal(250, (H.send(port, { from = "m" .. i .. "@c.test", body = "Subject: " .. i .. "\r\n\r\n" .. string.rep("z", 300) .. "\r\n" })))
+      end
+      H.stop_mta(mta)
+      local before = listing(dir .. "/spool")
+      assert.equal(30, #before)
+      local segs = seg_files(dir .. "/spool")
+      assert.is_true(#segs >= 3)
+      -- flip a byte in the middle of the second message of the oldest segment
+      local oldest = dir .. "/spool/seg/" .. segs[1]
+      local victim
+      for _, m in ipairs(before) do
+        if m.seg.num == 1 and m.off > 0 then victim = m break end
+      end
+      local f = assert(io.open(oldest, "r+b"))
+      f:seek("set", victim.off + victim.len - 40)
+      f:write("#")
+      f:close()
+      -- tear the newest segment that has data at a random place
+      local newest
+      for i = #segs, 1, -1 do
+        if uv.fs_stat(dir .. "/spool/seg/" .. segs[i]).size > 0 then newest = segs[i] break end
+      end
+      local size = uv.fs_stat(dir .. "/spool/seg/" .. newest).size
+      math.randomseed(os.time())
+      local cut = math.random(40, size - 1)
+      local lost_by_cut = 0
+      for _, m in ipairs(before) do
+        if spool_mod.seg_name(m.seg.num) == newest and m.off + m.len > cut then lost_by_cut = lost_by_cut + 1 end
+      end
+      local tfd = assert(uv.fs_open(dir .. "/spool/seg/" .. newest, "r+", 0))
+      assert(uv.fs_ftruncate(tfd, cut))
+      uv.fs_close(tfd)
+      -- the server starts and keeps every intact message
+      mta = H.start_mta({}, nil, { spool = so })
+      assert.equal(30 - 1 - lost_by_cut, mta.spool:count())
+      assert.equal(1, mta.spool.stats.quarantined)
+      assert.equal(1, mta.spool.stats.torn)
+      H.stop_mta(mta)
+      local q = H.ls(dir .. "/spool/quarantine")
+      assert.equal(2, #q)
+      local why = H.read(dir .. "/spool/quarantine/" .. q[2])
+      assert.matches("payload checksum", why)
+      local log = H.log("quarantined")
+      assert.truthy(log:find("payload checksum", 1, true))
+      assert.truthy(H.log("torn tail"):find(newest, 1, true))
+      local after = listing(dir .. "/spool")
+      local left = {}
+      for _, m in ipairs(after) do left[m.env.from] = true end
+      assert.is_nil(left[victim.env and victim.env.from or "?"])
+      for _, m in ipairs(before) do
+        local torn = spool_mod.seg_name(m.seg.num) == newest and m.off + m.len > cut
+        if m ~= victim and not torn then assert.is_true(left[m.env.from], m.env.from) end
+      end
+    end)
+  end)
+
+  it("answers 451 4.3.0 / 452 4.3.1 when the disk is full, keeps serving, and accepts again", function()
+    H.run(function()
+      local mnt = dir .. "/tmpfs"
+      uv.fs_mkdir(mnt, 448)
+      local code, out, err = H.exec("mount", { "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", mnt })
+      assert.equal(0, code, "mount tmpfs (needs root): " .. out .. err)
+      local ok, failure = pcall(function()
+        local r = recorder()
+        local mta, port = H.start_mta({}, function(m) m:set_transport(r.transport) end,
+          { spool = spool_opts(mnt .. "/spool", { check_interval = 0.1 }) })
+        r.hold = true
+        assert.equal(250, (H.send(port, { body = "Subject: before\r\n\r\nacked before the disk filled\r\n" })))
+        -- fill the disk, leaving about 100 KiB
+        local filler = mnt .. "/filler"
+        local fd = assert(uv.fs_open(filler, "w", 384))
+        local chunk = string.rep("F", 65536)
+        while true do
+          local st = uv.fs_statfs(mnt)
+          if st.bavail * st.bsize < 100 * 1024 then break end
+          assert(uv.fs_write(fd, chunk, -1))
+        end
+        uv.fs_close(fd)
+        local c, e = H.send(port, { body = "Subject: big\r\n\r\n" .. string.rep("b", 998) .. "\r\n"
+          .. string.rep(string.rep("b", 998) .. "\r\n", 300) })
+        assert.same({ 451, "4.3.0" }, { c, e })
+        -- now refused up front
+        local p = H.connect(port)
+        p:script([[
+          S: 220
+          C: EHLO x
+          S: 250
+          C: MAIL FROM:<a@b.c>
+          S: 250
+          C: RCPT TO:<r@b.c>
+          S: 452 4.3.1
+          C: NOOP
+          S: 250
+        ]])
+        p:close()
+        -- deliveries go on meanwhile
+        r.hold = false
+        assert.is_true(H.wait_for(function() return #r.delivered == 1 end))
+        assert.truthy(r.delivered[1].body:find("acked before the disk filled", 1, true))
+        -- space returns: accepting again
+        os.remove(filler)
+        assert.is_true(H.wait_for(function() return mta.spool:accepting() end, 5))
+        assert.equal(250, (H.send(port, { body = "Subject: after\r\n\r\nspace is back\r\n" })))
+        assert.is_true(H.wait_for(function() return #r.delivered == 2 end))
+        H.stop_mta(mta)
+        assert.truthy(H.log("refusing new mail"):find("ENOSPC", 1, true))
+      end)
+      H.exec("umount", { mnt })
+      assert(ok, failure)
+    end)
+  end)
+end)
