@@ -69,6 +69,7 @@ local SPOOL_SCHEMA = {
   compact_ratio = { type = "number", default = 0.5,
     check = function(v) return v >= 0 and v <= 1, "must be between 0 and 1" end },
   check_interval = { type = "duration", default = 2 },
+  compact_delay = { type = "duration", default = 60 },
 }
 
 local QUEUE_SCHEMA = {
@@ -176,7 +177,8 @@ function MTA:start()
   local so = self.opts.spool
   if so then
     local sp, err = spool.open({ dir = so.dir, segment_size = so.segment_size, min_free = so.min_free,
-      compact_ratio = so.compact_ratio, check_interval = so.check_interval, fault = spool_faults() })
+      compact_ratio = so.compact_ratio, check_interval = so.check_interval, compact_delay = so.compact_delay,
+      fault = spool_faults() })
     if not sp then return nil, err end
     self.spool = sp
     local q = queue.new(self, sp, self.opts.queue)

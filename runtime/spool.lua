@@ -44,6 +44,7 @@ local DEFAULTS = {
   min_free = 64 * 1048576, -- refuse new mail (452 4.3.1) below this much free space
   check_interval = 2,      -- seconds between free-space checks
   lazy_sync = 0.1,         -- state records reach the disk within this many seconds
+  compact_delay = 60,      -- seconds a segment is closed before dense ones are compacted
 }
 
 -- ---- helpers ------------------------------------------------------------------------
@@ -314,6 +315,7 @@ function Spool:new_head()
   local seg = { num = num, path = path, file = file, size = 0, live = 0, live_bytes = 0 }
   self.segs[num] = seg
   self.order[#self.order + 1] = num
+  if self.head then self.head.closed_at = uv.now() end
   self.head = seg
   self.dir_dirty = true
   return seg
@@ -544,12 +546,14 @@ end
 function Spool:reclaim()
   while #self.order > 1 do
     local seg = self.segs[self.order[1]]
-    if seg == self.head or seg.live > 0 then break end
+    -- A segment under compaction may have no live message left while the
+    -- copies made of them are not yet on disk: it goes only after the sync.
+    if seg == self.head or seg.live > 0 or seg.compacting then break end
     delete_segment(self, seg)
   end
   local oldest = self.segs[self.order[1]]
   if oldest and oldest ~= self.head and not self.compacting and oldest.live > 0
-    and oldest.live_bytes <= self.compact_ratio * math.max(oldest.size, 1) then
+    and self:worth_compacting(oldest) then
     self.compacting = true
     sched.spawn_named("spool compaction", function(err)
       self.compacting = false
@@ -562,9 +566,34 @@ function Spool:reclaim()
   end
 end
 
+-- The oldest segment is worth compacting when little of it is live, or
+-- when the dead bytes behind it (which its presence keeps on disk: deletion
+-- is oldest-first) are at least twice its live bytes. The second rule keeps
+-- long-deferred messages, which compaction gathers into dense segments,
+-- from pinning the whole spool; copying costs at most half of what it frees.
+function Spool:worth_compacting(oldest)
+  if oldest.live_bytes <= self.compact_ratio * math.max(oldest.size, 1) then return true end
+  -- Only once the segment has been closed a while: its live messages are
+  -- then really waiting (deferred), not about to be delivered.
+  if uv.now() - (oldest.closed_at or 0) < self.compact_delay * 1000 then return false end
+  local dead = 0
+  for i = 2, #self.order do
+    local s = self.segs[self.order[i]]
+    if s ~= self.head then dead = dead + (s.size - s.live_bytes) end
+  end
+  return dead >= 2 * oldest.live_bytes
+end
+
 -- compact(seg): copy its live messages to the head with their current
 -- state, sync, then delete it.
 function Spool:compact(seg)
+  seg.compacting = true
+  local ok, err = pcall(self.compact_segment, self, seg)
+  seg.compacting = nil
+  if not ok then error(err, 0) end
+end
+
+function Spool:compact_segment(seg)
   local live = {}
   for _, m in pairs(self.msgs) do
     if m.seg == seg then live[#live + 1] = m end
@@ -577,6 +606,8 @@ function Spool:compact(seg)
       log.warn("spool: compaction paused for %gs (fault injection)", self.fault.compaction_pause)
       sched.sleep(self.fault.compaction_pause)
     end
+    -- Delivered (or already moved) meanwhile: nothing to copy.
+    if self.msgs[m.id] ~= m or m.seg ~= seg then goto continue end
     local raw, err = seg.file:read(m.off, m.len)
     local rtype, _, id, meta, body = core.decode(raw or "")
     if not rtype then
@@ -597,6 +628,7 @@ function Spool:compact(seg)
       drop_live(m)
       add_live(m, nseg, off, len)
     end
+    ::continue::
   end
   local ok, err = self:sync()
   if not ok then return log.error("spool: compaction sync failed: %s", tostring(err)) end

@@ -369,7 +369,7 @@ end
 -- listens. Returns a handle: { port, pid, stop(), log() }.
 function H.launch(policy, env, opts)
   opts = opts or {}
-  local port = H.free_port()
+  local port = opts.port or H.free_port()
   local e = { MOONPOST_LISTEN = "127.0.0.1:" .. port }
   for k, v in pairs(env or {}) do e[k] = v end
   local logbuf = {}
@@ -396,6 +396,13 @@ function H.launch(policy, env, opts)
     end)
   end
   function proc.log() return table.concat(logbuf) end
+  -- kill(): SIGKILL, wait for the exit
+  function proc.kill()
+    if not exited then
+      uv.kill(pid, "sigkill")
+      while not exited do sched.sleep(0.01) end
+    end
+  end
   function proc.exited() return exited, exit_code end
   -- wait until the port answers
   local deadline = uv.now() + 15000
