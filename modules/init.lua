@@ -174,6 +174,7 @@ end
 function MTA:start()
   if self.started then return true end
   if _M.check_mode then return true end
+  self.stopping, self.stopped, self.stop_waiters = false, false, nil
   local so = self.opts.spool
   if so then
     local sp, err = spool.open({ dir = so.dir, segment_size = so.segment_size, min_free = so.min_free,

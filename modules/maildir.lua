@@ -172,8 +172,9 @@ function _M.deliver(opts)
           ok = false
         end
         if ok and o.fsync then
+          -- The file is in new/ already: a retry would deliver it twice.
           local sok, serr = fs.fsync_dir(dir .. "/new")
-          if not sok then ok, err = false, serr end
+          if not sok then log.error("%s: maildir fsync of %s/new: %s", env.id, dir, tostring(serr)) end
         end
         r = ok and { status = "delivered", text = "2.0.0 delivered to maildir " .. dir }
           or { status = "deferred", text = "4.3.0 maildir " .. dir .. ": " .. tostring(err) }

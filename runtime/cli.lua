@@ -101,16 +101,18 @@ function _M.spool(argv)
   local now = os.time()
   if flag == "--json" then
     local cjson = require "cjson"
-    local out = {}
+    local out = setmetatable({}, cjson.array_mt or {})
     for i, m in ipairs(list) do
       local pending = {}
       for k, r in ipairs(m.env.rcpt) do
         if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = r.a end
       end
-      out[i] = { id = ids.hex(m.id), received = m.env.t, size = m.len, from = m.env.from,
+      out[i] = { id = ids.hex(m.id), received = m.env.t, record_size = m.len, from = m.env.from,
         pending = pending, attempts = m.attempts, next_attempt = m.next, tenant = m.env.tenant }
     end
-    io.stdout:write(cjson.encode({ queued = #list, messages = out }), "\n")
+    local json = cjson.encode({ queued = #list, messages = out })
+    if #list == 0 then json = json:gsub('"messages":{}', '"messages":[]') end
+    io.stdout:write(json, "\n")
     return 0
   end
   for _, m in ipairs(list) do

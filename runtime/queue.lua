@@ -108,6 +108,12 @@ local function deliver(self, m)
   local now = os.time()
   if not env then
     log.error("queue: %s: %s", ids.hex(m.id), tostring(body))
+    if now - (m.t or now) >= self.max_age then
+      -- unreadable until it expired: give up on it (the record stays in
+      -- its segment for inspection until the segment is reclaimed)
+      log.error("queue: %s: dropped: unreadable for longer than max_age", ids.hex(m.id))
+      return spool:done(m.id)
+    end
     m.next = now + 60
     return self:add(m)
   end
@@ -130,6 +136,11 @@ local function deliver(self, m)
   local expired = now - (env.t or now) >= self.max_age
   for _, r in ipairs(rcpts) do
     local res = results[r.index] or { status = "deferred", text = "transport gave no result" }
+    if res.status ~= "delivered" and res.status ~= "bounced" and res.status ~= "deferred" then
+      log.error("%s: transport returned status %s for <%s>; treated as deferred", env.id,
+        tostring(res.status), r.address)
+      res = { status = "deferred", text = res.text }
+    end
     if res.status == "deferred" and expired then
       res = { status = "bounced", text = "4.4.7 message expired: " .. tostring(res.text), expired = true }
     end

@@ -617,7 +617,8 @@ local function on_connection(listener, client)
   local s = stream.new(client)
   if listener.active >= opts.max_connections then
     -- Over the cap: answer and close without a session.
-    pcall(uv.try_write, client, "421 4.7.0 " .. listener.hostname .. " Error: too many connections\r\n")
+    pcall(uv.try_write, client, "421 " .. (opts.extensions.enhancedstatuscodes and "4.7.0 " or "")
+      .. listener.hostname .. " Error: too many connections\r\n")
     s:close()
     log.warn("listener %s: connection refused, %d sessions active", listener.name, listener.active)
     return
@@ -735,8 +736,8 @@ function Listener:drop_sessions(text)
   for sess in pairs(self.sessions) do
     if not sess.stream.closed then
       if not sess.in_content and sess.nout == 0 then
-        pcall(uv.try_write, sess.stream.tcp, "421 4.3.2 " .. self.hostname .. " "
-          .. (text or "Service shutting down") .. "\r\n")
+        pcall(uv.try_write, sess.stream.tcp, "421 " .. (self.opts.extensions.enhancedstatuscodes and "4.3.2 " or "")
+          .. self.hostname .. " " .. (text or "Service shutting down") .. "\r\n")
       end
       closing(sess, "shutdown")
       sess.stream:close()

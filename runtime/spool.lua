@@ -55,6 +55,15 @@ end
 
 local function mkdir_sync(path)
   local ok, err, code = uv.fs_mkdir(path, 448)
+  if not ok and code == "ENOENT" then
+    -- make the parents (./var of a fresh checkout), then try again
+    local parent = path:match("^(.+)/[^/]+$")
+    if parent and parent ~= path then
+      local pok, perr = mkdir_sync(parent)
+      if not pok then return nil, perr end
+      ok, err, code = uv.fs_mkdir(path, 448)
+    end
+  end
   if not ok and code ~= "EEXIST" then return nil, err end
   uv.fs_chmod(path, 448)
   return true
@@ -172,10 +181,12 @@ local function quarantine(self, seg, off, len, why)
     f:close()
     uv.fs_chmod(qname, 384)
   end
-  local w = io.open(qname:gsub("%.bad$", ".why"), "wb")
+  local wname = qname:gsub("%.bad$", ".why")
+  local w = io.open(wname, "wb")
   if w then
     w:write(format("segment %s offset %d length %d: %s\n", seg_name(seg.num), off, #data, why))
     w:close()
+    uv.fs_chmod(wname, 384)
   end
   self.stats.quarantined = self.stats.quarantined + 1
   log.error("spool: %s offset %d: %d damaged bytes quarantined (%s) as %s", seg_name(seg.num), off,
@@ -339,9 +350,7 @@ local function append(self, rtype, flags, id, meta, body)
   end
   local off, len, code = seg.file:append(rtype, flags, id, meta, body)
   if not off then
-    if len and (code == "ENOSPC" or code == "EDQUOT" or code == "EIO" or code == "EFBIG") then
-      set_full(self, code)
-    end
+    if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then set_full(self, code) end
     return nil, len, code
   end
   seg.size = off + len
@@ -349,6 +358,8 @@ local function append(self, rtype, flags, id, meta, body)
   self.stats.bytes = self.stats.bytes + len
   return seg, off, len
 end
+
+local lazy_sync
 
 local function start_sync(self)
   local batch = self.waiters
@@ -371,7 +382,11 @@ local function start_sync(self)
     for i = 1, #batch, 2 do
       wake_token(batch[i], batch[i + 1], not failure and true or nil, failure)
     end
-    if #self.waiters > 0 then start_sync(self) end
+    if #self.waiters > 0 then
+      start_sync(self)
+    elseif next(self.dirty) then
+      lazy_sync(self) -- state records written while this sync ran
+    end
   end
   if pending == 0 then return finish() end
   local function one_done(err)
@@ -420,7 +435,9 @@ function Spool:store(txn, msg)
     log.error("spool: sync failed for %s: %s", txn.id, tostring(err))
     return nil, "sync: " .. tostring(err), err and err:match("^(%u+)")
   end
-  if self.full then self.full = false end
+  -- A write that succeeds ends a refusal caused by a failed write; one caused
+  -- by low free space ends when the space check says so.
+  if self.full and self.full ~= "low disk space" then self.full = false end
   local m = { id = id, pending = #txn.recipients, attempts = 0, next = 0, t = txn.received_at or os.time(),
     seg = seg, off = off, len = len }
   self.msgs[id] = m
@@ -474,7 +491,7 @@ end
 -- State records (update, done) are not waited for: they are synced with
 -- the next group commit, and at the latest lazy_sync seconds after they
 -- were written, so that a power failure repeats few deliveries.
-local function lazy_sync(self)
+function lazy_sync(self)
   if self.lazy_timer or self.readonly then return end
   local t = uv.new_timer()
   self.lazy_timer = t

@@ -15,6 +15,48 @@ describe("examples/quickstart.lua", function()
   before_each(function() dir = H.tmpdir("moonpost-qs") end)
   after_each(function() H.rm_rf(dir) end)
 
+  it("runs from a fresh directory with the default paths (./var/spool, ./var/mail)", function()
+    H.run(function()
+      local srv = H.launch(QUICKSTART, { MOONPOST_MAILDIR = false, MOONPOST_SPOOL = false }, { cwd = dir })
+      local code, out = H.exec("swaks", { "--server", "127.0.0.1:" .. srv.port, "--to", "someone@example.com" },
+        { timeout = 30 })
+      assert.equal(0, code, out)
+      assert.is_true(H.wait_for(function() return #maildir_files(dir .. "/var/mail", "someone") == 1 end))
+      assert.equal(0, srv.stop())
+      assert.is_truthy(uv.fs_stat(dir .. "/var/spool/LOCK"))
+    end)
+  end)
+
+  it("make run starts it (README's first command)", function()
+    H.run(function()
+      local port = H.free_port()
+      local logbuf, exited = {}, false
+      -- two pipes: luv crashes when one pipe serves both stdout and stderr
+      local out, errp = uv.new_pipe(false), uv.new_pipe(false)
+      local env = {}
+      for k, v in pairs(uv.os_environ()) do env[#env + 1] = k .. "=" .. v end
+      env[#env + 1] = "MOONPOST_LISTEN=127.0.0.1:" .. port
+      env[#env + 1] = "MOONPOST_SPOOL=" .. dir .. "/spool"
+      env[#env + 1] = "MOONPOST_MAILDIR=" .. dir .. "/mail"
+      local handle, pid
+      handle, pid = uv.spawn("make", { args = { "-s", "run" }, cwd = H.root, env = env, stdio = { nil, out, errp },
+        detached = true }, function() exited = true handle:close() end)
+      assert(handle, pid)
+      for _, pp in ipairs({ out, errp }) do
+        pp:read_start(function(_, chunk) if chunk then logbuf[#logbuf + 1] = chunk else pp:close() end end)
+      end
+      local up = H.wait_for(function() return table.concat(logbuf):find("listening smtp", 1, true) ~= nil end, 120)
+      local code, swaks = H.exec("swaks", { "--server", "127.0.0.1:" .. port, "--to", "someone@example.com" },
+        { timeout = 30 })
+      local delivered = H.wait_for(function() return #maildir_files(dir .. "/mail", "someone") == 1 end)
+      uv.kill(-pid, "sigterm") -- make and the server it started
+      H.wait_for(function() return exited end, 30)
+      assert.is_true(up, table.concat(logbuf))
+      assert.equal(0, code, swaks)
+      assert.is_true(delivered)
+    end, 180)
+  end)
+
   it("swaks leaves the message in the Maildir (plain and PIPELINING)", function()
     H.run(function()
       local srv = H.launch(QUICKSTART, { MOONPOST_MAILDIR = dir .. "/mail", MOONPOST_SPOOL = dir .. "/spool" })
