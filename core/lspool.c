@@ -7,7 +7,13 @@
  *   spool.crc32c(s [, crc])    -> number
  *
  *   segment:append(type, flags, id, meta [, body]) -> offset, length | nil, err, code
- *       body: a string or a message (moonpost.core.smtp), written without a copy
+ *       body: a string or a message (moonpost.core.smtp). Small records are
+ *       copied into a write buffer; a large body is written straight from
+ *       its buffer (after what is buffered).
+ *   segment:flush()            -> true | nil, err, code   write the buffer (one pwrite);
+ *       on failure nothing of the buffer stays in the file
+ *   segment:pending()          -> bytes buffered;  segment:spill() writes them now,
+ *       keeping a failure for the next flush()
  *   segment:scan()             -> scanner; scanner:next() -> one of
  *       "rec", offset, length, type, flags, id, meta
  *       "corrupt", offset, length, why      damaged bytes, valid records follow
@@ -19,6 +25,7 @@
  */
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -31,9 +38,21 @@
 #define SCAN_MT "moonpost.core.spool.scan"
 #define LOCK_MT "moonpost.core.spool.lock"
 
+/* Records smaller than this are buffered and written together at the next
+ * flush (one syscall per group commit instead of one per record). */
+#ifndef MP_SEG_DIRECT
+#define MP_SEG_DIRECT (256 * 1024)
+#endif
+#ifndef MP_SEG_BUFFER_MAX
+#define MP_SEG_BUFFER_MAX (4 * 1024 * 1024)
+#endif
+
 typedef struct lsegment {
     int fd;
-    off_t end;
+    off_t end;      /* on disk */
+    char *wbuf;     /* records not yet written, to go at end */
+    size_t wlen, wcap;
+    int pending_err; /* a flush done for a read failed: the next flush() reports it */
 } lsegment;
 
 typedef struct lscan {
@@ -67,6 +86,9 @@ static int l_open(lua_State *L)
     struct stat st;
     seg->fd = -1;
     seg->end = 0;
+    seg->wbuf = NULL;
+    seg->wlen = seg->wcap = 0;
+    seg->pending_err = 0;
     luaL_getmetatable(L, SEGMENT_MT);
     lua_setmetatable(L, -2);
     seg->fd = open(path, O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0), 0600);
@@ -81,13 +103,95 @@ static int l_open(lua_State *L)
     return 1;
 }
 
+/* Write the buffer at the end of the file. 0, or -errno with the file and
+ * the buffer as before (the buffered records are dropped). */
+static int seg_flush(lsegment *seg)
+{
+    size_t done = 0;
+    while (done < seg->wlen) {
+        ssize_t w = pwrite(seg->fd, seg->wbuf + done, seg->wlen - done, seg->end + (off_t)done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            int e = w < 0 ? errno : EIO;
+            while (ftruncate(seg->fd, seg->end) != 0 && errno == EINTR) ;
+            seg->wlen = 0;
+            /* whoever waits on these records learns it at the next flush() */
+            seg->pending_err = e;
+            return -e;
+        }
+        done += (size_t)w;
+    }
+    seg->end += (off_t)seg->wlen;
+    seg->wlen = 0;
+    if (seg->wcap > MP_SEG_BUFFER_MAX) {
+        free(seg->wbuf);
+        seg->wbuf = NULL;
+        seg->wcap = 0;
+    }
+    return 0;
+}
+
+static int buffer_record(lsegment *seg, const mp_rec_hdr *hin, const char *meta, size_t meta_len,
+                         const char *body, size_t body_len)
+{
+    mp_rec_hdr h = *hin;
+    size_t need = MP_REC_HEADER + meta_len + body_len;
+    uint32_t crc;
+    if (seg->wlen + need > seg->wcap) {
+        size_t cap = seg->wcap ? seg->wcap : 65536;
+        char *nb;
+        while (cap < seg->wlen + need) cap *= 2;
+        nb = realloc(seg->wbuf, cap);
+        if (nb == NULL) return -ENOMEM;
+        seg->wbuf = nb;
+        seg->wcap = cap;
+    }
+    crc = mp_crc32c(0, meta, meta_len);
+    crc = mp_crc32c(crc, body, body_len);
+    h.meta_len = (uint32_t)meta_len;
+    h.payload_len = (uint32_t)(meta_len + body_len);
+    h.payload_crc = crc;
+    mp_rec_encode((unsigned char *)seg->wbuf + seg->wlen, &h);
+    memcpy(seg->wbuf + seg->wlen + MP_REC_HEADER, meta, meta_len);
+    memcpy(seg->wbuf + seg->wlen + MP_REC_HEADER + meta_len, body, body_len);
+    seg->wlen += need;
+    return 0;
+}
+
+static int s_flush(lua_State *L)
+{
+    lsegment *seg = checksegment(L, 1);
+    int r = seg_flush(seg);
+    if (r == 0 && seg->pending_err) r = -seg->pending_err;
+    seg->pending_err = 0;
+    if (r != 0) return mp_pusherrno(L, "write", -r);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* pending() -> bytes buffered and not yet written */
+static int s_pending(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)checksegment(L, 1)->wlen);
+    return 1;
+}
+
+/* spill(): write the buffer now (so that a reader finds it). A failure is
+ * kept for the next flush(), whose caller answers for those records. */
+static int s_spill(lua_State *L)
+{
+    lsegment *seg = checksegment(L, 1);
+    lua_pushboolean(L, seg_flush(seg) == 0);
+    return 1;
+}
+
 static int s_append(lua_State *L)
 {
     lsegment *seg = checksegment(L, 1);
     mp_rec_hdr h;
     size_t meta_len, body_len = 0;
     const char *meta, *body = NULL;
-    off_t at = seg->end;
+    off_t at;
     int r;
     h.type = (unsigned)luaL_checkinteger(L, 2);
     h.flags = (unsigned)luaL_checkinteger(L, 3);
@@ -103,16 +207,31 @@ static int s_append(lua_State *L)
         body = mp_body_data(&m->body);
         body_len = m->body.len;
     }
-    r = mp_seg_append(seg->fd, &seg->end, &h, meta, meta_len, body ? body : "", body_len);
-    if (r != 0) return mp_pusherrno(L, "write", -r);
+    if (meta_len + body_len > MP_REC_PAYLOAD_MAX) return mp_pusherrno(L, "write", EFBIG);
+    at = seg->end + (off_t)seg->wlen;
+    if (MP_REC_HEADER + meta_len + body_len <= MP_SEG_DIRECT) {
+        if (seg->wlen + MP_REC_HEADER + meta_len + body_len > MP_SEG_BUFFER_MAX) {
+            r = seg_flush(seg);
+            if (r != 0) return mp_pusherrno(L, "write", -r);
+            at = seg->end;
+        }
+        r = buffer_record(seg, &h, meta, meta_len, body ? body : "", body_len);
+        if (r != 0) return mp_pusherrno(L, "write", -r);
+    } else {
+        /* large: write what is buffered, then the record from its own buffer */
+        r = seg_flush(seg);
+        if (r == 0) r = mp_seg_append(seg->fd, &seg->end, &h, meta, meta_len, body ? body : "", body_len);
+        if (r != 0) return mp_pusherrno(L, "write", -r);
+    }
     lua_pushnumber(L, (lua_Number)at);
-    lua_pushnumber(L, (lua_Number)(seg->end - at));
+    lua_pushnumber(L, (lua_Number)(MP_REC_HEADER + meta_len + body_len));
     return 2;
 }
 
 static int s_size(lua_State *L)
 {
-    lua_pushnumber(L, (lua_Number)checksegment(L, 1)->end);
+    lsegment *seg = checksegment(L, 1);
+    lua_pushnumber(L, (lua_Number)(seg->end + (off_t)seg->wlen));
     return 1;
 }
 
@@ -126,6 +245,8 @@ static int s_truncate(lua_State *L)
 {
     lsegment *seg = checksegment(L, 1);
     lua_Number n = luaL_checknumber(L, 2);
+    int r = seg_flush(seg);
+    if (r != 0) return mp_pusherrno(L, "write", -r);
     if (n < 0 || n > (lua_Number)seg->end) luaL_argerror(L, 2, "offset out of range");
     if (ftruncate(seg->fd, (off_t)n) != 0) return mp_pusherrno(L, "truncate", errno);
     seg->end = (off_t)n;
@@ -140,7 +261,10 @@ static int s_read(lua_State *L)
     lua_Number len = luaL_checknumber(L, 3);
     luaL_Buffer b;
     size_t done = 0;
+    int r;
     if (off < 0 || len < 0) luaL_argerror(L, 2, "negative offset or length");
+    r = seg_flush(seg);
+    if (r != 0) return mp_pusherrno(L, "write", -r);
     luaL_buffinit(L, &b);
     while (done < (size_t)len) {
         char tmp[LUAL_BUFFERSIZE];
@@ -160,24 +284,30 @@ static int s_read(lua_State *L)
     return 1;
 }
 
-static int s_close(lua_State *L)
+/* close() writes what is buffered (not synced: the caller syncs first if it
+ * needs to), then closes. */
+static void seg_close(lsegment *seg)
 {
-    lsegment *seg = luaL_checkudata(L, 1, SEGMENT_MT);
     if (seg->fd >= 0) {
+        if (seg->wlen) seg_flush(seg);
         close(seg->fd);
         seg->fd = -1;
     }
+    free(seg->wbuf);
+    seg->wbuf = NULL;
+    seg->wlen = seg->wcap = 0;
+}
+
+static int s_close(lua_State *L)
+{
+    seg_close(luaL_checkudata(L, 1, SEGMENT_MT));
     lua_pushboolean(L, 1);
     return 1;
 }
 
 static int s_gc(lua_State *L)
 {
-    lsegment *seg = luaL_checkudata(L, 1, SEGMENT_MT);
-    if (seg->fd >= 0) {
-        close(seg->fd);
-        seg->fd = -1;
-    }
+    seg_close(luaL_checkudata(L, 1, SEGMENT_MT));
     return 0;
 }
 
@@ -186,7 +316,9 @@ static int s_gc(lua_State *L)
 static int s_scan(lua_State *L)
 {
     lsegment *seg = checksegment(L, 1);
-    lscan *sc = lua_newuserdata(L, sizeof *sc);
+    lscan *sc;
+    if (seg->wlen && seg_flush(seg) != 0) return luaL_error(L, "scan: cannot write the buffered records");
+    sc = lua_newuserdata(L, sizeof *sc);
     sc->s = NULL;
     luaL_getmetatable(L, SCAN_MT);
     lua_setmetatable(L, -2);
@@ -342,7 +474,7 @@ static const luaL_Reg funcs[] = {
     {"open", l_open}, {"lock", l_lock}, {"decode", l_decode}, {"crc32c", l_crc32c}, {NULL, NULL}};
 
 static const luaL_Reg segment_methods[] = {
-    {"append", s_append}, {"size", s_size}, {"fd", s_fd}, {"truncate", s_truncate},
+    {"append", s_append}, {"flush", s_flush}, {"pending", s_pending}, {"spill", s_spill}, {"size", s_size}, {"fd", s_fd}, {"truncate", s_truncate},
     {"read", s_read}, {"scan", s_scan}, {"close", s_close}, {NULL, NULL}};
 static const luaL_Reg segment_meta[] = {{"__gc", s_gc}, {NULL, NULL}};
 static const luaL_Reg scan_methods[] = {{"next", sc_next}, {NULL, NULL}};

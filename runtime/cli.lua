@@ -130,7 +130,7 @@ end
 if (...) ~= "moonpost.runtime.cli" then
   io.stdout:setvbuf("line")
   io.stderr:setvbuf("line")
-  os.exit(_M.main(arg))
+  os.exit(_M.main(arg), true)
 end
 
 return _M

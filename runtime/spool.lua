@@ -373,8 +373,20 @@ local function start_sync(self)
     self.dir_dirty = false
     dir_fd = uv.fs_open(self.dir .. "/seg", "r", 0)
   end
-  local pending = #segs + (dir_fd and 1 or 0)
   local failure
+  -- Write what is buffered (one write per segment), then sync. A failed
+  -- write fails the whole batch: its records are gone from the file.
+  for i = #segs, 1, -1 do
+    local ok, err, code = segs[i].file:flush()
+    if not ok then
+      segs[i].size = segs[i].file:size()
+      failure = failure or err
+      if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then set_full(self, code) end
+      log.error("spool: %s: %s", seg_name(segs[i].num), tostring(err))
+      table.remove(segs, i)
+    end
+  end
+  local pending = #segs + (dir_fd and 1 or 0)
   local function finish()
     self.syncing = false
     self.stats.batches = self.stats.batches + 1
@@ -466,6 +478,8 @@ end
 
 -- read(m) -> envelope, body | nil, err. In a task (reads in the thread pool).
 function Spool:read(m) -- luacheck: ignore self
+  -- the record may still be in the head's write buffer (a fresh compaction copy)
+  if m.seg.file:pending() > 0 then m.seg.file:spill() end
   local task, token = reserve()
   local req, rerr = uv.fs_read(m.seg.file:fd(), m.len, m.off, function(err, data)
     wake_token(task, token, err, data)
@@ -689,6 +703,11 @@ function Spool:check_space()
 end
 
 function Spool:close()
+  if not self.readonly and self.lock then
+    local st = self.stats
+    log.info("spool: closed: %d stored, %d sync batches, %d fsyncs, %d bytes written, %d compactions, "
+      .. "%d segments deleted", st.stored, st.batches, st.fsyncs, st.bytes, st.compactions, st.deleted)
+  end
   if self.lazy_timer then
     self.lazy_timer:close()
     self.lazy_timer = nil

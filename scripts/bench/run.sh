@@ -5,6 +5,12 @@
 #
 #   accept-only   smtp-source -d -s 50 -m 50000 -l 1000 into Moonpost with a
 #                 hook that discards the message (scripts/bench/accept.lua)
+#   durable       the same load; every message is written to the spool and
+#                 fdatasynced before its 250 (scripts/bench/durable.lua);
+#                 reports the group-commit batch size and fsyncs per second
+#   postfix       Postfix's durable acceptance of the same load (smtp-source
+#                 -d) through ../shared/peers when it is there (BENCH_POSTFIX=0
+#                 skips it; POSTFIX_N messages, default 10000, one run)
 #
 # Repetitions are interleaved (limit, moonpost, limit, moonpost, ...) and the
 # table shows the median with min and max. Peak RSS is the Moonpost
@@ -58,50 +64,105 @@ run_limit() { # rep
   echo "  limit    rep $1: $secs s" >&2
 }
 
-run_accept() { # rep
+run_moonpost() { # name policy rep
   port=$((PORT + 1))
-  MOONPOST_LISTEN="127.0.0.1:$port" scripts/moonpost run scripts/bench/accept.lua 2>"$out/accept.log" &
+  spool=$out/spool-$1
+  rm -rf "$spool"
+  MOONPOST_LISTEN="127.0.0.1:$port" MOONPOST_SPOOL="$spool" scripts/moonpost run "$2" 2>"$out/$1.log" &
   pid=$!
   wait_port "$port"
   secs=$(source_run "$port")
   hwm=$(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status")
   kill "$pid"
   wait "$pid" 2>/dev/null || true
-  printf 'accept-only\t%s\t%s\t%s\n' "$1" "$secs" "$hwm" >>"$raw"
-  echo "  accept   rep $1: $secs s, peak RSS $((hwm / 1024)) MiB" >&2
+  extra=""
+  stats=$(grep -o 'spool: closed: .*' "$out/$1.log" || true)
+  if [ -n "$stats" ]; then
+    stored=$(echo "$stats" | awk '{ print $3 }')
+    batches=$(echo "$stats" | awk '{ print $5 }')
+    fsyncs=$(echo "$stats" | awk '{ print $8 }')
+    extra="$stored/$batches/$fsyncs"
+    echo "  $1 rep $3: $secs s, peak RSS $((hwm / 1024)) MiB, $stored stored in $batches batches, $fsyncs fsyncs" >&2
+  else
+    echo "  $1 rep $3: $secs s, peak RSS $((hwm / 1024)) MiB" >&2
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$3" "$secs" "$hwm" "$extra" >>"$raw"
+  rm -rf "$spool"
+}
+
+run_postfix() {
+  peers=$root/../shared/peers
+  if [ "${BENCH_POSTFIX:-1}" = 0 ] || [ ! -x "$peers/run.sh" ]; then
+    echo "  postfix: skipped (no ../shared/peers, or BENCH_POSTFIX=0)" >&2
+    return
+  fi
+  pn=${POSTFIX_N:-10000}
+  rm -rf "$out/postfix"
+  if (cd "$peers" && SETUP=0 N="$pn" C="$C" SIZE="$SIZE" REPS=1 SOURCE_EXTRA="-d" OUT="$out/postfix" \
+      ./run.sh postfix >"$out/postfix.log" 2>&1); then
+    /usr/bin/python3 - "$out/postfix/results.jsonl" "$raw" "$pn" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("peer") == "postfix" and r.get("inject_s"):
+        open(sys.argv[2], "a").write("postfix\t1\t%.3f\t-\t%s\n" % (r["inject_s"] * 50000 / int(sys.argv[3]), ""))
+        print("  postfix: %.0f msg/s (durable acceptance, %s messages)" % (int(sys.argv[3]) / r["inject_s"], sys.argv[3]), file=sys.stderr)
+PY
+  else
+    echo "  postfix: the peers harness failed (see $out/postfix.log)" >&2
+  fi
 }
 
 echo "bench: $REPS repetitions of smtp-source -d -s $C -m $N -l $SIZE" >&2
 rep=1
 while [ $rep -le "$REPS" ]; do
   run_limit $rep
-  run_accept $rep
+  run_moonpost accept-only scripts/bench/accept.lua $rep
+  run_moonpost durable scripts/bench/durable.lua $rep
   rep=$((rep + 1))
 done
+run_postfix
 
 # Medians, min, max and the ratio to the limit; JSON and markdown.
 /usr/bin/python3 - "$raw" "$out" "$N" "$C" "$SIZE" <<'PY'
 import json, statistics, sys, subprocess, platform
 raw, out, n, c, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-rows = {}
+rows, extra = {}, {}
 for line in open(raw):
-    name, rep, secs, hwm = line.rstrip("\n").split("\t")
+    f = line.rstrip("\n").split("\t")
+    name, rep, secs, hwm = f[:4]
     rows.setdefault(name, []).append((float(secs), None if hwm == "-" else int(hwm)))
+    if len(f) > 4 and f[4]:
+        stored, batches, fsyncs = (int(x) for x in f[4].split("/"))
+        extra.setdefault(name, []).append((stored, batches, fsyncs, float(secs)))
 def stats(name):
     rates = sorted(n / s for s, _ in rows[name])
     hwm = [h for _, h in rows[name] if h is not None]
-    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1],
-            "runs": len(rates), "peak_rss_mib": max(hwm) / 1024 if hwm else None}
+    st = {"median": statistics.median(rates), "min": rates[0], "max": rates[-1],
+          "runs": len(rates), "peak_rss_mib": max(hwm) / 1024 if hwm else None}
+    if name in extra:
+        st["batch_size"] = statistics.median(s / b for s, b, _, _ in extra[name] if b)
+        st["fsyncs_per_s"] = statistics.median(f / t for _, _, f, t in extra[name])
+    return st
 limit = stats("limit")
 res = {"load": "smtp-source -d -s %s -m %d -l %s" % (c, n, size), "limit": limit, "figures": []}
-targets = {"accept-only": ("rate >= 50% of limit, peak RSS < 50 MiB", 0.5, 50)}
-for name in [k for k in rows if k != "limit"]:
-    s = stats(name)
+figs = {k: stats(k) for k in rows if k != "limit"}
+acc, dur, pf = figs.get("accept-only"), figs.get("durable"), figs.get("postfix")
+for name, s in figs.items():
     s["name"] = name
     s["ratio"] = s["median"] / limit["median"]
-    t = targets.get(name)
-    s["target"] = t[0] if t else ""
-    s["met"] = bool(t and s["ratio"] >= t[1] and (s["peak_rss_mib"] or 0) < t[2])
+    s["target"], s["met"] = "", None
+    if name == "accept-only":
+        s["target"] = "rate >= 50% of limit, peak RSS < 50 MiB"
+        s["met"] = s["ratio"] >= 0.5 and (s["peak_rss_mib"] or 0) < 50
+    if name == "durable" and acc:
+        s["vs_accept_only"] = s["median"] / acc["median"]
+        s["target"] = "rate >= 80%% of accept-only (%.2f)" % s["vs_accept_only"]
+        s["met"] = s["vs_accept_only"] >= 0.8
+        if pf:
+            s["vs_postfix"] = s["median"] / pf["median"]
+            s["target"] += ", >= 10x Postfix (%.1fx)" % s["vs_postfix"]
+            s["met"] = s["met"] and s["vs_postfix"] >= 10
     res["figures"].append(s)
 try:
     res["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
@@ -109,14 +170,17 @@ except Exception:
     res["commit"] = "?"
 res["machine"] = "%s, %s cores" % (platform.platform(), __import__("os").cpu_count())
 json.dump(res, open(out + "/latest.json", "w"), indent=2)
-lines = ["| figure | msg/s median (min–max) | ratio to limit | peak RSS MiB | target | met |",
-         "|---|---|---|---|---|---|",
-         "| limit (smtp-source → smtp-sink) | %.0f (%.0f–%.0f) | 1.00 | – | – | – |" % (
+lines = ["| figure | msg/s median (min–max) | ratio to limit | peak RSS MiB | batch size | fsyncs/s | target | met |",
+         "|---|---|---|---|---|---|---|---|",
+         "| limit (smtp-source → smtp-sink) | %.0f (%.0f–%.0f) | 1.00 | – | – | – | – | – |" % (
              limit["median"], limit["min"], limit["max"])]
 for s in res["figures"]:
-    lines.append("| %s | %.0f (%.0f–%.0f) | %.2f | %.1f | %s | %s |" % (
-        s["name"], s["median"], s["min"], s["max"], s["ratio"], s["peak_rss_mib"] or 0,
-        s["target"], "yes" if s["met"] else "no"))
+    lines.append("| %s | %.0f (%.0f–%.0f) | %.2f | %s | %s | %s | %s | %s |" % (
+        s["name"], s["median"], s["min"], s["max"], s["ratio"],
+        "%.1f" % s["peak_rss_mib"] if s["peak_rss_mib"] else "–",
+        "%.1f" % s["batch_size"] if "batch_size" in s else "–",
+        "%.0f" % s["fsyncs_per_s"] if "fsyncs_per_s" in s else "–",
+        s["target"] or "–", {True: "yes", False: "no", None: "–"}[s["met"]]))
 md = "\n".join(lines)
 open(out + "/latest.md", "w").write(md + "\n")
 print("load: %s, %d runs each, commit %s" % (res["load"], limit["runs"], res["commit"]))

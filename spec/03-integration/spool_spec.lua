@@ -249,8 +249,8 @@ describe("spool", function()
       assert.equal(2, #q)
       local why = H.read(dir .. "/spool/quarantine/" .. q[2])
       assert.matches("payload checksum", why)
-      for _, f in ipairs(q) do
-        assert.equal(tonumber("600", 8), uv.fs_stat(dir .. "/spool/quarantine/" .. f).mode % 512, f)
+      for _, qf in ipairs(q) do
+        assert.equal(tonumber("600", 8), uv.fs_stat(dir .. "/spool/quarantine/" .. qf).mode % 512, qf)
       end
       local log = H.log("quarantined")
       assert.truthy(log:find("payload checksum", 1, true))
