@@ -6,7 +6,7 @@
  *   spool.decode(record)       -> type, flags, id, meta, body | nil, why
  *   spool.crc32c(s [, crc])    -> number
  *
- *   segment:append(type, flags, id, meta [, body]) -> offset, length | nil, err, code
+ *   segment:append(type, flags, id, meta [, body [, aux]]) -> offset, length | nil, err, code
  *       body: a string or a message (moonpost.core.smtp). Small records are
  *       copied into a write buffer; a large body is written straight from
  *       its buffer (after what is buffered).
@@ -15,7 +15,9 @@
  *   segment:pending()          -> bytes buffered;  segment:spill() writes them now,
  *       keeping a failure for the next flush()
  *   segment:scan()             -> scanner; scanner:next() -> one of
- *       "rec", offset, length, type, flags, id, meta
+ *       "rec", offset, length, type, flags, id, meta, aux
+ *       (scanner:next(true) leaves out the metadata of MSG records, nil, unless
+ *       aux is 0, unknown, or saturated at 65535)
  *       "corrupt", offset, length, why      damaged bytes, valid records follow
  *       "torn", offset, why                 damaged or incomplete to the end
  *       "error", err, code
@@ -196,6 +198,8 @@ static int s_append(lua_State *L)
     h.type = (unsigned)luaL_checkinteger(L, 2);
     h.flags = (unsigned)luaL_checkinteger(L, 3);
     h.id = checkid(L, 4);
+    h.aux = (unsigned)luaL_optinteger(L, 7, 0);
+    if (h.aux > 65535) h.aux = 65535;
     meta = luaL_checklstring(L, 5, &meta_len);
     if (h.type < MP_REC_MSG || h.type > MP_REC_DONE) luaL_argerror(L, 2, "bad record type");
     if (lua_type(L, 6) == LUA_TSTRING) {
@@ -333,6 +337,7 @@ static int s_scan(lua_State *L)
 static int sc_next(lua_State *L)
 {
     lscan *sc = luaL_checkudata(L, 1, SCAN_MT);
+    int skip_msg_meta = lua_toboolean(L, 2);
     mp_scan_item it;
     if (sc->s == NULL) return 0;
     switch (mp_scan_next(sc->s, &it)) {
@@ -343,8 +348,11 @@ static int sc_next(lua_State *L)
         lua_pushinteger(L, (lua_Integer)it.hdr.type);
         lua_pushinteger(L, (lua_Integer)it.hdr.flags);
         lua_pushnumber(L, (lua_Number)it.hdr.id);
-        lua_pushlstring(L, it.meta, it.hdr.meta_len);
-        return 7;
+        /* an unknown (0) or saturated recipient count: the envelope is needed */
+        if (skip_msg_meta && it.hdr.type == MP_REC_MSG && it.hdr.aux > 0 && it.hdr.aux < 65535) lua_pushnil(L);
+        else lua_pushlstring(L, it.meta, it.hdr.meta_len);
+        lua_pushinteger(L, (lua_Integer)it.hdr.aux);
+        return 8;
     case MP_SCAN_CORRUPT:
         lua_pushliteral(L, "corrupt");
         lua_pushnumber(L, (lua_Number)it.off);

@@ -110,7 +110,8 @@ void mp_rec_encode(unsigned char out[MP_REC_HEADER], const mp_rec_hdr *h)
     memcpy(out, MP_REC_MAGIC, 4);
     out[4] = (unsigned char)h->type;
     out[5] = (unsigned char)h->flags;
-    out[6] = out[7] = 0;
+    out[6] = (unsigned char)h->aux;
+    out[7] = (unsigned char)(h->aux >> 8);
     put32(out + 8, (uint32_t)h->id);
     put32(out + 12, (uint32_t)(h->id >> 32));
     put32(out + 16, h->meta_len);
@@ -125,6 +126,7 @@ int mp_rec_decode(const unsigned char buf[MP_REC_HEADER], mp_rec_hdr *h)
     if (get32(buf + 28) != mp_crc32c(0, buf, 28)) return -1;
     h->type = buf[4];
     h->flags = buf[5];
+    h->aux = (unsigned)buf[6] | (unsigned)buf[7] << 8;
     h->id = (uint64_t)get32(buf + 8) | (uint64_t)get32(buf + 12) << 32;
     h->meta_len = get32(buf + 16);
     h->payload_len = get32(buf + 20);

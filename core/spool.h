@@ -7,7 +7,7 @@
  *    0     4   magic "MPR1"
  *    4     1   type   (MP_REC_*)
  *    5     1   flags
- *    6     2   reserved, zero
+ *    6     2   aux    (MSG: number of recipients, capped at 65535)
  *    8     8   id     (little-endian u64: the message id)
  *   16     4   meta_len     (bytes of metadata at the start of the payload)
  *   20     4   payload_len  (metadata + body)
@@ -43,7 +43,7 @@ enum mp_rec_type {
 #define MP_REC_F_COPY 0x01 /* MSG copied forward by compaction: supersedes older copies */
 
 typedef struct mp_rec_hdr {
-    unsigned type, flags;
+    unsigned type, flags, aux;
     uint64_t id;
     uint32_t meta_len, payload_len, payload_crc;
 } mp_rec_hdr;

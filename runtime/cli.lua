@@ -130,7 +130,13 @@ end
 if (...) ~= "moonpost.runtime.cli" then
   io.stdout:setvbuf("line")
   io.stderr:setvbuf("line")
-  os.exit(_M.main(arg), true)
+  local code = _M.main(arg)
+  -- Write the profile of `luajit -jp` now: closing the Lua state at exit
+  -- (os.exit(code, true)) would make luv run its loop cleanup into a state
+  -- being destroyed, which crashes.
+  local jp = package.loaded["jit.p"]
+  if jp then pcall(jp.stop) end
+  os.exit(code)
 end
 
 return _M

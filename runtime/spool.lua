@@ -232,32 +232,38 @@ function Spool:recover()
     self.segs[num] = seg
     self.order[#self.order + 1] = num
     local sc = file:scan()
+    -- Envelopes are not decoded (but for listing): the recipient count is in
+    -- the record header and the arrival time in the id.
+    local skip_meta = not self.readonly
     while true do
-      local kind, a, b, c, d, e, f = sc:next()
+      local kind, a, b, c, d, e, f, g = sc:next(skip_meta)
       if kind == nil then break end
       if kind == "rec" then
-        local off, len, rtype, flags, id, meta = a, b, c, d, e, f
+        local off, len, rtype, flags, id, meta, aux = a, b, c, d, e, f, g
         if id > max_id then max_id = id end
         if rtype == MSG then
-          local env = decode(meta)
+          local env, nrcpt = nil, aux
+          if meta then
+            env = decode(meta)
+            nrcpt = env and type(env.rcpt) == "table" and #env.rcpt or 0
+          end
           local m = self.msgs[id]
-          if not env then
-            quarantine(self, seg, off, len, "unreadable envelope")
+          if nrcpt == 0 then
+            quarantine(self, seg, off, len, "message without recipients")
           elseif m and flags % 2 == 1 then
-            -- a compaction copy supersedes the older copy of the message
+            -- a compaction copy supersedes the older copy of the message; its
+            -- state follows in a STATE record
             drop_live(m)
             add_live(m, seg, off, len)
-            m.pending, m.rdone = #env.rcpt, nil
+            m.pending, m.rdone = nrcpt, nil
             if self.readonly then m.env = env end
-            apply_state(m, env.state)
           elseif m then
             dups = dups + 1
             log.warn("spool: %s offset %d: duplicate message id %s ignored", seg_name(num), off, ids.hex(id))
           else
-            m = { id = id, pending = #env.rcpt, attempts = 0, next = 0, t = env.t }
+            m = { id = id, pending = nrcpt, attempts = 0, next = 0, t = ids.time_of(id) }
             if self.readonly then m.env = env end
             add_live(m, seg, off, len)
-            apply_state(m, env.state)
             self.msgs[id] = m
             self.nlive = self.nlive + 1
           end
@@ -341,14 +347,14 @@ local function set_full(self, code)
   self.full = code or true
 end
 
-local function append(self, rtype, flags, id, meta, body)
+local function append(self, rtype, flags, id, meta, body, aux)
   local seg = self.head
   if seg.size >= self.segment_size then
     local nseg, err, code = self:new_head()
     if not nseg then return nil, err, code end
     seg = nseg
   end
-  local off, len, code = seg.file:append(rtype, flags, id, meta, body)
+  local off, len, code = seg.file:append(rtype, flags, id, meta, body, aux)
   if not off then
     if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then set_full(self, code) end
     return nil, len, code
@@ -434,7 +440,7 @@ end
 function Spool:store(txn, msg)
   local id = tonumber(txn.id, 16)
   local meta = encode(envelope_of(txn))
-  local seg, off, len = append(self, MSG, 0, id, meta, msg)
+  local seg, off, len = append(self, MSG, 0, id, meta, msg, #txn.recipients)
   if not seg then return nil, off, len end
   seg.live = seg.live + 1
   seg.live_bytes = seg.live_bytes + len
@@ -651,13 +657,18 @@ function Spool:compact_segment(seg)
       local done = {}
       for k in pairs(m.rdone or {}) do done[#done + 1] = k end
       table.sort(done)
-      env.state = { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next }
-      local nseg, off, len = append(self, MSG, F_COPY, id, encode(env), body)
-      if not nseg then
-        return log.error("spool: compaction of %s stopped: %s", seg_name(seg.num), tostring(off))
+      -- the copy, then its current state: recovery applies them in order
+      local cseg, off, len = append(self, MSG, F_COPY, id, meta, body, env and #env.rcpt or 0)
+      local sseg, serr = nil, off
+      if cseg then
+        sseg, serr = append(self, STATE, 0, id, encode({ done = #done > 0 and done or nil, attempts = m.attempts,
+          next = m.next }))
+      end
+      if not sseg then
+        return log.error("spool: compaction of %s stopped: %s", seg_name(seg.num), tostring(serr))
       end
       drop_live(m)
-      add_live(m, nseg, off, len)
+      add_live(m, cseg, off, len)
     end
     ::continue::
   end
