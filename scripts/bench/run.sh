@@ -8,6 +8,8 @@
 #   durable       the same load; every message is written to the spool and
 #                 fdatasynced before its 250 (scripts/bench/durable.lua);
 #                 reports the group-commit batch size and fsyncs per second
+#   recovery      time to recover a spool of RECOVERY_N queued messages
+#                 (default 1000000; 0 skips), page cache warm and dropped
 #   postfix       Postfix's durable acceptance of the same load (smtp-source
 #                 -d) through ../shared/peers when it is there (BENCH_POSTFIX=0
 #                 skips it; POSTFIX_N messages, default 10000, one run)
@@ -122,6 +124,11 @@ while [ $rep -le "$REPS" ]; do
   rep=$((rep + 1))
 done
 run_postfix
+if [ "${RECOVERY_N:-1000000}" != 0 ]; then
+  echo "  recovery: writing and recovering a spool of ${RECOVERY_N:-1000000} messages" >&2
+  luajit scripts/bench/recovery.lua "${RECOVERY_N:-1000000}" "$SIZE" >"$out/recovery.txt" 2>&1 || true
+  sed 's/^/  /' "$out/recovery.txt" >&2
+fi
 
 # Medians, min, max and the ratio to the limit; JSON and markdown.
 /usr/bin/python3 - "$raw" "$out" "$N" "$C" "$SIZE" <<'PY'
@@ -169,6 +176,13 @@ try:
 except Exception:
     res["commit"] = "?"
 res["machine"] = "%s, %s cores" % (platform.platform(), __import__("os").cpu_count())
+try:
+    import re
+    rec = open(out + "/recovery.txt").read()
+    res["recovery"] = [{"label": m.group(1), "messages": int(m.group(2)), "seconds": float(m.group(3))}
+                       for m in re.finditer(r"recovery \((.*?)\): (\d+) messages in ([\d.]+) s", rec)]
+except OSError:
+    pass
 json.dump(res, open(out + "/latest.json", "w"), indent=2)
 lines = ["| figure | msg/s median (min–max) | ratio to limit | peak RSS MiB | batch size | fsyncs/s | target | met |",
          "|---|---|---|---|---|---|---|---|",
