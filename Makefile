@@ -59,11 +59,16 @@ lint:
 
 # Fuzz targets: libFuzzer with AddressSanitizer and UBSan.
 FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Icore
-FUZZERS     := $(BUILD)/fuzz/fuzz_smtp_in $(BUILD)/fuzz/fuzz_smtp_path $(BUILD)/fuzz/fuzz_smtp_reply
+FUZZERS     := $(BUILD)/fuzz/fuzz_smtp_in $(BUILD)/fuzz/fuzz_smtp_path $(BUILD)/fuzz/fuzz_smtp_reply \
+               $(BUILD)/fuzz/fuzz_spool_scan
 
-$(BUILD)/fuzz/%: core/fuzz/%.c core/smtp.c core/smtp.h
+$(BUILD)/fuzz/fuzz_smtp_%: core/fuzz/fuzz_smtp_%.c core/smtp.c core/smtp.h
 	@mkdir -p $(BUILD)/fuzz
 	clang $(FUZZ_CFLAGS) -o $@ $< core/smtp.c
+
+$(BUILD)/fuzz/fuzz_spool_%: core/fuzz/fuzz_spool_%.c core/spool.c core/spool.h
+	@mkdir -p $(BUILD)/fuzz
+	clang $(FUZZ_CFLAGS) -o $@ $< core/spool.c
 
 fuzz-build: $(FUZZERS)
 

@@ -203,19 +203,22 @@ describe("spool", function()
   end)
 
   it("recovers after torn tails and damage: keeps intact messages, quarantines the damaged one", function()
+    math.randomseed(os.time())
+    for trial = 1, 5 do
     H.run(function()
-      local so = spool_opts(dir .. "/spool", { segment_size = 4096 })
+      local sdir = dir .. "/spool" .. trial
+      local so = spool_opts(sdir, { segment_size = 4096 })
       local mta, port = H.start_mta({}, nil, { spool = so })
       for i = 1, 30 do
         assert.equal(250, (H.send(port, { from = "m" .. i .. "@c.test", body = "Subject: " .. i .. "\r\n\r\n" .. string.rep("z", 300) .. "\r\n" })))
       end
       H.stop_mta(mta)
-      local before = listing(dir .. "/spool")
+      local before = listing(sdir)
       assert.equal(30, #before)
-      local segs = seg_files(dir .. "/spool")
+      local segs = seg_files(sdir)
       assert.is_true(#segs >= 3)
       -- flip a byte in the middle of the second message of the oldest segment
-      local oldest = dir .. "/spool/seg/" .. segs[1]
+      local oldest = sdir .. "/seg/" .. segs[1]
       local victim
       for _, m in ipairs(before) do
         if m.seg.num == 1 and m.off > 0 then victim = m break end
@@ -227,35 +230,37 @@ describe("spool", function()
       -- tear the newest segment that has data at a random place
       local newest
       for i = #segs, 1, -1 do
-        if uv.fs_stat(dir .. "/spool/seg/" .. segs[i]).size > 0 then newest = segs[i] break end
+        if uv.fs_stat(sdir .. "/seg/" .. segs[i]).size > 0 then newest = segs[i] break end
       end
-      local size = uv.fs_stat(dir .. "/spool/seg/" .. newest).size
-      math.randomseed(os.time())
+      local size = uv.fs_stat(sdir .. "/seg/" .. newest).size
       local cut = math.random(40, size - 1)
-      local lost_by_cut = 0
+      local lost_by_cut, at_boundary = 0, false
       for _, m in ipairs(before) do
-        if spool_mod.seg_name(m.seg.num) == newest and m.off + m.len > cut then lost_by_cut = lost_by_cut + 1 end
+        if spool_mod.seg_name(m.seg.num) == newest then
+          if m.off + m.len > cut then lost_by_cut = lost_by_cut + 1 end
+          if m.off == cut or m.off + m.len == cut then at_boundary = true end
+        end
       end
-      local tfd = assert(uv.fs_open(dir .. "/spool/seg/" .. newest, "r+", 0))
+      local tfd = assert(uv.fs_open(sdir .. "/seg/" .. newest, "r+", 0))
       assert(uv.fs_ftruncate(tfd, cut))
       uv.fs_close(tfd)
       -- the server starts and keeps every intact message
       mta = H.start_mta({}, nil, { spool = so })
       assert.equal(30 - 1 - lost_by_cut, mta.spool:count())
       assert.equal(1, mta.spool.stats.quarantined)
-      assert.equal(1, mta.spool.stats.torn)
+      assert.equal(at_boundary and 0 or 1, mta.spool.stats.torn) -- a cut between records leaves a clean end
       H.stop_mta(mta)
-      local q = H.ls(dir .. "/spool/quarantine")
+      local q = H.ls(sdir .. "/quarantine")
       assert.equal(2, #q)
-      local why = H.read(dir .. "/spool/quarantine/" .. q[2])
+      local why = H.read(sdir .. "/quarantine/" .. q[2])
       assert.matches("payload checksum", why)
       for _, qf in ipairs(q) do
-        assert.equal(tonumber("600", 8), uv.fs_stat(dir .. "/spool/quarantine/" .. qf).mode % 512, qf)
+        assert.equal(tonumber("600", 8), uv.fs_stat(sdir .. "/quarantine/" .. qf).mode % 512, qf)
       end
       local log = H.log("quarantined")
       assert.truthy(log:find("payload checksum", 1, true))
-      assert.truthy(H.log("torn tail"):find(newest, 1, true))
-      local after = listing(dir .. "/spool")
+      if not at_boundary then assert.truthy(H.log("torn tail"):find(newest, 1, true)) end
+      local after = listing(sdir)
       local left = {}
       for _, m in ipairs(after) do left[m.env.from] = true end
       assert.is_nil(left[victim.env and victim.env.from or "?"])
@@ -264,6 +269,7 @@ describe("spool", function()
         if m ~= victim and not torn then assert.is_true(left[m.env.from], m.env.from) end
       end
     end)
+    end
   end)
 
   it("answers 451 4.3.0 / 452 4.3.1 when the disk is full, keeps serving, and accepts again", function()
