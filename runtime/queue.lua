@@ -78,17 +78,22 @@ function _M.new(mta, spool, opts)
   }, mt)
 end
 
+-- Wake the dispatcher if it waits (new work, a free slot, or stop).
+local function poke(self)
+  local w = self.waiter
+  if w then
+    self.waiter = nil
+    sched.wake(w, true)
+  end
+end
+
 function Queue:set_transport(fn)
   self.transport = fn
 end
 
 function Queue:add(m)
   heap_push(self.heap, m)
-  local w = self.waiter
-  if w then
-    self.waiter = nil
-    sched.wake(w, true)
-  end
+  poke(self)
 end
 
 local function split(address)
@@ -188,11 +193,7 @@ local function dispatcher(self)
             m.next = os.time() + 60
             self:add(m)
           end
-          local w = self.waiter
-          if w then
-            self.waiter = nil
-            sched.wake(w, true)
-          end
+          poke(self)
         end)
       end
     end
@@ -220,11 +221,7 @@ end
 
 function Queue:stop()
   self.stopped = true
-  local w = self.waiter
-  if w then
-    self.waiter = nil
-    sched.wake(w, true)
-  end
+  poke(self)
 end
 
 function Queue:depth()
