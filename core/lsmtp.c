@@ -582,10 +582,34 @@ static int l_check_param(lua_State *L)
     return 1;
 }
 
+/* the bytes of a string or a message argument */
+static const char *checkbytes(lua_State *L, int i, size_t *n)
+{
+    if (lua_type(L, i) == LUA_TSTRING) return lua_tolstring(L, i, n);
+    {
+        lmessage *m = mp_testudata(L, i, MESSAGE_MT);
+        if (m == NULL) luaL_argerror(L, i, "expected a string or a message");
+        if (m->closed) luaL_argerror(L, i, "message is closed");
+        *n = m->body.len;
+        return mp_body_data(&m->body);
+    }
+}
+
+/* has_8bit(s | message) -> true when an octet is above 127 */
+static int l_has_8bit(lua_State *L)
+{
+    size_t n, i;
+    const unsigned char *s = (const unsigned char *)checkbytes(L, 1, &n);
+    for (i = 0; i < n; i++)
+        if (s[i] & 0x80) break;
+    lua_pushboolean(L, i < n);
+    return 1;
+}
+
 static int l_dotstuff(lua_State *L)
 {
     size_t n;
-    const char *s = luaL_checklstring(L, 1, &n);
+    const char *s = checkbytes(L, 1, &n);
     mp_stuff st;
     mp_body out;
     mp_body_init(&out);
@@ -622,6 +646,7 @@ static const luaL_Reg funcs[] = {
     {"parse_path", l_parse_path},
     {"check_param", l_check_param},
     {"dotstuff", l_dotstuff},
+    {"has_8bit", l_has_8bit},
     {"utf8_valid", l_utf8_valid},
     {"xtext_valid", l_xtext_valid},
     {NULL, NULL}};

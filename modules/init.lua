@@ -158,11 +158,26 @@ function MTA:add_listener(spec)
   self.listen_specs[#self.listen_specs + 1] = spec
 end
 
--- Used by delivery blocks (moonpost.maildir): the function that delivers
--- spooled messages. See runtime/queue.lua for its contract.
+-- Used by delivery blocks (moonpost.maildir, moonpost.route): a transport
+-- that delivers spooled mail. t = { name, deliver = fn(env, body, rcpts),
+-- domains = list or nil (nil: every domain no other transport claims),
+-- close = fn or nil }. See runtime/queue.lua for the contract.
+function MTA:add_transport(t)
+  self.transports = self.transports or {}
+  if not t.domains then
+    for _, other in ipairs(self.transports) do
+      if not other.domains then
+        config.raise(string.format("%s and %s both want every domain: give one of them 'domains'",
+          other.name, t.name))
+      end
+    end
+  end
+  self.transports[#self.transports + 1] = t
+end
+
+-- set_transport(fn): a transport for every domain.
 function MTA:set_transport(fn)
-  if self.transport then config.raise("only one transport can deliver spooled mail for now") end
-  self.transport = fn
+  self:add_transport({ name = "transport", deliver = fn })
 end
 
 function MTA:has_spool()
@@ -184,7 +199,7 @@ function MTA:start()
     self.spool = sp
     local q = queue.new(self, sp, self.opts.queue)
     self.queue = q
-    if self.transport then q:set_transport(self.transport) end
+    if self.transports then q:set_transports(self.transports) end
     sp:each(function(m) q:add(m) end)
     sp.on_stored = function(m) q:add(m) end
     q:start()
@@ -265,6 +280,9 @@ function MTA:close_spool()
   if self.queue then
     self.queue:stop()
     self.queue = nil
+  end
+  for _, t in ipairs(self.transports or {}) do
+    if t.close then pcall(t.close) end
   end
   if self.spool then
     self.spool:close()

@@ -58,6 +58,7 @@ local SCHEMA = {
   root = { type = "string", required = true },
   folder = { type = "function" },
   fsync = { type = "boolean", default = true },
+  domains = { type = "list" },
   mode = { type = "nonneg", default = 384 },
 }
 
@@ -188,7 +189,7 @@ function _M.deliver(opts)
   local block = { name = "maildir.deliver" }
   function block.attach(_, mta)
     if mta:has_spool() then
-      mta:set_transport(transport)
+      mta:add_transport({ name = "maildir.deliver", deliver = transport, domains = o.domains })
     else
       mta:on("smtp_server_message_received", store)
     end

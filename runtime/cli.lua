@@ -68,8 +68,13 @@ function _M.main(argv)
     io.stdout:write(path, ": ok\n")
     return 0
   end
+  -- One write per block of log lines, at most 0.1 s late.
+  require("moonpost.runtime.log").buffered(0.1)
   local ok, err = load_policy(path, args)
-  if not ok then return die(1, "%s", err) end
+  if not ok then
+    require("moonpost.runtime.log").flush()
+    return die(1, "%s", err)
+  end
   -- A policy that builds an MTA but never calls run(): run it now.
   for _, mta in ipairs(moonpost.instances) do
     if not mta.ran and not mta.stopping then
@@ -131,6 +136,7 @@ if (...) ~= "moonpost.runtime.cli" then
   io.stdout:setvbuf("line")
   io.stderr:setvbuf("line")
   local code = _M.main(arg)
+  require("moonpost.runtime.log").flush()
   -- Write the profile of `luajit -jp` now: closing the Lua state at exit
   -- (os.exit(code, true)) would make luv run its loop cleanup into a state
   -- being destroyed, which crashes.

@@ -69,6 +69,37 @@ function _M.get_level()
   return ((NAMES[level]):gsub(" ", ""))
 end
 
+-- buffered(seconds): write the default sink's lines in blocks, at most
+-- `seconds` late (one write per block instead of one per line). The CLI
+-- turns it on; flush() writes what is pending.
+local pending, npending = {}, 0
+local flush_timer
+
+function _M.flush()
+  if npending > 0 then
+    io.stderr:write(table.concat(pending, "", 1, npending))
+    for i = 1, npending do pending[i] = nil end
+    npending = 0
+  end
+  io.stderr:flush()
+end
+
+function _M.buffered(seconds)
+  local ok, uv = pcall(require, "luv")
+  if not ok then return end
+  io.stderr:setvbuf("full")
+  sink = function(line)
+    npending = npending + 1
+    pending[npending] = line
+    if npending >= 256 then _M.flush() end
+  end
+  if not flush_timer then
+    flush_timer = uv.new_timer()
+    flush_timer:unref()
+    flush_timer:start(seconds * 1000, seconds * 1000, function() pcall(_M.flush) end)
+  end
+end
+
 -- sink(fn(line)) replaces the output; returns the previous one.
 function _M.set_sink(fn)
   local old = sink

@@ -87,8 +87,56 @@ local function poke(self)
   end
 end
 
+-- set_transports(list): { name, deliver, domains } each; a transport with
+-- domains takes those domains, the one without takes the rest.
+function Queue:set_transports(list)
+  self.by_domain, self.default = {}, nil
+  for _, t in ipairs(list) do
+    if t.domains then
+      for _, d in ipairs(t.domains) do self.by_domain[d:lower()] = t end
+    else
+      self.default = t
+    end
+  end
+  self.transport = true
+end
+
 function Queue:set_transport(fn)
-  self.transport = fn
+  self:set_transports({ { name = "transport", deliver = fn } })
+end
+
+-- Deliver a message's recipients: one call of the right transport per
+-- recipient domain. Returns results by recipient index.
+function Queue:dispatch(env, body, rcpts)
+  local groups, order = {}, {}
+  for _, r in ipairs(rcpts) do
+    local d = r.domain:lower()
+    if not groups[d] then
+      groups[d] = {}
+      order[#order + 1] = d
+    end
+    local g = groups[d]
+    g[#g + 1] = r
+  end
+  local results = {}
+  for _, d in ipairs(order) do
+    local t = self.by_domain[d] or self.default
+    local res
+    if not t then
+      res = {}
+      local no = { status = "deferred", code = 451, enhanced = "4.4.3", text = "no transport for " .. d }
+      for _, r in ipairs(groups[d]) do res[r.index] = no end
+    else
+      local ok, out = xpcall(t.deliver, debug.traceback, env, body, groups[d])
+      if not ok then
+        log.error("queue: %s: transport %s failed: %s", env.id, t.name, tostring(out))
+        out = {}
+      end
+      res = out or {}
+    end
+    for _, r in ipairs(groups[d]) do results[r.index] = res[r.index] end
+  end
+  return results
 end
 
 function Queue:add(m)
@@ -131,12 +179,7 @@ local function deliver(self, m)
   end
   m.attempts = (m.attempts or 0) + 1
   self.stats.attempts = self.stats.attempts + 1
-  local ok, results = xpcall(self.transport, debug.traceback, env, body, rcpts)
-  if not ok then
-    log.error("queue: %s: transport failed: %s", env.id, tostring(results))
-    results = {}
-  end
-  results = results or {}
+  local results = self:dispatch(env, body, rcpts)
   local done, deferred = {}, 0
   local expired = now - (env.t or now) >= self.max_age
   for _, r in ipairs(rcpts) do

@@ -331,7 +331,8 @@ local function message_done(self, msg, flags)
     -- The promise: 250 only once the message is on disk.
     stored, serr, scode = sp:store(txn, msg)
   end
-  msg:close()
+  -- the spool keeps a stored message in memory for its delivery
+  if not txn.kept then msg:close() end
   self.txn = nil
   self.parser:reset_body()
   set_state(self, "ready")

@@ -45,6 +45,7 @@ local DEFAULTS = {
   check_interval = 2,      -- seconds between free-space checks
   lazy_sync = 0.1,         -- state records reach the disk within this many seconds
   compact_delay = 60,      -- seconds a segment is closed before dense ones are compacted
+  cache_bytes = 64 * 1048576, -- messages kept in memory after their store, for delivery
 }
 
 -- ---- helpers ------------------------------------------------------------------------
@@ -125,6 +126,10 @@ function _M.open(opts)
     stats = { batches = 0, synced = 0, fsyncs = 0, stored = 0, bytes = 0, quarantined = 0,
       torn = 0, recovered = 0, compactions = 0, deleted = 0 },
     fault = opts.fault or {},
+    cache = {},       -- id -> { msg, env } for messages stored by this process
+    cache_order = {}, -- ids, oldest first
+    cache_head = 1,
+    cached_bytes = 0,
   }, mt)
   for k, v in pairs(DEFAULTS) do
     self[k] = opts[k] ~= nil and opts[k] or v
@@ -439,7 +444,8 @@ end
 -- message is durable. txn.id names the message.
 function Spool:store(txn, msg)
   local id = tonumber(txn.id, 16)
-  local meta = encode(envelope_of(txn))
+  local envt = envelope_of(txn)
+  local meta = encode(envt)
   local seg, off, len = append(self, MSG, 0, id, meta, msg, #txn.recipients)
   if not seg then return nil, off, len end
   seg.live = seg.live + 1
@@ -461,8 +467,41 @@ function Spool:store(txn, msg)
   self.msgs[id] = m
   self.nlive = self.nlive + 1
   self.stats.stored = self.stats.stored + 1
+  -- Keep the message for its first delivery: no read from disk, no decode.
+  local size = msg:size()
+  if self.cache_bytes > 0 and size <= self.cache_bytes / 8 then
+    envt.id = txn.id
+    self.cache[id] = { msg = msg, env = envt, size = size }
+    self.cache_order[#self.cache_order + 1] = id
+    self.cached_bytes = self.cached_bytes + size
+    txn.kept = true
+    self:trim_cache()
+  end
   if self.on_stored then self.on_stored(m) end
   return true
+end
+
+-- Drop cached messages, oldest first, beyond cache_bytes (all: every one).
+function Spool:trim_cache(all)
+  local order = self.cache_order
+  while self.cache_head <= #order and (all or self.cached_bytes > self.cache_bytes) do
+    local id = order[self.cache_head]
+    order[self.cache_head] = nil
+    self.cache_head = self.cache_head + 1
+    self:uncache(id)
+  end
+  if self.cache_head > #order then
+    self.cache_order, self.cache_head = {}, 1
+  end
+end
+
+function Spool:uncache(id)
+  local c = self.cache[id]
+  if c then
+    self.cache[id] = nil
+    self.cached_bytes = self.cached_bytes - c.size
+    c.msg:close()
+  end
 end
 
 function Spool:accepting()
@@ -483,7 +522,14 @@ function Spool:each(fn)
 end
 
 -- read(m) -> envelope, body | nil, err. In a task (reads in the thread pool).
-function Spool:read(m) -- luacheck: ignore self
+function Spool:read(m)
+  local c = self.cache[m.id]
+  if c then
+    -- the envelope as stored, with the recipients done so far
+    local env = c.env
+    for i, r in ipairs(env.rcpt) do r.done = m.rdone and m.rdone[i] or nil end
+    return env, c.msg
+  end
   -- the record may still be in the head's write buffer (a fresh compaction copy)
   if m.seg.file:pending() > 0 then m.seg.file:spill() end
   local task, token = reserve()
@@ -555,6 +601,7 @@ function Spool:done(id)
   drop_live(m)
   self.msgs[id] = nil
   self.nlive = self.nlive - 1
+  self:uncache(id)
   if not self.reclaim_scheduled then
     self.reclaim_scheduled = true
     sched.spawn(function()
@@ -714,6 +761,7 @@ function Spool:check_space()
 end
 
 function Spool:close()
+  self:trim_cache(true)
   if not self.readonly and self.lock then
     local st = self.stats
     log.info("spool: closed: %d stored, %d sync batches, %d fsyncs, %d bytes written, %d compactions, "

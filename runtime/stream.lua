@@ -201,9 +201,17 @@ function Stream:sockname()
   if a then return a.ip, a.port, a.family end
 end
 
--- connect(host, port, timeout) -> stream | nil, err. Host must be an address.
-function _M.connect(host, port, timeout)
+-- connect(host, port, timeout, bind) -> stream | nil, err. Host must be an
+-- address; bind, when given, is the source address to connect from.
+function _M.connect(host, port, timeout, bind)
   local tcp = uv.new_tcp()
+  if bind then
+    local ok, berr = pcall(tcp.bind, tcp, bind, 0)
+    if not ok or not berr then
+      tcp:close()
+      return nil, "cannot bind " .. tostring(bind) .. ": " .. tostring(ok and berr or berr)
+    end
+  end
   local task, token = reserve()
   local ok, err = tcp:connect(host, port, function(e)
     wake_token(task, token, not e and true or nil, e)

@@ -1,0 +1,390 @@
+-- The SMTP client: sessions to a next hop, and pools of them per destination.
+--
+--   local pool = client.pool(opts)              -- one per destination
+--   local results = pool:deliver(env, body, rcpts, hosts)
+--
+-- A delivery takes a connection from the pool (reusing an idle one, or
+-- opening one while fewer than max_connections are open, or waiting for
+-- one), runs one transaction and returns the connection to the pool, which
+-- keeps it for the next message until max_messages or idle_timeout. The
+-- transaction pipelines MAIL, every RCPT and DATA when the server offers
+-- PIPELINING (RFC 2920), checks SIZE, 8BITMIME and SMTPUTF8 first, and
+-- streams the dot-stuffed body. Results are per recipient:
+--   { status = "delivered" | "deferred" | "bounced", code, enhanced, text, host }
+-- A 4xx, a failed connection, a timeout or a protocol error defers; a 5xx
+-- bounces. Timeouts default to RFC 5321 4.5.3.2.
+local smtp = require "moonpost.core.smtp"
+local sched = require "moonpost.runtime.sched"
+local stream = require "moonpost.runtime.stream"
+local log = require "moonpost.runtime.log"
+
+local format, concat, upper = string.format, table.concat, string.upper
+local uv = require "luv"
+
+local _M = { _VERSION = "0.1" }
+
+_M.TIMEOUTS = {
+  connect = 30,
+  greeting = 300, -- 4.5.3.2.1
+  ehlo = 300,
+  mail = 300,     -- 4.5.3.2.2
+  rcpt = 300,     -- 4.5.3.2.3
+  data = 120,     -- 4.5.3.2.4: DATA initiation
+  block = 180,    -- 4.5.3.2.5: each data block
+  done = 600,     -- 4.5.3.2.6: DATA termination
+  quit = 10,
+}
+
+-- ---- one connection -------------------------------------------------------------
+
+local Conn = {}
+local conn_mt = { __index = Conn }
+
+local function temp(text, host)
+  return { status = "deferred", code = 451, enhanced = "4.4.0", text = text, host = host }
+end
+
+-- read one reply: code, enhanced, text | nil, err
+function Conn:reply(timeout)
+  local rp = self.rp
+  while true do
+    local code, enh, text = rp:next()
+    if code then return code, enh or nil, text end
+    if enh then
+      self.broken = "protocol error: " .. tostring(enh)
+      return nil, self.broken
+    end
+    local ok, err = self.s:wait_input(timeout)
+    if not ok then
+      self.broken = err == "timeout" and "timeout waiting for a reply" or ("connection lost: " .. tostring(err))
+      return nil, self.broken
+    end
+  end
+end
+
+function Conn:send(data, timeout)
+  local ok, err = self.s:send(data, timeout or self.timeouts.block)
+  if not ok then
+    self.broken = "connection lost while sending: " .. tostring(err)
+    return nil, self.broken
+  end
+  return true
+end
+
+function Conn:close()
+  if self.s then self.s:close() end
+  if self.rp then self.rp:close() end
+  self.closed = true
+end
+
+-- A best-effort QUIT, then close.
+function Conn:quit()
+  if not self.closed and not self.broken then
+    if self.s:send("QUIT\r\n", self.timeouts.quit) then self:reply(self.timeouts.quit) end
+  end
+  self:close()
+end
+
+local function parse_ehlo(text)
+  local ext = {}
+  local first = true
+  for line in (text .. "\n"):gmatch("([^\n]*)\n") do
+    if first then
+      first = false
+    else
+      local kw, rest = line:match("^(%S+)%s*(.*)$")
+      if kw then ext[upper(kw)] = rest ~= "" and rest or true end
+    end
+  end
+  return ext
+end
+
+-- connect(host, port, opts) -> conn | nil, err
+function _M.connect(host, port, opts)
+  local timeouts = opts.timeouts
+  local s, err = stream.connect(host, port, timeouts.connect, opts.bind)
+  if not s then return nil, format("cannot connect to [%s]:%d: %s", host, port, tostring(err)) end
+  local rp = smtp.reply_parser()
+  s:attach(rp)
+  local c = setmetatable({ s = s, rp = rp, host = host, port = port, timeouts = timeouts, messages = 0,
+    name = format("[%s]:%d", host, port) }, conn_mt)
+  local code, _, text = c:reply(timeouts.greeting)
+  if code ~= 220 then
+    local why = code and format("greeting: %d %s", code, text) or ("greeting: " .. tostring(_))
+    c.greeting_code = code
+    c:quit()
+    return nil, why, code
+  end
+  c:send("EHLO " .. opts.helo .. "\r\n", timeouts.ehlo)
+  code, _, text = c:reply(timeouts.ehlo)
+  if code == 250 then
+    c.ext = parse_ehlo(text)
+    c.esmtp = true
+  elseif code and code >= 500 then
+    -- RFC 5321 3.2: fall back to HELO
+    c:send("HELO " .. opts.helo .. "\r\n", timeouts.ehlo)
+    code, _, text = c:reply(timeouts.ehlo)
+    if code ~= 250 then
+      c:quit()
+      return nil, format("HELO: %s %s", tostring(code), tostring(text)), code
+    end
+    c.ext = {}
+  else
+    c:quit()
+    return nil, format("EHLO: %s %s", tostring(code), tostring(text or _)), code
+  end
+  c.pipelining = c.ext.PIPELINING ~= nil and opts.pipelining ~= false
+  c.size_limit = tonumber(c.ext.SIZE) or 0
+  return c
+end
+
+local has_8bit = smtp.has_8bit -- a string or a message
+
+local function needs_utf8(env)
+  if env.utf8 then return true end
+  if has_8bit(env.from or "") then return true end
+  for _, r in ipairs(env.rcpt) do if has_8bit(r.a) then return true end end
+  return false
+end
+
+local function outcome(code, enh, text, host)
+  local status = (code >= 200 and code < 300) and "delivered" or (code >= 500 and "bounced" or "deferred")
+  return { status = status, code = code, enhanced = enh, text = text, host = host }
+end
+
+-- transaction(env, body, rcpts) -> results by recipient index. The
+-- connection stays usable when c.broken is nil.
+function Conn:transaction(env, body, rcpts)
+  local results, host = {}, self.name
+  local function all(res)
+    for _, r in ipairs(rcpts) do results[r.index] = res end
+    return results
+  end
+  -- what the server must support, checked before sending anything
+  local size = type(body) == "string" and #body or body:size()
+  if self.size_limit > 0 and size > self.size_limit then
+    return all({ status = "bounced", code = 552, enhanced = "5.3.4", host = host,
+      text = format("message size %d exceeds the limit of %s (%d)", size, host, self.size_limit) })
+  end
+  if needs_utf8(env) and not self.ext.SMTPUTF8 then
+    return all({ status = "bounced", code = 553, enhanced = "5.6.7", host = host,
+      text = host .. " does not support SMTPUTF8, which this message needs" })
+  end
+  local eight = env.body == "8BITMIME" or (env.body == nil and has_8bit(body))
+  if eight and not self.ext["8BITMIME"] then
+    return all({ status = "bounced", code = 554, enhanced = "5.6.3", host = host,
+      text = host .. " does not support 8BITMIME, which this message needs" })
+  end
+  local mail = { "MAIL FROM:<", env.from or "", ">" }
+  if self.ext.SIZE then mail[#mail + 1] = " SIZE=" .. size end
+  if eight then mail[#mail + 1] = " BODY=8BITMIME" end
+  if env.utf8 and self.ext.SMTPUTF8 then mail[#mail + 1] = " SMTPUTF8" end
+  local dsn = self.ext.DSN ~= nil
+  if dsn and env.ret then mail[#mail + 1] = " RET=" .. env.ret end
+  if dsn and env.envid then mail[#mail + 1] = " ENVID=" .. env.envid end
+  mail[#mail + 1] = "\r\n"
+  local cmds = { concat(mail) }
+  for i, r in ipairs(rcpts) do
+    local line = "RCPT TO:<" .. r.address .. ">"
+    if dsn and r.notify then line = line .. " NOTIFY=" .. r.notify end
+    if dsn and r.orcpt then line = line .. " ORCPT=" .. r.orcpt end
+    cmds[i + 1] = line .. "\r\n"
+  end
+  cmds[#cmds + 1] = "DATA\r\n"
+  local t = self.timeouts
+  local replies = {}
+  if self.pipelining then
+    -- RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order
+    if not self:send(concat(cmds)) then return all(temp(self.broken, host)) end
+    for i = 1, #cmds do
+      local code, enh, text = self:reply(i == 1 and t.mail or (i == #cmds and t.data or t.rcpt))
+      if not code then return all(temp(self.broken, host)) end
+      replies[i] = { code, enh, text }
+    end
+  else
+    for i = 1, #cmds do
+      if not self:send(cmds[i]) then return all(temp(self.broken, host)) end
+      local code, enh, text = self:reply(i == 1 and t.mail or (i == #cmds and t.data or t.rcpt))
+      if not code then return all(temp(self.broken, host)) end
+      replies[i] = { code, enh, text }
+      if i == 1 and code ~= 250 then break end
+    end
+  end
+  local m = replies[1]
+  if m[1] ~= 250 then
+    self:send("RSET\r\n")
+    self:reply(t.mail)
+    return all(outcome(m[1], m[2], "MAIL FROM: " .. m[3], host))
+  end
+  local accepted = {}
+  for i, r in ipairs(rcpts) do
+    local rr = replies[i + 1]
+    if rr and rr[1] >= 200 and rr[1] < 300 then
+      accepted[#accepted + 1] = r
+    elseif rr then
+      results[r.index] = outcome(rr[1], rr[2], "RCPT TO: " .. rr[3], host)
+    end
+  end
+  local d = replies[#cmds]
+  if #accepted == 0 then
+    if d and d[1] == 354 then
+      -- a server that said 354 without a recipient: end the data at once
+      self:send(".\r\n")
+      self:reply(t.done)
+    end
+    self:send("RSET\r\n")
+    self:reply(t.mail)
+    return results
+  end
+  if not d or d[1] ~= 354 then
+    local res = d and outcome(d[1] == 354 and 451 or d[1], d[2], "DATA: " .. d[3], host)
+      or temp("DATA: no reply", host)
+    if res.status == "delivered" then res = temp("DATA: unexpected " .. d[1], host) end
+    for _, r in ipairs(accepted) do results[r.index] = res end
+    self:send("RSET\r\n")
+    self:reply(t.mail)
+    return results
+  end
+  if not self:send(smtp.dotstuff(body), t.block) then
+    for _, r in ipairs(accepted) do results[r.index] = temp(self.broken, host) end
+    return results
+  end
+  local code, enh, text = self:reply(t.done)
+  local res = code and outcome(code, enh, text, host) or temp(self.broken, host)
+  for _, r in ipairs(accepted) do results[r.index] = res end
+  self.messages = self.messages + 1
+  return results
+end
+
+-- ---- pools ---------------------------------------------------------------------------
+
+local Pool = {}
+local pool_mt = { __index = Pool }
+
+-- pool(opts): opts.max_connections, max_messages, idle_timeout, helo,
+-- timeouts, pipelining, bind (source address), name (for the logs).
+function _M.pool(opts)
+  return setmetatable({
+    opts = opts,
+    idle = {},        -- connections waiting for a message, most recent last
+    open = 0,         -- connections open (idle or busy)
+    waiting = {},     -- tasks waiting for a connection
+    stats = { connections = 0, messages = 0, reused = 0, peak = 0 },
+  }, pool_mt)
+end
+
+local function notify(pool)
+  local w = table.remove(pool.waiting, 1)
+  if w then sched.wake(w, true) end
+end
+
+-- release(conn): back to the pool, or closed.
+function Pool:release(c)
+  local o = self.opts
+  if c.broken or c.closed or c.messages >= o.max_messages or self.closing then
+    if not c.closed then
+      if c.broken then c:close() else c:quit() end
+    end
+    self.open = self.open - 1
+    notify(self)
+    return
+  end
+  c.idle_since = uv.now()
+  self.idle[#self.idle + 1] = c
+  notify(self)
+  self:reap_later()
+end
+
+-- Close connections idle for longer than idle_timeout.
+function Pool:reap_later()
+  if self.reaper then return end
+  self.reaper = sched.spawn(function()
+    while #self.idle > 0 do
+      sched.sleep(math.min(1, self.opts.idle_timeout))
+      local now = uv.now()
+      for i = #self.idle, 1, -1 do
+        local c = self.idle[i]
+        if now - c.idle_since >= self.opts.idle_timeout * 1000 then
+          table.remove(self.idle, i)
+          self.open = self.open - 1
+          c:quit()
+          notify(self)
+        end
+      end
+    end
+    self.reaper = nil
+  end)
+end
+
+-- acquire(hosts) -> conn | nil, err. hosts: list of { host, port } to try
+-- in order until one answers.
+function Pool:acquire(hosts)
+  local o = self.opts
+  while true do
+    local c = table.remove(self.idle)
+    if c then
+      if not c.s.eof then
+        self.stats.reused = self.stats.reused + 1
+        return c
+      end
+      -- the server closed it meanwhile
+      c:close()
+      self.open = self.open - 1
+    elseif self.open < o.max_connections then
+      self.open = self.open + 1
+      if self.open > self.stats.peak then self.stats.peak = self.open end
+      local errs = {}
+      local last_code
+      for _, h in ipairs(hosts) do
+        local conn, err, code = _M.connect(h.host, h.port, o)
+        if conn then
+          self.stats.connections = self.stats.connections + 1
+          return conn
+        end
+        errs[#errs + 1] = err
+        last_code = code or last_code
+        log.info("%s: %s", o.name or "smtp", err)
+      end
+      self.open = self.open - 1
+      notify(self)
+      return nil, concat(errs, "; "), last_code
+    else
+      self.waiting[#self.waiting + 1] = sched.current()
+      sched.wait(o.timeouts.connect)
+    end
+  end
+end
+
+-- deliver(env, body, rcpts, hosts) -> results by recipient index
+function Pool:deliver(env, body, rcpts, hosts)
+  local c, err, code = self:acquire(hosts)
+  if not c then
+    -- every host refused or failed: a 5xx greeting from all of them bounces
+    local res = (code and code >= 500) and
+      { status = "bounced", code = code, enhanced = "5.0.0", text = err }
+      or { status = "deferred", code = 451, enhanced = "4.4.1", text = err }
+    local results = {}
+    for _, r in ipairs(rcpts) do results[r.index] = res end
+    return results
+  end
+  local ok, results = pcall(c.transaction, c, env, body, rcpts)
+  if not ok then
+    c.broken = "internal error"
+    self:release(c)
+    error(results, 0)
+  end
+  self.stats.messages = self.stats.messages + 1
+  self:release(c)
+  return results
+end
+
+function Pool:close()
+  self.closing = true
+  for _, c in ipairs(self.idle) do c:quit() end
+  self.open = self.open - #self.idle
+  self.idle = {}
+end
+
+_M.parse_ehlo = parse_ehlo
+
+return _M
