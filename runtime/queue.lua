@@ -7,7 +7,9 @@
 --   q:start(), q:stop()
 --
 -- A transport gets the envelope (env.from, env.rcpt[i].a, ...), the stored
--- message and the recipients still to do ({ index, address, local, domain }),
+-- message (a string, or a message handle of moonpost.core.smtp that is
+-- valid during the call only: use :size(), :write(fd), :tostring()) and
+-- the recipients still to do ({ index, address, local, domain }),
 -- and returns a result per recipient index: status "delivered", "deferred"
 -- or "bounced", with the reply text. A transport that raises defers every
 -- recipient. Outcomes raise delivery_delivered / delivery_deferred /

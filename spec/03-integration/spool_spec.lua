@@ -34,7 +34,9 @@ local function recorder()
       if r.defer[rc["local"]] then
         res[rc.index] = { status = "deferred", text = "4.2.0 not now" }
       else
-        r.delivered[#r.delivered + 1] = { id = env.id, rcpt = rc.address, body = body, from = env.from }
+        -- the body is a string, or a message handle valid during the call
+        local text = type(body) == "string" and body or body:tostring()
+        r.delivered[#r.delivered + 1] = { id = env.id, rcpt = rc.address, body = text, from = env.from }
         res[rc.index] = { status = "delivered", text = "2.0.0 ok" }
       end
     end
