@@ -76,6 +76,7 @@ local QUEUE_SCHEMA = {
   concurrency = { type = "posint", default = 20 },
   retry = { type = "table", default = function() return { "30s", "1m", "5m", "15m", "30m" } end },
   max_age = { type = "duration", default = "5d" },
+  delay_warning = { type = "duration" },
 }
 
 -- MOONPOST_SPOOL_FAULT=compaction_pause=<seconds>: a pause in the middle of a

@@ -177,7 +177,7 @@ function _M.deliver(opts)
           local sok, serr = fs.fsync_dir(dir .. "/new")
           if not sok then log.error("%s: maildir fsync of %s/new: %s", env.id, dir, tostring(serr)) end
         end
-        r = ok and { status = "delivered", text = "2.0.0 delivered to maildir " .. dir }
+        r = ok and { status = "delivered", final = true, text = "2.0.0 delivered to maildir " .. dir }
           or { status = "deferred", text = "4.3.0 maildir " .. dir .. ": " .. tostring(err) }
         by_dir[dir] = r
       end

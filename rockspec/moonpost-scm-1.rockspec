@@ -36,6 +36,7 @@ build = {
     ["moonpost.runtime.client"] = "runtime/client.lua",
     ["moonpost.runtime.config"] = "runtime/config.lua",
     ["moonpost.runtime.devpath"] = "runtime/devpath.lua",
+    ["moonpost.runtime.dsn"] = "runtime/dsn.lua",
     ["moonpost.runtime.env"] = "runtime/env.lua",
     ["moonpost.runtime.fs"] = "runtime/fs.lua",
     ["moonpost.runtime.hooks"] = "runtime/hooks.lua",

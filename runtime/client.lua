@@ -147,9 +147,10 @@ local function needs_utf8(env)
   return false
 end
 
-local function outcome(code, enh, text, host)
+-- The remote reply as it was (for DSNs), and the stage it answered.
+local function outcome(code, enh, text, host, stage)
   local status = (code >= 200 and code < 300) and "delivered" or (code >= 500 and "bounced" or "deferred")
-  return { status = status, code = code, enhanced = enh, text = text, host = host }
+  return { status = status, code = code, enhanced = enh, text = text, host = host, stage = stage }
 end
 
 -- transaction(env, body, rcpts) -> results by recipient index. The
@@ -214,7 +215,7 @@ function Conn:transaction(env, body, rcpts)
   if m[1] ~= 250 then
     self:send("RSET\r\n")
     self:reply(t.mail)
-    return all(outcome(m[1], m[2], "MAIL FROM: " .. m[3], host))
+    return all(outcome(m[1], m[2], m[3], host, "MAIL FROM"))
   end
   local accepted = {}
   for i, r in ipairs(rcpts) do
@@ -222,7 +223,7 @@ function Conn:transaction(env, body, rcpts)
     if rr and rr[1] >= 200 and rr[1] < 300 then
       accepted[#accepted + 1] = r
     elseif rr then
-      results[r.index] = outcome(rr[1], rr[2], "RCPT TO: " .. rr[3], host)
+      results[r.index] = outcome(rr[1], rr[2], rr[3], host, "RCPT TO")
     end
   end
   local d = replies[#cmds]
@@ -237,7 +238,7 @@ function Conn:transaction(env, body, rcpts)
     return results
   end
   if not d or d[1] ~= 354 then
-    local res = d and outcome(d[1] == 354 and 451 or d[1], d[2], "DATA: " .. d[3], host)
+    local res = d and outcome(d[1] == 354 and 451 or d[1], d[2], d[3], host, "DATA")
       or temp("DATA: no reply", host)
     if res.status == "delivered" then res = temp("DATA: unexpected " .. d[1], host) end
     for _, r in ipairs(accepted) do results[r.index] = res end
@@ -250,7 +251,9 @@ function Conn:transaction(env, body, rcpts)
     return results
   end
   local code, enh, text = self:reply(t.done)
-  local res = code and outcome(code, enh, text, host) or temp(self.broken, host)
+  local res = code and outcome(code, enh, text, host, "end of data") or temp(self.broken, host)
+  -- a next hop without DSN will not report success: RFC 3461 5.2.2 "relayed"
+  if res.status == "delivered" and not dsn then res.relayed = true end
   for _, r in ipairs(accepted) do results[r.index] = res end
   self.messages = self.messages + 1
   return results
@@ -299,8 +302,12 @@ end
 function Pool:reap_later()
   if self.reaper then return end
   self.reaper = sched.spawn(function()
-    while #self.idle > 0 do
-      sched.sleep(math.min(1, self.opts.idle_timeout))
+    while #self.idle > 0 and not self.closing do
+      -- a wait on the timer wheel: no handle to leave behind, and close()
+      -- can end it at once
+      self.reaper_task = sched.current()
+      sched.wait(math.min(1, self.opts.idle_timeout))
+      self.reaper_task = nil
       local now = uv.now()
       for i = #self.idle, 1, -1 do
         local c = self.idle[i]
@@ -380,9 +387,11 @@ end
 
 function Pool:close()
   self.closing = true
-  for _, c in ipairs(self.idle) do c:quit() end
-  self.open = self.open - #self.idle
+  local idle = self.idle
   self.idle = {}
+  self.open = self.open - #idle
+  if self.reaper_task then sched.wake(self.reaper_task) end
+  for _, c in ipairs(idle) do c:close() end
 end
 
 _M.parse_ehlo = parse_ehlo

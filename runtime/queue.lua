@@ -19,6 +19,8 @@
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 local ids = require "moonpost.runtime.ids"
+local dsn = require "moonpost.runtime.dsn"
+local smtp = require "moonpost.core.smtp"
 
 local floor, min, max = math.floor, math.min, math.max
 
@@ -72,6 +74,7 @@ function _M.new(mta, spool, opts)
     concurrency = opts.concurrency or 20,
     retry = opts.retry or { 30, 60, 300, 900, 1800 },
     max_age = opts.max_age or 5 * 86400,
+    delay_warning = opts.delay_warning,
     heap = {},
     running = 0,
     stopped = true,
@@ -152,6 +155,31 @@ local function split(address)
   return l, d
 end
 
+-- Send a DSN about some of a message's recipients to its sender, through
+-- the spool and the queue like any message. Never to the null sender: a
+-- bounce of a bounce is logged and dropped.
+function Queue:notify(env, body, action, list)
+  if #list == 0 then return end
+  if (env.from or "") == "" then
+    log.info("%s: %s DSN for %d recipients not sent: the sender is <> (bounce of a bounce)", env.id,
+      action, #list)
+    return
+  end
+  local text = dsn.build({ hostname = self.mta.hostname, env = env, body = body, action = action,
+    recipients = list })
+  local txn = { id = ids.next(), sender = { address = "" }, recipients = { { address = env.from } },
+    received_at = os.time(), smtputf8 = env.utf8 or nil, notes = {} }
+  local msg = smtp.message(text)
+  local ok, err = self.spool:store(txn, msg)
+  if not txn.kept then msg:close() end
+  if ok then
+    log.info("%s: sender non-delivery notification: %s (%s, %d recipients)", env.id, txn.id, action, #list)
+  else
+    log.error("%s: cannot queue the %s DSN: %s", env.id, action, tostring(err))
+  end
+  return ok
+end
+
 local function retry_after(self, attempts)
   local r = self.retry
   return r[min(attempts, #r)]
@@ -183,6 +211,7 @@ local function deliver(self, m)
   self.stats.attempts = self.stats.attempts + 1
   local results = self:dispatch(env, body, rcpts)
   local done, deferred = {}, 0
+  local failed, delivered, relayed, delayed = {}, {}, {}, {}
   local expired = now - (env.t or now) >= self.max_age
   for _, r in ipairs(rcpts) do
     local res = results[r.index] or { status = "deferred", text = "transport gave no result" }
@@ -194,29 +223,57 @@ local function deliver(self, m)
     if res.status == "deferred" and expired then
       res = { status = "bounced", text = "4.4.7 message expired: " .. tostring(res.text), expired = true }
     end
+    local entry = { address = r.address, orcpt = r.orcpt, code = res.code, enhanced = res.enhanced,
+      text = res.text, host = res.host, attempt_time = now }
     if res.status == "delivered" then
       done[#done + 1] = r.index
       self.stats.delivered = self.stats.delivered + 1
       log.info("%s: to=<%s> delivered: %s", env.id, r.address, tostring(res.text))
       bus:emit("delivery_delivered", env, r, res)
+      if res.relayed then
+        if dsn.wants(r.notify, "relayed") then relayed[#relayed + 1] = entry end
+      elseif res.final and dsn.wants(r.notify, "delivered") then
+        delivered[#delivered + 1] = entry
+      end
     elseif res.status == "bounced" then
       done[#done + 1] = r.index
       self.stats.bounced = self.stats.bounced + 1
-      log.warn("%s: to=<%s> bounced: %s", env.id, r.address, tostring(res.text))
+      log.warn("%s: to=<%s> bounced: %s%s%s", env.id, r.address, res.host and (res.host .. " ") or "",
+        res.stage and (res.stage .. ": ") or "", tostring(res.code and (res.code .. " " .. (res.enhanced or "")
+        .. " " .. tostring(res.text)) or res.text))
       bus:emit("delivery_bounced", env, r, res)
+      if dsn.wants(r.notify, "failed") then
+        if not entry.enhanced then entry.enhanced = tostring(res.text):match("^([245]%.%d+%.%d+)") end
+        failed[#failed + 1] = entry
+      end
     else
       deferred = deferred + 1
       self.stats.deferred = self.stats.deferred + 1
-      log.info("%s: to=<%s> deferred: %s", env.id, r.address, tostring(res.text))
+      log.info("%s: to=<%s> deferred: %s%s%s", env.id, r.address, res.host and (res.host .. " ") or "",
+        res.stage and (res.stage .. ": ") or "", tostring(res.code and res.stage and (res.code .. " "
+        .. (res.enhanced or "") .. " " .. tostring(res.text)) or res.text))
       bus:emit("delivery_deferred", env, r, res)
+      if self.delay_warning and not m.warned and now - (env.t or now) >= self.delay_warning
+        and (r.notify == nil or dsn.wants(r.notify, "delayed")) then
+        entry.will_retry_until = (env.t or now) + self.max_age
+        delayed[#delayed + 1] = entry
+      end
     end
+  end
+  self:notify(env, body, "failed", failed)
+  self:notify(env, body, "delivered", delivered)
+  self:notify(env, body, "relayed", relayed)
+  if #delayed > 0 then
+    self:notify(env, body, "delayed", delayed)
+    m.warned = true
   end
   if deferred == 0 then
     spool:done(m.id)
     return
   end
   m.next = now + retry_after(self, m.attempts)
-  spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next })
+  spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
+    warned = m.warned or nil })
   if spool:get(m.id) then self:add(m) end
 end
 

@@ -211,6 +211,7 @@ local function apply_state(m, st)
   end
   if st.attempts then m.attempts = st.attempts end
   if st.next then m.next = st.next end
+  if st.warned then m.warned = true end
 end
 
 local function add_live(m, seg, off, len)
@@ -709,7 +710,7 @@ function Spool:compact_segment(seg)
       local sseg, serr = nil, off
       if cseg then
         sseg, serr = append(self, STATE, 0, id, encode({ done = #done > 0 and done or nil, attempts = m.attempts,
-          next = m.next }))
+          next = m.next, warned = m.warned or nil }))
       end
       if not sseg then
         return log.error("spool: compaction of %s stopped: %s", seg_name(seg.num), tostring(serr))

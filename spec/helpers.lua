@@ -365,6 +365,61 @@ function H.free_port()
   return port
 end
 
+-- sink(args) starts spec/tools/sink.py (a programmable SMTP peer on
+-- aiosmtpd) and returns { port, events(), messages(), stop() }. args are
+-- extra command-line flags ("--no-pipelining", "--size", "1000", "--dsn").
+function H.sink(args)
+  local dir = H.tmpdir("moonpost-sink")
+  local events = dir .. "/events.json"
+  local argv = { H.root .. "/spec/tools/sink.py", "--events", events }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local stdin, stdout, stderr = uv.new_pipe(false), uv.new_pipe(false), uv.new_pipe(false)
+  local out, exited = {}, false
+  local handle, pid
+  handle, pid = uv.spawn(H.python, { args = argv, stdio = { stdin, stdout, stderr } }, function()
+    exited = true
+    handle:close()
+  end)
+  assert(handle, "cannot start the sink: " .. tostring(pid))
+  stdout:read_start(function(_, chunk) if chunk then out[#out + 1] = chunk else stdout:close() end end)
+  stderr:read_start(function(_, chunk) if chunk then out[#out + 1] = chunk else stderr:close() end end)
+  local port
+  H.wait_for(function()
+    port = tonumber(table.concat(out):match("port (%d+)"))
+    return port ~= nil or exited
+  end, 30)
+  assert(port, "the sink did not start: " .. table.concat(out))
+  local cjson = require "cjson"
+  local sink = { port = port, pid = pid, dir = dir }
+  function sink.events(kind)
+    local list = {}
+    local f = io.open(events, "r")
+    if not f then return list end
+    for line in f:lines() do
+      local ok, ev = pcall(cjson.decode, line)
+      if ok and (not kind or ev.ev == kind) then list[#list + 1] = ev end
+    end
+    f:close()
+    return list
+  end
+  -- messages the sink accepted (250 at the end of data)
+  function sink.messages()
+    local list = {}
+    for _, ev in ipairs(sink.events("message")) do
+      if ev.outcome == "accepted" then list[#list + 1] = ev end
+    end
+    return list
+  end
+  function sink.stop()
+    if not stdin:is_closing() then stdin:close() end
+    H.wait_for(function() return exited end, 10)
+    if not exited then uv.kill(pid, "sigkill") end
+    H.wait_for(function() return exited end, 5)
+    H.rm_rf(dir)
+  end
+  return sink
+end
+
 -- Launch scripts/moonpost with a policy as a child process and wait until it
 -- listens. Returns a handle: { port, pid, stop(), log() }.
 function H.launch(policy, env, opts)

@@ -134,9 +134,21 @@ print(json.dumps(out))
       assert.equal(501, r.bad_notify[1])
       assert.matches("^5%.5%.4", r.bad_notify[2])
       assert.is_true(H.wait_for(function() return #maildir_files(dir .. "/mail", "üser") == 1 end))
+      -- NOTIFY=SUCCESS: the final delivery is reported to the sender,
+      -- dsn@py.test, which the quickstart stores in the "dsn" folder too
+      assert.is_true(H.wait_for(function() return #maildir_files(dir .. "/mail", "dsn") == 2 end))
       assert.equal(0, srv.stop())
       assert.equal(1, #maildir_files(dir .. "/mail", "sized"))
-      assert.equal(1, #maildir_files(dir .. "/mail", "dsn"))
+      local reports = 0
+      for _, f in ipairs(maildir_files(dir .. "/mail", "dsn")) do
+        local text = H.read(dir .. "/mail/dsn/new/" .. f)
+        if text:find("Action: delivered", 1, true) then
+          reports = reports + 1
+          assert.truthy(text:find("Final-Recipient: rfc822; dsn@example.com", 1, true))
+          assert.truthy(text:find("Original-Recipient: rfc822;dsn@example.com", 1, true))
+        end
+      end
+      assert.equal(1, reports)
       local ufiles = maildir_files(dir .. "/mail", "üser")
       assert.equal(1, #ufiles)
       local m = H.read(dir .. "/mail/üser/new/" .. ufiles[1])

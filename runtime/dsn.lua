@@ -1,0 +1,147 @@
+-- Delivery status notifications (RFC 3464 in a multipart/report, RFC 6522).
+--
+--   local text = dsn.build(opts)   -- the DSN message, CRLF line ends
+--
+-- opts = {
+--   hostname,                -- the reporting MTA
+--   env,                     -- the original envelope (env.from, env.envid, env.ret, env.t)
+--   body,                    -- the original message (string or message handle)
+--   action,                  -- "failed" | "delayed" | "delivered" | "relayed"
+--   recipients = { { address, orcpt, status, code, enhanced, text, host, attempt_time } },
+--   max_full = 65536,        -- return the full message up to this size (when RET is not given)
+-- }
+--
+-- The report part is message/delivery-status; with RET=HDRS, or when the
+-- message is larger than max_full and RET is not FULL, only the header
+-- section is returned (text/rfc822-headers), else the whole message
+-- (message/rfc822).
+local format, concat, gsub, upper = string.format, table.concat, string.gsub, string.upper
+
+local _M = { _VERSION = "0.1" }
+
+local function date(t)
+  return os.date("!%a, %d %b %Y %H:%M:%S +0000", t or os.time())
+end
+
+-- xtext (RFC 3461 4) to text: "+2B" -> "+"
+local function xtext_decode(s)
+  return (gsub(s, "%+(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+local function headers_of(body)
+  local s = type(body) == "string" and body or body:headers()
+  local h = s:match("^(.-\r\n)\r\n") or s
+  return h
+end
+
+local function text_of(body)
+  return type(body) == "string" and body or body:tostring()
+end
+
+local SUBJECTS = {
+  failed = "Undelivered Mail Returned to Sender",
+  delayed = "Delayed Mail (still being retried)",
+  delivered = "Successful Mail Delivery Report",
+  relayed = "Mail Relayed Report",
+}
+
+local INTROS = {
+  failed = "Your message could not be delivered to the following recipients. This is a permanent\r\n"
+    .. "error; the message will not be retried.",
+  delayed = "Your message has not been delivered yet to the following recipients. The mail system\r\n"
+    .. "will keep trying; you do not need to send it again.",
+  delivered = "Your message was delivered to the following recipients.",
+  relayed = "Your message was relayed to the following recipients, to a system that does not send\r\n"
+    .. "delivery notifications of its own.",
+}
+
+local seq = 0
+
+function _M.build(o)
+  local env, host = o.env, o.hostname
+  seq = seq + 1
+  local boundary = format("%d.%d.%x/%s", os.time(), seq, math.random(0, 0x7fffffff), host)
+  local action = o.action or "failed"
+  local human = { INTROS[action], "" }
+  local fields = { "Reporting-MTA: dns; " .. host }
+  if env.envid then fields[#fields + 1] = "Original-Envelope-Id: " .. xtext_decode(env.envid) end
+  if env.t then fields[#fields + 1] = "Arrival-Date: " .. date(env.t) end
+  for _, r in ipairs(o.recipients) do
+    human[#human + 1] = format("<%s>: %s", r.address, r.text or action)
+    fields[#fields + 1] = ""
+    if r.orcpt then
+      local typ, addr = r.orcpt:match("^([^;]+);(.*)$")
+      if typ then fields[#fields + 1] = "Original-Recipient: " .. typ .. ";" .. xtext_decode(addr) end
+    end
+    fields[#fields + 1] = "Final-Recipient: rfc822; " .. r.address
+    fields[#fields + 1] = "Action: " .. action
+    fields[#fields + 1] = "Status: " .. (r.enhanced or (action == "failed" and "5.0.0" or
+      (action == "delayed" and "4.0.0" or "2.0.0")))
+    if r.host then fields[#fields + 1] = "Remote-MTA: dns; " .. tostring(r.host) end
+    if r.code then
+      fields[#fields + 1] = format("Diagnostic-Code: smtp; %d %s%s", r.code,
+        r.enhanced and (r.enhanced .. " ") or "", gsub(r.text or "", "[\r\n]+", " "))
+    elseif r.text then
+      fields[#fields + 1] = "Diagnostic-Code: x-moonpost; " .. gsub(r.text, "[\r\n]+", " ")
+    end
+    fields[#fields + 1] = "Last-Attempt-Date: " .. date(r.attempt_time)
+    if action == "delayed" and r.will_retry_until then
+      fields[#fields + 1] = "Will-Retry-Until: " .. date(r.will_retry_until)
+    end
+  end
+  local size = type(o.body) == "string" and #o.body or o.body:size()
+  local ret = env.ret and upper(env.ret) or nil
+  local full = ret == "FULL" or (ret == nil and size <= (o.max_full or 65536))
+  local returned_type, returned = "text/rfc822-headers", headers_of(o.body)
+  if full and action ~= "delivered" and action ~= "relayed" then
+    returned_type, returned = "message/rfc822", text_of(o.body)
+  end
+  local msgid = format("<%d.%d.dsn@%s>", os.time(), seq, host)
+  local parts = {
+    "From: Mail Delivery System <MAILER-DAEMON@" .. host .. ">",
+    "To: <" .. env.from .. ">",
+    "Subject: " .. SUBJECTS[action],
+    "Date: " .. date(),
+    "Message-ID: " .. msgid,
+    "Auto-Submitted: auto-replied",
+    "MIME-Version: 1.0",
+    format('Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="%s"', boundary),
+    "",
+    "This is a MIME-encapsulated message.",
+    "",
+    "--" .. boundary,
+    "Content-Description: Notification",
+    "Content-Type: text/plain; charset=us-ascii",
+    "",
+    concat(human, "\r\n"),
+    "",
+    "--" .. boundary,
+    "Content-Description: Delivery report",
+    "Content-Type: message/delivery-status",
+    "",
+    concat(fields, "\r\n"),
+    "",
+    "--" .. boundary,
+    "Content-Description: " .. (returned_type == "message/rfc822" and "Returned message" or "Returned headers"),
+    "Content-Type: " .. returned_type,
+    "",
+  }
+  local head = concat(parts, "\r\n") .. "\r\n"
+  if returned:sub(-2) ~= "\r\n" then returned = returned .. "\r\n" end
+  return head .. returned .. "\r\n--" .. boundary .. "--\r\n"
+end
+
+-- wants(notify, action): does this recipient's NOTIFY ask for the action?
+-- Without NOTIFY, only failures are reported (RFC 3461 4.1).
+function _M.wants(notify, action)
+  if not notify then return action == "failed" end
+  notify = upper(notify)
+  if notify == "NEVER" then return false end
+  if action == "failed" then return notify:find("FAILURE", 1, true) ~= nil end
+  if action == "delayed" then return notify:find("DELAY", 1, true) ~= nil end
+  return notify:find("SUCCESS", 1, true) ~= nil
+end
+
+_M.xtext_decode = xtext_decode
+
+return _M

@@ -1,0 +1,235 @@
+-- Delivery over SMTP to real peers on loopback: the programmable aiosmtpd
+-- sink (spec/tools/sink.py) and smtp-sink. Per-recipient outcomes, retries,
+-- DSNs, expiry, pipelining, connection reuse and limits, broken servers.
+local H = require "helpers"
+local cjson = require "cjson"
+
+-- An in-process MTA relaying everything to `port`.
+local function relay_mta(dir, port, route_opts, queue_opts)
+  local ro = { relay = "127.0.0.1:" .. port, idle_timeout = "2s",
+    timeouts = { connect = 2, greeting = 2, ehlo = 2, mail = 2, rcpt = 2, data = 2, block = 2, done = 2 } }
+  for k, v in pairs(route_opts or {}) do ro[k] = v end
+  local mta, inport = H.start_mta({}, function(m)
+    m:use(require("moonpost.route").smtp(ro))
+  end, { spool = { dir = dir .. "/spool", min_free = 0 },
+    queue = queue_opts or { retry = { "1s" }, max_age = "1h" } })
+  return mta, inport
+end
+
+local function by_rcpt(messages)
+  local out = {}
+  for _, m in ipairs(messages) do
+    for _, r in ipairs(m.rcpts) do out[r] = (out[r] or 0) + 1 end
+  end
+  return out
+end
+
+-- Parse a DSN with Python's email package: the report's fields per recipient.
+local function parse_dsn(data)
+  local script = [==[
+import email, json, sys
+from email import policy
+msg = email.message_from_string(sys.stdin.read(), policy=policy.compat32)
+out = {"type": msg.get_content_type(), "report_type": msg.get_param("report-type"),
+       "parts": [msg.get_content_type()] + [p.get_content_type() for p in msg.get_payload()]}
+for part in msg.walk():
+    if part.get_content_type() == "message/delivery-status":
+        blocks = part.get_payload()
+        out["per_message"] = dict(blocks[0].items())
+        out["recipients"] = [dict(b.items()) for b in blocks[1:]]
+print(json.dumps(out))
+]==]
+  local code, out, err = H.exec(H.python, { "-c", script }, { stdin = data })
+  assert(code == 0, err)
+  return cjson.decode(out)
+end
+
+-- Run fn(sink) in a task with a fresh sink, which is stopped however fn ends.
+local function with_sink(args, fn, timeout)
+  H.run(function()
+    local sink = H.sink(args)
+    local ok, err = pcall(fn, sink)
+    sink.stop()
+    if not ok then error(err, 0) end
+  end, timeout)
+end
+
+describe("delivery over SMTP", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-delivery") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  it("relays with PIPELINING when offered: MAIL, RCPTs and DATA in one write", function()
+    with_sink(nil, function(sink)
+      local mta, port = relay_mta(dir, sink.port)
+      assert.equal(250, (H.send(port, { to = { "a@x.test", "b@x.test" }, body = "Subject: p\r\n\r\nhi\r\n" })))
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end))
+      local m = sink.messages()[1]
+      assert.is_true(m.pipelined)
+      assert.same({ "a@x.test", "b@x.test" }, m.rcpts)
+      assert.matches("^Received: from client%.test", m.data)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("does not pipeline when the server does not offer it", function()
+    with_sink({ "--no-pipelining" }, function(sink)
+      local mta, port = relay_mta(dir, sink.port)
+      assert.equal(250, (H.send(port, { to = { "a@x.test", "b@x.test" } })))
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end))
+      assert.is_false(sink.messages()[1].pipelined)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("handles mixed per-recipient outcomes in one transaction: deliver, retry, bounce with a DSN", function()
+    with_sink(nil, function(sink)
+      local mta, port = relay_mta(dir, sink.port)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test",
+        to = { "ok@x.test", "flaky2-t@x.test", "r550-gone@x.test" },
+        mail_params = "ENVID=env42 RET=HDRS", rcpt_params = "NOTIFY=FAILURE ORCPT=rfc822;orig+40x.test",
+        body = "Subject: mixed\r\n\r\nbody\r\n" })))
+      -- the DSN for r550 comes to the sender (relayed to the sink too)
+      assert.is_true(H.wait_for(function()
+        local got = by_rcpt(sink.messages())
+        return got["ok@x.test"] == 1 and got["flaky2-t@x.test"] == 1 and got["origin@sender.test"] == 1
+      end, 20))
+      local first, retried, dsnmsg
+      for _, m in ipairs(sink.messages()) do
+        if m.rcpts[1] == "ok@x.test" then first = m end
+        if m.rcpts[1] == "flaky2-t@x.test" then retried = m end
+        if m.rcpts[1] == "origin@sender.test" then dsnmsg = m end
+      end
+      assert.same({ "ok@x.test" }, first.rcpts)
+      -- flaky2: refused twice, then delivered; retried after >= 1 s each time
+      assert.is_true(retried.t - first.t >= 1.5, "retried too early: " .. (retried.t - first.t))
+      -- the DSN: from <>, multipart/report with the right fields
+      assert.equal("<>", dsnmsg.from) -- aiosmtpd's spelling of the null sender
+      local d = parse_dsn(dsnmsg.data)
+      assert.equal("multipart/report", d.type)
+      assert.equal("delivery-status", d.report_type)
+      assert.same({ "multipart/report", "text/plain", "message/delivery-status", "text/rfc822-headers" }, d.parts)
+      assert.equal("env42", d.per_message["Original-Envelope-Id"])
+      assert.equal(1, #d.recipients)
+      local r = d.recipients[1]
+      assert.equal("rfc822; r550-gone@x.test", r["Final-Recipient"])
+      assert.equal("rfc822;orig@x.test", r["Original-Recipient"])
+      assert.equal("failed", r["Action"])
+      assert.equal("5.1.1", r["Status"])
+      assert.matches("^smtp; 550 5%.1%.1 no such user here", r["Diagnostic-Code"])
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 5))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("expires a message after max_age: the remaining recipients bounce with 4.4.7", function()
+    with_sink(nil, function(sink)
+      local mta, port = relay_mta(dir, sink.port, nil, { retry = { "1s" }, max_age = "2s" })
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "r451-never@x.test" } })))
+      assert.is_true(H.wait_for(function() return by_rcpt(sink.messages())["origin@sender.test"] == 1 end, 20))
+      local d
+      for _, m in ipairs(sink.messages()) do
+        if m.rcpts[1] == "origin@sender.test" then d = parse_dsn(m.data) end
+      end
+      assert.equal("failed", d.recipients[1]["Action"])
+      assert.equal("4.4.7", d.recipients[1]["Status"])
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 5))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("sends no DSN for NOTIFY=NEVER and never to the null sender", function()
+    with_sink(nil, function(sink)
+      local mta, port = relay_mta(dir, sink.port)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "r550-a@x.test" }, rcpt_params = "NOTIFY=NEVER" })))
+      assert.equal(250, (H.send(port, { from = "", to = { "r550-b@x.test" } })))
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 10))
+      require("moonpost.runtime.sched").sleep(0.3)
+      assert.equal(0, #sink.messages())
+      assert.truthy(H.log("bounce of a bounce"):find("not sent", 1, true))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("reuses connections up to max_messages_per_connection", function()
+    with_sink(nil, function(sink)
+      local mta, port = relay_mta(dir, sink.port, { max_connections = 1, max_messages_per_connection = 5 })
+      for i = 1, 20 do assert.equal(250, (H.send(port, { to = { "m" .. i .. "@x.test" } }))) end
+      assert.is_true(H.wait_for(function() return #sink.messages() == 20 end, 20))
+      local per = {}
+      for _, m in ipairs(sink.messages()) do per[m.conn] = (per[m.conn] or 0) + 1 end
+      local conns = 0
+      for _, n in pairs(per) do
+        conns = conns + 1
+        assert.is_true(n <= 5)
+      end
+      assert.equal(4, conns)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("never opens more than max_connections to a destination", function()
+    with_sink(nil, function(sink)
+      local mta, port = relay_mta(dir, sink.port, { max_connections = 3 })
+      local sched = require "moonpost.runtime.sched"
+      local done = 0
+      for s = 1, 10 do
+        sched.spawn(function()
+          for i = 1, 6 do assert(H.send(port, { to = { "c" .. s .. "-" .. i .. "@x.test" } }) == 250) end
+          done = done + 1
+        end)
+      end
+      assert.is_true(H.wait_for(function() return done == 10 and #sink.messages() == 60 end, 30))
+      local peak = 0
+      for _, ev in ipairs(sink.events("connect")) do
+        if ev.conn > 1 and ev.open > peak then peak = ev.open end -- conn 1: the sink's own self-test
+      end
+      assert.is_true(peak <= 3, "peak " .. peak)
+      assert.is_true(peak >= 2, "the pool should use parallel connections, peak " .. peak)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  for _, case in ipairs({
+    { "dropdata1-x", "drops the connection after the data", "connection lost" },
+    { "garbage1-x", "answers with garbage", "protocol error" },
+    { "stall1-x", "stalls", "timeout" },
+  }) do
+    it("retries, loses nothing and logs why when the server " .. case[2], function()
+      with_sink(nil, function(sink)
+        local mta, port = relay_mta(dir, sink.port)
+        assert.equal(250, (H.send(port, { to = { case[1] .. "@x.test" }, body = "Subject: " .. case[1] .. "\r\n\r\nx\r\n" })))
+        assert.is_true(H.wait_for(function() return by_rcpt(sink.messages())[case[1] .. "@x.test"] == 1 end, 20))
+        assert.truthy(H.log("deferred"):find(case[3], 1, true), H.log("deferred"))
+        assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 5))
+        H.stop_mta(mta)
+      end, 60)
+    end)
+  end
+
+  it("relays every message to smtp-sink", function()
+    H.run(function()
+      local sport = H.free_port()
+      -- smtp-sink writes as nobody: a directory of its own it can reach
+      local sinkdir = H.tmpdir("moonpost-smtpsink")
+      require("luv").fs_chmod(sinkdir, 511)
+      local handle, pid
+      local done = false
+      handle, pid = require("luv").spawn("smtp-sink", { args = { "-u", "nobody", "-d", sinkdir .. "/%M%S.", "127.0.0.1:" .. sport, "100" } },
+        function() done = true handle:close() end)
+      assert(handle, pid)
+      H.wait_for(function() local p = H.connect(sport, nil, 1) if p then p:close() return true end end, 10)
+      local mta, port = relay_mta(dir, sport)
+      local code, out, err = H.exec("smtp-source", { "-d", "-s", "10", "-m", "500", "-l", "500",
+        "-f", "s@src.test", "-t", "r@dst.test", "127.0.0.1:" .. port }, { timeout = 120 })
+      assert.equal(0, code, out .. err)
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 60))
+      H.stop_mta(mta)
+      require("luv").kill(pid, "sigterm")
+      H.wait_for(function() return done end, 5)
+      local n = #H.ls(sinkdir)
+      H.rm_rf(sinkdir)
+      assert.equal(500, n)
+    end, 180)
+  end)
+end)

@@ -1,0 +1,194 @@
+#!/usr/bin/python3
+"""A programmable SMTP sink for the specs, on Debian's python3-aiosmtpd.
+
+    sink.py --port 0 --events FILE [--no-pipelining] [--size N] [--dsn]
+
+Prints "port N" on stdout once it listens, then writes one JSON object per
+line to FILE for every connection, transaction and reply decision:
+
+    {"ev": "connect", "conn": 3, "open": 2}           open = concurrent connections
+    {"ev": "message", "conn": 3, "n": 2, "from": ..., "rcpts": [...],
+     "pipelined": true, "data": "...", "mail_params": [...], "rcpt_params": {...}}
+    {"ev": "close", "conn": 3}
+
+What it answers depends on each recipient's local part:
+
+    r451-*         RCPT 451 4.2.0          r550-*    RCPT 550 5.1.1
+    d452-*         DATA end 452 4.3.1      d554-*    DATA end 554 5.6.0
+    flaky<N>-*     RCPT 451 the first N times this address is tried, then 250
+    dropdata-*     the connection is closed after the data, without a reply
+    garbage-*      RCPT answered with bytes that are not an SMTP reply
+    stall-*        RCPT never answered (the connection stays open)
+    dropdata<N>-*, garbage<N>-*, stall<N>-*: only the first N times, then 250
+    anything else  250
+
+Every event has "t", the time it happened.
+"""
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+
+class State:
+    def __init__(self, events, pipelining, size, dsn):
+        self.events = open(events, "a", buffering=1)
+        self.pipelining = pipelining
+        self.size = size
+        self.dsn = dsn
+        self.conn_seq = 0
+        self.open = 0
+        self.tries = {}
+
+    def log(self, **ev):
+        ev["t"] = time.time()
+        self.events.write(json.dumps(ev) + "\n")
+
+    def fault(self, local, name):
+        """Does the fault `name` apply to this try of this recipient?"""
+        m = re.match(name + r"(\d*)-", local)
+        if not m:
+            return False
+        if m.group(1) == "":
+            return True
+        key = (name, local)
+        n = self.tries.get(key, 0) + 1
+        self.tries[key] = n
+        return n <= int(m.group(1))
+
+
+class SinkSMTP(SMTP):
+    def connection_made(self, transport):
+        st = self.event_handler.state
+        st.conn_seq += 1
+        st.open += 1
+        self.conn_id = st.conn_seq
+        self.messages = 0
+        st.log(ev="connect", conn=self.conn_id, open=st.open)
+        super().connection_made(transport)
+
+    def connection_lost(self, error):
+        st = self.event_handler.state
+        st.open -= 1
+        st.log(ev="close", conn=self.conn_id)
+        super().connection_lost(error)
+
+    def _pending_input(self):
+        reader = getattr(self, "_reader", None)
+        return bool(reader is not None and len(getattr(reader, "_buffer", b"")) > 0)
+
+    async def smtp_MAIL(self, arg):
+        # MAIL arrived with more commands already buffered: pipelined
+        self._pipelined = self._pending_input()
+        await super().smtp_MAIL(arg)
+
+
+class Handler:
+    def __init__(self, state):
+        self.state = state
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        out = [r for r in responses if "PIPELINING" not in r and "SIZE" not in r]
+        last = out.pop()  # "250 HELP" or similar
+        if self.state.pipelining:
+            out.append("250-PIPELINING")
+        if self.state.size:
+            out.append("250-SIZE %d" % self.state.size)
+        if self.state.dsn:
+            out.append("250-DSN")
+        out.append("250-ENHANCEDSTATUSCODES")
+        out.append("250-SMTPUTF8")
+        out.append("250-8BITMIME")
+        out.append(last.replace("250-", "250 "))
+        return out
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.rcpt_params = {}
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        local = address.split("@")[0].lower()
+        st = self.state
+        if local.startswith("r451-"):
+            return "451 4.2.0 try again later"
+        if local.startswith("r550-"):
+            return "550 5.1.1 no such user here"
+        m = re.match(r"flaky(\d+)-", local)
+        if m:
+            n = st.tries.get(address, 0) + 1
+            st.tries[address] = n
+            if n <= int(m.group(1)):
+                return "451 4.2.0 flaky: attempt %d" % n
+        if st.fault(local, "garbage"):
+            st.log(ev="garbage", conn=server.conn_id, rcpt=address)
+            server.transport.write(b"this is not an SMTP reply\r\n")
+            return "250 2.1.5 OK"
+        if st.fault(local, "stall"):
+            st.log(ev="stall", conn=server.conn_id, rcpt=address)
+            await asyncio.sleep(3600)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_params[address] = rcpt_options
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        st = self.state
+        server.messages += 1
+        locals_ = [a.split("@")[0].lower() for a in envelope.rcpt_tos]
+        if any(st.fault(l, "dropdata") for l in locals_):
+            st.log(ev="dropped", conn=server.conn_id, rcpts=envelope.rcpt_tos)
+            server.transport.abort()
+            return "451 4.3.0 never sent"
+        outcome, reply = "accepted", "250 2.0.0 OK queued"
+        if any(l.startswith("d452-") for l in locals_):
+            outcome, reply = "452", "452 4.3.1 insufficient storage"
+        if any(l.startswith("d554-") for l in locals_):
+            outcome, reply = "554", "554 5.6.0 content rejected"
+        data = envelope.content.decode("utf-8", "replace") if isinstance(envelope.content, bytes) \
+            else envelope.content
+        st.log(ev="message", outcome=outcome, conn=server.conn_id, n=server.messages,
+               pipelined=getattr(server, "_pipelined", False), mail_params=envelope.mail_options,
+               rcpt_params=envelope.rcpt_params, data=data,
+               **{"from": envelope.mail_from, "rcpts": envelope.rcpt_tos})
+        return reply
+
+
+class SinkController(Controller):
+    def factory(self):
+        return SinkSMTP(self.handler, hostname="sink.test", decode_data=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--events", required=True)
+    ap.add_argument("--no-pipelining", action="store_true")
+    ap.add_argument("--size", type=int, default=0)
+    ap.add_argument("--dsn", action="store_true")
+    a = ap.parse_args()
+    state = Handler(State(a.events, not a.no_pipelining, a.size, a.dsn))
+    port = a.port
+    if port == 0:
+        import socket
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+    ctl = SinkController(state, hostname="127.0.0.1", port=port)
+    ctl.start()
+    print("port %d" % port, flush=True)
+    try:
+        sys.stdin.read()  # run until the spec closes our stdin
+    finally:
+        ctl.stop()
+
+
+if __name__ == "__main__":
+    main()
