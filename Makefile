@@ -33,8 +33,10 @@ SMTP_SRC  := core/smtp.c core/lsmtp.c
 SMTP_HDR  := core/smtp.h core/lcompat.h core/lmessage.h
 SPOOL_SRC := core/spool.c core/lspool.c
 SPOOL_HDR := core/spool.h core/lcompat.h core/lmessage.h core/smtp.h
+DNS_SRC   := core/dns.c core/ldns.c
+DNS_HDR   := core/dns.h core/lcompat.h
 
-MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so
+MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so
 
 .PHONY: all deps run test test-long lint fuzz fuzz-build bench clean
 
@@ -48,6 +50,10 @@ $(LIBDIR)/spool.so: $(SPOOL_SRC) $(SPOOL_HDR)
 	@mkdir -p $(LIBDIR)
 	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(SPOOL_SRC)
 
+$(LIBDIR)/dns.so: $(DNS_SRC) $(DNS_HDR)
+	@mkdir -p $(LIBDIR)
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(DNS_SRC) -lcares
+
 deps:
 	@scripts/deps.sh
 
@@ -60,11 +66,15 @@ lint:
 # Fuzz targets: libFuzzer with AddressSanitizer and UBSan.
 FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Icore
 FUZZERS     := $(BUILD)/fuzz/fuzz_smtp_in $(BUILD)/fuzz/fuzz_smtp_path $(BUILD)/fuzz/fuzz_smtp_reply \
-               $(BUILD)/fuzz/fuzz_spool_scan
+               $(BUILD)/fuzz/fuzz_spool_scan $(BUILD)/fuzz/fuzz_dns_parse
 
 $(BUILD)/fuzz/fuzz_smtp_%: core/fuzz/fuzz_smtp_%.c core/smtp.c core/smtp.h
 	@mkdir -p $(BUILD)/fuzz
 	clang $(FUZZ_CFLAGS) -o $@ $< core/smtp.c
+
+$(BUILD)/fuzz/fuzz_dns_%: core/fuzz/fuzz_dns_%.c core/dns.c core/dns.h
+	@mkdir -p $(BUILD)/fuzz
+	clang $(FUZZ_CFLAGS) -o $@ $< core/dns.c
 
 $(BUILD)/fuzz/fuzz_spool_%: core/fuzz/fuzz_spool_%.c core/spool.c core/spool.h
 	@mkdir -p $(BUILD)/fuzz

@@ -9,7 +9,7 @@
 local moonpost = require "moonpost"
 local env = moonpost.env
 
-local mta = moonpost.new { spool = env.spool }
+local mta = moonpost.new { spool = env.spool, dns = env.dns }
 
 mta:use(require("moonpost.accept").smtp { listen = env.listen, log_messages = false })
 mta:use(require("moonpost.route").smtp { relay = env.relay })

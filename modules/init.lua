@@ -17,6 +17,7 @@ local server = require "moonpost.runtime.server"
 local env = require "moonpost.runtime.env"
 local spool = require "moonpost.runtime.spool"
 local queue = require "moonpost.runtime.queue"
+local dns = require "moonpost.runtime.dns"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -28,6 +29,12 @@ _M.env = env
 _M.log = log
 _M.sleep = sched.sleep
 _M.spawn = sched.spawn
+
+-- DNS for hooks and blocks: moonpost.dns.query(name, type), moonpost.dns.mx(domain)
+_M.dns = {
+  query = function(name, rtype) return dns.default():query(name, rtype) end,
+  mx = function(domain, opts) return dns.default():mx_hosts(domain, opts) end,
+}
 
 -- Set by `moonpost check`: policies load and are validated, nothing starts.
 _M.check_mode = false
@@ -59,7 +66,36 @@ local NEW_SCHEMA = {
   stop_grace = { type = "duration", default = 10 },
   spool = { type = "any" },
   queue = { type = "table" },
+  dns = { type = "any" },
 }
+
+local DNS_SCHEMA = {
+  servers = { type = "list" },
+  timeout = { type = "duration", default = 2, check = function(v) return v > 0, "must be > 0" end },
+  tries = { type = "posint", default = 2 },
+}
+
+-- dns = "host:port[,host:port]" | { servers = ..., timeout = ..., tries = ... } | nil (resolv.conf)
+local function check_dns(v)
+  if v == nil or v == false then return nil end
+  if type(v) == "string" then v = { servers = v } end
+  if type(v) ~= "table" then
+    config.raise("moonpost.new: field 'dns': expected host:port, a table or nil, got " .. type(v))
+  end
+  local o = config.check("moonpost.new: dns", v, DNS_SCHEMA)
+  if o.servers then
+    local list = {}
+    for _, s in ipairs(o.servers) do
+      for item in s:gmatch("[^,%s]+") do
+        local host, port = config.parse_address(item)
+        if not host then config.raise("moonpost.new: dns: field 'servers': " .. port) end
+        list[#list + 1] = (host:find(":", 1, true) and ("[" .. host .. "]") or host) .. ":" .. port
+      end
+    end
+    o.servers = table.concat(list, ",")
+  end
+  return o
+end
 
 local SPOOL_SCHEMA = {
   dir = { type = "string", required = true },
@@ -118,6 +154,7 @@ function _M.new(opts)
   opts = config.check("moonpost.new", opts, NEW_SCHEMA)
   opts.spool = check_spool(opts.spool)
   opts.queue = check_queue(opts.queue)
+  opts.dns = check_dns(opts.dns)
   if opts.log_level then log.set_level(opts.log_level) end
   local mta = setmetatable({
     hostname = opts.hostname,
@@ -191,6 +228,7 @@ function MTA:start()
   if self.started then return true end
   if _M.check_mode then return true end
   self.stopping, self.stopped, self.stop_waiters = false, false, nil
+  dns.configure(self.opts.dns)
   local so = self.opts.spool
   if so then
     local sp, err = spool.open({ dir = so.dir, segment_size = so.segment_size, min_free = so.min_free,
@@ -285,6 +323,7 @@ function MTA:close_spool()
   for _, t in ipairs(self.transports or {}) do
     if t.close then pcall(t.close) end
   end
+  dns.shutdown()
   if self.spool then
     self.spool:close()
     self.spool = nil

@@ -12,6 +12,7 @@
 -- docs/route.md has every option.
 local config = require "moonpost.runtime.config"
 local client = require "moonpost.runtime.client"
+local dns = require "moonpost.runtime.dns"
 local log = require "moonpost.runtime.log"
 
 local _M = { _VERSION = "0.1" }
@@ -40,6 +41,9 @@ local SCHEMA = {
   idle_timeout = { type = "duration", default = 5, check = function(v) return v > 0, "must be > 0" end },
   pipelining = { type = "boolean", default = true },
   timeouts = { type = "table" },
+  mx = { type = "boolean", default = true },
+  mx_port = { type = "posint", default = 25, check = function(v) return v <= 65535, "must be a port" end },
+  ip_order = { type = "enum", values = { "ipv6", "ipv4", "ipv4-only", "ipv6-only" }, default = "ipv6" },
 }
 
 function _M.smtp(opts)
@@ -63,19 +67,34 @@ function _M.smtp(opts)
   local pools = {}
   local block = { name = "route.smtp", opts = o, pools = pools }
 
-  -- the next hops for a domain: { hosts, key } or nil, why
+  -- the next hops for a domain: hosts, key | nil, why, permanent
   local function resolve(domain)
     local r = routes[domain:lower()] or relay
-    if r then return r end
-    return nil, "no route to " .. domain .. " (no relay, and MX routing is not configured)"
+    if r then return r, nil end
+    if not o.mx then
+      return nil, "4.4.3 no route to " .. domain .. " (no relay, no route, MX routing off)", false
+    end
+    -- RFC 5321 5.1: the MX hosts in order, every address of each
+    local mxs, why, permanent = dns.default():mx_hosts(domain, { order = o.ip_order })
+    if not mxs then return nil, why, permanent end
+    local hosts, names = {}, {}
+    for _, mx in ipairs(mxs) do
+      names[#names + 1] = mx.name
+      for _, a in ipairs(mx.addrs) do hosts[#hosts + 1] = { host = a, port = o.mx_port, name = mx.name } end
+    end
+    -- one pool per set of MX hosts: domains that share them share connections
+    table.sort(names)
+    return hosts, "mx:" .. table.concat(names, ",") .. ":" .. o.mx_port
   end
 
   function block.attach(_, mta)
     local helo = o.helo or mta.hostname
-    local function pool_for(hosts)
-      local parts = {}
-      for i, h in ipairs(hosts) do parts[i] = "[" .. h.host .. "]:" .. h.port end
-      local key = table.concat(parts, ",")
+    local function pool_for(hosts, key)
+      if not key then
+        local parts = {}
+        for i, h in ipairs(hosts) do parts[i] = "[" .. h.host .. "]:" .. h.port end
+        key = table.concat(parts, ",")
+      end
       local p = pools[key]
       if not p then
         p = client.pool({ name = key, helo = helo, bind = o.source, timeouts = timeouts,
@@ -89,14 +108,18 @@ function _M.smtp(opts)
       name = "smtp",
       domains = o.domains,
       deliver = function(env, body, rcpts)
-        local hosts, why = resolve(rcpts[1].domain)
+        local hosts, key, permanent = resolve(rcpts[1].domain)
         if not hosts then
+          local why = key
           log.warn("%s: %s", env.id, why)
-          local res, results = { status = "deferred", code = 451, enhanced = "4.4.3", text = why }, {}
+          local enh = why:match("^([245]%.%d+%.%d+) ") or (permanent and "5.4.4" or "4.4.3")
+          local res = { status = permanent and "bounced" or "deferred", code = permanent and 550 or 451,
+            enhanced = enh, text = why:gsub("^[245]%.%d+%.%d+ ", ""), stage = "routing" }
+          local results = {}
           for _, r in ipairs(rcpts) do results[r.index] = res end
           return results
         end
-        return pool_for(hosts):deliver(env, body, rcpts, hosts)
+        return pool_for(hosts, key ~= true and key or nil):deliver(env, body, rcpts, hosts)
       end,
       close = function()
         for _, p in pairs(pools) do p:close() end

@@ -36,6 +36,7 @@ build = {
     ["moonpost.runtime.client"] = "runtime/client.lua",
     ["moonpost.runtime.config"] = "runtime/config.lua",
     ["moonpost.runtime.devpath"] = "runtime/devpath.lua",
+    ["moonpost.runtime.dns"] = "runtime/dns.lua",
     ["moonpost.runtime.dsn"] = "runtime/dsn.lua",
     ["moonpost.runtime.env"] = "runtime/env.lua",
     ["moonpost.runtime.fs"] = "runtime/fs.lua",
@@ -50,6 +51,11 @@ build = {
     ["moonpost.core.smtp"] = {
       sources = { "core/smtp.c", "core/lsmtp.c" },
       incdirs = { "core" },
+    },
+    ["moonpost.core.dns"] = {
+      sources = { "core/dns.c", "core/ldns.c" },
+      incdirs = { "core" },
+      libraries = { "cares" },
     },
     ["moonpost.core.spool"] = {
       sources = { "core/spool.c", "core/lspool.c" },

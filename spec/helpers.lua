@@ -420,6 +420,68 @@ function H.sink(args)
   return sink
 end
 
+-- dns_server() starts nsd on 127.0.0.1:<free port> serving
+-- spec/fixtures/dns/*.zone and returns { port, address = "127.0.0.1:<port>", stop() }.
+function H.dns_server()
+  local dir = H.tmpdir("moonpost-nsd")
+  local port = H.free_port()
+  local zones = {}
+  for _, f in ipairs(H.ls(H.root .. "/spec/fixtures/dns")) do
+    local name = f:match("^(.+)%.zone$")
+    if name then
+      H.write(dir .. "/" .. f, H.read(H.root .. "/spec/fixtures/dns/" .. f))
+      zones[#zones + 1] = string.format('zone:\n  name: "%s"\n  zonefile: "%s/%s"\n', name, dir, f)
+    end
+  end
+  H.write(dir .. "/nsd.conf", string.format([[
+server:
+  ip-address: 127.0.0.1@%d
+  port: %d
+  username: ""
+  chroot: ""
+  zonesdir: "%s"
+  pidfile: "%s/nsd.pid"
+  database: ""
+  xfrdfile: "%s/xfrd.state"
+  zonelistfile: "%s/zone.list"
+  logfile: "%s/nsd.log"
+  server-count: 1
+  verbosity: 1
+  do-ip6: no
+remote-control:
+  control-enable: no
+%s]], port, port, dir, dir, dir, dir, dir, table.concat(zones)))
+  local exited = false
+  local handle, pid
+  -- its own process group: nsd forks server and xfrd processes, stopped together
+  handle, pid = uv.spawn("/usr/sbin/nsd", { args = { "-d", "-c", dir .. "/nsd.conf" }, detached = true }, function()
+    exited = true
+    handle:close()
+  end)
+  assert(handle, "cannot start nsd: " .. tostring(pid))
+  -- ready when it answers over TCP on the port
+  local up = H.wait_for(function()
+    if exited then return true end
+    local s = stream.connect("127.0.0.1", port, 1)
+    if s then s:close() return true end
+  end, 20)
+  assert(up and not exited, "nsd did not start: " .. (uv.fs_stat(dir .. "/nsd.log") and H.read(dir .. "/nsd.log") or ""))
+  local srv = { port = port, address = "127.0.0.1:" .. port }
+  local function group_alive()
+    return os.execute("kill -0 -- -" .. pid .. " 2>/dev/null") == 0
+  end
+  function srv.stop()
+    uv.kill(-pid, "sigterm")
+    H.wait_for(function() return exited and not group_alive() end, 10)
+    if group_alive() then
+      uv.kill(-pid, "sigkill")
+      H.wait_for(function() return not group_alive() end, 5)
+    end
+    H.rm_rf(dir)
+  end
+  return srv
+end
+
 -- Launch scripts/moonpost with a policy as a child process and wait until it
 -- listens. Returns a handle: { port, pid, stop(), log() }.
 function H.launch(policy, env, opts)

@@ -168,6 +168,7 @@ class SinkController(Controller):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--events", required=True)
     ap.add_argument("--no-pipelining", action="store_true")
     ap.add_argument("--size", type=int, default=0)
@@ -177,11 +178,11 @@ def main():
     port = a.port
     if port == 0:
         import socket
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
+        s = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+        s.bind((a.host, 0))
         port = s.getsockname()[1]
         s.close()
-    ctl = SinkController(state, hostname="127.0.0.1", port=port)
+    ctl = SinkController(state, hostname=a.host, port=port)
     ctl.start()
     print("port %d" % port, flush=True)
     try:

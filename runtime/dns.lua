@@ -1,0 +1,336 @@
+-- Asynchronous DNS for tasks, on c-ares (core/ldns.c) driven by the luv loop.
+--
+--   local r = dns.new { servers = "127.0.0.1:5353", timeout = 2, tries = 2 }
+--   local recs, err = r:query("example.org", "MX")   -- in a task
+--   local hosts, err, permanent = r:mx_hosts("example.org", { order = "ipv6" })
+--   r:close()
+--
+-- query() returns the records of that type ({ type, name, ttl, data, pref, ... })
+-- or nil and "nxdomain" | "nodata" | "timeout" | "servfail" | "refused" |
+-- "error". Answers are cached for their TTL (at most max_ttl); "nxdomain"
+-- and "nodata" for the SOA's negative TTL (RFC 2308; 60 s when absent).
+-- Identical queries in flight are sent once. Without servers, c-ares reads
+-- /etc/resolv.conf.
+local uv = require "luv"
+local core = require "moonpost.core.dns"
+local sched = require "moonpost.runtime.sched"
+local log = require "moonpost.runtime.log"
+
+local lower, random, floor = string.lower, math.random, math.floor
+
+local _M = { _VERSION = "0.1" }
+
+local Resolver = {}
+local mt = { __index = Resolver }
+
+local TEMPORARY = { timeout = true, servfail = true, refused = true, error = true, cancelled = true }
+
+function _M.new(opts)
+  opts = opts or {}
+  local ch, err = core.channel({ servers = opts.servers, timeout = floor((opts.timeout or 2) * 1000),
+    tries = opts.tries or 2 })
+  if not ch then return nil, err end
+  return setmetatable({
+    ch = ch,
+    polls = {},      -- fd -> { handle, events }
+    inflight = {},   -- key -> { tasks = { task, token, ... } }
+    byid = {},       -- query id -> key
+    cache = {},      -- key -> { expires, records | nil, status }
+    ncache = 0,
+    max_cache = opts.max_cache or 100000,
+    max_ttl = opts.max_ttl or 86400,
+    neg_ttl = opts.neg_ttl or 60,
+    stats = { queries = 0, hits = 0, misses = 0, sent = 0 },
+    wait_limit = (opts.timeout or 2) * (opts.tries or 2) * 4 + 5,
+  }, mt)
+end
+
+local function min_ttl(records, rtype, cap)
+  local ttl = cap
+  for _, r in ipairs(records) do
+    if r.type == rtype and r.ttl < ttl then ttl = r.ttl end
+  end
+  return ttl
+end
+
+-- Collect what c-ares finished: cache it and wake the tasks waiting.
+local function harvest(self)
+  for _, res in ipairs(self.ch:results()) do
+    local key = self.byid[res.id]
+    self.byid[res.id] = nil
+    local entry = key and self.inflight[key]
+    if entry then
+      self.inflight[key] = nil
+      local rtype = entry.rtype
+      local records, status = {}, res.status
+      for _, r in ipairs(res.records or {}) do
+        if r.type == rtype then records[#records + 1] = r end
+      end
+      if status == "ok" and #records == 0 then status = "nodata" end
+      local now = uv.now() / 1000
+      if status == "ok" then
+        self:store(key, { expires = now + min_ttl(records, rtype, self.max_ttl), records = records })
+      elseif status == "nxdomain" or status == "nodata" then
+        local ttl = (res.neg_ttl and res.neg_ttl > 0) and res.neg_ttl or self.neg_ttl
+        self:store(key, { expires = now + math.min(ttl, self.max_ttl), status = status })
+      end
+      local tasks = entry.tasks
+      for i = 1, #tasks, 2 do
+        sched.wake_token(tasks[i], tasks[i + 1], status == "ok" and records or nil, status ~= "ok" and status or nil)
+      end
+    end
+  end
+end
+
+function Resolver:store(key, entry)
+  if not self.cache[key] then
+    self.ncache = self.ncache + 1
+    if self.ncache > self.max_cache then
+      -- simple and bounded: start over
+      self.cache, self.ncache = {}, 1
+    end
+  end
+  self.cache[key] = entry
+end
+
+-- Watch the sockets c-ares wants, and its timeout.
+local function pump(self)
+  -- sockets c-ares closed: stop watching, then let them really close
+  for _, fd in ipairs(self.ch:graveyard()) do
+    local p = self.polls[fd]
+    if p then
+      p.handle:stop()
+      if not p.handle:is_closing() then p.handle:close() end
+      self.polls[fd] = nil
+    end
+  end
+  self.ch:bury()
+  local want = {}
+  for _, s in ipairs(self.ch:getsock()) do
+    local fd, r, w = s[1], s[2], s[3]
+    local events = (r and "r" or "") .. (w and "w" or "")
+    want[fd] = true
+    local p = self.polls[fd]
+    if not p then
+      local h = uv.new_socket_poll(fd)
+      p = { handle = h }
+      self.polls[fd] = p
+    end
+    if p.events ~= events then
+      p.events = events
+      p.handle:start(events, function(err, ev)
+        local ok, e = pcall(function()
+          if err then
+            self.ch:process(fd, true, true)
+          else
+            self.ch:process(fd, ev and ev:find("r", 1, true) ~= nil, ev and ev:find("w", 1, true) ~= nil)
+          end
+          harvest(self)
+          pump(self)
+        end)
+        if not ok then log.error("dns: %s", tostring(e)) end
+      end)
+    end
+  end
+  -- Stopped, not closed: libuv allows one poll handle per fd, and c-ares
+  -- reuses its sockets (a closing handle would block a new one on the fd).
+  for fd, p in pairs(self.polls) do
+    if not want[fd] and p.events ~= "" then
+      p.handle:stop()
+      p.events = ""
+    end
+  end
+  local t = self.ch:timeout()
+  if t then
+    if not self.timer then
+      self.timer = uv.new_timer()
+    end
+    self.timer:start(math.max(1, floor(t * 1000)), 0, function()
+      local ok, e = pcall(function()
+        self.ch:process(-1)
+        harvest(self)
+        pump(self)
+      end)
+      if not ok then log.error("dns: %s", tostring(e)) end
+    end)
+  elseif self.timer then
+    self.timer:stop()
+  end
+end
+
+-- query(name, type) -> records | nil, status. In a task.
+function Resolver:query(name, rtype)
+  name = lower(name):gsub("%.$", "")
+  rtype = rtype:upper()
+  local key = rtype .. " " .. name
+  self.stats.queries = self.stats.queries + 1
+  local c = self.cache[key]
+  if c then
+    if c.expires > uv.now() / 1000 then
+      self.stats.hits = self.stats.hits + 1
+      if c.records then return c.records end
+      return nil, c.status
+    end
+    self.cache[key] = nil
+    self.ncache = self.ncache - 1
+  end
+  self.stats.misses = self.stats.misses + 1
+  if self.closed then return nil, "cancelled" end
+  local task, token = sched.reserve()
+  local entry = self.inflight[key]
+  if entry then
+    entry.tasks[#entry.tasks + 1] = task
+    entry.tasks[#entry.tasks + 1] = token
+  else
+    entry = { rtype = rtype, tasks = { task, token } }
+    self.inflight[key] = entry
+    local id = self.ch:query(name, rtype)
+    self.stats.sent = self.stats.sent + 1
+    self.byid[id] = key
+    harvest(self) -- c-ares may have answered at once (e.g. a bad name)
+    pump(self)
+  end
+  local records, status = sched.wait(self.wait_limit)
+  if status == "timeout" and records == nil then return nil, "timeout" end
+  return records, status
+end
+
+local function harvest_closed(self)
+  for key, entry in pairs(self.inflight) do
+    local tasks = entry.tasks
+    for i = 1, #tasks, 2 do sched.wake_token(tasks[i], tasks[i + 1], nil, "cancelled") end
+    self.inflight[key] = nil
+  end
+end
+
+function Resolver:close()
+  self.closed = true
+  for _, p in pairs(self.polls) do
+    p.handle:stop()
+    if not p.handle:is_closing() then p.handle:close() end
+  end
+  self.polls = {}
+  if self.timer then
+    if not self.timer:is_closing() then self.timer:close() end
+    self.timer = nil
+  end
+  self.ch:close() -- pending queries complete as "cancelled"; sockets close after the polls
+  harvest_closed(self)
+end
+
+-- ---- MX (RFC 5321 5.1) --------------------------------------------------------------------
+
+local function shuffle(list)
+  for i = #list, 2, -1 do
+    local j = random(i)
+    list[i], list[j] = list[j], list[i]
+  end
+end
+
+-- addresses(name, order) -> list of IP strings | nil, status.
+-- order: "ipv6" (AAAA first), "ipv4" (A first), "ipv4-only", "ipv6-only".
+function Resolver:addresses(name, order)
+  local kinds = order == "ipv4" and { "A", "AAAA" } or order == "ipv4-only" and { "A" }
+    or order == "ipv6-only" and { "AAAA" } or { "AAAA", "A" }
+  local out, temp, nx = {}, nil, 0
+  for _, k in ipairs(kinds) do
+    local recs, err = self:query(name, k)
+    if recs then
+      for _, r in ipairs(recs) do out[#out + 1] = r.data end
+    elseif err == "nxdomain" then
+      nx = nx + 1
+    elseif TEMPORARY[err] then
+      temp = err
+    end
+  end
+  if #out > 0 then return out end
+  if temp then return nil, temp end
+  return nil, nx > 0 and "nxdomain" or "nodata"
+end
+
+-- mx_hosts(domain, opts) -> { { name, pref, addrs } ... } | nil, reason, permanent.
+-- Preference order, random within a preference; no MX: the domain itself
+-- (implicit MX); a null MX (RFC 7505) or a domain that does not exist is
+-- permanent; anything else that fails is temporary.
+function Resolver:mx_hosts(domain, opts)
+  opts = opts or {}
+  local recs, err = self:query(domain, "MX")
+  local mxs
+  if recs then
+    if #recs == 1 and recs[1].data == "" then
+      return nil, "5.1.10 " .. domain .. " has a null MX: it accepts no mail (RFC 7505)", true
+    end
+    local bypref, prefs = {}, {}
+    for _, r in ipairs(recs) do
+      if r.data ~= "" then
+        local l = bypref[r.pref]
+        if not l then
+          l = {}
+          bypref[r.pref] = l
+          prefs[#prefs + 1] = r.pref
+        end
+        l[#l + 1] = r.data
+      end
+    end
+    table.sort(prefs)
+    mxs = {}
+    for _, p in ipairs(prefs) do
+      shuffle(bypref[p])
+      for _, name in ipairs(bypref[p]) do mxs[#mxs + 1] = { name = name, pref = p } end
+    end
+  elseif err == "nodata" then
+    mxs = { { name = domain, pref = 0, implicit = true } }
+  elseif err == "nxdomain" then
+    return nil, "5.1.2 " .. domain .. " does not exist", true
+  else
+    return nil, "4.4.3 MX lookup for " .. domain .. " failed: " .. tostring(err), false
+  end
+  local out, temp = {}, nil
+  for _, mx in ipairs(mxs) do
+    local addrs, aerr = self:addresses(mx.name, opts.order)
+    if addrs then
+      mx.addrs = addrs
+      out[#out + 1] = mx
+    elseif TEMPORARY[aerr] then
+      temp = aerr
+    else
+      log.info("dns: %s: MX %s has no address (%s)", domain, mx.name, tostring(aerr))
+    end
+  end
+  if #out > 0 then return out end
+  if temp then return nil, "4.4.3 address lookup for the MX of " .. domain .. " failed: " .. temp, false end
+  if mxs[1] and mxs[1].implicit then
+    return nil, "5.1.2 " .. domain .. " has no MX and no address", true
+  end
+  return nil, "5.4.4 no MX host of " .. domain .. " has an address", true
+end
+
+-- ---- the process-wide resolver ------------------------------------------------------------
+
+local default, default_opts
+
+function _M.configure(opts)
+  default_opts = opts
+  if default then
+    default:close()
+    default = nil
+  end
+end
+
+function _M.default()
+  if not default or default.closed then
+    local r, err = _M.new(default_opts)
+    if not r then error(err, 2) end
+    default = r
+  end
+  return default
+end
+
+function _M.shutdown()
+  if default then
+    default:close()
+    default = nil
+  end
+end
+
+return _M
