@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """A programmable SMTP sink for the specs, on Debian's python3-aiosmtpd.
 
-    sink.py --port 0 --events FILE [--no-pipelining] [--size N] [--dsn]
+    sink.py --port 0 --events FILE [--host ADDR] [--no-pipelining] [--size N] [--dsn]
+            [--no-smtputf8] [--no-8bitmime] [--no-ehlo]
 
 Prints "port N" on stdout once it listens, then writes one JSON object per
 line to FILE for every connection, transaction and reply decision:
@@ -36,11 +37,14 @@ from aiosmtpd.smtp import SMTP
 
 
 class State:
-    def __init__(self, events, pipelining, size, dsn):
+    def __init__(self, events, pipelining, size, dsn, smtputf8=True, eightbit=True, ehlo=True):
         self.events = open(events, "a", buffering=1)
         self.pipelining = pipelining
         self.size = size
         self.dsn = dsn
+        self.smtputf8 = smtputf8
+        self.eightbit = eightbit
+        self.ehlo = ehlo
         self.conn_seq = 0
         self.open = 0
         self.tries = {}
@@ -82,6 +86,18 @@ class SinkSMTP(SMTP):
         reader = getattr(self, "_reader", None)
         return bool(reader is not None and len(getattr(reader, "_buffer", b"")) > 0)
 
+    async def smtp_EHLO(self, hostname):
+        st = self.event_handler.state
+        if not st.ehlo:
+            st.log(ev="ehlo_refused", conn=self.conn_id)
+            await self.push("502 5.5.1 EHLO not implemented")
+            return
+        await super().smtp_EHLO(hostname)
+
+    async def smtp_HELO(self, hostname):
+        self.event_handler.state.log(ev="helo", conn=self.conn_id, name=hostname)
+        await super().smtp_HELO(hostname)
+
     async def smtp_MAIL(self, arg):
         # MAIL arrived with more commands already buffered: pipelined
         self._pipelined = self._pending_input()
@@ -94,7 +110,9 @@ class Handler:
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
-        out = [r for r in responses if "PIPELINING" not in r and "SIZE" not in r]
+        self.state.log(ev="ehlo", conn=server.conn_id, name=hostname)
+        out = [r for r in responses if "PIPELINING" not in r and "SIZE" not in r and "SMTPUTF8" not in r
+               and "8BITMIME" not in r]
         last = out.pop()  # "250 HELP" or similar
         if self.state.pipelining:
             out.append("250-PIPELINING")
@@ -103,8 +121,10 @@ class Handler:
         if self.state.dsn:
             out.append("250-DSN")
         out.append("250-ENHANCEDSTATUSCODES")
-        out.append("250-SMTPUTF8")
-        out.append("250-8BITMIME")
+        if self.state.smtputf8:
+            out.append("250-SMTPUTF8")
+        if self.state.eightbit:
+            out.append("250-8BITMIME")
         out.append(last.replace("250-", "250 "))
         return out
 
@@ -162,7 +182,8 @@ class Handler:
 
 class SinkController(Controller):
     def factory(self):
-        return SinkSMTP(self.handler, hostname="sink.test", decode_data=True)
+        return SinkSMTP(self.handler, hostname="sink.test", decode_data=True,
+                        enable_SMTPUTF8=self.handler.state.smtputf8)
 
 
 def main():
@@ -173,8 +194,12 @@ def main():
     ap.add_argument("--no-pipelining", action="store_true")
     ap.add_argument("--size", type=int, default=0)
     ap.add_argument("--dsn", action="store_true")
+    ap.add_argument("--no-smtputf8", action="store_true")
+    ap.add_argument("--no-8bitmime", action="store_true")
+    ap.add_argument("--no-ehlo", action="store_true")
     a = ap.parse_args()
-    state = Handler(State(a.events, not a.no_pipelining, a.size, a.dsn))
+    state = Handler(State(a.events, not a.no_pipelining, a.size, a.dsn, not a.no_smtputf8, not a.no_8bitmime,
+                          not a.no_ehlo))
     port = a.port
     if port == 0:
         import socket

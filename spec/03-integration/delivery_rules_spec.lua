@@ -1,0 +1,118 @@
+-- What the SMTP client checks before sending, HELO fallback, delay
+-- notifications, and relaying into a second Moonpost.
+local H = require "helpers"
+
+local function with_sink(args, fn, timeout)
+  H.run(function()
+    local sink = H.sink(args)
+    local ok, err = pcall(fn, sink)
+    sink.stop()
+    if not ok then error(err, 0) end
+  end, timeout)
+end
+
+local function relay_mta(dir, port, queue_opts)
+  return H.start_mta({}, function(m)
+    m:use(require("moonpost.route").smtp { relay = "127.0.0.1:" .. port, idle_timeout = "1s" })
+  end, { spool = { dir = dir .. "/spool", min_free = 0 }, queue = queue_opts or { retry = { "1s" } } })
+end
+
+describe("delivery rules", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-rules") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  it("bounces a message over the server's SIZE without sending it (5.3.4)", function()
+    with_sink({ "--size", "500" }, function(sink)
+      local mta, port = relay_mta(dir, sink.port)
+      assert.equal(250, (H.send(port, { from = "", to = { "big@x.test" },
+        body = "Subject: big\r\n\r\n" .. string.rep("0123456789\r\n", 100) })))
+      assert.is_true(H.wait_for(function() return H.log("to=<big@x.test> bounced"):find("5.3.4", 1, true) end, 10))
+      assert.equal(0, #sink.events("message"))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("bounces an SMTPUTF8 message to a server without SMTPUTF8 (5.6.7)", function()
+    with_sink({ "--no-smtputf8" }, function(sink)
+      local mta, port = relay_mta(dir, sink.port)
+      assert.equal(250, (H.send(port, { from = "", to = { "üser@x.test" }, mail_params = "SMTPUTF8" })))
+      assert.is_true(H.wait_for(function() return H.log("to=<üser@x.test> bounced"):find("5.6.7", 1, true) end, 10))
+      assert.equal(0, #sink.events("message"))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("bounces an 8BITMIME message to a server without 8BITMIME (5.6.3)", function()
+    with_sink({ "--no-8bitmime" }, function(sink)
+      local mta, port = relay_mta(dir, sink.port)
+      assert.equal(250, (H.send(port, { from = "", to = { "eight@x.test" }, mail_params = "BODY=8BITMIME",
+        body = "Subject: 8bit\r\n\r\nd\195\169j\195\160 vu\r\n" })))
+      assert.is_true(H.wait_for(function() return H.log("to=<eight@x.test> bounced"):find("5.6.3", 1, true) end, 10))
+      assert.equal(0, #sink.events("message"))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("falls back to HELO when EHLO is refused, and then does not pipeline", function()
+    with_sink({ "--no-ehlo" }, function(sink)
+      local mta, port = relay_mta(dir, sink.port)
+      assert.equal(250, (H.send(port, { to = { "old@x.test" } })))
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end, 10))
+      assert.equal(1, #sink.events("ehlo_refused"))
+      assert.equal(mta.hostname, sink.events("helo")[1].name)
+      assert.is_false(sink.messages()[1].pipelined)
+      assert.same({}, sink.messages()[1].mail_params) -- no ESMTP parameters after HELO
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("sends one delay notification when delay_warning passes (NOTIFY=DELAY)", function()
+    with_sink(nil, function(sink)
+      local mta, port = relay_mta(dir, sink.port, { retry = { "1s" }, delay_warning = "1s", max_age = "1h" })
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "r451-slow@x.test" },
+        rcpt_params = "NOTIFY=DELAY,FAILURE" })))
+      assert.is_true(H.wait_for(function()
+        for _, m in ipairs(sink.messages()) do
+          if m.rcpts[1] == "origin@sender.test" then return true end
+        end
+      end, 15))
+      require("moonpost.runtime.sched").sleep(2.5) -- more attempts: still one notice
+      local notices = {}
+      for _, m in ipairs(sink.messages()) do
+        if m.rcpts[1] == "origin@sender.test" then notices[#notices + 1] = m end
+      end
+      assert.equal(1, #notices)
+      assert.truthy(notices[1].data:find("\r\nAction: delayed\r\n", 1, true))
+      assert.truthy(notices[1].data:find("\r\nStatus: 4.2.0\r\n", 1, true))
+      assert.truthy(notices[1].data:find("\r\nWill-Retry-Until: ", 1, true))
+      H.stop_mta(mta)
+    end, 60)
+  end)
+
+  it("relays into a second Moonpost, which stores the mail", function()
+    H.run(function()
+      local accept = require "moonpost.accept"
+      local moonpost = require "moonpost"
+      -- the destination: a spool and Maildir delivery
+      local dest = moonpost.new { hostname = "dest.test", spool = { dir = dir .. "/dest-spool", min_free = 0 } }
+      dest:use(accept.smtp { listen = "127.0.0.1:0", log_messages = false })
+      dest:use(require("moonpost.maildir").deliver { root = dir .. "/mail" })
+      assert(dest:start())
+      local mta, port = relay_mta(dir, dest:addresses()[1].port)
+      assert.equal(250, (H.send(port, { to = { "alice@dest.test", "bob@dest.test" },
+        body = "Subject: hop\r\n\r\nthrough two\r\n" })))
+      assert.is_true(H.wait_for(function()
+        return #H.ls(dir .. "/mail/alice/new") == 1 and #H.ls(dir .. "/mail/bob/new") == 1
+      end, 10))
+      local text = H.read(dir .. "/mail/alice/new/" .. H.ls(dir .. "/mail/alice/new")[1])
+      -- two Received headers: one per hop, the newest first
+      local first, second = text:match("^Received: from (%S+).-\r\nReceived: from (%S+)")
+      assert.equal("mx.test", first)
+      assert.equal("client.test", second)
+      assert.truthy(text:find("through two\r\n$"))
+      H.stop_mta(mta)
+      H.stop_mta(dest)
+    end)
+  end)
+end)
