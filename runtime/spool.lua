@@ -572,6 +572,24 @@ function lazy_sync(self)
   end)
 end
 
+-- State records go to the page cache at the end of this loop iteration (one
+-- write for all of them): a crash of the process then loses none, and the
+-- deliveries they record are not repeated. (fdatasync still comes with the
+-- next group commit or lazy_sync.)
+local function spill_soon(self)
+  if self.spill_pending or self.readonly then return end
+  self.spill_pending = true
+  if not self.spill_handle then
+    self.spill_handle = uv.new_check()
+    self.spill_handle:unref()
+  end
+  self.spill_handle:start(function()
+    self.spill_handle:stop()
+    self.spill_pending = false
+    if self.head and self.head.file:pending() > 0 then self.head.file:spill() end
+  end)
+end
+
 -- update(id, state): record a state change. state.done lists recipient
 -- indexes that are final; attempts and next are kept as given.
 function Spool:update(id, state)
@@ -583,6 +601,7 @@ function Spool:update(id, state)
     log.error("spool: cannot record the state of %s: %s", ids.hex(id), tostring(err))
     return nil, err, code
   end
+  spill_soon(self)
   lazy_sync(self)
   return true
 end
@@ -592,7 +611,10 @@ function Spool:done(id)
   local m = self.msgs[id]
   if not m then return nil, "unknown message" end
   local seg, err = append(self, DONE, 0, id, "")
-  if seg then lazy_sync(self) end
+  if seg then
+    spill_soon(self)
+    lazy_sync(self)
+  end
   if not seg then
     -- Keep it out of the queue; the DONE is written again when space returns.
     self.pending_done = self.pending_done or {}
@@ -763,6 +785,10 @@ end
 
 function Spool:close()
   self:trim_cache(true)
+  if self.spill_handle then
+    self.spill_handle:close()
+    self.spill_handle = nil
+  end
   if not self.readonly and self.lock then
     local st = self.stats
     log.info("spool: closed: %d stored, %d sync batches, %d fsyncs, %d bytes written, %d compactions, "

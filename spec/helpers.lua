@@ -365,6 +365,55 @@ function H.free_port()
   return port
 end
 
+-- inject(opts) runs opts.sessions tasks that send messages to opts.port
+-- until opts.total got a 250, reconnecting whenever the server goes away.
+-- Each message has a unique token (its sender's local part and Subject);
+-- opts.rcpt(seq, token) picks the recipient. Returns a state table:
+-- { acked = { token = rcpt }, nacked, sent, running } (running reaches 0).
+function H.inject(opts)
+  local st = { acked = {}, nacked = 0, sent = 0, running = opts.sessions, seq = 0 }
+  local body = opts.body or string.rep("crash test body line\r\n", 20)
+  local function session(n, p)
+    local ok = p:reply() == 220
+    p:cmd("EHLO crash.test")
+    ok = ok and p:reply() == 250
+    while ok and st.nacked < opts.total do
+      st.seq = st.seq + 1
+      local tok = string.format("t%d-%d", n, st.seq)
+      local rcpt = opts.rcpt(st.seq, tok)
+      p:cmd("MAIL FROM:<" .. tok .. "@crash.test>")
+      ok = p:reply() == 250
+      if ok then p:cmd("RCPT TO:<" .. rcpt .. ">") ok = p:reply() == 250 end
+      if ok then p:cmd("DATA") ok = p:reply() == 354 end
+      if ok then
+        st.sent = st.sent + 1
+        p:send("Subject: " .. tok .. "\r\n\r\n" .. body .. ".\r\n")
+        ok = p:reply() == 250
+        if ok then
+          st.acked[tok] = rcpt
+          st.nacked = st.nacked + 1
+        end
+      end
+    end
+  end
+  for n = 1, opts.sessions do
+    sched.spawn(function()
+      while st.nacked < opts.total do
+        local p = H.connect(opts.port, "127.0.0.1", 5)
+        if not p then
+          sched.sleep(0.05)
+        else
+          -- a kill can cut the connection anywhere: that ends the session only
+          pcall(session, n, p)
+          p:close()
+        end
+      end
+      st.running = st.running - 1
+    end)
+  end
+  return st
+end
+
 -- sink(args) starts spec/tools/sink.py (a programmable SMTP peer on
 -- aiosmtpd) and returns { port, events(), messages(), stop() }. args are
 -- extra command-line flags ("--no-pipelining", "--size", "1000", "--dsn").

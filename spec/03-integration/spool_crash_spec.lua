@@ -22,56 +22,17 @@ describe("spool under SIGKILL", function()
       local srv = H.launch(policy, env, { port = port })
       local logs = {}
 
-      local acked, nacked, sent, seq = {}, 0, 0, 0
-      local running = SESSIONS
-      local session
-      local function client(n)
-        while nacked < TOTAL do
-          local p = H.connect(port, "127.0.0.1", 5)
-          if not p then
-            sched.sleep(0.05)
-          else
-            -- a kill can cut the connection anywhere: that ends the session only
-            pcall(session, n, p)
-            p:close()
-          end
-        end
-        running = running - 1
-      end
-      function session(n, p)
-          do
-            local ok = p:reply() == 220
-            p:cmd("EHLO crash.test")
-            ok = ok and p:reply() == 250
-            while ok and nacked < TOTAL do
-              seq = seq + 1
-              local tok = string.format("t%d-%d", n, seq)
-              local rcpt = (seq % 20 == 0) and ("defer-" .. tok) or "sink"
-              p:cmd("MAIL FROM:<" .. tok .. "@crash.test>")
-              ok = p:reply() == 250
-              if ok then p:cmd("RCPT TO:<" .. rcpt .. "@x.test>") ok = p:reply() == 250 end
-              if ok then p:cmd("DATA") ok = p:reply() == 354 end
-              if ok then
-                sent = sent + 1
-                p:send("Subject: " .. tok .. "\r\n\r\n" .. string.rep("crash test body line\r\n", 20) .. ".\r\n")
-                local c = p:reply()
-                ok = c == 250
-                if ok then
-                  acked[tok] = rcpt
-                  nacked = nacked + 1
-                end
-              end
-            end
-          end
-      end
-      for n = 1, SESSIONS do sched.spawn(client, n) end
+      local inj = H.inject({ port = port, sessions = SESSIONS, total = TOTAL, rcpt = function(seq, tok)
+        return (seq % 20 == 0) and ("defer-" .. tok .. "@x.test") or "sink@x.test"
+      end })
+      local acked = inj.acked
 
       -- five kills at random moments
       math.randomseed(os.time())
       local kills = 0
       for _ = 1, 5 do
         sched.sleep(0.3 + math.random() * 1.2)
-        if nacked >= TOTAL then break end
+        if inj.nacked >= TOTAL then break end
         srv.kill()
         kills = kills + 1
         logs[#logs + 1] = srv.log()
@@ -90,13 +51,13 @@ describe("spool under SIGKILL", function()
       logs[#logs + 1] = srv.log()
       srv = H.launch(policy, env, { port = port })
 
-      local finished = H.wait_for(function() return running == 0 end, 300)
-      assert.is_true(finished, string.format("injection did not finish: %d acknowledged\n%s", nacked,
+      local finished = H.wait_for(function() return inj.running == 0 end, 300)
+      assert.is_true(finished, string.format("injection did not finish: %d acknowledged\n%s", inj.nacked,
         srv.log():sub(-3000)))
 
       -- every acknowledged message: delivered, or queued (defer-*)
       local want_sink = 0
-      for _, r in pairs(acked) do if r == "sink" then want_sink = want_sink + 1 end end
+      for _, r in pairs(acked) do if r == "sink@x.test" then want_sink = want_sink + 1 end end
       local function delivered_files() return #H.ls(dir .. "/mail/sink/new") end
       H.wait_for(function() return delivered_files() >= want_sink end, 180)
       sched.sleep(0.5)
@@ -116,7 +77,7 @@ describe("spool under SIGKILL", function()
       end
       local lost, dups, delivered_twice_queued = {}, 0, 0
       for tok, rcpt in pairs(acked) do
-        if rcpt == "sink" then
+        if rcpt == "sink@x.test" then
           if not seen[tok] then lost[#lost + 1] = tok end
         elseif not queued[tok] then
           lost[#lost + 1] = tok
@@ -128,7 +89,7 @@ describe("spool under SIGKILL", function()
       local torn = select(2, all:gsub("torn tail", ""))
       local compactions = select(2, all:gsub("compacted %d+%.seg", ""))
       print(string.format("\ncrash spec: %d acknowledged (%d sent), %d kills, %d lost, %d duplicate deliveries, "
-        .. "%d queued, %d torn tails truncated, %d compactions", nacked, sent, kills, #lost, dups,
+        .. "%d queued, %d torn tails truncated, %d compactions", inj.nacked, inj.sent, kills, #lost, dups,
         #(cjson.decode(out).messages), torn, compactions))
       assert.same({}, lost)
       assert.equal(0, delivered_twice_queued)
