@@ -171,7 +171,9 @@ function Conn:transaction(env, body, rcpts)
     return all({ status = "bounced", code = 553, enhanced = "5.6.7", host = host,
       text = host .. " does not support SMTPUTF8, which this message needs" })
   end
-  local eight = env.body == "8BITMIME" or (env.body == nil and has_8bit(body))
+  -- 8-bit content without BODY=8BITMIME still needs 8BITMIME; scanned once
+  if env.eight == nil then env.eight = env.body == "8BITMIME" or (env.body == nil and has_8bit(body)) end
+  local eight = env.eight
   if eight and not self.ext["8BITMIME"] then
     return all({ status = "bounced", code = 554, enhanced = "5.6.3", host = host,
       text = host .. " does not support 8BITMIME, which this message needs" })

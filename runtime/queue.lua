@@ -16,6 +16,7 @@
 -- delivery_bounced (informational events). A message whose recipients are
 -- all final is done; one older than max_age is expired (its remaining
 -- recipients bounce with 4.4.7).
+local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 local ids = require "moonpost.runtime.ids"
@@ -80,6 +81,8 @@ function _M.new(mta, spool, opts)
     stopped = true,
     transport = nil,
     stats = { delivered = 0, deferred = 0, bounced = 0, attempts = 0 },
+    latency = {},     -- seconds from the 250 to the first attempt (a window of samples)
+    nlatency = 0,
   }, mt)
 end
 
@@ -185,8 +188,17 @@ local function retry_after(self, attempts)
   return r[min(attempts, #r)]
 end
 
+local LATENCY_SAMPLES = 100000
+
 local function deliver(self, m)
   local spool, bus = self.spool, self.mta.bus
+  if m.stored_at then
+    -- from the durable 250 to this first attempt
+    local n = self.nlatency % LATENCY_SAMPLES + 1
+    self.latency[n] = (uv.hrtime() - m.stored_at) / 1e9
+    self.nlatency = self.nlatency + 1
+    m.stored_at = nil
+  end
   local env, body = spool:read(m)
   local now = os.time()
   if not env then
@@ -324,6 +336,18 @@ end
 function Queue:stop()
   self.stopped = true
   poke(self)
+end
+
+-- latency() -> { n, p50, p99, max } in seconds, from the 250 to the start
+-- of the first delivery attempt, over the last samples
+function Queue:latency_stats()
+  local l = {}
+  for i, v in ipairs(self.latency) do l[i] = v end
+  table.sort(l)
+  local n = #l
+  if n == 0 then return { n = 0 } end
+  local function q(p) return l[math.max(1, math.ceil(p * n))] end
+  return { n = self.nlatency, p50 = q(0.5), p99 = q(0.99), max = l[n] }
 end
 
 function Queue:depth()

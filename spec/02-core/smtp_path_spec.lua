@@ -207,6 +207,19 @@ describe("moonpost.core.smtp dotstuff", function()
   end)
 end)
 
+describe("moonpost.core.smtp has_8bit", function()
+  it("finds an octet above 127 anywhere, in a string or a message", function()
+    assert.is_false(smtp.has_8bit(""))
+    assert.is_false(smtp.has_8bit(string.rep("plain ascii ", 100)))
+    for pos = 1, 20 do
+      local s = string.rep("a", pos - 1) .. "\200" .. string.rep("b", 20 - pos)
+      assert.is_true(smtp.has_8bit(s), "at " .. pos)
+    end
+    assert.is_true(smtp.has_8bit(smtp.message("caf\195\169")))
+    assert.has_error(function() smtp.has_8bit(42) end)
+  end)
+end)
+
 describe("moonpost.core.smtp utf8_valid / xtext_valid", function()
   it("checks UTF-8 and xtext", function()
     assert.is_true(smtp.utf8_valid("héllo ✓ 𝄞"))

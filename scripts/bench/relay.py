@@ -1,0 +1,89 @@
+#!/usr/bin/python3
+"""End-to-end relay figure for `make bench`:
+
+    relay.py PORT_BASE N C SIZE [extra smtp-source args...]
+
+smtp-sink (-c, counting) on PORT_BASE+2; Moonpost's examples/relay.lua on
+PORT_BASE+1 relaying to it (durable spool in a temporary directory);
+smtp-source -d -s C -m N -l SIZE into Moonpost. Prints one JSON line:
+{"inject_s", "e2e_s", "delivered", "rss_kib", "latency_p50_ms", "latency_p99_ms"}.
+"""
+import json, os, re, shutil, signal, subprocess, sys, tempfile, threading, time
+
+root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+base, n, c, size = (int(x) for x in sys.argv[1:5])
+extra = sys.argv[5:]
+mp_port, sink_port = base + 1, base + 2
+tmp = tempfile.mkdtemp(prefix="moonpost-bench-relay-")
+
+count, t_done = 0, None
+lock = threading.Lock()
+
+
+def read_sink(proc):
+    global count, t_done
+    rx = re.compile(rb"mesg=(\d+)")
+    buf = b""
+    while True:
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            return
+        buf = (buf + chunk)[-256:]
+        m = None
+        for m in rx.finditer(buf):
+            pass
+        if m:
+            with lock:
+                count = max(count, int(m.group(1)))
+                if t_done is None and count >= n:
+                    t_done = time.monotonic()
+
+
+def wait_port(port, limit=15):
+    import socket
+    end = time.time() + limit
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("nothing listens on %d" % port)
+
+
+sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", "-m", "1000", "127.0.0.1:%d" % sink_port, "1024"],
+                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+threading.Thread(target=read_sink, args=(sink,), daemon=True).start()
+wait_port(sink_port)
+log = open(os.path.join(tmp, "moonpost.log"), "w")
+env = dict(os.environ, MOONPOST_LISTEN="127.0.0.1:%d" % mp_port, MOONPOST_RELAY="127.0.0.1:%d" % sink_port,
+           MOONPOST_SPOOL=os.path.join(tmp, "spool"))
+mp = subprocess.Popen([os.path.join(root, "scripts/moonpost"), "run", os.path.join(root, "examples/relay.lua")],
+                      env=env, stdout=log, stderr=log)
+wait_port(mp_port)
+t0 = time.monotonic()
+subprocess.run(["smtp-source", "-d", "-s", str(c), "-m", str(n), "-l", str(size), "-f", "bench@source.test",
+                "-t", "sink@sink.test"] + extra + ["127.0.0.1:%d" % mp_port], stdout=subprocess.DEVNULL, timeout=900)
+t_inject = time.monotonic() - t0
+end = time.monotonic() + 300
+while time.monotonic() < end:
+    with lock:
+        if t_done is not None:
+            break
+    time.sleep(0.05)
+rss = 0
+with open("/proc/%d/status" % mp.pid) as f:
+    for line in f:
+        if line.startswith("VmHWM:"):
+            rss = int(line.split()[1])
+mp.send_signal(signal.SIGTERM)
+mp.wait(timeout=60)
+sink.send_signal(signal.SIGTERM)
+sink.wait(timeout=10)
+log.close()
+text = open(os.path.join(tmp, "moonpost.log")).read()
+lat = re.search(r"first attempt: p50 ([\d.]+) ms, p99 ([\d.]+) ms", text)
+shutil.rmtree(tmp, ignore_errors=True)
+print(json.dumps({"inject_s": t_inject, "e2e_s": (t_done - t0) if t_done else None, "delivered": count,
+                  "rss_kib": rss, "latency_p50_ms": float(lat.group(1)) if lat else None,
+                  "latency_p99_ms": float(lat.group(2)) if lat else None}))
