@@ -110,10 +110,28 @@ local SPOOL_SCHEMA = {
 
 local QUEUE_SCHEMA = {
   concurrency = { type = "posint", default = 20 },
-  retry = { type = "table", default = function() return { "30s", "1m", "5m", "15m", "30m" } end },
+  retry = { type = "table", default = function() return { "5m", "10m", "20m", "40m", "1h" } end },
   max_age = { type = "duration", default = "5d" },
   delay_warning = { type = "duration" },
+  domains = { type = "table" },
 }
+
+local DOMAIN_QUEUE_SCHEMA = {
+  retry = { type = "table" },
+  max_age = { type = "duration" },
+}
+
+local function check_retry(list, where)
+  local r = {}
+  for i, d in ipairs(list) do
+    r[i] = config.duration(d)
+    if not r[i] then
+      config.raise(string.format("%s: field 'retry' item %d: expected a duration, got %s", where, i, tostring(d)))
+    end
+  end
+  if #r == 0 then config.raise(where .. ": field 'retry': needs at least one interval") end
+  return r
+end
 
 -- MOONPOST_SPOOL_FAULT=compaction_pause=<seconds>: a pause in the middle of a
 -- compaction, so that the crash tests can kill the process right there.
@@ -137,16 +155,15 @@ end
 
 local function check_queue(v)
   local q = config.check("moonpost.new: queue", v, QUEUE_SCHEMA)
-  local r = {}
-  for i, d in ipairs(q.retry) do
-    r[i] = config.duration(d)
-    if not r[i] then
-      config.raise(string.format("moonpost.new: queue: field 'retry' item %d: expected a duration, got %s",
-        i, tostring(d)))
-    end
+  q.retry = check_retry(q.retry, "moonpost.new: queue")
+  local domains = {}
+  for d, dv in pairs(q.domains or {}) do
+    local where = "moonpost.new: queue: domains[" .. tostring(d) .. "]"
+    if type(d) ~= "string" then config.raise("moonpost.new: queue: field 'domains': keys must be domains") end
+    local o = config.check(where, dv, DOMAIN_QUEUE_SCHEMA)
+    domains[d:lower()] = { retry = o.retry and check_retry(o.retry, where), max_age = o.max_age }
   end
-  if #r == 0 then config.raise("moonpost.new: queue: field 'retry': needs at least one interval") end
-  q.retry = r
+  q.domains = domains
   return q
 end
 
@@ -243,9 +260,13 @@ function MTA:start()
     else
       sp.cache_bytes = 0 -- nothing will deliver: keep no bodies in memory
     end
-    sp:each(function(m) q:add(m) end)
-    sp.on_stored = function(m)
+    sp:each(function(m)
+      q:account(m) -- recovered: its domains are known after its first read
+      q:add(m)
+    end)
+    sp.on_stored = function(m, envt)
       m.stored_at = uv.hrtime()
+      q:account(m, envt)
       q:add(m)
     end
     q:start()
@@ -265,6 +286,12 @@ function MTA:start()
   end
   self.started = true
   return true
+end
+
+-- queues() -> { { key, tenant, domain, depth, oldest, last_error, last_error_at } }:
+-- the scheduled queues (tenant@domain), read from counters, not messages.
+function MTA:queues()
+  return self.queue and self.queue:summary() or {}
 end
 
 -- addresses() -> { { host, port, name }, ... } of the open listeners.

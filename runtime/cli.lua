@@ -112,7 +112,7 @@ function _M.spool(argv)
       for k, r in ipairs(m.env.rcpt) do
         if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = r.a end
       end
-      out[i] = { id = ids.hex(m.id), received = m.env.t, record_size = m.len, from = m.env.from,
+      out[i] = { id = ids.hex(m.id), received = m.env.t or ids.time_of(m.id), record_size = m.len, from = m.env.from,
         pending = pending, attempts = m.attempts, next_attempt = m.next, tenant = m.env.tenant }
     end
     local json = cjson.encode({ queued = #list, messages = out })

@@ -73,9 +73,11 @@ function _M.new(mta, spool, opts)
     mta = mta,
     spool = spool,
     concurrency = opts.concurrency or 20,
-    retry = opts.retry or { 30, 60, 300, 900, 1800 },
+    retry = opts.retry or { 300, 600, 1200, 2400, 3600 },
     max_age = opts.max_age or 5 * 86400,
     delay_warning = opts.delay_warning,
+    domain_opts = opts.domains or {},
+    queues = {},      -- "tenant@domain" -> { depth, fifo, head, last_error, last_error_at }
     heap = {},
     running = 0,
     stopped = true,
@@ -152,6 +154,95 @@ function Queue:add(m)
   poke(self)
 end
 
+-- ---- scheduled queues: counters per tenant@domain ------------------------------------
+
+local UNREAD = "?" -- recovered messages until their first attempt reads the envelope
+
+local function queue_of(self, key)
+  local Q = self.queues[key]
+  if not Q then
+    Q = { depth = 0, fifo = {}, head = 1 }
+    self.queues[key] = Q
+  end
+  return Q
+end
+
+local function has_key(m, key)
+  local k = m.key
+  if k == key then return true end
+  if type(k) == "table" then
+    for _, x in ipairs(k) do if x == key then return true end end
+  end
+  return false
+end
+
+-- account(m, env): count m in the queue of every tenant@domain it still has
+-- recipients for (env nil: a recovered message not read yet).
+function Queue:account(m, env)
+  local keys
+  if env then
+    local seen = {}
+    keys = {}
+    for i, r in ipairs(env.rcpt) do
+      if not r.done and not (m.rdone and m.rdone[i]) then
+        local key = (env.tenant or "") .. "@" .. ((r.a:match("@([^@]*)$") or ""):lower())
+        if not seen[key] then
+          seen[key] = true
+          keys[#keys + 1] = key
+        end
+      end
+    end
+  else
+    keys = { UNREAD }
+  end
+  m.key = #keys == 1 and keys[1] or keys
+  for _, key in ipairs(keys) do
+    local Q = queue_of(self, key)
+    Q.depth = Q.depth + 1
+    Q.fifo[#Q.fifo + 1] = m
+  end
+end
+
+function Queue:unaccount(m)
+  local k = m.key
+  if not k then return end
+  for _, key in ipairs(type(k) == "table" and k or { k }) do
+    local Q = self.queues[key]
+    if Q then Q.depth = Q.depth - 1 end
+  end
+  m.key = nil
+end
+
+-- summary() -> one entry per queue with messages: depth, the age of its
+-- oldest message and its last error. O(queues); the FIFO's stale heads are
+-- dropped as they are met.
+function Queue:summary()
+  local out, now = {}, os.time()
+  for key, Q in pairs(self.queues) do
+    if Q.depth <= 0 and not Q.last_error then
+      self.queues[key] = nil
+    else
+      local oldest
+      local f = Q.fifo
+      while Q.head <= #f do
+        local m = f[Q.head]
+        if self.spool:get(m.id) == m and has_key(m, key) then
+          oldest = now - ids.time_of(m.id)
+          break
+        end
+        f[Q.head] = nil
+        Q.head = Q.head + 1
+      end
+      if Q.head > #f then Q.fifo, Q.head = {}, 1 end
+      local tenant, domain = key:match("^(.-)@(.*)$")
+      out[#out + 1] = { key = key, tenant = tenant, domain = domain, depth = Q.depth, oldest = oldest,
+        last_error = Q.last_error, last_error_at = Q.last_error_at }
+    end
+  end
+  table.sort(out, function(a, b) return a.depth > b.depth end)
+  return out
+end
+
 local function split(address)
   local l, d = address:match("^(.*)@([^@]*)$")
   if not l then return address, "" end
@@ -183,9 +274,15 @@ function Queue:notify(env, body, action, list)
   return ok
 end
 
-local function retry_after(self, attempts)
-  local r = self.retry
+local function retry_after(self, attempts, domain)
+  local d = self.domain_opts[domain]
+  local r = d and d.retry or self.retry
   return r[min(attempts, #r)]
+end
+
+local function max_age_of(self, domain)
+  local d = self.domain_opts[domain]
+  return d and d.max_age or self.max_age
 end
 
 local LATENCY_SAMPLES = 100000
@@ -203,10 +300,11 @@ local function deliver(self, m)
   local now = os.time()
   if not env then
     log.error("queue: %s: %s", ids.hex(m.id), tostring(body))
-    if now - (m.t or now) >= self.max_age then
+    if now - ids.time_of(m.id) >= self.max_age then
       -- unreadable until it expired: give up on it (the record stays in
       -- its segment for inspection until the segment is reclaimed)
       log.error("queue: %s: dropped: unreadable for longer than max_age", ids.hex(m.id))
+      self:unaccount(m)
       return spool:done(m.id)
     end
     m.next = now + 60
@@ -224,8 +322,10 @@ local function deliver(self, m)
   local results = self:dispatch(env, body, rcpts)
   local done, deferred = {}, 0
   local failed, delivered, relayed, delayed = {}, {}, {}, {}
-  local expired = now - (env.t or now) >= self.max_age
+  local age = now - (env.t or ids.time_of(m.id))
+  local next_at
   for _, r in ipairs(rcpts) do
+    local expired = age >= max_age_of(self, r.domain:lower())
     local res = results[r.index] or { status = "deferred", text = "transport gave no result" }
     if res.status ~= "delivered" and res.status ~= "bounced" and res.status ~= "deferred" then
       log.error("%s: transport returned status %s for <%s>; treated as deferred", env.id,
@@ -261,6 +361,8 @@ local function deliver(self, m)
     else
       deferred = deferred + 1
       self.stats.deferred = self.stats.deferred + 1
+      local at = now + retry_after(self, m.attempts, r.domain:lower())
+      if not next_at or at < next_at then next_at = at end
       log.info("%s: to=<%s> deferred: %s%s%s", env.id, r.address, res.host and (res.host .. " ") or "",
         res.stage and (res.stage .. ": ") or "", tostring(res.code and res.stage and (res.code .. " "
         .. (res.enhanced or "") .. " " .. tostring(res.text)) or res.text))
@@ -279,14 +381,28 @@ local function deliver(self, m)
     self:notify(env, body, "delayed", delayed)
     m.warned = true
   end
+  -- the queues' counters and last errors
+  for _, r in ipairs(rcpts) do
+    local res = results[r.index]
+    if res and res.status ~= "delivered" then
+      local Q = queue_of(self, (env.tenant or "") .. "@" .. r.domain:lower())
+      Q.last_error = (res.code and (res.code .. " ") or "") .. (res.enhanced and (res.enhanced .. " ") or "")
+        .. tostring(res.text)
+      Q.last_error_at = now
+    end
+  end
+  self:unaccount(m)
   if deferred == 0 then
     spool:done(m.id)
     return
   end
-  m.next = now + retry_after(self, m.attempts)
+  m.next = next_at or (now + retry_after(self, m.attempts))
   spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
     warned = m.warned or nil })
-  if spool:get(m.id) then self:add(m) end
+  if spool:get(m.id) then
+    self:account(m, env)
+    self:add(m)
+  end
 end
 
 local function dispatcher(self)

@@ -267,7 +267,7 @@ function Spool:recover()
             dups = dups + 1
             log.warn("spool: %s offset %d: duplicate message id %s ignored", seg_name(num), off, ids.hex(id))
           else
-            m = { id = id, pending = nrcpt, attempts = 0, next = 0, t = ids.time_of(id) }
+            m = { id = id, pending = nrcpt, attempts = 0, next = 0 }
             if self.readonly then m.env = env end
             add_live(m, seg, off, len)
             self.msgs[id] = m
@@ -463,8 +463,9 @@ function Spool:store(txn, msg)
   -- A write that succeeds ends a refusal caused by a failed write; one caused
   -- by low free space ends when the space check says so.
   if self.full and self.full ~= "low disk space" then self.full = false end
-  local m = { id = id, pending = #txn.recipients, attempts = 0, next = 0, t = txn.received_at or os.time(),
-    seg = seg, off = off, len = len }
+  -- eight fields at most (LuaJIT's hash part doubles past eight): the arrival
+  -- time is in the id (ids.time_of)
+  local m = { id = id, pending = #txn.recipients, attempts = 0, next = 0, seg = seg, off = off, len = len }
   self.msgs[id] = m
   self.nlive = self.nlive + 1
   self.stats.stored = self.stats.stored + 1
@@ -478,7 +479,7 @@ function Spool:store(txn, msg)
     txn.kept = true
     self:trim_cache()
   end
-  if self.on_stored then self.on_stored(m) end
+  if self.on_stored then self.on_stored(m, envt) end
   return true
 end
 

@@ -12,6 +12,7 @@
 #                 spool) relaying to smtp-sink, until the sink has every
 #                 message (scripts/bench/relay.py); with the median and 99th
 #                 percentile time from the 250 to the start of the delivery
+#   memory        bytes per queued message at MEMORY_N (1000000) messages
 #   recovery      time to recover a spool of RECOVERY_N queued messages
 #                 (default 1000000; 0 skips), page cache warm and dropped
 #   postfix       Postfix's durable acceptance of the same load (smtp-source
@@ -148,6 +149,10 @@ while [ $rep -le "$REPS" ]; do
   rep=$((rep + 1))
 done
 run_postfix
+if [ "${MEMORY_N:-1000000}" != 0 ]; then
+  echo "  memory: a queue of ${MEMORY_N:-1000000} messages" >&2
+  luajit scripts/bench/memory.lua "${MEMORY_N:-1000000}" 2>&1 | sed 's/^/  /' >&2
+fi
 if [ "${RECOVERY_N:-1000000}" != 0 ]; then
   echo "  recovery: writing and recovering a spool of ${RECOVERY_N:-1000000} messages" >&2
   luajit scripts/bench/recovery.lua "${RECOVERY_N:-1000000}" "$SIZE" >"$out/recovery.txt" 2>&1 || true

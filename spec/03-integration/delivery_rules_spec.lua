@@ -116,3 +116,51 @@ describe("delivery rules", function()
     end)
   end)
 end)
+
+describe("scheduled queues", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-queues") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  it("report depth, oldest age and last error per tenant@domain, from counters", function()
+    with_sink(nil, function(sink)
+      local mta, port = H.start_mta({}, function(m)
+        m:use(require("moonpost.route").smtp { relay = "127.0.0.1:" .. sink.port })
+      end, { spool = { dir = dir .. "/spool", min_free = 0 }, queue = { retry = { "1h" } } })
+      assert.equal(250, (H.send(port, { to = { "r451-a@slow.test", "r451-b@slow.test", "ok@fast.test" } })))
+      assert.equal(250, (H.send(port, { to = { "r451-c@slow.test" } })))
+      assert.is_true(H.wait_for(function()
+        for _, q in ipairs(mta:queues()) do
+          if q.domain == "slow.test" and q.last_error and q.depth == 2 then return true end
+        end
+      end, 10))
+      local byd = {}
+      for _, q in ipairs(mta:queues()) do byd[q.domain] = q end
+      assert.equal(2, byd["slow.test"].depth)
+      assert.equal("", byd["slow.test"].tenant)
+      assert.is_true(byd["slow.test"].oldest >= 0 and byd["slow.test"].oldest < 60)
+      assert.matches("^451 4%.2%.0 try again later", byd["slow.test"].last_error)
+      assert.is_true(byd["fast.test"] == nil or byd["fast.test"].depth == 0)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("use the retry schedule of the recipient's domain", function()
+    with_sink(nil, function(sink)
+      local mta, port = H.start_mta({}, function(m)
+        m:use(require("moonpost.route").smtp { relay = "127.0.0.1:" .. sink.port })
+      end, { spool = { dir = dir .. "/spool", min_free = 0 },
+        queue = { retry = { "1h" }, domains = { ["quick.test"] = { retry = { "1s" } } } } })
+      assert.equal(250, (H.send(port, { to = { "flaky1-a@quick.test" } })))
+      assert.equal(250, (H.send(port, { to = { "flaky1-b@slow.test" } })))
+      -- quick.test is retried after a second; slow.test waits an hour
+      assert.is_true(H.wait_for(function()
+        for _, msg in ipairs(sink.messages()) do
+          if msg.rcpts[1] == "flaky1-a@quick.test" then return true end
+        end
+      end, 10))
+      for _, msg in ipairs(sink.messages()) do assert.are_not.equal("flaky1-b@slow.test", msg.rcpts[1]) end
+      H.stop_mta(mta)
+    end)
+  end)
+end)

@@ -1,0 +1,44 @@
+-- Memory per queued message: a spool of N queued messages (default
+-- 1,000,000; one recipient, small body) recovered into the spool index and
+-- the delivery queue, as at start-up. Prints the Lua heap and the RSS that
+-- the index and the queue add, per message.
+--
+--   luajit scripts/bench/memory.lua [N]
+local root = debug.getinfo(1, "S").source:sub(2):match("^(.*)/scripts/bench/memory%.lua$") or "."
+dofile(root .. "/runtime/devpath.lua").install(root)
+local uv = require "luv"
+local core = require "moonpost.core.spool"
+local spool = require "moonpost.runtime.spool"
+local queue = require "moonpost.runtime.queue"
+local cjson = require "cjson"
+require("moonpost.runtime.log").set_level("warn")
+local N = tonumber(arg[1]) or 1000000
+local dir = uv.fs_mkdtemp("/tmp/moonpost-mem-XXXXXX")
+os.execute("mkdir -p " .. dir .. "/seg")
+local seg = assert(core.open(dir .. "/seg/0000000000000001.seg", true))
+local base = os.time() * 1048576
+for i = 1, N do
+  local meta = cjson.encode({ v = 1, from = "s" .. i .. "@a.test", rcpt = { { a = "r" .. i .. "@b.test" } },
+    t = os.time() })
+  seg:append(core.MSG, 0, base + i, meta, "Subject: x\r\n\r\nbody\r\n", 1)
+end
+seg:flush() seg:close()
+local function rss()
+  for l in io.lines("/proc/self/status") do
+    local k = l:match("^VmRSS:%s+(%d+)")
+    if k then return tonumber(k) end
+  end
+end
+collectgarbage() collectgarbage()
+local lua0, rss0 = collectgarbage("count"), rss()
+local sp = assert(spool.open({ dir = dir, min_free = 0 }))
+local q = queue.new({ bus = { emit = function() end }, hostname = "x" }, sp, {})
+sp:each(function(m) q:account(m) q:add(m) end)
+collectgarbage() collectgarbage()
+local lua1, rss1 = collectgarbage("count"), rss()
+print(string.format("%d queued: Lua heap %.0f bytes/message, RSS %.0f bytes/message", sp:count(),
+  (lua1 - lua0) * 1024 / N, (rss1 - rss0) * 1024 / N))
+sp:close()
+os.execute("rm -rf " .. dir)
+uv.run("nowait")
+os.exit(0)
