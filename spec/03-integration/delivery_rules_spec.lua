@@ -90,6 +90,23 @@ describe("delivery rules", function()
     end, 60)
   end)
 
+  it("connects from the configured source address and greets with the configured HELO name", function()
+    with_sink(nil, function(sink)
+      local mta, port = H.start_mta({}, function(m)
+        m:use(require("moonpost.route").smtp { relay = "127.0.0.1:" .. sink.port, source = "127.0.0.5",
+          helo = "out.example.net" })
+      end, { spool = { dir = dir .. "/spool", min_free = 0 } })
+      assert.equal(250, (H.send(port, { to = { "who@x.test" } })))
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end, 10))
+      local conn = sink.messages()[1].conn
+      local peer
+      for _, ev in ipairs(sink.events("connect")) do if ev.conn == conn then peer = ev.peer end end
+      assert.equal("127.0.0.5", peer)
+      assert.equal("out.example.net", sink.events("ehlo")[#sink.events("ehlo")].name)
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("relays into a second Moonpost, which stores the mail", function()
     H.run(function()
       local accept = require "moonpost.accept"

@@ -73,7 +73,8 @@ class SinkSMTP(SMTP):
         st.open += 1
         self.conn_id = st.conn_seq
         self.messages = 0
-        st.log(ev="connect", conn=self.conn_id, open=st.open)
+        peer = transport.get_extra_info("peername")
+        st.log(ev="connect", conn=self.conn_id, open=st.open, peer=peer[0] if peer else None)
         super().connection_made(transport)
 
     def connection_lost(self, error):
