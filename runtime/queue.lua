@@ -83,17 +83,18 @@ function _M.new(mta, spool, opts)
     stopped = true,
     transport = nil,
     stats = { delivered = 0, deferred = 0, bounced = 0, attempts = 0 },
+    idle = {},        -- workers waiting for work
     latency = {},     -- seconds from the 250 to the first attempt (a window of samples)
     nlatency = 0,
   }, mt)
 end
 
--- Wake the dispatcher if it waits (new work, a free slot, or stop).
-local function poke(self)
-  local w = self.waiter
-  if w then
-    self.waiter = nil
-    sched.wake(w, true)
+-- Wake an idle worker (new work), or all of them (stop).
+local function poke(self, all)
+  local idle = self.idle
+  while #idle > 0 do
+    sched.wake(table.remove(idle), true)
+    if not all then return end
   end
 end
 
@@ -203,14 +204,30 @@ function Queue:account(m, env)
   end
 end
 
+-- Rebuild a queue's FIFO from its live entries. Done when stale entries
+-- (finished, or moved on to other queues) outnumber live ones, so a FIFO
+-- holds at most about twice its depth whatever the order messages finish
+-- in, and finished messages are not kept alive by it.
+local function compact_fifo(self, Q, key)
+  local fresh = {}
+  for i = Q.head, #Q.fifo do
+    local m = Q.fifo[i]
+    if m.key ~= nil and self.spool:get(m.id) == m and has_key(m, key) then fresh[#fresh + 1] = m end
+  end
+  Q.fifo, Q.head = fresh, 1
+end
+
 function Queue:unaccount(m)
   local k = m.key
   if not k then return end
+  m.key = nil
   for _, key in ipairs(type(k) == "table" and k or { k }) do
     local Q = self.queues[key]
-    if Q then Q.depth = Q.depth - 1 end
+    if Q then
+      Q.depth = Q.depth - 1
+      if #Q.fifo - Q.head + 1 > 2 * Q.depth + 64 then compact_fifo(self, Q, key) end
+    end
   end
-  m.key = nil
 end
 
 -- summary() -> one entry per queue with messages: depth, the age of its
@@ -405,35 +422,33 @@ local function deliver(self, m)
   end
 end
 
-local function dispatcher(self)
+-- A fixed set of workers (concurrency of them) takes due messages from the
+-- heap: no task is created per delivery.
+local function worker(self)
+  local me = sched.current()
   while not self.stopped do
     local h = self.heap
-    local now = os.time()
-    while self.running < self.concurrency and h[1] and h[1].next <= now do
-      local m = heap_pop(h)
+    local m = h[1]
+    if m and m.next <= os.time() then
+      heap_pop(h)
       if self.spool:get(m.id) == m then
         self.running = self.running + 1
-        sched.spawn_named("delivery " .. ids.hex(m.id), function(err)
-          log.error("queue: delivery of %s failed: %s", ids.hex(m.id), tostring(err))
-        end, function()
-          local ok, err = xpcall(deliver, debug.traceback, self, m)
-          self.running = self.running - 1
-          if not ok then
-            log.error("queue: %s: %s", ids.hex(m.id), tostring(err))
-            m.next = os.time() + 60
-            self:add(m)
-          end
-          poke(self)
-        end)
+        local ok, err = xpcall(deliver, debug.traceback, self, m)
+        self.running = self.running - 1
+        if not ok then
+          log.error("queue: %s: %s", ids.hex(m.id), tostring(err))
+          m.next = os.time() + 60
+          self:add(m)
+        end
+      end
+    else
+      local idle = self.idle
+      idle[#idle + 1] = me
+      sched.wait(m and max(0.05, min(1, m.next - os.time())) or 1)
+      for i = #idle, 1, -1 do
+        if idle[i] == me then table.remove(idle, i) break end
       end
     end
-    local timeout = 1
-    if h[1] and self.running < self.concurrency then
-      timeout = max(0.05, min(1, h[1].next - os.time()))
-    end
-    self.waiter = sched.current()
-    sched.wait(timeout)
-    self.waiter = nil
   end
 end
 
@@ -444,14 +459,16 @@ function Queue:start()
   end
   if not self.stopped then return end
   self.stopped = false
-  self.task = sched.spawn_named("queue", function(err)
-    log.error("queue dispatcher failed: %s", tostring(err))
-  end, dispatcher, self)
+  for i = 1, self.concurrency do
+    sched.spawn_named("queue worker " .. i, function(err)
+      log.error("queue worker failed: %s", tostring(err))
+    end, worker, self)
+  end
 end
 
 function Queue:stop()
   self.stopped = true
-  poke(self)
+  poke(self, true)
 end
 
 -- latency() -> { n, p50, p99, max } in seconds, from the 250 to the start
