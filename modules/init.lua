@@ -219,6 +219,15 @@ end
 -- close = fn or nil }. See runtime/queue.lua for the contract.
 function MTA:add_transport(t)
   self.transports = self.transports or {}
+  for _, other in ipairs(self.transports) do
+    for _, d in ipairs(t.domains or {}) do
+      for _, e in ipairs(other.domains or {}) do
+        if d:lower() == e:lower() then
+          config.raise(string.format("%s and %s both claim the domain %s", other.name, t.name, d))
+        end
+      end
+    end
+  end
   if not t.domains then
     for _, other in ipairs(self.transports) do
       if not other.domains then

@@ -18,6 +18,9 @@ local log = require "moonpost.runtime.log"
 local _M = { _VERSION = "0.1" }
 
 local function hosts_of(spec, what)
+  if type(spec) ~= "string" and type(spec) ~= "table" then
+    config.raise(string.format("route.smtp: %s: expected host:port or a list of them, got %s", what, type(spec)))
+  end
   local list = type(spec) == "string" and { spec } or spec
   local out = {}
   for i, a in ipairs(list) do

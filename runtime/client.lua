@@ -40,8 +40,10 @@ _M.TIMEOUTS = {
 local Conn = {}
 local conn_mt = { __index = Conn }
 
+-- A failure of our own (connection, timeout, protocol): no reply code, as
+-- no server sent one; the DSN says "x-moonpost" rather than "smtp".
 local function temp(text, host)
-  return { status = "deferred", code = 451, enhanced = "4.4.0", text = text, host = host }
+  return { status = "deferred", enhanced = "4.4.0", text = text, host = host }
 end
 
 -- read one reply: code, enhanced, text | nil, err
@@ -131,7 +133,7 @@ function _M.connect(host, port, opts)
     c.ext = {}
   else
     c:quit()
-    return nil, format("EHLO: %s %s", tostring(code), tostring(text or _)), code
+    return nil, code and format("EHLO: %d %s", code, tostring(text)) or ("EHLO: " .. tostring(_)), code
   end
   c.pipelining = c.ext.PIPELINING ~= nil and opts.pipelining ~= false
   c.size_limit = tonumber(c.ext.SIZE) or 0
@@ -140,10 +142,16 @@ end
 
 local has_8bit = smtp.has_8bit -- a string or a message
 
-local function needs_utf8(env)
-  if env.utf8 then return true end
+-- SMTPUTF8 is needed when an address or the header section is not ASCII
+-- (RFC 6531); a message received with SMTPUTF8 that is all ASCII is sent
+-- without it.
+local function needs_utf8(env, body)
   if has_8bit(env.from or "") then return true end
   for _, r in ipairs(env.rcpt) do if has_8bit(r.a) then return true end end
+  if env.utf8 then
+    local headers = type(body) == "string" and (body:match("^(.-\r\n)\r\n") or body) or body:headers()
+    return has_8bit(headers)
+  end
   return false
 end
 
@@ -167,7 +175,8 @@ function Conn:transaction(env, body, rcpts)
     return all({ status = "bounced", code = 552, enhanced = "5.3.4", host = host,
       text = format("message size %d exceeds the limit of %s (%d)", size, host, self.size_limit) })
   end
-  if needs_utf8(env) and not self.ext.SMTPUTF8 then
+  local utf8 = needs_utf8(env, body)
+  if utf8 and not self.ext.SMTPUTF8 then
     return all({ status = "bounced", code = 553, enhanced = "5.6.7", host = host,
       text = host .. " does not support SMTPUTF8, which this message needs" })
   end
@@ -181,7 +190,7 @@ function Conn:transaction(env, body, rcpts)
   local mail = { "MAIL FROM:<", env.from or "", ">" }
   if self.ext.SIZE then mail[#mail + 1] = " SIZE=" .. size end
   if eight then mail[#mail + 1] = " BODY=8BITMIME" end
-  if env.utf8 and self.ext.SMTPUTF8 then mail[#mail + 1] = " SMTPUTF8" end
+  if utf8 then mail[#mail + 1] = " SMTPUTF8" end
   local dsn = self.ext.DSN ~= nil
   if dsn and env.ret then mail[#mail + 1] = " RET=" .. env.ret end
   if dsn and env.envid then mail[#mail + 1] = " ENVID=" .. env.envid end
@@ -211,12 +220,25 @@ function Conn:transaction(env, body, rcpts)
       if not code then return all(temp(self.broken, host)) end
       replies[i] = { code, enh, text }
       if i == 1 and code ~= 250 then break end
+      if i == #cmds - 1 then
+        -- no DATA when every RCPT was refused
+        local any = false
+        for k = 2, #cmds - 1 do
+          local rc = replies[k] and replies[k][1]
+          if rc and rc >= 200 and rc < 300 then any = true end
+        end
+        if not any then break end
+      end
     end
   end
   local m = replies[1]
   if m[1] ~= 250 then
     self:send("RSET\r\n")
     self:reply(t.mail)
+    if m[1] < 400 then
+      -- only 250 accepts a sender: anything else is the server's mistake
+      return all(temp(format("MAIL FROM answered %d %s", m[1], tostring(m[3])), host))
+    end
     return all(outcome(m[1], m[2], m[3], host, "MAIL FROM"))
   end
   local accepted = {}
@@ -248,7 +270,9 @@ function Conn:transaction(env, body, rcpts)
     self:reply(t.mail)
     return results
   end
-  if not self:send(smtp.dotstuff(body), t.block) then
+  -- one write for the whole message: the block timeout, plus time for its size
+  -- at 64 KiB/s (so that a large message on a slow link is not cut off)
+  if not self:send(smtp.dotstuff(body), t.block + size / 65536) then
     for _, r in ipairs(accepted) do results[r.index] = temp(self.broken, host) end
     return results
   end
@@ -310,15 +334,20 @@ function Pool:reap_later()
       self.reaper_task = sched.current()
       sched.wait(math.min(1, self.opts.idle_timeout))
       self.reaper_task = nil
-      local now = uv.now()
+      -- take the expired ones out first: quit() waits, and the list may
+      -- change meanwhile
+      local now, expired = uv.now(), {}
       for i = #self.idle, 1, -1 do
         local c = self.idle[i]
         if now - c.idle_since >= self.opts.idle_timeout * 1000 then
           table.remove(self.idle, i)
-          self.open = self.open - 1
-          c:quit()
-          notify(self)
+          expired[#expired + 1] = c
         end
+      end
+      for _, c in ipairs(expired) do
+        self.open = self.open - 1
+        c:quit()
+        notify(self)
       end
     end
     self.reaper = nil
@@ -343,7 +372,7 @@ function Pool:acquire(hosts)
       self.open = self.open + 1
       if self.open > self.stats.peak then self.stats.peak = self.open end
       local errs = {}
-      local last_code
+      local all_5xx, code5 = true, nil
       for _, h in ipairs(hosts) do
         local conn, err, code = _M.connect(h.host, h.port, o)
         if conn then
@@ -351,12 +380,13 @@ function Pool:acquire(hosts)
           return conn
         end
         errs[#errs + 1] = err
-        last_code = code or last_code
+        if code and code >= 500 then code5 = code else all_5xx = false end
         log.info("%s: %s", o.name or "smtp", err)
       end
       self.open = self.open - 1
       notify(self)
-      return nil, concat(errs, "; "), last_code
+      -- a permanent answer only when every host gave one
+      return nil, concat(errs, "; "), all_5xx and code5 or nil
     else
       self.waiting[#self.waiting + 1] = sched.current()
       sched.wait(o.timeouts.connect)

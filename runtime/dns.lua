@@ -159,9 +159,12 @@ local function pump(self)
 end
 
 -- query(name, type) -> records | nil, status. In a task.
+local TYPES = { A = true, AAAA = true, MX = true, TXT = true, PTR = true, CNAME = true, NS = true, TLSA = true }
+
 function Resolver:query(name, rtype)
   name = lower(name):gsub("%.$", "")
   rtype = rtype:upper()
+  if not TYPES[rtype] then error("dns: cannot query records of type " .. tostring(rtype), 2) end
   local key = rtype .. " " .. name
   self.stats.queries = self.stats.queries + 1
   local c = self.cache[key]

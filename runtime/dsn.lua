@@ -67,7 +67,7 @@ function _M.build(o)
   if env.envid then fields[#fields + 1] = "Original-Envelope-Id: " .. xtext_decode(env.envid) end
   if env.t then fields[#fields + 1] = "Arrival-Date: " .. date(env.t) end
   for _, r in ipairs(o.recipients) do
-    human[#human + 1] = format("<%s>: %s", r.address, r.text or action)
+    human[#human + 1] = format("<%s>: %s", r.address, gsub(r.text or action, "[\r\n]+", " "))
     fields[#fields + 1] = ""
     if r.orcpt then
       local typ, addr = r.orcpt:match("^([^;]+);(.*)$")
@@ -77,7 +77,10 @@ function _M.build(o)
     fields[#fields + 1] = "Action: " .. action
     fields[#fields + 1] = "Status: " .. (r.enhanced or (action == "failed" and "5.0.0" or
       (action == "delayed" and "4.0.0" or "2.0.0")))
-    if r.host then fields[#fields + 1] = "Remote-MTA: dns; " .. tostring(r.host) end
+    if r.host then
+      -- "[192.0.2.1]:25" -> "[192.0.2.1]": the MTA, not the port
+      fields[#fields + 1] = "Remote-MTA: dns; " .. gsub(tostring(r.host), "^(%[.-%]):%d+$", "%1")
+    end
     if r.code then
       fields[#fields + 1] = format("Diagnostic-Code: smtp; %d %s%s", r.code,
         r.enhanced and (r.enhanced .. " ") or "", gsub(r.text or "", "[\r\n]+", " "))

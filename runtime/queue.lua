@@ -104,7 +104,13 @@ function Queue:set_transports(list)
   self.by_domain, self.default = {}, nil
   for _, t in ipairs(list) do
     if t.domains then
-      for _, d in ipairs(t.domains) do self.by_domain[d:lower()] = t end
+      for _, d in ipairs(t.domains) do
+        local other = self.by_domain[d:lower()]
+        if other and other ~= t then
+          error(string.format("%s and %s both claim the domain %s", other.name, t.name, d), 0)
+        end
+        self.by_domain[d:lower()] = t
+      end
     else
       self.default = t
     end
@@ -284,7 +290,8 @@ function Queue:notify(env, body, action, list)
   local ok, err = self.spool:store(txn, msg)
   if not txn.kept then msg:close() end
   if ok then
-    log.info("%s: sender non-delivery notification: %s (%s, %d recipients)", env.id, txn.id, action, #list)
+    log.info("%s: delivery status notification %s to <%s>: %s, %d recipients", env.id, txn.id, env.from,
+      action, #list)
   else
     log.error("%s: cannot queue the %s DSN: %s", env.id, action, tostring(err))
   end
@@ -300,6 +307,17 @@ end
 local function max_age_of(self, domain)
   local d = self.domain_opts[domain]
   return d and d.max_age or self.max_age
+end
+
+-- "[192.0.2.1]:25 RCPT TO: 550 5.1.1 no such user" for the logs
+local function describe(res)
+  local parts = {}
+  if res.host then parts[#parts + 1] = res.host end
+  if res.stage then parts[#parts + 1] = res.stage .. ":" end
+  if res.code then parts[#parts + 1] = tostring(res.code) end
+  if res.enhanced and res.code then parts[#parts + 1] = res.enhanced end
+  parts[#parts + 1] = tostring(res.text)
+  return table.concat(parts, " ")
 end
 
 local LATENCY_SAMPLES = 100000
@@ -367,9 +385,7 @@ local function deliver(self, m)
     elseif res.status == "bounced" then
       done[#done + 1] = r.index
       self.stats.bounced = self.stats.bounced + 1
-      log.warn("%s: to=<%s> bounced: %s%s%s", env.id, r.address, res.host and (res.host .. " ") or "",
-        res.stage and (res.stage .. ": ") or "", tostring(res.code and (res.code .. " " .. (res.enhanced or "")
-        .. " " .. tostring(res.text)) or res.text))
+      log.warn("%s: to=<%s> bounced: %s", env.id, r.address, describe(res))
       bus:emit("delivery_bounced", env, r, res)
       if dsn.wants(r.notify, "failed") then
         if not entry.enhanced then entry.enhanced = tostring(res.text):match("^([245]%.%d+%.%d+)") end
@@ -380,13 +396,11 @@ local function deliver(self, m)
       self.stats.deferred = self.stats.deferred + 1
       local at = now + retry_after(self, m.attempts, r.domain:lower())
       if not next_at or at < next_at then next_at = at end
-      log.info("%s: to=<%s> deferred: %s%s%s", env.id, r.address, res.host and (res.host .. " ") or "",
-        res.stage and (res.stage .. ": ") or "", tostring(res.code and res.stage and (res.code .. " "
-        .. (res.enhanced or "") .. " " .. tostring(res.text)) or res.text))
+      log.info("%s: to=<%s> deferred: %s", env.id, r.address, describe(res))
       bus:emit("delivery_deferred", env, r, res)
       if self.delay_warning and not m.warned and now - (env.t or now) >= self.delay_warning
         and (r.notify == nil or dsn.wants(r.notify, "delayed")) then
-        entry.will_retry_until = (env.t or now) + self.max_age
+        entry.will_retry_until = (env.t or now) + max_age_of(self, r.domain:lower())
         delayed[#delayed + 1] = entry
       end
     end

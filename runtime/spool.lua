@@ -96,7 +96,7 @@ local function envelope_of(txn)
     from = txn.sender and txn.sender.address or "",
     rcpt = rcpts,
     t = txn.received_at or os.time(),
-    tenant = txn.tenant,
+    tenant = txn.tenant ~= nil and tostring(txn.tenant) or nil,
     ret = txn.ret,
     envid = txn.envid,
     body = txn.body_type,
