@@ -35,8 +35,10 @@ SPOOL_SRC := core/spool.c core/lspool.c
 SPOOL_HDR := core/spool.h core/lcompat.h core/lmessage.h core/smtp.h
 DNS_SRC   := core/dns.c core/ldns.c
 DNS_HDR   := core/dns.h core/lcompat.h
+TLS_SRC   := core/tls.c core/ltls.c
+TLS_HDR   := core/tls.h core/lcompat.h
 
-MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so
+MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so $(LIBDIR)/tls.so
 
 .PHONY: all deps run test test-long lint fuzz fuzz-build bench clean
 
@@ -53,6 +55,10 @@ $(LIBDIR)/spool.so: $(SPOOL_SRC) $(SPOOL_HDR)
 $(LIBDIR)/dns.so: $(DNS_SRC) $(DNS_HDR)
 	@mkdir -p $(LIBDIR)
 	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(DNS_SRC) -lcares
+
+$(LIBDIR)/tls.so: $(TLS_SRC) $(TLS_HDR)
+	@mkdir -p $(LIBDIR)
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(TLS_SRC) -lssl -lcrypto
 
 deps:
 	@scripts/deps.sh

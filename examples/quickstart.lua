@@ -7,14 +7,19 @@
 --   ls var/mail/someone/new/
 --
 -- Environment: MOONPOST_LISTEN (default 127.0.0.1:2525), MOONPOST_SPOOL
--- (default ./var/spool), MOONPOST_MAILDIR (default ./var/mail). It accepts
--- mail for any recipient, so keep it on loopback or a private network.
+-- (default ./var/spool), MOONPOST_MAILDIR (default ./var/mail),
+-- MOONPOST_TLS_CERT and MOONPOST_TLS_KEY (PEM files: STARTTLS is offered;
+-- SIGHUP reads them again). It accepts mail for any recipient, so keep it
+-- on loopback or a private network.
 local moonpost = require "moonpost"
 local env = moonpost.env
 
 local mta = moonpost.new { spool = env.spool }
 
-mta:use(require("moonpost.accept").smtp { listen = env.listen })
+mta:use(require("moonpost.accept").smtp {
+  listen = env.listen,
+  tls = (env.tls_cert or env.tls_key) and { cert = env.tls_cert, key = env.tls_key } or nil,
+})
 mta:use(require("moonpost.maildir").deliver { root = env.maildir })
 
 mta:run()

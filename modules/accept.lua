@@ -8,6 +8,8 @@
 --
 -- Every option is in docs/accept.md.
 local config = require "moonpost.runtime.config"
+local tls = require "moonpost.runtime.tls"
+local log = require "moonpost.runtime.log"
 
 local _M = { _VERSION = "0.1" }
 
@@ -36,6 +38,7 @@ local SMTP_SCHEMA = {
   backlog = { type = "posint", default = 511 },
   log_messages = { type = "boolean", default = true },
   input_high_water = { type = "size", default = 1048576 },
+  tls = { type = "table" },
 }
 
 local function check_extensions(t)
@@ -69,7 +72,21 @@ function _M.smtp(opts)
     end
     addrs[i] = { host = host, port = port }
   end
+  if o.tls then o.tls_state = tls.server_state("accept.smtp", o.tls) end
   local block = { name = "accept.smtp", opts = o }
+  -- SIGHUP: certificates and keys are read again; a bad file keeps the old ones
+  function block.reload()
+    local st = o.tls_state
+    if not st then return true end
+    local ok, err = st:reload()
+    if ok then
+      log.info("accept.smtp %s: TLS certificates reloaded", o.name or o.listen[1])
+    else
+      log.error("accept.smtp %s: TLS reload failed, keeping the old certificates: %s", o.name or o.listen[1],
+        tostring(err))
+    end
+    return ok, err
+  end
   function block.attach(_, mta)
     for _, a in ipairs(addrs) do
       mta:add_listener({ host = a.host, port = a.port, opts = o, name = o.name })

@@ -18,6 +18,7 @@ local env = require "moonpost.runtime.env"
 local spool = require "moonpost.runtime.spool"
 local queue = require "moonpost.runtime.queue"
 local dns = require "moonpost.runtime.dns"
+local tls = require "moonpost.runtime.tls"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -48,6 +49,8 @@ _M.EVENTS = {
   smtp_server_data = true,
   smtp_server_message_received = true,
   smtp_server_disconnect = true,
+  smtp_server_tls = true,
+  reloaded = true,
   delivery_delivered = true,
   delivery_deferred = true,
   delivery_bounced = true,
@@ -199,6 +202,8 @@ function MTA:use(block)
     config.raise("use(): expected a block (a table from a module's constructor), got " .. type(block))
   end
   if block.attach then block:attach(self) end
+  self.blocks = self.blocks or {}
+  self.blocks[#self.blocks + 1] = block
   if block.on then
     for event, fns in pairs(block.on) do
       if type(fns) == "function" then fns = { fns } end
@@ -379,6 +384,24 @@ function MTA:close_spool()
   end
 end
 
+-- reload(): every block that can re-read its files does (TLS certificates
+-- and keys, DKIM keys). Runs on SIGHUP. Connections are not dropped: each
+-- keeps what it started with. Returns true, or nil and the errors (the
+-- blocks that failed keep their old state).
+function MTA:reload()
+  local errs = {}
+  tls.reload_clients()
+  for _, b in ipairs(self.blocks or {}) do
+    if b.reload then
+      local ok, err = b.reload(b, self)
+      if not ok then errs[#errs + 1] = (b.name or "block") .. ": " .. tostring(err) end
+    end
+  end
+  self.bus:emit("reloaded", #errs == 0, errs)
+  if #errs > 0 then return nil, table.concat(errs, "; ") end
+  return true
+end
+
 -- run(): start, then run the loop until SIGTERM/SIGINT (or stop()).
 function MTA:run()
   if _M.check_mode then
@@ -402,6 +425,13 @@ function MTA:run()
     s:start(name, sched.callback(function() stop(name) end, "signal"))
     signals[#signals + 1] = s
   end
+  local hup = uv.new_signal()
+  hup:start("sighup", sched.callback(function()
+    log.info("sighup: reloading")
+    local rok, rerr = self:reload()
+    if rok then log.info("reload: done") else log.error("reload: %s", rerr) end
+  end, "signal"))
+  signals[#signals + 1] = hup
   uv.run("default")
   return true
 end

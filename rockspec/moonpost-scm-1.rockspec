@@ -48,6 +48,7 @@ build = {
     ["moonpost.runtime.server"] = "runtime/server.lua",
     ["moonpost.runtime.spool"] = "runtime/spool.lua",
     ["moonpost.runtime.stream"] = "runtime/stream.lua",
+    ["moonpost.runtime.tls"] = "runtime/tls.lua",
     ["moonpost.core.smtp"] = {
       sources = { "core/smtp.c", "core/lsmtp.c" },
       incdirs = { "core" },
@@ -56,6 +57,11 @@ build = {
       sources = { "core/dns.c", "core/ldns.c" },
       incdirs = { "core" },
       libraries = { "cares" },
+    },
+    ["moonpost.core.tls"] = {
+      sources = { "core/tls.c", "core/ltls.c" },
+      incdirs = { "core" },
+      libraries = { "ssl", "crypto" },
     },
     ["moonpost.core.spool"] = {
       sources = { "core/spool.c", "core/lspool.c" },

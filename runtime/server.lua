@@ -152,8 +152,14 @@ local function received_header(self, txn)
   if #txn.recipients == 1 then
     rcpt = "\r\n\tfor <" .. clean(txn.recipients[1].address, 256) .. ">"
   end
-  return format("Received: from %s\r\n\tby %s (Moonpost) with %s id %s%s;\r\n\t%s\r\n",
-    received_from(conn, lit), self.hostname, protocol_keyword(self, txn), txn.id, rcpt, rfc5322_date())
+  local tls = ""
+  local ti = conn.tls_info
+  if ti then
+    tls = format("\r\n\t(using %s with cipher %s (%d bits))", clean(ti.version or "?", 32),
+      clean(ti.cipher or "?", 64), ti.bits or 0)
+  end
+  return format("Received: from %s%s\r\n\tby %s (Moonpost) with %s id %s%s;\r\n\t%s\r\n",
+    received_from(conn, lit), tls, self.hostname, protocol_keyword(self, txn), txn.id, rcpt, rfc5322_date())
 end
 
 -- ---- commands --------------------------------------------------------------------
@@ -187,7 +193,8 @@ local function helo(self, arg, is_ehlo)
   end
   set_state(self, "ready")
   if is_ehlo then
-    self.out[self.nout + 1] = self.ehlo_reply
+    local l = self.listener
+    self.out[self.nout + 1] = (l.tls and not conn.tls) and l.ehlo_reply_starttls or self.ehlo_reply
     self.nout = self.nout + 1
     self.last_code = 250
   else
@@ -223,6 +230,11 @@ end
 commands.MAIL = function(self, arg)
   if not greeted(self) then return end
   if self.txn then return error_reply(self, 503, "5.5.1", "Error: nested MAIL command") end
+  local tls = self.listener.tls
+  if tls and tls.required and not self.conn.tls then
+    -- RFC 3207 4
+    return error_reply(self, 530, "5.7.0", "Must issue a STARTTLS command first")
+  end
   local path, code, enh, text = parse_path(arg, "mail")
   if not path then return error_reply(self, code, enh, text) end
   local params = path.params
@@ -468,8 +480,46 @@ commands.HELP = function(self)
   reply(self, 214, "2.0.0", self.listener.help_text)
 end
 
-commands.STARTTLS = function(self)
-  error_reply(self, 502, "5.5.1", "Error: STARTTLS not available")
+-- Start TLS on this connection: the handshake, then a fresh session
+-- state. conn.tls_info keeps what was negotiated.
+local function start_tls(self, tls)
+  local conn = self.conn
+  local c, err = tls.ctx:new()
+  if c then
+    local info
+    info, err = self.stream:starttls(c, tls.handshake_timeout)
+    if info then
+      conn.tls = true
+      conn.tls_info = info
+      log.info("session %s: TLS %s %s%s client=[%s]", conn.id, tostring(info.version), tostring(info.cipher),
+        info.sni and (" sni=" .. info.sni) or "", conn.remote_ip or "?")
+      self.mta.bus:emit("smtp_server_tls", conn, info)
+      return true
+    end
+  end
+  log.info("session %s: TLS handshake failed: %s client=[%s]", conn.id, tostring(err), conn.remote_ip or "?")
+  closing(self, "TLS handshake failed: " .. tostring(err))
+  self.nout = 0
+  return false
+end
+
+commands.STARTTLS = function(self, arg)
+  local tls = self.listener.tls
+  if not tls or tls.implicit then
+    return error_reply(self, 502, "5.5.1", "Error: STARTTLS not available")
+  end
+  if self.conn.tls then return error_reply(self, 503, "5.5.1", "Error: TLS already active") end
+  if arg ~= "" then return error_reply(self, 501, "5.5.4", "Syntax: STARTTLS") end
+  reply(self, 220, "2.0.0", "Ready to start TLS")
+  if not flush(self) then return end
+  -- RFC 3207 4.2: forget everything from before, including plaintext
+  -- pipelined behind this command (it was never protected).
+  self.parser:discard()
+  reset_txn(self)
+  local conn = self.conn
+  conn.helo, conn.esmtp, self.esmtp = nil, false, false
+  set_state(self, "connected")
+  start_tls(self, tls)
 end
 
 commands.AUTH = function(self)
@@ -525,6 +575,8 @@ local function serve(self)
   local s = self.stream
   local opts = self.opts
   local timeouts = opts.timeouts
+  local tls = self.listener.tls
+  if tls and tls.implicit and not start_tls(self, tls) then return end
   if not greet(self) then return end
   while not self.quit do
     local kind, a, b, c = parser:next()
@@ -594,7 +646,7 @@ end
 
 -- ---- listeners -------------------------------------------------------------------------
 
-local function ehlo_reply(hostname, opts)
+local function ehlo_reply(hostname, opts, starttls)
   local lines = { "250-" .. hostname }
   local ext = opts.extensions
   if ext.pipelining then lines[#lines + 1] = "250-PIPELINING" end
@@ -604,6 +656,7 @@ local function ehlo_reply(hostname, opts)
   if ext.smtputf8 then lines[#lines + 1] = "250-SMTPUTF8" end
   if ext.chunking then lines[#lines + 1] = "250-CHUNKING" end
   if ext.dsn then lines[#lines + 1] = "250-DSN" end
+  if starttls then lines[#lines + 1] = "250-STARTTLS" end
   lines[#lines + 1] = "250 HELP"
   return concat(lines, "\r\n") .. "\r\n"
 end
@@ -686,6 +739,8 @@ function _M.listen(mta, spec)
     hostname = hostname,
     banner = opts.banner or (hostname .. " ESMTP Moonpost"),
     ehlo_reply = ehlo_reply(hostname, opts),
+    ehlo_reply_starttls = ehlo_reply(hostname, opts, true),
+    tls = opts.tls_state,   -- { ctx, implicit, required, handshake_timeout } or nil
     help_text = "Commands: HELO EHLO MAIL RCPT DATA " .. (opts.extensions.chunking and "BDAT " or "")
       .. "RSET NOOP QUIT VRFY HELP",
     active = 0,
@@ -737,7 +792,7 @@ function Listener:drop_sessions(text)
   for sess in pairs(self.sessions) do
     if not sess.stream.closed then
       if not sess.in_content and sess.nout == 0 then
-        pcall(uv.try_write, sess.stream.tcp, "421 " .. (self.opts.extensions.enhancedstatuscodes and "4.3.2 " or "")
+        sess.stream:try_send("421 " .. (self.opts.extensions.enhancedstatuscodes and "4.3.2 " or "")
           .. self.hostname .. " " .. (text or "Service shutting down") .. "\r\n")
       end
       closing(sess, "shutdown")

@@ -6,6 +6,10 @@
 --   s:receive("*l" | n, timeout)     line (without CRLF) or n bytes, when no parser is attached
 --   s:send(data, timeout)            true | nil, err
 --   s:close()                        idempotent, returns true
+--   s:starttls(conn, timeout)        run a TLS handshake on the connection
+--                                    (a moonpost.core.tls conn) and carry on in TLS:
+--                                    info | nil, err
+--   s:try_send(data)                 best-effort write that never waits
 --
 -- Every wait has a timeout and returns nil, "timeout" when it passes.
 -- Reading runs continuously; it pauses when the parser holds more than
@@ -15,13 +19,54 @@ local sched = require "moonpost.runtime.sched"
 
 local try_write, wait, wake, current = uv.try_write, sched.wait, sched.wake, sched.current
 local reserve, wake_token = sched.reserve, sched.wake_token
-local sub, find = string.sub, string.find
+local sub, find, concat = string.sub, string.find, table.concat
 
 local _M = { _VERSION = "0.1" }
 local Stream = {}
 local mt = { __index = Stream }
 
 local DEFAULT_HIGH_WATER = 1024 * 1024
+
+-- Received ciphertext: during the handshake it is kept for the handshake
+-- loop; after it, the plaintext replaces the chunk (nil when there is none).
+local function tls_input(self, chunk)
+  if self.handshaking then
+    local b = self.hs_in
+    b[#b + 1] = chunk
+    return nil
+  end
+  local pt, out, closed = self.tls:decrypt(chunk)
+  if not pt then
+    self.err = "TLS: " .. tostring(out)
+    self.eof = true
+    pcall(self.tcp.read_stop, self.tcp)
+    return nil
+  end
+  if out then self.tcp:write(out) end -- e.g. a KeyUpdate answer; the queue keeps order
+  if closed then self.eof = true end
+  if pt == "" then return nil end
+  return pt
+end
+
+-- Plaintext for the reader: into the parser, or the buffer.
+local function deliver(self, chunk)
+  local p = self.parser
+  if p then
+    local n = p:push(chunk)
+    if not n then
+      -- Out of memory: the input can no longer be framed.
+      self.err = "ENOMEM"
+      self.eof = true
+      pcall(self.tcp.read_stop, self.tcp)
+    elseif n > self.high_water and not self.paused then
+      self.paused = true
+      self.tcp:read_stop()
+    end
+  else
+    local b = self.rbuf
+    b[#b + 1] = chunk
+  end
+end
 
 local function make_on_read(self)
   return function(err, chunk)
@@ -30,22 +75,8 @@ local function make_on_read(self)
       self.eof = true
     elseif chunk then
       self.bytes_in = self.bytes_in + #chunk
-      local p = self.parser
-      if p then
-        local n = p:push(chunk)
-        if not n then
-          -- Out of memory: the input can no longer be framed.
-          self.err = "ENOMEM"
-          self.eof = true
-          pcall(self.tcp.read_stop, self.tcp)
-        elseif n > self.high_water and not self.paused then
-          self.paused = true
-          self.tcp:read_stop()
-        end
-      else
-        local b = self.rbuf
-        b[#b + 1] = chunk
-      end
+      if self.tls then chunk = tls_input(self, chunk) end
+      if chunk then deliver(self, chunk) end
     else
       self.eof = true
     end
@@ -138,7 +169,7 @@ function Stream:receive(pattern, timeout)
   end
 end
 
-function Stream:send(data, timeout)
+local function raw_send(self, data, timeout)
   if self.closed then return nil, "closed" end
   local len = #data
   if len == 0 then return true end
@@ -177,10 +208,98 @@ function Stream:send(data, timeout)
   return true
 end
 
+function Stream:send(data, timeout)
+  local t = self.tls
+  if t and not self.handshaking then
+    if self.closed then return nil, "closed" end
+    local ct, err = t:encrypt(data)
+    if not ct then
+      self.err = "TLS: " .. tostring(err)
+      return nil, self.err
+    end
+    data = ct
+  end
+  return raw_send(self, data, timeout)
+end
+
+-- A write that never waits, for last words (421 on shutdown): what the
+-- socket does not take at once is dropped.
+function Stream:try_send(data)
+  if self.closed then return nil, "closed" end
+  local t = self.tls
+  if t then
+    if self.handshaking then return nil, "handshaking" end
+    data = t:encrypt(data)
+    if not data then return nil, "TLS" end
+  end
+  local ok, n = pcall(try_write, self.tcp, data)
+  return ok and n
+end
+
+-- starttls(conn, timeout) -> info | nil, err. conn is a connection from a
+-- moonpost.core.tls context (server or client side). Plaintext received
+-- before the handshake and not yet consumed is discarded: it was sent
+-- before the peer could know the channel was protected (RFC 3207 6, the
+-- command-injection class). The caller discards what its parser holds.
+function Stream:starttls(conn, timeout)
+  if self.tls then return nil, "TLS is already active" end
+  if self.closed then return nil, "closed" end
+  if self.eof then return nil, self.err or "closed" end
+  self.rbuf = {}
+  self.tls = conn
+  self.handshaking = true
+  self.hs_in = {}
+  local deadline = uv.now() + (timeout or 60) * 1000
+  local state, out, err = conn:handshake()
+  while true do
+    if out then
+      local ok, serr = raw_send(self, out, math.max(0.001, (deadline - uv.now()) / 1000))
+      if not ok then
+        state, err = nil, "send: " .. tostring(serr)
+      end
+    end
+    if state == "done" then break end
+    if not state then
+      self.handshaking = false
+      self.tls_error = err
+      return nil, err
+    end
+    local left = (deadline - uv.now()) / 1000
+    if left <= 0 then
+      self.handshaking = false
+      return nil, "handshake timeout"
+    end
+    if #self.hs_in == 0 then
+      local ok, werr = self:wait_input(left)
+      if not ok then
+        self.handshaking = false
+        return nil, werr == "timeout" and "handshake timeout" or ("handshake: " .. tostring(werr))
+      end
+    end
+    local chunk = concat(self.hs_in)
+    self.hs_in = {}
+    state, out, err = conn:handshake(chunk)
+  end
+  self.handshaking = false
+  self.hs_in = nil
+  -- Records that came with the last flight (a client's first command).
+  local pt, out2, closed = conn:decrypt()
+  if not pt then return nil, out2 end
+  if out2 then raw_send(self, out2, 10) end
+  if closed then self.eof = true end
+  if pt ~= "" then deliver(self, pt) end
+  return conn:info()
+end
+
 function Stream:close()
   if self.closed then return true end
-  self.closed = true
   local tcp = self.tcp
+  if self.tls and not self.handshaking and not self.eof and not tcp:is_closing() then
+    -- close_notify (RFC 8446 6.1), best effort
+    local alert = self.tls:close_notify()
+    if alert then pcall(try_write, tcp, alert) end
+  end
+  self.closed = true
   if self.reading then pcall(tcp.read_stop, tcp) end
   if not tcp:is_closing() then tcp:close() end
   local r = self.reader

@@ -115,6 +115,18 @@ function H.write(path, data)
   f:close()
 end
 
+-- certs() -> directory with fresh test certificates (spec/tools/mkcerts.sh),
+-- made once per process.
+local certs_dir
+function H.certs()
+  if not certs_dir then
+    local dir = H.tmpdir("moonpost-certs")
+    assert(os.execute(H.root .. "/spec/tools/mkcerts.sh " .. dir) == 0, "mkcerts.sh failed")
+    certs_dir = dir
+  end
+  return certs_dir
+end
+
 -- ---- an MTA in this process ----------------------------------------------------
 
 -- start_mta(accept_opts, setup, new_opts) -> mta, port. setup(mta, moonpost)
@@ -269,6 +281,16 @@ function Peer:script(text)
     end
   end
   return self
+end
+
+-- starttls([name], [ctx]) -> info | nil, err: the TLS handshake as a
+-- client (after the server's 220 to STARTTLS, or at once for implicit TLS).
+function Peer:starttls(name, ctx)
+  if not ctx then
+    ctx = assert(require("moonpost.core.tls").context({ server = false }))
+  end
+  local c = assert(ctx:new(name))
+  return self.s:starttls(c, self.timeout)
 end
 
 function Peer:close()
