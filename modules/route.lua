@@ -14,14 +14,27 @@ local config = require "moonpost.runtime.config"
 local client = require "moonpost.runtime.client"
 local dns = require "moonpost.runtime.dns"
 local log = require "moonpost.runtime.log"
+local tls = require "moonpost.runtime.tls"
 
 local _M = { _VERSION = "0.1" }
 
+-- "host:port", a list of them, or a list with a tls field:
+-- { "192.0.2.1:25", "192.0.2.2:25", tls = "verify" } -> hosts, policy or nil
 local function hosts_of(spec, what)
   if type(spec) ~= "string" and type(spec) ~= "table" then
     config.raise(string.format("route.smtp: %s: expected host:port or a list of them, got %s", what, type(spec)))
   end
   local list = type(spec) == "string" and { spec } or spec
+  local policy
+  if type(spec) == "table" then
+    for k in pairs(spec) do
+      if type(k) ~= "number" and k ~= "tls" then
+        config.raise(string.format("route.smtp: %s: unknown field '%s' (known: tls)", what, tostring(k)))
+      end
+    end
+    if spec.tls ~= nil then policy = tls.client_policy("route.smtp: " .. what .. ".tls", spec.tls) end
+    if #list == 0 then config.raise(string.format("route.smtp: %s: no address", what)) end
+  end
   local out = {}
   for i, a in ipairs(list) do
     local host, port = config.parse_address(a)
@@ -30,11 +43,13 @@ local function hosts_of(spec, what)
     end
     out[i] = { host = host, port = port }
   end
-  return out
+  return out, policy
 end
 
 local SCHEMA = {
-  relay = { type = "string" },
+  relay = { type = "any" },
+  tls = { type = "any" },
+  tls_policies = { type = "table" },
   routes = { type = "table" },
   domains = { type = "list" },
   helo = { type = "string" },
@@ -51,11 +66,24 @@ local SCHEMA = {
 
 function _M.smtp(opts)
   local o = config.check("route.smtp", opts, SCHEMA)
-  local relay = o.relay and hosts_of(o.relay, "field 'relay'")
-  local routes = {}
+  -- TLS policies: per recipient domain, then per route (or relay), then
+  -- the block's own
+  local default_tls = tls.client_policy("route.smtp: field 'tls'", o.tls)
+  local relay, relay_tls
+  if o.relay then relay, relay_tls = hosts_of(o.relay, "field 'relay'") end
+  local routes, route_tls = {}, {}
   for domain, spec in pairs(o.routes or {}) do
     if type(domain) ~= "string" then config.raise("route.smtp: field 'routes': keys must be domains") end
-    routes[domain:lower()] = hosts_of(spec, "field 'routes' [" .. domain .. "]")
+    routes[domain:lower()], route_tls[domain:lower()] = hosts_of(spec, "field 'routes' [" .. domain .. "]")
+  end
+  local domain_tls = {}
+  for domain, v in pairs(o.tls_policies or {}) do
+    if type(domain) ~= "string" then config.raise("route.smtp: field 'tls_policies': keys must be domains") end
+    domain_tls[domain:lower()] = tls.client_policy("route.smtp: field 'tls_policies' [" .. domain .. "]", v)
+  end
+  local function policy_for(domain)
+    domain = domain:lower()
+    return domain_tls[domain] or route_tls[domain] or (not routes[domain] and relay_tls) or default_tls
   end
   local timeouts = {}
   for k, v in pairs(client.TIMEOUTS) do timeouts[k] = v end
@@ -92,21 +120,34 @@ function _M.smtp(opts)
 
   function block.attach(_, mta)
     local helo = o.helo or mta.hostname
-    local function pool_for(hosts, key)
+    -- one pool per destination and TLS policy: connections made under
+    -- one policy are not reused under another
+    local policy_ids = setmetatable({}, { __mode = "k" })
+    local npolicies = 0
+    local function pool_for(hosts, key, policy)
       if not key then
         local parts = {}
         for i, h in ipairs(hosts) do parts[i] = "[" .. h.host .. "]:" .. h.port end
         key = table.concat(parts, ",")
       end
-      local p = pools[key]
+      local pid = policy_ids[policy]
+      if not pid then
+        npolicies = npolicies + 1
+        pid = npolicies
+        policy_ids[policy] = pid
+      end
+      local pkey = pid == 1 and key or (key .. " tls#" .. pid)
+      local p = pools[pkey]
       if not p then
         p = client.pool({ name = key, helo = helo, bind = o.source, timeouts = timeouts,
           max_connections = o.max_connections, max_messages = o.max_messages_per_connection,
-          idle_timeout = o.idle_timeout, pipelining = o.pipelining })
-        pools[key] = p
+          idle_timeout = o.idle_timeout, pipelining = o.pipelining, tls = policy })
+        pools[pkey] = p
       end
       return p
     end
+    policy_ids[default_tls] = 1
+    npolicies = 1
     mta:add_transport({
       name = "smtp",
       domains = o.domains,
@@ -122,7 +163,8 @@ function _M.smtp(opts)
           for _, r in ipairs(rcpts) do results[r.index] = res end
           return results
         end
-        return pool_for(hosts, key ~= true and key or nil):deliver(env, body, rcpts, hosts)
+        return pool_for(hosts, key ~= true and key or nil, policy_for(rcpts[1].domain))
+          :deliver(env, body, rcpts, hosts)
       end,
       close = function()
         for _, p in pairs(pools) do p:close() end

@@ -17,6 +17,7 @@ local smtp = require "moonpost.core.smtp"
 local sched = require "moonpost.runtime.sched"
 local stream = require "moonpost.runtime.stream"
 local log = require "moonpost.runtime.log"
+local tls = require "moonpost.runtime.tls"
 
 local format, concat, upper = string.format, table.concat, string.upper
 local uv = require "luv"
@@ -101,15 +102,71 @@ local function parse_ehlo(text)
   return ext
 end
 
--- connect(host, port, opts) -> conn | nil, err
-function _M.connect(host, port, opts)
+-- EHLO, or HELO when EHLO is refused (RFC 5321 3.2): true | nil, err, code
+local function greet(c, opts)
+  local timeouts = c.timeouts
+  c:send("EHLO " .. opts.helo .. "\r\n", timeouts.ehlo)
+  local code, e, text = c:reply(timeouts.ehlo)
+  if code == 250 then
+    c.ext = parse_ehlo(text)
+    c.esmtp = true
+  elseif code and code >= 500 then
+    c:send("HELO " .. opts.helo .. "\r\n", timeouts.ehlo)
+    local hcode, herr, htext = c:reply(timeouts.ehlo)
+    if hcode ~= 250 then
+      c:quit()
+      return nil, format("HELO: %s %s", tostring(hcode), tostring(htext or herr)), hcode
+    end
+    c.ext = {}
+  else
+    c:quit()
+    return nil, code and format("EHLO: %d %s", code, tostring(text)) or ("EHLO: " .. tostring(e)), code
+  end
+  return true
+end
+
+-- Destinations whose TLS handshake failed under the opportunistic policy:
+-- "[host]:port" -> loop time (ms) until which they get plaintext.
+local tls_broken = {}
+_M.tls_broken = tls_broken
+
+local function handshake(c, policy, name)
+  local ctx, err = tls.client_context(policy)
+  if not ctx then return nil, err end
+  local conn
+  conn, err = ctx:new(policy.name or name or c.host)
+  if not conn then return nil, err end
+  local info
+  info, err = c.s:starttls(conn, policy.handshake_timeout)
+  if not info then return nil, err end
+  c.tls_info = info
+  log.info("%s: TLS %s %s%s", c.name, tostring(info.version), tostring(info.cipher),
+    info.verified and " verified" or "")
+  return info
+end
+
+-- connect(host, port, opts [, name]) -> conn | nil, err, code, enhanced.
+-- name is the host's DNS name (an MX name), for SNI and verification;
+-- opts.tls the outbound TLS policy (runtime/tls.lua), nil for none.
+function _M.connect(host, port, opts, name)
   local timeouts = opts.timeouts
+  local policy = opts.tls
+  if policy and policy.policy == "none" then policy = nil end
   local s, err = stream.connect(host, port, timeouts.connect, opts.bind)
   if not s then return nil, format("cannot connect to [%s]:%d: %s", host, port, tostring(err)) end
   local rp = smtp.reply_parser()
   s:attach(rp)
   local c = setmetatable({ s = s, rp = rp, host = host, port = port, timeouts = timeouts, messages = 0,
     name = format("[%s]:%d", host, port) }, conn_mt)
+  if policy and policy.implicit then
+    -- RFC 8314: TLS from the first byte; no plaintext fallback
+    local ok, herr = handshake(c, policy, name)
+    if not ok then
+      c:close()
+      log.warn("%s: TLS handshake failed: %s", c.name, tostring(herr))
+      return nil, format("TLS handshake with %s failed: %s", c.name, tostring(herr)), nil, "4.7.5"
+    end
+  end
   local code, _, text = c:reply(timeouts.greeting)
   if code ~= 220 then
     local why = code and format("greeting: %d %s", code, text) or ("greeting: " .. tostring(_))
@@ -117,23 +174,55 @@ function _M.connect(host, port, opts)
     c:quit()
     return nil, why, code
   end
-  c:send("EHLO " .. opts.helo .. "\r\n", timeouts.ehlo)
-  code, _, text = c:reply(timeouts.ehlo)
-  if code == 250 then
-    c.ext = parse_ehlo(text)
-    c.esmtp = true
-  elseif code and code >= 500 then
-    -- RFC 5321 3.2: fall back to HELO
-    c:send("HELO " .. opts.helo .. "\r\n", timeouts.ehlo)
-    code, _, text = c:reply(timeouts.ehlo)
-    if code ~= 250 then
-      c:quit()
-      return nil, format("HELO: %s %s", tostring(code), tostring(text)), code
+  local ok, gerr, gcode = greet(c, opts)
+  if not ok then return nil, gerr, gcode end
+  if policy and not policy.implicit then
+    local opportunistic = policy.policy == "opportunistic"
+    local until_ms = tls_broken[c.name]
+    if until_ms and until_ms <= uv.now() then
+      tls_broken[c.name] = nil
+      until_ms = nil
     end
-    c.ext = {}
-  else
-    c:quit()
-    return nil, code and format("EHLO: %d %s", code, tostring(text)) or ("EHLO: " .. tostring(_)), code
+    -- a destination whose handshake failed recently gets plaintext, as the
+    -- retry did
+    local skip = opportunistic and until_ms
+    if skip then
+      c.tls_skipped = true
+    elseif c.ext.STARTTLS then
+      c:send("STARTTLS\r\n", timeouts.ehlo)
+      code, _, text = c:reply(timeouts.ehlo)
+      if code == 220 then
+        local info, herr = handshake(c, policy, name)
+        if not info then
+          c:close()
+          if opportunistic then
+            -- RFC 3207 leaves it to the client: here a new connection in
+            -- plaintext, and plaintext for this host for broken_ttl
+            tls_broken[c.name] = uv.now() + policy.broken_ttl * 1000
+            log.info("%s: TLS handshake failed (%s): retrying in plaintext; no TLS to it for %ds", c.name,
+              tostring(herr), policy.broken_ttl)
+            return _M.connect(host, port, opts, name)
+          end
+          log.warn("%s: TLS handshake failed (policy %s): %s", c.name, policy.policy, tostring(herr))
+          return nil, format("TLS handshake with %s failed: %s", c.name, tostring(herr)), nil, "4.7.5"
+        end
+        -- RFC 3207 4.2: what the server said before TLS no longer counts
+        c.ext = nil
+        ok, gerr, gcode = greet(c, opts)
+        if not ok then return nil, gerr, gcode end
+      elseif not code then
+        c:close()
+        return nil, "STARTTLS: " .. tostring(_)
+      elseif not opportunistic then
+        c:quit()
+        return nil, format("TLS is required, but %s answered STARTTLS with %d %s", c.name, code, tostring(text)),
+          nil, "4.7.4"
+      end
+    elseif not opportunistic then
+      c:quit()
+      log.warn("%s: does not offer STARTTLS; TLS is required (policy %s)", c.name, policy.policy)
+      return nil, format("TLS is required, but %s does not offer STARTTLS", c.name), nil, "4.7.4"
+    end
   end
   c.pipelining = c.ext.PIPELINING ~= nil and opts.pipelining ~= false
   c.size_limit = tonumber(c.ext.SIZE) or 0
@@ -278,6 +367,7 @@ function Conn:transaction(env, body, rcpts)
   end
   local code, enh, text = self:reply(t.done)
   local res = code and outcome(code, enh, text, host, "end of data") or temp(self.broken, host)
+  if self.tls_info then res.tls = self.tls_info.version end
   -- a next hop without DSN will not report success: RFC 3461 5.2.2 "relayed"
   if res.status == "delivered" and not dsn then res.relayed = true end
   for _, r in ipairs(accepted) do results[r.index] = res end
@@ -372,21 +462,22 @@ function Pool:acquire(hosts)
       self.open = self.open + 1
       if self.open > self.stats.peak then self.stats.peak = self.open end
       local errs = {}
-      local all_5xx, code5 = true, nil
+      local all_5xx, code5, enh = true, nil, nil
       for _, h in ipairs(hosts) do
-        local conn, err, code = _M.connect(h.host, h.port, o)
+        local conn, err, code, e = _M.connect(h.host, h.port, o, h.name)
         if conn then
           self.stats.connections = self.stats.connections + 1
           return conn
         end
         errs[#errs + 1] = err
+        enh = e or enh
         if code and code >= 500 then code5 = code else all_5xx = false end
         log.info("%s: %s", o.name or "smtp", err)
       end
       self.open = self.open - 1
       notify(self)
       -- a permanent answer only when every host gave one
-      return nil, concat(errs, "; "), all_5xx and code5 or nil
+      return nil, concat(errs, "; "), all_5xx and code5 or nil, enh
     else
       self.waiting[#self.waiting + 1] = sched.current()
       sched.wait(o.timeouts.connect)
@@ -396,12 +487,12 @@ end
 
 -- deliver(env, body, rcpts, hosts) -> results by recipient index
 function Pool:deliver(env, body, rcpts, hosts)
-  local c, err, code = self:acquire(hosts)
+  local c, err, code, enh = self:acquire(hosts)
   if not c then
     -- every host refused or failed: a 5xx greeting from all of them bounces
     local res = (code and code >= 500) and
       { status = "bounced", code = code, enhanced = "5.0.0", text = err }
-      or { status = "deferred", code = 451, enhanced = "4.4.1", text = err }
+      or { status = "deferred", code = 451, enhanced = enh or "4.4.1", text = err }
     local results = {}
     for _, r in ipairs(rcpts) do results[r.index] = res end
     return results

@@ -251,6 +251,7 @@ function Stream:starttls(conn, timeout)
   self.hs_in = {}
   local deadline = uv.now() + (timeout or 60) * 1000
   local state, out, err = conn:handshake()
+  if not state then out, err = err, out end
   while true do
     if out then
       local ok, serr = raw_send(self, out, math.max(0.001, (deadline - uv.now()) / 1000))
@@ -279,6 +280,7 @@ function Stream:starttls(conn, timeout)
     local chunk = concat(self.hs_in)
     self.hs_in = {}
     state, out, err = conn:handshake(chunk)
+    if not state then out, err = err, out end -- nil, err, alert
   end
   self.handshaking = false
   self.hs_in = nil

@@ -3,6 +3,12 @@
 
     sink.py --port 0 --events FILE [--host ADDR] [--no-pipelining] [--size N] [--dsn]
             [--no-smtputf8] [--no-8bitmime] [--no-ehlo]
+            [--tls CERT KEY [--implicit]] [--bad-tls]
+
+--tls offers STARTTLS with that certificate (--implicit: TLS from the first
+byte instead); --bad-tls offers STARTTLS, answers 220 and then sends bytes
+that are no TLS handshake. Message events carry "tls": the protocol version
+of the connection, or null.
 
 Prints "port N" on stdout once it listens, then writes one JSON object per
 line to FILE for every connection, transaction and reply decision:
@@ -37,7 +43,8 @@ from aiosmtpd.smtp import SMTP
 
 
 class State:
-    def __init__(self, events, pipelining, size, dsn, smtputf8=True, eightbit=True, ehlo=True):
+    def __init__(self, events, pipelining, size, dsn, smtputf8=True, eightbit=True, ehlo=True, bad_tls=False):
+        self.bad_tls = bad_tls
         self.events = open(events, "a", buffering=1)
         self.pipelining = pipelining
         self.size = size
@@ -99,6 +106,17 @@ class SinkSMTP(SMTP):
         self.event_handler.state.log(ev="helo", conn=self.conn_id, name=hostname)
         await super().smtp_HELO(hostname)
 
+    async def smtp_STARTTLS(self, arg):
+        st = self.event_handler.state
+        if st.bad_tls:
+            st.log(ev="bad_tls", conn=self.conn_id)
+            await self.push("220 2.0.0 Ready to start TLS")
+            self.transport.write(b"this is not a TLS handshake\r\n" * 4)
+            self.transport.close()
+            return
+        st.log(ev="starttls", conn=self.conn_id)
+        await super().smtp_STARTTLS(arg)
+
     async def smtp_MAIL(self, arg):
         # MAIL arrived with more commands already buffered: pipelined
         self._pipelined = self._pending_input()
@@ -126,6 +144,8 @@ class Handler:
             out.append("250-SMTPUTF8")
         if self.state.eightbit:
             out.append("250-8BITMIME")
+        if self.state.bad_tls:
+            out.append("250-STARTTLS")
         out.append(last.replace("250-", "250 "))
         return out
 
@@ -174,7 +194,9 @@ class Handler:
             outcome, reply = "554", "554 5.6.0 content rejected"
         data = envelope.content.decode("utf-8", "replace") if isinstance(envelope.content, bytes) \
             else envelope.content
+        sslobj = server.transport.get_extra_info("ssl_object") if server.transport else None
         st.log(ev="message", outcome=outcome, conn=server.conn_id, n=server.messages,
+               tls=sslobj.version() if sslobj else None,
                pipelined=getattr(server, "_pipelined", False), mail_params=envelope.mail_options,
                rcpt_params=envelope.rcpt_params, data=data,
                **{"from": envelope.mail_from, "rcpts": envelope.rcpt_tos})
@@ -182,9 +204,11 @@ class Handler:
 
 
 class SinkController(Controller):
+    starttls_context = None
+
     def factory(self):
         return SinkSMTP(self.handler, hostname="sink.test", decode_data=True,
-                        enable_SMTPUTF8=self.handler.state.smtputf8)
+                        enable_SMTPUTF8=self.handler.state.smtputf8, tls_context=self.starttls_context)
 
 
 def main():
@@ -198,9 +222,17 @@ def main():
     ap.add_argument("--no-smtputf8", action="store_true")
     ap.add_argument("--no-8bitmime", action="store_true")
     ap.add_argument("--no-ehlo", action="store_true")
+    ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    ap.add_argument("--implicit", action="store_true")
+    ap.add_argument("--bad-tls", action="store_true")
     a = ap.parse_args()
     state = Handler(State(a.events, not a.no_pipelining, a.size, a.dsn, not a.no_smtputf8, not a.no_8bitmime,
-                          not a.no_ehlo))
+                          not a.no_ehlo, a.bad_tls))
+    ctx = None
+    if a.tls:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(a.tls[0], a.tls[1])
     port = a.port
     if port == 0:
         import socket
@@ -208,7 +240,11 @@ def main():
         s.bind((a.host, 0))
         port = s.getsockname()[1]
         s.close()
-    ctl = SinkController(state, hostname=a.host, port=port)
+    if ctx is not None and a.implicit:
+        ctl = SinkController(state, hostname=a.host, port=port, ssl_context=ctx)
+    else:
+        SinkController.starttls_context = ctx
+        ctl = SinkController(state, hostname=a.host, port=port)
     ctl.start()
     print("port %d" % port, flush=True)
     try:
