@@ -133,8 +133,10 @@ static SSL_CTX *build_one(const mp_tls_opts *o, const mp_tls_cert *cert, char er
     }
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION |
                                  (o->server ? SSL_OP_CIPHER_SERVER_PREFERENCE : 0));
-    /* Idle sessions do not keep 34 KiB of record buffers each. */
-    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    /* Idle inbound sessions, which may be many, do not keep 34 KiB of
+     * record buffers each. Outbound connections are few and busy: they
+     * keep theirs rather than allocate them for every record. */
+    if (o->server) SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
     if (o->ciphers && !SSL_CTX_set_cipher_list(ctx, o->ciphers)) {
         mp_tls_errors(err, "ciphers: no usable cipher in the list");
         goto fail;

@@ -7,6 +7,13 @@ smtp-sink (-c, counting) on PORT_BASE+2; Moonpost's examples/relay.lua on
 PORT_BASE+1 relaying to it (durable spool in a temporary directory);
 smtp-source -d -s C -m N -l SIZE into Moonpost. Prints one JSON line:
 {"inject_s", "e2e_s", "delivered", "rss_kib", "latency_p50_ms", "latency_p99_ms"}.
+
+Environment:
+  BENCH_POLICY   the relaying policy instead of examples/relay.lua (it gets
+                 MOONPOST_LISTEN, MOONPOST_RELAY, MOONPOST_SPOOL and the rest
+                 of this environment)
+  BENCH_SINK     "smtp-sink" (default) or "moonpost": scripts/bench/sink.lua,
+                 offering STARTTLS when BENCH_SINK_CERT and BENCH_SINK_KEY are set
 """
 import json, os, re, shutil, signal, subprocess, sys, tempfile, threading, time
 
@@ -51,14 +58,23 @@ def wait_port(port, limit=15):
     raise SystemExit("nothing listens on %d" % port)
 
 
-sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", "-m", "1000", "127.0.0.1:%d" % sink_port, "1024"],
-                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+if os.environ.get("BENCH_SINK", "smtp-sink") == "moonpost":
+    senv = dict(os.environ, MOONPOST_LISTEN="127.0.0.1:%d" % sink_port)
+    if os.environ.get("BENCH_SINK_CERT"):
+        senv["MOONPOST_TLS_CERT"] = os.environ["BENCH_SINK_CERT"]
+        senv["MOONPOST_TLS_KEY"] = os.environ["BENCH_SINK_KEY"]
+    sink = subprocess.Popen([os.path.join(root, "scripts/moonpost"), "run", os.path.join(root, "scripts/bench/sink.lua")],
+                            env=senv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+else:
+    sink = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", "-m", "1000", "127.0.0.1:%d" % sink_port, "1024"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
 threading.Thread(target=read_sink, args=(sink,), daemon=True).start()
 wait_port(sink_port)
 log = open(os.path.join(tmp, "moonpost.log"), "w")
 env = dict(os.environ, MOONPOST_LISTEN="127.0.0.1:%d" % mp_port, MOONPOST_RELAY="127.0.0.1:%d" % sink_port,
            MOONPOST_SPOOL=os.path.join(tmp, "spool"))
-mp = subprocess.Popen([os.path.join(root, "scripts/moonpost"), "run", os.path.join(root, "examples/relay.lua")],
+policy = os.environ.get("BENCH_POLICY") or os.path.join(root, "examples/relay.lua")
+mp = subprocess.Popen([os.path.join(root, "scripts/moonpost"), "run", policy],
                       env=env, stdout=log, stderr=log)
 wait_port(mp_port)
 t0 = time.monotonic()

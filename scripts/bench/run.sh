@@ -12,6 +12,11 @@
 #                 spool) relaying to smtp-sink, until the sink has every
 #                 message (scripts/bench/relay.py); with the median and 99th
 #                 percentile time from the 250 to the start of the delivery
+#   relay-mp-plain, relay-mp-tls
+#                 the relay again, into a Moonpost sink (scripts/bench/sink.lua)
+#                 instead of smtp-sink: in plaintext, and over TLS (policy
+#                 "required", TLS 1.3, ECDSA P-256 certificate); the ratio of
+#                 the two is the cost of TLS on the sending side and the sink
 #   memory        bytes per queued message at MEMORY_N (1000000) messages
 #   recovery      time to recover a spool of RECOVERY_N queued messages
 #                 (default 1000000; 0 skips), page cache warm and dropped
@@ -97,18 +102,21 @@ run_moonpost() { # name policy rep
   rm -rf "$spool"
 }
 
-run_relay() { # rep
-  if line=$(/usr/bin/python3 scripts/bench/relay.py "$((PORT + 10))" "$N" "$C" "$SIZE"); then
+run_relay() { # rep [name [VAR=value ...]]: relay.py with that environment
+  rep=$1
+  rname=${2:-relay}
+  [ $# -ge 2 ] && shift 2 || shift 1
+  if line=$(env "$@" /usr/bin/python3 scripts/bench/relay.py "$((PORT + 10))" "$N" "$C" "$SIZE"); then
     e2e=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.3f" % r["e2e_s"] if r["e2e_s"] else "")')
     if [ -n "$e2e" ]; then
       hwm=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["rss_kib"])')
       lat=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin); print("%s/%s" % (r["latency_p50_ms"], r["latency_p99_ms"]))')
-      printf 'relay\t%s\t%s\t%s\t\t%s\n' "$1" "$e2e" "$hwm" "$lat" >>"$raw"
-      echo "  relay rep $1: $e2e s end to end, peak RSS $((hwm / 1024)) MiB, 250 to first attempt p50/p99 $lat ms" >&2
+      printf '%s\t%s\t%s\t%s\t\t%s\n' "$rname" "$rep" "$e2e" "$hwm" "$lat" >>"$raw"
+      echo "  $rname rep $rep: $e2e s end to end, peak RSS $((hwm / 1024)) MiB, 250 to first attempt p50/p99 $lat ms" >&2
       return
     fi
   fi
-  echo "  relay rep $1: failed ($line)" >&2
+  echo "  $rname rep $rep: failed ($line)" >&2
 }
 
 run_postfix() {
@@ -139,6 +147,9 @@ PY
   fi
 }
 
+certs=$out/certs
+rm -rf "$certs"
+spec/tools/mkcerts.sh "$certs"
 echo "bench: $REPS repetitions of smtp-source -d -s $C -m $N -l $SIZE" >&2
 rep=1
 while [ $rep -le "$REPS" ]; do
@@ -146,6 +157,11 @@ while [ $rep -le "$REPS" ]; do
   run_moonpost accept-only scripts/bench/accept.lua $rep
   run_moonpost durable scripts/bench/durable.lua $rep
   run_relay $rep
+  # TLS: the same relay into a Moonpost sink, in plaintext and over TLS
+  run_relay $rep relay-mp-plain BENCH_POLICY=scripts/bench/relay_tls.lua BENCH_TLS=none BENCH_SINK=moonpost \
+    BENCH_SINK_CERT="$certs/mx.pem" BENCH_SINK_KEY="$certs/mx.key"
+  run_relay $rep relay-mp-tls BENCH_POLICY=scripts/bench/relay_tls.lua BENCH_TLS=required BENCH_SINK=moonpost \
+    BENCH_SINK_CERT="$certs/mx.pem" BENCH_SINK_KEY="$certs/mx.key"
   rep=$((rep + 1))
 done
 run_postfix
@@ -215,6 +231,9 @@ for name, s in figs.items():
             s["met"] = s["met"] and s["vs_postfix"] >= 10
         if "latency_p50_ms" in s:
             s["target"] += "; 250 to first attempt p50 %.2f ms, p99 %.2f ms" % (s["latency_p50_ms"], s["latency_p99_ms"])
+    if name == "relay-mp-tls" and figs.get("relay-mp-plain"):
+        s["vs_plaintext"] = s["median"] / figs["relay-mp-plain"]["median"]
+        s["target"] = "TLS relay / plaintext relay into the same sink: %.2f" % s["vs_plaintext"]
     res["figures"].append(s)
 try:
     res["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
