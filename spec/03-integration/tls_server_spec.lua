@@ -108,6 +108,25 @@ describe("inbound STARTTLS", function()
     end)
   end)
 
+  it("uses the configured TLS 1.3 suites, TLS 1.2 ciphers and groups", function()
+    H.run(function()
+      local mta, port = start({ tls = tls_opts({ ciphersuites = "TLS_CHACHA20_POLY1305_SHA256",
+        ciphers = "ECDHE-ECDSA-AES128-GCM-SHA256", groups = "P-384" }) })
+      local code, out, err = s_client({ "s_client", "-connect", "127.0.0.1:" .. port, "-starttls", "smtp",
+        "-brief" })
+      local all = out .. err
+      assert.equal(0, code, all)
+      assert.truthy(all:find("Ciphersuite: TLS_CHACHA20_POLY1305_SHA256", 1, true), all)
+      assert.truthy(all:find("Server Temp Key: ECDH, secp384r1", 1, true), all)
+      code, out, err = s_client({ "s_client", "-connect", "127.0.0.1:" .. port, "-starttls", "smtp",
+        "-brief", "-tls1_2" })
+      all = out .. err
+      assert.equal(0, code, all)
+      assert.truthy(all:find("Ciphersuite: ECDHE-ECDSA-AES128-GCM-SHA256", 1, true), all)
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("delivers from swaks --tls; the Received header names protocol and cipher", function()
     H.run(function()
       local mta, port, got = start()
