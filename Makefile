@@ -35,10 +35,13 @@ SPOOL_SRC := core/spool.c core/lspool.c
 SPOOL_HDR := core/spool.h core/lcompat.h core/lmessage.h core/smtp.h
 DNS_SRC   := core/dns.c core/ldns.c
 DNS_HDR   := core/dns.h core/lcompat.h
+DKIM_SRC  := core/dkim.c core/ldkim.c
+DKIM_HDR  := core/dkim.h core/lcompat.h core/lmessage.h core/smtp.h
 TLS_SRC   := core/tls.c core/ltls.c
 TLS_HDR   := core/tls.h core/lcompat.h
 
 MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so $(LIBDIR)/tls.so
+MODULES   += $(LIBDIR)/dkim.so
 
 .PHONY: all deps run test test-long lint fuzz fuzz-build bench clean
 
@@ -55,6 +58,10 @@ $(LIBDIR)/spool.so: $(SPOOL_SRC) $(SPOOL_HDR)
 $(LIBDIR)/dns.so: $(DNS_SRC) $(DNS_HDR)
 	@mkdir -p $(LIBDIR)
 	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(DNS_SRC) -lcares
+
+$(LIBDIR)/dkim.so: $(DKIM_SRC) $(DKIM_HDR)
+	@mkdir -p $(LIBDIR)
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(DKIM_SRC) -lopendkim -lcrypto -lpthread
 
 $(LIBDIR)/tls.so: $(TLS_SRC) $(TLS_HDR)
 	@mkdir -p $(LIBDIR)

@@ -67,6 +67,11 @@ build = {
       sources = { "core/spool.c", "core/lspool.c" },
       incdirs = { "core" },
     },
+    ["moonpost.core.dkim"] = {
+      sources = { "core/dkim.c", "core/ldkim.c" },
+      incdirs = { "core" },
+      libraries = { "opendkim", "crypto", "pthread" },
+    },
   },
   install = {
     bin = { moonpost = "scripts/moonpost" },

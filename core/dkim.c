@@ -1,0 +1,1544 @@
+/*
+ * DKIM engine: keys, header splitting, tag lists, the two signing engines,
+ * the signer's thread pool and verification. See dkim.h.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
+
+#include <opendkim/dkim.h>
+
+#include "dkim.h"
+
+#define HDR_NAME "DKIM-Signature"
+#define HDR_PREFIX "DKIM-Signature: "
+#define HDR_PREFIX_LEN 16
+
+#ifndef MP_DKIM_MAX_LIBS
+#define MP_DKIM_MAX_LIBS 64   /* distinct oversign/expire settings signed by libopendkim */
+#endif
+
+/* ---- small helpers ----------------------------------------------------------------- */
+
+typedef struct buf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} buf;
+
+static void b_add(buf *b, const void *p, size_t n)
+{
+    if (b->oom) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        char *np;
+        while (cap < b->len + n + 1) cap *= 2;
+        np = realloc(b->p, cap);
+        if (np == NULL) {
+            b->oom = 1;
+            return;
+        }
+        b->p = np;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+static void b_adds(buf *b, const char *s) { b_add(b, s, strlen(s)); }
+static void b_addc(buf *b, char c) { b_add(b, &c, 1); }
+
+static int is_wsp(int c) { return c == ' ' || c == '\t'; }
+static int is_fws(int c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
+
+static char *xstrndup(const char *s, size_t n)
+{
+    char *p = malloc(n + 1);
+    if (p == NULL) return NULL;
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p;
+}
+
+static char *lowerdup(const char *s)
+{
+    size_t n = strlen(s), i;
+    char *p = malloc(n + 1);
+    if (p == NULL) return NULL;
+    for (i = 0; i <= n; i++) p[i] = (char)((s[i] >= 'A' && s[i] <= 'Z') ? s[i] + 32 : s[i]);
+    return p;
+}
+
+static char *b64(const unsigned char *p, size_t n)
+{
+    char *out = malloc(4 * ((n + 2) / 3) + 1);
+    if (out == NULL) return NULL;
+    EVP_EncodeBlock((unsigned char *)out, p, (int)n);
+    return out;
+}
+
+static int eq_ci(const char *a, size_t alen, const char *b, size_t blen)
+{
+    return alen == blen && strncasecmp(a, b, alen) == 0;
+}
+
+/* ---- header fields --------------------------------------------------------------------- */
+
+void mp_hdr_init(mp_hdr_iter *it, const char *msg, size_t len)
+{
+    it->msg = msg;
+    it->len = len;
+    it->pos = 0;
+    it->body = len;
+    it->done = 0;
+}
+
+/* The end of the line at pos (its CR or LF, or len) and where the next begins. */
+static size_t line_end(const char *m, size_t len, size_t pos, size_t *next)
+{
+    const char *nl = memchr(m + pos, '\n', len - pos);
+    size_t i;
+    if (nl == NULL) {
+        *next = len;
+        return len;
+    }
+    i = (size_t)(nl - m);
+    *next = i + 1;
+    return (i > pos && m[i - 1] == '\r') ? i - 1 : i;
+}
+
+int mp_hdr_next(mp_hdr_iter *it, mp_hdr_field *f)
+{
+    const char *m = it->msg;
+    size_t p = it->pos, start, end, next, i;
+    if (it->done) return 0;
+    if (p >= it->len) {
+        it->done = 1;
+        it->body = it->len;
+        return 0;
+    }
+    /* an empty line ends the header section */
+    if (m[p] == '\n' || (m[p] == '\r' && p + 1 < it->len && m[p + 1] == '\n')) {
+        it->done = 1;
+        it->body = p + (m[p] == '\n' ? 1 : 2);
+        return 0;
+    }
+    start = p;
+    for (;;) {
+        end = line_end(m, it->len, p, &next);
+        if (next >= it->len || !is_wsp((unsigned char)m[next])) break;
+        p = next; /* a continuation line belongs to this field */
+    }
+    it->pos = next;
+    f->text = m + start;
+    f->len = end - start;
+    f->name_len = 0;
+    for (i = 0; i < f->len; i++) {
+        if (f->text[i] == ':') {
+            size_t n = i;
+            while (n > 0 && is_wsp((unsigned char)f->text[n - 1])) n--;
+            f->name_len = n;
+            break;
+        }
+    }
+    return 1;
+}
+
+static int field_is(const mp_hdr_field *f, const char *name)
+{
+    return f->name_len > 0 && eq_ci(f->text, f->name_len, name, strlen(name));
+}
+
+/* ---- tag lists --------------------------------------------------------------------------- */
+
+int mp_dkim_tags(const char *s, size_t len, mp_tag *tags, int max, const char **why)
+{
+    size_t p = 0;
+    int n = 0;
+    while (p <= len) {
+        const char *seg = s + p, *semi = memchr(seg, ';', len - p), *eq;
+        size_t seglen = semi ? (size_t)(semi - seg) : len - p, a = 0, b = seglen, k;
+        mp_tag t;
+        int j;
+        while (a < b && is_fws((unsigned char)seg[a])) a++;
+        while (b > a && is_fws((unsigned char)seg[b - 1])) b--;
+        if (a == b) {
+            if (semi == NULL) break; /* a ';' may end the list */
+            *why = "empty tag";
+            return -1;
+        }
+        eq = memchr(seg + a, '=', b - a);
+        if (eq == NULL) {
+            *why = "tag without '='";
+            return -1;
+        }
+        t.name = seg + a;
+        t.name_len = (size_t)(eq - t.name);
+        while (t.name_len > 0 && is_fws((unsigned char)t.name[t.name_len - 1])) t.name_len--;
+        if (t.name_len == 0 || !((t.name[0] | 32) >= 'a' && (t.name[0] | 32) <= 'z')) {
+            *why = "bad tag name";
+            return -1;
+        }
+        for (k = 1; k < t.name_len; k++) {
+            unsigned char c = (unsigned char)t.name[k];
+            if (!((c | 32) >= 'a' && (c | 32) <= 'z') && !(c >= '0' && c <= '9') && c != '_') {
+                *why = "bad tag name";
+                return -1;
+            }
+        }
+        t.value = eq + 1;
+        t.value_len = (size_t)(seg + b - t.value);
+        while (t.value_len > 0 && is_fws((unsigned char)t.value[0])) {
+            t.value++;
+            t.value_len--;
+        }
+        for (k = 0; k < t.value_len; k++) {
+            unsigned char c = (unsigned char)t.value[k];
+            if (c == ';' || (c < 0x21 && !is_fws(c)) || c == 0x7f) {
+                *why = "bad character in tag value";
+                return -1;
+            }
+        }
+        for (j = 0; j < n; j++) {
+            if (tags[j].name_len == t.name_len && memcmp(tags[j].name, t.name, t.name_len) == 0) {
+                *why = "duplicate tag";
+                return -1;
+            }
+        }
+        if (n == max) {
+            *why = "too many tags";
+            return -1;
+        }
+        tags[n++] = t;
+        if (semi == NULL) break;
+        p = (size_t)(semi - s) + 1;
+    }
+    return n;
+}
+
+static const mp_tag *tag_get(const mp_tag *tags, int n, const char *name)
+{
+    size_t l = strlen(name);
+    int i;
+    for (i = 0; i < n; i++)
+        if (tags[i].name_len == l && memcmp(tags[i].name, name, l) == 0) return &tags[i];
+    return NULL;
+}
+
+/* A domain name or selector: dot-separated labels of letters, digits, '-' and '_'. */
+static int valid_dname(const char *s, size_t n)
+{
+    size_t i, label = 0;
+    if (n == 0 || n > 253) return 0;
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '.') {
+            if (label == 0) return 0;
+            label = 0;
+        } else if (((c | 32) >= 'a' && (c | 32) <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_') {
+            if (++label > 63) return 0;
+        } else {
+            return 0;
+        }
+    }
+    return label > 0;
+}
+
+/* d= or a subdomain of it (RFC 6376 3.5, i=). */
+static int in_domain(const char *sub, size_t sublen, const char *d, size_t dlen)
+{
+    if (eq_ci(sub, sublen, d, dlen)) return 1;
+    return sublen > dlen && sub[sublen - dlen - 1] == '.' && strncasecmp(sub + sublen - dlen, d, dlen) == 0;
+}
+
+int mp_dkim_valid_name(const char *s, size_t n) { return valid_dname(s, n); }
+
+int mp_dkim_valid_identity(const char *i, size_t n, const char *d, size_t dn)
+{
+    const char *at = memchr(i, '@', n);
+    size_t k;
+    for (k = 0; k < n; k++)
+        if ((unsigned char)i[k] <= 0x20 || i[k] == ';' || i[k] == 0x7f) return 0;
+    return at != NULL && valid_dname(at + 1, n - (size_t)(at + 1 - i)) && in_domain(at + 1, n - (size_t)(at + 1 - i), d, dn);
+}
+
+static int parse_uint(const char *s, size_t n, uint64_t *out)
+{
+    uint64_t v = 0;
+    size_t i;
+    if (n == 0 || n > 12) return -1;
+    for (i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return -1;
+        v = v * 10 + (uint64_t)(s[i] - '0');
+    }
+    *out = v;
+    return 0;
+}
+
+static void copy_field(char *dst, size_t cap, const char *s, size_t n)
+{
+    if (n >= cap) n = cap - 1;
+    memcpy(dst, s, n);
+    dst[n] = '\0';
+}
+
+int mp_dkim_sig_parse(const char *value, size_t len, mp_dkim_sig *out)
+{
+    mp_tag tags[MP_DKIM_MAX_TAGS];
+    const mp_tag *t;
+    const char *why = NULL;
+    static const char *const required[] = {"v", "a", "b", "bh", "d", "h", "s"};
+    size_t i, k;
+    int n;
+    memset(out, 0, sizeof *out);
+    n = mp_dkim_tags(value, len, tags, MP_DKIM_MAX_TAGS, &why);
+    if (n < 0) {
+        out->error = why;
+        return -1;
+    }
+    if ((t = tag_get(tags, n, "d")) != NULL) copy_field(out->domain, sizeof out->domain, t->value, t->value_len);
+    if ((t = tag_get(tags, n, "s")) != NULL) copy_field(out->selector, sizeof out->selector, t->value, t->value_len);
+    if ((t = tag_get(tags, n, "a")) != NULL) copy_field(out->algorithm, sizeof out->algorithm, t->value, t->value_len);
+    if ((t = tag_get(tags, n, "b")) != NULL) {
+        for (i = 0, k = 0; i < t->value_len && k < 8; i++)
+            if (!is_fws((unsigned char)t->value[i])) out->header_b[k++] = t->value[i];
+        out->header_b[k] = '\0';
+    }
+    for (i = 0; i < sizeof required / sizeof *required; i++) {
+        t = tag_get(tags, n, required[i]);
+        if (t == NULL || (t->value_len == 0 && strcmp(required[i], "b") != 0)) {
+            static const char *const missing[] = {"missing v= tag", "missing a= tag", "missing b= tag",
+                                                  "missing bh= tag", "missing d= tag", "missing h= tag",
+                                                  "missing s= tag"};
+            out->error = missing[i];
+            return -1;
+        }
+    }
+    t = tag_get(tags, n, "v");
+    if (t->value_len != 1 || t->value[0] != '1') {
+        out->error = "v= is not 1";
+        return -1;
+    }
+    t = tag_get(tags, n, "d");
+    if (!valid_dname(t->value, t->value_len)) {
+        out->error = "bad domain in d=";
+        return -1;
+    }
+    t = tag_get(tags, n, "s");
+    if (!valid_dname(t->value, t->value_len)) {
+        out->error = "bad selector in s=";
+        return -1;
+    }
+    if (tag_get(tags, n, "b")->value_len == 0) {
+        out->error = "empty b= tag";
+        return -1;
+    }
+    /* RFC 6376 6.1.1: a signature that does not sign From is ignored */
+    {
+        const mp_tag *h = tag_get(tags, n, "h");
+        size_t a = 0;
+        int from = 0;
+        while (a < h->value_len) {
+            const char *colon = memchr(h->value + a, ':', h->value_len - a);
+            size_t e = colon ? (size_t)(colon - h->value) : h->value_len, s0 = a, e0 = e;
+            while (s0 < e0 && is_fws((unsigned char)h->value[s0])) s0++;
+            while (e0 > s0 && is_fws((unsigned char)h->value[e0 - 1])) e0--;
+            if (eq_ci(h->value + s0, e0 - s0, "from", 4)) from = 1;
+            a = e + 1;
+        }
+        if (!from) {
+            out->error = "h= does not include From";
+            return -1;
+        }
+    }
+    if ((t = tag_get(tags, n, "i")) != NULL) {
+        const char *at = memchr(t->value, '@', t->value_len);
+        const mp_tag *d = tag_get(tags, n, "d");
+        if (at == NULL ||
+            !in_domain(at + 1, t->value_len - (size_t)(at + 1 - t->value), d->value, d->value_len)) {
+            out->error = "i= is not within d=";
+            return -1;
+        }
+    }
+    {
+        const mp_tag *ts = tag_get(tags, n, "t"), *xs = tag_get(tags, n, "x");
+        uint64_t tv = 0, xv = 0;
+        if (ts && parse_uint(ts->value, ts->value_len, &tv) != 0) {
+            out->error = "bad t= value";
+            return -1;
+        }
+        if (xs && parse_uint(xs->value, xs->value_len, &xv) != 0) {
+            out->error = "bad x= value";
+            return -1;
+        }
+        if (ts && xs && xv < tv) {
+            out->error = "x= is before t=";
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- keys ----------------------------------------------------------------------------------- */
+
+struct mp_dkim_key {
+    int refs;
+    int type, bits;
+    EVP_PKEY *pkey;
+    char *pem;    /* PKCS#8, for libopendkim */
+    char *pub;    /* base64 for p= */
+    char *name;
+};
+
+/* Never prompt for a passphrase: an encrypted key is an error. */
+static int no_passphrase(char *buf, int size, int rwflag, void *u)
+{
+    (void)buf; (void)size; (void)rwflag; (void)u;
+    return -1;
+}
+
+static void key_free(mp_dkim_key *k)
+{
+    if (k == NULL) return;
+    EVP_PKEY_free(k->pkey);
+    if (k->pem) OPENSSL_cleanse(k->pem, strlen(k->pem));
+    free(k->pem);
+    free(k->pub);
+    free(k->name);
+    free(k);
+}
+
+static int has(const char *s, size_t n, const char *needle)
+{
+    return memmem(s, n, needle, strlen(needle)) != NULL;
+}
+
+mp_dkim_key *mp_dkim_key_from_pem(const char *pem, size_t len, const char *name, char *err, size_t errlen)
+{
+    mp_dkim_key *k;
+    BIO *bio;
+    EVP_PKEY *pkey;
+    int id;
+    if (!has(pem, len, "-----BEGIN ")) {
+        snprintf(err, errlen, "%s: not a PEM private key", name);
+        return NULL;
+    }
+    if (has(pem, len, "ENCRYPTED")) {
+        snprintf(err, errlen, "%s: an encrypted key; decrypt it first (openssl pkey -in KEY -out KEY.pem)", name);
+        return NULL;
+    }
+    if (!has(pem, len, "PRIVATE KEY-----")) {
+        snprintf(err, errlen, "%s: not a PEM private key (a public key or certificate?)", name);
+        return NULL;
+    }
+    bio = BIO_new_mem_buf(pem, (int)len);
+    if (bio == NULL) {
+        snprintf(err, errlen, "%s: out of memory", name);
+        return NULL;
+    }
+    pkey = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL);
+    BIO_free(bio);
+    ERR_clear_error();
+    if (pkey == NULL) {
+        snprintf(err, errlen, "%s: not a PEM private key", name);
+        return NULL;
+    }
+    id = EVP_PKEY_get_base_id(pkey);
+    if (id != EVP_PKEY_RSA && id != EVP_PKEY_ED25519) {
+        const char *t = EVP_PKEY_get0_type_name(pkey);
+        snprintf(err, errlen, "%s: %s key; RSA (1024 to 4096 bits) and Ed25519 keys are supported", name,
+                 t ? t : "unknown");
+        EVP_PKEY_free(pkey);
+        return NULL;
+    }
+    if (id == EVP_PKEY_RSA && (EVP_PKEY_get_bits(pkey) < 1024 || EVP_PKEY_get_bits(pkey) > 4096)) {
+        snprintf(err, errlen, "%s: RSA key of %d bits; 1024 to 4096 are supported", name, EVP_PKEY_get_bits(pkey));
+        EVP_PKEY_free(pkey);
+        return NULL;
+    }
+    k = calloc(1, sizeof *k);
+    if (k == NULL) goto oom;
+    k->refs = 1;
+    k->pkey = pkey;
+    k->type = id == EVP_PKEY_RSA ? MP_DKIM_RSA : MP_DKIM_ED25519;
+    k->bits = EVP_PKEY_get_bits(pkey);
+    k->name = strdup(name);
+    if (k->name == NULL) goto oom;
+    if (k->type == MP_DKIM_RSA) {
+        /* p= of an RSA key is its SubjectPublicKeyInfo (RFC 6376 3.6.1) */
+        unsigned char *der = NULL;
+        int n = i2d_PUBKEY(pkey, &der);
+        if (n <= 0) goto oom;
+        k->pub = b64(der, (size_t)n);
+        OPENSSL_free(der);
+    } else {
+        /* p= of an Ed25519 key is the bare 32-octet key (RFC 8463 4) */
+        unsigned char raw[32];
+        size_t n = sizeof raw;
+        if (EVP_PKEY_get_raw_public_key(pkey, raw, &n) != 1) goto oom;
+        k->pub = b64(raw, n);
+    }
+    if (k->pub == NULL) goto oom;
+    {
+        BIO *out = BIO_new(BIO_s_mem());
+        char *data;
+        long n;
+        if (out == NULL || PEM_write_bio_PrivateKey(out, pkey, NULL, NULL, 0, NULL, NULL) != 1) {
+            BIO_free(out);
+            goto oom;
+        }
+        n = BIO_get_mem_data(out, &data);
+        k->pem = xstrndup(data, (size_t)n);
+        OPENSSL_cleanse(data, (size_t)n);
+        BIO_free(out);
+        if (k->pem == NULL) goto oom;
+    }
+    return k;
+oom:
+    ERR_clear_error();
+    if (k) key_free(k);
+    else EVP_PKEY_free(pkey);
+    snprintf(err, errlen, "%s: out of memory", name);
+    return NULL;
+}
+
+mp_dkim_key *mp_dkim_key_load(const char *path, char *err, size_t errlen)
+{
+    struct stat st;
+    char *data;
+    size_t got = 0;
+    mp_dkim_key *k;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "%s: %s", path, S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
+        close(fd);
+        return NULL;
+    }
+    if (st.st_size > MP_DKIM_MAX_KEYFILE) {
+        snprintf(err, errlen, "%s: not a PEM private key (%lld bytes)", path, (long long)st.st_size);
+        close(fd);
+        return NULL;
+    }
+    data = malloc((size_t)st.st_size + 1);
+    if (data == NULL) {
+        snprintf(err, errlen, "%s: out of memory", path);
+        close(fd);
+        return NULL;
+    }
+    while (got < (size_t)st.st_size) {
+        ssize_t r = read(fd, data + got, (size_t)st.st_size - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        got += (size_t)r;
+    }
+    close(fd);
+    data[got] = '\0';
+    k = mp_dkim_key_from_pem(data, got, path, err, errlen);
+    OPENSSL_cleanse(data, got);
+    free(data);
+    return k;
+}
+
+mp_dkim_key *mp_dkim_key_ref(mp_dkim_key *k)
+{
+    __atomic_add_fetch(&k->refs, 1, __ATOMIC_RELAXED);
+    return k;
+}
+
+void mp_dkim_key_unref(mp_dkim_key *k)
+{
+    if (k && __atomic_sub_fetch(&k->refs, 1, __ATOMIC_ACQ_REL) == 0) key_free(k);
+}
+
+int mp_dkim_key_type(const mp_dkim_key *k) { return k->type; }
+int mp_dkim_key_bits(const mp_dkim_key *k) { return k->bits; }
+const char *mp_dkim_key_public(const mp_dkim_key *k) { return k->pub; }
+const char *mp_dkim_key_name(const mp_dkim_key *k) { return k->name; }
+
+/* ---- libopendkim library handles ------------------------------------------------------------ */
+
+/* Oversigning and x= are options of a DKIM_LIB, not of a handle, so each
+ * distinct setting gets one library handle, created once and shared by all
+ * threads (libopendkim only reads it while signing). */
+typedef struct signlib {
+    char *key;
+    DKIM_LIB *lib;
+} signlib;
+
+static pthread_mutex_t libs_lock = PTHREAD_MUTEX_INITIALIZER;
+static signlib libs[MP_DKIM_MAX_LIBS];
+static int nlibs;
+
+static DKIM_LIB *sign_lib(char *const *oversign, size_t n, uint64_t ttl, char *err, size_t errlen)
+{
+    buf key = {0};
+    DKIM_LIB *lib = NULL;
+    char num[32];
+    size_t i;
+    int j;
+    snprintf(num, sizeof num, "%llu", (unsigned long long)ttl);
+    b_adds(&key, num);
+    for (i = 0; i < n; i++) {
+        b_addc(&key, ':');
+        b_adds(&key, oversign[i]);
+    }
+    if (key.oom) {
+        free(key.p);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    pthread_mutex_lock(&libs_lock);
+    for (j = 0; j < nlibs; j++) {
+        if (strcmp(libs[j].key, key.p) == 0) {
+            lib = libs[j].lib;
+            break;
+        }
+    }
+    if (lib == NULL) {
+        if (nlibs == MP_DKIM_MAX_LIBS) {
+            snprintf(err, errlen, "more than %d distinct oversign/expire settings", MP_DKIM_MAX_LIBS);
+        } else if ((lib = dkim_init(NULL, NULL)) == NULL) {
+            snprintf(err, errlen, "dkim_init failed");
+        } else {
+            const char *os[MP_DKIM_MAX_HEADERS + 1];
+            int bad = 0;
+            for (i = 0; i < n && i < MP_DKIM_MAX_HEADERS; i++) os[i] = oversign[i];
+            os[i] = NULL;
+            if (n > 0 && dkim_options(lib, DKIM_OP_SETOPT, DKIM_OPTS_OVERSIGNHDRS, os, sizeof(char **)) != DKIM_STAT_OK)
+                bad = 1;
+            if (ttl > 0 && dkim_options(lib, DKIM_OP_SETOPT, DKIM_OPTS_SIGNATURETTL, &ttl, sizeof ttl) != DKIM_STAT_OK)
+                bad = 1;
+            if (bad) {
+                dkim_close(lib);
+                lib = NULL;
+                snprintf(err, errlen, "dkim_options failed");
+            } else {
+                libs[nlibs].key = key.p;
+                libs[nlibs].lib = lib;
+                key.p = NULL;
+                nlibs++;
+            }
+        }
+    }
+    pthread_mutex_unlock(&libs_lock);
+    free(key.p);
+    return lib;
+}
+
+/* ---- signing jobs ------------------------------------------------------------------------------ */
+
+typedef struct spec {
+    mp_dkim_key *key;
+    char *domain, *selector, *identity;
+    int hcanon, bcanon;
+    char **headers, **oversign;
+    size_t nheaders, noversign;
+    uint64_t expire;
+    int timestamp;
+    DKIM_LIB *lib;   /* NULL: the native engine */
+} spec;
+
+struct mp_dkim_job {
+    mp_dkim_job *next;
+    uint64_t id;
+    char *msg;
+    size_t len;
+    int nspecs;
+    char *result, *error;
+    size_t result_len;
+    spec specs[];
+};
+
+mp_dkim_job *mp_dkim_job_new(const char *msg, size_t len, int nspecs)
+{
+    mp_dkim_job *j;
+    if (nspecs < 1 || nspecs > MP_DKIM_MAX_SPECS) return NULL;
+    j = calloc(1, sizeof *j + (size_t)nspecs * sizeof(spec));
+    if (j == NULL) return NULL;
+    j->msg = malloc(len ? len : 1);
+    if (j->msg == NULL) {
+        free(j);
+        return NULL;
+    }
+    memcpy(j->msg, msg, len);
+    j->len = len;
+    j->nspecs = nspecs;
+    return j;
+}
+
+static void free_list(char **l, size_t n)
+{
+    size_t i;
+    if (l == NULL) return;
+    for (i = 0; i < n; i++) free(l[i]);
+    free(l);
+}
+
+static char **copy_list(const char *const *in, size_t n)
+{
+    char **l = calloc(n + 1, sizeof *l);
+    size_t i;
+    if (l == NULL) return NULL;
+    for (i = 0; i < n; i++) {
+        if ((l[i] = lowerdup(in[i])) == NULL) {
+            free_list(l, i);
+            return NULL;
+        }
+    }
+    return l;
+}
+
+int mp_dkim_job_set(mp_dkim_job *j, int i, const mp_dkim_spec_in *in, char *err, size_t errlen)
+{
+    spec *s = &j->specs[i];
+    if (i < 0 || i >= j->nspecs || s->key != NULL) {
+        snprintf(err, errlen, "bad spec index");
+        return -1;
+    }
+    s->domain = strdup(in->domain);
+    s->selector = strdup(in->selector);
+    s->identity = in->identity ? strdup(in->identity) : NULL;
+    s->headers = copy_list(in->headers, in->nheaders);
+    s->oversign = copy_list(in->oversign, in->noversign);
+    s->nheaders = in->nheaders;
+    s->noversign = in->noversign;
+    s->hcanon = in->hcanon;
+    s->bcanon = in->bcanon;
+    s->expire = in->expire;
+    s->timestamp = in->timestamp;
+    s->key = mp_dkim_key_ref(in->key);
+    if (!s->domain || !s->selector || (in->identity && !s->identity) || !s->headers || !s->oversign) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    /* libopendkim signs RSA unless asked otherwise; it cannot leave out t=,
+     * and Ed25519 is signed natively (see docs/dkim.md) */
+    if (s->key->type == MP_DKIM_RSA && in->engine == MP_ENGINE_LIBOPENDKIM && in->timestamp) {
+        s->lib = sign_lib(s->oversign, s->noversign, s->expire, err, errlen);
+        if (s->lib == NULL) return -1;
+    }
+    return 0;
+}
+
+void mp_dkim_job_free(mp_dkim_job *j)
+{
+    int i;
+    if (j == NULL) return;
+    for (i = 0; i < j->nspecs; i++) {
+        spec *s = &j->specs[i];
+        free(s->domain);
+        free(s->selector);
+        free(s->identity);
+        free_list(s->headers, s->nheaders);
+        free_list(s->oversign, s->noversign);
+        mp_dkim_key_unref(s->key);
+    }
+    free(j->msg);
+    free(j->result);
+    free(j->error);
+    free(j);
+}
+
+uint64_t mp_dkim_job_id(const mp_dkim_job *j) { return j->id; }
+mp_dkim_job *mp_dkim_job_next(const mp_dkim_job *j) { return j->next; }
+const char *mp_dkim_job_error(const mp_dkim_job *j) { return j->error; }
+
+const char *mp_dkim_job_result(const mp_dkim_job *j, size_t *len)
+{
+    if (len) *len = j->result_len;
+    return j->result;
+}
+
+/* The header fields of the message, in order. */
+typedef struct fields {
+    mp_hdr_field *f;
+    size_t n, cap;
+    size_t body;
+} fields;
+
+static int split(const char *msg, size_t len, fields *out)
+{
+    mp_hdr_iter it;
+    mp_hdr_field f;
+    out->f = NULL;
+    out->n = out->cap = 0;
+    mp_hdr_init(&it, msg, len);
+    while (mp_hdr_next(&it, &f)) {
+        if (out->n == out->cap) {
+            size_t cap = out->cap ? out->cap * 2 : 32;
+            mp_hdr_field *nf = realloc(out->f, cap * sizeof *nf);
+            if (nf == NULL) return -1;
+            out->f = nf;
+            out->cap = cap;
+        }
+        out->f[out->n++] = f;
+    }
+    out->body = it.body;
+    return 0;
+}
+
+static int listed(char *const *names, size_t n, const char *name, size_t len)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (eq_ci(names[i], strlen(names[i]), name, len)) return 1;
+    return 0;
+}
+
+/* ---- the native engine: canonicalization (RFC 6376 3.4) and signing --------------------- */
+
+static void canon_header(buf *out, const char *text, size_t len, size_t name_len, int canon, int crlf)
+{
+    size_t i;
+    int space = 0, started = 0;
+    if (canon == MP_CANON_SIMPLE) {
+        b_add(out, text, len);
+        if (crlf) b_add(out, "\r\n", 2);
+        return;
+    }
+    for (i = 0; i < name_len; i++) b_addc(out, (char)((text[i] >= 'A' && text[i] <= 'Z') ? text[i] + 32 : text[i]));
+    b_addc(out, ':');
+    i = (const char *)memchr(text, ':', len) - text + 1;
+    /* unfold, turn runs of WSP into one SP, drop WSP at both ends */
+    for (; i < len; i++) {
+        unsigned char c = (unsigned char)text[i];
+        if (c == '\r' || c == '\n') continue;
+        if (is_wsp(c)) {
+            space = started;
+            continue;
+        }
+        if (space) b_addc(out, ' ');
+        space = 0;
+        started = 1;
+        b_addc(out, (char)c);
+    }
+    if (crlf) b_add(out, "\r\n", 2);
+}
+
+static void md_update(EVP_MD_CTX *md, const char *p, size_t n)
+{
+    if (n) EVP_DigestUpdate(md, p, n);
+}
+
+/* The body hash: empty lines at the end are dropped, a missing final CRLF
+ * is added; relaxed also squeezes WSP. */
+static void canon_body(EVP_MD_CTX *md, const char *body, size_t len, int canon)
+{
+    size_t p = 0, empties = 0;
+    int any = 0;
+    while (p < len) {
+        const char *line = body + p, *nl = NULL;
+        size_t n, next, k;
+        const char *q = line;
+        /* a line ends at CRLF; a bare CR or LF is data */
+        for (;;) {
+            q = memchr(q, '\r', (size_t)(body + len - q));
+            if (q == NULL || q + 1 >= body + len) break;
+            if (q[1] == '\n') {
+                nl = q;
+                break;
+            }
+            q++;
+        }
+        n = nl ? (size_t)(nl - line) : len - p;
+        next = nl ? p + n + 2 : len;
+        if (canon == MP_CANON_RELAXED) {
+            size_t e = n;
+            while (e > 0 && is_wsp((unsigned char)line[e - 1])) e--;
+            if (e == 0) {
+                empties++;
+            } else {
+                size_t s = 0;
+                for (; empties > 0; empties--) md_update(md, "\r\n", 2);
+                for (k = 0; k < e; k++) {
+                    if (is_wsp((unsigned char)line[k])) {
+                        md_update(md, line + s, k - s);
+                        md_update(md, " ", 1);
+                        while (k + 1 < e && is_wsp((unsigned char)line[k + 1])) k++;
+                        s = k + 1;
+                    }
+                }
+                md_update(md, line + s, e - s);
+                md_update(md, "\r\n", 2);
+                any = 1;
+            }
+        } else {
+            if (n == 0) {
+                empties++;
+            } else {
+                for (; empties > 0; empties--) md_update(md, "\r\n", 2);
+                md_update(md, line, n);
+                md_update(md, "\r\n", 2);
+                any = 1;
+            }
+        }
+        p = next;
+    }
+    if (!any && canon == MP_CANON_SIMPLE) md_update(md, "\r\n", 2);
+}
+
+/* Fold the tags into the signature field, lines within MP_DKIM_MARGIN
+ * columns (a tab counts 8, as libopendkim counts it). "b=" always starts a
+ * line of its own, so the field that is hashed (b= empty) and the field
+ * that is written differ only in the value of b=. */
+static void fold(buf *out, char **tags, int n, const char *bvalue)
+{
+    size_t col = HDR_PREFIX_LEN;
+    int i;
+    for (i = 0; i < n; i++) {
+        const char *t = tags[i];
+        size_t len = strlen(t) + 1; /* with ';' */
+        if (i == 0) {
+            b_adds(out, t);
+            b_addc(out, ';');
+            col += len;
+        } else if (col + 1 + len <= MP_DKIM_MARGIN) {
+            b_addc(out, ' ');
+            b_adds(out, t);
+            b_addc(out, ';');
+            col += 1 + len;
+        } else {
+            b_add(out, "\r\n\t", 3);
+            col = 8;
+            if (col + len <= MP_DKIM_MARGIN) {
+                b_adds(out, t);
+                b_addc(out, ';');
+                col += len;
+            } else if (t[0] == 'h' && t[1] == '=') {
+                /* h= breaks after a colon */
+                const char *p = t;
+                while (*p) {
+                    const char *c = strchr(p, ':');
+                    size_t l = c ? (size_t)(c - p) + 1 : strlen(p) + 1;
+                    if (col + l > MP_DKIM_MARGIN && p != t) {
+                        b_add(out, "\r\n\t ", 4);
+                        col = 9;
+                    }
+                    if (c) b_add(out, p, l);
+                    else {
+                        b_adds(out, p);
+                        b_addc(out, ';');
+                    }
+                    col += l;
+                    p += c ? l : l - 1;
+                }
+            } else {
+                b_adds(out, t);
+                b_addc(out, ';');
+                col += len;
+            }
+        }
+    }
+    b_add(out, "\r\n\tb=", 5);
+    col = 10;
+    while (*bvalue) {
+        size_t room, l = strlen(bvalue);
+        if (col >= MP_DKIM_MARGIN) {
+            b_add(out, "\r\n\t ", 4);
+            col = 9;
+        }
+        room = MP_DKIM_MARGIN - col;
+        if (l > room) l = room;
+        b_add(out, bvalue, l);
+        bvalue += l;
+        col += l;
+    }
+}
+
+static char *tagf(const char *fmt, const char *a, const char *b)
+{
+    size_t n = strlen(fmt) + strlen(a) + (b ? strlen(b) : 0) + 1;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, fmt, a, b ? b : "");
+    return p;
+}
+
+static int sign_native(const spec *s, const fields *fl, const char *msg, size_t msglen, buf *out, char *err,
+                       size_t errlen)
+{
+    static const char *const canons[] = {"simple", "relaxed"};
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    unsigned char bh[32], hh[32], sig[1024];
+    size_t siglen = sizeof sig, i, k;
+    char *tags[12] = {0}, *bh64 = NULL, *sig64 = NULL, num[32];
+    char *used = NULL;
+    buf hlist = {0}, tmp = {0}, field = {0};
+    int nt = 0, rc = -1;
+    const char *alg = s->key->type == MP_DKIM_RSA ? "rsa-sha256" : "ed25519-sha256";
+    uint64_t now = (uint64_t)time(NULL);
+    if (md == NULL) goto oom;
+    for (i = 0; i < fl->n; i++)
+        if (field_is(&fl->f[i], "from")) break;
+    if (i == fl->n) {
+        snprintf(err, errlen, "message has no From field");
+        goto done;
+    }
+    /* body hash */
+    if (EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) goto ssl;
+    canon_body(md, msg + fl->body, msglen - fl->body, s->bcanon);
+    if (EVP_DigestFinal_ex(md, bh, NULL) != 1) goto ssl;
+    if ((bh64 = b64(bh, sizeof bh)) == NULL) goto oom;
+    /* h=: the listed fields present, top to bottom, then the oversigned names */
+    for (i = 0; i < fl->n; i++) {
+        const mp_hdr_field *f = &fl->f[i];
+        if (f->name_len && listed(s->headers, s->nheaders, f->text, f->name_len)) {
+            if (hlist.len) b_addc(&hlist, ':');
+            b_add(&hlist, f->text, f->name_len);
+        }
+    }
+    for (i = 0; i < s->noversign; i++) {
+        if (hlist.len) b_addc(&hlist, ':');
+        b_adds(&hlist, s->oversign[i]);
+    }
+    if (hlist.oom) goto oom;
+    /* the tags, in libopendkim's order */
+    tags[nt++] = tagf("v=1", "", NULL);
+    tags[nt++] = tagf("a=%s", alg, NULL);
+    tags[nt++] = tagf("c=%s/%s", canons[s->hcanon], canons[s->bcanon]);
+    tags[nt++] = tagf("d=%s", s->domain, NULL);
+    tags[nt++] = tagf("s=%s", s->selector, NULL);
+    if (s->timestamp) {
+        snprintf(num, sizeof num, "%llu", (unsigned long long)now);
+        tags[nt++] = tagf("t=%s", num, NULL);
+    }
+    if (s->expire) {
+        snprintf(num, sizeof num, "%llu", (unsigned long long)(now + s->expire));
+        tags[nt++] = tagf("x=%s", num, NULL);
+    }
+    if (s->identity) tags[nt++] = tagf("i=%s", s->identity, NULL);
+    tags[nt++] = tagf("bh=%s", bh64, NULL);
+    tags[nt++] = tagf("h=%s", hlist.p, NULL);
+    for (i = 0; i < (size_t)nt; i++)
+        if (tags[i] == NULL) goto oom;
+    /* header hash: each name of h= takes the lowest field of that name not
+     * yet taken (RFC 6376 5.4.2), then the signature field with b= empty */
+    used = calloc(fl->n + 1, 1);
+    if (used == NULL) goto oom;
+    if (EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) goto ssl;
+    {
+        const char *p = hlist.p;
+        while (p && *p) {
+            const char *c = strchr(p, ':');
+            size_t l = c ? (size_t)(c - p) : strlen(p);
+            for (k = fl->n; k-- > 0;) {
+                const mp_hdr_field *f = &fl->f[k];
+                if (!used[k] && f->name_len && eq_ci(f->text, f->name_len, p, l)) {
+                    used[k] = 1;
+                    tmp.len = 0;
+                    canon_header(&tmp, f->text, f->len, f->name_len, s->hcanon, 1);
+                    if (tmp.oom) goto oom;
+                    md_update(md, tmp.p, tmp.len);
+                    break;
+                }
+            }
+            p = c ? c + 1 : NULL;
+        }
+    }
+    b_adds(&field, HDR_PREFIX);
+    fold(&field, tags, nt, "");
+    tmp.len = 0;
+    canon_header(&tmp, field.p, field.len, strlen(HDR_NAME), s->hcanon, 0);
+    if (tmp.oom || field.oom) goto oom;
+    md_update(md, tmp.p, tmp.len);
+    if (EVP_DigestFinal_ex(md, hh, NULL) != 1) goto ssl;
+    /* RFC 8463 3: Ed25519 (PureEdDSA) signs the SHA-256 hash; RSA signs it
+     * with PKCS#1 v1.5 */
+    if (s->key->type == MP_DKIM_ED25519) {
+        EVP_MD_CTX *sctx = EVP_MD_CTX_new();
+        int ok = sctx && EVP_DigestSignInit(sctx, NULL, NULL, NULL, s->key->pkey) == 1 &&
+                 EVP_DigestSign(sctx, sig, &siglen, hh, sizeof hh) == 1;
+        EVP_MD_CTX_free(sctx);
+        if (!ok) goto ssl;
+    } else {
+        EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new(s->key->pkey, NULL);
+        int ok = pctx && EVP_PKEY_sign_init(pctx) == 1 &&
+                 EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PADDING) == 1 &&
+                 EVP_PKEY_CTX_set_signature_md(pctx, EVP_sha256()) == 1 &&
+                 EVP_PKEY_sign(pctx, sig, &siglen, hh, sizeof hh) == 1;
+        EVP_PKEY_CTX_free(pctx);
+        if (!ok) goto ssl;
+    }
+    if ((sig64 = b64(sig, siglen)) == NULL) goto oom;
+    b_adds(out, HDR_PREFIX);
+    fold(out, tags, nt, sig64);
+    b_add(out, "\r\n", 2);
+    rc = out->oom ? -1 : 0;
+    if (rc) snprintf(err, errlen, "out of memory");
+    goto done;
+ssl:
+    snprintf(err, errlen, "signing failed: %s", ERR_reason_error_string(ERR_peek_last_error()) ?
+             ERR_reason_error_string(ERR_peek_last_error()) : "OpenSSL error");
+    ERR_clear_error();
+    goto done;
+oom:
+    snprintf(err, errlen, "out of memory");
+done:
+    EVP_MD_CTX_free(md);
+    for (i = 0; i < (size_t)nt; i++) free(tags[i]);
+    free(bh64);
+    free(sig64);
+    free(used);
+    free(hlist.p);
+    free(tmp.p);
+    free(field.p);
+    return rc;
+}
+
+/* ---- the libopendkim engine --------------------------------------------------------------------- */
+
+static int sign_libopendkim(const spec *s, const fields *fl, const char *msg, size_t msglen, buf *out, char *err,
+                            size_t errlen)
+{
+    DKIM_STAT st;
+    DKIM *d;
+    const char *hdrs[MP_DKIM_MAX_HEADERS + 1];
+    unsigned char *sighdr = NULL;
+    size_t sighdr_len = 0, i;
+    int rc = -1;
+    d = dkim_sign(s->lib, (const unsigned char *)"moonpost", NULL, (dkim_sigkey_t)s->key->pem,
+                  (const unsigned char *)s->selector, (const unsigned char *)s->domain, s->hcanon, s->bcanon,
+                  DKIM_SIGN_RSASHA256, -1, &st);
+    if (d == NULL) {
+        snprintf(err, errlen, "dkim_sign: %s", dkim_getresultstr(st));
+        return -1;
+    }
+    for (i = 0; i < s->nheaders && i < MP_DKIM_MAX_HEADERS; i++) hdrs[i] = s->headers[i];
+    hdrs[i] = NULL;
+    if ((st = dkim_set_margin(d, MP_DKIM_MARGIN)) != DKIM_STAT_OK || (st = dkim_signhdrs(d, hdrs)) != DKIM_STAT_OK ||
+        (s->identity && (st = dkim_set_signer(d, (const unsigned char *)s->identity)) != DKIM_STAT_OK))
+        goto fail;
+    for (i = 0; i < fl->n; i++) {
+        st = dkim_header(d, (unsigned char *)fl->f[i].text, fl->f[i].len);
+        if (st != DKIM_STAT_OK) goto fail;
+    }
+    if ((st = dkim_eoh(d)) != DKIM_STAT_OK) goto fail;
+    if (msglen > fl->body && (st = dkim_body(d, (unsigned char *)msg + fl->body, msglen - fl->body)) != DKIM_STAT_OK)
+        goto fail;
+    if ((st = dkim_eom(d, NULL)) != DKIM_STAT_OK) goto fail;
+    if ((st = dkim_getsighdr_d(d, HDR_PREFIX_LEN, &sighdr, &sighdr_len)) != DKIM_STAT_OK) goto fail;
+    b_adds(out, HDR_PREFIX);
+    b_add(out, sighdr, sighdr_len);
+    b_add(out, "\r\n", 2);
+    rc = out->oom ? -1 : 0;
+    if (rc) snprintf(err, errlen, "out of memory");
+    dkim_free(d);
+    return rc;
+fail:
+    snprintf(err, errlen, "libopendkim: %s%s%s", dkim_getresultstr(st), dkim_geterror(d) ? ": " : "",
+             dkim_geterror(d) ? dkim_geterror(d) : "");
+    dkim_free(d);
+    return -1;
+}
+
+void mp_dkim_job_run(mp_dkim_job *j)
+{
+    fields fl;
+    buf out = {0};
+    char err[256];
+    int i;
+    if (split(j->msg, j->len, &fl) != 0) {
+        free(fl.f);
+        j->error = strdup("out of memory");
+        return;
+    }
+    for (i = 0; i < j->nspecs; i++) {
+        const spec *s = &j->specs[i];
+        int rc = s->lib ? sign_libopendkim(s, &fl, j->msg, j->len, &out, err, sizeof err)
+                        : sign_native(s, &fl, j->msg, j->len, &out, err, sizeof err);
+        if (rc != 0) {
+            char msg[400];
+            snprintf(msg, sizeof msg, "%s/%s: %s", s->domain, s->selector, err);
+            j->error = strdup(msg);
+            free(out.p);
+            free(fl.f);
+            return;
+        }
+    }
+    free(fl.f);
+    j->result = out.p;
+    j->result_len = out.len;
+    if (j->result == NULL) j->result = strdup("");
+}
+
+/* ---- the signer ----------------------------------------------------------------------------------- */
+
+struct mp_dkim_signer {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    pthread_t *threads;
+    int nthreads;
+    int stop;
+    mp_dkim_job *qhead, *qtail;   /* queued, oldest first */
+    mp_dkim_job *done;            /* finished, newest first */
+    size_t pending;
+    uint64_t next_id;
+    int efd;
+};
+
+static void *worker(void *arg)
+{
+    mp_dkim_signer *s = arg;
+    uint64_t one = 1;
+    for (;;) {
+        mp_dkim_job *j;
+        pthread_mutex_lock(&s->lock);
+        while (!s->stop && s->qhead == NULL) pthread_cond_wait(&s->cond, &s->lock);
+        if (s->stop) {
+            pthread_mutex_unlock(&s->lock);
+            return NULL;
+        }
+        j = s->qhead;
+        s->qhead = j->next;
+        if (s->qhead == NULL) s->qtail = NULL;
+        pthread_mutex_unlock(&s->lock);
+        j->next = NULL;
+        mp_dkim_job_run(j);
+        pthread_mutex_lock(&s->lock);
+        j->next = s->done;
+        s->done = j;
+        pthread_mutex_unlock(&s->lock);
+        /* the counter cannot overflow in practice; a failed write is only a late wakeup */
+        while (write(s->efd, &one, sizeof one) < 0 && errno == EINTR) ;
+    }
+}
+
+mp_dkim_signer *mp_dkim_signer_new(int threads, int *err)
+{
+    mp_dkim_signer *s;
+    sigset_t all, old;
+    int i;
+    if (threads < 1 || threads > MP_DKIM_MAX_THREADS) {
+        *err = EINVAL;
+        return NULL;
+    }
+    s = calloc(1, sizeof *s);
+    if (s == NULL) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    s->threads = calloc((size_t)threads, sizeof *s->threads);
+    s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (s->threads == NULL || s->efd < 0) {
+        *err = s->efd < 0 ? errno : ENOMEM;
+        if (s->efd >= 0) close(s->efd);
+        free(s->threads);
+        free(s);
+        return NULL;
+    }
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->cond, NULL);
+    s->next_id = 1;
+    /* signals belong to the loop thread: the workers block them all */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    for (i = 0; i < threads; i++) {
+        int e = pthread_create(&s->threads[i], NULL, worker, s);
+        if (e != 0) {
+            *err = e;
+            break;
+        }
+        s->nthreads++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (s->nthreads < threads) {
+        mp_dkim_signer_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+int mp_dkim_signer_fd(const mp_dkim_signer *s) { return s->efd; }
+
+int mp_dkim_signer_submit(mp_dkim_signer *s, mp_dkim_job *j, uint64_t *id)
+{
+    pthread_mutex_lock(&s->lock);
+    if (s->pending >= MP_DKIM_MAX_QUEUE) {
+        pthread_mutex_unlock(&s->lock);
+        return -EBUSY;
+    }
+    j->id = s->next_id++;
+    j->next = NULL;
+    if (s->qtail) s->qtail->next = j;
+    else s->qhead = j;
+    s->qtail = j;
+    s->pending++;
+    *id = j->id;
+    pthread_cond_signal(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+mp_dkim_job *mp_dkim_signer_collect(mp_dkim_signer *s)
+{
+    uint64_t v;
+    mp_dkim_job *list, *rev = NULL;
+    /* drain first: a job that finishes after this leaves the fd readable */
+    while (read(s->efd, &v, sizeof v) < 0 && errno == EINTR) ;
+    pthread_mutex_lock(&s->lock);
+    list = s->done;
+    s->done = NULL;
+    while (list) {
+        mp_dkim_job *next = list->next;
+        list->next = rev;
+        rev = list;
+        s->pending--;
+        list = next;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rev;
+}
+
+size_t mp_dkim_signer_pending(mp_dkim_signer *s)
+{
+    size_t n;
+    pthread_mutex_lock(&s->lock);
+    n = s->pending;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+void mp_dkim_signer_free(mp_dkim_signer *s)
+{
+    mp_dkim_job *j;
+    int i;
+    if (s == NULL) return;
+    pthread_mutex_lock(&s->lock);
+    s->stop = 1;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+    for (i = 0; i < s->nthreads; i++) pthread_join(s->threads[i], NULL);
+    while ((j = s->qhead) != NULL) {
+        s->qhead = j->next;
+        mp_dkim_job_free(j);
+    }
+    while ((j = s->done) != NULL) {
+        s->done = j->next;
+        mp_dkim_job_free(j);
+    }
+    close(s->efd);
+    pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->lock);
+    free(s->threads);
+    free(s);
+}
+
+/* ---- verification ------------------------------------------------------------------------------------ */
+
+typedef struct vctx {
+    const mp_dkim_keyrec *keys;
+    size_t nkeys;
+} vctx;
+
+static const mp_dkim_keyrec *find_key(const vctx *c, const char *selector, const char *domain)
+{
+    size_t sl = strlen(selector), dl = strlen(domain), i;
+    for (i = 0; i < c->nkeys; i++) {
+        const char *q = c->keys[i].query;
+        size_t ql = strlen(q);
+        if (ql == sl + 12 + dl && strncasecmp(q, selector, sl) == 0 && strncasecmp(q + sl, "._domainkey.", 12) == 0 &&
+            strncasecmp(q + sl + 12, domain, dl) == 0)
+            return &c->keys[i];
+    }
+    return NULL;
+}
+
+/* The keys come from the caller, fetched before verification started. */
+static DKIM_CBSTAT v_lookup(DKIM *d, DKIM_SIGINFO *sig, unsigned char *out, size_t outlen)
+{
+    const vctx *c = dkim_get_user_context(d);
+    const unsigned char *sel = dkim_sig_getselector(sig), *dom = dkim_sig_getdomain(sig);
+    const mp_dkim_keyrec *k;
+    if (c == NULL || sel == NULL || dom == NULL) return DKIM_CBSTAT_ERROR;
+    k = find_key(c, (const char *)sel, (const char *)dom);
+    if (k == NULL || k->state == MP_KEY_TEMP) return DKIM_CBSTAT_TRYAGAIN;
+    if (k->state == MP_KEY_NONE || k->txt == NULL) return DKIM_CBSTAT_NOTFOUND;
+    if (strlen(k->txt) >= outlen) return DKIM_CBSTAT_ERROR;
+    memcpy(out, k->txt, strlen(k->txt) + 1);
+    return DKIM_CBSTAT_CONTINUE;
+}
+
+/* Bounds the work one message can cause. */
+static DKIM_CBSTAT v_prescreen(DKIM *d, DKIM_SIGINFO **sigs, int nsigs)
+{
+    int i;
+    (void)d;
+    for (i = MP_DKIM_MAX_SIGS; i < nsigs; i++) dkim_sig_ignore(sigs[i]);
+    return DKIM_CBSTAT_CONTINUE;
+}
+
+static pthread_once_t vonce = PTHREAD_ONCE_INIT;
+static DKIM_LIB *vlib;
+
+static void vlib_init(void)
+{
+    uint32_t flags = DKIM_LIBFLAGS_BADSIGHANDLES | DKIM_LIBFLAGS_FIXCRLF;
+    vlib = dkim_init(NULL, NULL);
+    if (vlib == NULL) return;
+    dkim_options(vlib, DKIM_OP_SETOPT, DKIM_OPTS_FLAGS, &flags, sizeof flags);
+    dkim_set_key_lookup(vlib, v_lookup);
+    dkim_set_prescreen(vlib, v_prescreen);
+}
+
+static void header_b8(DKIM_SIGINFO *s, char out[9])
+{
+    unsigned char *b = dkim_sig_gettagvalue(s, 0, (unsigned char *)"b");
+    size_t k = 0;
+    if (b)
+        for (; *b && k < 8; b++)
+            if (!is_fws(*b)) out[k++] = (char)*b;
+    out[k] = '\0';
+}
+
+static void judge(DKIM_SIGINFO *s, const vctx *c, mp_dkim_result *r, int ignored)
+{
+    unsigned int fl = dkim_sig_getflags(s);
+    int bh = dkim_sig_getbh(s), e = dkim_sig_geterror(s);
+    const mp_dkim_keyrec *k = find_key(c, r->sig.selector, r->sig.domain);
+    r->testing = (fl & DKIM_SIGFLAG_TESTKEY) != 0;
+    if (ignored || (fl & DKIM_SIGFLAG_IGNORE)) {
+        r->result = "policy";
+        snprintf(r->reason, sizeof r->reason, "more than %d signatures", MP_DKIM_MAX_SIGS);
+    } else if ((fl & DKIM_SIGFLAG_PASSED) && bh == DKIM_SIGBH_MATCH && e == DKIM_SIGERROR_OK) {
+        if (strcasecmp(r->sig.algorithm, "rsa-sha1") == 0) {
+            r->result = "policy";
+            snprintf(r->reason, sizeof r->reason, "rsa-sha1 is not accepted (RFC 8301)");
+        } else {
+            r->result = "pass";
+        }
+    } else if (k == NULL || k->state == MP_KEY_TEMP) {
+        r->result = "temperror";
+        snprintf(r->reason, sizeof r->reason, "no answer for the key (%s._domainkey.%s)", r->sig.selector,
+                 r->sig.domain);
+    } else if (k->state == MP_KEY_NONE || e == DKIM_SIGERROR_NOKEY) {
+        r->result = "permerror";
+        snprintf(r->reason, sizeof r->reason, "no key for signature (%s._domainkey.%s)", r->sig.selector,
+                 r->sig.domain);
+    } else if (e == DKIM_SIGERROR_KEYTOOSMALL) {
+        unsigned int bits = 0;
+        dkim_sig_getkeysize(s, &bits);
+        r->result = "policy";
+        snprintf(r->reason, sizeof r->reason, "key of %u bits is too small", bits);
+    } else if (bh == DKIM_SIGBH_MISMATCH) {
+        r->result = "fail";
+        snprintf(r->reason, sizeof r->reason, "body hash did not verify");
+    } else if (e == DKIM_SIGERROR_BADSIG || (e == DKIM_SIGERROR_OK && (fl & DKIM_SIGFLAG_PROCESSED))) {
+        r->result = "fail";
+        snprintf(r->reason, sizeof r->reason, "signature did not verify");
+    } else if (e == DKIM_SIGERROR_KEYFAIL) {
+        r->result = "temperror";
+        snprintf(r->reason, sizeof r->reason, "key unavailable");
+    } else if (e != DKIM_SIGERROR_OK && e != DKIM_SIGERROR_UNKNOWN) {
+        const char *why = dkim_sig_geterrorstr(e);
+        r->result = "permerror";
+        snprintf(r->reason, sizeof r->reason, "%s", why ? why : "unknown error");
+    } else {
+        r->result = "neutral";
+        snprintf(r->reason, sizeof r->reason, "signature not processed");
+    }
+}
+
+int mp_dkim_verify(const char *msg, size_t len, const mp_dkim_keyrec *keys, size_t nkeys, mp_dkim_result *out, int max,
+                   char *err, size_t errlen)
+{
+    fields fl;
+    vctx ctx = {keys, nkeys};
+    DKIM *d;
+    DKIM_STAT st;
+    DKIM_SIGINFO **sigs = NULL;
+    char *used = NULL;
+    int n = 0, nsigs = 0, i, j;
+    size_t f;
+    if (split(msg, len, &fl) != 0) {
+        free(fl.f);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (f = 0; f < fl.n && n < max; f++) {
+        if (!field_is(&fl.f[f], HDR_NAME)) continue;
+        {
+            const char *colon = memchr(fl.f[f].text, ':', fl.f[f].len);
+            size_t off = (size_t)(colon + 1 - fl.f[f].text);
+            memset(&out[n], 0, sizeof out[n]);
+            mp_dkim_sig_parse(colon + 1, fl.f[f].len - off, &out[n].sig);
+            if (out[n].sig.error) {
+                out[n].result = "permerror";
+                snprintf(out[n].reason, sizeof out[n].reason, "%s", out[n].sig.error);
+            }
+            n++;
+        }
+    }
+    if (n == 0) {
+        free(fl.f);
+        return 0;
+    }
+    pthread_once(&vonce, vlib_init);
+    if (vlib == NULL) {
+        free(fl.f);
+        snprintf(err, errlen, "dkim_init failed");
+        return -1;
+    }
+    d = dkim_verify(vlib, (const unsigned char *)"moonpost", NULL, &st);
+    if (d == NULL) {
+        free(fl.f);
+        snprintf(err, errlen, "dkim_verify: %s", dkim_getresultstr(st));
+        return -1;
+    }
+    dkim_set_user_context(d, &ctx);
+    for (f = 0; f < fl.n; f++) {
+        st = dkim_header(d, (unsigned char *)fl.f[f].text, fl.f[f].len);
+        if (st != DKIM_STAT_OK && st != DKIM_STAT_SYNTAX) break;
+    }
+    if (st == DKIM_STAT_OK || st == DKIM_STAT_SYNTAX) st = dkim_eoh(d);
+    if (st == DKIM_STAT_OK) {
+        if (len > fl.body) dkim_body(d, (unsigned char *)msg + fl.body, len - fl.body);
+        dkim_eom(d, NULL);
+    }
+    if (dkim_getsiglist(d, &sigs, &nsigs) != DKIM_STAT_OK) nsigs = 0;
+    used = calloc((size_t)nsigs + 1, 1);
+    for (i = 0; i < n; i++) {
+        mp_dkim_result *r = &out[i];
+        if (r->result) continue; /* malformed */
+        for (j = 0; used && j < nsigs; j++) {
+            char b8[9];
+            const unsigned char *dd = dkim_sig_getdomain(sigs[j]), *ss = dkim_sig_getselector(sigs[j]);
+            if (used[j] || dd == NULL || ss == NULL) continue;
+            header_b8(sigs[j], b8);
+            if (strcasecmp((const char *)dd, r->sig.domain) == 0 && strcasecmp((const char *)ss, r->sig.selector) == 0 &&
+                strcmp(b8, r->sig.header_b) == 0) {
+                used[j] = 1;
+                judge(sigs[j], &ctx, r, j >= MP_DKIM_MAX_SIGS);
+                break;
+            }
+        }
+        if (r->result == NULL) {
+            const char *why = dkim_geterror(d);
+            r->result = "permerror";
+            snprintf(r->reason, sizeof r->reason, "not a valid signature%s%s", why ? ": " : "", why ? why : "");
+        }
+    }
+    free(used);
+    dkim_free(d);
+    free(fl.f);
+    return n;
+}
