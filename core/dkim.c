@@ -30,6 +30,9 @@
 #define HDR_PREFIX "DKIM-Signature: "
 #define HDR_PREFIX_LEN 16
 
+/* libopendkim's buffer for a key record (BUFRSZ + 1 in dkim_get_key) */
+#define MP_DKIM_MAX_KEYTXT 1025
+
 #ifndef MP_DKIM_MAX_LIBS
 #define MP_DKIM_MAX_LIBS 64   /* distinct oversign/expire settings signed by libopendkim */
 #endif
@@ -676,15 +679,29 @@ mp_dkim_job *mp_dkim_job_new(const char *msg, size_t len, int nspecs)
     if (nspecs < 1 || nspecs > MP_DKIM_MAX_SPECS) return NULL;
     j = calloc(1, sizeof *j + (size_t)nspecs * sizeof(spec));
     if (j == NULL) return NULL;
-    j->msg = malloc(len ? len : 1);
+    j->msg = malloc(len + 2);
     if (j->msg == NULL) {
         free(j);
         return NULL;
     }
     memcpy(j->msg, msg, len);
+    /* On the wire a message ends with CRLF (SMTP adds one before the final
+     * dot), so that is what is signed; libopendkim refuses the other case. */
+    if (len > 0 && msg[len - 1] != '\n') {
+        memcpy(j->msg + len, "\r\n", 2);
+        len += 2;
+    }
     j->len = len;
     j->nspecs = nspecs;
     return j;
+}
+
+static int listed(char *const *names, size_t n, const char *name, size_t len)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (eq_ci(names[i], strlen(names[i]), name, len)) return 1;
+    return 0;
 }
 
 static void free_list(char **l, size_t n)
@@ -722,6 +739,31 @@ int mp_dkim_job_set(mp_dkim_job *j, int i, const mp_dkim_spec_in *in, char *err,
     s->headers = copy_list(in->headers, in->nheaders);
     s->oversign = copy_list(in->oversign, in->noversign);
     s->nheaders = in->nheaders;
+    /* An oversigned name is signed too: libopendkim lists it in h= without
+     * hashing it, which breaks the signature when such a field is present
+     * but not signed. */
+    if (s->headers && s->oversign) {
+        size_t k, extra = 0;
+        char **all;
+        for (k = 0; k < in->noversign; k++)
+            if (!listed(s->headers, s->nheaders, s->oversign[k], strlen(s->oversign[k]))) extra++;
+        all = extra ? realloc(s->headers, (s->nheaders + extra + 1) * sizeof *all) : s->headers;
+        if (all == NULL) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        s->headers = all;
+        for (k = 0; k < in->noversign; k++) {
+            if (!listed(s->headers, s->nheaders, s->oversign[k], strlen(s->oversign[k]))) {
+                if ((s->headers[s->nheaders] = strdup(s->oversign[k])) == NULL) {
+                    snprintf(err, errlen, "out of memory");
+                    return -1;
+                }
+                s->nheaders++;
+            }
+        }
+        s->headers[s->nheaders] = NULL;
+    }
     s->noversign = in->noversign;
     s->hcanon = in->hcanon;
     s->bcanon = in->bcanon;
@@ -798,13 +840,6 @@ static int split(const char *msg, size_t len, fields *out)
     return 0;
 }
 
-static int listed(char *const *names, size_t n, const char *name, size_t len)
-{
-    size_t i;
-    for (i = 0; i < n; i++)
-        if (eq_ci(names[i], strlen(names[i]), name, len)) return 1;
-    return 0;
-}
 
 /* ---- the native engine: canonicalization (RFC 6376 3.4) and signing --------------------- */
 
@@ -1112,7 +1147,7 @@ static int sign_libopendkim(const spec *s, const fields *fl, const char *msg, si
 {
     DKIM_STAT st;
     DKIM *d;
-    const char *hdrs[MP_DKIM_MAX_HEADERS + 1];
+    const char *hdrs[2 * MP_DKIM_MAX_HEADERS + 1];
     unsigned char *sighdr = NULL;
     size_t sighdr_len = 0, i;
     int rc = -1;
@@ -1123,7 +1158,7 @@ static int sign_libopendkim(const spec *s, const fields *fl, const char *msg, si
         snprintf(err, errlen, "dkim_sign: %s", dkim_getresultstr(st));
         return -1;
     }
-    for (i = 0; i < s->nheaders && i < MP_DKIM_MAX_HEADERS; i++) hdrs[i] = s->headers[i];
+    for (i = 0; i < s->nheaders && i < 2 * MP_DKIM_MAX_HEADERS; i++) hdrs[i] = s->headers[i];
     hdrs[i] = NULL;
     if ((st = dkim_set_margin(d, MP_DKIM_MARGIN)) != DKIM_STAT_OK || (st = dkim_signhdrs(d, hdrs)) != DKIM_STAT_OK ||
         (s->identity && (st = dkim_set_signer(d, (const unsigned char *)s->identity)) != DKIM_STAT_OK))
@@ -1363,17 +1398,19 @@ static const mp_dkim_keyrec *find_key(const vctx *c, const char *selector, const
     return NULL;
 }
 
-/* The keys come from the caller, fetched before verification started. */
+/* The keys come from the caller, fetched before verification started.
+ * Every miss is "not found" to libopendkim: a "try again" would end the
+ * whole message's processing, and judge() tells the two apart from the
+ * caller's table anyway. */
 static DKIM_CBSTAT v_lookup(DKIM *d, DKIM_SIGINFO *sig, unsigned char *out, size_t outlen)
 {
     const vctx *c = dkim_get_user_context(d);
     const unsigned char *sel = dkim_sig_getselector(sig), *dom = dkim_sig_getdomain(sig);
     const mp_dkim_keyrec *k;
-    if (c == NULL || sel == NULL || dom == NULL) return DKIM_CBSTAT_ERROR;
+    if (c == NULL || sel == NULL || dom == NULL) return DKIM_CBSTAT_NOTFOUND;
     k = find_key(c, (const char *)sel, (const char *)dom);
-    if (k == NULL || k->state == MP_KEY_TEMP) return DKIM_CBSTAT_TRYAGAIN;
-    if (k->state == MP_KEY_NONE || k->txt == NULL) return DKIM_CBSTAT_NOTFOUND;
-    if (strlen(k->txt) >= outlen) return DKIM_CBSTAT_ERROR;
+    if (k == NULL || k->state != MP_KEY_FOUND || k->txt == NULL || strlen(k->txt) >= outlen)
+        return DKIM_CBSTAT_NOTFOUND;
     memcpy(out, k->txt, strlen(k->txt) + 1);
     return DKIM_CBSTAT_CONTINUE;
 }
@@ -1430,6 +1467,9 @@ static void judge(DKIM_SIGINFO *s, const vctx *c, mp_dkim_result *r, int ignored
         r->result = "temperror";
         snprintf(r->reason, sizeof r->reason, "no answer for the key (%s._domainkey.%s)", r->sig.selector,
                  r->sig.domain);
+    } else if (k->state == MP_KEY_FOUND && k->txt && strlen(k->txt) >= MP_DKIM_MAX_KEYTXT) {
+        r->result = "permerror";
+        snprintf(r->reason, sizeof r->reason, "key record longer than %d bytes", MP_DKIM_MAX_KEYTXT - 1);
     } else if (k->state == MP_KEY_NONE || e == DKIM_SIGERROR_NOKEY) {
         r->result = "permerror";
         snprintf(r->reason, sizeof r->reason, "no key for signature (%s._domainkey.%s)", r->sig.selector,

@@ -36,6 +36,7 @@ build = {
     ["moonpost.runtime.client"] = "runtime/client.lua",
     ["moonpost.runtime.config"] = "runtime/config.lua",
     ["moonpost.runtime.devpath"] = "runtime/devpath.lua",
+    ["moonpost.runtime.dkim"] = "runtime/dkim.lua",
     ["moonpost.runtime.dns"] = "runtime/dns.lua",
     ["moonpost.runtime.dsn"] = "runtime/dsn.lua",
     ["moonpost.runtime.env"] = "runtime/env.lua",
