@@ -75,7 +75,7 @@ build = {
     },
   },
   install = {
-    bin = { moonpost = "scripts/moonpost" },
+    bin = { moonpost = "scripts/moonpost", ["dkim-keygen"] = "scripts/dkim-keygen" },
   },
   copy_directories = { "docs", "examples" },
 }

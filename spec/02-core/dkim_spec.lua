@@ -721,3 +721,65 @@ describe("moonpost.runtime.dkim", function()
     end)
   end)
 end)
+
+describe("scripts/dkim-keygen", function()
+  local function run(args)
+    local p = assert(io.popen(H.root .. "/scripts/dkim-keygen " .. args .. " 2>" .. tmp .. "/stderr; echo \"rc=$?\""))
+    local out = p:read("*a")
+    p:close()
+    local rc = tonumber(out:match("rc=(%d+)\n$"))
+    return rc, out:gsub("rc=%d+\n$", ""), H.read(tmp .. "/stderr")
+  end
+  before_each(function() tmp = H.tmpdir("moonpost-keygen") end)
+  after_each(function() H.rm_rf(tmp) end)
+
+  it("writes <dir>/<domain>/<selector>.pem (0600) and prints the TXT record in 255-octet strings", function()
+    for _, case in ipairs({ { "--bits 4096", "rsa", 4096 }, { "--type ed25519", "ed25519", 256 }, { "", "rsa", 2048 } }) do
+      local sel = "s" .. case[3]
+      local rc, out, err = run(case[1] .. " --domain Example.COM --selector " .. sel .. " --dir " .. tmp .. "/dkim")
+      assert.equal(0, rc, err)
+      local file = tmp .. "/dkim/example.com/" .. sel .. ".pem"
+      assert.matches("wrote " .. file, err, 1, true)
+      assert.equal(tonumber("600", 8), uv.fs_stat(file).mode % 512)
+      local k = assert(dkim.load_key(file))
+      assert.same({ case[2], case[3] }, { k:info().type, k:info().bits })
+      local name, body = out:match("^(%S+) IN TXT %( (.-) %)\n$")
+      assert.equal(sel .. "._domainkey.example.com.", name)
+      local strings = {}
+      for s in body:gmatch('"([^"]*)"') do
+        assert.is_true(#s <= 255)
+        strings[#strings + 1] = s
+      end
+      assert.equal("v=DKIM1; k=" .. case[2] .. "; ", strings[1])
+      assert.equal(k:txt(), table.concat(strings))
+      if H.have("nsd-checkzone") then
+        H.write(tmp .. "/zone", "$TTL 300\n@ IN SOA ns.example.com. h.example.com. 1 3600 600 86400 300\n" ..
+          "@ IN NS ns.example.com.\nns IN A 127.0.0.1\n" .. out)
+        assert.equal(0, os.execute("nsd-checkzone example.com " .. tmp .. "/zone >/dev/null 2>&1"))
+      end
+    end
+    assert.equal(tonumber("700", 8), uv.fs_stat(tmp .. "/dkim/example.com").mode % 512)
+  end)
+
+  it("refuses to replace a key, and explains bad arguments", function()
+    local rc, _, err = run("--type ed25519 --domain example.com --selector s1 --dir " .. tmp)
+    assert.equal(0, rc, err)
+    local before = H.read(tmp .. "/example.com/s1.pem")
+    rc, _, err = run("--domain example.com --selector s1 --dir " .. tmp)
+    assert.equal(2, rc)
+    assert.matches("s1.pem: already exists; not replacing it", err, 1, true)
+    assert.equal(before, H.read(tmp .. "/example.com/s1.pem"))
+    assert.same({ "s1.pem" }, H.ls(tmp .. "/example.com")) -- no temporary file left behind
+    rc, _, err = run("--bits 512 --domain example.com --selector s2 --dir " .. tmp)
+    assert.same({ 2, "dkim-keygen: --bits: expected 1024 to 4096\n" }, { rc, err })
+    rc, _, err = run("--domain example.com --dir " .. tmp)
+    assert.equal(2, rc)
+    assert.matches("--selector is required", err, 1, true)
+    rc, _, err = run("--domain 'bad domain' --selector s --dir " .. tmp)
+    assert.same({ 2, "dkim-keygen: --domain: not a domain name: bad domain\n" }, { rc, err })
+    rc, _, err = run("--type dsa --domain example.com --selector s --dir " .. tmp)
+    assert.same({ 2, "dkim-keygen: --type: expected rsa or ed25519\n" }, { rc, err })
+    rc = run("--help")
+    assert.equal(0, rc)
+  end)
+end)
