@@ -4,14 +4,25 @@
 --
 -- Environment: MOONPOST_LISTEN (default 127.0.0.1:2525), MOONPOST_SPOOL
 -- (default ./var/spool), MOONPOST_RELAY (host:port: every message goes
--- there; unset: each recipient domain's MX). It relays for anyone who can
--- reach the listener: keep that on loopback or a private network.
+-- there; unset: each recipient domain's MX), MOONPOST_DNS, MOONPOST_TLS_CERT
+-- and MOONPOST_TLS_KEY (STARTTLS offered to clients), MOONPOST_DKIM_DIR
+-- (keys as <dir>/<domain>/<selector>.pem: mail whose From domain has a key
+-- is signed; scripts/dkim-keygen makes them). Outbound, STARTTLS is used
+-- whenever the next hop offers it. It relays for anyone who can reach the
+-- listener: keep that on loopback or a private network.
 local moonpost = require "moonpost"
 local env = moonpost.env
 
 local mta = moonpost.new { spool = env.spool, dns = env.dns }
 
-mta:use(require("moonpost.accept").smtp { listen = env.listen, log_messages = false })
+mta:use(require("moonpost.accept").smtp {
+  listen = env.listen,
+  log_messages = false,
+  tls = (env.tls_cert or env.tls_key) and { cert = env.tls_cert, key = env.tls_key } or nil,
+})
+if env.dkim_dir then
+  mta:use(require("moonpost.dkim").sign { keys = env.dkim_dir })
+end
 mta:use(require("moonpost.route").smtp { relay = env.relay })
 
 mta:run()

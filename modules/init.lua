@@ -213,6 +213,15 @@ function MTA:use(block)
   return self
 end
 
+-- Used by blocks that must see each message last, after every
+-- smtp_server_message_received handler has let it through and before it is
+-- stored (moonpost.dkim signs here). fn(txn, msg) may wait; it returns nil
+-- to go on, or a verdict (a tempfail or reject ends the transaction with it).
+function MTA:add_message_step(fn)
+  self.message_steps = self.message_steps or {}
+  self.message_steps[#self.message_steps + 1] = fn
+end
+
 -- Used by moonpost.accept: remember a listener to open at start().
 function MTA:add_listener(spec)
   self.listen_specs[#self.listen_specs + 1] = spec

@@ -30,6 +30,7 @@ build = {
   modules = {
     ["moonpost"] = "modules/init.lua",
     ["moonpost.accept"] = "modules/accept.lua",
+    ["moonpost.dkim"] = "modules/dkim.lua",
     ["moonpost.maildir"] = "modules/maildir.lua",
     ["moonpost.route"] = "modules/route.lua",
     ["moonpost.runtime.cli"] = "runtime/cli.lua",

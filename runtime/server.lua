@@ -337,6 +337,25 @@ local function message_done(self, msg, flags)
   txn.received_at = os.time()
   local ok, v = xpcall(self.mta.bus.run, traceback, self.mta.bus, "smtp_server_message_received",
     txn, msg)
+  if ok and (not v or v.kind == "accept") then
+    -- Steps of blocks that must see the final message (DKIM signing):
+    -- after every handler, before the spool.
+    local steps = self.mta.message_steps
+    if steps then
+      for i = 1, #steps do
+        local sok, sv = xpcall(steps[i], traceback, txn, msg)
+        if not sok then
+          ok, v = false, sv
+          break
+        end
+        if sv then
+          v = sv
+          if sv.kind ~= "accept" then break end
+        end
+      end
+      txn.size = msg:size()
+    end
+  end
   local stored, serr, scode = true, nil, nil -- luacheck: ignore scode
   local sp = self.mta.spool
   if ok and sp and (not v or v.kind == "accept") then

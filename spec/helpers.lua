@@ -12,10 +12,14 @@ H.python = "/usr/bin/python3"   -- Debian's, with Debian's modules
 
 -- ---- the loop runner ----------------------------------------------------------
 
+-- Handles meant to outlive one H.run (a server started in setup() and
+-- stopped in teardown()).
+local persistent = setmetatable({}, { __mode = "k" })
+
 local function open_handles()
   local list = {}
   uv.walk(function(h)
-    if not h:is_closing() and not sched.is_internal(h) then list[#list + 1] = h end
+    if not h:is_closing() and not sched.is_internal(h) and not persistent[h] then list[#list + 1] = h end
   end)
   return list
 end
@@ -493,10 +497,16 @@ end
 
 -- dns_server() starts nsd on 127.0.0.1:<free port> serving
 -- spec/fixtures/dns/*.zone and returns { port, address = "127.0.0.1:<port>", stop() }.
-function H.dns_server()
+-- dns_server([extra]) serves the zones of spec/fixtures/dns, and the zones
+-- in extra ({ [origin] = zone text }), with nsd on loopback.
+function H.dns_server(extra)
   local dir = H.tmpdir("moonpost-nsd")
   local port = H.free_port()
   local zones = {}
+  for name, text in pairs(extra or {}) do
+    H.write(dir .. "/" .. name .. ".zone", text)
+    zones[#zones + 1] = string.format('zone:\n  name: "%s"\n  zonefile: "%s/%s.zone"\n', name, dir, name)
+  end
   for _, f in ipairs(H.ls(H.root .. "/spec/fixtures/dns")) do
     local name = f:match("^(.+)%.zone$")
     if name then
@@ -530,6 +540,7 @@ remote-control:
     handle:close()
   end)
   assert(handle, "cannot start nsd: " .. tostring(pid))
+  persistent[handle] = true
   -- ready when it answers over TCP on the port
   local up = H.wait_for(function()
     if exited then return true end

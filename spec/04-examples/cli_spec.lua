@@ -140,3 +140,41 @@ describe("examples/relay.lua", function()
     end)
   end)
 end)
+
+describe("examples/relay.lua with TLS and DKIM", function()
+  it("takes STARTTLS from swaks, signs with MOONPOST_DKIM_DIR and relays over TLS", function()
+    H.run(function()
+      local d = H.certs()
+      local sink = H.sink({ "--tls", d .. "/self.pem", d .. "/self.key" })
+      local dir = H.tmpdir("moonpost-relay")
+      local kcode, record = H.exec(H.root .. "/scripts/dkim-keygen", { "--type", "ed25519", "--domain",
+        "here.test", "--selector", "s1", "--dir", dir .. "/dkim" })
+      assert.equal(0, kcode)
+      local txt = {}
+      for part in record:gmatch('"([^"]*)"') do txt[#txt + 1] = part end
+      local srv = H.launch(H.root .. "/examples/relay.lua", { MOONPOST_SPOOL = dir .. "/spool",
+        MOONPOST_RELAY = "127.0.0.1:" .. sink.port, MOONPOST_TLS_CERT = d .. "/mx.pem",
+        MOONPOST_TLS_KEY = d .. "/mx.key", MOONPOST_DKIM_DIR = dir .. "/dkim" })
+      local code, out = H.exec("swaks", { "--server", "127.0.0.1:" .. srv.port, "--tls", "--to", "far@away.test",
+        "--from", "me@here.test", "--header", "Subject: signed and sealed" }, { timeout = 30 })
+      local delivered = H.wait_for(function() return #sink.messages() == 1 end, 20)
+      srv.stop()
+      local msgs = sink.messages()
+      sink.stop()
+      H.rm_rf(dir)
+      assert.equal(0, code, out)
+      assert.is_true(delivered)
+      assert.equal("TLSv1.3", msgs[1].tls)
+      local data = msgs[1].data
+      assert.truthy(data:find("(using TLSv1.3 with cipher", 1, true))
+      local vcode, vout, verr = H.exec(H.python, { "-c", [[
+import sys, dkim
+txt = sys.argv[1].encode()
+ok = dkim.verify(sys.stdin.buffer.read(), dnsfunc=lambda name, timeout=5: txt)
+print("pass" if ok else "fail")
+]], table.concat(txt) }, { stdin = data })
+      assert.equal(0, vcode, verr)
+      assert.equal("pass\n", vout)
+    end)
+  end)
+end)

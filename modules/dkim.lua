@@ -1,0 +1,304 @@
+-- moonpost.dkim: DKIM signatures (RFC 6376; Ed25519, RFC 8463) on the mail
+-- Moonpost accepts.
+--
+--   mta:use(require("moonpost.dkim").sign {
+--     keys = "dkim/",                                   -- dkim/<domain>/<selector>.pem
+--     also = { domain = "esp.example", selector = "s1" },   -- a second signature on all mail
+--     fallback = { domain = "esp.example", selector = "s1" }, -- when the From domain has no key
+--   })
+--
+-- Signing happens once per message, after every smtp_server_message_received
+-- handler and before the message is stored, so the signature is spooled with
+-- it. The work runs on threads, never on the loop. docs/dkim.md has every
+-- option.
+local config = require "moonpost.runtime.config"
+local log = require "moonpost.runtime.log"
+local core = require "moonpost.core.dkim"
+local rdkim = require "moonpost.runtime.dkim"
+local uv = require "luv"
+
+local format, lower, concat = string.format, string.lower, table.concat
+
+local _M = { _VERSION = "0.1" }
+
+local CANONS = { "relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple" }
+
+local SCHEMA = {
+  keys = { type = "any", required = true },
+  select = { type = "function" },
+  also = { type = "table" },
+  fallback = { type = "table" },
+  selectors = { type = "table" },
+  canon = { type = "enum", values = CANONS, default = "relaxed/relaxed" },
+  headers = { type = "table" },
+  oversign = { type = "table" },
+  expire = { type = "duration" },
+  on_error = { type = "enum", values = { "tempfail", "unsigned" }, default = "tempfail" },
+  timeout = { type = "duration", default = 30, check = function(v) return v > 0, "must be > 0" end },
+}
+
+-- ---- keys -----------------------------------------------------------------------
+
+local function scandir(dir)
+  local req, err = uv.fs_scandir(dir)
+  if not req then return nil, err end
+  local out = {}
+  while true do
+    local name, t = uv.fs_scandir_next(req)
+    if not name then break end
+    out[#out + 1] = { name = name, type = t }
+  end
+  table.sort(out, function(a, b) return a.name < b.name end)
+  return out
+end
+
+-- Load keys: a directory laid out as <dir>/<domain>/<selector>.pem, or a
+-- table { [domain] = { [selector] = "file.pem" } }. -> store | nil, err
+local function load_keys(spec)
+  local store, n = {}, 0
+  local function add(domain, selector, path)
+    local key, err = core.load_key(path)
+    if not key then return nil, err end
+    domain = lower(domain)
+    store[domain] = store[domain] or {}
+    store[domain][selector] = key
+    n = n + 1
+    return true
+  end
+  if type(spec) == "string" then
+    local dir = spec:gsub("/+$", "")
+    local entries, err = scandir(dir)
+    if not entries then return nil, format("%s: cannot read the directory: %s", dir, tostring(err)) end
+    for _, e in ipairs(entries) do
+      local path = dir .. "/" .. e.name
+      local st = uv.fs_stat(path)
+      if st and st.type == "directory" then
+        local files, ferr = scandir(path)
+        if not files then return nil, format("%s: cannot read the directory: %s", path, tostring(ferr)) end
+        for _, f in ipairs(files) do
+          local selector = f.name:match("^(.+)%.pem$")
+          if selector then
+            local ok, kerr = add(e.name, selector, path .. "/" .. f.name)
+            if not ok then return nil, kerr end
+          end
+        end
+      end
+    end
+  elseif type(spec) == "table" then
+    for domain, sels in pairs(spec) do
+      if type(domain) ~= "string" or type(sels) ~= "table" then
+        return nil, "expected { [domain] = { [selector] = \"file.pem\" } }"
+      end
+      for selector, path in pairs(sels) do
+        if type(selector) ~= "string" or type(path) ~= "string" then
+          return nil, format("[%s]: expected { [selector] = \"file.pem\" }", domain)
+        end
+        local ok, kerr = add(domain, selector, path)
+        if not ok then return nil, kerr end
+      end
+    end
+  else
+    return nil, "expected a directory or a table, got " .. type(spec)
+  end
+  return store, nil, n
+end
+
+-- ---- the From domain ---------------------------------------------------------
+
+-- The domain of the first mailbox in the From header field, lower-cased,
+-- or nil. Comments and quoted strings are skipped (RFC 5322 3.4).
+local function from_domain(headers)
+  local _, e = headers:find("^[Ff][Rr][Oo][Mm][ \t]*:")
+  if not e then
+    local nl = headers:find("\n[Ff][Rr][Oo][Mm][ \t]*:")
+    if not nl then return nil end
+    _, e = headers:find("[Ff][Rr][Oo][Mm][ \t]*:", nl + 1)
+  end
+  -- the field runs to the first line that does not start with white space
+  local stop = e
+  while true do
+    local nl = headers:find("\n", stop + 1, true)
+    if not nl then
+      stop = #headers
+      break
+    end
+    stop = nl
+    local c = headers:sub(nl + 1, nl + 1)
+    if c ~= " " and c ~= "\t" then break end
+  end
+  local value = headers:sub(e + 1, stop)
+  -- drop quoted strings and comments
+  local out, i, depth, n = {}, 1, 0, #value
+  while i <= n do
+    local c = value:sub(i, i)
+    if c == "\\" then
+      i = i + 1
+    elseif c == '"' and depth == 0 then
+      local j = i + 1
+      while j <= n do
+        local d = value:sub(j, j)
+        if d == "\\" then j = j + 1 elseif d == '"' then break end
+        j = j + 1
+      end
+      i = j
+    elseif c == "(" then
+      depth = depth + 1
+    elseif c == ")" and depth > 0 then
+      depth = depth - 1
+    elseif depth == 0 then
+      out[#out + 1] = c
+    end
+    i = i + 1
+  end
+  local v = concat(out)
+  local addr = v:match("<([^>]*)>") or v:match("^[^,]*")
+  local domain = addr and addr:match("@%s*([^@%s>]+)%s*$")
+  if not domain then return nil end
+  domain = lower(domain):gsub("%.$", "")
+  if not domain:match("^[%w][%w%.%-]*$") then return nil end
+  return domain
+end
+_M.from_domain = from_domain
+
+-- ---- the block ------------------------------------------------------------------
+
+local function check_pair(where, t)
+  if type(t) ~= "table" or type(t.domain) ~= "string" or type(t.selector) ~= "string" then
+    config.raise(format("dkim.sign: field '%s': expected { domain = \"...\", selector = \"...\" }", where))
+  end
+end
+
+-- sign(opts) -> block
+function _M.sign(opts)
+  local o = config.check("dkim.sign", opts, SCHEMA)
+  local store, err, nkeys = load_keys(o.keys)
+  if not store then config.raise("dkim.sign: field 'keys': " .. tostring(err)) end
+  local also = o.also
+  if also and also.domain then also = { also } end
+  for i, a in ipairs(also or {}) do
+    check_pair("also[" .. i .. "]", a)
+    if not (store[lower(a.domain)] and store[lower(a.domain)][a.selector]) then
+      config.raise(format("dkim.sign: field 'also[%d]': no key for %s selector %s", i, a.domain, a.selector))
+    end
+  end
+  if o.fallback then
+    check_pair("fallback", o.fallback)
+    local f = o.fallback
+    if not (store[lower(f.domain)] and store[lower(f.domain)][f.selector]) then
+      config.raise(format("dkim.sign: field 'fallback': no key for %s selector %s", f.domain, f.selector))
+    end
+  end
+  local selectors = {}
+  for d, s in pairs(o.selectors or {}) do selectors[lower(d)] = s end
+  local expire = o.expire and math.floor(o.expire) or nil
+
+  local block = { name = "dkim.sign", opts = o, keys = nkeys }
+
+  -- the selector to use for a domain: the configured one, or the greatest name
+  local function selector_of(domain)
+    local sels = store[domain]
+    if not sels then return nil end
+    local s = selectors[domain]
+    if s then return sels[s] and s or nil end
+    local best
+    for name in pairs(sels) do if not best or name > best then best = name end end
+    return best
+  end
+
+  local function spec(domain, selector)
+    domain = lower(domain)
+    local sels = store[domain]
+    local key = sels and sels[selector]
+    if not key then return nil, format("no key for %s selector %s", domain, selector) end
+    return { key = key, domain = domain, selector = selector, canon = o.canon, headers = o.headers,
+      oversign = o.oversign, expire = expire }
+  end
+
+  -- The signatures for a message: list of specs | nil, err
+  local function choose(txn, msg)
+    local from = from_domain(msg:headers())
+    local picks
+    if o.select then
+      picks = o.select(txn, msg, from)
+      if picks ~= nil and type(picks) ~= "table" then
+        return nil, "select() returned " .. type(picks)
+      end
+      if picks and picks.domain then picks = { picks } end
+    end
+    if not picks then
+      picks = {}
+      -- the From domain, or its closest parent with a key (relaxed DMARC alignment)
+      local d = from
+      while d do
+        local s = selector_of(d)
+        if s then
+          picks[1] = { domain = d, selector = s }
+          break
+        end
+        local parent = d:match("^[^.]+%.(.+%..+)$")
+        d = parent
+      end
+      if #picks == 0 and o.fallback then picks[1] = o.fallback end
+      for _, a in ipairs(also or {}) do
+        local dup = false
+        for _, p in ipairs(picks) do
+          if lower(p.domain) == lower(a.domain) and p.selector == a.selector then dup = true end
+        end
+        if not dup then picks[#picks + 1] = a end
+      end
+    end
+    local specs = {}
+    for i, p in ipairs(picks) do
+      if type(p) ~= "table" or type(p.domain) ~= "string" or type(p.selector) ~= "string" then
+        return nil, format("select() item %d: expected { domain = ..., selector = ... }", i)
+      end
+      local s, serr = spec(p.domain, p.selector)
+      if not s then return nil, serr end
+      specs[i] = s
+    end
+    return specs
+  end
+
+  local function fail(txn, why)
+    log.error("%s: DKIM signing failed: %s", txn.id, why)
+    if o.on_error == "unsigned" then return nil end
+    return require("moonpost").tempfail(451, "4.3.0", "DKIM signing failed, try again later")
+  end
+
+  local function step(txn, msg)
+    local specs, cerr = choose(txn, msg)
+    if not specs then return fail(txn, cerr) end
+    if #specs == 0 then return nil end
+    local headers, serr = rdkim.sign(msg, specs, o.timeout)
+    if not headers then return fail(txn, serr) end
+    msg:prepend(headers)
+    txn.dkim = {}
+    for i, s in ipairs(specs) do txn.dkim[i] = { domain = s.domain, selector = s.selector } end
+    if log.enabled("debug") then
+      local names = {}
+      for i, s in ipairs(specs) do names[i] = s.domain .. "/" .. s.selector end
+      log.debug("%s: DKIM signed: %s", txn.id, concat(names, ", "))
+    end
+    return nil
+  end
+
+  -- SIGHUP: read the keys again; a bad key keeps the old set
+  function block.reload()
+    local fresh, rerr, n = load_keys(o.keys)
+    if not fresh then
+      log.error("dkim.sign: key reload failed, keeping the old keys: %s", tostring(rerr))
+      return nil, rerr
+    end
+    store = fresh
+    block.keys = n
+    log.info("dkim.sign: %d keys loaded", n)
+    return true
+  end
+
+  function block.attach(_, mta)
+    mta:add_message_step(step)
+  end
+  return block
+end
+
+return _M
