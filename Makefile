@@ -80,6 +80,7 @@ lint:
 FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Icore
 FUZZERS     := $(BUILD)/fuzz/fuzz_smtp_in $(BUILD)/fuzz/fuzz_smtp_path $(BUILD)/fuzz/fuzz_smtp_reply \
                $(BUILD)/fuzz/fuzz_spool_scan $(BUILD)/fuzz/fuzz_dns_parse
+FUZZERS     += $(BUILD)/fuzz/fuzz_dkim_parse
 
 $(BUILD)/fuzz/fuzz_smtp_%: core/fuzz/fuzz_smtp_%.c core/smtp.c core/smtp.h
 	@mkdir -p $(BUILD)/fuzz
@@ -92,6 +93,10 @@ $(BUILD)/fuzz/fuzz_dns_%: core/fuzz/fuzz_dns_%.c core/dns.c core/dns.h
 $(BUILD)/fuzz/fuzz_spool_%: core/fuzz/fuzz_spool_%.c core/spool.c core/spool.h
 	@mkdir -p $(BUILD)/fuzz
 	clang $(FUZZ_CFLAGS) -o $@ $< core/spool.c
+
+$(BUILD)/fuzz/fuzz_dkim_%: core/fuzz/fuzz_dkim_%.c core/dkim.c core/dkim.h
+	@mkdir -p $(BUILD)/fuzz
+	clang $(FUZZ_CFLAGS) -o $@ $< core/dkim.c -lopendkim -lcrypto -lpthread
 
 fuzz-build: $(FUZZERS)
 
