@@ -533,7 +533,12 @@ mp_dkim_key *mp_dkim_key_load(const char *path, char *err, size_t errlen)
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
         return NULL;
     }
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    if (fstat(fd, &st) != 0) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode)) {
         snprintf(err, errlen, "%s: %s", path, S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
         close(fd);
         return NULL;
@@ -728,11 +733,12 @@ static char **copy_list(const char *const *in, size_t n)
 
 int mp_dkim_job_set(mp_dkim_job *j, int i, const mp_dkim_spec_in *in, char *err, size_t errlen)
 {
-    spec *s = &j->specs[i];
-    if (i < 0 || i >= j->nspecs || s->key != NULL) {
+    spec *s;
+    if (i < 0 || i >= j->nspecs || j->specs[i].key != NULL) {
         snprintf(err, errlen, "bad spec index");
         return -1;
     }
+    s = &j->specs[i];
     s->domain = strdup(in->domain);
     s->selector = strdup(in->selector);
     s->identity = in->identity ? strdup(in->identity) : NULL;

@@ -241,11 +241,13 @@ static size_t read_names(lua_State *L, int n, const char *field, const char **ou
     size_t i, count = lua_objlen(L, -1);
     if (count > MP_DKIM_MAX_HEADERS) spec_error(L, n, "%s: more than 64 names", field);
     for (i = 0; i < count; i++) {
-        size_t len;
-        const char *s;
+        size_t len = 0;
+        const char *s = NULL;
         lua_rawgeti(L, -1, (int)i + 1);
-        s = lua_tolstring(L, -1, &len);
-        if (lua_type(L, -1) != LUA_TSTRING || !valid_header_name(s, len))
+        /* a string only: lua_tolstring would turn a number into a string
+         * that nothing holds once it is popped */
+        if (lua_type(L, -1) == LUA_TSTRING) s = lua_tolstring(L, -1, &len);
+        if (s == NULL || !valid_header_name(s, len))
             spec_error(L, n, "%s: expected header field names (letters, digits, '-', '_')", field);
         out[i] = s; /* the list, still on the stack's table, keeps it */
         lua_pop(L, 1);
@@ -279,16 +281,18 @@ static void read_spec(lua_State *L, int n, rspec *sp)
     sp->key = ((lkey *)lua_touserdata(L, -1))->k;
     lua_pop(L, 1);
     lua_getfield(L, -1, "domain");
+    if (lua_type(L, -1) != LUA_TSTRING)
+        spec_error(L, n, "domain: expected a domain name, got %s", luaL_typename(L, -1));
     sp->domain = lua_tolstring(L, -1, &len);
-    if (lua_type(L, -1) != LUA_TSTRING || !mp_dkim_valid_name(sp->domain, len) || strlen(sp->domain) != len)
-        spec_error(L, n, "domain: expected a domain name, got %s", lua_type(L, -1) == LUA_TSTRING ?
-                   lua_pushfstring(L, "\"%s\"", sp->domain) : luaL_typename(L, -1));
+    if (!mp_dkim_valid_name(sp->domain, len) || strlen(sp->domain) != len)
+        spec_error(L, n, "domain: expected a domain name, got \"%s\"", sp->domain);
     lua_pop(L, 1);
     lua_getfield(L, -1, "selector");
+    if (lua_type(L, -1) != LUA_TSTRING)
+        spec_error(L, n, "selector: expected a selector, got %s", luaL_typename(L, -1));
     sp->selector = lua_tolstring(L, -1, &len);
-    if (lua_type(L, -1) != LUA_TSTRING || !mp_dkim_valid_name(sp->selector, len) || strlen(sp->selector) != len)
-        spec_error(L, n, "selector: expected a selector, got %s", lua_type(L, -1) == LUA_TSTRING ?
-                   lua_pushfstring(L, "\"%s\"", sp->selector) : luaL_typename(L, -1));
+    if (!mp_dkim_valid_name(sp->selector, len) || strlen(sp->selector) != len)
+        spec_error(L, n, "selector: expected a selector, got \"%s\"", sp->selector);
     lua_pop(L, 1);
     lua_getfield(L, -1, "canon");
     canon = lua_isnil(L, -1) ? "relaxed/relaxed" : lua_tostring(L, -1);
@@ -322,9 +326,8 @@ static void read_spec(lua_State *L, int n, rspec *sp)
     lua_getfield(L, -1, "identity");
     sp->identity = NULL;
     if (!lua_isnil(L, -1)) {
-        sp->identity = lua_tolstring(L, -1, &len);
-        if (lua_type(L, -1) != LUA_TSTRING ||
-            !mp_dkim_valid_identity(sp->identity, len, sp->domain, strlen(sp->domain)))
+        if (lua_type(L, -1) == LUA_TSTRING) sp->identity = lua_tolstring(L, -1, &len);
+        if (sp->identity == NULL || !mp_dkim_valid_identity(sp->identity, len, sp->domain, strlen(sp->domain)))
             spec_error(L, n, "identity: expected [local]@domain within domain %s", sp->domain);
     }
     lua_pop(L, 1);
