@@ -7,7 +7,7 @@
  *   key:txt()  -> "v=DKIM1; k=rsa; p=..."   (the TXT record to publish)
  *   key:name() -> the path or name it was loaded from
  *
- *   dkim.signer{ threads = 2, rsa = "libopendkim" | "openssl" } -> signer | nil, err
+ *   dkim.signer{ threads = 2, rsa = "openssl" | "libopendkim" } -> signer | nil, err
  *   signer:submit(msg, specs) -> id | nil, "busy"
  *       msg: a string or a message (moonpost.core.smtp), copied into the job;
  *       specs: { { key =, domain =, selector =, canon =, headers =, oversign =,
@@ -171,7 +171,7 @@ static int k_gc(lua_State *L)
 
 static int l_signer(lua_State *L)
 {
-    int threads = DEFAULT_THREADS, engine = MP_ENGINE_LIBOPENDKIM, err = 0;
+    int threads = DEFAULT_THREADS, engine = MP_ENGINE_NATIVE, err = 0;
     lsigner *sg;
     if (!lua_isnoneornil(L, 1)) {
         luaL_checktype(L, 1, LUA_TTABLE);

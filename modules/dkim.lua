@@ -35,7 +35,14 @@ local SCHEMA = {
   expire = { type = "duration" },
   on_error = { type = "enum", values = { "tempfail", "unsigned" }, default = "tempfail" },
   timeout = { type = "duration", default = 30, check = function(v) return v > 0, "must be > 0" end },
+  threads = { type = "posint", check = function(v) return v <= 64, "must be at most 64" end },
+  rsa = { type = "enum", values = { "openssl", "libopendkim" }, default = "openssl" },
 }
+
+local function cpus()
+  local ok, n = pcall(function() return #uv.cpu_info() end)
+  return ok and n and n > 0 and math.min(n, 64) or 2
+end
 
 -- ---- keys -----------------------------------------------------------------------
 
@@ -296,6 +303,7 @@ function _M.sign(opts)
   end
 
   function block.attach(_, mta)
+    rdkim.configure({ threads = o.threads or cpus(), rsa = o.rsa })
     mta:add_message_step(step)
   end
   return block

@@ -3,7 +3,7 @@
 -- keys looked up first (asynchronously) and checked in C.
 --
 --   local rdkim = require "moonpost.runtime.dkim"
---   rdkim.configure { threads = 2, rsa = "libopendkim" }  -- optional, before the first sign()
+--   rdkim.configure { threads = 2, rsa = "openssl" }      -- optional, before the first sign()
 --   local headers, err = rdkim.sign(msg, specs, timeout)   -- in a task
 --   -- headers: the DKIM-Signature fields (CRLF-terminated) to prepend to msg
 --   local results, err = rdkim.verify(msg, lookup, timeout) -- in a task
@@ -26,7 +26,7 @@ local _M = { _VERSION = "0.1" }
 
 _M.DEFAULT_TIMEOUT = 30
 
-local opts = { threads = 2, rsa = "libopendkim" }
+local opts = { threads = 2, rsa = "openssl" }
 local signer         -- core signer, created on demand
 local poll           -- uv poll handle on signer:fd(), while jobs are out
 local waiting = {}   -- job id -> { task, token }
@@ -71,7 +71,7 @@ end
 -- signer created by the next sign() (after shutdown(), if one is running).
 function _M.configure(o)
   if type(o) ~= "table" then error("dkim.configure: expected a table", 2) end
-  local threads, rsa = o.threads or 2, o.rsa or "libopendkim"
+  local threads, rsa = o.threads or 2, o.rsa or "openssl"
   if type(threads) ~= "number" or threads < 1 or threads % 1 ~= 0 then
     error("dkim.configure: threads: expected a positive integer", 2)
   end
