@@ -17,6 +17,11 @@
 #                 instead of smtp-sink: in plaintext, and over TLS (policy
 #                 "required", TLS 1.3, ECDSA P-256 certificate); the ratio of
 #                 the two is the cost of TLS on the sending side and the sink
+#   relay-dkim-rsa, relay-dkim-ed25519
+#                 the relay with every message DKIM-signed before it is
+#                 spooled (scripts/bench/relay_dkim.lua), with an RSA-2048 and
+#                 an Ed25519 key made by scripts/dkim-keygen; beside them,
+#                 `openssl speed -multi 2` sign rates of the same machine
 #   memory        bytes per queued message at MEMORY_N (1000000) messages
 #   recovery      time to recover a spool of RECOVERY_N queued messages
 #                 (default 1000000; 0 skips), page cache warm and dropped
@@ -148,8 +153,10 @@ PY
 }
 
 certs=$out/certs
-rm -rf "$certs"
+rm -rf "$certs" "$out/dkim"
 spec/tools/mkcerts.sh "$certs"
+scripts/dkim-keygen --type rsa --bits 2048 --domain bench.test --selector rsa --dir "$out/dkim" >/dev/null 2>&1
+scripts/dkim-keygen --type ed25519 --domain bench.test --selector ed --dir "$out/dkim" >/dev/null 2>&1
 echo "bench: $REPS repetitions of smtp-source -d -s $C -m $N -l $SIZE" >&2
 rep=1
 while [ $rep -le "$REPS" ]; do
@@ -162,8 +169,24 @@ while [ $rep -le "$REPS" ]; do
     BENCH_SINK_CERT="$certs/mx.pem" BENCH_SINK_KEY="$certs/mx.key"
   run_relay $rep relay-mp-tls BENCH_POLICY=scripts/bench/relay_tls.lua BENCH_TLS=required BENCH_SINK=moonpost \
     BENCH_SINK_CERT="$certs/mx.pem" BENCH_SINK_KEY="$certs/mx.key"
+  # DKIM: the relay with every message signed
+  run_relay $rep relay-dkim-rsa BENCH_POLICY=scripts/bench/relay_dkim.lua BENCH_DKIM_DIR="$out/dkim" \
+    BENCH_DKIM_SELECTOR=rsa
+  run_relay $rep relay-dkim-ed25519 BENCH_POLICY=scripts/bench/relay_dkim.lua BENCH_DKIM_DIR="$out/dkim" \
+    BENCH_DKIM_SELECTOR=ed
   rep=$((rep + 1))
 done
+# What the machine can sign: openssl speed on both cores, and on one
+speed() { # args -> sign/s of the last line
+  timeout 120 openssl speed -seconds 3 "$@" 2>/dev/null | tail -1 | awk '{ print $(NF-1) }'
+}
+{
+  echo "rsa2048_multi $(speed -multi "$(nproc)" rsa2048)"
+  echo "rsa2048_one $(speed rsa2048)"
+  echo "ed25519_multi $(speed -multi "$(nproc)" ed25519)"
+  echo "ed25519_one $(speed ed25519)"
+} >"$out/openssl-speed.txt"
+sed 's/^/  openssl speed: /; s/$/ signs\/s/' "$out/openssl-speed.txt" >&2
 run_postfix
 if [ "${MEMORY_N:-1000000}" != 0 ]; then
   echo "  memory: a queue of ${MEMORY_N:-1000000} messages" >&2
@@ -205,6 +228,14 @@ def stats(name):
 limit = stats("limit")
 res = {"load": "smtp-source -d -s %s -m %d -l %s" % (c, n, size), "limit": limit, "figures": []}
 figs = {k: stats(k) for k in rows if k != "limit"}
+speed = {}
+try:
+    for line in open(out + "/openssl-speed.txt"):
+        k, _, v = line.strip().partition(" ")
+        if v:
+            speed[k] = float(v)
+except (OSError, ValueError):
+    pass
 acc, dur, pf = figs.get("accept-only"), figs.get("durable"), figs.get("postfix")
 pfr = figs.get("postfix-relay")
 for name, s in figs.items():
@@ -231,6 +262,17 @@ for name, s in figs.items():
             s["met"] = s["met"] and s["vs_postfix"] >= 10
         if "latency_p50_ms" in s:
             s["target"] += "; 250 to first attempt p50 %.2f ms, p99 %.2f ms" % (s["latency_p50_ms"], s["latency_p99_ms"])
+    if name == "relay-dkim-ed25519" and figs.get("relay"):
+        s["vs_unsigned"] = s["median"] / figs["relay"]["median"]
+        s["target"] = "Ed25519 relay >= 70%% of unsigned relay (%.2f)" % s["vs_unsigned"]
+        s["met"] = s["vs_unsigned"] >= 0.7
+        if speed.get("ed25519_multi"):
+            s["target"] += "; openssl speed -multi ed25519: %.0f signs/s" % speed["ed25519_multi"]
+    if name == "relay-dkim-rsa" and speed.get("rsa2048_multi"):
+        s["vs_openssl"] = s["median"] / speed["rsa2048_multi"]
+        s["target"] = "RSA-2048 relay >= 70%% of openssl speed -multi rsa2048 (%.0f signs/s): %.2f" % (
+            speed["rsa2048_multi"], s["vs_openssl"])
+        s["met"] = s["vs_openssl"] >= 0.7
     if name == "relay-mp-tls" and figs.get("relay-mp-plain"):
         s["vs_plaintext"] = s["median"] / figs["relay-mp-plain"]["median"]
         s["target"] = "TLS relay / plaintext relay into the same sink: %.2f" % s["vs_plaintext"]
@@ -247,6 +289,7 @@ try:
                        for m in re.finditer(r"recovery \((.*?)\): (\d+) messages in ([\d.]+) s", rec)]
 except OSError:
     pass
+res["openssl_speed_signs_per_s"] = speed
 json.dump(res, open(out + "/latest.json", "w"), indent=2)
 lines = ["| figure | msg/s median (min–max) | ratio to limit | peak RSS MiB | batch size | fsyncs/s | target | met |",
          "|---|---|---|---|---|---|---|---|",
