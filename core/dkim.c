@@ -1157,6 +1157,11 @@ static int sign_libopendkim(const spec *s, const fields *fl, const char *msg, si
     unsigned char *sighdr = NULL;
     size_t sighdr_len = 0, i;
     int rc = -1;
+    if (fl->body > 0 && memchr(msg, '\0', fl->body < msglen ? fl->body : msglen) != NULL) {
+        /* see mp_dkim_verify: libopendkim cannot take a NUL in a header */
+        snprintf(err, errlen, "message header contains a NUL octet");
+        return -1;
+    }
     d = dkim_sign(s->lib, (const unsigned char *)"moonpost", NULL, (dkim_sigkey_t)s->key->pem,
                   (const unsigned char *)s->selector, (const unsigned char *)s->domain, s->hcanon, s->bcanon,
                   DKIM_SIGN_RSASHA256, -1, &st);
@@ -1537,6 +1542,19 @@ int mp_dkim_verify(const char *msg, size_t len, const mp_dkim_keyrec *keys, size
     if (n == 0) {
         free(fl.f);
         return 0;
+    }
+    if (fl.body > 0 && memchr(msg, '\0', fl.body < len ? fl.body : len) != NULL) {
+        /* libopendkim mixes lengths and C strings on header fields: a NUL
+         * octet in one makes dkim_eoh() overrun a heap buffer (found by
+         * fuzz_dkim_parse). RFC 5322 forbids NUL; such a message is not
+         * given to libopendkim at all. */
+        for (i = 0; i < n; i++) {
+            if (out[i].result) continue;
+            out[i].result = "permerror";
+            snprintf(out[i].reason, sizeof out[i].reason, "header contains a NUL octet");
+        }
+        free(fl.f);
+        return n;
     }
     pthread_once(&vonce, vlib_init);
     if (vlib == NULL) {

@@ -186,7 +186,8 @@ static int l_signer(lua_State *L)
         if (!lua_isnil(L, -1)) {
             const char *e = lua_tostring(L, -1);
             if (e && strcmp(e, "openssl") == 0) engine = MP_ENGINE_NATIVE;
-            else if (e == NULL || strcmp(e, "libopendkim") != 0)
+            else if (e && strcmp(e, "libopendkim") == 0) engine = MP_ENGINE_LIBOPENDKIM;
+            else
                 luaL_argerror(L, 1, "rsa: expected \"libopendkim\" or \"openssl\"");
         }
         lua_pop(L, 2);

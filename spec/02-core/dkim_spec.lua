@@ -522,6 +522,36 @@ describe("moonpost.core.dkim", function()
       assert.same({}, dkim.signatures(MSG))
     end)
 
+    it("does not hand a header with a NUL octet to libopendkim (its dkim_eoh overran a buffer)", function()
+      -- the fuzz finding core/fuzz/regress/dkim_parse/nul-in-header-eoh-overflow
+      local msg = H.read(H.root .. "/core/fuzz/regress/dkim_parse/nul-in-header-eoh-overflow")
+      local r = dkim.verify(msg, {})
+      assert.truthy(#r >= 1)
+      for _, x in ipairs(r) do
+        assert.equal("permerror", x.result)
+      end
+      local rfc = H.read(FIX .. "rfc8463.eml")
+      local with_nul = rfc:gsub("\r\nSubject: ", "\r\nSubject: \0", 1)
+      r = dkim.verify(with_nul, {})
+      assert.equal(2, #r)
+      assert.same({ "permerror", "header contains a NUL octet" }, { r[1].result, r[1].reason })
+      -- and the libopendkim signer refuses such a message instead of reading past it
+      local s = dkim.signer { rsa = "libopendkim" }
+      local key = assert(dkim.load_key(FIX .. "rsa2048.pem"))
+      local id = assert(s:submit("From: a@b.example\r\nSubject: x\0y\r\n\r\nbody\r\n",
+        { { key = key, domain = "b.example", selector = "s1" } }))
+      local out
+      for _ = 1, 500 do
+        out = s:collect()[1]
+        if out then break end
+        require("luv").sleep(10)
+      end
+      s:close()
+      assert.equal(id, out[1])
+      assert.is_nil(out[2])
+      assert.truthy(tostring(out[3]):find("NUL", 1, true))
+    end)
+
     it("the RFC 8463 Appendix A example verifies (Ed25519 and RSA), as python3-dkim agrees", function()
       local msg = H.read(FIX .. "rfc8463.eml")
       local keytable = {}
