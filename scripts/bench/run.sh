@@ -21,7 +21,8 @@
 #                 the relay with every message DKIM-signed before it is
 #                 spooled (scripts/bench/relay_dkim.lua), with an RSA-2048 and
 #                 an Ed25519 key made by scripts/dkim-keygen; beside them,
-#                 `openssl speed -multi 2` sign rates of the same machine
+#                 `openssl speed -multi 2` sign rates of the same machine, and
+#                 the signer alone (scripts/bench/dkim_sign.lua) on the same keys
 #   memory        bytes per queued message at MEMORY_N (1000000) messages
 #   recovery      time to recover a spool of RECOVERY_N queued messages
 #                 (default 1000000; 0 skips), page cache warm and dropped
@@ -187,6 +188,12 @@ speed() { # args -> sign/s of the last line
   echo "ed25519_one $(speed ed25519)"
 } >"$out/openssl-speed.txt"
 sed 's/^/  openssl speed: /; s/$/ signs\/s/' "$out/openssl-speed.txt" >&2
+# The signer alone, on the same keys: the engine against openssl speed
+{
+  luajit scripts/bench/dkim_sign.lua "$out/dkim/bench.test/rsa.pem" 4000 "$SIZE"
+  luajit scripts/bench/dkim_sign.lua "$out/dkim/bench.test/ed.pem" 40000 "$SIZE"
+} >"$out/dkim-sign.txt" 2>&1 || true
+sed 's/^/  /' "$out/dkim-sign.txt" >&2
 run_postfix
 if [ "${MEMORY_N:-1000000}" != 0 ]; then
   echo "  memory: a queue of ${MEMORY_N:-1000000} messages" >&2
@@ -290,6 +297,14 @@ try:
 except OSError:
     pass
 res["openssl_speed_signs_per_s"] = speed
+try:
+    import re as _re
+    eng = {}
+    for m in _re.finditer(r"dkim-sign (\w+) (\d+): (\d+) jobs/s", open(out + "/dkim-sign.txt").read()):
+        eng[m.group(1)] = float(m.group(3))
+    res["dkim_signer_jobs_per_s"] = eng
+except OSError:
+    eng = {}
 json.dump(res, open(out + "/latest.json", "w"), indent=2)
 lines = ["| figure | msg/s median (min–max) | ratio to limit | peak RSS MiB | batch size | fsyncs/s | target | met |",
          "|---|---|---|---|---|---|---|---|",
@@ -302,6 +317,14 @@ for s in res["figures"]:
         "%.1f" % s["batch_size"] if "batch_size" in s else "–",
         "%.0f" % s["fsyncs_per_s"] if "fsyncs_per_s" in s else "–",
         s["target"] or "–", {True: "yes", False: "no", None: "–"}[s["met"]]))
+if eng and speed:
+    lines.append("")
+    lines.append("| DKIM signer alone | jobs/s | openssl speed -multi signs/s | ratio |")
+    lines.append("|---|---|---|---|")
+    for k, sk in (("rsa", "rsa2048_multi"), ("ed25519", "ed25519_multi")):
+        if k in eng and speed.get(sk):
+            lines.append("| %s | %.0f | %.0f | %.2f |" % ("RSA-2048" if k == "rsa" else "Ed25519", eng[k], speed[sk],
+                                                    eng[k] / speed[sk]))
 md = "\n".join(lines)
 open(out + "/latest.md", "w").write(md + "\n")
 print("load: %s, %d runs each, commit %s" % (res["load"], limit["runs"], res["commit"]))
