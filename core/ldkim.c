@@ -350,22 +350,22 @@ static void read_spec(lua_State *L, int n, rspec *sp)
 
 /* submit(msg, specs): all arguments are checked before anything is
  * allocated, so an argument error leaks nothing. */
-static int s_submit(lua_State *L)
+/* The job for msg (at index mi) and the specs (at index si): a job, or NULL
+ * with nil, err pushed. A mistake in a spec raises. */
+static mp_dkim_job *make_job(lua_State *L, int mi, int si, int engine)
 {
-    lsigner *sg = checksigner(L, 1);
     size_t len, nspecs;
-    const char *msg = checkmsg(L, 2, &len);
+    const char *msg = checkmsg(L, mi, &len);
     rspec specs[MP_DKIM_MAX_SPECS];
     mp_dkim_job *j;
-    uint64_t id;
     char err[256];
     size_t i;
-    luaL_checktype(L, 3, LUA_TTABLE);
-    nspecs = lua_objlen(L, 3);
+    luaL_checktype(L, si, LUA_TTABLE);
+    nspecs = lua_objlen(L, si);
     if (nspecs < 1 || nspecs > MP_DKIM_MAX_SPECS)
-        luaL_argerror(L, 3, lua_pushfstring(L, "expected 1 to %d signature specs", MP_DKIM_MAX_SPECS));
+        luaL_argerror(L, si, lua_pushfstring(L, "expected 1 to %d signature specs", MP_DKIM_MAX_SPECS));
     for (i = 0; i < nspecs; i++) {
-        lua_rawgeti(L, 3, (int)i + 1);
+        lua_rawgeti(L, si, (int)i + 1);
         read_spec(L, (int)i + 1, &specs[i]);
         lua_pop(L, 1);
     }
@@ -373,7 +373,7 @@ static int s_submit(lua_State *L)
     if (j == NULL) {
         lua_pushnil(L);
         lua_pushliteral(L, "out of memory");
-        return 2;
+        return NULL;
     }
     for (i = 0; i < nspecs; i++) {
         const rspec *sp = &specs[i];
@@ -390,14 +390,23 @@ static int s_submit(lua_State *L)
         in.noversign = sp->noversign;
         in.expire = (uint64_t)sp->expire;
         in.timestamp = sp->timestamp;
-        in.engine = sg->engine;
+        in.engine = engine;
         if (mp_dkim_job_set(j, (int)i, &in, err, sizeof err) != 0) {
             mp_dkim_job_free(j);
             lua_pushnil(L);
             lua_pushstring(L, err);
-            return 2;
+            return NULL;
         }
     }
+    return j;
+}
+
+static int s_submit(lua_State *L)
+{
+    lsigner *sg = checksigner(L, 1);
+    uint64_t id;
+    mp_dkim_job *j = make_job(L, 2, 3, sg->engine);
+    if (j == NULL) return 2;
     if (mp_dkim_signer_submit(sg->s, j, &id) != 0) {
         mp_dkim_job_free(j);
         lua_pushnil(L);
@@ -406,6 +415,28 @@ static int s_submit(lua_State *L)
     }
     lua_pushnumber(L, (lua_Number)id);
     return 1;
+}
+
+/* sign_now(msg, specs) -> headers | nil, err: the same job, made in the
+ * calling thread (for Ed25519, whose signature costs less than a trip to
+ * a signer thread and back). Always the native engine. */
+static int l_sign_now(lua_State *L)
+{
+    size_t rlen;
+    const char *r;
+    mp_dkim_job *j = make_job(L, 1, 2, MP_ENGINE_NATIVE);
+    if (j == NULL) return 2;
+    mp_dkim_job_run(j);
+    r = mp_dkim_job_result(j, &rlen);
+    if (r) {
+        lua_pushlstring(L, r, rlen);
+        mp_dkim_job_free(j);
+        return 1;
+    }
+    lua_pushnil(L);
+    lua_pushstring(L, mp_dkim_job_error(j) ? mp_dkim_job_error(j) : "unknown error");
+    mp_dkim_job_free(j);
+    return 2;
 }
 
 static int s_collect(lua_State *L)
@@ -584,7 +615,7 @@ static int l_verify(lua_State *L)
 }
 
 static const luaL_Reg funcs[] = {{"load_key", l_load_key},     {"key_from_pem", l_key_from_pem},
-                                 {"signer", l_signer},         {"signatures", l_signatures},
+                                 {"signer", l_signer},         {"sign_now", l_sign_now}, {"signatures", l_signatures},
                                  {"verify", l_verify},         {NULL, NULL}};
 static const luaL_Reg key_methods[] = {{"info", k_info}, {"txt", k_txt}, {"name", k_name}, {NULL, NULL}};
 static const luaL_Reg key_meta[] = {{"__gc", k_gc}, {"__tostring", k_tostring}, {NULL, NULL}};

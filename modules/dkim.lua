@@ -37,6 +37,7 @@ local SCHEMA = {
   timeout = { type = "duration", default = 30, check = function(v) return v > 0, "must be > 0" end },
   threads = { type = "posint", check = function(v) return v <= 64, "must be at most 64" end },
   rsa = { type = "enum", values = { "openssl", "libopendkim" }, default = "openssl" },
+  inline_ed25519 = { type = "boolean", default = true },
 }
 
 local function cpus()
@@ -303,7 +304,7 @@ function _M.sign(opts)
   end
 
   function block.attach(_, mta)
-    rdkim.configure({ threads = o.threads or cpus(), rsa = o.rsa })
+    rdkim.configure({ threads = o.threads or cpus(), rsa = o.rsa, inline_ed25519 = o.inline_ed25519 })
     mta:add_message_step(step)
   end
   return block

@@ -686,6 +686,41 @@ describe("moonpost.runtime.dkim", function()
     for _, r in ipairs(pyverify(msgs, list)) do assert.same({ true, true, true, true }, r) end
   end)
 
+  it("sign() makes Ed25519 signatures of small messages at once, and sends large ones to the threads", function()
+    local k = keys()
+    H.run(function()
+      local specs = { { key = k.ed25519, domain = "football.example.com", selector = "s1" } }
+      -- small: no wait, nothing goes to the threads
+      local other_ran = false
+      sched.spawn(function() sched.sleep(0) other_ran = true end)
+      local small = assert(rdkim.sign(MSG, specs))
+      assert.is_false(other_ran)
+      assert.equal(0, rdkim.pending())
+      -- large (over INLINE_MAX): the task waits for a thread
+      local big = MSG .. string.rep(string.rep("y", 998) .. "\r\n", math.ceil(rdkim.INLINE_MAX / 1000) + 1)
+      local seen_pending = false
+      sched.spawn(function()
+        for _ = 1, 100 do
+          if rdkim.pending() > 0 then seen_pending = true end
+          sched.sleep(0)
+        end
+      end)
+      local large = assert(rdkim.sign(big, specs))
+      assert.is_true(seen_pending)
+      -- configured off: small ones go to the threads too
+      rdkim.shutdown()
+      rdkim.configure({ inline_ed25519 = false })
+      local yielded = false
+      sched.spawn(function() sched.sleep(0) yielded = true end)
+      local off = assert(rdkim.sign(MSG, specs))
+      assert.is_true(yielded)
+      rdkim.shutdown()
+      rdkim.configure({})
+      local list = dns({ { "s1", "football.example.com", k.ed25519 } })
+      assert.same({ { true }, { true }, { true } }, pyverify({ small .. MSG, large .. big, off .. MSG }, list))
+    end)
+  end)
+
   it("sign() leaves no handle open when idle, times out, and reports job errors", function()
     local k = keys()
     H.run(function()
