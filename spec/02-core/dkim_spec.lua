@@ -537,9 +537,9 @@ describe("moonpost.core.dkim", function()
       assert.same({ "permerror", "header contains a NUL octet" }, { r[1].result, r[1].reason })
       -- and the libopendkim signer refuses such a message instead of reading past it
       local s = dkim.signer { rsa = "libopendkim" }
-      local key = assert(dkim.load_key(FIX .. "rsa2048.pem"))
+      local rsa = assert(dkim.load_key(FIX .. "rsa2048.pem"))
       local id = assert(s:submit("From: a@b.example\r\nSubject: x\0y\r\n\r\nbody\r\n",
-        { { key = key, domain = "b.example", selector = "s1" } }))
+        { { key = rsa, domain = "b.example", selector = "s1" } }))
       local out
       for _ = 1, 500 do
         out = s:collect()[1]
