@@ -54,6 +54,7 @@ _M.EVENTS = {
   delivery_delivered = true,
   delivery_deferred = true,
   delivery_bounced = true,
+  delivery_suppressed = true,
 }
 
 -- Every MTA the policy made (the launcher runs one the policy did not).
@@ -253,6 +254,23 @@ function MTA:add_transport(t)
   self.transports[#self.transports + 1] = t
 end
 
+-- add_delivery_filter(fn): fn(env, rcpt) runs before every delivery attempt
+-- of every recipient (env.tenant, env.from, rcpt.address, rcpt.domain);
+-- nil lets it go on, a result ends the recipient without an attempt:
+-- { status = "suppressed", text = ... } finishes it silently (logged, the
+-- delivery_suppressed event, no DSN), { status = "bounced", code, enhanced,
+-- text } bounces it. moonpost.suppress uses it for queue-time checks.
+function MTA:add_delivery_filter(fn)
+  self.delivery_filters = self.delivery_filters or {}
+  self.delivery_filters[#self.delivery_filters + 1] = fn
+  if self.queue then self.queue:add_filter(fn) end
+end
+
+-- tenant_depth(tenant) -> messages of that tenant queued for delivery
+function MTA:tenant_depth(tenant)
+  return self.queue and self.queue:tenant_depth(tenant) or 0
+end
+
 -- set_transport(fn): a transport for every domain.
 function MTA:set_transport(fn)
   self:add_transport({ name = "transport", deliver = fn })
@@ -278,6 +296,7 @@ function MTA:start()
     self.spool = sp
     local q = queue.new(self, sp, self.opts.queue)
     self.queue = q
+    for _, fn in ipairs(self.delivery_filters or {}) do q:add_filter(fn) end
     if self.transports then
       q:set_transports(self.transports)
     else

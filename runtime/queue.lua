@@ -78,6 +78,8 @@ function _M.new(mta, spool, opts)
     delay_warning = opts.delay_warning,
     domain_opts = opts.domains or {},
     queues = {},      -- "tenant@domain" -> { depth, fifo, head, last_error, last_error_at }
+    tenants = {},     -- tenant ("" for none) -> messages queued (known once the envelope was read)
+    filters = {},     -- fn(env, rcpt) -> nil | result, before every attempt (moonpost.suppress)
     heap = {},
     running = 0,
     stopped = true,
@@ -203,6 +205,11 @@ function Queue:account(m, env)
     keys = { UNREAD }
   end
   m.key = #keys == 1 and keys[1] or keys
+  if env and m.tenant == nil then
+    local t = env.tenant or ""
+    m.tenant = t
+    self.tenants[t] = (self.tenants[t] or 0) + 1
+  end
   for _, key in ipairs(keys) do
     local Q = queue_of(self, key)
     Q.depth = Q.depth + 1
@@ -264,6 +271,30 @@ function Queue:summary()
   end
   table.sort(out, function(a, b) return a.depth > b.depth end)
   return out
+end
+
+-- tenant_depth(tenant) -> messages of that tenant in the queue (those
+-- recovered at start count once their envelope has been read).
+function Queue:tenant_depth(tenant)
+  return self.tenants[tenant or ""] or 0
+end
+
+-- A message is finished: it leaves its tenant's count.
+local function finished(self, m)
+  local t = m.tenant
+  if t ~= nil then
+    self.tenants[t] = self.tenants[t] - 1
+    m.tenant = nil
+  end
+  return self.spool:done(m.id)
+end
+
+-- add_filter(fn): fn(env, rcpt) runs before each delivery attempt of each
+-- recipient; nil lets it go on, a result table ends it without an attempt:
+-- { status = "bounced" | "suppressed", code, enhanced, text }. "suppressed"
+-- finishes the recipient silently (no DSN) and raises delivery_suppressed.
+function Queue:add_filter(fn)
+  self.filters[#self.filters + 1] = fn
 end
 
 local function split(address)
@@ -340,21 +371,37 @@ local function deliver(self, m)
       -- its segment for inspection until the segment is reclaimed)
       log.error("queue: %s: dropped: unreadable for longer than max_age", ids.hex(m.id))
       self:unaccount(m)
-      return spool:done(m.id)
+      return finished(self, m)
     end
     m.next = now + 60
     return self:add(m)
   end
-  local rcpts = {}
+  local rcpts, todo = {}, {}
+  local filters, early = self.filters, nil
   for i, r in ipairs(env.rcpt) do
     if not r.done then
       local l, d = split(r.a)
-      rcpts[#rcpts + 1] = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o }
+      local rc = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o }
+      rcpts[#rcpts + 1] = rc
+      local res
+      for f = 1, #filters do
+        res = filters[f](env, rc)
+        if res then break end
+      end
+      if res then
+        early = early or {}
+        early[i] = res
+      else
+        todo[#todo + 1] = rc
+      end
     end
   end
   m.attempts = (m.attempts or 0) + 1
   self.stats.attempts = self.stats.attempts + 1
-  local results = self:dispatch(env, body, rcpts)
+  local results = #todo > 0 and self:dispatch(env, body, todo) or {}
+  if early then
+    for i, res in pairs(early) do results[i] = res end
+  end
   local done, deferred = {}, 0
   local failed, delivered, relayed, delayed = {}, {}, {}, {}
   local age = now - (env.t or ids.time_of(m.id))
@@ -362,6 +409,13 @@ local function deliver(self, m)
   for _, r in ipairs(rcpts) do
     local expired = age >= max_age_of(self, r.domain:lower())
     local res = results[r.index] or { status = "deferred", text = "transport gave no result" }
+    if res.status == "suppressed" then
+      done[#done + 1] = r.index
+      self.stats.suppressed = (self.stats.suppressed or 0) + 1
+      log.info("%s: to=<%s> suppressed: %s", env.id, r.address, tostring(res.text))
+      bus:emit("delivery_suppressed", env, r, res)
+      goto next_rcpt
+    end
     if res.status ~= "delivered" and res.status ~= "bounced" and res.status ~= "deferred" then
       log.error("%s: transport returned status %s for <%s>; treated as deferred", env.id,
         tostring(res.status), r.address)
@@ -404,6 +458,7 @@ local function deliver(self, m)
         delayed[#delayed + 1] = entry
       end
     end
+    ::next_rcpt::
   end
   self:notify(env, body, "failed", failed)
   self:notify(env, body, "delivered", delivered)
@@ -424,7 +479,7 @@ local function deliver(self, m)
   end
   self:unaccount(m)
   if deferred == 0 then
-    spool:done(m.id)
+    finished(self, m)
     return
   end
   m.next = next_at or (now + retry_after(self, m.attempts))
