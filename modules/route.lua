@@ -5,10 +5,16 @@
 --     routes = { ["example.org"] = "192.0.2.1:25" }, -- per domain (the rest: relay, or MX)
 --     helo = "mta1.example.net", source = "192.0.2.10",
 --     max_connections = 20, max_messages_per_connection = 100, idle_timeout = "5s",
+--     pools = { acme = { { source = "192.0.2.20", helo = "o1.acme.example", weight = 2 }, ... } },
+--     tenant_pools = { acme = "acme" }, default_pool = "shared", pool_header = "X-Virtual-MTA",
 --   })
 --
--- The block is the SMTP transport of the queue: each destination (a next
--- hop) gets a pool of connections with its own limits; see runtime/client.lua.
+-- The block is the SMTP transport of the queue. Each delivery goes to a
+-- site (the destination: a relay, a static route, or the recipient domain's
+-- MX set, so domains hosted on the same MX hosts share one site) from a
+-- source (an address and HELO name from the tenant's egress pool), and each
+-- source x site pair (a ready queue) has its own connections; when a
+-- moonpost.shape block is used, its limits gate each delivery first.
 -- docs/route.md has every option.
 local config = require "moonpost.runtime.config"
 local client = require "moonpost.runtime.client"
@@ -62,7 +68,100 @@ local SCHEMA = {
   mx = { type = "boolean", default = true },
   mx_port = { type = "posint", default = 25, check = function(v) return v <= 65535, "must be a port" end },
   ip_order = { type = "enum", values = { "ipv6", "ipv4", "ipv4-only", "ipv6-only" }, default = "ipv6" },
+  pools = { type = "table" },
+  tenant_pools = { type = "table" },
+  default_pool = { type = "string" },
+  pool_header = { type = "string" },
+  warmup = { type = "table" },
 }
+
+local SOURCE_SCHEMA = {
+  name = { type = "string" },
+  source = { type = "string" },
+  helo = { type = "string" },
+  weight = { type = "number", default = 1, check = function(v) return v > 0, "must be > 0" end },
+  warmup = { type = "string" },
+}
+
+local WARMUP_SCHEMA = {
+  schedule = { type = "table", required = true },
+}
+
+-- "2026-11-28" -> days since the epoch (UTC)
+local function day_of(date)
+  local y, m, d = tostring(date):match("^(%d%d%d%d)%-(%d%d)%-(%d%d)$")
+  if not y then return nil end
+  y, m, d = tonumber(y), tonumber(m), tonumber(d)
+  -- days from civil (H. Hinnant's algorithm)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+_M.day_of = day_of
+
+local function check_schedule(list, where)
+  if type(list) ~= "table" or #list == 0 then
+    config.raise(where .. ": expected a list of daily message counts")
+  end
+  for i, v in ipairs(list) do
+    if type(v) ~= "number" or v < 0 then
+      config.raise(string.format("%s item %d: expected a count >= 0, got %s", where, i, tostring(v)))
+    end
+  end
+  return list
+end
+
+-- pools = { name = { source, ..., tenants = { ... } } } -> name -> { sources, tenants }
+local function check_pools(pools, warm)
+  local out, by_name = {}, {}
+  for name, list in pairs(pools or {}) do
+    local where = "route.smtp: field 'pools' [" .. tostring(name) .. "]"
+    if type(name) ~= "string" or type(list) ~= "table" then
+      config.raise(where .. ": expected a pool name and a list of sources")
+    end
+    local p = { name = name, sources = {}, tenants = nil }
+    for k, v in pairs(list) do
+      if k == "tenants" then
+        if type(v) ~= "table" then config.raise(where .. ": field 'tenants': expected a list of tenant names") end
+        p.tenants = {}
+        for _, t in ipairs(v) do p.tenants[t] = true end
+      elseif type(k) ~= "number" then
+        config.raise(string.format("%s: unknown field '%s' (known: a list of sources, tenants)", where, tostring(k)))
+      end
+    end
+    for i, src in ipairs(list) do
+      local sw = where .. " item " .. i
+      if type(src) == "string" then src = { source = src } end
+      local o = config.check(sw, src, SOURCE_SCHEMA)
+      if o.source and not config.parse_address(o.source:find(":", 1, true) and ("[" .. o.source .. "]:0")
+          or (o.source .. ":0")) then
+        config.raise(sw .. ": field 'source': not an IP address: " .. o.source)
+      end
+      if o.warmup then
+        o.warm_day = day_of(o.warmup)
+        if not o.warm_day then config.raise(sw .. ": field 'warmup': expected a start date YYYY-MM-DD") end
+        if not warm then config.raise(sw .. ": field 'warmup' needs the block's warmup = { schedule = ... }") end
+      end
+      o.name = o.name or o.source or ("default#" .. i)
+      if by_name[o.name] and by_name[o.name] ~= o then
+        -- the same source in several pools is fine; the same name for two different ones is not
+        local a = by_name[o.name]
+        if a.source ~= o.source or a.helo ~= o.helo then
+          config.raise(sw .. ": field 'name': '" .. o.name .. "' already names another source")
+        end
+      end
+      by_name[o.name] = o
+      p.sources[#p.sources + 1] = o
+    end
+    if #p.sources == 0 then config.raise(where .. ": no source") end
+    out[name] = p
+  end
+  return out, by_name
+end
 
 function _M.smtp(opts)
   local o = config.check("route.smtp", opts, SCHEMA)
@@ -95,10 +194,110 @@ function _M.smtp(opts)
     if not d or d <= 0 then config.raise("route.smtp: field 'timeouts." .. k .. "': expected a duration > 0") end
     timeouts[k] = d
   end
-  local pools = {}
-  local block = { name = "route.smtp", opts = o, pools = pools }
 
-  -- the next hops for a domain: hosts, key | nil, why, permanent
+  -- egress: pools of sources, chosen by the message's pool, its tenant, or the default
+  local warm
+  if o.warmup then
+    warm = config.check("route.smtp: warmup", o.warmup, WARMUP_SCHEMA)
+    local sched_ = {}
+    for provider, list in pairs(warm.schedule) do
+      if type(provider) == "number" then
+        config.raise("route.smtp: field 'warmup.schedule': expected { default = {...}, <site> = {...} }")
+      end
+      sched_[provider] = check_schedule(list, "route.smtp: field 'warmup.schedule." .. provider .. "'")
+    end
+    warm.schedule = sched_
+  end
+  local pools, sources = check_pools(o.pools, warm)
+  for t, name in pairs(o.tenant_pools or {}) do
+    if not pools[name] then
+      config.raise(string.format("route.smtp: field 'tenant_pools' [%s]: no pool named '%s'", tostring(t),
+        tostring(name)))
+    end
+  end
+  if o.default_pool and not pools[o.default_pool] then
+    config.raise("route.smtp: field 'default_pool': no pool named '" .. o.default_pool .. "'")
+  end
+  if o.pool_header and not next(pools) then
+    config.raise("route.smtp: field 'pool_header' needs pools to choose from")
+  end
+  local default_source = { name = "default", source = o.source, helo = o.helo, weight = 1 }
+
+  local conns = {}
+  local block = { name = "route.smtp", opts = o, pools = conns, egress = pools }
+
+  -- sent[source name][site][day] = messages (the warm-up caps count them)
+  local sent = {}
+  local function today() return math.floor(os.time() / 86400) end
+  local function cap_of(src, site)
+    if not src.warm_day then return nil end
+    local list = warm.schedule[site] or warm.schedule.default
+    if not list then return nil end
+    local d = today() - src.warm_day
+    if d < 0 then return 0 end
+    return list[d + 1] -- nil past the end of the schedule: warmed up
+  end
+  local function sent_today(src, site)
+    local s = sent[src.name]
+    local t = s and s[site]
+    return t and t.day == today() and t.n or 0
+  end
+  local function count(src, site)
+    local s = sent[src.name]
+    if not s then
+      s = {}
+      sent[src.name] = s
+    end
+    local t = s[site]
+    local d = today()
+    if not t or t.day ~= d then
+      t = { day = d, n = 0 }
+      s[site] = t
+    end
+    t.n = t.n + 1
+  end
+  block.sent_today = function(name, site) return sent_today(sources[name] or { name = name }, site) end
+
+  -- the pool (or the single named source) for a message
+  local function pool_of(env)
+    local name = env.pool
+    if name then
+      if pools[name] then return pools[name] end
+      if sources[name] then return { name = name, sources = { sources[name] } } end
+    end
+    local t = env.tenant
+    name = t and ((o.tenant_pools and o.tenant_pools[t]) or (pools[t] and t))
+    if name then return pools[name] end
+    return o.default_pool and pools[o.default_pool] or nil
+  end
+
+  -- choose(env, site) -> source | nil, why: weighted, among the sources not
+  -- at their warm-up cap for this site (so mail spills over to warmed ones)
+  local function choose(env, site)
+    local p = pool_of(env)
+    if not p then return default_source end
+    local list = p.sources
+    if #list == 1 and not list[1].warm_day then return list[1] end
+    local total, ok = 0, {}
+    for _, src in ipairs(list) do
+      local cap = cap_of(src, site)
+      if not cap or sent_today(src, site) < cap then
+        ok[#ok + 1] = src
+        total = total + src.weight
+      end
+    end
+    if #ok == 0 then
+      return nil, "every source of pool " .. p.name .. " reached its warm-up cap for " .. site .. " today"
+    end
+    local x = math.random() * total
+    for _, src in ipairs(ok) do
+      x = x - src.weight
+      if x < 0 then return src end
+    end
+    return ok[#ok]
+  end
+
+  -- the next hops for a domain: hosts, key | nil, why, permanent; the MX names
   local function resolve(domain)
     local r = routes[domain:lower()] or relay
     if r then return r, nil end
@@ -113,61 +312,149 @@ function _M.smtp(opts)
       names[#names + 1] = mx.name
       for _, a in ipairs(mx.addrs) do hosts[#hosts + 1] = { host = a, port = o.mx_port, name = mx.name } end
     end
-    -- one pool per set of MX hosts: domains that share them share connections
+    -- one site per set of MX hosts: domains that share them share
+    -- connections and limits (MX rollup)
     table.sort(names)
-    return hosts, "mx:" .. table.concat(names, ",") .. ":" .. o.mx_port
+    return hosts, "mx:" .. table.concat(names, ",") .. ":" .. o.mx_port, nil, names
+  end
+
+  local function failure(rcpts, res)
+    local results = {}
+    for _, r in ipairs(rcpts) do results[r.index] = res end
+    return results
   end
 
   function block.attach(_, mta)
     local helo = o.helo or mta.hostname
-    -- one pool per destination and TLS policy: connections made under
-    -- one policy are not reused under another
+    -- one connection pool per ready queue (source x site) and TLS policy:
+    -- connections made under one policy are not reused under another
     local policy_ids = setmetatable({}, { __mode = "k" })
     local npolicies = 0
-    local function pool_for(hosts, key, policy)
-      if not key then
-        local parts = {}
-        for i, h in ipairs(hosts) do parts[i] = "[" .. h.host .. "]:" .. h.port end
-        key = table.concat(parts, ",")
-      end
+    local function conn_pool(site, hosts_key, policy, src, limits)
       local pid = policy_ids[policy]
       if not pid then
         npolicies = npolicies + 1
         pid = npolicies
         policy_ids[policy] = pid
       end
-      local pkey = pid == 1 and key or (key .. " tls#" .. pid)
-      local p = pools[pkey]
+      local pkey = hosts_key
+      if src ~= default_source then pkey = src.name .. ">" .. pkey end
+      if pid ~= 1 then pkey = pkey .. " tls#" .. pid end
+      local p = conns[pkey]
       if not p then
-        p = client.pool({ name = key, helo = helo, bind = o.source, timeouts = timeouts,
-          max_connections = o.max_connections, max_messages = o.max_messages_per_connection,
+        p = client.pool({ name = (src ~= default_source and (src.name .. ">") or "") .. site,
+          helo = src.helo or helo, bind = src.source, timeouts = timeouts,
+          max_connections = limits and limits.max_connections or o.max_connections,
+          max_messages = limits and limits.max_messages_per_connection or o.max_messages_per_connection,
           idle_timeout = o.idle_timeout, pipelining = o.pipelining, tls = policy })
-        pools[pkey] = p
+        conns[pkey] = p
       end
       return p
     end
     policy_ids[default_tls] = 1
     npolicies = 1
+
+    -- x-virtual-mta style selection: a header naming a pool (or a source)
+    -- the sender's tenant may use; the header is not sent on
+    if o.pool_header then
+      local hname = o.pool_header:lower()
+      block.on = block.on or {}
+      block.on.smtp_server_message_received = function(txn, msg)
+        local headers = msg:headers()
+        local value
+        for line in headers:gmatch("([^\r\n]*)\r?\n") do
+          local n, v = line:match("^([^:%s]+)%s*:%s*(.-)%s*$")
+          if n and n:lower() == hname then value = v break end
+        end
+        if not value then return nil end
+        local p = pools[value] or (sources[value] and { sources = { sources[value] } })
+        local allowed = p and (not p.tenants or (txn.tenant and p.tenants[txn.tenant]))
+        if p and p.sources[1] and not pools[value] then
+          -- a single source: allowed when one of the tenant's pools has it
+          allowed = false
+          for _, pool in pairs(pools) do
+            if not pool.tenants or (txn.tenant and pool.tenants[txn.tenant]) then
+              for _, src in ipairs(pool.sources) do
+                if src.name == value then allowed = true end
+              end
+            end
+          end
+        end
+        if not allowed then
+          return require("moonpost.runtime.hooks").reject(550, "5.7.1",
+            string.format("%s: %s is not a pool this sender may use", o.pool_header, value))
+        end
+        txn.pool = value
+        if msg.remove_header then msg:remove_header(o.pool_header) end
+        return nil
+      end
+    end
+
     mta:add_transport({
       name = "smtp",
       domains = o.domains,
       deliver = function(env, body, rcpts)
-        local hosts, key, permanent = resolve(rcpts[1].domain)
+        local domain = rcpts[1].domain
+        local hosts, key, permanent, mx_names = resolve(domain)
         if not hosts then
           local why = key
           log.warn("%s: %s", env.id, why)
           local enh = why:match("^([245]%.%d+%.%d+) ") or (permanent and "5.4.4" or "4.4.3")
-          local res = { status = permanent and "bounced" or "deferred", code = permanent and 550 or 451,
-            enhanced = enh, text = why:gsub("^[245]%.%d+%.%d+ ", ""), stage = "routing" }
-          local results = {}
-          for _, r in ipairs(rcpts) do results[r.index] = res end
-          return results
+          return failure(rcpts, { status = permanent and "bounced" or "deferred", code = permanent and 550 or 451,
+            enhanced = enh, text = why:gsub("^[245]%.%d+%.%d+ ", ""), stage = "routing" })
         end
-        return pool_for(hosts, key ~= true and key or nil, policy_for(rcpts[1].domain))
-          :deliver(env, body, rcpts, hosts)
+        if not key then
+          local parts = {}
+          for i, h in ipairs(hosts) do parts[i] = "[" .. h.host .. "]:" .. h.port end
+          key = table.concat(parts, ",")
+        end
+        local shaper = mta.shaper
+        local dest = shaper and shaper:destination(domain:lower(), mx_names)
+        local site = dest and dest.name or key
+        local src, why = choose(env, site)
+        if not src then
+          log.info("%s: %s", env.id, why)
+          return failure(rcpts, { status = "deferred", code = 451, enhanced = "4.7.0", text = why, stage = "routing" })
+        end
+        local gates, ticket
+        if shaper then
+          gates = shaper:gates_for({ ready = src.name .. ">" .. site, dest = dest, tenant = env.tenant,
+            source = src.source, max_connections = o.max_connections })
+          local gate, at
+          ticket, gate, at = shaper:admit(gates)
+          if not ticket then
+            if gate == "bounce" then return failure(rcpts, at) end
+            return failure(rcpts, { status = "held", text = "waiting for " .. gate.name,
+              park = function(fn) shaper:park(gate, fn, at) end })
+          end
+        end
+        local limits = dest and dest.limits or (shaper and shaper.spec.default)
+        local pool = conn_pool(site, key, policy_for(domain), src, limits)
+        local ok, results = pcall(pool.deliver, pool, env, body, rcpts, hosts)
+        if ticket then shaper:release(ticket) end
+        if not ok then error(results, 0) end
+        if src.warm_day then count(src, site) end
+        if shaper then
+          local seen = {}
+          for _, r in ipairs(rcpts) do
+            local res = results[r.index]
+            if res and not seen[res] then
+              local out = shaper:observe(gates, dest, res)
+              seen[res] = out
+              if out ~= res then seen[out] = out end
+            end
+            if res then results[r.index] = seen[res] end
+          end
+        end
+        for _, r in ipairs(rcpts) do
+          local res = results[r.index]
+          if res then res.source = src.source; res.helo = src.helo or helo; res.site = site end
+        end
+        return results
       end,
       close = function()
-        for _, p in pairs(pools) do p:close() end
+        if mta.shaper then mta.shaper:stop() end
+        for _, p in pairs(conns) do p:close() end
       end,
     })
   end

@@ -22,6 +22,8 @@ function _M.resolve(root, name)
   if rest then return root .. "/build/lib/moonpost/core/" .. rest .. ".so", "c" end
   rest = name:match("^moonpost%.([%w_]+)$")
   if rest then return root .. "/modules/" .. rest .. ".lua", "lua" end
+  local block, sub = name:match("^moonpost%.([%w_]+)%.([%w_]+)$")
+  if block then return root .. "/modules/" .. block .. "/" .. sub .. ".lua", "lua" end
   return nil
 end
 

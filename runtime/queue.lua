@@ -406,9 +406,20 @@ local function deliver(self, m)
   local failed, delivered, relayed, delayed = {}, {}, {}, {}
   local age = now - (env.t or ids.time_of(m.id))
   local next_at
+  local held, attempted
   for _, r in ipairs(rcpts) do
     local expired = age >= max_age_of(self, r.domain:lower())
     local res = results[r.index] or { status = "deferred", text = "transport gave no result" }
+    if res.status == "held" then
+      -- shaping: no attempt was made; the message waits for its gate
+      if not expired then
+        held = held or res
+        goto next_rcpt
+      end
+      res = { status = "deferred", code = 451, enhanced = "4.4.7", text = "held by shaping: " .. tostring(res.text) }
+    elseif res.status ~= "suppressed" then
+      attempted = true
+    end
     if res.status == "suppressed" then
       done[#done + 1] = r.index
       self.stats.suppressed = (self.stats.suppressed or 0) + 1
@@ -477,9 +488,29 @@ local function deliver(self, m)
       Q.last_error_at = now
     end
   end
+  if not attempted then
+    -- held or suppressed only: this was not a delivery attempt
+    m.attempts = m.attempts - 1
+    self.stats.attempts = self.stats.attempts - 1
+  end
   self:unaccount(m)
-  if deferred == 0 then
+  if deferred == 0 and not held then
     finished(self, m)
+    return
+  end
+  if held then
+    if #done > 0 or attempted then
+      spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
+        warned = m.warned or nil })
+    end
+    if spool:get(m.id) then
+      self:account(m, env)
+      held.park(function()
+        if self.stopped or spool:get(m.id) ~= m then return end
+        m.next = os.time()
+        self:add(m)
+      end)
+    end
     return
   end
   m.next = next_at or (now + retry_after(self, m.attempts))

@@ -97,6 +97,7 @@ local function envelope_of(txn)
     rcpt = rcpts,
     t = txn.received_at or os.time(),
     tenant = txn.tenant ~= nil and tostring(txn.tenant) or nil,
+    pool = txn.pool,
     ret = txn.ret,
     envid = txn.envid,
     body = txn.body_type,
