@@ -248,7 +248,13 @@ function Shaper:kick(g)
   if self.task then
     sched.wake(self.task)
   elseif not self.ticker then
-    self.ticker = sched.spawn_named("shape", function(err) log.error("shape: %s", tostring(err)) end, run, self)
+    -- set before spawning: the task runs at once, and may end before
+    -- spawn returns (it clears the flag as it ends)
+    self.ticker = true
+    sched.spawn_named("shape", function(err)
+      self.ticker, self.task = nil, nil
+      log.error("shape: %s", tostring(err))
+    end, run, self)
   end
 end
 

@@ -24,9 +24,10 @@ What it answers depends on each recipient's local part:
     d452-*         DATA end 452 4.3.1      d554-*    DATA end 554 5.6.0
     flaky<N>-*     RCPT 451 the first N times this address is tried, then 250
     dropdata-*     the connection is closed after the data, without a reply
+    throttle-*     RCPT 451 4.7.0 [TSS04] ... deferred due to unexpected volume (Yahoo's text)
     garbage-*      RCPT answered with bytes that are not an SMTP reply
     stall-*        RCPT never answered (the connection stays open)
-    dropdata<N>-*, garbage<N>-*, stall<N>-*: only the first N times, then 250
+    dropdata<N>-*, garbage<N>-*, stall<N>-*, throttle<N>-*: only the first N times, then 250
     anything else  250
 
 Every event has "t", the time it happened.
@@ -168,6 +169,10 @@ class Handler:
             st.tries[address] = n
             if n <= int(m.group(1)):
                 return "451 4.2.0 flaky: attempt %d" % n
+        if st.fault(local, "throttle"):
+            st.log(ev="throttled", conn=server.conn_id, rcpt=address)
+            return ("451 4.7.0 [TSS04] Messages from %s temporarily deferred due to unexpected volume"
+                    " or user complaints" % (session.peer[0] if session.peer else "?"))
         if st.fault(local, "garbage"):
             st.log(ev="garbage", conn=server.conn_id, rcpt=address)
             server.transport.write(b"this is not an SMTP reply\r\n")
