@@ -39,9 +39,11 @@ DKIM_SRC  := core/dkim.c core/ldkim.c
 DKIM_HDR  := core/dkim.h core/lcompat.h core/lmessage.h core/smtp.h
 TLS_SRC   := core/tls.c core/ltls.c
 TLS_HDR   := core/tls.h core/lcompat.h
+KDF_SRC   := core/kdf.c core/lkdf.c
+KDF_HDR   := core/kdf.h core/lcompat.h
 
 MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so $(LIBDIR)/tls.so
-MODULES   += $(LIBDIR)/dkim.so
+MODULES   += $(LIBDIR)/dkim.so $(LIBDIR)/kdf.so
 
 .PHONY: all deps run test test-long lint fuzz fuzz-build bench clean
 
@@ -66,6 +68,10 @@ $(LIBDIR)/dkim.so: $(DKIM_SRC) $(DKIM_HDR)
 $(LIBDIR)/tls.so: $(TLS_SRC) $(TLS_HDR)
 	@mkdir -p $(LIBDIR)
 	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(TLS_SRC) -lssl -lcrypto
+
+$(LIBDIR)/kdf.so: $(KDF_SRC) $(KDF_HDR)
+	@mkdir -p $(LIBDIR)
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(KDF_SRC) -lcrypto -lpthread
 
 deps:
 	@scripts/deps.sh

@@ -47,6 +47,7 @@ build = {
     ["moonpost.runtime.hooks"] = "runtime/hooks.lua",
     ["moonpost.runtime.ids"] = "runtime/ids.lua",
     ["moonpost.runtime.log"] = "runtime/log.lua",
+    ["moonpost.runtime.passwd"] = "runtime/passwd.lua",
     ["moonpost.runtime.queue"] = "runtime/queue.lua",
     ["moonpost.runtime.sched"] = "runtime/sched.lua",
     ["moonpost.runtime.server"] = "runtime/server.lua",
