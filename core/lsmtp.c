@@ -79,6 +79,23 @@ static int m_sub(lua_State *L)
     return 1;
 }
 
+/* remove(i, j): drop octets i to j (1-based, inclusive, negative from the
+ * end, as sub()); returns the message. For taking out a header field. */
+static int m_remove(lua_State *L)
+{
+    lmessage *m = checkmessage(L, 1);
+    lua_Integer len = (lua_Integer)m->body.len;
+    lua_Integer i = luaL_checkinteger(L, 2);
+    lua_Integer j = luaL_optinteger(L, 3, -1);
+    if (i < 0) i = len + i + 1;
+    if (j < 0) j = len + j + 1;
+    if (i < 1) i = 1;
+    if (j > len) j = len;
+    if (i <= j) mp_body_remove(&m->body, (size_t)(i - 1), (size_t)(j - i + 1));
+    lua_settop(L, 1);
+    return 1;
+}
+
 /* headers(): the header section including the empty line that ends it, or
  * the whole message when it has no body. */
 static int m_headers(lua_State *L)
@@ -681,6 +698,7 @@ static const luaL_Reg message_methods[] = {
     {"tostring", m_tostring},
     {"sub", m_sub},
     {"headers", m_headers},
+    {"remove", m_remove},
     {"prepend", m_prepend},
     {"append", m_append},
     {"write", m_write},

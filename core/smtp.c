@@ -73,6 +73,15 @@ int mp_body_prepend(mp_body *b, const char *p, size_t n)
     return 0;
 }
 
+void mp_body_remove(mp_body *b, size_t off, size_t n)
+{
+    if (n == 0 || off >= b->len) return;
+    if (n > b->len - off) n = b->len - off;
+    memmove(b->base + b->head + n, b->base + b->head, off);
+    b->head += n;
+    b->len -= n;
+}
+
 /* ---- server-side input parser ------------------------------------------ */
 
 struct mp_smtp_in {

@@ -53,6 +53,10 @@ void mp_body_init(mp_body *b);
 void mp_body_free(mp_body *b);
 int mp_body_append(mp_body *b, const char *p, size_t n);   /* 0 ok, -1 ENOMEM */
 int mp_body_prepend(mp_body *b, const char *p, size_t n);  /* 0 ok, -1 ENOMEM */
+/* Drop n octets at offset off (off + n <= len). The octets before them move
+ * up, so removing a header field costs the size of the header, not of the
+ * message. */
+void mp_body_remove(mp_body *b, size_t off, size_t n);
 static inline const char *mp_body_data(const mp_body *b) { return b->base ? b->base + b->head : ""; }
 
 /* ---- server-side input parser ----------------------------------------- */
