@@ -337,7 +337,9 @@ function _M.smtp(opts)
         pid = npolicies
         policy_ids[policy] = pid
       end
-      local pkey = hosts_key
+      -- a ready queue: the site's limits (max_messages_per_connection) hold
+      -- for its connections even when two sites share next hops (a relay)
+      local pkey = site == hosts_key and hosts_key or (site .. "|" .. hosts_key)
       if src ~= default_source then pkey = src.name .. ">" .. pkey end
       if pid ~= 1 then pkey = pkey .. " tls#" .. pid end
       local p = conns[pkey]
