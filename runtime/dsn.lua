@@ -7,7 +7,8 @@
 --   env,                     -- the original envelope (env.from, env.envid, env.ret, env.t)
 --   body,                    -- the original message (string or message handle)
 --   action,                  -- "failed" | "delayed" | "delivered" | "relayed"
---   recipients = { { address, orcpt, status, code, enhanced, text, host, attempt_time } },
+--   recipients = { { address, orcpt, status, code, enhanced, text, host, attempt_time,
+--                    class, class_text } },  -- class: moonpost.bounce's, with its description
 --   max_full = 65536,        -- return the full message up to this size (when RET is not given)
 -- }
 --
@@ -67,7 +68,15 @@ function _M.build(o)
   if env.envid then fields[#fields + 1] = "Original-Envelope-Id: " .. xtext_decode(env.envid) end
   if env.t then fields[#fields + 1] = "Arrival-Date: " .. date(env.t) end
   for _, r in ipairs(o.recipients) do
-    human[#human + 1] = format("<%s>: %s", r.address, gsub(r.text or action, "[\r\n]+", " "))
+    local said = gsub(r.text or action, "[\r\n]+", " ")
+    if r.class_text then
+      -- what the failure means (moonpost.bounce), then what the server said
+      human[#human + 1] = format("<%s>: %s (%s)", r.address, r.class_text, r.class)
+      if r.code then said = format("%d %s%s", r.code, r.enhanced and (r.enhanced .. " ") or "", said) end
+      human[#human + 1] = "    " .. said
+    else
+      human[#human + 1] = format("<%s>: %s", r.address, said)
+    end
     fields[#fields + 1] = ""
     if r.orcpt then
       local typ, addr = r.orcpt:match("^([^;]+);(.*)$")
@@ -91,6 +100,8 @@ function _M.build(o)
     if action == "delayed" and r.will_retry_until then
       fields[#fields + 1] = "Will-Retry-Until: " .. date(r.will_retry_until)
     end
+    -- an extension field (RFC 3464 extension-field; an "X-" name needs no registration)
+    if r.class then fields[#fields + 1] = "X-Moonpost-Bounce-Class: " .. r.class end
   end
   local size = type(o.body) == "string" and #o.body or o.body:size()
   local ret = env.ret and upper(env.ret) or nil

@@ -435,8 +435,16 @@ local function deliver(self, m)
     if res.status == "deferred" and expired then
       res = { status = "bounced", text = "4.4.7 message expired: " .. tostring(res.text), expired = true }
     end
+    local class_text
+    if res.status ~= "delivered" then
+      -- the bounce class (docs/bounce.md): from the policy's moonpost.bounce
+      -- block (mta.classify), else from the shipped rules
+      local bounce = require "moonpost.bounce"
+      if res.class == nil then res.class, res.permanent = (self.mta.classify or bounce.classify)(res) end
+      class_text = bounce.describe(res.class)
+    end
     local entry = { address = r.address, orcpt = r.orcpt, code = res.code, enhanced = res.enhanced,
-      text = res.text, host = res.host, attempt_time = now }
+      text = res.text, host = res.host, attempt_time = now, class = res.class, class_text = class_text }
     if res.status == "delivered" then
       done[#done + 1] = r.index
       self.stats.delivered = self.stats.delivered + 1
@@ -450,7 +458,8 @@ local function deliver(self, m)
     elseif res.status == "bounced" then
       done[#done + 1] = r.index
       self.stats.bounced = self.stats.bounced + 1
-      log.warn("%s: to=<%s> bounced: %s", env.id, r.address, describe(res))
+      log.warn("%s: to=<%s> bounced: %s (%s, %s)", env.id, r.address, describe(res), tostring(res.class),
+        res.permanent and "hard" or "soft")
       bus:emit("delivery_bounced", env, r, res)
       if dsn.wants(r.notify, "failed") then
         if not entry.enhanced then entry.enhanced = tostring(res.text):match("^([245]%.%d+%.%d+)") end
@@ -461,7 +470,8 @@ local function deliver(self, m)
       self.stats.deferred = self.stats.deferred + 1
       local at = now + retry_after(self, m.attempts, r.domain:lower())
       if not next_at or at < next_at then next_at = at end
-      log.info("%s: to=<%s> deferred: %s", env.id, r.address, describe(res))
+      log.info("%s: to=<%s> deferred: %s (%s, %s)", env.id, r.address, describe(res), tostring(res.class),
+        res.permanent and "hard" or "soft")
       bus:emit("delivery_deferred", env, r, res)
       if self.delay_warning and not m.warned and now - (env.t or now) >= self.delay_warning
         and (r.notify == nil or dsn.wants(r.notify, "delayed")) then
