@@ -38,6 +38,7 @@ local SCHEMA = {
   threads = { type = "posint", check = function(v) return v <= 64, "must be at most 64" end },
   rsa = { type = "enum", values = { "openssl", "libopendkim" }, default = "openssl" },
   inline_ed25519 = { type = "boolean", default = true },
+  tenants = { type = "table" },
 }
 
 local function cpus()
@@ -198,6 +199,31 @@ function _M.sign(opts)
   end
   local selectors = {}
   for d, s in pairs(o.selectors or {}) do selectors[lower(d)] = s end
+  -- tenants = { acme = { "acme.example" } }: the keys of those domains (and
+  -- of their subdomains) sign only that tenant's mail
+  local owner = {}
+  for t, list in pairs(o.tenants or {}) do
+    if type(t) ~= "string" or type(list) ~= "table" then
+      config.raise("dkim.sign: field 'tenants': expected { tenant = { \"domain\", ... } }")
+    end
+    for i, d in ipairs(list) do
+      if type(d) ~= "string" or not store[lower(d)] then
+        config.raise(format("dkim.sign: field 'tenants.%s' item %d: no key for %s", t, i, tostring(d)))
+      end
+      if owner[lower(d)] and owner[lower(d)] ~= t then
+        config.raise(format("dkim.sign: field 'tenants.%s': %s already belongs to tenant %s", t, d, owner[lower(d)]))
+      end
+      owner[lower(d)] = t
+    end
+  end
+  -- the tenant that owns a domain's keys: the domain's own entry or its closest parent's
+  local function owner_of(d)
+    while d do
+      if owner[d] then return owner[d] end
+      d = d:match("^[^.]+%.(.+)$")
+    end
+    return nil
+  end
   local expire = o.expire and math.floor(o.expire) or nil
 
   local block = { name = "dkim.sign", opts = o, keys = nkeys }
@@ -237,6 +263,11 @@ function _M.sign(opts)
       picks = {}
       -- the From domain, or its closest parent with a key (relaxed DMARC alignment)
       local d = from
+      local own = from and owner_of(from)
+      if own ~= nil and own ~= txn.tenant then
+        -- another tenant's domain: never signed with its key
+        d = nil
+      end
       while d do
         local s = selector_of(d)
         if s then
