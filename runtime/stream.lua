@@ -22,6 +22,21 @@ local reserve, wake_token = sched.reserve, sched.wake_token
 local sub, find, concat = string.sub, string.find, table.concat
 
 local _M = { _VERSION = "0.1" }
+
+-- A write to a socket whose peer has gone (a TLS close_notify after the
+-- client hung up, a reply to a reset connection) raises SIGPIPE, and its
+-- default action ends the process. libuv does not ignore it on Linux, so we
+-- do: the write then fails with EPIPE and costs that connection only.
+do
+  local ok, ffi = pcall(require, "ffi")
+  if ok then
+    pcall(ffi.cdef, "typedef void (*moonpost_sighandler_t)(int); "
+      .. "moonpost_sighandler_t signal(int signum, moonpost_sighandler_t handler);")
+    local SIGPIPE, SIG_IGN = 13, ffi.cast("moonpost_sighandler_t", 1)
+    pcall(function() ffi.C.signal(SIGPIPE, SIG_IGN) end)
+  end
+end
+
 local Stream = {}
 local mt = { __index = Stream }
 

@@ -272,6 +272,23 @@ print("quit", reply(g))
     end)
   end)
 
+  it("survives writing to TLS clients that have hung up (EPIPE, not SIGPIPE)", function()
+    H.run(function()
+      -- the client goes away; the server, not knowing yet, is stopped and
+      -- writes 421 and its close_notify to the dead socket
+      local mta, port = start()
+      local p = assert(H.connect(port))
+      p:script("S: 220\nC: EHLO client.test\nS: 250\nC: STARTTLS\nS: 220 2.0.0")
+      assert(p:starttls("mx.test.example"))
+      p:script("C: EHLO client.test\nS: 250")
+      p:close()
+      H.stop_mta(mta)
+      mta, port = start()
+      assert.equal(250, (H.send(port)))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("chooses the certificate by SNI, with wildcards, and the first one without SNI", function()
     H.run(function()
       local d = H.certs()
