@@ -224,6 +224,7 @@ return {
   { "tls handshake", "bad-connection" },                  -- Moonpost: "TLS handshake with x failed: ..."
 
   -- ---- generic refusals by policy (last: many replies say "denied" about something specific) ----
+  { "sender address blocked", "policy-related" },         -- Mimecast 421 (a Blocked Senders policy)
   { "administrative prohibition", "policy-related" },     -- Exim, Mimecast "envelope blocked"
   -- "local policy", "policy reasons", "policy restrictions", "security policies"
   { "polic[yi]", "policy-related" },

@@ -98,7 +98,7 @@ local REPLIES = {
   { "Mimecast", 451, nil, "Internal resource temporarily unavailable - https://community.mimecast.com/docs/DOC-1369#451", "policy-related", false, "RCPT TO" },
   { "Mimecast", 554, nil, "Email rejected due to security policies - https://community.mimecast.com/docs/DOC-1369#554", "policy-related", true, "end of data" },
   { "Mimecast", 550, nil, "Administrative prohibition - envelope blocked - https://community.mimecast.com/docs/DOC-1369#550", "policy-related", true, "RCPT TO" },
-  { "Mimecast", 421, nil, "Sender address blocked - https://community.mimecast.com/docs/DOC-1369#421", "bad-connection", false, "MAIL FROM" },
+  { "Mimecast", 421, nil, "Sender address blocked - https://community.mimecast.com/docs/DOC-1369#421", "policy-related", false, "MAIL FROM" },
 
   -- Proofpoint and Barracuda
   { "Proofpoint", 554, "5.7.0", "Blocked - see https://ipcheck.proofpoint.com/?ip=203.0.113.5", "spam-related", true, "connect" },
