@@ -22,6 +22,7 @@
 -- hold across sites. docs/shape.md has every option.
 local config = require "moonpost.runtime.config"
 local shape = require "moonpost.runtime.shape"
+local regex = require "moonpost.runtime.regex"
 
 local _M = { _VERSION = "0.1" }
 
@@ -62,6 +63,7 @@ local DEST_SCHEMA = {
 local RULE_SCHEMA = {
   match = { type = "string" },
   contains = { type = "string" },
+  regex = { type = "string" },
   action = { type = "enum", values = { "suspend", "slow", "bounce" }, required = true },
   duration = { type = "duration", default = 0 },
   rate = { type = "any" },
@@ -92,12 +94,21 @@ local function check_rules(list, where)
   for i, r in ipairs(list) do
     local w = where .. " item " .. i
     local o = config.check(w, r, RULE_SCHEMA)
-    if (o.match == nil) == (o.contains == nil) then
-      config.raise(w .. ": give one of 'match' (a Lua pattern) or 'contains' (plain text)")
+    local given = (o.match and 1 or 0) + (o.contains and 1 or 0) + (o.regex and 1 or 0)
+    if given ~= 1 then
+      config.raise(w .. ": give one of 'match' (a Lua pattern), 'regex' (a regular expression) or 'contains' "
+        .. "(plain text)")
     end
-    local pattern = o.match or plain(o.contains)
-    local ok, err = pcall(string.find, "", pattern)
-    if not ok then config.raise(w .. ": field 'match': bad pattern: " .. tostring(err)) end
+    local pattern, re
+    if o.regex then
+      local why
+      re, why = regex.compile(o.regex, { icase = true })
+      if not re then config.raise(w .. ": field 'regex': " .. tostring(why)) end
+    else
+      pattern = o.match or plain(o.contains)
+      local ok, err = pcall(string.find, "", pattern)
+      if not ok then config.raise(w .. ": field 'match': bad pattern: " .. tostring(err)) end
+    end
     if o.action == "slow" then
       if o.rate == nil then config.raise(w .. ": action 'slow' needs a rate") end
       o.rate = parse_rate(o.rate, w .. ": field 'rate'")
@@ -107,8 +118,8 @@ local function check_rules(list, where)
     if o.action ~= "bounce" and o.duration <= 0 then
       config.raise(w .. ": action '" .. o.action .. "' needs a duration > 0")
     end
-    out[i] = { pattern = pattern, action = o.action, duration = o.duration, rate = o.rate,
-      text = o.match or o.contains }
+    out[i] = { pattern = pattern, re = re, action = o.action, duration = o.duration, rate = o.rate,
+      text = o.match or o.contains or o.regex }
   end
   return out
 end

@@ -106,7 +106,8 @@ local mt = { __index = Shaper }
 -- spec: { default = limits, destinations = { {name, limits, domains, mx, rules} },
 --         tenants = { name = limits }, sources = { ip = limits }, rules = { rule } }
 -- limits: { max_connections, max_messages_per_connection, rates = { {n, per, burst} } }
--- rule: { pattern (Lua pattern, matched on "code enhanced text"), action =
+-- rule: { pattern (Lua pattern) or re (moonpost.runtime.regex), matched on
+--         "code enhanced text", text (as written), action =
 --         "suspend" | "slow" | "bounce", duration (s), rate (for slow) }
 function _M.new(spec)
   return setmetatable({
@@ -280,7 +281,9 @@ function Shaper:observe(gates, dest, res)
   local lists = { dest and dest.rules, self.spec.rules }
   for _, rules in ipairs(lists) do
     for _, rule in ipairs(rules or {}) do
-      if line:find(rule.pattern) then
+      local hit
+      if rule.re then hit = rule.re:find(line) else hit = line:find(rule.pattern) end
+      if hit then
         return self:apply(gates[1], rule, res, line)
       end
     end
@@ -308,7 +311,7 @@ function Shaper:apply(g, rule, res, line)
   elseif rule.action == "bounce" then
     local b = { status = "bounced", code = res.code and res.code >= 500 and res.code or 550,
       enhanced = res.enhanced and res.enhanced:gsub("^4", "5") or "5.0.0", text = res.text, host = res.host,
-      stage = res.stage, rule = rule.pattern }
+      stage = res.stage, rule = rule.text }
     if dur > 0 then
       g.bounce_until = max(g.bounce_until, t + dur)
       g.bounce_res = b

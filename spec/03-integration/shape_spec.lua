@@ -133,7 +133,7 @@ describe("moonpost.shape", function()
       local mta, port = shaped_mta(dir, sink.port, {
         destinations = { slow = { domains = { "slow.test" },
           rules = { { contains = "[TSS04]", action = "slow", rate = "2/s", duration = "30s" } } },
-          hard = { domains = { "hard.test" }, rules = { { match = "4%.2%.0 try again", action = "bounce" } } } },
+          hard = { domains = { "hard.test" }, rules = { { regex = [[^451 4\.2\.0 try\s+again]], action = "bounce" } } } },
       })
       mta:on("delivery_bounced", function(_, r, res) bounced[r.address] = res end)
       assert.equal(250, H.send(port, { to = "throttle1-a@slow.test" }))
@@ -166,6 +166,8 @@ describe("moonpost.shape", function()
       err_of({ rules = { { match = "x", action = "slow", duration = "1m" } } }))
     assert.matches("give 'domains', 'mx' or both", err_of({ destinations = { x = { rate = "1/s" } } }))
     assert.matches("bad pattern", err_of({ rules = { { match = "[", action = "bounce" } } }))
+    assert.matches("field 'regex'", err_of({ rules = { { regex = "(a", action = "bounce" } } }))
+    assert.matches("give one of", err_of({ rules = { { regex = "a", match = "a", action = "bounce" } } }))
     assert.matches("shape_spec.lua:%d+", err_of({ tenants = { a = { rate = "1/x" } } }))
   end)
 
