@@ -19,6 +19,7 @@ local spool = require "moonpost.runtime.spool"
 local queue = require "moonpost.runtime.queue"
 local dns = require "moonpost.runtime.dns"
 local tls = require "moonpost.runtime.tls"
+local tenants = require "moonpost.runtime.tenants"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -71,6 +72,7 @@ local NEW_SCHEMA = {
   spool = { type = "any" },
   queue = { type = "table" },
   dns = { type = "any" },
+  tenants = { type = "table" },   -- name -> settings (runtime/tenants.lua, docs/tenants.md)
 }
 
 local DNS_SCHEMA = {
@@ -176,11 +178,13 @@ function _M.new(opts)
   opts.spool = check_spool(opts.spool)
   opts.queue = check_queue(opts.queue)
   opts.dns = check_dns(opts.dns)
+  opts.tenants = tenants.check(opts.tenants)
   if opts.log_level then log.set_level(opts.log_level) end
   local mta = setmetatable({
     hostname = opts.hostname,
     opts = opts,
     bus = hooks.new(_M.EVENTS),
+    tenants = tenants.new(opts.tenants),
     listen_specs = {},
     listeners = {},
     started = false,

@@ -2,6 +2,7 @@
 --
 --   moonpost run POLICY.lua [args...]   load the policy and run it
 --   moonpost check POLICY.lua           load and validate the policy; start nothing
+--   moonpost passwd [options] [USER [TENANT]]   a password hash for an AUTH users file
 --   moonpost version
 --
 -- Exit status: 0 ok, 1 the policy failed to load or run, 2 usage.
@@ -12,12 +13,14 @@ end
 
 local _M = {}
 
-local USAGE = [[
+local USAGE = [==[
 usage: moonpost run POLICY.lua [args...]   run a policy
        moonpost check POLICY.lua           load and validate a policy, start nothing
        moonpost spool list DIR [--json]    list the messages queued in a spool
+       moonpost passwd [--pbkdf2 [--iterations N] | --scrypt [--ln N --r N --p N]] [USER [TENANT]]
+                                           hash a password read from standard input
        moonpost version
-]]
+]==]
 
 local function die(code, fmt, ...)
   io.stderr:write("moonpost: ", string.format(fmt, ...), "\n")
@@ -49,6 +52,7 @@ function _M.main(argv)
     return 0
   end
   if cmd == "spool" then return _M.spool(argv) end
+  if cmd == "passwd" then return _M.passwd(argv) end
   if cmd ~= "run" and cmd ~= "check" then
     io.stderr:write(USAGE)
     return 2
@@ -129,6 +133,92 @@ function _M.spool(argv)
       now - (m.env.t or now), m.len, m.env.from, table.concat(pending, " "), m.attempts or 0))
   end
   io.stdout:write(string.format("%d queued\n", #list))
+  return 0
+end
+
+-- Read one line from standard input; on a terminal, prompt on stderr with
+-- echo off and ask twice.
+local function read_password()
+  local uv = require "luv"
+  local tty = uv.guess_handle(0) == "tty"
+  local function one(prompt)
+    if tty then
+      io.stderr:write(prompt)
+      os.execute("stty -echo 2>/dev/null")
+    end
+    local line = io.stdin:read("*l")
+    if tty then
+      os.execute("stty echo 2>/dev/null")
+      io.stderr:write("\n")
+    end
+    return line and (line:gsub("\r$", ""))
+  end
+  local pw = one("Password: ")
+  if pw and tty then
+    local again = one("Again: ")
+    if again ~= pw then return nil, "the passwords differ" end
+  end
+  if not pw or pw == "" then return nil, "no password on standard input" end
+  return pw
+end
+
+-- moonpost passwd [options] [USER [TENANT]]: the password from standard
+-- input, hashed; prints the hash, or the users-file line "USER:HASH[:TENANT]".
+function _M.passwd(argv)
+  local passwd = require "moonpost.runtime.passwd"
+  local opts, pos = {}, {}
+  local i = 2
+  local function number(name)
+    i = i + 1
+    local v = tonumber(argv[i])
+    if not v or v % 1 ~= 0 or v < 1 then return nil, name .. " needs a positive whole number" end
+    return v
+  end
+  while i <= #argv do
+    local a = argv[i]
+    local err
+    if a == "--pbkdf2" or a == "--pbkdf2-sha256" then
+      opts.scheme = "pbkdf2-sha256"
+    elseif a == "--scrypt" then
+      opts.scheme = "scrypt"
+    elseif a == "--iterations" then
+      opts.iterations, err = number(a)
+      opts.scheme = opts.scheme or "pbkdf2-sha256"
+    elseif a == "--ln" or a == "--r" or a == "--p" then
+      opts[a:sub(3)], err = number(a)
+      opts.scheme = opts.scheme or "scrypt"
+    elseif a:sub(1, 1) == "-" then
+      err = "unknown option " .. a
+    else
+      pos[#pos + 1] = a
+    end
+    if err then
+      io.stderr:write(USAGE)
+      return die(2, "passwd: %s", err)
+    end
+    i = i + 1
+  end
+  if (opts.iterations and opts.scheme ~= "pbkdf2-sha256")
+      or ((opts.ln or opts.r or opts.p) and opts.scheme ~= "scrypt") or #pos > 2 then
+    io.stderr:write(USAGE)
+    return 2
+  end
+  local user, tenant = pos[1], pos[2]
+  if user and (user == "" or user:find("[%s:%c]")) then
+    return die(2, "passwd: a user name cannot be empty or hold blanks, ':' or control characters")
+  end
+  if tenant and not tenant:match(passwd.TENANT_PATTERN) then
+    return die(2, "passwd: bad tenant name %q", tenant)
+  end
+  local pw, err = read_password()
+  if not pw then return die(1, "passwd: %s", err) end
+  local h, herr = passwd.hash(pw, opts)
+  if not h then return die(1, "passwd: %s", herr) end
+  if user then
+    io.stdout:write(user, ":", h, tenant and (":" .. tenant) or "", "\n")
+  else
+    io.stdout:write(h, "\n")
+  end
   return 0
 end
 

@@ -1,5 +1,6 @@
 -- SMTP listeners and the server session (RFC 5321, with PIPELINING,
--- 8BITMIME, SIZE, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING and DSN).
+-- 8BITMIME, SIZE, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING, DSN, STARTTLS
+-- and AUTH PLAIN/LOGIN), relay control and the inbound budgets of tenants.
 --
 -- A session is a task. The C parser frames the input; this module keeps the
 -- state machine, runs the policy's hooks and writes replies. Replies are
@@ -12,10 +13,11 @@ local sched = require "moonpost.runtime.sched"
 local stream = require "moonpost.runtime.stream"
 local log = require "moonpost.runtime.log"
 local ids = require "moonpost.runtime.ids"
+local passwd = require "moonpost.runtime.passwd"
 
 local band = bit.band
-local format, concat, upper, sub, find, gsub = string.format, table.concat, string.upper,
-  string.sub, string.find, string.gsub
+local format, concat, upper, sub, find, gsub, byte = string.format, table.concat, string.upper,
+  string.sub, string.find, string.gsub, string.byte
 local parse_path, check_param = smtp.parse_path, smtp.check_param
 local xpcall, traceback, tostring, tonumber, pairs, ipairs = xpcall, debug.traceback, tostring, tonumber,
   pairs, ipairs
@@ -87,6 +89,60 @@ end
 local function verdict_reply(self, v)
   reply(self, v.code, v.enhanced, v.text)
   if v.code == 421 then closing(self, "policy 421") end
+end
+
+-- ---- tenants and relaying ----------------------------------------------------------
+
+-- Make `tenant` the session's tenant (conn.tenant), moving the connection
+-- from the old tenant's count to the new one's. false, and nothing changes,
+-- when the new tenant is at its max_connections.
+local function set_conn_tenant(self, tenant)
+  local old = self.counted_tenant
+  if tenant ~= old then
+    local t = self.mta.tenants
+    if tenant ~= nil and not t:open(tenant) then return false end
+    if old ~= nil then t:close(old) end
+    self.counted_tenant = tenant
+  end
+  self.conn.tenant = tenant
+  return true
+end
+
+-- A tenant's budget for one more message: its queue quota, then its rate.
+-- Returns the reply (code, enhanced, text) that refuses it, or nil.
+local function tenant_budget(self, tenant)
+  local cfg = self.mta.tenants:get(tenant)
+  if not cfg then return nil end
+  if cfg.max_queued and self.mta:tenant_depth(tenant) >= cfg.max_queued then
+    return 452, "4.3.1", "Tenant queue quota exceeded, try again later"
+  end
+  if cfg.max_messages and not self.mta.tenants:take(tenant) then
+    return 452, "4.7.0", "Tenant message rate exceeded, try again later"
+  end
+end
+
+local function over_quota(self, tenant)
+  local cfg = self.mta.tenants:get(tenant)
+  return cfg and cfg.max_queued and self.mta:tenant_depth(tenant) >= cfg.max_queued
+end
+
+-- May this session relay: authenticated (when the listener lets
+-- authenticated users relay) or connected from a listed network.
+local function update_relay(self)
+  local conn, r = self.conn, self.opts.relay
+  conn.relay = (conn.auth ~= nil and r.authenticated) or r.matcher:match(conn.remote_ip or "")
+end
+
+local function is_local(self, path)
+  if path.postmaster then return true end
+  local ld = self.opts.local_domains
+  if not ld then return false end
+  local d = path.domain:lower()
+  if ld.exact[d] then return true end
+  for _, suffix in ipairs(ld.suffixes) do
+    if #d > #suffix and sub(d, -#suffix) == suffix then return true end
+  end
+  return false
 end
 
 -- ---- state -------------------------------------------------------------------
@@ -194,7 +250,7 @@ local function helo(self, arg, is_ehlo)
   set_state(self, "ready")
   if is_ehlo then
     local l = self.listener
-    self.out[self.nout + 1] = (l.tls and not conn.tls) and l.ehlo_reply_starttls or self.ehlo_reply
+    self.out[self.nout + 1] = conn.tls and l.ehlo_tls or l.ehlo_plain
     self.nout = self.nout + 1
     self.last_code = 250
   else
@@ -206,7 +262,7 @@ commands.EHLO = function(self, arg) return helo(self, arg, true) end
 commands.HELO = function(self, arg) return helo(self, arg, false) end
 
 local MAIL_PARAMS = { SIZE = "size", BODY = "8bitmime", SMTPUTF8 = "smtputf8", RET = "dsn",
-  ENVID = "dsn" }
+  ENVID = "dsn", AUTH = "auth" }
 local RCPT_PARAMS = { NOTIFY = "dsn", ORCPT = "dsn" }
 
 -- Check parameters against what this listener advertised. Returns true, or
@@ -214,7 +270,9 @@ local RCPT_PARAMS = { NOTIFY = "dsn", ORCPT = "dsn" }
 local function check_params(self, params, allowed)
   for key, value in pairs(params) do
     local ext = allowed[key]
-    if not ext or not self.esmtp or not self.ext[ext] then
+    -- AUTH= goes with the AUTH extension, which is on where auth is configured
+    local on = ext == "auth" and self.opts.auth ~= nil or self.ext[ext]
+    if not ext or not self.esmtp or not on then
       error_reply(self, 555, "5.5.4", "Unsupported parameter " .. key)
       return false
     end
@@ -235,6 +293,11 @@ commands.MAIL = function(self, arg)
     -- RFC 3207 4
     return error_reply(self, 530, "5.7.0", "Must issue a STARTTLS command first")
   end
+  local auth = self.opts.auth
+  if auth and auth.required and not self.conn.auth then
+    -- RFC 4954 6
+    return error_reply(self, 530, "5.7.0", "Authentication required")
+  end
   local path, code, enh, text = parse_path(arg, "mail")
   if not path then return error_reply(self, code, enh, text) end
   local params = path.params
@@ -250,6 +313,12 @@ commands.MAIL = function(self, arg)
   if size and max > 0 and size > max then
     return reply(self, 552, "5.3.4", "Message size exceeds fixed maximum message size")
   end
+  local conn = self.conn
+  local tenant = conn.tenant
+  if tenant ~= nil then
+    local c, e, t = tenant_budget(self, tenant)
+    if c then return reply(self, c, e, t) end
+  end
   local txn = {
     id = ids.next(),
     conn = self.conn,
@@ -262,6 +331,8 @@ commands.MAIL = function(self, arg)
     smtputf8 = params.SMTPUTF8 and true or false,
     ret = params.RET and upper(params.RET) or nil,
     envid = params.ENVID,
+    tenant = tenant,
+    auth = conn.auth,
   }
   local v = self.mta.bus:run("smtp_server_mail_from", txn, path)
   if v and v.kind ~= "accept" then return verdict_reply(self, v) end
@@ -292,6 +363,12 @@ commands.RCPT = function(self, arg)
   end
   if params.NOTIFY then path.notify = upper(params.NOTIFY) end
   if params.ORCPT then path.orcpt = params.ORCPT end
+  if not self.conn.relay and not is_local(self, path) then
+    return reply(self, 554, "5.7.1", "Relaying denied")
+  end
+  if txn.tenant ~= nil and over_quota(self, txn.tenant) then
+    return reply(self, 452, "4.3.1", "Tenant queue quota exceeded, try again later")
+  end
   local v = self.mta.bus:run("smtp_server_rcpt_to", txn, path)
   if v and v.kind ~= "accept" then return verdict_reply(self, v) end
   txn.recipients[#txn.recipients + 1] = path
@@ -304,6 +381,55 @@ end
 local function data_hook(self, txn)
   local v = self.mta.bus:run("smtp_server_data", txn)
   if v and v.kind ~= "accept" then return v end
+  return nil
+end
+
+-- The tenant header of a listener with `tenant_header`: the field is read
+-- from the header section, removed, and names txn.tenant. Returns nil, or
+-- the reply that refuses the message (code, enhanced, text).
+local function header_tenant(self, txn, msg)
+  local name = self.opts.tenant_header
+  local lname = name:lower()
+  local head = msg:headers()
+  local n = #head
+  local found
+  local pos = 1
+  while pos <= n do
+    local e = find(head, "\r\n", pos, true) or (n + 1)
+    if e == pos then break end -- the empty line that ends the header section
+    local start = pos
+    local line = sub(head, pos, e - 1)
+    pos = e + 2
+    -- continuation lines start with a blank (RFC 5322 2.2.3)
+    while pos <= n do
+      local c = byte(head, pos)
+      if c ~= 32 and c ~= 9 then break end
+      local e2 = find(head, "\r\n", pos, true) or (n + 1)
+      line = line .. sub(head, pos, e2 - 1)
+      pos = e2 + 2
+    end
+    local fname, value = line:match("^([!-9;-~]+)[ \t]*:(.*)$")
+    if fname and fname:lower() == lname then
+      if found then return 550, "5.7.1", "More than one " .. name .. " header field" end
+      found = { start, pos - 1 > n and n or pos - 1, value:match("^%s*(.-)%s*$") }
+    end
+  end
+  if not found then return nil end
+  local tenant = found[3]
+  if not self.mta.tenants:get(tenant) then
+    return 550, "5.7.1", "Unknown tenant in " .. name
+  end
+  local at = self.auth_tenant
+  if at ~= nil and tenant ~= at then
+    return 550, "5.7.1", name .. " does not match the tenant of the authenticated user"
+  end
+  msg:remove(found[1], found[2])
+  if tenant ~= txn.tenant then
+    -- a different tenant from the one that passed MAIL: its own budget
+    local c, e, t = tenant_budget(self, tenant)
+    if c then return c, e, t end
+    txn.tenant = tenant
+  end
   return nil
 end
 
@@ -331,6 +457,14 @@ local function message_done(self, msg, flags)
     reset_txn(self)
     return reply(self, 550, "5.6.0",
       format("Message has a line longer than %d octets", opts.max_line_length))
+  end
+  if opts.tenant_header then
+    local c, e, t = header_tenant(self, txn, msg)
+    if c then
+      msg:close()
+      reset_txn(self)
+      return reply(self, c, e, t)
+    end
   end
   msg:prepend(received_header(self, txn))
   txn.size = msg:size()
@@ -375,8 +509,9 @@ local function message_done(self, msg, flags)
   end
   self.conn.messages = self.conn.messages + 1
   if self.opts.log_messages then
-    log.info("%s: from=<%s> size=%d nrcpt=%d session=%s client=[%s]", txn.id, txn.sender.address,
-      txn.size, #txn.recipients, self.conn.id, self.conn.remote_ip or "?")
+    log.info("%s: from=<%s> size=%d nrcpt=%d session=%s client=[%s]%s", txn.id, txn.sender.address,
+      txn.size, #txn.recipients, self.conn.id, self.conn.remote_ip or "?",
+      txn.tenant ~= nil and (" tenant=" .. tostring(txn.tenant)) or "")
   end
   if v then return verdict_reply(self, v) end
   reply(self, 250, "2.0.0", "Ok: queued as " .. txn.id)
@@ -537,12 +672,159 @@ commands.STARTTLS = function(self, arg)
   reset_txn(self)
   local conn = self.conn
   conn.helo, conn.esmtp, self.esmtp = nil, false, false
+  if conn.auth then
+    -- an AUTH in plaintext (allow_plaintext) is forgotten with the rest
+    conn.auth, conn.auth_mechanism, self.auth_tenant = nil, nil, nil
+    set_conn_tenant(self, self.opts.tenant)
+    update_relay(self)
+  end
   set_state(self, "connected")
   start_tls(self, tls)
 end
 
-commands.AUTH = function(self)
-  error_reply(self, 502, "5.5.1", "Error: authentication not enabled")
+-- ---- AUTH (RFC 4954) -------------------------------------------------------------
+
+local B64_USERNAME, B64_PASSWORD = "VXNlcm5hbWU6", "UGFzc3dvcmQ6" -- "Username:", "Password:"
+
+-- Send a 334 challenge and read the client's response line. Returns the
+-- decoded response, or nil after replying (or closing) by itself.
+local function sasl_response(self, challenge)
+  reply(self, 334, nil, challenge)
+  if not flush(self) then return nil end
+  local parser = self.parser
+  parser:begin_line()
+  while true do
+    local kind, a, b = parser:next()
+    if kind == "line" then
+      if a == "*" then
+        error_reply(self, 501, "5.0.0", "Authentication cancelled")
+        return nil
+      end
+      local decoded = band(b, LINE_BAD_CHAR) == 0 and passwd.b64decode(a, true)
+      if not decoded then
+        error_reply(self, 501, "5.5.2", "Error: invalid base64 data")
+        return nil
+      end
+      return decoded
+    elseif kind == "too_long" then
+      error_reply(self, 500, "5.5.6", "Authentication exchange line is too long")
+      return nil
+    elseif kind ~= nil then
+      -- cannot happen in line mode; never let it pass as a response
+      error_reply(self, 501, "5.5.2", "Error: unexpected input")
+      return nil
+    end
+    local ok, err = self.stream:wait_input(self.opts.timeouts.command)
+    if not ok then
+      if err == "timeout" then
+        reply(self, 421, "4.4.2", self.hostname .. " Error: timeout exceeded")
+        closing(self, "timeout")
+      else
+        closing(self, "disconnected")
+        self.nout = 0
+      end
+      return nil
+    end
+  end
+end
+
+-- An initial response given with the AUTH command: "=" is an empty one.
+local function initial_response(self, ir)
+  if ir == "=" then return "" end
+  local decoded = passwd.b64decode(ir, true)
+  if not decoded then error_reply(self, 501, "5.5.2", "Error: invalid base64 data") end
+  return decoded
+end
+
+-- Check user and password: the users file (on the kdf threads) or the
+-- policy's function. Returns true, tenant | false | nil, err (temporary).
+local function check_credentials(self, user, password)
+  local a = self.opts.auth
+  if a.check then
+    local t, err = a.check(user, password, self.conn)
+    if t == nil or t == false then
+      if err ~= nil then return nil, tostring(err) end
+      return false
+    end
+    if t == true then return true, nil end
+    if type(t) ~= "string" then
+      error("auth.check returned " .. type(t) .. "; return a tenant name, true, nil or false", 0)
+    end
+    return true, t
+  end
+  local u = a.users[user]
+  -- an unknown user costs as much as a known one
+  local ok, err = passwd.verify(password, u and u.hash or passwd.dummy(), a.timeout)
+  if ok == nil then return nil, err end
+  if ok and u then return true, u.tenant end
+  return false
+end
+
+local function auth_failed(self, mech, user, why)
+  log.info("session %s: AUTH %s failed for %q: %s client=[%s]", self.conn.id, mech, user or "",
+    why, self.conn.remote_ip or "?")
+  local delay = self.opts.auth.failure_delay
+  -- a failed attempt costs the client time (the errors limit bounds how many)
+  if delay > 0 then sched.sleep(delay) end
+  error_reply(self, 535, "5.7.8", "Authentication credentials invalid")
+end
+
+commands.AUTH = function(self, arg)
+  local a = self.opts.auth
+  if not a then return error_reply(self, 502, "5.5.1", "Error: authentication not enabled") end
+  local conn = self.conn
+  if not self.esmtp then return error_reply(self, 503, "5.5.1", "Error: send EHLO first") end
+  if conn.auth then return error_reply(self, 503, "5.5.1", "Error: already authenticated") end
+  if self.txn then return error_reply(self, 503, "5.5.1", "Error: AUTH not allowed in a mail transaction") end
+  if not conn.tls and not a.allow_plaintext then
+    return error_reply(self, 538, "5.7.11", "Encryption required for requested authentication mechanism")
+  end
+  local mech, ir = arg:match("^(%S+)$")
+  if not mech then mech, ir = arg:match("^(%S+) +(%S+)$") end
+  if not mech then return error_reply(self, 501, "5.5.4", "Syntax: AUTH mechanism [initial-response]") end
+  mech = upper(mech)
+  if not a.mechanisms[mech] then
+    return error_reply(self, 504, "5.5.4", "Unrecognized authentication type")
+  end
+  local user, password
+  if mech == "PLAIN" then
+    local resp
+    if ir then resp = initial_response(self, ir) else resp = sasl_response(self, "") end
+    if not resp then return end
+    local authz, authc, pw = resp:match("^([^%z]*)%z([^%z]*)%z([^%z]*)$")
+    if not authz then return error_reply(self, 501, "5.5.2", "Error: malformed PLAIN response") end
+    -- acting for another identity is not supported
+    if authz ~= "" and authz ~= authc then return auth_failed(self, mech, authc, "authorization identity") end
+    user, password = authc, pw
+  else -- LOGIN: some clients send the user name with the command
+    if ir then user = initial_response(self, ir) else user = sasl_response(self, B64_USERNAME) end
+    if not user then return end
+    password = sasl_response(self, B64_PASSWORD)
+    if not password then return end
+  end
+  if user == "" or #user > 255 then return auth_failed(self, mech, user, "bad user name") end
+  local ok, tenant = check_credentials(self, user, password)
+  if ok == nil then
+    log.warn("session %s: AUTH %s for %q: temporary failure: %s", conn.id, mech, user, tostring(tenant))
+    return reply(self, 454, "4.7.0", "Temporary authentication failure")
+  end
+  if not ok then return auth_failed(self, mech, user, "bad credentials") end
+  if tenant ~= nil and not self.mta.tenants:get(tenant) then
+    log.error("session %s: AUTH %s: user %q has tenant '%s', which is not declared", conn.id, mech, user,
+      tostring(tenant))
+    return reply(self, 454, "4.7.0", "Temporary authentication failure")
+  end
+  if tenant ~= nil and not set_conn_tenant(self, tenant) then
+    log.warn("session %s: tenant %s is at its max_connections, user %q client=[%s]", conn.id, tenant, user,
+      conn.remote_ip or "?")
+    reply(self, 421, "4.7.0", self.hostname .. " Error: too many connections for this tenant")
+    return closing(self, "tenant connections")
+  end
+  conn.auth, conn.auth_mechanism, self.auth_tenant = user, mech, tenant
+  update_relay(self)
+  log.info("session %s: AUTH %s user=%q%s client=[%s]", conn.id, mech, user,
+    tenant and (" tenant=" .. tenant) or "", conn.remote_ip or "?")
+  reply(self, 235, "2.7.0", "Authentication successful")
 end
 
 -- In the rejected state (554 greeting) only QUIT and NOOP work (RFC 5321 3.1).
@@ -647,6 +929,10 @@ local function session_close(self)
   local listener = self.listener
   listener.active = listener.active - 1
   listener.sessions[self] = nil
+  if self.counted_tenant ~= nil then
+    self.mta.tenants:close(self.counted_tenant)
+    self.counted_tenant = nil
+  end
   self.stream:close()
   if self.txn then self.txn = nil end
   self.parser:close()
@@ -665,7 +951,7 @@ end
 
 -- ---- listeners -------------------------------------------------------------------------
 
-local function ehlo_reply(hostname, opts, starttls)
+local function ehlo_reply(hostname, opts, starttls, auth)
   local lines = { "250-" .. hostname }
   local ext = opts.extensions
   if ext.pipelining then lines[#lines + 1] = "250-PIPELINING" end
@@ -676,6 +962,7 @@ local function ehlo_reply(hostname, opts, starttls)
   if ext.chunking then lines[#lines + 1] = "250-CHUNKING" end
   if ext.dsn then lines[#lines + 1] = "250-DSN" end
   if starttls then lines[#lines + 1] = "250-STARTTLS" end
+  if auth then lines[#lines + 1] = "250-AUTH " .. concat(opts.auth.mechanism_list, " ") end
   lines[#lines + 1] = "250 HELP"
   return concat(lines, "\r\n") .. "\r\n"
 end
@@ -696,6 +983,16 @@ local function on_connection(listener, client)
     log.warn("listener %s: connection refused, %d sessions active", listener.name, listener.active)
     return
   end
+  -- A listener's tenant is known from the start: its connection cap applies now.
+  local tenant = opts.tenant
+  if tenant ~= nil and not mta.tenants:open(tenant) then
+    pcall(uv.try_write, client, "421 " .. (opts.extensions.enhancedstatuscodes and "4.7.0 " or "")
+      .. listener.hostname .. " Error: too many connections for this tenant\r\n")
+    s:close()
+    log.warn("listener %s: connection refused, tenant %s has %d connections", listener.name, tenant,
+      mta.tenants:connections(tenant))
+    return
+  end
   local ip, port = s:peername()
   local lip, lport = s:sockname()
   local conn = {
@@ -709,6 +1006,8 @@ local function on_connection(listener, client)
     esmtp = false,
     tls = false,
     auth = nil,
+    tenant = tenant,
+    relay = false,
     messages = 0,
     notes = {},
     started = uv.now(),
@@ -726,7 +1025,6 @@ local function on_connection(listener, client)
     ext = opts.extensions,
     hostname = listener.hostname,
     banner = listener.banner,
-    ehlo_reply = listener.ehlo_reply,
     stream = s,
     parser = parser,
     conn = conn,
@@ -738,7 +1036,9 @@ local function on_connection(listener, client)
     nout = 0,
     quit = false,
     in_content = false,
+    counted_tenant = tenant,
   }, session_mt)
+  update_relay(self)
   listener.active = listener.active + 1
   listener.sessions[self] = true
   sched.spawn_named("session " .. conn.id, nil, run_session, self)
@@ -757,8 +1057,11 @@ function _M.listen(mta, spec)
     name = spec.name or (spec.host .. ":" .. spec.port),
     hostname = hostname,
     banner = opts.banner or (hostname .. " ESMTP Moonpost"),
-    ehlo_reply = ehlo_reply(hostname, opts),
-    ehlo_reply_starttls = ehlo_reply(hostname, opts, true),
+    -- before TLS: STARTTLS where it is offered, AUTH only with allow_plaintext;
+    -- inside TLS: AUTH where it is configured
+    ehlo_plain = ehlo_reply(hostname, opts, opts.tls_state and not opts.tls_state.implicit,
+      opts.auth and opts.auth.allow_plaintext),
+    ehlo_tls = ehlo_reply(hostname, opts, false, opts.auth ~= nil),
     tls = opts.tls_state,   -- { ctx, implicit, required, handshake_timeout } or nil
     help_text = "Commands: HELO EHLO MAIL RCPT DATA " .. (opts.extensions.chunking and "BDAT " or "")
       .. "RSET NOOP QUIT VRFY HELP",

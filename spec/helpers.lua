@@ -202,8 +202,10 @@ end
 local Peer = {}
 Peer.__index = Peer
 
-function H.connect(port, host, timeout)
-  local s, err = stream.connect(host or "127.0.0.1", port, timeout or 10)
+-- connect(port, [host], [timeout], [bind]): bind is a local address to
+-- connect from (127.0.0.2 is loopback too, but not 127.0.0.1/32).
+function H.connect(port, host, timeout, bind)
+  local s, err = stream.connect(host or "127.0.0.1", port, timeout or 10, bind)
   if not s then return nil, err end
   local rp = smtp.reply_parser()
   s:attach(rp)
