@@ -57,6 +57,8 @@ local AUTH_SCHEMA = {
   mechanisms = { type = "list", default = function() return { "PLAIN", "LOGIN" } end },
   failure_delay = { type = "duration", default = 1 },
   timeout = { type = "duration", default = 30, check = function(v) return v > 0, "must be > 0" end },
+  -- how long a matched password is remembered (users file only); 0: never
+  cache = { type = "duration", default = 300 },
 }
 
 local MECHANISMS = { PLAIN = true, LOGIN = true }
@@ -91,6 +93,7 @@ local function check_auth(v)
     local users, err = passwd.load_users(a.file)
     if not users then config.raise(where .. ": " .. err) end
     a.users = users
+    if a.cache > 0 then a.cache_state = passwd.cache(a.cache) end
   end
   return a
 end
@@ -178,7 +181,13 @@ function _M.smtp(opts)
     addrs[i] = { host = host, port = port }
   end
   if o.tls then o.tls_state = tls.server_state("accept.smtp", o.tls) end
-  if o.auth then o.auth = check_auth(o.auth) end
+  if o.auth then
+    o.auth = check_auth(o.auth)
+    if not o.tls_state and not o.auth.allow_plaintext then
+      log.warn("accept.smtp %s: 'auth' without 'tls' (and without allow_plaintext): AUTH will not be offered "
+        .. "and every attempt gets 538", o.name or o.listen[1])
+    end
+  end
   o.relay = check_relay(o.relay)
   o.local_domains = check_domains(o.local_domains)
   if o.tenant and not o.tenant:match(passwd.TENANT_PATTERN) then

@@ -288,6 +288,51 @@ function _M.dummy()
   return dummy
 end
 
+-- ---- remembered successes ---------------------------------------------------------------
+
+-- A client that logs in on every connection would pay the slow hash every
+-- time. A cache remembers, for a while, that a user's password matched: it
+-- keeps a keyed digest of user and password (one HMAC-SHA256 under a random
+-- key of this process, never the password), and the hash it matched, so a
+-- changed users file invalidates it. Only a correct password takes the fast
+-- path; a wrong one still pays the full cost.
+local Cache = {}
+local cache_mt = { __index = Cache }
+
+-- cache(ttl_seconds [, max_entries]) -> cache
+function _M.cache(ttl, max)
+  return setmetatable({ ttl = ttl * 1000, max = max or 10000, n = 0, entries = {},
+    key = kdf.random(32) or error("passwd.cache: no random key") }, cache_mt)
+end
+
+local function digest(self, user, password)
+  if #user + #password + 1 > 1024 then return nil end
+  return kdf.pbkdf2_sha256(user .. "\0" .. password, self.key, 1)
+end
+
+-- hit(user, password, h) -> true when the password matched h not long ago
+function Cache:hit(user, password, h)
+  local e = self.entries[user]
+  if not e then return false end
+  if e.hash ~= h or uv.now() > e.expires then
+    self.entries[user] = nil
+    self.n = self.n - 1
+    return false
+  end
+  local d = digest(self, user, password)
+  return d ~= nil and kdf.equal(d, e.digest)
+end
+
+function Cache:put(user, password, h)
+  local d = digest(self, user, password)
+  if not d then return end
+  if not self.entries[user] then
+    if self.n >= self.max then self.entries, self.n = {}, 0 end
+    self.n = self.n + 1
+  end
+  self.entries[user] = { digest = d, hash = h, expires = uv.now() + self.ttl }
+end
+
 -- ---- the users file ---------------------------------------------------------------------
 
 local function read_file(path)

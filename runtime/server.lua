@@ -753,10 +753,15 @@ local function check_credentials(self, user, password)
     return true, t
   end
   local u = a.users[user]
+  local cache = a.cache_state
+  if u and cache and cache:hit(user, password, u.hash) then return true, u.tenant end
   -- an unknown user costs as much as a known one
   local ok, err = passwd.verify(password, u and u.hash or passwd.dummy(), a.timeout)
   if ok == nil then return nil, err end
-  if ok and u then return true, u.tenant end
+  if ok and u then
+    if cache then cache:put(user, password, u.hash) end
+    return true, u.tenant
+  end
   return false
 end
 

@@ -310,6 +310,38 @@ for mech in ("PLAIN", "LOGIN"):
     end)
   end)
 
+  it("remembers a matched password for auth.cache seconds; a wrong one and a changed users file pay in full", function()
+    H.run(function()
+      local dir = H.tmpdir()
+      local path = dir .. "/users.txt"
+      local function write_users(pw)
+        H.write(path, "erin@acme.test:" .. assert(passwd.hash(pw, { scheme = "scrypt", ln = 14 })) .. ":acme\n")
+      end
+      write_users("erin-pw")
+      local mta, port = start({ accept = { auth = { file = path, failure_delay = 0, cache = "1h" } } })
+      local function timed(pw, code)
+        local p = tls_session(port)
+        local t0 = uv.hrtime()
+        p:cmd("AUTH PLAIN " .. plain("erin@acme.test", pw))
+        p:expect(code)
+        local ms = (uv.hrtime() - t0) / 1e6
+        p:close()
+        return ms
+      end
+      local slow = timed("erin-pw", 235)          -- scrypt ln=14: tens of ms
+      local fast = timed("erin-pw", 235)
+      assert.truthy(slow > 30 and fast < slow / 3, string.format("first %.1f ms, then %.1f ms", slow, fast))
+      assert.truthy(timed("erin-pw!", 535) > 30)  -- a wrong password is not helped
+      -- the users file changes: the old password no longer works at once
+      write_users("new-pw")
+      assert.truthy(mta:reload())
+      timed("erin-pw", 535)
+      assert.truthy(timed("new-pw", 235) > 30)
+      H.stop_mta(mta)
+      H.rm_rf(dir)
+    end)
+  end)
+
   it("auth.required refuses MAIL before AUTH with 530 5.7.0", function()
     H.run(function()
       local mta, port = start({ accept = { auth = { file = users_file(), required = true, failure_delay = 0 } } })
