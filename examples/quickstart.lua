@@ -9,8 +9,10 @@
 -- Environment: MOONPOST_LISTEN (default 127.0.0.1:2525), MOONPOST_SPOOL
 -- (default ./var/spool), MOONPOST_MAILDIR (default ./var/mail),
 -- MOONPOST_TLS_CERT and MOONPOST_TLS_KEY (PEM files: STARTTLS is offered;
--- SIGHUP reads them again). It accepts mail for any recipient, so keep it
--- on loopback or a private network.
+-- SIGHUP reads them again). It accepts mail for any recipient from clients
+-- on loopback (the default relay rule of accept.smtp); to take mail from
+-- other hosts, list their networks: relay = { networks = { "10.0.0.0/8" } }
+-- (docs/accept.md#relay-control).
 local moonpost = require "moonpost"
 local env = moonpost.env
 

@@ -8,8 +8,9 @@
 -- and MOONPOST_TLS_KEY (STARTTLS offered to clients), MOONPOST_DKIM_DIR
 -- (keys as <dir>/<domain>/<selector>.pem: mail whose From domain has a key
 -- is signed; scripts/dkim-keygen makes them). Outbound, STARTTLS is used
--- whenever the next hop offers it. It relays for anyone who can reach the
--- listener: keep that on loopback or a private network.
+-- whenever the next hop offers it. Clients on loopback may relay (the
+-- default relay rule of accept.smtp); list other networks in
+-- relay = { networks = { ... } }, or use AUTH (docs/accept.md#relay-control).
 local moonpost = require "moonpost"
 local env = moonpost.env
 

@@ -122,7 +122,7 @@ local function check_domains(list)
     local suffix = dl:match("^%*(%..+)$")
     if suffix then
       suffixes[#suffixes + 1] = suffix
-    elseif dl:match("^[%w_%-%.]+$") or dl:match("^%[[%x:%.]+%]$") then
+    elseif dl:match("^[%w_%-%.]+$") or dl:match("^%[[%w:%.]+%]$") then
       exact[dl] = true
     else
       config.raise(string.format("accept.smtp: field 'local_domains' item %d: not a domain: %q", i, d))
