@@ -95,12 +95,12 @@ end
 
 -- Make `tenant` the session's tenant (conn.tenant), moving the connection
 -- from the old tenant's count to the new one's. false, and nothing changes,
--- when the new tenant is at its max_connections.
-local function set_conn_tenant(self, tenant)
+-- when the new tenant is at its max_connections (unless force).
+local function set_conn_tenant(self, tenant, force)
   local old = self.counted_tenant
   if tenant ~= old then
     local t = self.mta.tenants
-    if tenant ~= nil and not t:open(tenant) then return false end
+    if tenant ~= nil and not t:open(tenant, force) then return false end
     if old ~= nil then t:close(old) end
     self.counted_tenant = tenant
   end
@@ -675,7 +675,8 @@ commands.STARTTLS = function(self, arg)
   if conn.auth then
     -- an AUTH in plaintext (allow_plaintext) is forgotten with the rest
     conn.auth, conn.auth_mechanism, self.auth_tenant = nil, nil, nil
-    set_conn_tenant(self, self.opts.tenant)
+    -- back to the listener's tenant, which it belonged to before AUTH
+    set_conn_tenant(self, self.opts.tenant, true)
     update_relay(self)
   end
   set_state(self, "connected")

@@ -5,7 +5,7 @@
 --   local cfg = tenants.check(opts.tenants)   -- at load; raises config errors
 --   local t = tenants.new(cfg)
 --   t:get(name)             -> settings | nil (nil: not declared)
---   t:open(name)            -> true | false   a connection of that tenant starts (false: at max_connections)
+--   t:open(name [, force])  -> true | false   a connection of that tenant starts (false: at max_connections)
 --   t:close(name)                              and ends
 --   t:connections(name)     -> n
 --   t:take(name)            -> true | false   one message from the rate budget (false: over max_messages)
@@ -115,12 +115,13 @@ function Tenants:connections(name)
   return self.conns[name] or 0
 end
 
--- open(name) -> true, counted | false (at max_connections). A tenant that
--- is not declared has no limit and is counted all the same.
-function Tenants:open(name)
+-- open(name [, force]) -> true, counted | false (at max_connections). A
+-- tenant that is not declared has no limit and is counted all the same.
+-- force counts the connection even at the limit.
+function Tenants:open(name, force)
   local n = self.conns[name] or 0
   local c = self.cfg[name]
-  if c and c.max_connections and n >= c.max_connections then return false end
+  if not force and c and c.max_connections and n >= c.max_connections then return false end
   self.conns[name] = n + 1
   return true
 end

@@ -342,6 +342,37 @@ for mech in ("PLAIN", "LOGIN"):
     end)
   end)
 
+  it("forgets a plaintext AUTH at STARTTLS: user, tenant and relaying go back to the listener's", function()
+    H.run(function()
+      local seen = {}
+      local mta, port = start({ accept = { tenant = "gamma", auth = { file = users_file(), allow_plaintext = true },
+        relay = { networks = {} }, local_domains = "mx.test" },
+        setup = function(mta)
+          mta:on("smtp_server_mail_from", function(txn) seen[#seen + 1] = { txn.auth, txn.tenant } end)
+        end })
+      local p = assert(H.connect(port))
+      p:script("S: 220\nC: EHLO client.test\nS: 250")
+      login(p, "alice@acme.test", "alice-pw")
+      assert.equal(1, mta.tenants:connections("acme"))
+      assert.equal(0, mta.tenants:connections("gamma"))
+      p:script("C: STARTTLS\nS: 220 2.0.0")
+      assert(p:starttls("mx.test.example"))
+      p:script([[
+        C: EHLO client.test
+        S: 250
+        C: MAIL FROM:<alice@acme.test>
+        S: 250
+        C: RCPT TO:<x@elsewhere.test>
+        S: 554 5.7.1 Relaying denied
+      ]])
+      assert.same({ nil, "gamma" }, seen[1])
+      assert.equal(0, mta.tenants:connections("acme"))
+      assert.equal(1, mta.tenants:connections("gamma"))
+      p:close()
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("auth.required refuses MAIL before AUTH with 530 5.7.0", function()
     H.run(function()
       local mta, port = start({ accept = { auth = { file = users_file(), required = true, failure_delay = 0 } } })
