@@ -39,11 +39,14 @@ DKIM_SRC  := core/dkim.c core/ldkim.c
 DKIM_HDR  := core/dkim.h core/lcompat.h core/lmessage.h core/smtp.h
 TLS_SRC   := core/tls.c core/ltls.c
 TLS_HDR   := core/tls.h core/lcompat.h
+# the suppression store takes CRC32C from the spool's codec
+SUPPRESS_SRC := core/suppress.c core/lsuppress.c core/spool.c
+SUPPRESS_HDR := core/suppress.h core/spool.h core/lcompat.h
 KDF_SRC   := core/kdf.c core/lkdf.c
 KDF_HDR   := core/kdf.h core/lcompat.h
 
 MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so $(LIBDIR)/tls.so
-MODULES   += $(LIBDIR)/dkim.so $(LIBDIR)/kdf.so
+MODULES   += $(LIBDIR)/dkim.so $(LIBDIR)/kdf.so $(LIBDIR)/suppress.so
 
 .PHONY: all deps run test test-long lint fuzz fuzz-build bench clean
 
@@ -64,6 +67,10 @@ $(LIBDIR)/dns.so: $(DNS_SRC) $(DNS_HDR)
 $(LIBDIR)/dkim.so: $(DKIM_SRC) $(DKIM_HDR)
 	@mkdir -p $(LIBDIR)
 	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(DKIM_SRC) -lopendkim -lcrypto -lpthread
+
+$(LIBDIR)/suppress.so: $(SUPPRESS_SRC) $(SUPPRESS_HDR)
+	@mkdir -p $(LIBDIR)
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(SUPPRESS_SRC)
 
 $(LIBDIR)/tls.so: $(TLS_SRC) $(TLS_HDR)
 	@mkdir -p $(LIBDIR)
@@ -86,7 +93,7 @@ lint:
 FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Icore
 FUZZERS     := $(BUILD)/fuzz/fuzz_smtp_in $(BUILD)/fuzz/fuzz_smtp_path $(BUILD)/fuzz/fuzz_smtp_reply \
                $(BUILD)/fuzz/fuzz_spool_scan $(BUILD)/fuzz/fuzz_dns_parse
-FUZZERS     += $(BUILD)/fuzz/fuzz_dkim_parse
+FUZZERS     += $(BUILD)/fuzz/fuzz_dkim_parse $(BUILD)/fuzz/fuzz_suppress_load
 
 $(BUILD)/fuzz/fuzz_smtp_%: core/fuzz/fuzz_smtp_%.c core/smtp.c core/smtp.h
 	@mkdir -p $(BUILD)/fuzz
@@ -99,6 +106,10 @@ $(BUILD)/fuzz/fuzz_dns_%: core/fuzz/fuzz_dns_%.c core/dns.c core/dns.h
 $(BUILD)/fuzz/fuzz_spool_%: core/fuzz/fuzz_spool_%.c core/spool.c core/spool.h
 	@mkdir -p $(BUILD)/fuzz
 	clang $(FUZZ_CFLAGS) -o $@ $< core/spool.c
+
+$(BUILD)/fuzz/fuzz_suppress_%: core/fuzz/fuzz_suppress_%.c core/suppress.c core/suppress.h core/spool.c core/spool.h
+	@mkdir -p $(BUILD)/fuzz
+	clang $(FUZZ_CFLAGS) -o $@ $< core/suppress.c core/spool.c
 
 $(BUILD)/fuzz/fuzz_dkim_%: core/fuzz/fuzz_dkim_%.c core/dkim.c core/dkim.h
 	@mkdir -p $(BUILD)/fuzz

@@ -201,7 +201,10 @@ function MTA:on(event, fn)
 end
 
 -- use(block): a block is a table with an `on` table of handlers
--- ({ event = fn | { fn, ... } }) and/or an attach(mta) function.
+-- ({ event = fn | { fn, ... } }) and/or an attach(mta) function. A block
+-- that holds files opens them in start(block, mta) -> true | nil, err
+-- (run by mta:start(), before the spool and the listeners) and closes them
+-- in stop(block, mta) (once the MTA has stopped); moonpost.suppress does.
 function MTA:use(block)
   if type(block) ~= "table" then
     config.raise("use(): expected a block (a table from a module's constructor), got " .. type(block))
@@ -291,12 +294,17 @@ function MTA:start()
   if _M.check_mode then return true end
   self.stopping, self.stopped, self.stop_waiters = false, false, nil
   dns.configure(self.opts.dns)
+  local bok, berr = self:start_blocks()
+  if not bok then return nil, berr end
   local so = self.opts.spool
   if so then
     local sp, err = spool.open({ dir = so.dir, segment_size = so.segment_size, min_free = so.min_free,
       compact_ratio = so.compact_ratio, check_interval = so.check_interval, compact_delay = so.compact_delay,
       fault = spool_faults() })
-    if not sp then return nil, err end
+    if not sp then
+      self:stop_blocks()
+      return nil, err
+    end
     self.spool = sp
     local q = queue.new(self, sp, self.opts.queue)
     self.queue = q
@@ -325,6 +333,7 @@ function MTA:start()
       for _, open in ipairs(self.listeners) do open:close() end
       self.listeners = {}
       self:close_spool()
+      self:stop_blocks()
       return nil, err
     end
     self.listeners[#self.listeners + 1] = l
@@ -375,6 +384,7 @@ function MTA:stop(grace, done)
     self.listeners = {}
     self.started = false
     self:close_spool()
+    self:stop_blocks()
     self.stopped = true
     for _, fn in ipairs(self.stop_waiters) do fn() end
   end
@@ -393,6 +403,39 @@ function MTA:stop(grace, done)
       finish()
     end
   end, "stop"))
+end
+
+-- The blocks' start() in the order they were used; a failure stops the
+-- ones already started and names the block.
+function MTA:start_blocks()
+  local started = {}
+  for _, b in ipairs(self.blocks or {}) do
+    if b.start then
+      local ok, err = b.start(b, self)
+      if not ok then
+        for i = #started, 1, -1 do
+          if started[i].stop then pcall(started[i].stop, started[i], self) end
+        end
+        return nil, (b.name or "block") .. ": " .. tostring(err)
+      end
+      started[#started + 1] = b
+    end
+  end
+  self.blocks_started = started
+  return true
+end
+
+-- stop() of the started blocks, in reverse order.
+function MTA:stop_blocks()
+  local started = self.blocks_started or {}
+  self.blocks_started = nil
+  for i = #started, 1, -1 do
+    local b = started[i]
+    if b.stop then
+      local ok, err = pcall(b.stop, b, self)
+      if not ok then log.error("%s: stop: %s", b.name or "block", tostring(err)) end
+    end
+  end
 end
 
 function MTA:close_spool()

@@ -37,6 +37,7 @@ build = {
     ["moonpost.route"] = "modules/route.lua",
     ["moonpost.shape"] = "modules/shape.lua",
     ["moonpost.shape.defaults"] = "modules/shape/defaults.lua",
+    ["moonpost.suppress"] = "modules/suppress.lua",
     ["moonpost.runtime.cli"] = "runtime/cli.lua",
     ["moonpost.runtime.client"] = "runtime/client.lua",
     ["moonpost.runtime.config"] = "runtime/config.lua",
@@ -81,6 +82,11 @@ build = {
     },
     ["moonpost.core.spool"] = {
       sources = { "core/spool.c", "core/lspool.c" },
+      incdirs = { "core" },
+    },
+    ["moonpost.core.suppress"] = {
+      -- CRC32C comes from the spool's codec
+      sources = { "core/suppress.c", "core/lsuppress.c", "core/spool.c" },
       incdirs = { "core" },
     },
     ["moonpost.core.dkim"] = {

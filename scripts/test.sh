@@ -48,7 +48,7 @@ secs=${FUZZ_SMOKE:-20}
 if [ -n "${TEST_LONG:-}" ]; then secs=${FUZZ_TIME:-600}; fi
 if make -s fuzz-build >"$out/fuzz-build.log" 2>&1; then
   FUZZ_OUT=$out/fuzz scripts/fuzz.sh "$secs" build/fuzz/fuzz_smtp_in build/fuzz/fuzz_smtp_path build/fuzz/fuzz_smtp_reply \
-    build/fuzz/fuzz_spool_scan build/fuzz/fuzz_dns_parse build/fuzz/fuzz_dkim_parse \
+    build/fuzz/fuzz_spool_scan build/fuzz/fuzz_dns_parse build/fuzz/fuzz_dkim_parse build/fuzz/fuzz_suppress_load \
     >"$out/fuzz.log" 2>&1
   cat "$out/fuzz.log" >&2
   p=$(grep -ac '^fuzz .*: ok' "$out/fuzz.log" || true)

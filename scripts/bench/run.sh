@@ -24,6 +24,9 @@
 #                 `openssl speed -multi 2` sign rates of the same machine, and
 #                 the signer alone (scripts/bench/dkim_sign.lua) on the same keys
 #   memory        bytes per queued message at MEMORY_N (1000000) messages
+#   suppress      the suppression store with SUPPRESS_N (1000000) entries: load
+#                 time, octets per entry, lookup ns, compaction
+#                 (scripts/bench/suppress.lua; 0 skips)
 #   recovery      time to recover a spool of RECOVERY_N queued messages
 #                 (default 1000000; 0 skips), page cache warm and dropped
 #   postfix       Postfix's durable acceptance of the same load (smtp-source
@@ -194,6 +197,11 @@ sed 's/^/  openssl speed: /; s/$/ signs\/s/' "$out/openssl-speed.txt" >&2
   luajit scripts/bench/dkim_sign.lua "$out/dkim/bench.test/ed.pem" 40000 "$SIZE"
 } >"$out/dkim-sign.txt" 2>&1 || true
 sed 's/^/  /' "$out/dkim-sign.txt" >&2
+if [ "${SUPPRESS_N:-1000000}" != 0 ]; then
+  echo "  suppress: a store of ${SUPPRESS_N:-1000000} entries" >&2
+  luajit scripts/bench/suppress.lua "${SUPPRESS_N:-1000000}" >"$out/suppress.txt" 2>&1 || true
+  sed 's/^/  /' "$out/suppress.txt" >&2
+fi
 run_postfix
 if [ "${MEMORY_N:-1000000}" != 0 ]; then
   echo "  memory: a queue of ${MEMORY_N:-1000000} messages" >&2
@@ -298,6 +306,18 @@ except OSError:
     pass
 res["openssl_speed_signs_per_s"] = speed
 try:
+    import re as _rs
+    sup = open(out + "/suppress.txt").read()
+    m1 = _rs.search(r"suppress load: (\d+) entries in ([\d.]+) s", sup)
+    m2 = _rs.search(r"suppress memory: ([\d.]+) octets/entry counted by the store .*?, ([\d.]+) octets/entry of RSS", sup)
+    m3 = _rs.search(r"suppress lookup: (\d+) ns per hit, (\d+) ns per miss", sup)
+    if m1 and m2 and m3:
+        res["suppress"] = {"entries": int(m1.group(1)), "load_s": float(m1.group(2)),
+                           "octets_per_entry": float(m2.group(1)), "rss_octets_per_entry": float(m2.group(2)),
+                           "lookup_hit_ns": int(m3.group(1)), "lookup_miss_ns": int(m3.group(2))}
+except OSError:
+    pass
+try:
     import re as _re
     eng = {}
     for m in _re.finditer(r"dkim-sign (\w+) (\d+): (\d+) jobs/s", open(out + "/dkim-sign.txt").read()):
@@ -325,6 +345,14 @@ if eng and speed:
         if k in eng and speed.get(sk):
             lines.append("| %s | %.0f | %.0f | %.2f |" % ("RSA-2048" if k == "rsa" else "Ed25519", eng[k], speed[sk],
                                                     eng[k] / speed[sk]))
+sup = res.get("suppress")
+if sup:
+    lines.append("")
+    lines.append("| suppression store | entries | load s | octets/entry (store / RSS) | lookup ns (hit / miss) |")
+    lines.append("|---|---|---|---|---|")
+    lines.append("| moonpost.core.suppress | %d | %.2f | %.1f / %.1f | %d / %d |" % (
+        sup["entries"], sup["load_s"], sup["octets_per_entry"], sup["rss_octets_per_entry"],
+        sup["lookup_hit_ns"], sup["lookup_miss_ns"]))
 md = "\n".join(lines)
 open(out + "/latest.md", "w").write(md + "\n")
 print("load: %s, %d runs each, commit %s" % (res["load"], limit["runs"], res["commit"]))
