@@ -19,6 +19,7 @@ local spool = require "moonpost.runtime.spool"
 local queue = require "moonpost.runtime.queue"
 local dns = require "moonpost.runtime.dns"
 local tls = require "moonpost.runtime.tls"
+local bounce = require "moonpost.bounce"
 local tenants = require "moonpost.runtime.tenants"
 
 local _M = { _VERSION = "0.1.0" }
@@ -306,7 +307,12 @@ function MTA:start()
       return nil, err
     end
     self.spool = sp
-    local q = queue.new(self, sp, self.opts.queue)
+    local qopts = setmetatable({
+      -- the bounce classes: the policy's moonpost.bounce block, else the shipped rules
+      classify = function(res) return (self.classify or bounce.classify)(res) end,
+      describe_class = bounce.describe,
+    }, { __index = self.opts.queue })
+    local q = queue.new(self, sp, qopts)
     self.queue = q
     for _, fn in ipairs(self.delivery_filters or {}) do q:add_filter(fn) end
     if self.transports then

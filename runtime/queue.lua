@@ -80,6 +80,8 @@ function _M.new(mta, spool, opts)
     queues = {},      -- "tenant@domain" -> { depth, fifo, head, last_error, last_error_at }
     tenants = {},     -- tenant ("" for none) -> messages queued (known once the envelope was read)
     filters = {},     -- fn(env, rcpt) -> nil | result, before every attempt (moonpost.suppress)
+    classify = opts.classify,             -- fn(res) -> class, permanent (moonpost.bounce)
+    describe_class = opts.describe_class, -- fn(class) -> text for DSNs
     heap = {},
     running = 0,
     stopped = true,
@@ -437,11 +439,11 @@ local function deliver(self, m)
     end
     local class_text
     if res.status ~= "delivered" then
-      -- the bounce class (docs/bounce.md): from the policy's moonpost.bounce
-      -- block (mta.classify), else from the shipped rules
-      local bounce = require "moonpost.bounce"
-      if res.class == nil then res.class, res.permanent = (self.mta.classify or bounce.classify)(res) end
-      class_text = bounce.describe(res.class)
+      -- the bounce class (docs/bounce.md): the MTA gives the queue its
+      -- classifier (the policy's moonpost.bounce block, or the shipped rules)
+      local classify = self.classify
+      if res.class == nil and classify then res.class, res.permanent = classify(res) end
+      class_text = res.class and self.describe_class and self.describe_class(res.class)
     end
     local entry = { address = r.address, orcpt = r.orcpt, code = res.code, enhanced = res.enhanced,
       text = res.text, host = res.host, attempt_time = now, class = res.class, class_text = class_text }
