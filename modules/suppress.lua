@@ -641,6 +641,7 @@ end
 local function compact(self)
   breathe()
   lock_scan(self)
+  self.compact_locked = true
   local st, tmp = self.st, self.path .. ".compact"
   local t0 = uv.hrtime()
   local function stop(why)
@@ -648,6 +649,7 @@ local function compact(self)
     if st then st:compact_abort(tmp) end
     self.hold = false
     self.compacting = false
+    self.compact_locked = false
     unlock_scan(self)
     start_sync(self)
   end
@@ -688,6 +690,7 @@ local function compact(self)
   local after = st:stats()
   log.info("suppress: %s: compacted: %d entries, %d records of %d octets -> %d records of %d octets in %.0f ms",
     self.path, after.live, before.records, before.size, after.records, after.size, (uv.hrtime() - t0) / 1e6)
+  self.compact_locked = false
   unlock_scan(self)
   start_sync(self)
 end
@@ -704,7 +707,12 @@ function Suppress:maybe_compact(force)
     if self.st then self.st:compact_abort(self.path .. ".compact") end
     self.hold = false
     self.compacting = false
-    if self.scanning then unlock_scan(self) end
+    if self.compact_locked then
+      self.compact_locked = false
+      unlock_scan(self)
+    end
+    if self.state == "closing" then return finish_close(self) end
+    start_sync(self) -- what was held back meanwhile
   end, compact, self)
 end
 

@@ -297,14 +297,23 @@ describe("moonpost.suppress", function()
       -- a listing, and changes every millisecond until it is done
       local listed
       sched.spawn(function() listed = sup:list("t", function() end) end)
-      local k = 0
+      -- and each add flushed: once flush() returns, its line is in the file
+      -- at path, whichever file that is by then
+      local k, flushed, missing = 0, 0, {}
       while sup.compacting do
         k = k + 1
         sup:add("new", "n" .. k .. "@x.test", "r", 2)
         sup:remove("t", "u" .. (2 * k) .. "@x.test")
+        sched.spawn(function(n)
+          assert(sup:flush())
+          if not H.read(path):find("\tn" .. n .. "@x.test\t", 1, true) then missing[#missing + 1] = n end
+          flushed = flushed + 1
+        end, k)
         sched.sleep(0.001)
       end
       assert.is_true(k > 3, "changes made during the compaction: " .. k)
+      assert.is_true(H.wait_for(function() return flushed == k end, 10))
+      assert.same({}, missing)
       assert.equal(1, sup:stats().compactions)
       assert.is_true(H.wait_for(function() return listed ~= nil end, 10))
       local live_t = 40000 - 13334 - k
