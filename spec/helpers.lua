@@ -497,6 +497,37 @@ function H.sink(args)
   return sink
 end
 
+-- with_sink([args,] fn [, timeout]) runs fn(sink) in H.run with a fresh
+-- sink (H.sink(args)), which is stopped however fn ends.
+function H.with_sink(args, fn, timeout)
+  if type(args) == "function" then args, fn, timeout = nil, args, fn end
+  H.run(function()
+    local sink = H.sink(args)
+    local ok, err = pcall(fn, sink)
+    sink.stop()
+    if not ok then error(err, 0) end
+  end, timeout)
+end
+
+-- arrivals(sink [, pattern]) -> the messages the sink accepted whose first
+-- recipient matches pattern (all without one), oldest first, each
+-- { t, peer, helo, rcpt, rcpts, data, conn }: peer is the address the
+-- connection came from and helo the name in its EHLO.
+function H.arrivals(sink, pattern)
+  local peer, helo = {}, {}
+  for _, ev in ipairs(sink.events("connect")) do peer[ev.conn] = ev.peer end
+  for _, ev in ipairs(sink.events("ehlo")) do helo[ev.conn] = ev.name end
+  local out = {}
+  for _, m in ipairs(sink.messages()) do
+    if not pattern or m.rcpts[1]:match(pattern) then
+      out[#out + 1] = { t = m.t, peer = peer[m.conn], helo = helo[m.conn], rcpt = m.rcpts[1], rcpts = m.rcpts,
+        data = m.data, conn = m.conn }
+    end
+  end
+  table.sort(out, function(a, b) return a.t < b.t end)
+  return out
+end
+
 -- dns_server() starts nsd on 127.0.0.1:<free port> serving
 -- spec/fixtures/dns/*.zone and returns { port, address = "127.0.0.1:<port>", stop() }.
 -- dns_server([extra]) serves the zones of spec/fixtures/dns, and the zones

@@ -36,14 +36,7 @@ print(json.dumps(out))
   return cjson.decode(out)
 end
 
-local function with_sink(fn)
-  H.run(function()
-    local sink = H.sink()
-    local ok, err = pcall(fn, sink)
-    sink.stop()
-    if not ok then error(err, 0) end
-  end, 60)
-end
+local with_sink = H.with_sink
 
 -- the DSN the sink received for origin@sender.test
 local function dsn_of(sink)

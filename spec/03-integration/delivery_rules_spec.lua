@@ -2,14 +2,7 @@
 -- notifications, and relaying into a second Moonpost.
 local H = require "helpers"
 
-local function with_sink(args, fn, timeout)
-  H.run(function()
-    local sink = H.sink(args)
-    local ok, err = pcall(fn, sink)
-    sink.stop()
-    if not ok then error(err, 0) end
-  end, timeout)
-end
+local with_sink = H.with_sink
 
 local function relay_mta(dir, port, queue_opts)
   return H.start_mta({}, function(m)

@@ -45,14 +45,7 @@ print(json.dumps(out))
 end
 
 -- Run fn(sink) in a task with a fresh sink, which is stopped however fn ends.
-local function with_sink(args, fn, timeout)
-  H.run(function()
-    local sink = H.sink(args)
-    local ok, err = pcall(fn, sink)
-    sink.stop()
-    if not ok then error(err, 0) end
-  end, timeout)
-end
+local with_sink = H.with_sink
 
 describe("delivery over SMTP", function()
   local dir

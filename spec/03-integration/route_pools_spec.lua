@@ -5,26 +5,10 @@ local H = require "helpers"
 
 local TIMEOUTS = { connect = 2, greeting = 2, ehlo = 2, mail = 2, rcpt = 2, data = 2, block = 2, done = 2 }
 
-local function with_sink(args, fn, timeout)
-  H.run(function()
-    local sink = H.sink(args)
-    local ok, err = pcall(fn, sink)
-    sink.stop()
-    if not ok then error(err, 0) end
-  end, timeout)
-end
+local with_sink = H.with_sink
 
 -- messages at the sink with the peer address and EHLO name of their connection
-local function arrivals(sink)
-  local peer, helo = {}, {}
-  for _, ev in ipairs(sink.events("connect")) do peer[ev.conn] = ev.peer end
-  for _, ev in ipairs(sink.events("ehlo")) do helo[ev.conn] = ev.name end
-  local out = {}
-  for _, m in ipairs(sink.messages()) do
-    out[#out + 1] = { peer = peer[m.conn], helo = helo[m.conn], rcpts = m.rcpts, data = m.data }
-  end
-  return out
-end
+local arrivals = H.arrivals
 
 local function start(dir, port, route_opts, setup)
   local ro = { relay = "127.0.0.1:" .. port, idle_timeout = "1s", timeouts = TIMEOUTS }

@@ -15,14 +15,7 @@ local function shaped_mta(dir, port, shape_opts, route_opts)
   end, { spool = { dir = dir .. "/spool", min_free = 0 }, queue = { retry = { "1s" }, max_age = "1h" } })
 end
 
-local function with_sink(args, fn, timeout)
-  H.run(function()
-    local sink = H.sink(args)
-    local ok, err = pcall(fn, sink)
-    sink.stop()
-    if not ok then error(err, 0) end
-  end, timeout)
-end
+local with_sink = H.with_sink
 
 local function inject(port, total, rcpt)
   local st = H.inject({ port = port, sessions = 8, total = total, rcpt = rcpt,

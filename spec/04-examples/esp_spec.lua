@@ -56,19 +56,7 @@ local function together(fns)
   return results
 end
 
-local function arrivals(sink, pattern)
-  local peer, helo = {}, {}
-  for _, ev in ipairs(sink.events("connect")) do peer[ev.conn] = ev.peer end
-  for _, ev in ipairs(sink.events("ehlo")) do helo[ev.conn] = ev.name end
-  local out = {}
-  for _, m in ipairs(sink.messages()) do
-    if m.rcpts[1]:match(pattern) then
-      out[#out + 1] = { t = m.t, peer = peer[m.conn], helo = helo[m.conn], data = m.data, rcpt = m.rcpts[1] }
-    end
-  end
-  table.sort(out, function(a, b) return a.t < b.t end)
-  return out
-end
+local arrivals = H.arrivals
 
 local function count_codes(list, field, code)
   local n = 0

@@ -4,17 +4,7 @@
 -- from a shaping file, all measured at the sink.
 local H = require "helpers"
 
-local function arrivals(sink)
-  local peer, helo = {}, {}
-  for _, ev in ipairs(sink.events("connect")) do peer[ev.conn] = ev.peer end
-  for _, ev in ipairs(sink.events("ehlo")) do helo[ev.conn] = ev.name end
-  local out = {}
-  for _, m in ipairs(sink.messages()) do
-    out[#out + 1] = { t = m.t, peer = peer[m.conn], helo = helo[m.conn], rcpt = m.rcpts[1], data = m.data }
-  end
-  table.sort(out, function(a, b) return a.t < b.t end)
-  return out
-end
+local arrivals = H.arrivals
 
 describe("examples/pmta-style.lua", function()
   local dir
