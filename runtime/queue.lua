@@ -337,6 +337,14 @@ local function retry_after(self, attempts, domain)
   return r[min(attempts, #r)]
 end
 
+-- The whole second at which a retry `after` seconds from now is due: never
+-- earlier than `after` (the queue's clock counts whole seconds, and a wake
+-- for other work may look at the heap at any moment of a second).
+local function due_after(after)
+  local sec, usec = uv.gettimeofday()
+  return math.ceil(sec + usec / 1e6 + after)
+end
+
 local function max_age_of(self, domain)
   local d = self.domain_opts[domain]
   return d and d.max_age or self.max_age
@@ -470,7 +478,7 @@ local function deliver(self, m)
     else
       deferred = deferred + 1
       self.stats.deferred = self.stats.deferred + 1
-      local at = now + retry_after(self, m.attempts, r.domain:lower())
+      local at = due_after(retry_after(self, m.attempts, r.domain:lower()))
       if not next_at or at < next_at then next_at = at end
       log.info("%s: to=<%s> deferred: %s (%s, %s)", env.id, r.address, describe(res), tostring(res.class),
         res.permanent and "hard" or "soft")
@@ -525,7 +533,7 @@ local function deliver(self, m)
     end
     return
   end
-  m.next = next_at or (now + retry_after(self, m.attempts))
+  m.next = next_at or due_after(retry_after(self, m.attempts))
   spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
     warned = m.warned or nil })
   if spool:get(m.id) then
