@@ -39,7 +39,7 @@ local last_slot          -- slot processed up to
 
 local ready = {}         -- deferred wakes: task, token, nargs, args...
 local ready_n = 0
-local ready_timer
+local ready_idle        -- runs the deferred wakes, once per loop iteration
 
 local function now_ms()
   return uv.now()
@@ -167,14 +167,20 @@ local function defer(task, ...)
   ready[ready_n + 3] = n
   for k = 1, n do ready[ready_n + 3 + k] = (select(k, ...)) end
   ready_n = ready_n + 3 + n
-  if not ready_timer then
-    ready_timer = uv.new_timer()
-    handles[ready_timer] = true
+  -- An idle handle, not a 0 ms timer: libuv runs a timer that is re-armed
+  -- with 0 ms from its own callback again in the same pass, so a task that
+  -- yields in a loop kept I/O callbacks (and fsync completions) from ever
+  -- running. The idle callback runs one batch per loop iteration, and the
+  -- loop polls for I/O (without blocking) between batches.
+  if not ready_idle then
+    ready_idle = uv.new_idle()
+    handles[ready_idle] = true
   end
-  if not ready_timer:is_active() then
-    ready_timer:start(0, 0, function()
+  if not ready_idle:is_active() then
+    ready_idle:start(function()
       local ok, err = pcall(run_ready)
       if not ok then log.error("scheduler: %s", tostring(err)) end
+      if ready_n == 0 then ready_idle:stop() end
     end)
   end
 end
