@@ -21,6 +21,8 @@ local client = require "moonpost.runtime.client"
 local dns = require "moonpost.runtime.dns"
 local log = require "moonpost.runtime.log"
 local tls = require "moonpost.runtime.tls"
+local hooks = require "moonpost.runtime.hooks"
+local headers = require "moonpost.runtime.headers"
 
 local _M = { _VERSION = "0.1" }
 
@@ -362,13 +364,12 @@ function _M.smtp(opts)
       local hname = o.pool_header:lower()
       block.on = block.on or {}
       block.on.smtp_server_message_received = function(txn, msg)
-        local headers = msg:headers()
-        local value
-        for line in headers:gmatch("([^\r\n]*)\r?\n") do
-          local n, v = line:match("^([^:%s]+)%s*:%s*(.-)%s*$")
-          if n and n:lower() == hname then value = v break end
+        local fields = headers.find(msg:headers(), hname)
+        if #fields == 0 then return nil end
+        local value = fields[1].value
+        if #fields > 1 then
+          return hooks.reject(550, "5.7.1", "More than one " .. o.pool_header .. " header field")
         end
-        if not value then return nil end
         local p = pools[value] or (sources[value] and { sources = { sources[value] } })
         local allowed = p and (not p.tenants or (txn.tenant and p.tenants[txn.tenant]))
         if p and p.sources[1] and not pools[value] then
@@ -383,11 +384,12 @@ function _M.smtp(opts)
           end
         end
         if not allowed then
-          return require("moonpost.runtime.hooks").reject(550, "5.7.1",
+          return hooks.reject(550, "5.7.1",
             string.format("%s: %s is not a pool this sender may use", o.pool_header, value))
         end
         txn.pool = value
-        if msg.remove_header then msg:remove_header(o.pool_header) end
+        -- the choice is made: the header does not leave with the message
+        msg:remove(fields[1].first, fields[1].last)
         return nil
       end
     end

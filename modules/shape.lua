@@ -26,18 +26,10 @@ local regex = require "moonpost.runtime.regex"
 
 local _M = { _VERSION = "0.1" }
 
-local UNITS = { s = 1, sec = 1, m = 60, min = 60, h = 3600, hr = 3600, d = 86400, day = 86400 }
-
 -- "100/s" | "6000/m" | "1000/h" | "50000/d" | "5/10s" -> { n, per }
 local function parse_rate(v, where)
-  if type(v) == "string" then
-    local n, k, u = v:match("^%s*(%d+%.?%d*)%s*/%s*(%d*)%s*(%a+)%s*$")
-    local per = u and UNITS[u:lower()]
-    if n and per then
-      k = tonumber(k) or 1
-      if tonumber(n) > 0 and k > 0 then return { n = tonumber(n), per = per * k } end
-    end
-  end
+  local r = config.rate(v)
+  if r then return { n = r.count, per = r.per } end
   config.raise(string.format("%s: expected a rate like \"100/s\", \"6000/m\", \"1000/h\" or \"50000/d\", got %s",
     where, type(v) == "string" and string.format("%q", v) or type(v)))
 end

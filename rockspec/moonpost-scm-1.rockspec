@@ -47,6 +47,7 @@ build = {
     ["moonpost.runtime.dsn"] = "runtime/dsn.lua",
     ["moonpost.runtime.env"] = "runtime/env.lua",
     ["moonpost.runtime.fs"] = "runtime/fs.lua",
+    ["moonpost.runtime.headers"] = "runtime/headers.lua",
     ["moonpost.runtime.hooks"] = "runtime/hooks.lua",
     ["moonpost.runtime.ids"] = "runtime/ids.lua",
     ["moonpost.runtime.log"] = "runtime/log.lua",
@@ -61,6 +62,7 @@ build = {
     ["moonpost.runtime.stream"] = "runtime/stream.lua",
     ["moonpost.runtime.tenants"] = "runtime/tenants.lua",
     ["moonpost.runtime.tls"] = "runtime/tls.lua",
+    ["moonpost.runtime.workq"] = "runtime/workq.lua",
     ["moonpost.core.smtp"] = {
       sources = { "core/smtp.c", "core/lsmtp.c" },
       incdirs = { "core" },
@@ -76,7 +78,7 @@ build = {
       libraries = { "ssl", "crypto" },
     },
     ["moonpost.core.kdf"] = {
-      sources = { "core/kdf.c", "core/lkdf.c" },
+      sources = { "core/kdf.c", "core/lkdf.c", "core/workq.c" },
       incdirs = { "core" },
       libraries = { "crypto", "pthread" },
     },
@@ -90,7 +92,7 @@ build = {
       incdirs = { "core" },
     },
     ["moonpost.core.dkim"] = {
-      sources = { "core/dkim.c", "core/ldkim.c" },
+      sources = { "core/dkim.c", "core/ldkim.c", "core/workq.c" },
       incdirs = { "core" },
       libraries = { "opendkim", "crypto", "pthread" },
     },

@@ -192,6 +192,26 @@ function _M.check(block, opts, schema)
   return out
 end
 
+local PERIODS = { s = 1, sec = 1, second = 1, m = 60, min = 60, minute = 60, h = 3600, hr = 3600, hour = 3600,
+  d = 86400, day = 86400 }
+
+-- rate("100/s") -> { count, per (seconds) } | nil. Also "6000/m",
+-- "50000/h", "1000000/d", "100/5m", "1.5/s". Used by every block that
+-- limits a rate (tenants, moonpost.shape).
+function _M.rate(v)
+  if type(v) ~= "string" then return nil end
+  local n, mult, unit = v:match("^%s*(%d+%.?%d*)%s*/%s*(%d*%.?%d*)%s*(%a+)%s*$")
+  n = tonumber(n)
+  local per = PERIODS[(unit or ""):lower()]
+  if not n or not per or n <= 0 then return nil end
+  if mult ~= "" then
+    mult = tonumber(mult)
+    if not mult or mult <= 0 then return nil end
+    per = per * mult
+  end
+  return { count = n, per = per }
+end
+
 -- Parse "host:port", "[v6]:port", ":port" or "port" -> host, port | nil, why.
 function _M.parse_address(s, default_host)
   if type(s) ~= "string" then return nil, "expected host:port" end

@@ -14,10 +14,11 @@ local stream = require "moonpost.runtime.stream"
 local log = require "moonpost.runtime.log"
 local ids = require "moonpost.runtime.ids"
 local passwd = require "moonpost.runtime.passwd"
+local headers = require "moonpost.runtime.headers"
 
 local band = bit.band
-local format, concat, upper, sub, find, gsub, byte = string.format, table.concat, string.upper,
-  string.sub, string.find, string.gsub, string.byte
+local format, concat, upper, sub, find, gsub = string.format, table.concat, string.upper,
+  string.sub, string.find, string.gsub
 local parse_path, check_param = smtp.parse_path, smtp.check_param
 local xpcall, traceback, tostring, tonumber, pairs, ipairs = xpcall, debug.traceback, tostring, tonumber,
   pairs, ipairs
@@ -389,31 +390,10 @@ end
 -- the reply that refuses the message (code, enhanced, text).
 local function header_tenant(self, txn, msg)
   local name = self.opts.tenant_header
-  local lname = name:lower()
-  local head = msg:headers()
-  local n = #head
-  local found
-  local pos = 1
-  while pos <= n do
-    local e = find(head, "\r\n", pos, true) or (n + 1)
-    if e == pos then break end -- the empty line that ends the header section
-    local start = pos
-    local line = sub(head, pos, e - 1)
-    pos = e + 2
-    -- continuation lines start with a blank (RFC 5322 2.2.3)
-    while pos <= n do
-      local c = byte(head, pos)
-      if c ~= 32 and c ~= 9 then break end
-      local e2 = find(head, "\r\n", pos, true) or (n + 1)
-      line = line .. sub(head, pos, e2 - 1)
-      pos = e2 + 2
-    end
-    local fname, value = line:match("^([!-9;-~]+)[ \t]*:(.*)$")
-    if fname and fname:lower() == lname then
-      if found then return 550, "5.7.1", "More than one " .. name .. " header field" end
-      found = { start, pos - 1 > n and n or pos - 1, value:match("^%s*(.-)%s*$") }
-    end
-  end
+  local fields = headers.find(msg:headers(), name:lower())
+  if #fields > 1 then return 550, "5.7.1", "More than one " .. name .. " header field" end
+  local f = fields[1]
+  local found = f and { f.first, f.last, f.value }
   if not found then return nil end
   local tenant = found[3]
   if not self.mta.tenants:get(tenant) then

@@ -15,7 +15,7 @@
 local uv = require "luv"
 local config = require "moonpost.runtime.config"
 
-local format, type, pairs, tostring, tonumber = string.format, type, pairs, tostring, tonumber
+local format, type, pairs, tostring = string.format, type, pairs, tostring
 
 local _M = { _VERSION = "0.1" }
 
@@ -23,23 +23,8 @@ local _M = { _VERSION = "0.1" }
 _M.NAME_PATTERN = "^[%w_][%w_%.%-]*$"
 _M.NAME_MAX = 64
 
-local PERIODS = { s = 1, sec = 1, second = 1, m = 60, min = 60, minute = 60, h = 3600, hour = 3600,
-  d = 86400, day = 86400 }
-
--- rate("100/s") -> { count, per (seconds) } | nil. Also "100/5m", "1.5/s".
-function _M.rate(v)
-  if type(v) ~= "string" then return nil end
-  local n, mult, unit = v:match("^%s*(%d+%.?%d*)%s*/%s*(%d*%.?%d*)%s*(%a+)%s*$")
-  n = tonumber(n)
-  local per = PERIODS[(unit or ""):lower()]
-  if not n or not per or n <= 0 then return nil end
-  if mult ~= "" then
-    mult = tonumber(mult)
-    if not mult or mult <= 0 then return nil end
-    per = per * mult
-  end
-  return { count = n, per = per }
-end
+-- rate("100/s") -> { count, per (seconds) } | nil (runtime/config.lua)
+_M.rate = config.rate
 
 local RATE_SCHEMA = {
   rate = { type = "string", required = true },

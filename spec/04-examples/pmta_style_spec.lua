@@ -42,6 +42,7 @@ return {
         assert.equal(1, #a)
         assert.equal("127.0.0.3", a[1].peer)
         assert.equal("vmta2.pmta.test", a[1].helo)
+        assert.is_nil(a[1].data:find("X-Virtual-MTA", 1, true))
 
         -- 2. isp.test: 2 connections at most, 20 msg/s, 5 per connection
         local st = H.inject({ port = proc.port, sessions = 6, total = 60, body = "shaped\r\n",
