@@ -23,6 +23,9 @@ local log = require "moonpost.runtime.log"
 local tls = require "moonpost.runtime.tls"
 local hooks = require "moonpost.runtime.hooks"
 local headers = require "moonpost.runtime.headers"
+local sched = require "moonpost.runtime.sched"
+local fs = require "moonpost.runtime.fs"
+local cjson = require "cjson"
 
 local _M = { _VERSION = "0.1" }
 
@@ -87,6 +90,8 @@ local SOURCE_SCHEMA = {
 
 local WARMUP_SCHEMA = {
   schedule = { type = "table", required = true },
+  state = { type = "string" },
+  save_interval = { type = "duration", default = 5, check = function(v) return v > 0, "must be > 0" end },
 }
 
 -- "2026-11-28" -> days since the epoch (UTC)
@@ -257,6 +262,89 @@ function _M.smtp(opts)
       s[site] = t
     end
     t.n = t.n + 1
+    block.warm_dirty = true
+  end
+
+  -- warm.state: the day's counts survive a restart (a source must not get
+  -- its cap twice in one day). Read at start; written every save_interval
+  -- while they change (new file, fsync, rename), and at stop.
+  local function state_json()
+    local d, out = today(), {}
+    for name, sites in pairs(sent) do
+      for site, t in pairs(sites) do
+        if t.day == d then
+          out[name] = out[name] or {}
+          out[name][site] = t.n
+        end
+      end
+    end
+    return cjson.encode({ day = d, sent = out })
+  end
+  local function load_state(path)
+    local f = io.open(path, "r")
+    if not f then return end
+    local text = f:read("*a")
+    f:close()
+    local ok, t = pcall(cjson.decode, text)
+    if not ok or type(t) ~= "table" or type(t.sent) ~= "table" then
+      log.warn("route.smtp: %s: not a warm-up state file; the day's counts start at 0", path)
+      return
+    end
+    if t.day ~= today() then return end
+    for name, sites in pairs(t.sent) do
+      if type(sites) == "table" then
+        sent[name] = {}
+        for site, n in pairs(sites) do
+          if type(n) == "number" then sent[name][site] = { day = t.day, n = n } end
+        end
+      end
+    end
+    log.info("route.smtp: warm-up counts of today read from %s", path)
+  end
+  local function save_state(path)
+    block.warm_dirty = false
+    local data = state_json()
+    local tmp = path .. ".tmp"
+    local fd, err = fs.open(tmp, "w", 384)
+    if fd then
+      local ok
+      ok, err = fs.write(fd, data)
+      if ok then ok, err = fs.fsync(fd) end
+      fs.close(fd)
+      if ok then ok, err = fs.rename(tmp, path) end
+      if ok then return true end
+    end
+    block.warm_dirty = true
+    log.warn("route.smtp: cannot save the warm-up counts to %s: %s", path, tostring(err))
+  end
+  if warm and warm.state then
+    function block.start()
+      block.stopping = false
+      load_state(warm.state)
+      block.saver = sched.spawn_named("warm-up state", function(e) log.error("route.smtp: %s", tostring(e)) end,
+        function()
+          while not block.stopping do
+            block.saver_task = sched.current()
+            sched.wait(warm.save_interval)
+            block.saver_task = nil
+            if block.warm_dirty and not block.stopping then save_state(warm.state) end
+          end
+        end)
+      return true
+    end
+    function block.stop()
+      block.stopping = true
+      if block.saver_task then sched.wake(block.saver_task) end
+      if block.warm_dirty then
+        -- at shutdown, once: a small file, written before the process exits
+        local f = io.open(warm.state .. ".tmp", "w")
+        if f then
+          f:write(state_json())
+          f:close()
+          os.rename(warm.state .. ".tmp", warm.state)
+        end
+      end
+    end
   end
   block.sent_today = function(name, site) return sent_today(sources[name] or { name = name }, site) end
 

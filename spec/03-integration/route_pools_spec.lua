@@ -63,12 +63,13 @@ describe("route.smtp egress pools", function()
   it("caps a warming source per site and day, and spills the rest to warmed sources", function()
     with_sink({}, function(sink)
       local today = os.date("!%Y-%m-%d")
-      local mta, port = start(dir, sink.port, {
+      local opts = {
         pools = { main = { { source = "127.0.0.2", helo = "new.esp.test", weight = 100, warmup = today },
                            { source = "127.0.0.3", helo = "old.esp.test", weight = 1 } } },
         default_pool = "main",
-        warmup = { schedule = { default = { 5, 50, 500 } } },
-      })
+        warmup = { schedule = { default = { 5, 50, 500 } }, state = dir .. "/warmup.json" },
+      }
+      local mta, port = start(dir, sink.port, opts)
       for i = 1, 20 do assert.equal(250, H.send(port, { to = "u" .. i .. "@dest.test" })) end
       H.wait_for(function() return #sink.messages() >= 20 end, 20)
       local seen = {}
@@ -77,6 +78,16 @@ describe("route.smtp egress pools", function()
       -- the first choice while it may), the other 15 spill over
       assert.equal(5, seen["127.0.0.2"])
       assert.equal(15, seen["127.0.0.3"])
+      H.stop_mta(mta)
+      -- the day's counts outlive a restart: the new address stays capped
+      assert.matches('"127.0.0.2":{"%[127.0.0.1%]:%d+":5}', H.read(dir .. "/warmup.json"))
+      mta, port = start(dir, sink.port, opts)
+      for i = 21, 25 do assert.equal(250, H.send(port, { to = "u" .. i .. "@dest.test" })) end
+      H.wait_for(function() return #sink.messages() >= 25 end, 20)
+      seen = {}
+      for _, a in ipairs(arrivals(sink)) do seen[a.peer] = (seen[a.peer] or 0) + 1 end
+      assert.equal(5, seen["127.0.0.2"])
+      assert.equal(20, seen["127.0.0.3"])
       H.stop_mta(mta)
     end, 60)
   end)
