@@ -35,15 +35,16 @@ SPOOL_SRC := core/spool.c core/lspool.c
 SPOOL_HDR := core/spool.h core/lcompat.h core/lmessage.h core/smtp.h
 DNS_SRC   := core/dns.c core/ldns.c
 DNS_HDR   := core/dns.h core/lcompat.h
-DKIM_SRC  := core/dkim.c core/ldkim.c
-DKIM_HDR  := core/dkim.h core/lcompat.h core/lmessage.h core/smtp.h
+# the DKIM signer and the password pool run their jobs on workq.c's threads
+DKIM_SRC  := core/dkim.c core/ldkim.c core/workq.c
+DKIM_HDR  := core/dkim.h core/workq.h core/lcompat.h core/lmessage.h core/smtp.h
 TLS_SRC   := core/tls.c core/ltls.c
 TLS_HDR   := core/tls.h core/lcompat.h
 # the suppression store takes CRC32C from the spool's codec
 SUPPRESS_SRC := core/suppress.c core/lsuppress.c core/spool.c
 SUPPRESS_HDR := core/suppress.h core/spool.h core/lcompat.h
-KDF_SRC   := core/kdf.c core/lkdf.c
-KDF_HDR   := core/kdf.h core/lcompat.h
+KDF_SRC   := core/kdf.c core/lkdf.c core/workq.c
+KDF_HDR   := core/kdf.h core/workq.h core/lcompat.h
 
 MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so $(LIBDIR)/tls.so
 MODULES   += $(LIBDIR)/dkim.so $(LIBDIR)/kdf.so $(LIBDIR)/suppress.so
@@ -111,9 +112,9 @@ $(BUILD)/fuzz/fuzz_suppress_%: core/fuzz/fuzz_suppress_%.c core/suppress.c core/
 	@mkdir -p $(BUILD)/fuzz
 	clang $(FUZZ_CFLAGS) -o $@ $< core/suppress.c core/spool.c
 
-$(BUILD)/fuzz/fuzz_dkim_%: core/fuzz/fuzz_dkim_%.c core/dkim.c core/dkim.h
+$(BUILD)/fuzz/fuzz_dkim_%: core/fuzz/fuzz_dkim_%.c core/dkim.c core/dkim.h core/workq.c core/workq.h
 	@mkdir -p $(BUILD)/fuzz
-	clang $(FUZZ_CFLAGS) -o $@ $< core/dkim.c -lopendkim -lcrypto -lpthread
+	clang $(FUZZ_CFLAGS) -o $@ $< core/dkim.c core/workq.c -lopendkim -lcrypto -lpthread
 
 fuzz-build: $(FUZZERS)
 

@@ -1,17 +1,15 @@
 /*
  * DKIM engine: keys, header splitting, tag lists, the two signing engines,
- * the signer's thread pool and verification. See dkim.h.
+ * the signer (a work queue, workq.h) and verification. See dkim.h.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -668,8 +666,7 @@ typedef struct spec {
 } spec;
 
 struct mp_dkim_job {
-    mp_dkim_job *next;
-    uint64_t id;
+    mp_workq_item item;   /* first: the signer's queue links jobs through it */
     char *msg;
     size_t len;
     int nspecs;
@@ -808,8 +805,8 @@ void mp_dkim_job_free(mp_dkim_job *j)
     free(j);
 }
 
-uint64_t mp_dkim_job_id(const mp_dkim_job *j) { return j->id; }
-mp_dkim_job *mp_dkim_job_next(const mp_dkim_job *j) { return j->next; }
+uint64_t mp_dkim_job_id(const mp_dkim_job *j) { return j->item.id; }
+mp_dkim_job *mp_dkim_job_next(const mp_dkim_job *j) { return (mp_dkim_job *)j->item.next; }
 const char *mp_dkim_job_error(const mp_dkim_job *j) { return j->error; }
 
 const char *mp_dkim_job_result(const mp_dkim_job *j, size_t *len)
@@ -1229,165 +1226,21 @@ void mp_dkim_job_run(mp_dkim_job *j)
 
 /* ---- the signer ----------------------------------------------------------------------------------- */
 
-struct mp_dkim_signer {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    pthread_t *threads;
-    int nthreads;
-    int stop;
-    mp_dkim_job *qhead, *qtail;   /* queued, oldest first */
-    mp_dkim_job *done;            /* finished, newest first */
-    size_t pending;
-    uint64_t next_id;
-    int efd;
-};
+static void run_job(mp_workq_item *it) { mp_dkim_job_run((mp_dkim_job *)it); }
+static void drop_job(mp_workq_item *it) { mp_dkim_job_free((mp_dkim_job *)it); }
 
-static void *worker(void *arg)
+mp_workq *mp_dkim_signer_new(int threads, int *err)
 {
-    mp_dkim_signer *s = arg;
-    uint64_t one = 1;
-    for (;;) {
-        mp_dkim_job *j;
-        pthread_mutex_lock(&s->lock);
-        while (!s->stop && s->qhead == NULL) pthread_cond_wait(&s->cond, &s->lock);
-        if (s->stop) {
-            pthread_mutex_unlock(&s->lock);
-            return NULL;
-        }
-        j = s->qhead;
-        s->qhead = j->next;
-        if (s->qhead == NULL) s->qtail = NULL;
-        pthread_mutex_unlock(&s->lock);
-        j->next = NULL;
-        mp_dkim_job_run(j);
-        pthread_mutex_lock(&s->lock);
-        j->next = s->done;
-        s->done = j;
-        pthread_mutex_unlock(&s->lock);
-        /* the counter cannot overflow in practice; a failed write is only a late wakeup */
-        while (write(s->efd, &one, sizeof one) < 0 && errno == EINTR) ;
-    }
-}
-
-mp_dkim_signer *mp_dkim_signer_new(int threads, int *err)
-{
-    mp_dkim_signer *s;
-    sigset_t all, old;
-    int i;
     if (threads < 1 || threads > MP_DKIM_MAX_THREADS) {
         *err = EINVAL;
         return NULL;
     }
-    s = calloc(1, sizeof *s);
-    if (s == NULL) {
-        *err = ENOMEM;
-        return NULL;
-    }
-    s->threads = calloc((size_t)threads, sizeof *s->threads);
-    s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (s->threads == NULL || s->efd < 0) {
-        *err = s->efd < 0 ? errno : ENOMEM;
-        if (s->efd >= 0) close(s->efd);
-        free(s->threads);
-        free(s);
-        return NULL;
-    }
-    pthread_mutex_init(&s->lock, NULL);
-    pthread_cond_init(&s->cond, NULL);
-    s->next_id = 1;
-    /* signals belong to the loop thread: the workers block them all */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    for (i = 0; i < threads; i++) {
-        int e = pthread_create(&s->threads[i], NULL, worker, s);
-        if (e != 0) {
-            *err = e;
-            break;
-        }
-        s->nthreads++;
-    }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (s->nthreads < threads) {
-        mp_dkim_signer_free(s);
-        return NULL;
-    }
-    return s;
+    return mp_workq_new(threads, MP_DKIM_MAX_QUEUE, run_job, drop_job, err);
 }
 
-int mp_dkim_signer_fd(const mp_dkim_signer *s) { return s->efd; }
+int mp_dkim_signer_submit(mp_workq *s, mp_dkim_job *j, uint64_t *id) { return mp_workq_submit(s, &j->item, id); }
 
-int mp_dkim_signer_submit(mp_dkim_signer *s, mp_dkim_job *j, uint64_t *id)
-{
-    pthread_mutex_lock(&s->lock);
-    if (s->pending >= MP_DKIM_MAX_QUEUE) {
-        pthread_mutex_unlock(&s->lock);
-        return -EBUSY;
-    }
-    j->id = s->next_id++;
-    j->next = NULL;
-    if (s->qtail) s->qtail->next = j;
-    else s->qhead = j;
-    s->qtail = j;
-    s->pending++;
-    *id = j->id;
-    pthread_cond_signal(&s->cond);
-    pthread_mutex_unlock(&s->lock);
-    return 0;
-}
-
-mp_dkim_job *mp_dkim_signer_collect(mp_dkim_signer *s)
-{
-    uint64_t v;
-    mp_dkim_job *list, *rev = NULL;
-    /* drain first: a job that finishes after this leaves the fd readable */
-    while (read(s->efd, &v, sizeof v) < 0 && errno == EINTR) ;
-    pthread_mutex_lock(&s->lock);
-    list = s->done;
-    s->done = NULL;
-    while (list) {
-        mp_dkim_job *next = list->next;
-        list->next = rev;
-        rev = list;
-        s->pending--;
-        list = next;
-    }
-    pthread_mutex_unlock(&s->lock);
-    return rev;
-}
-
-size_t mp_dkim_signer_pending(mp_dkim_signer *s)
-{
-    size_t n;
-    pthread_mutex_lock(&s->lock);
-    n = s->pending;
-    pthread_mutex_unlock(&s->lock);
-    return n;
-}
-
-void mp_dkim_signer_free(mp_dkim_signer *s)
-{
-    mp_dkim_job *j;
-    int i;
-    if (s == NULL) return;
-    pthread_mutex_lock(&s->lock);
-    s->stop = 1;
-    pthread_cond_broadcast(&s->cond);
-    pthread_mutex_unlock(&s->lock);
-    for (i = 0; i < s->nthreads; i++) pthread_join(s->threads[i], NULL);
-    while ((j = s->qhead) != NULL) {
-        s->qhead = j->next;
-        mp_dkim_job_free(j);
-    }
-    while ((j = s->done) != NULL) {
-        s->done = j->next;
-        mp_dkim_job_free(j);
-    }
-    close(s->efd);
-    pthread_cond_destroy(&s->cond);
-    pthread_mutex_destroy(&s->lock);
-    free(s->threads);
-    free(s);
-}
+mp_dkim_job *mp_dkim_signer_collect(mp_workq *s) { return (mp_dkim_job *)mp_workq_collect(s, SIZE_MAX); }
 
 /* ---- verification ------------------------------------------------------------------------------------ */
 

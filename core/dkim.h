@@ -18,6 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "workq.h"
+
 /* Limits; each may be overridden at build time. */
 #ifndef MP_DKIM_MAX_SPECS
 #define MP_DKIM_MAX_SPECS 8         /* signatures per job */
@@ -134,19 +136,18 @@ const char *mp_dkim_job_result(const mp_dkim_job *j, size_t *len);
 const char *mp_dkim_job_error(const mp_dkim_job *j);
 mp_dkim_job *mp_dkim_job_next(const mp_dkim_job *j);
 
-/* ---- the signer: a pool of threads ------------------------------------------- */
+/* ---- the signer: a pool of threads (workq.h) --------------------------------- */
 
-typedef struct mp_dkim_signer mp_dkim_signer;
-
-mp_dkim_signer *mp_dkim_signer_new(int threads, int *err);   /* NULL with *err = errno */
-int mp_dkim_signer_fd(const mp_dkim_signer *s);  /* readable when jobs have finished */
+/* A work queue whose threads run signing jobs: submit and collect them
+ * here; mp_workq_fd(), mp_workq_pending() and mp_workq_free() (which joins
+ * the threads and drops queued jobs) serve as they are. NULL with *err =
+ * errno. */
+mp_workq *mp_dkim_signer_new(int threads, int *err);
 /* Queue j (the signer owns it from here): 0 with *id set, or -EBUSY. */
-int mp_dkim_signer_submit(mp_dkim_signer *s, mp_dkim_job *j, uint64_t *id);
+int mp_dkim_signer_submit(mp_workq *s, mp_dkim_job *j, uint64_t *id);
 /* Finished jobs in order of completion (a list through mp_dkim_job_next;
  * free each), and the fd drained. */
-mp_dkim_job *mp_dkim_signer_collect(mp_dkim_signer *s);
-size_t mp_dkim_signer_pending(mp_dkim_signer *s);  /* submitted, not yet collected */
-void mp_dkim_signer_free(mp_dkim_signer *s);       /* joins the threads; drops queued jobs */
+mp_dkim_job *mp_dkim_signer_collect(mp_workq *s);
 
 /* ---- verification ------------------------------------------------------------- */
 

@@ -4,16 +4,18 @@
  * verifies passwords off the event loop (one verification costs tens to
  * hundreds of milliseconds by design). No Lua here.
  *
- * The pool works like the DKIM signer's: jobs are queued under a mutex, a
- * worker derives the key and compares it with the expected one, and the
- * finished job waits on a list until the loop thread collects it; an
- * eventfd becomes readable whenever finished jobs wait.
+ * The pool is a work queue (workq.h), as the DKIM signer's is: a worker
+ * derives the key and compares it with the expected one, and the finished
+ * job waits until the loop thread collects it; the queue's eventfd is
+ * readable whenever finished jobs wait.
  */
 #ifndef MOONPOST_KDF_H
 #define MOONPOST_KDF_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "workq.h"
 
 #define MP_KDF_ERRLEN 160
 
@@ -57,34 +59,29 @@ int mp_kdf_equal(const void *a, const void *b, size_t n);
 /* n octets from OpenSSL's CSPRNG: 0 or -1. */
 int mp_kdf_random(unsigned char *out, size_t n);
 
-typedef struct mp_kdf_pool mp_kdf_pool;
-
 typedef struct mp_kdf_result {
     uint64_t id;
     int match;                 /* 1 match, 0 mismatch, -1 error */
     char err[MP_KDF_ERRLEN];
 } mp_kdf_result;
 
-/* NULL with *err an errno value on failure. */
-mp_kdf_pool *mp_kdf_pool_new(int threads, int *err);
+/* A work queue whose threads verify passwords: submit and collect them
+ * here; mp_workq_fd(), mp_workq_pending() and mp_workq_free() (which joins
+ * the threads and drops queued and uncollected jobs) serve as they are.
+ * NULL with *err an errno value on failure. */
+mp_workq *mp_kdf_pool_new(int threads, int *err);
 
 /* Queue a verification: derive a key of explen octets from pw and salt and
  * compare it with expected. The inputs are copied (the password is wiped
  * when the job ends). 0 with *id set, -EBUSY when the queue is full,
  * -ENOMEM. The parameters must have passed mp_kdf_check(). */
-int mp_kdf_submit(mp_kdf_pool *s, const mp_kdf_params *k, const char *pw, size_t pwlen,
+int mp_kdf_submit(mp_workq *s, const mp_kdf_params *k, const char *pw, size_t pwlen,
                   const unsigned char *salt, size_t saltlen, const unsigned char *expected, size_t explen,
                   uint64_t *id);
 
 /* Finished jobs, oldest first, at most cap of them: returns how many were
  * written to out. Reading drains the eventfd first, so a job that finishes
  * meanwhile leaves it readable. */
-size_t mp_kdf_collect(mp_kdf_pool *s, mp_kdf_result *out, size_t cap);
-
-int mp_kdf_pool_fd(const mp_kdf_pool *s);
-size_t mp_kdf_pending(mp_kdf_pool *s); /* submitted and not collected */
-
-/* Stop and join the threads; queued and uncollected jobs are dropped. */
-void mp_kdf_pool_free(mp_kdf_pool *s);
+size_t mp_kdf_collect(mp_workq *s, mp_kdf_result *out, size_t cap);
 
 #endif

@@ -55,7 +55,7 @@ typedef struct lkey {
 } lkey;
 
 typedef struct lsigner {
-    mp_dkim_signer *s;
+    mp_workq *s;
     int engine;
 } lsigner;
 
@@ -468,13 +468,13 @@ static int s_collect(lua_State *L)
 
 static int s_fd(lua_State *L)
 {
-    lua_pushinteger(L, mp_dkim_signer_fd(checksigner(L, 1)->s));
+    lua_pushinteger(L, mp_workq_fd(checksigner(L, 1)->s));
     return 1;
 }
 
 static int s_pending(lua_State *L)
 {
-    lua_pushnumber(L, (lua_Number)mp_dkim_signer_pending(checksigner(L, 1)->s));
+    lua_pushnumber(L, (lua_Number)mp_workq_pending(checksigner(L, 1)->s));
     return 1;
 }
 
@@ -482,7 +482,7 @@ static int s_close(lua_State *L)
 {
     lsigner *sg = luaL_checkudata(L, 1, SIGNER_MT);
     if (sg->s) {
-        mp_dkim_signer_free(sg->s);
+        mp_workq_free(sg->s);
         sg->s = NULL;
     }
     lua_pushboolean(L, 1);

@@ -27,7 +27,7 @@
 #define POOL_MT "moonpost.core.kdf.pool"
 
 typedef struct lpool {
-    mp_kdf_pool *s;
+    mp_workq *s;
 } lpool;
 
 static lua_Number checkcount(lua_State *L, int i)
@@ -73,14 +73,22 @@ static const char *checksalt(lua_State *L, int i, size_t *n)
     return salt;
 }
 
-static int derive(lua_State *L, const mp_kdf_params *k, const char *pw, size_t pwlen, const char *salt,
-                  size_t saltlen, int len_arg)
+/* kdf.<alg>(password, salt, <nparams parameters> [, length]): both
+ * synchronous functions, which differ only in their parameters. */
+static int derive(lua_State *L, const char *alg, int nparams)
 {
     unsigned char out[MP_KDF_MAX_KEY];
     char err[MP_KDF_ERRLEN];
-    lua_Integer len = luaL_optinteger(L, len_arg, 32);
+    size_t pwlen, saltlen;
+    const char *pw = checkpassword(L, 1, &pwlen);
+    const char *salt = checksalt(L, 2, &saltlen);
+    int len_arg = 3 + nparams;
+    lua_Integer len;
+    mp_kdf_params k;
+    checkparams(L, alg, 3, &k);
+    len = luaL_optinteger(L, len_arg, 32);
     if (len < MP_KDF_MIN_KEY || len > MP_KDF_MAX_KEY) luaL_argerror(L, len_arg, "length must be from 16 to 64");
-    if (mp_kdf_derive(k, pw, pwlen, (const unsigned char *)salt, saltlen, out, (size_t)len, err) != 0) {
+    if (mp_kdf_derive(&k, pw, pwlen, (const unsigned char *)salt, saltlen, out, (size_t)len, err) != 0) {
         lua_pushnil(L);
         lua_pushstring(L, err);
         return 2;
@@ -90,25 +98,8 @@ static int derive(lua_State *L, const mp_kdf_params *k, const char *pw, size_t p
     return 1;
 }
 
-static int l_pbkdf2_sha256(lua_State *L)
-{
-    size_t pwlen, saltlen;
-    const char *pw = checkpassword(L, 1, &pwlen);
-    const char *salt = checksalt(L, 2, &saltlen);
-    mp_kdf_params k;
-    checkparams(L, "pbkdf2-sha256", 3, &k);
-    return derive(L, &k, pw, pwlen, salt, saltlen, 4);
-}
-
-static int l_scrypt(lua_State *L)
-{
-    size_t pwlen, saltlen;
-    const char *pw = checkpassword(L, 1, &pwlen);
-    const char *salt = checksalt(L, 2, &saltlen);
-    mp_kdf_params k;
-    checkparams(L, "scrypt", 3, &k);
-    return derive(L, &k, pw, pwlen, salt, saltlen, 6);
-}
+static int l_pbkdf2_sha256(lua_State *L) { return derive(L, "pbkdf2-sha256", 1); }
+static int l_scrypt(lua_State *L) { return derive(L, "scrypt", 3); }
 
 static int l_equal(lua_State *L)
 {
@@ -210,13 +201,13 @@ static int p_collect(lua_State *L)
 
 static int p_fd(lua_State *L)
 {
-    lua_pushinteger(L, mp_kdf_pool_fd(checkpool(L, 1)->s));
+    lua_pushinteger(L, mp_workq_fd(checkpool(L, 1)->s));
     return 1;
 }
 
 static int p_pending(lua_State *L)
 {
-    lua_pushnumber(L, (lua_Number)mp_kdf_pending(checkpool(L, 1)->s));
+    lua_pushnumber(L, (lua_Number)mp_workq_pending(checkpool(L, 1)->s));
     return 1;
 }
 
@@ -224,7 +215,7 @@ static int p_close(lua_State *L)
 {
     lpool *p = luaL_checkudata(L, 1, POOL_MT);
     if (p->s) {
-        mp_kdf_pool_free(p->s);
+        mp_workq_free(p->s);
         p->s = NULL;
     }
     lua_pushboolean(L, 1);
@@ -234,7 +225,7 @@ static int p_close(lua_State *L)
 static int p_gc(lua_State *L)
 {
     lpool *p = luaL_checkudata(L, 1, POOL_MT);
-    if (p->s) mp_kdf_pool_free(p->s);
+    if (p->s) mp_workq_free(p->s);
     p->s = NULL;
     return 0;
 }

@@ -13,59 +13,23 @@
 -- msg is a string or a message (moonpost.core.smtp); specs is the list of
 -- signature specs of core signer:submit() (docs/dkim.md). The signer is
 -- created at the first sign() and shared by every task. Its results wake
--- the tasks through a poll handle on the signer's eventfd; the handle is
--- open only while jobs are out, so an idle runtime holds none.
+-- the tasks through moonpost.runtime.workq, which polls the signer's
+-- eventfd only while jobs are out, so an idle runtime holds no handle.
 local uv = require "luv"
 local core = require "moonpost.core.dkim"
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
+local workq = require "moonpost.runtime.workq"
 
-local pairs, ipairs, type, tostring, pcall, error = pairs, ipairs, type, tostring, pcall, error
+local ipairs, type, tostring, pcall, error = ipairs, type, tostring, pcall, error
 
 local _M = { _VERSION = "0.1" }
 
 _M.DEFAULT_TIMEOUT = 30
 
 local opts = { threads = 2, rsa = "openssl", inline_ed25519 = true }
-local signer         -- core signer, created on demand
-local poll           -- uv poll handle on signer:fd(), while jobs are out
-local waiting = {}   -- job id -> { task, token }
-
-local function stop_poll()
-  if poll then
-    if not poll:is_closing() then poll:close() end
-    poll = nil
-  end
-end
-
--- Hand finished jobs to their tasks. A job whose task gave up (timeout) is
--- dropped here.
-local function harvest()
-  if not signer then return end
-  for _, r in ipairs(signer:collect()) do
-    local w = waiting[r[1]]
-    if w then
-      waiting[r[1]] = nil
-      if r[2] then
-        sched.wake_token(w[1], w[2], r[2])
-      else
-        sched.wake_token(w[1], w[2], nil, "dkim: " .. tostring(r[3]))
-      end
-    end
-  end
-  -- a task woken above may have shut the signer down
-  if not signer or signer:pending() == 0 then stop_poll() end
-end
-
-local function start_poll()
-  if poll then return end
-  poll = uv.new_poll(signer:fd())
-  poll:start("r", function(err)
-    if err then log.error("dkim: poll: %s", tostring(err)) end
-    local ok, e = pcall(harvest)
-    if not ok then log.error("dkim: %s", tostring(e)) end
-  end)
-end
+-- the signer, made at the first sign() with the opts of that moment
+local jobs = workq.new("dkim", function() return core.signer(opts) end)
 
 -- configure{ threads = n, rsa = "libopendkim" | "openssl" }: options of the
 -- signer created by the next sign() (after shutdown(), if one is running).
@@ -123,40 +87,18 @@ function _M.sign(msg, specs, timeout)
       return nil, "dkim: " .. tostring(err)
     end
   end
-  if not signer then
-    local s, err = core.signer(opts)
-    if not s then return nil, "dkim: " .. tostring(err) end
-    signer = s
-  end
-  local ok, id, err = pcall(signer.submit, signer, msg, specs)
+  local signer, err = jobs:get()
+  if not signer then return nil, err end
+  local ok, id, serr = pcall(signer.submit, signer, msg, specs)
   if not ok then
     error("dkim.sign: " .. tostring(id):gsub("^bad argument #%d to '%?'", "bad argument"), 2)
   end
-  if not id then return nil, "dkim: " .. tostring(err) end
-  local task, token = sched.reserve()
-  waiting[id] = { task, token }
-  start_poll()
-  local headers, werr = sched.wait(timeout or _M.DEFAULT_TIMEOUT)
-  if headers then return headers end
-  waiting[id] = nil
-  if werr == "timeout" then return nil, "dkim: timeout" end
-  return nil, werr
+  if not id then return nil, "dkim: " .. tostring(serr) end
+  return jobs:wait(id, timeout or _M.DEFAULT_TIMEOUT)
 end
 
-function _M.pending()
-  return signer and signer:pending() or 0
-end
-
-function _M.shutdown()
-  stop_poll()
-  if signer then
-    signer:close()
-    signer = nil
-  end
-  local w = waiting
-  waiting = {}
-  for _, t in pairs(w) do sched.wake_token(t[1], t[2], nil, "dkim: closed") end
-end
+function _M.pending() return jobs:pending() end
+function _M.shutdown() jobs:shutdown() end
 
 -- ---- verification ----------------------------------------------------------------------
 

@@ -18,11 +18,11 @@ local uv = require "luv"
 local bit = require "bit"
 local kdf = require "moonpost.core.kdf"
 local sched = require "moonpost.runtime.sched"
-local log = require "moonpost.runtime.log"
+local workq = require "moonpost.runtime.workq"
 
 local band, bor, lshift, rshift = bit.band, bit.bor, bit.lshift, bit.rshift
 local byte, char, format, concat, sub = string.byte, string.char, string.format, table.concat, string.sub
-local tonumber, tostring, type, pairs, ipairs = tonumber, tostring, type, pairs, ipairs
+local tonumber, tostring, type, pairs = tonumber, tostring, type, pairs
 
 local _M = { _VERSION = "0.1" }
 
@@ -183,42 +183,8 @@ end
 -- ---- verification on the kdf threads -----------------------------------------------------
 
 local opts = { threads = 2 }
-local pool            -- core pool, made at the first verify()
-local poll            -- uv poll handle on pool:fd(), while jobs are out
-local waiting = {}    -- job id -> { task, token }
-
-local function stop_poll()
-  if poll then
-    if not poll:is_closing() then poll:close() end
-    poll = nil
-  end
-end
-
-local function harvest()
-  if not pool then return end
-  for _, r in ipairs(pool:collect()) do
-    local w = waiting[r[1]]
-    if w then
-      waiting[r[1]] = nil
-      if r[2] ~= nil then
-        sched.wake_token(w[1], w[2], r[2])
-      else
-        sched.wake_token(w[1], w[2], nil, "kdf: " .. tostring(r[3]))
-      end
-    end
-  end
-  if not pool or pool:pending() == 0 then stop_poll() end
-end
-
-local function start_poll()
-  if poll then return end
-  poll = uv.new_poll(pool:fd())
-  poll:start("r", function(err)
-    if err then log.error("kdf: poll: %s", tostring(err)) end
-    local ok, e = pcall(harvest)
-    if not ok then log.error("kdf: %s", tostring(e)) end
-  end)
-end
+-- the pool, made at the first verify() with the opts of that moment
+local jobs = workq.new("kdf", function() return kdf.pool(opts.threads) end)
 
 -- configure{ threads = n }: the pool size, for the pool made by the next
 -- verify() (after shutdown(), if one is running).
@@ -236,11 +202,8 @@ end
 -- verifications wait already, "kdf: timeout", or an OpenSSL failure.
 function _M.verify(password, h, timeout)
   if not sched.current() then error("passwd.verify() outside a task", 2) end
-  if not pool then
-    local p, err = kdf.pool(opts.threads)
-    if not p then return nil, "kdf: " .. tostring(err) end
-    pool = p
-  end
+  local pool, perr = jobs:get()
+  if not pool then return nil, perr end
   -- longer than the core takes: spend the same time, and fail
   if #password > 1024 then h, password = _M.dummy(), "" end
   local id, err
@@ -250,30 +213,11 @@ function _M.verify(password, h, timeout)
     id, err = pool:submit(h.key, "scrypt", password, h.salt, h.N, h.r, h.p)
   end
   if not id then return nil, err end
-  local task, token = sched.reserve()
-  waiting[id] = { task, token }
-  start_poll()
-  local ok, werr = sched.wait(timeout or _M.DEFAULT_TIMEOUT)
-  if ok ~= nil then return ok end
-  waiting[id] = nil
-  if werr == "timeout" then return nil, "kdf: timeout" end
-  return nil, werr
+  return jobs:wait(id, timeout or _M.DEFAULT_TIMEOUT)
 end
 
-function _M.pending()
-  return pool and pool:pending() or 0
-end
-
-function _M.shutdown()
-  stop_poll()
-  if pool then
-    pool:close()
-    pool = nil
-  end
-  local w = waiting
-  waiting = {}
-  for _, t in pairs(w) do sched.wake_token(t[1], t[2], nil, "kdf: closed") end
-end
+function _M.pending() return jobs:pending() end
+function _M.shutdown() jobs:shutdown() end
 
 -- A hash that nothing matches, with the default cost: unknown users are
 -- checked against it so that they take as long as known ones.
