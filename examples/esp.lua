@@ -31,7 +31,8 @@ for name, t in pairs(conf.tenants) do
   send_limits[name] = t.send_rate and { rate = t.send_rate } or nil
 end
 
-local mta = moonpost.new { spool = env.spool, dns = env.dns, tenants = tenants }
+local mta = moonpost.new { spool = env.spool, dns = env.dns, tenants = tenants, http = env.http,
+  api_token = env.api_token }
 
 -- accept: submission with AUTH over TLS; the user's tenant is the message's
 mta:use(require("moonpost.accept").smtp {

@@ -24,7 +24,7 @@ for name, addr, helo in env.get("MOONPOST_VMTAS",
   vmtas[#vmtas + 1] = { name = name, source = addr, helo = helo }
 end
 
-local mta = moonpost.new { spool = env.spool, dns = env.dns,
+local mta = moonpost.new { spool = env.spool, dns = env.dns, http = env.http, api_token = env.api_token,
   queue = { retry = { "5m", "10m", "20m", "40m", "1h" }, max_age = "5d" } }
 
 mta:use(require("moonpost.accept").smtp {

@@ -16,7 +16,7 @@
 local moonpost = require "moonpost"
 local env = moonpost.env
 
-local mta = moonpost.new { spool = env.spool }
+local mta = moonpost.new { spool = env.spool, http = env.http, api_token = env.api_token }
 
 mta:use(require("moonpost.accept").smtp {
   listen = env.listen,

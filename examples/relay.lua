@@ -14,7 +14,7 @@
 local moonpost = require "moonpost"
 local env = moonpost.env
 
-local mta = moonpost.new { spool = env.spool, dns = env.dns }
+local mta = moonpost.new { spool = env.spool, dns = env.dns, http = env.http, api_token = env.api_token }
 
 mta:use(require("moonpost.accept").smtp {
   listen = env.listen,

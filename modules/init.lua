@@ -19,6 +19,7 @@ local spool = require "moonpost.runtime.spool"
 local queue = require "moonpost.runtime.queue"
 local dns = require "moonpost.runtime.dns"
 local tls = require "moonpost.runtime.tls"
+local http = require "moonpost.runtime.http"
 local bounce = require "moonpost.bounce"
 local tenants = require "moonpost.runtime.tenants"
 
@@ -74,6 +75,9 @@ local NEW_SCHEMA = {
   queue = { type = "table" },
   dns = { type = "any" },
   tenants = { type = "table" },   -- name -> settings (runtime/tenants.lua, docs/tenants.md)
+  http = { type = "any" },        -- "host:port" of the HTTP listener (API, /metrics, health), or nil
+  api_token = { type = "string" },
+  http_max_body = { type = "size", default = "10M" },
 }
 
 local DNS_SCHEMA = {
@@ -174,8 +178,25 @@ local function check_queue(v)
   return q
 end
 
+-- http = "host:port" | { "host:port", ... } | false/nil (no listener)
+local function check_http(v)
+  if v == nil or v == false then return nil end
+  local list = type(v) == "string" and { v } or v
+  if type(list) ~= "table" then
+    config.raise("moonpost.new: field 'http': expected host:port, a list of them, or false, got " .. type(v))
+  end
+  local out = {}
+  for i, a in ipairs(list) do
+    local host, port = config.parse_address(a)
+    if not host then config.raise(string.format("moonpost.new: field 'http' item %d: %s", i, port)) end
+    out[i] = { host = host, port = port }
+  end
+  return out
+end
+
 function _M.new(opts)
   opts = config.check("moonpost.new", opts, NEW_SCHEMA)
+  opts.http = check_http(opts.http)
   opts.spool = check_spool(opts.spool)
   opts.queue = check_queue(opts.queue)
   opts.dns = check_dns(opts.dns)
@@ -345,8 +366,76 @@ function MTA:start()
     self.listeners[#self.listeners + 1] = l
     log.info("listening smtp %s", l.name)
   end
+  local hok, herr = self:start_http()
+  if not hok then
+    for _, open in ipairs(self.listeners) do open:close() end
+    self.listeners = {}
+    self:close_spool()
+    self:stop_blocks()
+    return nil, herr
+  end
   self.started = true
   return true
+end
+
+-- ---- the HTTP listener: API, /metrics, health ---------------------------------
+
+-- http_route(method, path, handler [, opts]): an endpoint on the HTTP
+-- listener (runtime/http.lua has the handler contract; path segments
+-- ":name" are parameters). opts.open: no bearer token needed (metrics,
+-- health). Blocks add theirs at use() or attach().
+function MTA:http_route(method, path, handler, opts)
+  self.http_router = self.http_router or http.router()
+  self.http_router:add(method, path, handler, opts)
+end
+
+-- http_addresses() -> { { host, port, name } } of the open HTTP listeners
+function MTA:http_addresses()
+  local out = {}
+  for i, h in ipairs(self.http_servers or {}) do out[i] = { host = h.host, port = h.port, name = h.name } end
+  return out
+end
+
+-- ready() -> true | false, why: the spool is recovered and every listener is open
+function MTA:ready()
+  if self.stopping then return false, "stopping" end
+  if not self.started then return false, "starting" end
+  if self.opts.spool and not self.spool then return false, "the spool is not open" end
+  return true
+end
+
+function MTA:start_http()
+  self.http_servers = {}
+  if not self.opts.http then return true end
+  self.http_router = self.http_router or http.router()
+  if not self.http_health then
+    self.http_health = true
+    self:http_route("GET", "/healthz", function() return 200, { status = "alive" } end, { open = true })
+    self:http_route("GET", "/readyz", function()
+      -- start() opens this listener last: once it answers, recovery is done
+      -- and the SMTP listeners are open, unless the MTA is stopping
+      local ok, why = self:ready()
+      if ok then return 200, { status = "ready" } end
+      return 503, { status = "not ready", reason = why }
+    end, { open = true })
+  end
+  for _, a in ipairs(self.opts.http) do
+    local srv, err = http.listen({ host = a.host, port = a.port, router = self.http_router,
+      token = self.opts.api_token, max_body = self.opts.http_max_body })
+    if not srv then
+      for _, h in ipairs(self.http_servers) do h:close() end
+      self.http_servers = {}
+      return nil, err
+    end
+    self.http_servers[#self.http_servers + 1] = srv
+    log.info("listening http %s%s", srv.name, self.opts.api_token and "" or " (API for loopback clients only)")
+  end
+  return true
+end
+
+function MTA:stop_http()
+  for _, h in ipairs(self.http_servers or {}) do h:close() end
+  self.http_servers = {}
 end
 
 -- queues() -> { { key, tenant, domain, depth, oldest, last_error, last_error_at } }:
@@ -388,6 +477,7 @@ function MTA:stop(grace, done)
   local function finish()
     for _, l in ipairs(self.listeners) do l:drop_sessions() end
     self.listeners = {}
+    self:stop_http()
     self.started = false
     self:close_spool()
     self:stop_blocks()

@@ -48,6 +48,7 @@ build = {
     ["moonpost.runtime.env"] = "runtime/env.lua",
     ["moonpost.runtime.fs"] = "runtime/fs.lua",
     ["moonpost.runtime.headers"] = "runtime/headers.lua",
+    ["moonpost.runtime.http"] = "runtime/http.lua",
     ["moonpost.runtime.hooks"] = "runtime/hooks.lua",
     ["moonpost.runtime.ids"] = "runtime/ids.lua",
     ["moonpost.runtime.log"] = "runtime/log.lua",

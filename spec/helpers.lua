@@ -602,7 +602,8 @@ end
 function H.launch(policy, env, opts)
   opts = opts or {}
   local port = opts.port or H.free_port()
-  local e = { MOONPOST_LISTEN = "127.0.0.1:" .. port }
+  -- the HTTP listener on a port of its own (the examples default to 8025)
+  local e = { MOONPOST_LISTEN = "127.0.0.1:" .. port, MOONPOST_HTTP = "127.0.0.1:0" }
   for k, v in pairs(env or {}) do e[k] = v end
   local logbuf = {}
   local stderr = uv.new_pipe(false)

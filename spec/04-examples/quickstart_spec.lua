@@ -38,6 +38,8 @@ describe("examples/quickstart.lua", function()
       env[#env + 1] = "MOONPOST_LISTEN=127.0.0.1:" .. port
       env[#env + 1] = "MOONPOST_SPOOL=" .. dir .. "/spool"
       env[#env + 1] = "MOONPOST_MAILDIR=" .. dir .. "/mail"
+      local http_port = H.free_port()
+      env[#env + 1] = "MOONPOST_HTTP=127.0.0.1:" .. http_port
       local handle, pid
       handle, pid = uv.spawn("make", { args = { "-s", "run" }, cwd = H.root, env = env, stdio = { nil, out, errp },
         detached = true }, function() exited = true handle:close() end)
@@ -49,11 +51,16 @@ describe("examples/quickstart.lua", function()
       local code, swaks = H.exec("swaks", { "--server", "127.0.0.1:" .. port, "--to", "someone@example.com" },
         { timeout = 30 })
       local delivered = H.wait_for(function() return #maildir_files(dir .. "/mail", "someone") == 1 end)
+      -- the health endpoints answer on MOONPOST_HTTP
+      local http = require "moonpost.runtime.http"
+      local hstatus, hbody = http.request("127.0.0.1", http_port, "GET", "/readyz")
       uv.kill(-pid, "sigterm") -- make and the server it started
       H.wait_for(function() return exited end, 30)
       assert.is_true(up, table.concat(logbuf))
       assert.equal(0, code, swaks)
       assert.is_true(delivered)
+      assert.equal(200, hstatus, tostring(hbody))
+      assert.matches('"status":"ready"', hbody)
     end, 180)
   end)
 

@@ -43,7 +43,7 @@ describe("luarocks package", function()
       local done = false
       local handle = uv.spawn(bin, {
         args = { "run", work .. "/examples/quickstart.lua" },
-        env = { "PATH=" .. os.getenv("PATH"), "MOONPOST_LISTEN=127.0.0.1:" .. port, "MOONPOST_MAILDIR=" .. mail,
+        env = { "PATH=" .. os.getenv("PATH"), "MOONPOST_LISTEN=127.0.0.1:" .. port, "MOONPOST_HTTP=127.0.0.1:0", "MOONPOST_MAILDIR=" .. mail,
           "MOONPOST_SPOOL=" .. tree .. "/spool" },
         cwd = "/",
       }, function() done = true end)

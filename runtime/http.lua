@@ -1,0 +1,323 @@
+-- A small HTTP/1.1 server for the operator's side: the API, /metrics and
+-- the health checks. One task per connection over runtime/stream.lua,
+-- keep-alive, Content-Length bodies, JSON in and out.
+--
+--   local http = require "moonpost.runtime.http"
+--   local router = http.router()
+--   router:add("GET", "/api/v1/messages/:id", function(req) return 200, { id = req.params.id } end)
+--   router:add("GET", "/healthz", fn, { open = true })   -- open: no token needed
+--   local srv, err = http.listen { host = "127.0.0.1", port = 8025, router = router, token = "secret" }
+--   srv:close()
+--
+-- A handler gets req = { method, path, query, headers (lower-case names),
+-- body, params, remote, json = fn() -> value | nil, err } and returns
+-- status, body, headers: a table body is sent as JSON, a string as is (with
+-- the Content-Type the headers give, text/plain by default). A handler may
+-- wait (it runs in the connection's task); one that raises gets a 500 and
+-- its error is logged, not sent.
+--
+-- Authorization: with a token, every route that is not open needs
+-- "Authorization: Bearer <token>" (401 otherwise); without one, routes
+-- that are not open answer only clients on loopback (403 otherwise).
+local uv = require "luv"
+local cjson = require "cjson.safe"
+local bit = require "bit"
+local sched = require "moonpost.runtime.sched"
+local stream = require "moonpost.runtime.stream"
+local log = require "moonpost.runtime.log"
+
+local format, concat, lower, find, byte = string.format, table.concat, string.lower, string.find,
+  string.byte
+
+local _M = { _VERSION = "0.1" }
+
+local REASONS = {
+  [200] = "OK", [201] = "Created", [202] = "Accepted", [204] = "No Content",
+  [400] = "Bad Request", [401] = "Unauthorized", [403] = "Forbidden", [404] = "Not Found",
+  [405] = "Method Not Allowed", [408] = "Request Timeout", [409] = "Conflict", [411] = "Length Required",
+  [413] = "Content Too Large", [415] = "Unsupported Media Type", [422] = "Unprocessable Content",
+  [431] = "Request Header Fields Too Large", [500] = "Internal Server Error", [501] = "Not Implemented",
+  [503] = "Service Unavailable",
+}
+_M.REASONS = REASONS
+
+local MAX_LINE = 8192
+local MAX_HEADERS = 100
+
+-- ---- routes ---------------------------------------------------------------------------
+
+local Router = {}
+local router_mt = { __index = Router }
+
+function _M.router()
+  return setmetatable({ routes = {} }, router_mt)
+end
+
+-- add(method, path, handler [, opts]): path segments ":name" match one
+-- segment and come to the handler as req.params.name. opts.open: no token.
+function Router:add(method, path, handler, opts)
+  local names = {}
+  local pat = "^" .. path:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0"):gsub("/:([%w_]+)", function(name)
+    names[#names + 1] = name
+    return "/([^/]+)"
+  end) .. "$"
+  self.routes[#self.routes + 1] = { method = method:upper(), path = path, pattern = pat, names = names,
+    handler = handler, open = opts and opts.open or false }
+end
+
+-- match(method, path) -> route, params | nil, status (404 or 405)
+function Router:match(method, path)
+  local allowed
+  for _, r in ipairs(self.routes) do
+    local caps = { path:match(r.pattern) }
+    if caps[1] ~= nil then
+      if r.method == method or (method == "HEAD" and r.method == "GET") then
+        local params = {}
+        for i, name in ipairs(r.names) do params[name] = caps[i] end
+        return r, params
+      end
+      allowed = allowed or {}
+      allowed[#allowed + 1] = r.method
+    end
+  end
+  if allowed then return nil, 405, concat(allowed, ", ") end
+  return nil, 404
+end
+
+-- ---- helpers ------------------------------------------------------------------------------
+
+local function unescape(s)
+  s = s:gsub("+", " ")
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+_M.unescape = unescape
+
+local function parse_query(q)
+  local out = {}
+  if not q or q == "" then return out end
+  for pair in q:gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    out[unescape(k)] = unescape(v)
+  end
+  return out
+end
+
+-- Compare two strings in time that does not depend on where they differ.
+local function same(a, b)
+  if #a ~= #b then return false end
+  local diff = 0
+  for i = 1, #a do diff = bit.bor(diff, bit.bxor(byte(a, i), byte(b, i))) end
+  return diff == 0
+end
+
+local function is_loopback(ip)
+  return ip ~= nil and (ip:match("^127%.") ~= nil or ip == "::1" or ip:match("^::ffff:127%.") ~= nil)
+end
+_M.is_loopback = is_loopback
+
+local function encode_body(body, headers)
+  if type(body) == "table" then
+    local s = cjson.encode(body)
+    -- cjson writes an empty table as {}; an empty list means []
+    headers["content-type"] = headers["content-type"] or "application/json"
+    return s
+  end
+  if body == nil then return "" end
+  headers["content-type"] = headers["content-type"] or "text/plain; charset=utf-8"
+  return tostring(body)
+end
+
+local function respond(s, status, body, headers, head_only, keep)
+  local h = {}
+  for k, v in pairs(headers or {}) do h[lower(k)] = v end
+  local data = encode_body(body, h)
+  h["content-length"] = tostring(#data)
+  h["connection"] = keep and "keep-alive" or "close"
+  local out = { format("HTTP/1.1 %d %s\r\n", status, REASONS[status] or "Unknown") }
+  for k, v in pairs(h) do out[#out + 1] = k .. ": " .. tostring(v) .. "\r\n" end
+  out[#out + 1] = "\r\n"
+  if not head_only then out[#out + 1] = data end
+  return s:send(concat(out), 30)
+end
+
+local function error_body(why)
+  return { error = why }
+end
+
+-- ---- a connection ---------------------------------------------------------------------------
+
+-- read_request(s, srv) -> req | nil, status, why (status nil: the peer went away)
+local function read_request(s, srv)
+  local line, err = s:receive("*l", srv.idle_timeout)
+  if not line then return nil, nil, err end
+  if #line > MAX_LINE then return nil, 400, "request line too long" end
+  local method, target, version = line:match("^(%u+) (%S+) HTTP/(%d%.%d)$")
+  if not method then return nil, 400, "malformed request line" end
+  local headers, n = {}, 0
+  while true do
+    local h
+    h, err = s:receive("*l", srv.timeout)
+    if not h then return nil, nil, err end
+    if h == "" then break end
+    n = n + 1
+    if n > MAX_HEADERS or #h > MAX_LINE then return nil, 431, "too many or too long header fields" end
+    local name, value = h:match("^([!#$%%&'*+%-.^_`|~%w]+):[ \t]*(.-)[ \t]*$")
+    if not name then return nil, 400, "malformed header field" end
+    name = lower(name)
+    headers[name] = headers[name] and (headers[name] .. ", " .. value) or value
+  end
+  local path, query = target:match("^([^?#]*)%??([^#]*)")
+  local req = { method = method, target = target, path = path, query = parse_query(query), headers = headers,
+    version = version, body = "" }
+  if headers["transfer-encoding"] then return nil, 411, "send the body with Content-Length" end
+  local len = headers["content-length"]
+  if len then
+    if not len:match("^%d+$") then return nil, 400, "bad Content-Length" end
+    len = tonumber(len)
+    if len > srv.max_body then return nil, 413, format("the body is over %d bytes", srv.max_body) end
+    if len > 0 then
+      local body
+      body, err = s:receive(len, srv.timeout)
+      if not body then return nil, nil, err end
+      req.body = body
+    end
+  end
+  return req
+end
+
+local function json_of(req)
+  return function()
+    if req.body == "" then return nil, "the request has no body" end
+    local ct = req.headers["content-type"]
+    if ct and not lower(ct):find("json", 1, true) then return nil, "Content-Type is not application/json" end
+    local v, err = cjson.decode(req.body)
+    if v == nil then return nil, "bad JSON: " .. tostring(err) end
+    return v
+  end
+end
+
+local function serve(srv, s, remote)
+  while not srv.closed do
+    local req, status, why = read_request(s, srv)
+    if not req then
+      if status then respond(s, status, error_body(why), nil, false, false) end
+      break
+    end
+    req.remote = remote
+    local keep = (req.version == "1.1" and lower(req.headers.connection or "") ~= "close")
+      or (req.version == "1.0" and lower(req.headers.connection or "") == "keep-alive")
+    local route, params, allow = srv.router:match(req.method, req.path)
+    local code, body, headers
+    if not route then
+      code = params
+      body = error_body(code == 405 and ("method " .. req.method .. " not allowed here") or
+        ("no such endpoint: " .. req.path))
+      headers = code == 405 and { allow = allow } or nil
+    elseif not route.open and srv.token and not same(req.headers.authorization or "", "Bearer " .. srv.token) then
+      code, body, headers = 401, error_body("a valid bearer token is required"), { ["www-authenticate"] = "Bearer" }
+    elseif not route.open and not srv.token and not is_loopback(remote) then
+      code, body = 403, error_body("the API answers loopback clients only when no token is configured")
+    else
+      req.params = params
+      req.json = json_of(req)
+      local ok, c, b, h = xpcall(route.handler, debug.traceback, req)
+      if ok then
+        code, body, headers = c or 200, b, h
+      else
+        log.error("http %s %s: %s", req.method, req.path, tostring(c))
+        code, body = 500, error_body("internal error")
+      end
+    end
+    srv.stats.requests = srv.stats.requests + 1
+    if not respond(s, code, body, headers, req.method == "HEAD", keep) or not keep then break end
+  end
+  s:close()
+end
+
+-- ---- the listener -----------------------------------------------------------------------------
+
+local Server = {}
+local server_mt = { __index = Server }
+
+-- listen{ host, port, router, token, max_body, timeout, idle_timeout } -> server | nil, err
+function _M.listen(o)
+  local srv = setmetatable({ router = o.router, token = o.token, max_body = o.max_body or 10485760,
+    timeout = o.timeout or 30, idle_timeout = o.idle_timeout or 60, conns = {}, closed = false,
+    stats = { connections = 0, requests = 0 } }, server_mt)
+  local tcp = uv.new_tcp()
+  local pok, ok, err = pcall(tcp.bind, tcp, o.host, o.port, find(o.host, ":", 1, true) and { ipv6only = true } or nil)
+  if not pok then ok, err = nil, ok end
+  if ok then
+    ok, err = tcp:listen(128, sched.callback(function(lerr)
+      if lerr then return end
+      local c = uv.new_tcp()
+      if not tcp:accept(c) then
+        c:close()
+        return
+      end
+      srv.stats.connections = srv.stats.connections + 1
+      local s = stream.new(c)
+      local peer = c:getpeername()
+      srv.conns[s] = true
+      sched.spawn_named("http", function(e) log.error("http: %s", tostring(e)) end, function()
+        serve(srv, s, peer and peer.ip)
+        srv.conns[s] = nil
+      end)
+    end, "http listener"))
+  end
+  if not ok then
+    tcp:close()
+    local shown = find(o.host, ":", 1, true) and ("[" .. o.host .. "]:" .. o.port) or (o.host .. ":" .. o.port)
+    return nil, format("cannot listen (http) on %s: %s", shown, tostring(err))
+  end
+  srv.tcp = tcp
+  local a = tcp:getsockname()
+  srv.host, srv.port = a.ip, a.port
+  srv.name = (find(a.ip, ":", 1, true) and ("[" .. a.ip .. "]") or a.ip) .. ":" .. a.port
+  return srv
+end
+
+-- close(): stop listening and close every connection.
+function Server:close()
+  self.closed = true
+  if self.tcp and not self.tcp:is_closing() then self.tcp:close() end
+  self.tcp = nil
+  for s in pairs(self.conns) do s:close() end
+end
+
+-- A quick client for the specs and `moonpost ctl`: request(host, port,
+-- method, path, body, headers, timeout) -> status, body, headers | nil, err
+function _M.request(host, port, method, path, body, headers, timeout)
+  timeout = timeout or 30
+  local s, err = stream.connect(host, port, timeout)
+  if not s then return nil, err end
+  local h = { "Host: " .. host .. ":" .. port, "Connection: close" }
+  for k, v in pairs(headers or {}) do h[#h + 1] = k .. ": " .. v end
+  if type(body) == "table" then
+    body = cjson.encode(body)
+    h[#h + 1] = "Content-Type: application/json"
+  end
+  body = body or ""
+  h[#h + 1] = "Content-Length: " .. #body
+  local ok
+  ok, err = s:send(method .. " " .. path .. " HTTP/1.1\r\n" .. concat(h, "\r\n") .. "\r\n\r\n" .. body, timeout)
+  if not ok then s:close() return nil, err end
+  local line = s:receive("*l", timeout)
+  local status = line and tonumber(line:match("^HTTP/%d%.%d (%d%d%d)"))
+  if not status then s:close() return nil, "bad status line: " .. tostring(line) end
+  local rh = {}
+  while true do
+    local l = s:receive("*l", timeout)
+    if not l then s:close() return nil, "headers cut short" end
+    if l == "" then break end
+    local k, v = l:match("^([^:]+):%s*(.-)%s*$")
+    if k then rh[lower(k)] = v end
+  end
+  local rb = ""
+  local len = tonumber(rh["content-length"] or "")
+  if len and len > 0 and method ~= "HEAD" then rb = s:receive(len, timeout) or "" end
+  s:close()
+  return status, rb, rh
+end
+
+return _M

@@ -1,0 +1,131 @@
+-- The HTTP listener (runtime/http.lua) behind moonpost.new { http = ... }:
+-- health endpoints, bearer tokens, routing errors, JSON bodies, keep-alive
+-- and bad requests, over real sockets with curl and a raw peer.
+local H = require "helpers"
+local http = require "moonpost.runtime.http"
+local cjson = require "cjson"
+
+local function start(opts, setup)
+  local no = { http = "127.0.0.1:0" }
+  for k, v in pairs(opts or {}) do no[k] = v end
+  local mta = H.start_mta({}, function(m)
+    m:http_route("POST", "/api/v1/echo", function(req)
+      local v, err = req.json()
+      if v == nil then return 400, { error = err } end
+      return 200, { got = v, query = req.query }
+    end)
+    m:http_route("GET", "/api/v1/items/:id", function(req) return 200, { id = req.params.id } end)
+    m:http_route("GET", "/api/v1/boom", function() error("a bug in a handler") end)
+    if setup then setup(m) end
+  end, no)
+  return mta, mta:http_addresses()[1].port
+end
+
+local function curl(args)
+  local code, out, err = H.exec("curl", args, { timeout = 20 })
+  assert(code == 0, "curl: " .. err)
+  local body, status = out:match("^(.*)\n(%d%d%d)$")
+  return tonumber(status), body
+end
+
+describe("the HTTP listener", function()
+  it("answers /healthz and /readyz without a token, and guards the rest with it", function()
+    H.run(function()
+      local mta, port = start({ api_token = "s3cret" })
+      local base = "http://127.0.0.1:" .. port
+      local status, body = curl({ "-s", "-w", "\n%{http_code}", base .. "/healthz" })
+      assert.equal(200, status)
+      assert.same({ status = "alive" }, cjson.decode(body))
+      status, body = curl({ "-s", "-w", "\n%{http_code}", base .. "/readyz" })
+      assert.equal(200, status)
+      assert.same({ status = "ready" }, cjson.decode(body))
+      -- no token, a wrong one, the right one
+      status, body = curl({ "-s", "-w", "\n%{http_code}", base .. "/api/v1/items/42" })
+      assert.equal(401, status)
+      assert.matches("bearer token", body)
+      status = curl({ "-s", "-w", "\n%{http_code}", "-H", "Authorization: Bearer nope", base .. "/api/v1/items/42" })
+      assert.equal(401, status)
+      status, body = curl({ "-s", "-w", "\n%{http_code}", "-H", "Authorization: Bearer s3cret",
+        base .. "/api/v1/items/42" })
+      assert.equal(200, status)
+      assert.same({ id = "42" }, cjson.decode(body))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("says 404, 405 with Allow, 400 for bad JSON, 413 for a body over the limit, 500 for a failing handler", function()
+    H.run(function()
+      local mta, port = start({ http_max_body = 1000 })
+      local s, b = http.request("127.0.0.1", port, "GET", "/nowhere")
+      assert.equal(404, s)
+      assert.matches("no such endpoint", b)
+      local h
+      s, b, h = http.request("127.0.0.1", port, "DELETE", "/api/v1/echo")
+      assert.equal(405, s)
+      assert.matches("not allowed", b)
+      assert.equal("POST", h.allow)
+      s, b = http.request("127.0.0.1", port, "POST", "/api/v1/echo?x=1&y=a%20b", { a = { 1, 2 } })
+      assert.equal(200, s)
+      assert.same({ got = { a = { 1, 2 } }, query = { x = "1", y = "a b" } }, cjson.decode(b))
+      s, b = http.request("127.0.0.1", port, "POST", "/api/v1/echo", "{not json",
+        { ["Content-Type"] = "application/json" })
+      assert.equal(400, s)
+      assert.matches("bad JSON", cjson.decode(b).error)
+      s = http.request("127.0.0.1", port, "POST", "/api/v1/echo", string.rep("x", 2000))
+      assert.equal(413, s)
+      s, b = http.request("127.0.0.1", port, "GET", "/api/v1/boom")
+      assert.equal(500, s)
+      assert.same({ error = "internal error" }, cjson.decode(b))
+      assert.matches("a bug in a handler", H.log("http GET /api/v1/boom"))
+      -- and the listener still serves
+      assert.equal(200, (http.request("127.0.0.1", port, "GET", "/healthz")))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("keeps a connection for several requests and answers a malformed one with 400", function()
+    H.run(function()
+      local mta, port = start()
+      local stream = require "moonpost.runtime.stream"
+      local c = assert(stream.connect("127.0.0.1", port, 5))
+      -- one response: status, headers, body (by Content-Length)
+      local function response()
+        local line = assert(c:receive("*l", 5))
+        local len = 0
+        while true do
+          local h = assert(c:receive("*l", 5))
+          if h == "" then break end
+          len = tonumber(h:match("^content%-length: (%d+)$")) or len
+        end
+        return line, len > 0 and assert(c:receive(len, 5)) or ""
+      end
+      -- two requests in one write, two responses on the same connection
+      assert(c:send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /api/v1/items/7 HTTP/1.1\r\nHost: x\r\n\r\n", 5))
+      local l1 = response()
+      local l2, b2 = response()
+      assert.equal("HTTP/1.1 200 OK", l1)
+      assert.equal("HTTP/1.1 200 OK", l2)
+      assert.equal('{"id":"7"}', b2)
+      assert(c:send("BOGUS\r\n\r\n", 5))
+      local l3, b3 = response()
+      assert.equal("HTTP/1.1 400 Bad Request", l3)
+      assert.matches("malformed request line", b3)
+      c:close()
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("refuses a listener address it cannot use, naming it", function()
+    H.run(function()
+      local moonpost = require "moonpost"
+      local first, port = start()
+      local mta = moonpost.new({ http = "127.0.0.1:" .. port })
+      local ok, err = mta:start()
+      assert.is_nil(ok)
+      assert.matches("cannot listen %(http%) on 127%.0%.0%.1:" .. port .. ": EADDRINUSE", err)
+      H.stop_mta(first)
+      local bad = pcall(moonpost.new, { http = "localhost:80" })
+      assert.is_false(bad)
+    end)
+  end)
+end)
