@@ -63,10 +63,11 @@ static int m_tostring(lua_State *L)
     return 1;
 }
 
-/* sub(i [, j]): bytes i..j, 1-based and inclusive like string.sub. */
-static int m_sub(lua_State *L)
+/* The range i..j of arguments 2 and 3, as string.sub reads them (1-based,
+ * inclusive, negative from the end), clamped to the message; i > j when
+ * it is empty. */
+static void message_range(lua_State *L, lmessage *m, lua_Integer *pi, lua_Integer *pj)
 {
-    lmessage *m = checkmessage(L, 1);
     lua_Integer len = (lua_Integer)m->body.len;
     lua_Integer i = luaL_checkinteger(L, 2);
     lua_Integer j = luaL_optinteger(L, 3, -1);
@@ -74,6 +75,16 @@ static int m_sub(lua_State *L)
     if (j < 0) j = len + j + 1;
     if (i < 1) i = 1;
     if (j > len) j = len;
+    *pi = i;
+    *pj = j;
+}
+
+/* sub(i [, j]): bytes i..j, 1-based and inclusive like string.sub. */
+static int m_sub(lua_State *L)
+{
+    lmessage *m = checkmessage(L, 1);
+    lua_Integer i, j;
+    message_range(L, m, &i, &j);
     if (i > j) lua_pushliteral(L, "");
     else lua_pushlstring(L, mp_body_data(&m->body) + i - 1, (size_t)(j - i + 1));
     return 1;
@@ -84,13 +95,8 @@ static int m_sub(lua_State *L)
 static int m_remove(lua_State *L)
 {
     lmessage *m = checkmessage(L, 1);
-    lua_Integer len = (lua_Integer)m->body.len;
-    lua_Integer i = luaL_checkinteger(L, 2);
-    lua_Integer j = luaL_optinteger(L, 3, -1);
-    if (i < 0) i = len + i + 1;
-    if (j < 0) j = len + j + 1;
-    if (i < 1) i = 1;
-    if (j > len) j = len;
+    lua_Integer i, j;
+    message_range(L, m, &i, &j);
     if (i <= j) mp_body_remove(&m->body, (size_t)(i - 1), (size_t)(j - i + 1));
     lua_settop(L, 1);
     return 1;

@@ -509,6 +509,31 @@ function H.with_sink(args, fn, timeout)
   end, timeout)
 end
 
+-- parse_dsn(text) -> what Python's email package reads in a delivery status
+-- notification: { type, report_type, parts (content types, top first),
+-- text (the first text/plain part), per_message, recipients (the fields of
+-- each per-recipient block) }.
+function H.parse_dsn(data)
+  local script = [==[
+import email, json, sys
+from email import policy
+msg = email.message_from_string(sys.stdin.read(), policy=policy.compat32)
+out = {"type": msg.get_content_type(), "report_type": msg.get_param("report-type"),
+       "parts": [msg.get_content_type()] + [p.get_content_type() for p in msg.get_payload()]}
+for part in msg.walk():
+    if part.get_content_type() == "text/plain" and "text" not in out:
+        out["text"] = part.get_payload(decode=True).decode("ascii")
+    if part.get_content_type() == "message/delivery-status":
+        blocks = part.get_payload()
+        out["per_message"] = dict(blocks[0].items())
+        out["recipients"] = [dict(b.items()) for b in blocks[1:]]
+print(json.dumps(out))
+]==]
+  local code, out, err = H.exec(H.python, { "-c", script }, { stdin = data })
+  assert(code == 0, err)
+  return require("cjson").decode(out)
+end
+
 -- arrivals(sink [, pattern]) -> the messages the sink accepted whose first
 -- recipient matches pattern (all without one), oldest first, each
 -- { t, peer, helo, rcpt, rcpts, data, conn }: peer is the address the

@@ -4,7 +4,6 @@
 -- moonpost.bounce rules change it. `moonpost check` reports a bad rule at
 -- the policy's line.
 local H = require "helpers"
-local cjson = require "cjson"
 
 -- An in-process MTA relaying everything to `port`; setup(mta) adds the
 -- policy's blocks and hooks.
@@ -18,23 +17,7 @@ end
 
 -- The DSN's text part and its per-recipient report fields, read by Python's
 -- email package.
-local function parse_dsn(data)
-  local script = [==[
-import email, json, sys
-from email import policy
-msg = email.message_from_string(sys.stdin.read(), policy=policy.compat32)
-out = {}
-for part in msg.walk():
-    if part.get_content_type() == "text/plain" and "text" not in out:
-        out["text"] = part.get_payload(decode=True).decode("ascii")
-    if part.get_content_type() == "message/delivery-status":
-        out["recipients"] = [dict(b.items()) for b in part.get_payload()[1:]]
-print(json.dumps(out))
-]==]
-  local code, out, err = H.exec(H.python, { "-c", script }, { stdin = data })
-  assert(code == 0, err)
-  return cjson.decode(out)
-end
+local parse_dsn = H.parse_dsn
 
 local with_sink = H.with_sink
 

@@ -2,7 +2,6 @@
 -- sink (spec/tools/sink.py) and smtp-sink. Per-recipient outcomes, retries,
 -- DSNs, expiry, pipelining, connection reuse and limits, broken servers.
 local H = require "helpers"
-local cjson = require "cjson"
 
 -- An in-process MTA relaying everything to `port`.
 local function relay_mta(dir, port, route_opts, queue_opts)
@@ -25,24 +24,7 @@ local function by_rcpt(messages)
 end
 
 -- Parse a DSN with Python's email package: the report's fields per recipient.
-local function parse_dsn(data)
-  local script = [==[
-import email, json, sys
-from email import policy
-msg = email.message_from_string(sys.stdin.read(), policy=policy.compat32)
-out = {"type": msg.get_content_type(), "report_type": msg.get_param("report-type"),
-       "parts": [msg.get_content_type()] + [p.get_content_type() for p in msg.get_payload()]}
-for part in msg.walk():
-    if part.get_content_type() == "message/delivery-status":
-        blocks = part.get_payload()
-        out["per_message"] = dict(blocks[0].items())
-        out["recipients"] = [dict(b.items()) for b in blocks[1:]]
-print(json.dumps(out))
-]==]
-  local code, out, err = H.exec(H.python, { "-c", script }, { stdin = data })
-  assert(code == 0, err)
-  return cjson.decode(out)
-end
+local parse_dsn = H.parse_dsn
 
 -- Run fn(sink) in a task with a fresh sink, which is stopped however fn ends.
 local with_sink = H.with_sink

@@ -14,14 +14,7 @@ local function tenant_from_sender(m)
   end)
 end
 
-local function with_sink(args, fn, timeout)
-  H.run(function()
-    local sink = H.sink(args)
-    local ok, err = pcall(fn, sink)
-    sink.stop()
-    if not ok then error(err, 0) end
-  end, timeout)
-end
+local with_sink = H.with_sink
 
 -- MAIL FROM:<from>, then each RCPT: the replies as "code enhanced text"
 local function rcpts(port, from, list)
