@@ -53,6 +53,7 @@ build = {
     ["moonpost.runtime.ids"] = "runtime/ids.lua",
     ["moonpost.runtime.log"] = "runtime/log.lua",
     ["moonpost.runtime.net"] = "runtime/net.lua",
+    ["moonpost.runtime.metrics"] = "runtime/metrics.lua",
     ["moonpost.runtime.passwd"] = "runtime/passwd.lua",
     ["moonpost.runtime.queue"] = "runtime/queue.lua",
     ["moonpost.runtime.regex"] = "runtime/regex.lua",
