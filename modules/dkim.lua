@@ -306,7 +306,10 @@ function _M.sign(opts)
 
   local function step(txn, msg)
     local specs, cerr = choose(txn, msg)
-    if not specs then return fail(txn, cerr) end
+    if not specs then
+      rdkim.stats.failures = rdkim.stats.failures + 1 -- rdkim.sign counts its own
+      return fail(txn, cerr)
+    end
     if #specs == 0 then return nil end
     local headers, serr = rdkim.sign(msg, specs, o.timeout)
     if not headers then return fail(txn, serr) end

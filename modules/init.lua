@@ -22,6 +22,7 @@ local tls = require "moonpost.runtime.tls"
 local http = require "moonpost.runtime.http"
 local bounce = require "moonpost.bounce"
 local tenants = require "moonpost.runtime.tenants"
+local metrics = require "moonpost.metrics"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -213,6 +214,7 @@ function _M.new(opts)
     stopping = false,
   }, mta_mt)
   instances[#instances + 1] = mta
+  metrics.install(mta) -- mta.metrics, GET /metrics (moonpost.metrics changes its settings)
   return mta
 end
 

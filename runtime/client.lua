@@ -24,6 +24,11 @@ local uv = require "luv"
 
 local _M = { _VERSION = "0.1" }
 
+-- Process-wide counts for the metrics (read when they are scraped):
+-- connections made, open now, and outbound TLS handshakes.
+local stats = { connections = 0, open = 0, tls = 0, tls_failed = 0 }
+_M.stats = stats
+
 _M.TIMEOUTS = {
   connect = 30,
   greeting = 300, -- 4.5.3.2.1
@@ -75,6 +80,7 @@ function Conn:send(data, timeout)
 end
 
 function Conn:close()
+  if not self.closed then stats.open = stats.open - 1 end
   if self.s then self.s:close() end
   if self.rp then self.rp:close() end
   self.closed = true
@@ -132,13 +138,14 @@ _M.tls_broken = tls_broken
 
 local function handshake(c, policy, name)
   local ctx, err = tls.client_context(policy)
-  if not ctx then return nil, err end
-  local conn
-  conn, err = ctx:new(policy.name or name or c.host)
-  if not conn then return nil, err end
-  local info
-  info, err = c.s:starttls(conn, policy.handshake_timeout)
-  if not info then return nil, err end
+  local conn, info
+  if ctx then conn, err = ctx:new(policy.name or name or c.host) end
+  if conn then info, err = c.s:starttls(conn, policy.handshake_timeout) end
+  if not info then
+    stats.tls_failed = stats.tls_failed + 1
+    return nil, err
+  end
+  stats.tls = stats.tls + 1
   c.tls_info = info
   log.info("%s: TLS %s %s%s", c.name, tostring(info.version), tostring(info.cipher),
     info.verified and " verified" or "")
@@ -154,6 +161,8 @@ function _M.connect(host, port, opts, name)
   if policy and policy.policy == "none" then policy = nil end
   local s, err = stream.connect(host, port, timeouts.connect, opts.bind)
   if not s then return nil, format("cannot connect to [%s]:%d: %s", host, port, tostring(err)) end
+  stats.connections = stats.connections + 1
+  stats.open = stats.open + 1
   local rp = smtp.reply_parser()
   s:attach(rp)
   local c = setmetatable({ s = s, rp = rp, host = host, port = port, timeouts = timeouts, messages = 0,

@@ -50,6 +50,11 @@ end
 local INLINE_MAX = 65536
 _M.INLINE_MAX = INLINE_MAX
 
+-- Process-wide counts for the metrics: signatures made by algorithm, and
+-- messages that could not be signed.
+local stats = { signatures = { ["rsa-sha256"] = 0, ["ed25519-sha256"] = 0 }, failures = 0 }
+_M.stats = stats
+
 -- key -> true when it is an Ed25519 key (asked once per key)
 local ed25519 = setmetatable({}, { __mode = "k" })
 local function is_ed25519(key)
@@ -60,6 +65,20 @@ local function is_ed25519(key)
     ed25519[key] = v
   end
   return v
+end
+
+local function counted(specs, headers, err)
+  if not headers then
+    stats.failures = stats.failures + 1
+    return nil, err
+  end
+  local sigs = stats.signatures
+  for i = 1, #specs do
+    local k = specs[i].key
+    local alg = k and is_ed25519(k) and "ed25519-sha256" or "rsa-sha256"
+    sigs[alg] = sigs[alg] + 1
+  end
+  return headers
 end
 
 -- sign(msg, specs, timeout) -> headers | nil, err. Waits in the calling
@@ -83,18 +102,18 @@ function _M.sign(msg, specs, timeout)
       if not ok then
         error("dkim.sign: " .. tostring(headers):gsub("^bad argument #%d to '%?'", "bad argument"), 2)
       end
-      if headers then return headers end
-      return nil, "dkim: " .. tostring(err)
+      if headers then return counted(specs, headers) end
+      return counted(specs, nil, "dkim: " .. tostring(err))
     end
   end
   local signer, err = jobs:get()
-  if not signer then return nil, err end
+  if not signer then return counted(specs, nil, err) end
   local ok, id, serr = pcall(signer.submit, signer, msg, specs)
   if not ok then
     error("dkim.sign: " .. tostring(id):gsub("^bad argument #%d to '%?'", "bad argument"), 2)
   end
-  if not id then return nil, "dkim: " .. tostring(serr) end
-  return jobs:wait(id, timeout or _M.DEFAULT_TIMEOUT)
+  if not id then return counted(specs, nil, "dkim: " .. tostring(serr)) end
+  return counted(specs, jobs:wait(id, timeout or _M.DEFAULT_TIMEOUT))
 end
 
 function _M.pending() return jobs:pending() end

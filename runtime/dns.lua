@@ -40,7 +40,7 @@ function _M.new(opts)
     max_cache = opts.max_cache or 100000,
     max_ttl = opts.max_ttl or 86400,
     neg_ttl = opts.neg_ttl or 60,
-    stats = { queries = 0, hits = 0, misses = 0, sent = 0 },
+    stats = opts.stats or { queries = 0, hits = 0, misses = 0, sent = 0 },
     wait_limit = (opts.timeout or 2) * (opts.tries or 2) * 4 + 5,
   }, mt)
 end
@@ -312,6 +312,11 @@ end
 
 local default, default_opts
 
+-- The counters of the process's resolver, kept across its re-creation (each
+-- start of an MTA configures a new one); the metrics read them.
+local totals = { queries = 0, hits = 0, misses = 0, sent = 0 }
+_M.totals = totals
+
 function _M.configure(opts)
   default_opts = opts
   if default then
@@ -322,7 +327,9 @@ end
 
 function _M.default()
   if not default or default.closed then
-    local r, err = _M.new(default_opts)
+    local o = { stats = totals }
+    for k, v in pairs(default_opts or {}) do o[k] = v end
+    local r, err = _M.new(o)
     if not r then error(err, 2) end
     default = r
   end

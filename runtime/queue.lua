@@ -365,12 +365,12 @@ local LATENCY_SAMPLES = 100000
 
 local function deliver(self, m)
   local spool, bus = self.spool, self.mta.bus
-  if m.stored_at then
-    -- from the durable 250 to this first attempt
+  if m.stored_at and m.next == 0 then
+    -- from the durable 250 to this first attempt (stored_at stays for the
+    -- delivery latency metric)
     local n = self.nlatency % LATENCY_SAMPLES + 1
     self.latency[n] = (uv.hrtime() - m.stored_at) / 1e9
     self.nlatency = self.nlatency + 1
-    m.stored_at = nil
   end
   local env, body = spool:read(m)
   local now = os.time()
@@ -415,6 +415,8 @@ local function deliver(self, m)
   local done, deferred = {}, 0
   local failed, delivered, relayed, delayed = {}, {}, {}, {}
   local age = now - (env.t or ids.time_of(m.id))
+  -- the metrics (moonpost.metrics) count each recipient's outcome
+  local mc, tenant = self.mta.counters, env.tenant or ""
   local next_at
   local held, attempted
   for _, r in ipairs(rcpts) do
@@ -433,6 +435,7 @@ local function deliver(self, m)
     if res.status == "suppressed" then
       done[#done + 1] = r.index
       self.stats.suppressed = (self.stats.suppressed or 0) + 1
+      if mc then mc.suppressed:inc(tenant) end
       log.info("%s: to=<%s> suppressed: %s", env.id, r.address, tostring(res.text))
       bus:emit("delivery_suppressed", env, r, res)
       goto next_rcpt
@@ -458,6 +461,11 @@ local function deliver(self, m)
     if res.status == "delivered" then
       done[#done + 1] = r.index
       self.stats.delivered = self.stats.delivered + 1
+      if mc then
+        mc.delivered:inc(tenant, r.domain:lower())
+        -- from the durable 250 (or, for a message recovered at start, its arrival) to the remote 250
+        mc.latency:observe(m.stored_at and (uv.hrtime() - m.stored_at) / 1e9 or max(0, now - (env.t or now)), tenant)
+      end
       log.info("%s: to=<%s> delivered: %s", env.id, r.address, tostring(res.text))
       bus:emit("delivery_delivered", env, r, res)
       if res.relayed then
@@ -468,6 +476,7 @@ local function deliver(self, m)
     elseif res.status == "bounced" then
       done[#done + 1] = r.index
       self.stats.bounced = self.stats.bounced + 1
+      if mc then mc.bounced:inc(tenant, res.class or "uncategorized", res.permanent and "hard" or "soft") end
       log.warn("%s: to=<%s> bounced: %s (%s, %s)", env.id, r.address, describe(res), tostring(res.class),
         res.permanent and "hard" or "soft")
       bus:emit("delivery_bounced", env, r, res)
@@ -478,6 +487,7 @@ local function deliver(self, m)
     else
       deferred = deferred + 1
       self.stats.deferred = self.stats.deferred + 1
+      if mc then mc.deferred:inc(tenant, r.domain:lower()) end
       local at = due_after(retry_after(self, m.attempts, r.domain:lower()))
       if not next_at or at < next_at then next_at = at end
       log.info("%s: to=<%s> deferred: %s (%s, %s)", env.id, r.address, describe(res), tostring(res.class),

@@ -488,6 +488,8 @@ local function message_done(self, msg, flags)
     return reply(self, 451, "4.3.0", "Error: queue file write error")
   end
   self.conn.messages = self.conn.messages + 1
+  local mc = self.mta.counters
+  if mc then mc.received:inc(txn.tenant, self.listener.name) end
   if self.opts.log_messages then
     log.info("%s: from=<%s> size=%d nrcpt=%d session=%s client=[%s]%s", txn.id, txn.sender.address,
       txn.size, #txn.recipients, self.conn.id, self.conn.remote_ip or "?",
@@ -623,6 +625,8 @@ local function start_tls(self, tls)
     local info
     info, err = self.stream:starttls(c, tls.handshake_timeout)
     if info then
+      local mc = self.mta.counters
+      if mc then mc.tls_in:inc() end
       conn.tls = true
       conn.tls_info = info
       log.info("session %s: TLS %s %s%s client=[%s]", conn.id, tostring(info.version), tostring(info.cipher),
@@ -631,6 +635,8 @@ local function start_tls(self, tls)
       return true
     end
   end
+  local mc = self.mta.counters
+  if mc then mc.tls_in_failed:inc() end
   log.info("session %s: TLS handshake failed: %s client=[%s]", conn.id, tostring(err), conn.remote_ip or "?")
   closing(self, "TLS handshake failed: " .. tostring(err))
   self.nout = 0
@@ -959,6 +965,8 @@ local function on_connection(listener, client)
   local mta = listener.mta
   local opts = listener.opts
   session_seq = session_seq + 1
+  local mc = mta.counters
+  if mc then mc.connections_in:inc() end
   client:nodelay(true)
   local s = stream.new(client)
   if listener.active >= opts.max_connections then
