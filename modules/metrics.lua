@@ -166,7 +166,9 @@ end
 
 local SCHEMA = {
   prefix = { type = "string", default = _M.DEFAULTS.prefix,
-    check = function(v) return v == "" or metrics.valid_name(v), "expected a metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)" end },
+    check = function(v)
+      return v == "" or metrics.valid_name(v), "expected a metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)"
+    end },
   max_tenants = { type = "nonneg", default = _M.DEFAULTS.max_tenants },
   max_domains = { type = "nonneg", default = _M.DEFAULTS.max_domains },
   buckets = { type = "table" },
@@ -179,7 +181,7 @@ function _M.setup(opts)
   local o = config.check("metrics.setup", opts, SCHEMA)
   if o.buckets then
     local ok, b = pcall(metrics.check_buckets, o.buckets, "metrics.setup: field 'buckets'")
-    if not ok then config.raise(tostring(b):gsub("^.-(metrics%.setup)", "%1")) end
+    if not ok then config.raise((tostring(b):gsub("^.-(metrics%.setup)", "%1"))) end
     o.buckets = b
   end
   local block = { name = "metrics", opts = o }

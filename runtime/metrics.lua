@@ -386,19 +386,19 @@ local registry_mt = { __index = Registry }
 local KINDS = { counter = Counter, gauge = Gauge, histogram = Histogram }
 
 local function check_buckets(b, where)
-  if type(b) ~= "table" or #b == 0 then error(where .. ": buckets: expected a list of numbers", 3) end
+  if type(b) ~= "table" or #b == 0 then error(where .. ": expected a list of numbers", 3) end
   local out = {}
   for i, v in ipairs(b) do
-    if type(v) ~= "number" or v ~= v then error(format("%s: buckets[%d]: expected a number", where, i), 3) end
+    if type(v) ~= "number" or v ~= v then error(format("%s: item %d: expected a number", where, i), 3) end
     if i > 1 and v <= out[i - 1] then
-      error(format("%s: buckets: expected increasing numbers (%s after %s)", where, number(v), number(out[i - 1])), 3)
+      error(format("%s: expected increasing numbers (%s after %s)", where, number(v), number(out[i - 1])), 3)
     end
     out[i] = v
   end
   if out[#out] == huge then out[#out] = nil end -- +Inf is always there
   return out
 end
-_M.check_buckets = function(b, where) return check_buckets(b, where or "metrics") end
+_M.check_buckets = function(b, where) return check_buckets(b, where or "metrics: buckets") end
 
 local function check_prefix(p)
   if p ~= "" and not valid_name(p) then
@@ -414,7 +414,7 @@ function _M.new(opts)
   return setmetatable({
     prefix = check_prefix(opts.prefix or "moonpost"),
     caps = opts.caps or {},
-    buckets = opts.buckets and check_buckets(opts.buckets, "metrics") or _M.DEFAULT_BUCKETS,
+    buckets = opts.buckets and check_buckets(opts.buckets, "metrics: buckets") or _M.DEFAULT_BUCKETS,
     half_life = opts.half_life or _M.DEFAULT_HALF_LIFE,
     families = {},       -- in registration order
     by_name = {},
@@ -431,7 +431,7 @@ function Registry:configure(opts)
   if opts.caps then
     for k, v in pairs(opts.caps) do self.caps[k] = v end
   end
-  if opts.buckets then self.buckets = check_buckets(opts.buckets, "metrics") end
+  if opts.buckets then self.buckets = check_buckets(opts.buckets, "metrics: buckets") end
   for _, f in ipairs(self.families) do
     for i, name in ipairs(f.labels) do
       local cap = f.caps[i]
@@ -478,7 +478,7 @@ local function register(self, kind, name, help, labels, opts)
   }, { __index = KINDS[kind] })
   if kind == "histogram" then
     f.default_buckets = opts.buckets == nil
-    f.buckets = opts.buckets and check_buckets(opts.buckets, "metrics: " .. name) or self.buckets
+    f.buckets = opts.buckets and check_buckets(opts.buckets, "metrics: " .. name .. ": buckets") or self.buckets
   end
   for i, l in ipairs(labels) do
     local k = self.caps[l]

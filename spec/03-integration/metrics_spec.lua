@@ -292,6 +292,21 @@ describe("moonpost.metrics", function()
     end)
   end)
 
+  it("setup() reports a bad option at the caller's line, naming the field", function()
+    local metrics = require "moonpost.metrics"
+    local line = debug.getinfo(1, "l").currentline
+    local ok, err = pcall(metrics.setup, { prefix = "post-mta" })
+    assert.is_false(ok)
+    assert.equal("metrics_spec.lua:" .. (line + 1) .. ": metrics.setup: field 'prefix': expected a metric name "
+      .. "([a-zA-Z_:][a-zA-Z0-9_:]*)", err:match("[^/]*$"))
+    ok, err = pcall(metrics.setup, { buckets = { 1, 0.5 } })
+    assert.is_false(ok)
+    assert.matches("metrics.setup: field 'buckets': expected increasing numbers %(0.5 after 1%)$", err)
+    ok, err = pcall(metrics.setup, { max_domains = "many" })
+    assert.is_false(ok)
+    assert.matches("metrics.setup: field 'max_domains'", err)
+  end)
+
   it("10,000 distinct recipient domains and 1,000 tenants produce a bounded number of series", function()
     H.run(function()
       local mta = H.start_mta({}, nil, { http = "127.0.0.1:0" })
