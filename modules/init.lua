@@ -215,6 +215,8 @@ function _M.new(opts)
   }, mta_mt)
   instances[#instances + 1] = mta
   metrics.install(mta) -- mta.metrics, GET /metrics (moonpost.metrics changes its settings)
+  -- the operator's API under /api/v1 (moonpost.admin, docs/http-api.md)
+  if opts.http then require("moonpost.admin").install(mta) end
   return mta
 end
 

@@ -503,6 +503,9 @@ function _M.smtp(opts)
         local shaper = mta.shaper
         local dest = shaper and shaper:destination(domain:lower(), mx_names)
         local site = dest and dest.name or key
+        -- an operator suspended this site (moonpost.admin): held, no attempt
+        local hold = mta.site_hold and mta.site_hold(site, env, domain)
+        if hold then return failure(rcpts, hold) end
         local src, why = choose(env, site)
         if not src then
           log.info("%s: %s", env.id, why)

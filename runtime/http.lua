@@ -36,6 +36,7 @@ local REASONS = {
   [400] = "Bad Request", [401] = "Unauthorized", [403] = "Forbidden", [404] = "Not Found",
   [405] = "Method Not Allowed", [408] = "Request Timeout", [409] = "Conflict", [411] = "Length Required",
   [413] = "Content Too Large", [415] = "Unsupported Media Type", [422] = "Unprocessable Content",
+  [429] = "Too Many Requests",
   [431] = "Request Header Fields Too Large", [500] = "Internal Server Error", [501] = "Not Implemented",
   [503] = "Service Unavailable",
 }

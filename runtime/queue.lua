@@ -65,6 +65,22 @@ local function heap_pop(h)
   return top
 end
 
+local function heapify(h)
+  local n = #h
+  for top = floor(n / 2), 1, -1 do
+    local i = top
+    while true do
+      local l, r = 2 * i, 2 * i + 1
+      local s = i
+      if l <= n and h[l].next < h[s].next then s = l end
+      if r <= n and h[r].next < h[s].next then s = r end
+      if s == i then break end
+      h[i], h[s] = h[s], h[i]
+      i = s
+    end
+  end
+end
+
 -- ---- queue ------------------------------------------------------------------------------
 
 function _M.new(mta, spool, opts)
@@ -83,6 +99,8 @@ function _M.new(mta, spool, opts)
     classify = opts.classify,             -- fn(res) -> class, permanent (moonpost.bounce)
     describe_class = opts.describe_class, -- fn(class) -> text for DSNs
     heap = {},
+    parked = setmetatable({}, { __mode = "k" }), -- message -> its resume function while held
+    rush = setmetatable({}, { __mode = "k" }),   -- messages expedite() wants again as their attempt ends
     running = 0,
     stopped = true,
     transport = nil,
@@ -294,7 +312,10 @@ end
 -- add_filter(fn): fn(env, rcpt) runs before each delivery attempt of each
 -- recipient; nil lets it go on, a result table ends it without an attempt:
 -- { status = "bounced" | "suppressed", code, enhanced, text }. "suppressed"
--- finishes the recipient silently (no DSN) and raises delivery_suppressed.
+-- finishes the recipient silently (no DSN) and raises delivery_suppressed;
+-- a "bounced" result with dsn = false sends no DSN. { status = "held",
+-- text, park = fn } holds the message without counting an attempt, as a
+-- transport may (moonpost.admin's suspensions).
 function Queue:add_filter(fn)
   self.filters[#self.filters + 1] = fn
 end
@@ -480,7 +501,7 @@ local function deliver(self, m)
       log.warn("%s: to=<%s> bounced: %s (%s, %s)", env.id, r.address, describe(res), tostring(res.class),
         res.permanent and "hard" or "soft")
       bus:emit("delivery_bounced", env, r, res)
-      if dsn.wants(r.notify, "failed") then
+      if res.dsn ~= false and dsn.wants(r.notify, "failed") then
         if not entry.enhanced then entry.enhanced = tostring(res.text):match("^([245]%.%d+%.%d+)") end
         failed[#failed + 1] = entry
       end
@@ -535,15 +556,30 @@ local function deliver(self, m)
     end
     if spool:get(m.id) then
       self:account(m, env)
-      held.park(function()
+      -- the resume function of the latest park only: expedite() may take
+      -- the message back before the gate (or suspension) calls an older one
+      local function resume()
+        if self.parked[m] ~= resume then return end
+        self.parked[m] = nil
         if self.stopped or spool:get(m.id) ~= m then return end
         m.next = os.time()
         self:add(m)
-      end)
+      end
+      self.parked[m] = resume
+      if self.rush[m] then
+        self.rush[m] = nil
+        resume()
+      else
+        held.park(resume)
+      end
     end
     return
   end
   m.next = next_at or due_after(retry_after(self, m.attempts))
+  if self.rush[m] then
+    self.rush[m] = nil
+    m.next = os.time()
+  end
   spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
     warned = m.warned or nil })
   if spool:get(m.id) then
@@ -598,6 +634,36 @@ end
 
 function Queue:stop()
   self.stopped = true
+  poke(self, true)
+end
+
+-- expedite(list): these messages (spool entries) are due now: moved to the
+-- front of the heap, taken back from the gate or suspension that holds
+-- them, or, in the middle of an attempt, due again as soon as it ends.
+-- (moonpost.admin's purge: its delivery filter then bounces them.)
+function Queue:expedite(list)
+  local want, moved = {}, false
+  for _, m in ipairs(list) do want[m] = true end
+  local now, h = os.time(), self.heap
+  for i = 1, #h do
+    local m = h[i]
+    if want[m] then
+      want[m] = nil
+      if m.next > now then
+        m.next = now
+        moved = true
+      end
+    end
+  end
+  if moved then heapify(h) end
+  for m in pairs(want) do
+    local resume = self.parked[m]
+    if resume then
+      resume()
+    elseif self.spool:get(m.id) == m then
+      self.rush[m] = true
+    end
+  end
   poke(self, true)
 end
 

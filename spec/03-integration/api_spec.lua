@@ -1,0 +1,615 @@
+-- The HTTP API (moonpost.admin, docs/http-api.md) over real sockets: an
+-- in-process MTA with a spool and an HTTP listener relays to the aiosmtpd
+-- sink (spec/tools/sink.py); what arrives there, and how Python's email
+-- package reads it, is the evidence.
+local H = require "helpers"
+local http = require "moonpost.runtime.http"
+local cjson = require "cjson"
+local passwd = require "moonpost.runtime.passwd"
+
+local TOKEN = "s3cret-token"
+local TIMEOUTS = { connect = 2, greeting = 2, ehlo = 2, mail = 2, rcpt = 2, data = 2, block = 2, done = 2 }
+
+-- An MTA relaying everything to the sink, with the API on a free port.
+-- o: queue (options), tenants, setup(mta), spool (directory)
+local function api_mta(dir, sink_port, o)
+  o = o or {}
+  local mta = H.start_mta({}, function(m)
+    m:use(require("moonpost.route").smtp({ relay = "127.0.0.1:" .. sink_port, idle_timeout = "1s",
+      timeouts = TIMEOUTS }))
+    if o.setup then o.setup(m) end
+  end, { http = "127.0.0.1:0", api_token = TOKEN, spool = { dir = o.spool or (dir .. "/spool"), min_free = 0 },
+    queue = o.queue or { retry = { "1s" }, max_age = "1h" }, tenants = o.tenants })
+  local port = mta:http_addresses()[1].port
+  -- api(method, path, body) -> status, decoded body (or the text), headers
+  local function api(method, path, body, headers)
+    local h = { Authorization = "Bearer " .. TOKEN }
+    for k, v in pairs(headers or {}) do h[k] = v end
+    local s, b, rh = http.request("127.0.0.1", port, method, path, body, h, 30)
+    assert(s, "request failed: " .. tostring(b))
+    local ok, v = pcall(cjson.decode, b)
+    return s, ok and v or b, rh
+  end
+  return mta, api, port
+end
+
+-- Python's email package on a message: the tree of content types, the
+-- decoded subject and addresses, each leaf's text or base64 octets.
+local PARSE = [==[
+import email, json, sys, base64
+from email import policy
+msg = email.message_from_bytes(sys.stdin.buffer.read(), policy=policy.default)
+def tree(p):
+    if p.is_multipart():
+        return [p.get_content_type()] + [tree(s) for s in p.iter_parts()]
+    return p.get_content_type()
+leaves = []
+for p in msg.walk():
+    if p.is_multipart():
+        continue
+    c = p.get_content()
+    leaves.append({"type": p.get_content_type(), "filename": p.get_filename(),
+                   "cte": p.get("Content-Transfer-Encoding"),
+                   "text": c.replace("\r\n", "\n") if isinstance(c, str) else None,
+                   "b64": base64.b64encode(c).decode() if isinstance(c, bytes) else None})
+defects = [str(d) for p in msg.walk() for d in p.defects]
+print(json.dumps({"tree": tree(msg), "subject": str(msg["subject"]), "from": str(msg["from"]), "to": str(msg["to"]),
+                  "date": msg["date"] and str(msg["date"]), "message_id": msg["message-id"], "mime": msg["mime-version"],
+                  "x_campaign": msg["x-campaign"], "leaves": leaves, "defects": defects}))
+]==]
+
+local function parse(data)
+  local code, out, err = H.exec(H.python, { "-c", PARSE }, { stdin = data, timeout = 30 })
+  assert(code == 0, "python: " .. err)
+  return cjson.decode(out)
+end
+
+-- python3-dkim on a message, the keys from nsd on loopback -> { true | false per signature }
+local VERIFY = [==[
+import sys, json, dkim, dns.message, dns.query
+port = int(sys.argv[1])
+def dnsfunc(name, timeout=5):
+    if isinstance(name, bytes):
+        name = name.decode()
+    r = dns.query.udp(dns.message.make_query(name, "TXT"), "127.0.0.1", port=port, timeout=timeout)
+    for rrset in r.answer:
+        for rd in rrset:
+            return b"".join(rd.strings)
+    return None
+msg = sys.stdin.buffer.read()
+n = sum(1 for h in dkim.DKIM(msg).headers if h[0].lower() == b"dkim-signature")
+print(json.dumps([bool(dkim.DKIM(msg).verify(idx=i, dnsfunc=dnsfunc)) for i in range(n)]))
+]==]
+
+local function dkim_verify(data, dns_port)
+  local code, out, err = H.exec(H.python, { "-c", VERIFY, tostring(dns_port) }, { stdin = data, timeout = 30 })
+  assert(code == 0, "python3-dkim: " .. out .. err)
+  return cjson.decode(out)
+end
+
+local function to_sender(sink, sender)
+  local n = 0
+  for _, m in ipairs(sink.messages()) do
+    if m.rcpts[1] == sender then n = n + 1 end
+  end
+  return n
+end
+
+local function arrived(sink, rcpt)
+  for _, m in ipairs(sink.messages()) do
+    for _, r in ipairs(m.rcpts) do
+      if r == rcpt then return m end
+    end
+  end
+end
+
+describe("the HTTP API", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-api") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  it("answers 401 without the token, 400 for bad JSON and bad fields with the reason", function()
+    H.with_sink(function(sink)
+      local mta, api, port = api_mta(dir, sink.port)
+      local s, b = http.request("127.0.0.1", port, "GET", "/api/v1/queues")
+      assert.equal(401, s)
+      assert.matches("bearer token", b)
+      s = http.request("127.0.0.1", port, "POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test" },
+        { Authorization = "Bearer wrong" })
+      assert.equal(401, s)
+      local v
+      s, v = api("POST", "/api/v1/messages", "{\"from\": ", { ["Content-Type"] = "application/json" })
+      assert.equal(400, s)
+      assert.matches("^bad JSON", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", subjet = "typo" })
+      assert.equal(400, s)
+      assert.matches("unknown field 'subjet'", v.error)
+      s, v = api("POST", "/api/v1/messages", { to = "c@d.test", text = "x" })
+      assert.equal(400, s)
+      assert.matches("^from: required", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = { "c@d.test", "not an address" }, text = "x" })
+      assert.equal(400, s)
+      assert.matches("^to item 2: bad address", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test> NOTIFY=NEVER", text = "x" })
+      assert.equal(400, s)
+      assert.matches("^to item 1: bad address", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", content = "Subject: x\r\n\r\nx",
+        text = "y" })
+      assert.equal(400, s)
+      assert.matches("either content or structured parts", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", subject = "a\r\nBcc: x@y.test" })
+      assert.equal(400, s)
+      assert.matches("subject: holds a line break", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", tenant = "nobody" })
+      assert.equal(400, s)
+      assert.matches("unknown tenant 'nobody'", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test",
+        attachments = { { name = "x.bin", data = "not base64!" } } })
+      assert.equal(400, s)
+      assert.matches("attachments item 1: data is not valid base64", v.error)
+      s, v = api("POST", "/api/v1/bounce", {})
+      assert.equal(400, s)
+      assert.matches("give a filter", v.error)
+      s, v = api("POST", "/api/v1/suspend", { tenant = 42 })
+      assert.equal(400, s)
+      assert.matches("tenant: expected a string", v.error)
+      -- nothing was queued by any of these
+      assert.equal(0, mta.spool:count())
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("injects a structured message that Python's email package parses into the right parts", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port)
+      local pdf = "%PDF-1.4\n" .. string.rep("\0\1\2\255", 300) .. "\n%%EOF\n"
+      local text = "Hallo Jörg,\n\nthe report is attached. A long line follows: " .. string.rep("abc ", 40)
+        .. "\n\n-- \nAcme"
+      local s, v = api("POST", "/api/v1/messages", {
+        from = "news@acme.test", to = { "joerg@x.test" },
+        from_header = { name = "Acme Newsroom", address = "news@acme.test" },
+        to_header = "Jörg Müller <joerg@x.test>",
+        subject = "Ihr Bericht für März — Grüße ✓",
+        text = text,
+        html = "<p>Hallo J&ouml;rg, <b>the report</b> is attached.</p>",
+        headers = { ["X-Campaign"] = "spring-2026" },
+        attachments = { { name = "bericht-märz.pdf", content_type = "application/pdf", data = passwd.b64encode(pdf) } },
+      })
+      assert.equal(202, s, cjson.encode(v))
+      assert.is_string(v.id)
+      assert.same({ v.id }, v.ids)
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end, 10))
+      local m = sink.messages()[1]
+      assert.equal("news@acme.test", m.from)
+      assert.same({ "joerg@x.test" }, m.rcpts)
+      -- the Received field names the API and the id that was returned
+      assert.matches("^Received: from %[127%.0%.0%.1%]\r\n\tby mx%.test %(Moonpost%) with HTTP id " .. v.id, m.data)
+      local p = parse(m.data)
+      assert.same({}, p.defects)
+      assert.same({ "multipart/mixed", { "multipart/alternative", "text/plain", "text/html" }, "application/pdf" },
+        p.tree)
+      assert.equal("Ihr Bericht für März — Grüße ✓", p.subject)
+      assert.equal("Acme Newsroom <news@acme.test>", p.from)
+      assert.equal("Jörg Müller <joerg@x.test>", p.to)
+      assert.equal("1.0", p.mime)
+      assert.equal("spring-2026", p.x_campaign)
+      assert.matches("^<" .. v.id .. "%.%x+@mx%.test>$", p.message_id)
+      assert.truthy(p.date)
+      local plain, html, att = p.leaves[1], p.leaves[2], p.leaves[3]
+      assert.equal("quoted-printable", plain.cte) -- not ASCII, and a line over 76 columns
+      assert.equal(text .. "\n", plain.text)
+      assert.equal("7bit", html.cte)
+      assert.matches("<b>the report</b>", html.text)
+      assert.equal("bericht-märz.pdf", att.filename)
+      assert.equal("base64", att.cte)
+      assert.equal(passwd.b64encode(pdf), att.b64)
+      -- every line of the message is short (RFC 5322 2.1.1: at most 78 recommended)
+      for line in m.data:gmatch("[^\r\n]+") do
+        assert.is_true(#line <= 998, "a line over 998 octets")
+        if not line:match("^Received") then assert.is_true(#line <= 78, "long line: " .. line) end
+      end
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("injects raw content and batches, adding Date and Message-ID only where missing", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port)
+      local s, v = api("POST", "/api/v1/messages", { messages = {
+        { from = "a@origin.test", to = "raw1@x.test", content = "From: a@origin.test\nTo: raw1@x.test\n"
+          .. "Subject: raw one\n\nbare LF lines\nbecome CRLF\n" },
+        { from = "a@origin.test", to = { "raw2@x.test", "raw3@x.test" }, content = "From: a@origin.test\r\n"
+          .. "Message-ID: <mine@origin.test>\r\nDate: Mon, 30 Nov 2026 18:00:00 +0000\r\nSubject: raw two\r\n\r\nbody\r\n" },
+      } })
+      assert.equal(202, s, cjson.encode(v))
+      assert.equal(2, #v.ids)
+      assert.is_true(H.wait_for(function() return #sink.messages() == 2 end, 10))
+      local one, two = arrived(sink, "raw1@x.test"), arrived(sink, "raw2@x.test")
+      assert.same({ "raw2@x.test", "raw3@x.test" }, two.rcpts)
+      assert.matches("\r\nDate: [^\r\n]+\r\nMessage%-ID: <" .. v.ids[1] .. "%.%x+@mx%.test>\r\nFrom: a@origin%.test\r\n",
+        one.data)
+      assert.matches("\r\n\r\nbare LF lines\r\nbecome CRLF\r\n$", one.data)
+      assert.equal(1, select(2, two.data:gsub("\r\nMessage%-ID:", "")))
+      assert.matches("Message%-ID: <mine@origin%.test>", two.data)
+      assert.equal(1, select(2, two.data:gsub("\r\nDate:", "")))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("signs injected mail with DKIM (the message steps run), as python3-dkim verifies", function()
+    H.with_sink(function(sink)
+      local keys = dir .. "/dkim"
+      local code, rec, err = H.exec(H.root .. "/scripts/dkim-keygen", { "--type", "ed25519", "--domain",
+        "api.dkim.test", "--selector", "s1", "--dir", keys }, { timeout = 60 })
+      assert(code == 0, "dkim-keygen: " .. rec .. err)
+      local dnsd = H.dns_server({ ["dkim.test"] = "$ORIGIN dkim.test.\n$TTL 300\n"
+        .. "@ IN SOA ns.dkim.test. hostmaster.dkim.test. 1 3600 600 86400 60\n@ IN NS ns.dkim.test.\n"
+        .. "ns IN A 127.0.0.1\n" .. rec .. "\n" })
+      local ok, e = pcall(function()
+        local mta, api = api_mta(dir, sink.port, { setup = function(m)
+          m:use(require("moonpost.dkim").sign({ keys = keys }))
+        end })
+        local s = api("POST", "/api/v1/messages", { from = "news@api.dkim.test", to = "r@x.test",
+          subject = "Signé", text = "signed over HTTP", html = "<p>signed</p>" })
+        assert.equal(202, s)
+        s = api("POST", "/api/v1/messages", { from = "news@api.dkim.test", to = "raw@x.test",
+          content = "From: news@api.dkim.test\nTo: raw@x.test\nSubject: raw\n\nraw and signed\n" })
+        assert.equal(202, s)
+        assert.is_true(H.wait_for(function() return #sink.messages() == 2 end, 10))
+        for _, m in ipairs(sink.messages()) do
+          assert.matches("^DKIM%-Signature:", m.data)
+          assert.same({ true }, dkim_verify(m.data, dnsd.port))
+        end
+        H.stop_mta(mta)
+      end)
+      dnsd.stop()
+      if not ok then error(e, 0) end
+    end, 90)
+  end)
+
+  it("runs the policy's message handlers on injected mail: a reject is a 422 with the reply", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port, { setup = function(m)
+        m:on("smtp_server_message_received", function(txn, msg)
+          if msg:headers():find("Subject: spam", 1, true) then
+            return require("moonpost").reject(550, "5.7.1", "no spam here")
+          end
+          txn.notes.seen = true
+          msg:prepend("X-Seen-By-Policy: " .. txn.conn.protocol .. "\r\n")
+        end)
+      end })
+      local s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@x.test", subject = "spam", text = "x" })
+      assert.equal(422, s)
+      assert.equal("refused by the policy: 550 5.7.1 no spam here", v.error)
+      s = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@x.test", subject = "ham", text = "x" })
+      assert.equal(202, s)
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end, 10))
+      assert.matches("^X%-Seen%-By%-Policy: http\r\n", sink.messages()[1].data)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("suspends a domain: nothing arrives, no attempt is counted; resume delivers everything at once", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port)
+      local s, v = api("POST", "/api/v1/suspend", { domain = "Held.test", reason = "maintenance" })
+      assert.equal(200, s, cjson.encode(v))
+      assert.equal("domain=held.test", v.suspended.key)
+      local ids = {}
+      for i = 1, 5 do
+        s, v = api("POST", "/api/v1/messages", { from = "a@origin.test", to = "user" .. i .. "@held.test",
+          subject = "held " .. i, text = "x" })
+        assert.equal(202, s)
+        ids[i] = v.id
+      end
+      -- mail to other domains flows meanwhile
+      s = api("POST", "/api/v1/messages", { from = "a@origin.test", to = "free@other.test", subject = "free", text = "x" })
+      assert.equal(202, s)
+      assert.is_true(H.wait_for(function() return arrived(sink, "free@other.test") ~= nil end, 10))
+      H.wait_for(function() return false end, 1.5)
+      assert.equal(1, #sink.messages())
+      s, v = api("GET", "/api/v1/suspensions")
+      assert.equal(200, s)
+      assert.equal(1, #v.suspensions)
+      assert.equal("held.test", v.suspensions[1].domain)
+      assert.equal("maintenance", v.suspensions[1].reason)
+      assert.equal(5, v.suspensions[1].held)
+      s, v = api("GET", "/api/v1/messages/" .. ids[1])
+      assert.equal(200, s)
+      assert.equal("suspended", v.state)
+      assert.equal("domain=held.test", v.suspended_by)
+      assert.equal(0, v.attempts)
+      -- suspending again says so and changes nothing
+      s, v = api("POST", "/api/v1/suspend", { domain = "held.test" })
+      assert.equal(200, s)
+      assert.is_true(v.existing)
+      local t0 = require("luv").now()
+      s, v = api("POST", "/api/v1/resume", { domain = "held.test" })
+      assert.equal(200, s)
+      assert.equal(5, v.released)
+      assert.is_true(H.wait_for(function() return #sink.messages() == 6 end, 10))
+      assert.is_true(require("luv").now() - t0 < 3000, "resumed mail went at once")
+      s, v = api("GET", "/api/v1/suspensions")
+      assert.equal(200, s)
+      assert.same({}, v.suspensions)
+      s, v = api("POST", "/api/v1/resume", { domain = "held.test" })
+      assert.equal(404, s)
+      assert.matches("no such suspension", v.error)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("suspends a tenant (others flow) and a site; suspensions outlive a restart", function()
+    H.with_sink(function(sink)
+      local tenants = { acme = {}, globex = {} }
+      local mta, api = api_mta(dir, sink.port, { tenants = tenants })
+      assert.equal(200, (api("POST", "/api/v1/suspend", { tenant = "acme" })))
+      assert.equal(202, (api("POST", "/api/v1/messages", { from = "a@acme.test", to = "one@x.test", tenant = "acme",
+        subject = "acme", text = "x" })))
+      assert.equal(202, (api("POST", "/api/v1/messages", { from = "g@globex.test", to = "two@x.test",
+        tenant = "globex", subject = "globex", text = "x" })))
+      assert.is_true(H.wait_for(function() return arrived(sink, "two@x.test") ~= nil end, 10))
+      H.wait_for(function() return false end, 1)
+      assert.is_nil(arrived(sink, "one@x.test"))
+      -- the site: the relay's address as route.smtp names it
+      local s, v = api("GET", "/api/v1/queues")
+      assert.equal(200, s)
+      local site = v.sites[1].site
+      assert.equal("[127.0.0.1]:" .. sink.port, site)
+      assert.equal(1, v.sites[1].delivered)
+      assert.equal(200, (api("POST", "/api/v1/suspend", { site = site })))
+      assert.equal(202, (api("POST", "/api/v1/messages", { from = "g@globex.test", to = "three@x.test",
+        tenant = "globex", subject = "site", text = "x" })))
+      H.wait_for(function() return false end, 1.5)
+      assert.is_nil(arrived(sink, "three@x.test"))
+      s, v = api("GET", "/api/v1/queues?site=" .. site)
+      assert.equal(200, s)
+      assert.is_true(v.sites[1].suspended)
+      assert.equal(1, v.sites[1].held)
+      -- a restart on the same spool: still suspended, and the mail still waits
+      H.stop_mta(mta)
+      mta, api = api_mta(dir, sink.port, { tenants = tenants })
+      s, v = api("GET", "/api/v1/suspensions")
+      assert.equal(200, s)
+      assert.equal(2, #v.suspensions)
+      H.wait_for(function() return false end, 1.5)
+      assert.equal(1, #sink.messages())
+      s, v = api("POST", "/api/v1/resume", { all = true })
+      assert.equal(200, s)
+      assert.equal(2, #v.resumed)
+      assert.is_true(H.wait_for(function() return #sink.messages() == 3 end, 10))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("bounces queued mail by filter with DSNs to the senders, or silently", function()
+    H.with_sink(function(sink)
+      -- the first attempt defers (451), and the retry is an hour away: the
+      -- purge must bring the messages forward
+      local mta, api = api_mta(dir, sink.port, { queue = { retry = { "1h" }, max_age = "1d" } })
+      local ids = {}
+      for i = 1, 3 do
+        local s, v = api("POST", "/api/v1/messages", { from = "sender@origin.test", to = "r451-u" .. i .. "@purge.test",
+          subject = "doomed " .. i, text = "x" })
+        assert.equal(202, s)
+        ids[i] = v.id
+      end
+      assert.equal(202, (api("POST", "/api/v1/messages", { from = "sender@origin.test", to = "r451-keep@kept.test",
+        subject = "kept", text = "x" })))
+      assert.is_true(H.wait_for(function()
+        local _, v = api("GET", "/api/v1/messages/" .. ids[3])
+        return v.attempts == 1
+      end, 10))
+      local s, v = api("POST", "/api/v1/bounce", { domain = "purge.test", older_than = 3600 })
+      assert.equal(200, s)
+      assert.equal(0, v.matched)
+      s, v = api("POST", "/api/v1/bounce", { domain = "purge.test" })
+      assert.equal(200, s, cjson.encode(v))
+      assert.equal(3, v.matched)
+      assert.equal(3, v.bounced)
+      assert.equal(0, v.pending)
+      assert.is_true(v.dsn)
+      assert.is_true(H.wait_for(function() return to_sender(sink, "sender@origin.test") == 3 end, 10))
+      local d = H.parse_dsn(arrived(sink, "sender@origin.test").data)
+      assert.equal("multipart/report", d.type)
+      assert.equal("failed", d.recipients[1]["Action"])
+      assert.equal("5.0.0", d.recipients[1]["Status"])
+      assert.matches("deleted from the queue by the administrator", d.recipients[1]["Diagnostic-Code"])
+      s = api("GET", "/api/v1/messages/" .. ids[1])
+      assert.equal(404, s)
+      -- the message to kept.test is still queued, untouched
+      s, v = api("GET", "/api/v1/queues?domain=kept.test")
+      assert.equal(200, s)
+      assert.equal(1, #v.queues)
+      assert.equal(1, v.queues[1].depth)
+      -- silently: no DSN
+      s, v = api("POST", "/api/v1/bounce", { rcpt = "R451-keep@kept.test", dsn = false })
+      assert.equal(200, s)
+      assert.equal(1, v.matched)
+      assert.equal(1, v.bounced)
+      assert.is_false(v.dsn)
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 10))
+      H.wait_for(function() return false end, 1)
+      assert.equal(3, to_sender(sink, "sender@origin.test"))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("purges suspended mail too, and by tenant and sender", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port, { tenants = { acme = {}, globex = {} } })
+      assert.equal(200, (api("POST", "/api/v1/suspend", { domain = "x.test" })))
+      for _, t in ipairs({ "acme", "acme", "globex" }) do
+        assert.equal(202, (api("POST", "/api/v1/messages", { from = "bounces@" .. t .. ".test", to = "u@x.test",
+          tenant = t, subject = t, text = "x" })))
+      end
+      assert.is_true(H.wait_for(function()
+        local _, v = api("GET", "/api/v1/suspensions")
+        return v.suspensions[1].held == 3
+      end, 10))
+      local s, v = api("POST", "/api/v1/bounce", { tenant = "acme", from = "BOUNCES@acme.test" })
+      assert.equal(200, s)
+      assert.equal(2, v.matched)
+      assert.equal(2, v.bounced)
+      assert.is_true(H.wait_for(function() return to_sender(sink, "bounces@acme.test") == 2 end, 10))
+      s, v = api("GET", "/api/v1/queues")
+      assert.equal(200, s)
+      assert.equal(1, v.messages)
+      assert.equal("globex", v.queues[1].tenant)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("inspects a message: envelope, recipients, attempts, next attempt, headers, and the body on request", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port, { queue = { retry = { "1h" }, max_age = "1d" },
+        tenants = { acme = {} } })
+      local s, v = api("POST", "/api/v1/messages", { from = "a@acme.test", to = { "ok@x.test", "r451-later@x.test" },
+        tenant = "acme", subject = "inspect me", text = "the body" })
+      assert.equal(202, s)
+      local id = v.id
+      assert.is_true(H.wait_for(function() return arrived(sink, "ok@x.test") ~= nil end, 10))
+      assert.is_true(H.wait_for(function()
+        local _, m = api("GET", "/api/v1/messages/" .. id)
+        return m.attempts == 1
+      end, 10))
+      s, v = api("GET", "/api/v1/messages/" .. id)
+      assert.equal(200, s)
+      assert.equal(id, v.id)
+      assert.equal("a@acme.test", v.from)
+      assert.equal("acme", v.tenant)
+      assert.equal("deferred", v.state)
+      assert.equal(1, v.attempts)
+      assert.is_true(v.next_attempt > os.time() + 3000)
+      assert.is_true(v.size > 100)
+      assert.equal("ok@x.test", v.recipients[1].address)
+      assert.equal("delivered", v.recipients[1].state)
+      assert.equal("r451-later@x.test", v.recipients[2].address)
+      assert.equal("deferred", v.recipients[2].state)
+      assert.equal(451, v.recipients[2].last_result.code)
+      local subject
+      for _, h in ipairs(v.headers) do if h.name == "Subject" then subject = h.value end end
+      assert.equal("inspect me", subject)
+      assert.is_nil(v.body)
+      s, v = api("GET", "/api/v1/messages/" .. id .. "?body=1")
+      assert.equal(200, s)
+      assert.equal("the body\r\n", v.body)
+      s, v = api("GET", "/api/v1/messages/0123456789abc")
+      assert.equal(404, s)
+      assert.matches("no such message", v.error)
+      -- the queue summary names the deferral
+      s, v = api("GET", "/api/v1/queues?tenant=acme")
+      assert.equal(200, s)
+      assert.equal(1, #v.queues)
+      assert.equal("x.test", v.queues[1].domain)
+      assert.equal(1, v.queues[1].depth)
+      assert.matches("^451 4%.2%.0", v.queues[1].last_error)
+      assert.is_true(v.queues[1].oldest >= 0)
+      s, v = api("GET", "/api/v1/queues?tenant=globex")
+      assert.equal(200, s)
+      assert.same({}, v.queues)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("refuses a tenant over its queue quota with 429", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port, { tenants = { acme = { max_queued = 2 } } })
+      assert.equal(200, (api("POST", "/api/v1/suspend", { tenant = "acme" })))
+      for i = 1, 2 do
+        assert.equal(202, (api("POST", "/api/v1/messages", { from = "a@acme.test", to = "u" .. i .. "@x.test",
+          tenant = "acme", text = "x" })))
+      end
+      assert.is_true(H.wait_for(function() return mta:tenant_depth("acme") == 2 end, 10))
+      local s, v = api("POST", "/api/v1/messages", { from = "a@acme.test", to = "u3@x.test", tenant = "acme",
+        text = "x" })
+      assert.equal(429, s)
+      assert.matches("queue quota exceeded", v.error)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("adds, lists, exports and removes suppressions; 404 without a suppress block", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port)
+      local s, v = api("GET", "/api/v1/suppressions")
+      assert.equal(404, s)
+      assert.equal("the policy uses no moonpost.suppress block", v.error)
+      H.stop_mta(mta)
+      local sup = require("moonpost.suppress").setup({ path = dir .. "/suppress.log", check = "queue" })
+      mta, api = api_mta(dir, sink.port, { tenants = { acme = {}, globex = {} },
+        setup = function(m) m:use(sup) end })
+      local addrs = {}
+      for i = 1, 5 do addrs[i] = "gone" .. i .. "@x.test" end
+      s, v = api("POST", "/api/v1/suppressions", { tenant = "acme", addresses = addrs, reason = "complaint" })
+      assert.equal(200, s, cjson.encode(v))
+      assert.equal(5, v.added)
+      s, v = api("POST", "/api/v1/suppressions", { tenant = "acme", address = "gone1@x.test" })
+      assert.equal(200, s)
+      assert.equal(0, v.added)
+      assert.equal(1, v.existing)
+      assert.equal(200, (api("POST", "/api/v1/suppressions", { tenant = "globex", address = "other@x.test" })))
+      -- on disk before the answer: the log file has them
+      assert.matches("gone5@x%.test", H.read(dir .. "/suppress.log"))
+      s, v = api("GET", "/api/v1/suppressions?tenant=acme&limit=2")
+      assert.equal(200, s)
+      assert.equal(2, v.count)
+      assert.equal(5, v.total)
+      assert.equal(2, v.next_offset)
+      assert.equal("complaint", v.entries[1].reason)
+      local seen = {}
+      local offset = 0
+      repeat
+        s, v = api("GET", "/api/v1/suppressions?tenant=acme&limit=2&offset=" .. offset)
+        assert.equal(200, s)
+        for _, e in ipairs(v.entries) do
+          assert.equal("acme", e.tenant)
+          seen[#seen + 1] = e.address
+        end
+        offset = v.next_offset
+      until not offset
+      table.sort(seen)
+      assert.same(addrs, seen)
+      s, v = api("GET", "/api/v1/suppressions")
+      assert.equal(200, s)
+      assert.equal(6, v.total)
+      local csv, h
+      s, csv, h = api("GET", "/api/v1/suppressions/export?tenant=globex")
+      assert.equal(200, s)
+      assert.matches("^text/csv", h["content-type"])
+      assert.matches("^tenant,address,reason,time\nglobex,other@x%.test,admin,%d+\n$", csv)
+      -- the queue check applies at once: an injected message to a suppressed address is dropped
+      assert.equal(202, (api("POST", "/api/v1/messages", { from = "a@acme.test", to = { "gone2@x.test", "fine@x.test" },
+        tenant = "acme", text = "x" })))
+      assert.is_true(H.wait_for(function() return arrived(sink, "fine@x.test") ~= nil end, 10))
+      assert.same({ "fine@x.test" }, arrived(sink, "fine@x.test").rcpts)
+      s, v = api("DELETE", "/api/v1/suppressions", { tenant = "acme", addresses = { "gone1@x.test", "never@x.test" } })
+      assert.equal(200, s)
+      assert.equal(1, v.removed)
+      assert.equal(1, v.missing)
+      s, v = api("DELETE", "/api/v1/suppressions?tenant=acme&address=gone2%40x.test")
+      assert.equal(200, s)
+      assert.equal(1, v.removed)
+      s, v = api("GET", "/api/v1/suppressions?tenant=acme")
+      assert.equal(200, s)
+      assert.equal(3, v.total)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("reloads: the blocks read their files again (the reloaded event runs)", function()
+    H.with_sink(function(sink)
+      local reloaded = 0
+      local mta, api = api_mta(dir, sink.port, { setup = function(m)
+        m:on("reloaded", function() reloaded = reloaded + 1 end)
+      end })
+      local s, v = api("POST", "/api/v1/reload")
+      assert.equal(200, s, cjson.encode(v))
+      assert.is_true(v.reloaded)
+      assert.is_false(v.policy)
+      assert.equal(1, reloaded)
+      assert.matches("admin: reload", H.log("admin: reload"))
+      H.stop_mta(mta)
+    end)
+  end)
+end)
