@@ -3,7 +3,8 @@
 --
 --   local fd, err, code = fs.open(path, "wx", 384)
 --   fs.fsync(fd), fs.fdatasync(fd), fs.close(fd), fs.rename(a, b), fs.mkdir(p, mode),
---   fs.unlink(p), fs.stat(p), fs.mkdir_p(p, mode), fs.fsync_dir(p)
+--   fs.unlink(p), fs.stat(p), fs.fstat(fd), fs.mkdir_p(p, mode), fs.fsync_dir(p),
+--   fs.write(fd, data[, offset]) -> bytes written, fs.read(fd, size[, offset]) -> data ("" at the end)
 --
 -- Errors come back as nil, "ENOSPC: no space left on device: /path", "ENOSPC".
 local uv = require "luv"
@@ -44,6 +45,8 @@ function _M.rename(a, b) return call(uv.fs_rename, a, b) end
 function _M.unlink(path) return call(uv.fs_unlink, path) end
 function _M.stat(path) return call(uv.fs_stat, path) end
 function _M.write(fd, data, offset) return call(uv.fs_write, fd, data, offset or -1) end
+function _M.read(fd, size, offset) return call(uv.fs_read, fd, size, offset or -1) end
+function _M.fstat(fd) return call(uv.fs_fstat, fd) end
 function _M.mkdir(path, mode) return call(uv.fs_mkdir, path, mode or 448) end
 
 -- mkdir -p; existing directories are fine.

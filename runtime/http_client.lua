@@ -1,0 +1,219 @@
+-- A small HTTP/1.1 client over cosocket streams, for code running in a task
+-- (the event log's webhook). http:// only, to an address (a loopback
+-- receiver, a sidecar); no TLS, no redirects, no proxies.
+--
+--   local http = require "moonpost.runtime.http_client"
+--   local c, err = http.new("http://127.0.0.1:9000/events", { timeout = 10, headers = { ... } })
+--   local res, err = c:request("POST", body, { ["Content-Type"] = "application/json" })
+--   -- res = { status = 200, reason = "OK", headers = { ["content-type"] = ... }, body = "..." }
+--   c:close()                      -- the kept connection; c:abort() also ends a request in progress
+--
+-- The connection is kept alive between requests when the server allows it;
+-- a request on a kept connection that the server closed meanwhile is sent
+-- again once on a new one (the caller must accept a repeated request: the
+-- webhook is at-least-once anyway). Request bodies carry Content-Length;
+-- responses may use Content-Length, chunked encoding or end at close.
+-- Expected failures return nil and a short token with the detail:
+-- "timeout", "closed", "connect: ECONNREFUSED", "bad response: ...".
+local uv = require "luv"
+local stream = require "moonpost.runtime.stream"
+local sched = require "moonpost.runtime.sched"
+
+local format, concat, lower, tonumber, pairs, type = string.format, table.concat, string.lower, tonumber, pairs,
+  type
+
+local _M = { _VERSION = "0.1" }
+
+local Client = {}
+local mt = { __index = Client }
+
+-- Limits on what a server may send back (the body is not used by the webhook).
+local MAX_HEADERS = 100
+local MAX_BODY = 1048576
+
+-- parse_url("http://127.0.0.1:9000/events") -> { host, port, path, authority } | nil, err
+function _M.parse_url(url)
+  if type(url) ~= "string" then return nil, "expected a string" end
+  local scheme, rest = url:match("^(%a[%w+.-]*)://(.*)$")
+  if not scheme then return nil, "not an absolute URL" end
+  if lower(scheme) ~= "http" then return nil, "only http:// is supported, got " .. scheme .. "://" end
+  local authority, path = rest:match("^([^/?#]*)(.*)$")
+  if path == "" then path = "/" end
+  path = path:gsub("#.*$", "")
+  if path:sub(1, 1) == "?" then path = "/" .. path end
+  local host, port
+  if authority:sub(1, 1) == "[" then
+    host, port = authority:match("^%[([%x:.]+)%]:?(%d*)$")
+  else
+    host, port = authority:match("^([^:@]+):?(%d*)$")
+  end
+  if not host then return nil, "bad host in " .. url end
+  port = port ~= "" and tonumber(port) or 80
+  if port < 1 or port > 65535 then return nil, "bad port in " .. url end
+  if lower(host) == "localhost" then host = "127.0.0.1" end
+  -- stream.connect takes addresses: no resolver here
+  if not host:match("^%d+%.%d+%.%d+%.%d+$") and not host:find(":", 1, true) then
+    return nil, "the host must be an IP address or localhost, got " .. host
+  end
+  return { host = host, port = port, path = path, authority = authority }
+end
+
+-- new(url, opts) -> client | nil, err. opts.timeout (seconds, default 10)
+-- bounds each request as a whole; opts.headers are sent with every request.
+function _M.new(url, opts)
+  opts = opts or {}
+  local u, err = _M.parse_url(url)
+  if not u then return nil, err end
+  return setmetatable({ url = u, timeout = opts.timeout or 10, headers = opts.headers or {}, s = nil,
+    requests = 0, connects = 0 }, mt)
+end
+
+local function left(deadline)
+  return math.max(0.001, (deadline - uv.now()) / 1000)
+end
+
+local function read_body(s, h, deadline)
+  local te = h["transfer-encoding"]
+  if te and lower(te):find("chunked", 1, true) then
+    local parts, size = {}, 0
+    while true do
+      local line, err = s:receive("*l", left(deadline))
+      if not line then return nil, err end
+      local n = tonumber(line:match("^%s*(%x+)"), 16)
+      if not n then return nil, "bad response: chunk size " .. line:sub(1, 40) end
+      if n == 0 then
+        -- trailer fields up to the empty line
+        repeat
+          line, err = s:receive("*l", left(deadline))
+          if not line then return nil, err end
+        until line == ""
+        return concat(parts), true
+      end
+      size = size + n
+      if size > MAX_BODY then return nil, "bad response: body too large" end
+      local data, derr = s:receive(n, left(deadline))
+      if not data then return nil, derr end
+      parts[#parts + 1] = data
+      local crlf, cerr = s:receive("*l", left(deadline))
+      if not crlf then return nil, cerr end
+    end
+  end
+  local cl = h["content-length"]
+  if cl then
+    local n = tonumber(cl)
+    if not n or n < 0 or n % 1 ~= 0 then return nil, "bad response: Content-Length " .. cl end
+    if n > MAX_BODY then return nil, "bad response: body too large" end
+    local data, err = s:receive(n, left(deadline))
+    if not data then return nil, err end
+    return data, true
+  end
+  -- no framing: the body ends when the server closes
+  local data, err, partial = s:receive(MAX_BODY + 1, left(deadline))
+  if data then return nil, "bad response: body too large" end
+  if err == "closed" then return partial or "", false end
+  return nil, err
+end
+
+-- One exchange on the open connection: the response, and whether the
+-- connection may be used again.
+local function exchange(self, req, deadline)
+  local s = self.s
+  local ok, err = s:send(req, left(deadline))
+  if not ok then return nil, err end
+  local line
+  line, err = s:receive("*l", left(deadline))
+  if not line then return nil, err end
+  local v, status, reason = line:match("^HTTP/1%.(%d) (%d%d%d) ?(.*)$")
+  if not v then return nil, "bad response: status line " .. format("%q", line:sub(1, 60)) end
+  local h, n = {}, 0
+  while true do
+    local hl, herr = s:receive("*l", left(deadline))
+    if not hl then return nil, herr end
+    if hl == "" then break end
+    n = n + 1
+    if n > MAX_HEADERS then return nil, "bad response: too many header fields" end
+    local name, value = hl:match("^([^:%s]+):%s*(.-)%s*$")
+    if not name then return nil, "bad response: header line " .. format("%q", hl:sub(1, 60)) end
+    name = lower(name)
+    h[name] = h[name] and (h[name] .. ", " .. value) or value
+  end
+  status = tonumber(status)
+  local body, framed = "", true
+  if not (status < 200 or status == 204 or status == 304) then
+    body, framed = read_body(s, h, deadline)
+    if not body then return nil, framed end
+  end
+  local conn = lower(h["connection"] or "")
+  local keep = framed and v == "1" and not conn:find("close", 1, true)
+  return { status = status, reason = reason, headers = h, body = body }, keep
+end
+
+function Client:connect(deadline)
+  local u = self.url
+  self.connecting = sched.current()
+  local s, err = stream.connect(u.host, u.port, left(deadline))
+  self.connecting = nil
+  if s and self.aborted then
+    s:close()
+    s, err = nil, "aborted"
+  end
+  if not s then return nil, "connect: " .. tostring(err) end
+  self.connects = self.connects + 1
+  self.s = s
+  return true
+end
+
+-- request(method, body, headers) -> res | nil, err
+function Client:request(method, body, headers)
+  if self.aborted then return nil, "aborted" end
+  body = body or ""
+  local u = self.url
+  local lines = { format("%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n", method, u.path, u.authority, #body) }
+  for k, v in pairs(self.headers) do lines[#lines + 1] = k .. ": " .. tostring(v) .. "\r\n" end
+  for k, v in pairs(headers or {}) do lines[#lines + 1] = k .. ": " .. tostring(v) .. "\r\n" end
+  lines[#lines + 1] = "\r\n"
+  lines[#lines + 1] = body
+  local req = concat(lines)
+  local deadline = uv.now() + self.timeout * 1000
+  self.requests = self.requests + 1
+  for try = 1, 2 do
+    local reused = self.s ~= nil
+    if not reused then
+      local ok, err = self:connect(deadline)
+      if not ok then return nil, err end
+    end
+    local res, keep = exchange(self, req, deadline)
+    if res then
+      if not keep then self:close() end
+      return res
+    end
+    self:close()
+    if self.aborted then return nil, "aborted" end
+    -- a kept connection the server has closed since: once more on a new one
+    if not (reused and try == 1 and (keep == "closed" or (type(keep) == "string" and keep:match("^E")))) then
+      return nil, keep
+    end
+  end
+end
+
+function Client:close()
+  if self.s then
+    self.s:close()
+    self.s = nil
+  end
+  return true
+end
+
+-- abort(): close, and end a request in progress (even one waiting for its
+-- connection) with "aborted"; later requests fail the same way.
+function Client:abort()
+  self.aborted = true
+  if self.connecting then
+    local t = self.connecting
+    self.connecting = nil
+    sched.wake(t, nil, "aborted")
+  end
+  return self:close()
+end
+
+return _M
