@@ -59,6 +59,10 @@ _M.EVENTS = {
   delivery_deferred = true,
   delivery_bounced = true,
   delivery_suppressed = true,
+  -- informational, for the event log (docs/eventlog.md)
+  smtp_server_message_queued = true,
+  smtp_server_rejected = true,
+  delivery_dsn = true,
 }
 
 -- Every MTA the policy made (the launcher runs one the policy did not).
@@ -297,6 +301,20 @@ function MTA:add_delivery_filter(fn)
   self.delivery_filters = self.delivery_filters or {}
   self.delivery_filters[#self.delivery_filters + 1] = fn
   if self.queue then self.queue:add_filter(fn) end
+end
+
+-- event_log(record): a record (a table with a string `type`, such as
+-- "AdminAction") for every moonpost.eventlog block of this MTA; nothing
+-- without one. `time` is added when missing (docs/eventlog.md).
+function MTA:event_log(rec)
+  local logs = self.event_logs
+  if not logs then
+    if type(rec) ~= "table" or type(rec.type) ~= "string" then
+      error("event_log(record): record must be a table with a string field 'type'", 2)
+    end
+    return
+  end
+  for _, l in ipairs(logs) do l:record(rec, 2) end
 end
 
 -- tenant_depth(tenant) -> messages of that tenant queued for delivery

@@ -367,7 +367,14 @@ function Suppress:add(tenant, address, reason, time)
   if not st then return nil, err end
   local ok, aerr = st:add(tenant_of(tenant), address, reason, time)
   if ok == nil then return nil, aerr end
-  if ok then self:changed() end
+  if ok then
+    self:changed()
+    local m = self.mta
+    if m and m.event_logs then
+      m:event_log({ type = "Suppression", action = "added", tenant = tenant_of(tenant), recipient = address,
+        reason = reason })
+    end
+  end
   return ok
 end
 
@@ -377,7 +384,13 @@ function Suppress:remove(tenant, address)
   local st, err = self:store()
   if not st then return nil, err end
   local ok = st:remove(tenant_of(tenant), address)
-  if ok then self:changed() end
+  if ok then
+    self:changed()
+    local m = self.mta
+    if m and m.event_logs then
+      m:event_log({ type = "Suppression", action = "removed", tenant = tenant_of(tenant), recipient = address })
+    end
+  end
   return ok
 end
 
@@ -626,6 +639,11 @@ function Suppress:import_csv(path, tenant)
   if unsynced then self:changed() end
   log.info("suppress: %s: imported %s: %d added, %d there already, %d skipped, %d invalid", self.path, path,
     res.added, res.existing, res.skipped, res.invalid)
+  local m = self.mta
+  if m and m.event_logs then
+    m:event_log({ type = "Suppression", action = "imported", tenant = tenant, file = path, added = res.added,
+      existing = res.existing, skipped = res.skipped, invalid = res.invalid })
+  end
   return res
 end
 

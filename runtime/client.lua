@@ -376,7 +376,7 @@ function Conn:transaction(env, body, rcpts)
   end
   local code, enh, text = self:reply(t.done)
   local res = code and outcome(code, enh, text, host, "end of data") or temp(self.broken, host)
-  if self.tls_info then res.tls = self.tls_info.version end
+  if self.tls_info then res.tls, res.tls_cipher = self.tls_info.version, self.tls_info.cipher end
   -- a next hop without DSN will not report success: RFC 3461 5.2.2 "relayed"
   if res.status == "delivered" and not dsn then res.relayed = true end
   for _, r in ipairs(accepted) do results[r.index] = res end

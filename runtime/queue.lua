@@ -346,6 +346,7 @@ function Queue:notify(env, body, action, list)
   if ok then
     log.info("%s: delivery status notification %s to <%s>: %s, %d recipients", env.id, txn.id, env.from,
       action, #list)
+    self.mta.bus:emit("delivery_dsn", env, { id = txn.id, action = action, to = env.from, recipients = list })
   else
     log.error("%s: cannot queue the %s DSN: %s", env.id, action, tostring(err))
   end
@@ -412,7 +413,8 @@ local function deliver(self, m)
   for i, r in ipairs(env.rcpt) do
     if not r.done then
       local l, d = split(r.a)
-      local rc = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o }
+      local rc = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o,
+        attempt = (m.attempts or 0) + 1 }
       rcpts[#rcpts + 1] = rc
       local res
       for f = 1, #filters do

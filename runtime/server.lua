@@ -58,7 +58,7 @@ local function reply(self, code, enhanced, text)
     out[n + 1] = concat(parts)
     self.nout = n + 1
   end
-  self.last_code = code
+  self.last_code, self.last_enhanced, self.last_text = code, enhanced, text
 end
 
 local function closing(self, why)
@@ -495,6 +495,7 @@ local function message_done(self, msg, flags)
       txn.size, #txn.recipients, self.conn.id, self.conn.remote_ip or "?",
       txn.tenant ~= nil and (" tenant=" .. tostring(txn.tenant)) or "")
   end
+  self.mta.bus:emit("smtp_server_message_queued", txn)
   if v then return verdict_reply(self, v) end
   reply(self, 250, "2.0.0", "Ok: queued as " .. txn.id)
 end
@@ -826,7 +827,7 @@ local function rejected_command(self, verb, arg)
   error_reply(self, 503, "5.5.1", "Error: no SMTP service here")
 end
 
-local function on_command(self, verb, arg, flags)
+local function dispatch(self, verb, arg, flags)
   if flags ~= 0 then
     if band(flags, LINE_BAD_CHAR) ~= 0 then
       return error_reply(self, 500, "5.5.2", "Error: bad character in command")
@@ -842,6 +843,29 @@ local function on_command(self, verb, arg, flags)
     return error_reply(self, 500, "5.5.2", "Error: command not recognized")
   end
   return fn(self, arg)
+end
+
+-- The commands of a mail transaction whose refusals (4xx and 5xx replies)
+-- raise smtp_server_rejected, by the stage names of delivery results.
+local REFUSABLE = { MAIL = "MAIL FROM", RCPT = "RCPT TO", DATA = "DATA" }
+
+-- After a command or the end of a message: when its reply refused it, the
+-- informational event smtp_server_rejected(conn, txn, rejection) (the event
+-- log's Rejection records; docs/events.md).
+local function rejected(self, stage, txn, arg)
+  local code = self.last_code
+  if not code or code < 400 or not self.mta.bus:has("smtp_server_rejected") then return end
+  self.mta.bus:emit("smtp_server_rejected", self.conn, txn, { stage = stage, code = code,
+    enhanced = self.last_enhanced, text = self.last_text, address = arg and arg:match("<([^>]*)>") or nil })
+end
+
+local function on_command(self, verb, arg, flags)
+  local stage = REFUSABLE[verb]
+  if not stage then return dispatch(self, verb, arg, flags) end
+  local txn = self.txn
+  self.last_code = nil
+  dispatch(self, verb, arg, flags)
+  rejected(self, stage, txn or self.txn, verb ~= "DATA" and arg or nil)
 end
 
 -- ---- the session loop ---------------------------------------------------------------
@@ -891,10 +915,16 @@ local function serve(self)
     elseif kind == "data" then
       self.in_content = false
       local msg, flags = parser:take()
+      local txn = self.txn
+      self.last_code = nil
       message_done(self, msg, flags)
+      rejected(self, "end of data", txn)
     elseif kind == "bdat" then
       self.in_content = false
+      local txn = self.txn
+      self.last_code = nil
       bdat_done(self, a)
+      rejected(self, "BDAT", txn)
     elseif kind == "too_long" then
       error_reply(self, 500, "5.5.2", "Error: line too long")
     elseif kind == "line" then
