@@ -34,6 +34,7 @@ build = {
     ["moonpost.bounce"] = "modules/bounce.lua",
     ["moonpost.bounce.rules"] = "modules/bounce/rules.lua",
     ["moonpost.dkim"] = "modules/dkim.lua",
+    ["moonpost.eventlog"] = "modules/eventlog.lua",
     ["moonpost.maildir"] = "modules/maildir.lua",
     ["moonpost.metrics"] = "modules/metrics.lua",
     ["moonpost.route"] = "modules/route.lua",

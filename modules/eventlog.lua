@@ -1,0 +1,890 @@
+-- moonpost.eventlog: one JSON object per line for everything that happens
+-- to mail (docs/eventlog.md).
+--
+--   mta:use(require("moonpost.eventlog").setup {
+--     file = "/var/log/moonpost/events.jsonl",  -- appended; reopened on SIGUSR1
+--     stdout = true,                            -- containers
+--     webhook = { url = "http://127.0.0.1:9000/events", batch = 100, interval = "1s",
+--                 headers = { Authorization = "Bearer ..." }, dir = "var/webhook" },
+--   })
+--   mta:event_log { type = "AdminAction", action = "purge", ... }   -- from other blocks
+--
+-- Records: Reception, Delivery, TransientFailure, Bounce, Expiration,
+-- Rejection, DSN, Suppression (hooked from the session and delivery
+-- events) and AdminAction (written by other blocks through
+-- mta:event_log()).
+--
+-- Ordering and durability. Every record is encoded once, in the order the
+-- events happen in the process, and handed to each sink in that order.
+--  * file and stdout: lines wait in memory and are written by one task, one
+--    write in flight at a time (in the libuv thread pool), in order; what
+--    arrives during a write goes with the next. The file is opened with
+--    O_APPEND and never fsynced: a SIGKILL loses the lines not yet written
+--    (those of the last write's duration, typically well under a
+--    millisecond), a power failure what the kernel had not written back.
+--    At stop the rest is written synchronously.
+--  * webhook: each record is appended to a durable queue on disk
+--    (runtime/outbox.lua) before the event handler returns, so a record
+--    of a state the spool has recorded (a delivery, a bounce) is in the
+--    queue before the spool's own record is written; a SIGKILL loses
+--    nothing that was appended. A task posts the queue in batches and moves
+--    the queue's cursor only after a 2xx: at-least-once, in order.
+local uv = require "luv"
+local cjson = require("cjson").new()
+local config = require "moonpost.runtime.config"
+local log = require "moonpost.runtime.log"
+local sched = require "moonpost.runtime.sched"
+local fs = require "moonpost.runtime.fs"
+local outbox = require "moonpost.runtime.outbox"
+local http_client = require "moonpost.runtime.http_client"
+
+local type, tostring, tonumber, pairs, ipairs, floor, min = type, tostring, tonumber, pairs, ipairs, math.floor,
+  math.min
+local format, concat, find, gsub, byte, sub, sort = string.format, table.concat, string.find, string.gsub,
+  string.byte, string.sub, table.sort
+local encode_value = cjson.encode
+
+local _M = { _VERSION = "0.1" }
+
+local EventLog = {}
+local mt = { __index = EventLog }
+
+-- Every record type (docs/eventlog.md); mta:event_log() may add others.
+_M.TYPES = { "Reception", "Delivery", "TransientFailure", "Bounce", "Expiration", "Rejection", "DSN",
+  "Suppression", "AdminAction" }
+
+local SCHEMA = {
+  file = { type = "string", check = function(v) return v ~= "", "must not be empty" end },
+  stdout = { type = "boolean", default = false },
+  webhook = { type = "table" },
+  types = { type = "list" },
+  -- lines waiting for the file or stdout beyond this are dropped (and counted)
+  max_buffer = { type = "size", default = 16 * 1048576 },
+}
+
+local WEBHOOK_SCHEMA = {
+  url = { type = "string", required = true },
+  batch = { type = "posint", default = 100 },
+  interval = { type = "duration", default = 1 },
+  headers = { type = "table" },
+  dir = { type = "string", default = "var/webhook" },
+  timeout = { type = "duration", default = 10, check = function(v) return v > 0, "must be > 0" end },
+  retry_min = { type = "duration", default = 1, check = function(v) return v > 0, "must be > 0" end },
+  retry_max = { type = "duration", default = 60, check = function(v) return v > 0, "must be > 0" end },
+  segment_size = { type = "size", default = 16 * 1048576,
+    check = function(v) return v >= 4096, "must be at least 4096" end },
+  max_size = { type = "size", default = 1073741824 },
+  sync_interval = { type = "duration", default = 0.05 },
+}
+
+-- ---- encoding -------------------------------------------------------------------------
+
+-- Invalid UTF-8 (a remote server's 8-bit reply text) becomes U+FFFD, so
+-- that every line is valid JSON for strict parsers.
+local REPLACEMENT = "\239\191\189"
+
+local function utf8_clean(s)
+  if not find(s, "[\128-\255]") then return s end
+  local out, n, i, len = {}, 0, 1, #s
+  local start = 1
+  while i <= len do
+    local c = byte(s, i)
+    local need, lo, hi
+    lo, hi = 0x80, 0xBF
+    if c < 0x80 then need = 0
+    elseif c >= 0xC2 and c <= 0xDF then need = 1
+    elseif c == 0xE0 then need, lo = 2, 0xA0
+    elseif (c >= 0xE1 and c <= 0xEC) or c == 0xEE or c == 0xEF then need = 2
+    elseif c == 0xED then need, hi = 2, 0x9F
+    elseif c == 0xF0 then need, lo = 3, 0x90
+    elseif c >= 0xF1 and c <= 0xF3 then need = 3
+    elseif c == 0xF4 then need, hi = 3, 0x8F
+    else need = -1 end
+    local ok = need >= 0
+    for k = 1, need do
+      local d = byte(s, i + k)
+      if not d or d < (k == 1 and lo or 0x80) or d > (k == 1 and hi or 0xBF) then ok = false break end
+    end
+    if ok then
+      i = i + need + 1
+    else
+      n = n + 1
+      out[n] = sub(s, start, i - 1) .. REPLACEMENT
+      i = i + 1
+      start = i
+    end
+  end
+  if n == 0 then return s end
+  out[n + 1] = sub(s, start)
+  return concat(out)
+end
+
+local MAX_DEPTH = 16
+
+-- A value as JSON: scalars through lua-cjson, tables by hand so that the
+-- keys of an object come in sorted order (lines read the same way every
+-- time). A table whose keys are 1..n is an array.
+local function value(v, depth)
+  if type(v) == "table" then
+    depth = (depth or 0) + 1
+    if depth > MAX_DEPTH then error("a value nested more than " .. MAX_DEPTH .. " deep", 0) end
+    local n, count, keys = #v, 0, {}
+    for k in pairs(v) do
+      count = count + 1
+      keys[count] = k
+    end
+    local parts = {}
+    if n > 0 and count == n then
+      for i = 1, n do parts[i] = value(v[i], depth) end
+      return "[" .. concat(parts, ",") .. "]"
+    end
+    for i = 1, count do keys[i] = tostring(keys[i]) end
+    sort(keys)
+    for i, k in ipairs(keys) do
+      local x = v[k]
+      if x == nil then x = v[tonumber(k)] end
+      parts[i] = value(k) .. ":" .. value(x, depth)
+    end
+    return "{" .. concat(parts, ",") .. "}"
+  end
+  if type(v) == "string" then v = utf8_clean(v) end
+  local s = encode_value(v)
+  -- lua-cjson 2.1.0 writes "/" as "\/": valid, but not what people grep for
+  if find(s, "/", 1, true) then s = gsub(s, "\\/", "/") end
+  return s
+end
+
+-- The fields in this order, then any others by name: lines read the same
+-- way every time.
+local ORDER = { "type", "time", "id", "tenant", "sender", "recipient", "recipients", "size", "stage", "reply",
+  "class", "permanent", "host", "ip", "tls", "attempt", "latency", "source", "helo", "site", "listener",
+  "session", "auth" }
+local IN_ORDER = {}
+for _, k in ipairs(ORDER) do IN_ORDER[k] = true end
+
+-- encode(record) -> one line of JSON, without the newline
+function _M.encode(rec)
+  local parts, n = {}, 0
+  for _, k in ipairs(ORDER) do
+    local v = rec[k]
+    if v ~= nil then
+      n = n + 1
+      parts[n] = '"' .. k .. '":' .. value(v)
+    end
+  end
+  local extra
+  for k in pairs(rec) do
+    if not IN_ORDER[k] then
+      extra = extra or {}
+      extra[#extra + 1] = tostring(k)
+    end
+  end
+  if extra then
+    sort(extra)
+    for _, k in ipairs(extra) do
+      n = n + 1
+      parts[n] = value(k) .. ":" .. value(rec[k])
+    end
+  end
+  return "{" .. concat(parts, ",") .. "}"
+end
+
+-- RFC 3339 UTC with milliseconds, and the same instant in seconds.
+local stamp_sec, stamp_str = -1, ""
+local function now()
+  local s, us = uv.gettimeofday()
+  if s ~= stamp_sec then
+    stamp_sec = s
+    stamp_str = os.date("!%Y-%m-%dT%H:%M:%S", s)
+  end
+  local ms = floor(us / 1000)
+  return format("%s.%03dZ", stamp_str, ms), s + ms / 1000
+end
+_M.now = now
+
+-- ---- records ------------------------------------------------------------------------------
+
+local function str(v)
+  if v == nil then return nil end
+  return tostring(v)
+end
+
+local function tls_of(info)
+  if not info then return nil end
+  return { version = info.version, cipher = info.cipher }
+end
+
+-- "[192.0.2.1]:25" -> "192.0.2.1"
+local function ip_of(host)
+  if type(host) ~= "string" then return nil end
+  return host:match("^%[([^%]]+)%]") or host:match("^([%d.]+):%d+$")
+end
+
+local function reply_of(res)
+  local text = res.text
+  local enhanced = res.enhanced
+  if not enhanced and type(text) == "string" then enhanced = text:match("^([245]%.%d+%.%d+) ") end
+  if res.code == nil and enhanced == nil and text == nil then return nil end
+  return { code = res.code, enhanced = enhanced, text = text and tostring(text) }
+end
+
+local function round3(x)
+  return floor(x * 1000 + 0.5) / 1000
+end
+
+-- Arrival times to the millisecond, for the latency of deliveries: the
+-- envelope's `t` counts whole seconds. An entry is set at the Reception
+-- (or the DSN) with the number of recipients, and goes when they all have
+-- a final record; two generations of ARRIVALS entries bound what messages
+-- that never finish here (a restart, no transport) keep.
+local ARRIVALS = 100000
+
+local function arrived(self, id, t, n)
+  local a = self.arrivals
+  if a.n >= ARRIVALS then
+    a.old, a.cur, a.n = a.cur, {}, 0
+  end
+  a.cur[id] = { t = t, left = n }
+  a.n = a.n + 1
+end
+
+local function arrival(self, id, final)
+  local a = self.arrivals
+  local e = a.cur[id] or a.old[id]
+  if not e then return nil end
+  if final then
+    e.left = e.left - 1
+    if e.left <= 0 then
+      a.cur[id], a.old[id] = nil, nil
+    end
+  end
+  return e.t
+end
+
+local function delivery_record(self, kind, env, rcpt, res)
+  local time, t = now()
+  local since = arrival(self, env.id, kind ~= "TransientFailure") or env.t
+  local rec = {
+    type = kind, time = time, id = env.id, tenant = str(env.tenant), sender = env.from, recipient = rcpt.address,
+    host = res.host, ip = ip_of(res.host), reply = reply_of(res), stage = res.stage,
+    attempt = rcpt.attempt, latency = since and round3(math.max(0, t - since)) or nil,
+    source = res.source, helo = res.helo, site = res.site,
+  }
+  if res.tls then rec.tls = { version = res.tls, cipher = res.tls_cipher } end
+  if kind ~= "Delivery" then
+    rec.class, rec.permanent = res.class, res.permanent
+  else
+    rec.relayed = res.relayed or nil
+  end
+  if res.rule then rec.rule = res.rule end
+  return rec
+end
+
+-- ---- the file and stdout sinks ------------------------------------------------------------
+
+local Writer = {}
+local writer_mt = { __index = Writer }
+
+local APPEND = uv.constants.O_WRONLY + uv.constants.O_CREAT + uv.constants.O_APPEND
+
+local function new_writer(name, path, max_buffer)
+  return setmetatable({ name = name, path = path, fd = nil, buf = {}, nbuf = 0, bytes = 0, max = max_buffer,
+    req = nil, inflight = nil, idle = false, task = nil, stopped = false, reopen = false,
+    stats = { lines = 0, writes = 0, dropped = 0, errors = 0, reopened = 0 } }, writer_mt)
+end
+
+local function mkdir_p(dir)
+  if dir == "" or dir == "." or dir == "/" or uv.fs_stat(dir) then return true end
+  local parent = dir:match("^(.*)/[^/]+$")
+  if parent and parent ~= "" then
+    local ok, err = mkdir_p(parent)
+    if not ok then return nil, err end
+  end
+  local ok, err, code = uv.fs_mkdir(dir, 488)
+  if not ok and code ~= "EEXIST" then return nil, err end
+  return true
+end
+
+-- At start (synchronous, as every block's start): the directory and the file.
+function Writer:open()
+  if not self.path then
+    self.fd = 1
+    return true
+  end
+  local dir = self.path:match("^(.*)/[^/]*$")
+  if dir then
+    local ok, err = mkdir_p(dir)
+    if not ok then return nil, err end
+  end
+  local fd, err = uv.fs_open(self.path, APPEND, 416)
+  if not fd then return nil, err end
+  self.fd = fd
+  return true
+end
+
+function Writer:push(line)
+  if self.stopped then return end
+  if self.bytes > self.max then
+    self.stats.dropped = self.stats.dropped + 1
+    if self.stats.dropped == 1 or self.stats.dropped % 10000 == 0 then
+      log.error("eventlog: %s: %d records dropped: more than %d octets wait for the disk", self.name,
+        self.stats.dropped, self.max)
+    end
+    return
+  end
+  local n = self.nbuf + 1
+  self.buf[n] = line
+  self.buf[n + 1] = "\n"
+  self.nbuf = n + 1
+  self.bytes = self.bytes + #line + 1
+  self.stats.lines = self.stats.lines + 1
+  if self.idle then
+    self.idle = false
+    sched.wake(self.task, true)
+  end
+end
+
+-- One write through the thread pool; the request is kept so that stop()
+-- can cancel it if it has not started.
+local function pool_write(self, data)
+  local task, token = sched.reserve()
+  local req, rerr = uv.fs_write(self.fd, data, -1, function(err, n)
+    sched.wake_token(task, token, err or false, n)
+  end)
+  if not req then
+    task.reserved = nil
+    return nil, rerr
+  end
+  self.req, self.inflight = req, data
+  local err, n = sched.wait()
+  self.req, self.inflight = nil, nil
+  if err then return nil, err end
+  return n
+end
+
+-- SIGUSR1: the file at path again (logrotate has renamed the old one).
+local function reopen(self)
+  self.reopen = false
+  local fd, err = fs.open(self.path, APPEND, 416)
+  if not fd then
+    log.error("eventlog: cannot reopen %s: %s (writing on to the old file)", self.path, tostring(err))
+    return
+  end
+  if self.stopped then
+    fs.close(fd)
+    return
+  end
+  local old = self.fd
+  self.fd = fd
+  fs.close(old)
+  self.stats.reopened = self.stats.reopened + 1
+  log.info("eventlog: reopened %s", self.path)
+end
+
+local function writer_loop(self)
+  while not self.stopped do
+    if self.reopen and self.path then reopen(self) end
+    if self.stopped then break end
+    if self.nbuf == 0 then
+      self.idle = true
+      sched.wait()
+      self.idle = false
+    else
+      local data = concat(self.buf, "", 1, self.nbuf)
+      self.buf, self.nbuf, self.bytes = {}, 0, 0
+      while #data > 0 do
+        local n, err = pool_write(self, data)
+        if self.stopped then break end -- stop() wrote it (or saw it written)
+        if not n then
+          self.stats.errors = self.stats.errors + 1
+          local lost = select(2, gsub(data, "\n", ""))
+          self.stats.dropped = self.stats.dropped + lost
+          log.error("eventlog: %s: write failed, %d records lost: %s", self.name, lost, tostring(err))
+          break
+        end
+        self.stats.writes = self.stats.writes + 1
+        data = n < #data and sub(data, n + 1) or ""
+      end
+    end
+  end
+  -- a write was in flight at stop(): the file is closed now that it ended
+  if self.close_after and self.fd and self.fd ~= 1 then
+    fs.close(self.fd)
+    self.fd = nil
+  end
+end
+
+function Writer:start()
+  self.task = sched.spawn_named("eventlog " .. self.name, function(err)
+    log.error("eventlog: %s: writer failed: %s", self.name, tostring(err))
+  end, writer_loop, self)
+end
+
+local function write_all(fd, data)
+  while #data > 0 do
+    local n, err = uv.fs_write(fd, data, -1)
+    if not n then return nil, err end
+    data = sub(data, n + 1)
+  end
+  return true
+end
+
+-- stop(): what waits is written now, synchronously (the process may exit
+-- as soon as the MTA has stopped, before the thread pool would run another
+-- write). A write in flight that has not started is cancelled and done
+-- here instead, so the order stays; one that has started ends by itself.
+function Writer:stop()
+  if self.stopped then return end
+  self.stopped = true
+  local rest = self.nbuf > 0 and concat(self.buf, "", 1, self.nbuf) or ""
+  self.buf, self.nbuf, self.bytes = {}, 0, 0
+  local running = false
+  if self.req then
+    if uv.cancel(self.req) == 0 then
+      rest = self.inflight .. rest
+    else
+      running = true
+    end
+  end
+  if self.fd and #rest > 0 then
+    local ok, err = write_all(self.fd, rest)
+    if not ok then log.error("eventlog: %s: final write failed: %s", self.name, tostring(err)) end
+  end
+  if running then
+    self.close_after = true
+  elseif self.fd and self.fd ~= 1 then
+    uv.fs_close(self.fd)
+    self.fd = nil
+  end
+  if self.idle and self.task then
+    self.idle = false
+    sched.wake(self.task, true)
+  end
+end
+
+-- ---- the webhook ------------------------------------------------------------------------
+
+-- Wait for `want` more records (none: only the timeout or stop() ends it).
+local function webhook_wait(w, timeout, want)
+  w.want, w.got = want or math.huge, 0
+  w.idle = true
+  sched.wait(timeout)
+  w.idle = false
+end
+
+local function post(w, b)
+  local body = "[" .. concat(b, ",", 1, b.n) .. "]"
+  local res, err = w.client:request("POST", body, { ["Content-Type"] = "application/json",
+    ["User-Agent"] = "Moonpost/" .. _M._VERSION, ["X-Moonpost-Events"] = b.n })
+  if not res then return nil, err end
+  if res.status < 200 or res.status > 299 then
+    return nil, format("HTTP %d %s", res.status, res.reason or "")
+  end
+  return true
+end
+
+-- The sender task: reads the queue from its cursor, posts full batches at
+-- once and short ones `interval` after they were first seen, and moves the
+-- cursor only after a 2xx. w.opts and w.client may be replaced while it
+-- runs (a policy reload).
+local function sender_loop(w)
+  local ob = w.outbox
+  local since -- uv.now() when a batch short of `batch` was first seen
+  local delay = 0
+  while not w.stopped do
+    local b, err = ob:read(w.opts.batch)
+    if w.stopped then break end
+    if not b then
+      log.error("eventlog: webhook: cannot read the queue: %s", tostring(err))
+      webhook_wait(w, 1)
+    elseif b.skip then
+      ob:ack(b)
+    elseif b.n == 0 then
+      since = nil
+      webhook_wait(w, nil, 1)
+    elseif b.n < w.opts.batch and (since == nil or uv.now() - since < w.opts.interval * 1000) then
+      since = since or uv.now()
+      webhook_wait(w, (since + w.opts.interval * 1000 - uv.now()) / 1000, w.opts.batch - b.n)
+    else
+      local ok, perr = post(w, b)
+      if w.stopped and not ok then break end
+      if ok then
+        if w.failures > 0 then
+          log.info("eventlog: webhook: %s accepts again after %d failed attempts", w.opts.url, w.failures)
+        end
+        w.failures, delay, since = 0, 0, nil
+        w.stats.posts = w.stats.posts + 1
+        w.stats.events = w.stats.events + b.n
+        ob:ack(b)
+      else
+        w.failures = w.failures + 1
+        w.stats.failures = w.stats.failures + 1
+        delay = delay == 0 and w.opts.retry_min or min(delay * 2, w.opts.retry_max)
+        -- a little jitter, so that several Moonposts do not retry in step
+        local pause = delay * (0.8 + 0.4 * math.random())
+        if w.failures == 1 or w.failures % 10 == 0 then
+          log.warn("eventlog: webhook: POST %s failed (%d in a row): %s; %d octets waiting, next try in %.1fs",
+            w.opts.url, w.failures, tostring(perr), ob:backlog(), pause)
+        end
+        webhook_wait(w, pause)
+      end
+    end
+  end
+  w.client:close()
+  ob:close_reader()
+  w.done = true
+end
+
+-- ---- the block --------------------------------------------------------------------------
+
+local function check_webhook(v)
+  if v == nil or v == false then return nil end
+  local o = config.check("eventlog.setup: webhook", v, WEBHOOK_SCHEMA)
+  local ok, err = http_client.parse_url(o.url)
+  if not ok then config.raise("eventlog.setup: webhook: field 'url': " .. err) end
+  for k, hv in pairs(o.headers or {}) do
+    if type(k) ~= "string" or not k:match("^[!#$%%&'*+.^_`|~%w-]+$") then
+      config.raise("eventlog.setup: webhook: field 'headers': bad header name " .. tostring(k))
+    end
+    if (type(hv) ~= "string" and type(hv) ~= "number") or tostring(hv):find("[\r\n]") then
+      config.raise("eventlog.setup: webhook: field 'headers': bad value for " .. k)
+    end
+  end
+  if o.retry_max < o.retry_min then config.raise("eventlog.setup: webhook: retry_max is less than retry_min") end
+  return o
+end
+
+-- setup(opts) -> the block
+function _M.setup(opts)
+  local o = config.check("eventlog.setup", opts, SCHEMA)
+  o.webhook = check_webhook(o.webhook)
+  if not o.file and not o.stdout and not o.webhook then
+    config.raise("eventlog.setup: give at least one sink: file, stdout or webhook")
+  end
+  local types
+  if o.types then
+    types = {}
+    local known = {}
+    for _, t in ipairs(_M.TYPES) do known[t] = true end
+    for _, t in ipairs(o.types) do
+      if not known[t] then
+        config.raise(format("eventlog.setup: field 'types': unknown record type %q (known: %s)", t,
+          concat(_M.TYPES, ", ")))
+      end
+      types[t] = true
+    end
+  end
+  local self = setmetatable({
+    name = "eventlog",
+    opts = o,
+    types = types,
+    open = false,
+    writers = {},
+    webhook = nil,
+    counts = {},   -- records by type
+    dropped = 0,   -- records written while the block was not started
+    arrivals = { cur = {}, old = {}, n = 0 },
+    on = {},
+  }, mt)
+  local on = self.on
+  on.smtp_server_message_queued = function(txn) self:reception(txn) end
+  on.smtp_server_rejected = function(conn, txn, rej) self:rejection(conn, txn, rej) end
+  on.delivery_delivered = function(env, rcpt, res)
+    self:log(delivery_record(self, "Delivery", env, rcpt, res))
+  end
+  on.delivery_deferred = function(env, rcpt, res)
+    self:log(delivery_record(self, "TransientFailure", env, rcpt, res))
+  end
+  on.delivery_bounced = function(env, rcpt, res)
+    self:log(delivery_record(self, res.expired and "Expiration" or "Bounce", env, rcpt, res))
+  end
+  on.delivery_suppressed = function(env, rcpt, res)
+    arrival(self, env.id, true)
+    self:log({ type = "Suppression", action = "suppressed", id = env.id, tenant = str(env.tenant),
+      sender = env.from, recipient = rcpt.address, attempt = rcpt.attempt, reason = res.reason,
+      detail = res.text })
+  end
+  on.delivery_dsn = function(env, dsn)
+    local reported = {}
+    for i, r in ipairs(dsn.recipients) do reported[i] = r.address end
+    arrived(self, dsn.id, select(2, now()), 1)
+    self:log({ type = "DSN", id = env.id, tenant = str(env.tenant), sender = env.from, recipient = dsn.to,
+      action = dsn.action, dsn_id = dsn.id, reported = reported })
+  end
+  return self
+end
+
+function EventLog:attach(mta)
+  self.mta = mta
+  local list = mta.event_logs
+  if not list then
+    list = {}
+    mta.event_logs = list
+  end
+  list[#list + 1] = self
+end
+
+local function emit(self, kind, line)
+  self.counts[kind] = (self.counts[kind] or 0) + 1
+  for _, wr in ipairs(self.writers) do wr:push(line) end
+  local w = self.webhook
+  if w then
+    local ok, err = w.outbox:append(line)
+    if not ok then
+      w.stats.refused = w.stats.refused + 1
+      if w.stats.refused == 1 or w.stats.refused % 10000 == 0 then
+        log.error("eventlog: webhook: %d records not queued: %s", w.stats.refused, tostring(err))
+      end
+    elseif w.idle then
+      w.got = w.got + 1
+      if w.got >= w.want then
+        w.idle = false
+        sched.wake(w.task, true)
+      end
+    end
+  end
+end
+
+-- log(record): a record built here (the handlers): `time` is set, then it
+-- goes to every sink.
+function EventLog:log(rec)
+  local kind = rec.type
+  if self.types and not self.types[kind] then return end
+  if not self.open then
+    self.dropped = self.dropped + 1
+    return
+  end
+  if rec.time == nil then rec.time = now() end
+  local ok, line = pcall(_M.encode, rec)
+  if not ok then
+    log.error("eventlog: cannot encode a %s record: %s", tostring(kind), tostring(line))
+    return
+  end
+  emit(self, kind, line)
+end
+
+-- record(rec): a record from another block (mta:event_log()). The table is
+-- not changed; a record without a string `type`, or with a value that JSON
+-- cannot hold (a function), is an error at the caller's line.
+function EventLog:record(rec, level)
+  level = (level or 1) + 1
+  if type(rec) ~= "table" or type(rec.type) ~= "string" or rec.type == "" then
+    error("event_log(record): record must be a table with a string field 'type'", level)
+  end
+  local copy = {}
+  for k, v in pairs(rec) do copy[k] = v end
+  if copy.time == nil then copy.time = now() end
+  local ok, line = pcall(_M.encode, copy)
+  if not ok then error("event_log(record): " .. tostring(line), level) end
+  if self.types and not self.types[copy.type] then return end
+  if not self.open then
+    self.dropped = self.dropped + 1
+    return
+  end
+  emit(self, copy.type, line)
+end
+
+function EventLog:reception(txn)
+  local conn = txn.conn or {}
+  local rcpts = {}
+  for i, r in ipairs(txn.recipients) do rcpts[i] = r.address end
+  local time, t = now()
+  arrived(self, txn.id, t, #rcpts)
+  self:log({ time = time, type = "Reception", id = txn.id, tenant = str(txn.tenant),
+    sender = txn.sender and txn.sender.address, recipients = rcpts, size = txn.size, host = conn.helo,
+    ip = conn.remote_ip, tls = tls_of(conn.tls_info), listener = conn.listener, session = conn.id, auth = txn.auth })
+end
+
+function EventLog:rejection(conn, txn, rej)
+  local rec = { type = "Rejection", stage = rej.stage, reply = { code = rej.code, enhanced = rej.enhanced,
+    text = rej.text }, host = conn.helo, ip = conn.remote_ip, tls = tls_of(conn.tls_info),
+    listener = conn.listener, session = conn.id, auth = conn.auth }
+  if txn then
+    rec.id = txn.id
+    rec.tenant = str(txn.tenant)
+    rec.sender = txn.sender and txn.sender.address
+  else
+    rec.tenant = str(conn.tenant)
+  end
+  if rej.stage == "MAIL FROM" then
+    rec.sender = rej.address or rec.sender
+  elseif rej.stage == "RCPT TO" then
+    rec.recipient = rej.address
+  end
+  self:log(rec)
+end
+
+local function close_writers(list)
+  for _, wr in ipairs(list) do
+    if wr.fd and wr.fd ~= 1 then uv.fs_close(wr.fd) end
+    wr.fd = nil
+  end
+end
+
+-- start(): the sinks open (those a policy reload handed over are kept),
+-- the writer tasks, the webhook's sender and the SIGUSR1 handler start.
+function EventLog:start(mta)
+  local o = self.opts
+  local adopted = self.adopted or {}
+  self.adopted = nil
+  local writers, fresh = {}, {}
+  local function want(name, path)
+    local wr = adopted[name]
+    adopted[name] = nil
+    if not wr then
+      wr = new_writer(name, path, o.max_buffer)
+      fresh[#fresh + 1] = wr
+    end
+    wr.max = o.max_buffer
+    writers[#writers + 1] = wr
+  end
+  if o.file then want("file " .. o.file, o.file) end
+  if o.stdout then want("stdout", nil) end
+  for _, wr in ipairs(fresh) do
+    local ok, err = wr:open()
+    if not ok then
+      close_writers(fresh)
+      return nil, tostring(err)
+    end
+  end
+  local wh = o.webhook
+  local w = adopted.webhook
+  adopted.webhook = nil
+  if wh and w then
+    -- handed over: the queue and the sender carry on with the new options
+    local old = w.client
+    w.opts = wh
+    w.client = assert(http_client.new(wh.url, { timeout = wh.timeout, headers = wh.headers }))
+    old:close()
+  elseif wh then
+    local ob, err = outbox.open({ dir = wh.dir, segment_size = wh.segment_size, max_size = wh.max_size,
+      sync_interval = wh.sync_interval })
+    if not ob then
+      close_writers(fresh)
+      return nil, err
+    end
+    w = { opts = wh, outbox = ob, failures = 0, stopped = false, idle = false, want = math.huge, got = 0,
+      client = assert(http_client.new(wh.url, { timeout = wh.timeout, headers = wh.headers })),
+      stats = { posts = 0, events = 0, failures = 0, refused = 0 } }
+    local backlog = ob:backlog()
+    if backlog > 0 then
+      log.info("eventlog: webhook: %d octets of records from before the restart to send to %s", backlog, wh.url)
+    end
+    w.task = sched.spawn_named("eventlog webhook", function(terr)
+      log.error("eventlog: webhook sender failed: %s", tostring(terr))
+    end, sender_loop, w)
+  end
+  -- what was handed over and is not wanted any more stops
+  for _, wr in pairs(adopted) do wr:stop() end
+  self.writers, self.webhook = writers, w
+  self.open = true
+  for _, wr in ipairs(fresh) do wr:start() end
+  -- SIGUSR1: reopen the file (logrotate)
+  if o.file then
+    local sig = uv.new_signal()
+    sig:start("sigusr1", sched.callback(function() self:reopen() end, "eventlog: sigusr1"))
+    self.signal = sig
+  end
+  if self.dropped > 0 then
+    log.warn("eventlog: %d records written before the event log started were dropped", self.dropped)
+    self.dropped = 0
+  end
+  self.mta = mta or self.mta
+  return true
+end
+
+-- handover(old): a policy reload. This block takes over the open sinks of
+-- the block it replaces (the file, stdout, the webhook's queue and its
+-- sender), so that no record is lost or reordered between the two and
+-- the queue keeps one writer; start() opens what it does not find there
+-- and stops what it no longer wants. The old block's stop() then closes
+-- nothing that was handed over.
+function EventLog:handover(old)
+  if getmetatable(old) ~= mt or not old.open or self.open then return true end
+  local adopted = {}
+  for _, wr in ipairs(old.writers) do adopted[wr.name] = wr end
+  if old.webhook then
+    if self.opts.webhook and self.opts.webhook.dir == old.webhook.opts.dir then
+      adopted.webhook = old.webhook
+    end
+  end
+  old.writers = {}
+  if adopted.webhook then old.webhook = nil end
+  self.adopted = adopted
+  return true
+end
+
+-- reopen(): the file sink opens its path again (after the write in
+-- flight). SIGUSR1 calls it.
+function EventLog:reopen()
+  for _, wr in ipairs(self.writers) do
+    if wr.path then
+      wr.reopen = true
+      if wr.idle then
+        wr.idle = false
+        sched.wake(wr.task, true)
+      end
+    end
+  end
+end
+
+local function stop_webhook(w)
+  w.stopped = true
+  -- a POST in progress ends now (its batch is sent again after a restart)
+  w.client:abort()
+  if w.idle then
+    w.idle = false
+    sched.wake(w.task, true)
+  end
+  w.outbox:close()
+end
+
+-- stop(): the file and stdout get what waits (synchronously), the queue
+-- is closed; the sender ends (a batch it was posting stays queued).
+function EventLog:stop()
+  if self.adopted then
+    -- handed over but never started
+    for _, wr in pairs(self.adopted) do
+      if wr.stop then wr:stop() end
+    end
+    if self.adopted.webhook then stop_webhook(self.adopted.webhook) end
+    self.adopted = nil
+  end
+  if not self.open then return end
+  self.open = false
+  if self.signal then
+    self.signal:close()
+    self.signal = nil
+  end
+  for _, wr in ipairs(self.writers) do wr:stop() end
+  if self.webhook then stop_webhook(self.webhook) end
+  local parts = {}
+  for _, t in ipairs(_M.TYPES) do
+    if self.counts[t] then parts[#parts + 1] = t .. " " .. self.counts[t] end
+  end
+  log.info("eventlog: stopped: %s", #parts > 0 and concat(parts, ", ") or "no records")
+end
+
+-- stats() -> { counts = { Type = n }, sinks = { name = { lines, writes, dropped, errors, reopened } },
+--   webhook = { posts, events, failures, refused, backlog, queue = outbox stats } }
+function EventLog:stats()
+  local out = { counts = {}, sinks = {} }
+  for k, v in pairs(self.counts) do out.counts[k] = v end
+  for _, wr in ipairs(self.writers) do
+    local s = {}
+    for k, v in pairs(wr.stats) do s[k] = v end
+    out.sinks[wr.name] = s
+  end
+  local w = self.webhook
+  if w then
+    local s = {}
+    for k, v in pairs(w.stats) do s[k] = v end
+    s.backlog = w.outbox:backlog()
+    s.queue = w.outbox.stats
+    s.failing = w.failures
+    out.webhook = s
+  end
+  return out
+end
+
+return _M

@@ -1,0 +1,613 @@
+-- moonpost.eventlog on a real loop: one JSON line per event (read back with
+-- lua-cjson and with Python's json) for mail delivered, deferred, bounced,
+-- expired and refused through the programmable sink; the file reopened on
+-- SIGUSR1 by a launched `moonpost run`; the webhook sink posting every
+-- record to a loopback receiver that is down for part of the run, and the
+-- records still queued when Moonpost is killed arriving after its restart.
+local H = require "helpers"
+local cjson = require "cjson"
+local uv = require "luv"
+
+local eventlog = require "moonpost.eventlog"
+
+local TIME = "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$"
+
+local function lines_of(path)
+  local out = {}
+  local f = io.open(path, "rb")
+  if not f then return out end
+  for line in f:lines() do out[#out + 1] = line end
+  f:close()
+  return out
+end
+
+-- every line decodes to an object; the records
+local function records(path)
+  local list = {}
+  for i, line in ipairs(lines_of(path)) do
+    local ok, rec = pcall(cjson.decode, line)
+    assert(ok and type(rec) == "table", "line " .. i .. " of " .. path .. " is not a JSON object: " .. line)
+    list[#list + 1] = rec
+  end
+  return list
+end
+
+local function of_type(list, kind, pred)
+  local out = {}
+  for _, r in ipairs(list) do
+    if r.type == kind and (not pred or pred(r)) then out[#out + 1] = r end
+  end
+  return out
+end
+
+-- Python's json reads every line as an object; returns the number of lines
+local PY_CHECK = [[
+import json, sys
+n = 0
+with open(sys.argv[1], encoding="utf-8") as f:
+    for i, line in enumerate(f, 1):
+        assert line.endswith("\n"), "line %d has no newline" % i
+        obj = json.loads(line)
+        assert isinstance(obj, dict), "line %d is not an object" % i
+        assert isinstance(obj["type"], str) and isinstance(obj["time"], str), "line %d" % i
+        n += 1
+print(n)
+]]
+
+local function python_count(path)
+  local code, out, err = H.exec(H.python, { "-c", PY_CHECK, path }, { timeout = 30 })
+  assert(code == 0, "python json: " .. tostring(err))
+  return tonumber(out)
+end
+
+-- A key for a record: the same record read from the file and from the webhook
+local function key(r)
+  local reply = r.reply or {}
+  return table.concat({ r.type, r.time, tostring(r.id), tostring(r.recipient), tostring(r.attempt),
+    tostring(r.stage), tostring(r.session), tostring(r.action), tostring(r.dsn_id), tostring(reply.code) }, "|")
+end
+
+local function queued_id(text)
+  return text and text:match("queued as (%x+)")
+end
+
+-- One message by hand over STARTTLS: the final reply
+local function send_tls(port, from, to)
+  local p = assert(H.connect(port))
+  p:expect(220)
+  p:cmd("EHLO tls-client.test")
+  p:expect(250)
+  p:cmd("STARTTLS")
+  p:expect(220)
+  assert(p:starttls())
+  p:cmd("EHLO tls-client.test")
+  p:expect(250)
+  p:cmd("MAIL FROM:<" .. from .. ">")
+  p:expect(250)
+  p:cmd("RCPT TO:<" .. to .. ">")
+  p:expect(250)
+  p:cmd("DATA")
+  p:expect(354)
+  p:send("Subject: tls\r\n\r\nbody\r\n.\r\n")
+  local c, _, t = p:reply()
+  p:cmd("QUIT")
+  p:reply()
+  p:close()
+  return c, t
+end
+
+-- A session that is refused at MAIL, at RCPT and at the end of the data
+local function send_refused(port)
+  local p = assert(H.connect(port))
+  p:expect(220)
+  p:cmd("EHLO refused.test")
+  p:expect(250)
+  p:cmd("MAIL FROM:<spammer@bad.test>")
+  p:expect(550, "5.7.1", "sender refused")
+  p:cmd("MAIL FROM:<s4@client.test>")
+  p:expect(250)
+  p:cmd("RCPT TO:<blocked@x.test>")
+  p:expect(550, "5.7.1", "blocked by policy")
+  p:cmd("RCPT TO:<fine@x.test>")
+  p:expect(250)
+  p:cmd("DATA")
+  p:expect(354)
+  p:send("Subject: reject-me\r\n\r\nbody\r\n.\r\n")
+  p:expect(554, "5.7.1", "content refused")
+  p:cmd("QUIT")
+  p:reply()
+  p:close()
+end
+
+-- The loopback webhook receiver (spec/tools/webhook.py) on `port` (0: any)
+local function receiver(out, port, fail)
+  local argv = { H.root .. "/spec/tools/webhook.py", "--out", out, "--port", tostring(port or 0) }
+  if fail then argv[#argv + 1] = "--fail"; argv[#argv + 1] = tostring(fail) end
+  local stdin, stdout = uv.new_pipe(false), uv.new_pipe(false)
+  local buf, exited = {}, false
+  local handle, pid
+  handle, pid = uv.spawn(H.python, { args = argv, stdio = { stdin, stdout, 2 } }, function()
+    exited = true
+    handle:close()
+  end)
+  assert(handle, "cannot start the receiver: " .. tostring(pid))
+  stdout:read_start(function(_, chunk) if chunk then buf[#buf + 1] = chunk else stdout:close() end end)
+  local got
+  H.wait_for(function()
+    got = tonumber(table.concat(buf):match("port (%d+)"))
+    return got ~= nil or exited
+  end, 20)
+  assert(got, "the receiver did not start: " .. table.concat(buf))
+  local r = { port = got }
+  function r.records() return records(out) end
+  function r.requests() return records(out .. ".requests") end
+  function r.stop()
+    if not stdin:is_closing() then stdin:close() end
+    H.wait_for(function() return exited end, 10)
+    if not exited then uv.kill(pid, "sigkill") end
+    H.wait_for(function() return exited end, 5)
+  end
+  return r
+end
+
+describe("moonpost.eventlog", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-eventlog") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  it("setup() refuses bad options at the policy's line", function()
+    assert.has_error(function() eventlog.setup {} end,
+      "eventlog.setup: give at least one sink: file, stdout or webhook")
+    local ok, err = pcall(eventlog.setup, { webhook = { url = "https://example.com/x" } })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("field 'url': only http:// is supported", 1, true), err)
+    ok, err = pcall(eventlog.setup, { file = "x", types = { "Delivery", "Nope" } })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("unknown record type \"Nope\"", 1, true), err)
+    ok, err = pcall(eventlog.setup, { file = "x", webhook = { url = "http://127.0.0.1:1/", headers = { ["X-A"] = "a\r\nb" } } })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("bad value for X-A", 1, true), err)
+  end)
+
+  it("encode() writes type and time first, and valid UTF-8 whatever the input", function()
+    local line = eventlog.encode({ recipient = "a/b@x.test", type = "Bounce", time = "T", zeta = 1,
+      reply = { text = "bad \255\254 bytes \195" } })
+    assert.equal('{"type":"Bounce","time":"T","recipient":"a/b@x.test","reply":{"text":"bad \239\191\189'
+      .. '\239\191\189 bytes \239\191\189"},"zeta":1}', line)
+    assert.equal("a/b@x.test", cjson.decode(line).recipient)
+  end)
+
+  it("writes one valid JSON line per event: receptions, deliveries, deferrals, bounces, expirations, "
+    .. "rejections, DSNs, suppressions and admin actions", function()
+    local d = H.certs()
+    H.with_sink({ "--tls", d .. "/self.pem", d .. "/self.key" }, function(sink)
+      local path = dir .. "/log/events.jsonl"
+      local elog = eventlog.setup { file = path }
+      local sup = require("moonpost.suppress").setup { path = dir .. "/suppress", check = "queue" }
+      -- what the hooks saw, to count against the records
+      local seen = { delivered = 0, deferred = 0, bounced = 0, expired = 0, suppressed = 0, queued = 0,
+        rejected = 0, dsn = 0 }
+      local mta, port = H.start_mta({ tls = { cert = d .. "/mx.pem", key = d .. "/mx.key" } }, function(m, moonpost)
+        m:use(elog)
+        m:use(sup)
+        m:on("smtp_server_mail_from", function(_, path_)
+          if path_.address == "spammer@bad.test" then return moonpost.reject(550, "5.7.1", "sender refused") end
+        end)
+        m:on("smtp_server_rcpt_to", function(_, rcpt)
+          if rcpt.address == "blocked@x.test" then return moonpost.reject(550, "5.7.1", "blocked by policy") end
+        end)
+        m:on("smtp_server_message_received", function(_, msg)
+          if msg:tostring():find("Subject: reject-me", 1, true) then
+            return moonpost.reject(554, "5.7.1", "content refused")
+          end
+        end)
+        m:use(require("moonpost.route").smtp { relay = "127.0.0.1:" .. sink.port, idle_timeout = "1s" })
+        m:on("delivery_delivered", function() seen.delivered = seen.delivered + 1 end)
+        m:on("delivery_deferred", function() seen.deferred = seen.deferred + 1 end)
+        m:on("delivery_bounced", function(_, _, res)
+          if res.expired then seen.expired = seen.expired + 1 else seen.bounced = seen.bounced + 1 end
+        end)
+        m:on("delivery_suppressed", function() seen.suppressed = seen.suppressed + 1 end)
+        m:on("smtp_server_message_queued", function() seen.queued = seen.queued + 1 end)
+        m:on("smtp_server_rejected", function() seen.rejected = seen.rejected + 1 end)
+        m:on("delivery_dsn", function() seen.dsn = seen.dsn + 1 end)
+      end, { spool = { dir = dir .. "/spool", min_free = 0 }, queue = { retry = { "1s" }, max_age = "3s" } })
+      assert.is_true(sup:add("", "supp@x.test", "complaint"))
+      local ids = {}
+      local c, _, t = H.send(port, { from = "s1@client.test", to = { "ok1@x.test", "ok2@x.test" } })
+      assert.equal(250, c)
+      ids.ok = queued_id(t)
+      c, _, t = H.send(port, { from = "s2@client.test", to = "r550-a@x.test" })
+      assert.equal(250, c)
+      ids.bounce = queued_id(t)
+      c, _, t = H.send(port, { from = "s3@client.test", to = "r451-b@x.test" })
+      assert.equal(250, c)
+      ids.deferred = queued_id(t)
+      c, _, t = H.send(port, { from = "s5@client.test", to = "supp@x.test" })
+      assert.equal(250, c)
+      ids.supp = queued_id(t)
+      c, t = send_tls(port, "s6@client.test", "tls@x.test")
+      assert.equal(250, c)
+      ids.tls = queued_id(t)
+      send_refused(port)
+      mta:event_log({ type = "AdminAction", action = "suspend", target = { domain = "x.test" }, by = "spec" })
+      assert.has_error(function() mta:event_log({ action = "x" }) end,
+        "event_log(record): record must be a table with a string field 'type'")
+      -- the DSNs of the bounce and of the expiry are delivered too; the
+      -- deferred message expires after 3 s
+      assert.is_true(H.wait_for(function()
+        return seen.expired == 1 and seen.dsn == 2 and seen.delivered == 5
+      end, 20), "delivered " .. seen.delivered .. ", dsn " .. seen.dsn .. ", expired " .. seen.expired)
+      H.stop_mta(mta)
+      assert.is_true(H.wait_for(function() return not sup:is_open() end, 10))
+
+      local recs = records(path)
+      assert.equal(#recs, python_count(path))
+      for _, r in ipairs(recs) do
+        assert.truthy(tostring(r.time):match(TIME), "time " .. tostring(r.time))
+      end
+      -- one record per event
+      assert.equal(seen.queued, #of_type(recs, "Reception"))
+      assert.equal(seen.delivered, #of_type(recs, "Delivery"))
+      assert.equal(seen.deferred, #of_type(recs, "TransientFailure"))
+      assert.equal(seen.bounced, #of_type(recs, "Bounce"))
+      assert.equal(seen.expired, #of_type(recs, "Expiration"))
+      assert.equal(seen.rejected, #of_type(recs, "Rejection"))
+      assert.equal(seen.dsn, #of_type(recs, "DSN"))
+      assert.equal(1, #of_type(recs, "AdminAction"))
+      assert.equal(3, seen.rejected)
+      assert.is_true(seen.deferred >= 1)
+
+      -- Reception
+      local rec = of_type(recs, "Reception", function(r) return r.id == ids.ok end)[1]
+      assert.same({ "ok1@x.test", "ok2@x.test" }, rec.recipients)
+      assert.equal("s1@client.test", rec.sender)
+      assert.equal("127.0.0.1", rec.ip)
+      assert.equal("client.test", rec.host)
+      assert.truthy(rec.listener:match("^127%.0%.0%.1:%d+$"))
+      assert.is_string(rec.session)
+      assert.is_true(rec.size > 0)
+      assert.is_nil(rec.tls)
+      local trec = of_type(recs, "Reception", function(r) return r.id == ids.tls end)[1]
+      assert.equal("TLSv1.3", trec.tls.version)
+      assert.is_string(trec.tls.cipher)
+      -- no Reception for the message refused at the end of its data
+      assert.equal(5, #of_type(recs, "Reception")) -- a DSN has its DSN record instead
+      -- Delivery: two recipients of one message, over TLS to the sink
+      local dl = of_type(recs, "Delivery", function(r) return r.id == ids.ok end)
+      assert.equal(2, #dl)
+      table.sort(dl, function(a, b) return a.recipient < b.recipient end)
+      assert.equal("ok1@x.test", dl[1].recipient)
+      for _, r in ipairs(dl) do
+        assert.equal(250, r.reply.code)
+        assert.equal("[127.0.0.1]:" .. sink.port, r.host)
+        assert.equal("127.0.0.1", r.ip)
+        assert.equal(1, r.attempt)
+        assert.equal("number", type(r.latency))
+        assert.is_true(r.latency >= 0 and r.latency < 10)
+        assert.equal("TLSv1.3", r.tls.version)
+        assert.is_string(r.tls.cipher)
+        assert.equal("s1@client.test", r.sender)
+        assert.equal("end of data", r.stage)
+        assert.is_string(r.helo)
+        assert.equal("[127.0.0.1]:" .. sink.port, r.site)
+      end
+      -- Bounce: the sink's 550 5.1.1 at RCPT
+      local b = of_type(recs, "Bounce")[1]
+      assert.equal(ids.bounce, b.id)
+      assert.same({ code = 550, enhanced = "5.1.1" }, { code = b.reply.code, enhanced = b.reply.enhanced })
+      assert.equal("invalid-recipient", b.class)
+      assert.is_true(b.permanent)
+      assert.equal("RCPT TO", b.stage)
+      assert.equal("r550-a@x.test", b.recipient)
+      -- TransientFailure: the attempts count up
+      local tf = of_type(recs, "TransientFailure")
+      for i, r in ipairs(tf) do
+        assert.equal(ids.deferred, r.id)
+        assert.equal(i, r.attempt)
+        assert.equal(451, r.reply.code)
+        assert.is_false(r.permanent)
+        assert.is_string(r.class)
+      end
+      -- Expiration
+      local ex = of_type(recs, "Expiration")[1]
+      assert.equal(ids.deferred, ex.id)
+      assert.equal("4.4.7", ex.reply.enhanced)
+      assert.equal("message-expired", ex.class)
+      assert.is_true(ex.permanent)
+      assert.equal(#tf + 1, ex.attempt)
+      assert.is_true(ex.latency >= 3)
+      -- DSNs to the senders, each delivered as a message of its own (sender "")
+      local dsns = of_type(recs, "DSN")
+      table.sort(dsns, function(a, c2) return a.id < c2.id end)
+      assert.same({ ids.bounce, ids.deferred }, { dsns[1].id, dsns[2].id })
+      assert.same({ "s2@client.test", "s3@client.test" }, { dsns[1].recipient, dsns[2].recipient })
+      assert.same({ "r550-a@x.test" }, dsns[1].reported)
+      assert.equal("failed", dsns[1].action)
+      for _, dsn in ipairs(dsns) do
+        local dd = of_type(recs, "Delivery", function(r) return r.id == dsn.dsn_id end)
+        assert.equal(1, #dd)
+        assert.equal("", dd[1].sender)
+        assert.equal(dsn.recipient, dd[1].recipient)
+      end
+      -- Rejection at MAIL, at RCPT and at the end of the data
+      local rj = of_type(recs, "Rejection")
+      assert.same({ "MAIL FROM", "RCPT TO", "end of data" }, { rj[1].stage, rj[2].stage, rj[3].stage })
+      assert.equal("spammer@bad.test", rj[1].sender)
+      assert.same({ code = 550, enhanced = "5.7.1", text = "sender refused" }, rj[1].reply)
+      assert.is_nil(rj[1].id)
+      assert.equal("blocked@x.test", rj[2].recipient)
+      assert.equal("s4@client.test", rj[2].sender)
+      assert.is_string(rj[2].id)
+      assert.same({ code = 554, enhanced = "5.7.1", text = "content refused" }, rj[3].reply)
+      assert.equal(rj[2].id, rj[3].id)
+      for _, r in ipairs(rj) do
+        assert.equal("127.0.0.1", r.ip)
+        assert.equal("refused.test", r.host)
+        assert.equal(rj[1].session, r.session)
+      end
+      -- Suppression: the add, then the recipient it kept from delivery
+      local sp = of_type(recs, "Suppression")
+      assert.equal(2, #sp)
+      assert.same({ "added", "supp@x.test", "complaint" }, { sp[1].action, sp[1].recipient, sp[1].reason })
+      assert.same({ "suppressed", "supp@x.test", ids.supp, "complaint" },
+        { sp[2].action, sp[2].recipient, sp[2].id, sp[2].reason })
+      -- AdminAction, as given
+      local aa = of_type(recs, "AdminAction")[1]
+      assert.same({ "suspend", "spec", "x.test" }, { aa.action, aa.by, aa.target.domain })
+      -- in order of time
+      for i = 2, #recs do assert.is_true(recs[i].time >= recs[i - 1].time, "line " .. i .. " is out of order") end
+      assert.truthy(H.log("eventlog: stopped: Reception 5,"))
+    end, 60)
+  end)
+
+  it("types = {...} keeps only those records", function()
+    H.run(function()
+      local path = dir .. "/only.jsonl"
+      local elog = eventlog.setup { file = path, types = { "Rejection" } }
+      local mta, port = H.start_mta({}, function(m, moonpost)
+        m:use(elog)
+        m:on("smtp_server_rcpt_to", function() return moonpost.tempfail(451, "4.7.1", "later") end)
+      end)
+      assert.equal(451, (H.send(port, { to = "a@x.test" })))
+      H.stop_mta(mta)
+      local recs = records(path)
+      assert.is_true(#recs >= 1)
+      for _, r in ipairs(recs) do assert.equal("Rejection", r.type) end
+      assert.same({ code = 451, enhanced = "4.7.1", text = "later" }, recs[1].reply)
+    end)
+  end)
+
+  it("reopens the file on SIGUSR1 (logrotate): new lines go to a new file", function()
+    H.run(function()
+      local path = dir .. "/events.jsonl"
+      local policy = dir .. "/policy.lua"
+      H.write(policy, [[
+local moonpost = require "moonpost"
+local env = moonpost.env
+local mta = moonpost.new { spool = env.spool }
+mta:use(require("moonpost.accept").smtp { listen = env.listen })
+mta:use(require("moonpost.eventlog").setup { file = env.get("EVENTLOG_FILE"), stdout = true })
+mta:run()
+]])
+      local proc = H.launch(policy, { MOONPOST_SPOOL = dir .. "/spool", EVENTLOG_FILE = path })
+      local c, _, t = H.send(proc.port, { from = "before@client.test" })
+      assert.equal(250, c, proc.log())
+      local first = queued_id(t)
+      assert.is_true(H.wait_for(function() return #lines_of(path) == 1 end, 10), proc.log())
+      assert.is_true(os.rename(path, path .. ".1"))
+      -- written to the renamed file until the signal
+      c, _, t = H.send(proc.port, { from = "renamed@client.test" })
+      assert.equal(250, c)
+      local second = queued_id(t)
+      assert.is_true(H.wait_for(function() return #lines_of(path .. ".1") == 2 end, 10))
+      assert.is_nil(uv.fs_stat(path))
+      uv.kill(proc.pid, "sigusr1")
+      assert.is_true(H.wait_for(function() return proc.log():find("eventlog: reopened", 1, true) ~= nil end, 10),
+        proc.log())
+      c, _, t = H.send(proc.port, { from = "after@client.test" })
+      assert.equal(250, c)
+      local third = queued_id(t)
+      assert.is_true(H.wait_for(function() return #lines_of(path) == 1 end, 10), proc.log())
+      assert.equal(0, proc.stop())
+      local old, new = records(path .. ".1"), records(path)
+      assert.same({ first, second }, { old[1].id, old[2].id })
+      assert.same({ "before@client.test", "renamed@client.test" }, { old[1].sender, old[2].sender })
+      assert.equal(1, #new)
+      assert.same({ "Reception", third, "after@client.test" }, { new[1].type, new[1].id, new[1].sender })
+      assert.equal(2, python_count(path .. ".1"))
+      assert.equal(1, python_count(path))
+      -- stdout (mixed with the process log on stderr here) got the same lines
+      local out = {}
+      for line in proc.log():gmatch("[^\n]+") do
+        if line:sub(1, 1) == "{" then out[#out + 1] = line end
+      end
+      local file = lines_of(path .. ".1")
+      file[3] = lines_of(path)[1]
+      assert.same(file, out)
+    end, 60)
+  end)
+
+  it("webhook: every record reaches a receiver that was down for part of the run, and the queued ones "
+    .. "arrive after a SIGKILL and a restart", function()
+    H.with_sink(nil, function(sink)
+      local path = dir .. "/events.jsonl"
+      local out = dir .. "/received.jsonl"
+      local wport = H.free_port()
+      local policy = dir .. "/policy.lua"
+      H.write(policy, [[
+local moonpost = require "moonpost"
+local env = moonpost.env
+local mta = moonpost.new { spool = env.spool, queue = { retry = { "1s" } } }
+mta:use(require("moonpost.accept").smtp { listen = env.listen })
+mta:use(require("moonpost.eventlog").setup {
+  file = env.get("EVENTLOG_FILE"),
+  webhook = { url = env.get("EVENTLOG_URL"), batch = 5, interval = "200ms", dir = env.get("EVENTLOG_DIR"),
+    retry_min = "200ms", retry_max = "1s", headers = { Authorization = "Bearer t0ken" } },
+})
+mta:use(require("moonpost.route").smtp { relay = env.relay, idle_timeout = "1s" })
+mta:run()
+]])
+      local envv = { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_RELAY = "127.0.0.1:" .. sink.port,
+        EVENTLOG_FILE = path, EVENTLOG_URL = "http://127.0.0.1:" .. wport .. "/events",
+        EVENTLOG_DIR = dir .. "/webhook" }
+      local proc = H.launch(policy, envv)
+      local acked = {}
+      local function send_batch(n, tag)
+        for i = 1, n do
+          local to = (i % 4 == 0) and ("r550-" .. tag .. i .. "@x.test") or (tag .. i .. "@x.test")
+          local c, _, t = H.send(proc.port, { from = tag .. i .. "@client.test", to = to })
+          assert.equal(250, c, proc.log())
+          acked[#acked + 1] = queued_id(t)
+        end
+      end
+      -- 1. the receiver is down: the records wait in the queue
+      send_batch(8, "a")
+      -- 8 receptions, 6 deliveries, 2 bounces, 2 DSNs and their 2 deliveries
+      assert.is_true(H.wait_for(function() return #lines_of(path) >= 20 end, 20), proc.log())
+      assert.is_true(H.wait_for(function() return proc.log():find("webhook: POST", 1, true) ~= nil end, 10))
+      assert.truthy(proc.log():find("ECONNREFUSED", 1, true), proc.log())
+      -- 2. it comes up (refusing its first two requests with 503): everything arrives
+      local rcv = receiver(out, wport, 2)
+      assert.is_true(H.wait_for(function() return #rcv.records() >= #lines_of(path) end, 20), proc.log())
+      -- 3. down again; more mail; Moonpost killed with records still queued
+      rcv.stop()
+      send_batch(4, "b")
+      local before_kill
+      assert.is_true(H.wait_for(function()
+        before_kill = records(path)
+        return #of_type(before_kill, "Reception") >= 12 and #of_type(before_kill, "Delivery") >= 12
+          and #of_type(before_kill, "DSN") >= 3
+      end, 20), proc.log())
+      proc.kill()
+      local received_before = #rcv.records()
+      -- 4. restarted, with the receiver up: the queued records arrive
+      rcv = receiver(out, wport)
+      local proc2 = H.launch(policy, envv)
+      assert.is_true(H.wait_for(function() return proc2.log():find("records from before the restart", 1, true) end,
+        10), proc2.log())
+      local want = {}
+      local function all_arrived()
+        local got = {}
+        for _, r in ipairs(rcv.records()) do got[key(r)] = (got[key(r)] or 0) + 1 end
+        for _, r in ipairs(records(path)) do
+          if not got[key(r)] then return false, r end
+        end
+        want = got
+        return true
+      end
+      assert.is_true(H.wait_for(all_arrived, 30), proc2.log())
+      assert.equal(0, proc2.stop())
+      rcv.stop()
+      -- every message that got a 250 has its Reception at the receiver
+      local webhook = rcv.records()
+      local recv_ids = {}
+      for _, r in ipairs(of_type(webhook, "Reception")) do recv_ids[r.id] = true end
+      for _, id in ipairs(acked) do assert.is_true(recv_ids[id], "no Reception for " .. id) end
+      -- every record of the file arrived; duplicates are allowed, and counted
+      local dups = 0
+      for _, n in pairs(want) do dups = dups + (n - 1) end
+      local file_recs = records(path)
+      assert.is_true(#webhook >= #file_recs)
+      print(string.format("\n  webhook: %d records in the file, %d received (%d before the kill), %d duplicates",
+        #file_recs, #webhook, received_before, dups))
+      -- the requests: JSON arrays of at most 5, with the configured header
+      local reqs = rcv.requests()
+      assert.is_true(#reqs >= 5)
+      for _, q in ipairs(reqs) do
+        assert.is_nil(q.error)
+        assert.equal("/events", q.path)
+        assert.equal("application/json", q.content_type)
+        assert.equal("Bearer t0ken", q.authorization)
+        assert.equal(tostring(q.n), q.events_header)
+        assert.is_true(q.n >= 1 and q.n <= 5)
+      end
+      assert.equal(#webhook, python_count(out))
+    end, 120)
+  end)
+end)
+
+describe("runtime/outbox", function()
+  local outbox = require "moonpost.runtime.outbox"
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-outbox") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  local function segments()
+    local out = {}
+    for _, f in ipairs(H.ls(dir)) do if f:match("%.jsonl$") then out[#out + 1] = f end end
+    return out
+  end
+
+  it("reads in order across segments, and deletes a segment once the cursor has passed it", function()
+    H.run(function()
+      local ob = assert(outbox.open({ dir = dir, segment_size = 4096 }))
+      local line = string.rep("x", 1000)
+      for i = 1, 10 do assert.is_true(ob:append(i .. line)) end
+      assert.equal(3, #segments())
+      local got = {}
+      while #got < 10 do
+        local b = assert(ob:read(4))
+        assert.is_true(b.n > 0)
+        for i = 1, b.n do got[#got + 1] = tonumber(b[i]:match("^(%d+)")) end
+        assert.is_true(ob:ack(b))
+      end
+      assert.same({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 }, got)
+      assert.equal(0, ob:read(4).n)
+      assert.equal(1, #segments())
+      assert.equal(0, ob:backlog())
+      ob:close()
+      ob:close_reader()
+      -- reopened: nothing left to read, new lines after the cursor
+      ob = assert(outbox.open({ dir = dir, segment_size = 4096 }))
+      assert.equal(0, ob:read(4).n)
+      ob:append("eleven")
+      local b = ob:read(4)
+      assert.same({ n = 1, "eleven" }, { n = b.n, b[1] })
+      ob:close()
+      ob:close_reader()
+    end)
+  end)
+
+  it("cuts a torn last line at open, and reads everything again when the cursor is damaged", function()
+    H.run(function()
+      local ob = assert(outbox.open({ dir = dir }))
+      for i = 1, 3 do ob:append('{"n":' .. i .. "}") end
+      local b = ob:read(2)
+      assert.is_true(ob:ack(b))
+      ob:close()
+      ob:close_reader()
+      -- a crash in the middle of a write
+      local seg = dir .. "/" .. segments()[1]
+      local f = assert(io.open(seg, "ab"))
+      f:write('{"n":4, "cut')
+      f:close()
+      ob = assert(outbox.open({ dir = dir }))
+      assert.truthy(H.log("cut a torn last line"))
+      ob:append('{"n":5}')
+      b = ob:read(10)
+      assert.same({ '{"n":3}', '{"n":5}' }, { b[1], b[2] })
+      ob:close()
+      ob:close_reader()
+      -- the cursor damaged: from the start again (duplicates, nothing lost)
+      H.write(dir .. "/cursor", "garbage")
+      ob = assert(outbox.open({ dir = dir }))
+      b = ob:read(10)
+      assert.same({ '{"n":1}', '{"n":2}', '{"n":3}', '{"n":5}' }, { b[1], b[2], b[3], b[4] })
+      assert.equal(4, b.n)
+      ob:close()
+      ob:close_reader()
+    end)
+  end)
+
+  it("refuses appends beyond max_size", function()
+    H.run(function()
+      local ob = assert(outbox.open({ dir = dir, max_size = 100 }))
+      assert.is_true(ob:append(string.rep("a", 60)))
+      assert.same({ nil, "full" }, { ob:append(string.rep("b", 60)) })
+      assert.equal(1, ob.stats.refused)
+      ob:close()
+      ob:close_reader()
+    end)
+  end)
+end)
