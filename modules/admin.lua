@@ -161,7 +161,7 @@ function Admin:action(req, what, fields)
   log.info("admin: %s %s (client %s)", what, concat(parts, " "), tostring(req and req.remote))
   local mta = self.mta
   if mta.event_log then
-    local ev = { type = "AdminAction", action = what, client = req and req.remote }
+    local ev = { type = "AdminAction", action = what, by = "http", client = req and req.remote }
     for k, v in pairs(fields) do ev[k] = v end
     local ok, err = pcall(mta.event_log, mta, ev)
     if not ok then log.error("admin: event log: %s", tostring(err)) end
@@ -674,7 +674,8 @@ function Admin:store(job, req)
   if sp and not sp:accepting() then return nil, 503, "insufficient system storage" end
   local txn = {
     id = job.id,
-    conn = { id = "http", remote_ip = req.remote, protocol = "http", tenant = tenant, relay = true, messages = 0 },
+    conn = { id = "http", remote_ip = req.remote, protocol = "http", listener = "http", tenant = tenant, relay = true,
+      messages = 0 },
     sender = job.sender,
     recipients = job.recipients,
     notes = {},
@@ -727,6 +728,10 @@ function Admin:store(job, req)
   end
   log.info("%s: from=<%s> size=%d nrcpt=%d via http client=[%s]%s", job.id, job.sender.address, txn.size,
     #job.recipients, tostring(req.remote), tenant and (" tenant=" .. tenant) or "")
+  -- counted and logged as received, like SMTP mail (listener "http")
+  local mc = mta.counters
+  if mc and mc.received then mc.received:inc(tenant, "http") end
+  bus:emit("smtp_server_message_queued", txn)
   return true
 end
 

@@ -44,6 +44,7 @@ build = {
     ["moonpost.runtime.cli"] = "runtime/cli.lua",
     ["moonpost.runtime.client"] = "runtime/client.lua",
     ["moonpost.runtime.config"] = "runtime/config.lua",
+    ["moonpost.runtime.ctl"] = "runtime/ctl.lua",
     ["moonpost.runtime.devpath"] = "runtime/devpath.lua",
     ["moonpost.runtime.dkim"] = "runtime/dkim.lua",
     ["moonpost.runtime.dns"] = "runtime/dns.lua",

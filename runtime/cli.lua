@@ -3,6 +3,7 @@
 --   moonpost run POLICY.lua [args...]   load the policy and run it
 --   moonpost check POLICY.lua           load and validate the policy; start nothing
 --   moonpost passwd [options] [USER [TENANT]]   a password hash for an AUTH users file
+--   moonpost ctl [options] COMMAND ...  the HTTP API from the command line (runtime/ctl.lua)
 --   moonpost version
 --
 -- Exit status: 0 ok, 1 the policy failed to load or run, 2 usage.
@@ -19,6 +20,9 @@ usage: moonpost run POLICY.lua [args...]   run a policy
        moonpost spool list DIR [--json]    list the messages queued in a spool
        moonpost passwd [--pbkdf2 [--iterations N] | --scrypt [--ln N --r N --p N]] [USER [TENANT]]
                                            hash a password read from standard input
+       moonpost ctl [--url URL] [--token TOKEN] [--json] COMMAND ...
+                                           the HTTP API: queues, inspect, suspend, resume, bounce,
+                                           inject, suppress, reload, health (moonpost ctl --help)
        moonpost version
 ]==]
 
@@ -53,6 +57,7 @@ function _M.main(argv)
   end
   if cmd == "spool" then return _M.spool(argv) end
   if cmd == "passwd" then return _M.passwd(argv) end
+  if cmd == "ctl" then return require("moonpost.runtime.ctl").main(argv) end
   if cmd ~= "run" and cmd ~= "check" then
     io.stderr:write(USAGE)
     return 2

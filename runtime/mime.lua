@@ -20,10 +20,18 @@
 -- attachment names that are not ASCII use RFC 2231 parameters. Every
 -- input error comes back as nil, "field: what is wrong".
 local passwd = require "moonpost.runtime.passwd"
+local kdf = require "moonpost.core.kdf"
 
 local byte, char, sub, find, format, concat, gsub = string.byte, string.char, string.sub, string.find,
   string.format, table.concat, string.gsub
 local _M = { _VERSION = "0.1" }
+
+-- n random octets as hex (OpenSSL's generator: math.random is not seeded,
+-- and a Message-ID must not repeat across processes)
+local function random_hex(n)
+  local r = kdf.random(n) or tostring(os.time()) .. tostring(math.random())
+  return (gsub(r, ".", function(c) return format("%02x", byte(c)) end)):sub(1, 2 * n)
+end
 
 -- ---- text checks ------------------------------------------------------------------------
 
@@ -259,7 +267,7 @@ local seq = 0
 
 local function boundary(id)
   seq = seq + 1
-  return format("=_moonpost_%s_%d_%08x", id or "x", seq, math.random(0, 0x7fffffff))
+  return format("=_moonpost_%s_%d_%s", id or "x", seq, random_hex(6))
 end
 
 -- A text part: "Content-Type ...\r\n...\r\n\r\n" .. body
@@ -344,7 +352,7 @@ _M.date = rfc5322_date
 
 -- message_id(id, hostname) -> "<id.random@hostname>"
 function _M.message_id(id, hostname)
-  return format("<%s.%08x@%s>", id, math.random(0, 0x7fffffff), hostname)
+  return format("<%s.%s@%s>", id, random_hex(6), hostname)
 end
 
 -- render(o) -> message text (CRLF) | nil, err. o: hostname, id, from, to

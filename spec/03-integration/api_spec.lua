@@ -597,6 +597,38 @@ describe("the HTTP API", function()
     end)
   end)
 
+  it("records injections as Reception and admin actions as AdminAction in the event log", function()
+    H.with_sink(function(sink)
+      local file = dir .. "/events.jsonl"
+      local mta, api = api_mta(dir, sink.port, { setup = function(m)
+        m:use(require("moonpost.eventlog").setup({ file = file }))
+      end })
+      local s, v = api("POST", "/api/v1/messages", { from = "a@origin.test", to = "r@x.test", text = "x" })
+      assert.equal(202, s)
+      local id = v.id
+      assert.equal(200, (api("POST", "/api/v1/suspend", { domain = "later.test", reason = "why not" })))
+      assert.equal(200, (api("POST", "/api/v1/resume", { domain = "later.test" })))
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end, 10))
+      H.stop_mta(mta)
+      local recs = {}
+      for line in H.read(file):gmatch("[^\n]+") do recs[#recs + 1] = cjson.decode(line) end
+      local reception, actions = nil, {}
+      for _, r in ipairs(recs) do
+        if r.type == "Reception" and r.id == id then reception = r end
+        if r.type == "AdminAction" then actions[#actions + 1] = r end
+      end
+      assert.truthy(reception, "no Reception for the injected message")
+      assert.equal("a@origin.test", reception.sender)
+      assert.equal("127.0.0.1", reception.ip)
+      assert.equal(2, #actions)
+      assert.equal("suspend", actions[1].action)
+      assert.equal("later.test", actions[1].domain)
+      assert.equal("why not", actions[1].reason)
+      assert.equal("127.0.0.1", actions[1].client)
+      assert.equal("resume", actions[2].action)
+    end)
+  end)
+
   it("reloads: the blocks read their files again (the reloaded event runs)", function()
     H.with_sink(function(sink)
       local reloaded = 0
