@@ -175,6 +175,13 @@ describe("moonpost.eventlog", function()
     assert.equal('{"type":"Bounce","time":"T","recipient":"a/b@x.test","reply":{"text":"bad \239\191\189'
       .. '\239\191\189 bytes \239\191\189"},"zeta":1}', line)
     assert.equal("a/b@x.test", cjson.decode(line).recipient)
+    assert.equal('{"type":"X","list":[1,"two",[3.5]],"nested":{"a":false,"b":{"c":"q\\"\\\\\\n\\u0001"}}}',
+      eventlog.encode({ type = "X", nested = { b = { c = 'q"\\\n\1' }, a = false }, list = { 1, "two", { 3.5 } } }))
+    assert.has_error(function() eventlog.encode({ type = "X", f = print }) end, "cannot encode a function in JSON")
+    assert.has_error(function() eventlog.encode({ type = "X", n = 0 / 0 }) end, "cannot encode NaN or infinity in JSON")
+    local cyc = {}
+    cyc.self = cyc
+    assert.has_error(function() eventlog.encode({ type = "X", c = cyc }) end, "a value nested more than 16 deep")
   end)
 
   it("writes one valid JSON line per event: receptions, deliveries, deferrals, bounces, expirations, "
