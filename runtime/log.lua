@@ -1,13 +1,25 @@
 -- Process log: one line per record on stderr (or a sink set by the policy),
+-- human-readable by default:
 --   2026-11-30T17:19:35.123Z info  message
+-- or one JSON object per line (MOONPOST_LOG_FORMAT=json, set_format("json")):
+--   {"time":"2026-11-30T17:19:35.123Z","level":"info","message":"...", <fields>}
 -- Levels: error, warn, info, debug. MOONPOST_LOG_LEVEL sets the start level.
+--
+--   log.info(fmt, ...)                  (error, warn, debug alike)
+--   log.log(level, fields, fmt, ...)    with structured fields ({ key = value })
+--   log.set_level(name), log.set_format("text" | "json"), log.set_sink(fn(line))
 local os_time, os_date, string_format, select = os.time, os.date, string.format, select
+local byte, find, gsub, gmatch, sub = string.byte, string.find, string.gsub, string.gmatch,
+  string.sub
+local concat, sort, pairs, type, tostring, tonumber = table.concat, table.sort, pairs, type, tostring, tonumber
 
 local _M = { _VERSION = "0.1" }
 
 local LEVELS = { error = 1, warn = 2, info = 3, debug = 4 }
 local NAMES = { "error", "warn ", "info ", "debug" }
+local JSON_NAMES = { "error", "warn", "info", "debug" }
 local level = LEVELS[os.getenv("MOONPOST_LOG_LEVEL") or ""] or LEVELS.info
+local json = os.getenv("MOONPOST_LOG_FORMAT") == "json"
 
 local sink = function(line)
   io.stderr:write(line)
@@ -38,7 +50,124 @@ local function stamp()
   return string_format("%s.%03dZ", stamp_str, (us or 0) / 1000)
 end
 
-local function emit(lvl, fmt, ...)
+-- ---- JSON lines ------------------------------------------------------------------
+
+local ESC = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f", ["\n"] = "\\n",
+  ["\r"] = "\\r", ["\t"] = "\\t" }
+local function esc(c)
+  return ESC[c] or string_format("\\u%04x", byte(c))
+end
+
+-- Bytes that are not UTF-8 (a client's HELO name, an 8-bit address) become
+-- U+FFFD, so that every line parses as JSON.
+local function utf8_clean(s)
+  if not find(s, "[\128-\255]") then return s end
+  local out, n, i, len = {}, 0, 1, #s
+  while i <= len do
+    local c = byte(s, i)
+    local need = c < 0x80 and 0 or (c >= 0xC2 and c <= 0xDF) and 1 or (c >= 0xE0 and c <= 0xEF) and 2
+      or (c >= 0xF0 and c <= 0xF4) and 3 or -1
+    local ok = need >= 0 and i + need <= len
+    for k = 1, ok and need or 0 do
+      local d = byte(s, i + k)
+      if d < 0x80 or d > 0xBF then ok = false break end
+    end
+    n = n + 1
+    if ok then
+      out[n] = sub(s, i, i + need)
+      i = i + need + 1
+    else
+      out[n] = "\239\191\189"
+      i = i + 1
+    end
+  end
+  return concat(out)
+end
+
+local function jstr(s)
+  return '"' .. gsub(utf8_clean(s), '[%c"\\]', esc) .. '"'
+end
+
+local function jvalue(v)
+  local t = type(v)
+  if t == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then return jstr(tostring(v)) end
+    if v % 1 == 0 and v > -2^53 and v < 2^53 then return string_format("%d", v) end
+    return string_format("%.14g", v)
+  elseif t == "boolean" then
+    return v and "true" or "false"
+  end
+  return jstr(tostring(v))
+end
+
+-- Fields read from a message written in the usual forms: "<13 hex digits>:"
+-- (a message id), "session <id>:", "<component>:" at the start, and
+-- key=value, key=<...>, key=[...], key="..." anywhere.
+local function parse_fields(msg, f)
+  local id, rest = msg:match("^(%x%x%x%x%x%x%x%x%x%x%x%x%x): (.*)$")
+  if id then
+    f.id = id
+  else
+    local s = msg:match("^session ([%x%.]+):")
+    if s then
+      f.session = s
+    else
+      local c = msg:match("^([%a][%w%._%-]*): ")
+      if c then f.component = c end
+    end
+  end
+  local text = rest or msg
+  for k, v in gmatch(text, '([%a][%w_%-]*)="([^"]*)"') do
+    if f[k] == nil then f[k] = v end
+  end
+  for k, v in gmatch(text, "([%a][%w_%-]*)=(%S+)") do
+    local first = sub(v, 1, 1)
+    if first == "<" then
+      v = v:match("^<([^>]*)>") or v
+    elseif first == "[" then
+      v = v:match("^%[([^%]]*)%]") or v
+    elseif first ~= '"' then
+      v = gsub(v, "[,;]$", "")
+      v = tonumber(v) or v
+    end
+    if f[k] == nil and first ~= '"' then f[k] = v end
+  end
+  f.time, f.level, f.message = nil, nil, nil
+  return f
+end
+
+local function json_line(lvl, msg, fields)
+  local f = parse_fields(msg, {})
+  if fields then
+    for k, v in pairs(fields) do
+      if k ~= "time" and k ~= "level" and k ~= "message" then f[k] = v end
+    end
+  end
+  local keys = {}
+  for k in pairs(f) do keys[#keys + 1] = tostring(k) end
+  sort(keys)
+  local parts = { '{"time":', jstr(stamp()), ',"level":"', JSON_NAMES[lvl], '","message":', jstr(msg) }
+  for _, k in ipairs(keys) do
+    parts[#parts + 1] = "," .. jstr(k) .. ":" .. jvalue(f[k])
+  end
+  parts[#parts + 1] = "}\n"
+  return concat(parts)
+end
+
+local function text_fields(fields)
+  local keys = {}
+  for k in pairs(fields) do keys[#keys + 1] = tostring(k) end
+  sort(keys)
+  local out = {}
+  for i, k in ipairs(keys) do
+    local v = tostring(fields[k])
+    if v == "" or find(v, "[%s\"]") then v = string_format("%q", v) end
+    out[i] = " " .. k .. "=" .. v
+  end
+  return concat(out)
+end
+
+local function emit(lvl, fields, fmt, ...)
   local msg
   if select("#", ...) > 0 then
     local ok, s = pcall(string_format, fmt, ...)
@@ -46,13 +175,38 @@ local function emit(lvl, fmt, ...)
   else
     msg = tostring(fmt)
   end
-  sink(stamp() .. " " .. NAMES[lvl] .. " " .. msg .. "\n")
+  if json then
+    sink(json_line(lvl, msg, fields))
+  else
+    if fields then msg = msg .. text_fields(fields) end
+    sink(stamp() .. " " .. NAMES[lvl] .. " " .. msg .. "\n")
+  end
 end
 
-function _M.error(fmt, ...) if level >= 1 then emit(1, fmt, ...) end end
-function _M.warn(fmt, ...) if level >= 2 then emit(2, fmt, ...) end end
-function _M.info(fmt, ...) if level >= 3 then emit(3, fmt, ...) end end
-function _M.debug(fmt, ...) if level >= 4 then emit(4, fmt, ...) end end
+function _M.error(fmt, ...) if level >= 1 then emit(1, nil, fmt, ...) end end
+function _M.warn(fmt, ...) if level >= 2 then emit(2, nil, fmt, ...) end end
+function _M.info(fmt, ...) if level >= 3 then emit(3, nil, fmt, ...) end end
+function _M.debug(fmt, ...) if level >= 4 then emit(4, nil, fmt, ...) end end
+
+-- log(level, fields, fmt, ...): a record with structured fields, a table
+-- of key = string | number | boolean (in JSON, beside those read from the
+-- message; in text, appended as key=value).
+function _M.log(name, fields, fmt, ...)
+  local l = LEVELS[name]
+  if not l then error("log.log: unknown level '" .. tostring(name) .. "'", 2) end
+  if level >= l then emit(l, fields, fmt, ...) end
+end
+
+-- set_format("text" | "json") -> true | nil, err
+function _M.set_format(name)
+  if name ~= "text" and name ~= "json" then return nil, "unknown log format '" .. tostring(name) .. "'" end
+  json = name == "json"
+  return true
+end
+
+function _M.get_format()
+  return json and "json" or "text"
+end
 
 function _M.enabled(name)
   return level >= (LEVELS[name] or 0)
