@@ -22,6 +22,8 @@ local tls = require "moonpost.runtime.tls"
 local http = require "moonpost.runtime.http"
 local bounce = require "moonpost.bounce"
 local tenants = require "moonpost.runtime.tenants"
+local policy = require "moonpost.runtime.policy"
+local reload = require "moonpost.runtime.reload"
 local metrics = require "moonpost.metrics"
 
 local _M = { _VERSION = "0.1.0" }
@@ -43,6 +45,11 @@ _M.dns = {
 
 -- Set by `moonpost check`: policies load and are validated, nothing starts.
 _M.check_mode = false
+
+-- True while a reload runs the policy again (SIGHUP, reload_policy()): the
+-- MTA it builds is handed the running one's spool, queue and sockets;
+-- start() and run() start nothing.
+_M.reloading = false
 
 -- Every event a policy can hook (docs/events.md has one section each).
 _M.EVENTS = {
@@ -75,6 +82,7 @@ local mta_mt = { __index = MTA }
 local NEW_SCHEMA = {
   hostname = { type = "string", default = function() return env.hostname end },
   log_level = { type = "enum", values = { "error", "warn", "info", "debug" } },
+  log_format = { type = "enum", values = { "text", "json" } },
   stop_grace = { type = "duration", default = 10 },
   spool = { type = "any" },
   queue = { type = "table" },
@@ -206,7 +214,11 @@ function _M.new(opts)
   opts.queue = check_queue(opts.queue)
   opts.dns = check_dns(opts.dns)
   opts.tenants = tenants.check(opts.tenants)
-  if opts.log_level then log.set_level(opts.log_level) end
+  -- a reload applies them once the new policy has taken over
+  if not _M.reloading then
+    if opts.log_level then log.set_level(opts.log_level) end
+    if opts.log_format then log.set_format(opts.log_format) end
+  end
   local mta = setmetatable({
     hostname = opts.hostname,
     opts = opts,
@@ -335,7 +347,7 @@ end
 -- return (the loop runs elsewhere).
 function MTA:start()
   if self.started then return true end
-  if _M.check_mode then return true end
+  if _M.check_mode or _M.reloading then return true end
   self.stopping, self.stopped, self.stop_waiters = false, false, nil
   dns.configure(self.opts.dns)
   local bok, berr = self:start_blocks()
@@ -350,12 +362,7 @@ function MTA:start()
       return nil, err
     end
     self.spool = sp
-    local qopts = setmetatable({
-      -- the bounce classes: the policy's moonpost.bounce block, else the shipped rules
-      classify = function(res) return (self.classify or bounce.classify)(res) end,
-      describe_class = bounce.describe,
-    }, { __index = self.opts.queue })
-    local q = queue.new(self, sp, qopts)
+    local q = queue.new(self, sp, self:queue_options())
     self.queue = q
     for _, fn in ipairs(self.delivery_filters or {}) do q:add_filter(fn) end
     if self.transports then
@@ -397,7 +404,18 @@ function MTA:start()
     return nil, herr
   end
   self.started = true
+  _M.current_mta = self
   return true
+end
+
+-- The delivery queue's options: the policy's, with its bounce classes (its
+-- moonpost.bounce block, else the shipped rules). A reload hands the queue
+-- the new policy's.
+function MTA:queue_options()
+  return setmetatable({
+    classify = function(res) return (self.classify or bounce.classify)(res) end,
+    describe_class = bounce.describe,
+  }, { __index = self.opts.queue })
 end
 
 -- ---- the HTTP listener: API, /metrics, health ---------------------------------
@@ -429,6 +447,22 @@ end
 function MTA:start_http()
   self.http_servers = {}
   if not self.opts.http then return true end
+  self:http_setup()
+  for _, a in ipairs(self.opts.http) do
+    local srv, err = self:http_listen(a)
+    if not srv then
+      for _, h in ipairs(self.http_servers) do h:close() end
+      self.http_servers = {}
+      return nil, err
+    end
+    self.http_servers[#self.http_servers + 1] = srv
+  end
+  return true
+end
+
+-- The router with the health endpoints (a reload makes the new policy's
+-- before it takes the sockets over).
+function MTA:http_setup()
   self.http_router = self.http_router or http.router()
   if not self.http_health then
     self.http_health = true
@@ -441,18 +475,15 @@ function MTA:start_http()
       return 503, { status = "not ready", reason = why }
     end, { open = true })
   end
-  for _, a in ipairs(self.opts.http) do
-    local srv, err = http.listen({ host = a.host, port = a.port, router = self.http_router,
-      token = self.opts.api_token, max_body = self.opts.http_max_body })
-    if not srv then
-      for _, h in ipairs(self.http_servers) do h:close() end
-      self.http_servers = {}
-      return nil, err
-    end
-    self.http_servers[#self.http_servers + 1] = srv
-    log.info("listening http %s%s", srv.name, self.opts.api_token and "" or " (API for loopback clients only)")
-  end
-  return true
+end
+
+-- http_listen({ host, port }) -> server | nil, err: one HTTP listener.
+function MTA:http_listen(a)
+  local srv, err = http.listen({ host = a.host, port = a.port, router = self.http_router,
+    token = self.opts.api_token, max_body = self.opts.http_max_body })
+  if not srv then return nil, err end
+  log.info("listening http %s%s", srv.name, self.opts.api_token and "" or " (API for loopback clients only)")
+  return srv
 end
 
 function MTA:stop_http()
@@ -475,15 +506,22 @@ function MTA:addresses()
   return out
 end
 
+-- sessions() -> SMTP sessions in progress, including those that began
+-- under a policy this MTA replaced (a reload) and have not ended.
 function MTA:sessions()
   local n = 0
   for _, l in ipairs(self.listeners) do n = n + l.active end
-  return n
+  return n + reload.sessions(self)
 end
 
 -- stop([grace]): stop accepting; sessions get `grace` seconds to finish,
 -- then are closed. Calls done() when nothing is left.
 function MTA:stop(grace, done)
+  if self.retired then
+    -- a reload replaced it: the MTA that took over is the one to stop
+    if done then done() end
+    return
+  end
   if self.stopping then
     -- already stopping: call done when that finishes
     if done then
@@ -494,17 +532,39 @@ function MTA:stop(grace, done)
   self.stopping = true
   self.stop_waiters = { done }
   grace = grace or self.opts.stop_grace
-  for _, l in ipairs(self.listeners) do l:close() end
+  -- no new connections; sessions between transactions get 421 now, the
+  -- others when their transaction is over
+  for _, l in ipairs(self.listeners) do
+    l:close()
+    l:drain()
+  end
+  reload.drain(self)
   if self.queue then self.queue:stop() end
+  local function closed()
+    self:close_spool()
+    self:stop_blocks()
+    reload.retire_all(self)
+    if _M.current_mta == self then _M.current_mta = nil end
+    self.stopped = true
+    for _, fn in ipairs(self.stop_waiters) do fn() end
+  end
   local function finish()
     for _, l in ipairs(self.listeners) do l:drop_sessions() end
     self.listeners = {}
+    reload.drop(self)
     self:stop_http()
     self.started = false
-    self:close_spool()
-    self:stop_blocks()
-    self.stopped = true
-    for _, fn in ipairs(self.stop_waiters) do fn() end
+    local sp = self.spool
+    if not sp then return closed() end
+    -- the outcomes of the last deliveries to disk before the files close
+    sched.spawn_named("spool flush", function(err)
+      log.error("stop: spool sync: %s", tostring(err))
+      closed()
+    end, function()
+      local ok, err = sp:sync()
+      if not ok then log.error("stop: spool sync: %s", tostring(err)) end
+      closed()
+    end)
   end
   local function busy()
     return self:sessions() > 0 or (self.queue and self.queue.running > 0)
@@ -582,6 +642,7 @@ end
 -- keeps what it started with. Returns true, or nil and the errors (the
 -- blocks that failed keep their old state).
 function MTA:reload()
+  if self.retired then return nil, "a policy reload replaced this MTA" end
   local errs = {}
   tls.reload_clients()
   for _, b in ipairs(self.blocks or {}) do
@@ -595,20 +656,65 @@ function MTA:reload()
   return true
 end
 
+-- reload_policy([path [, args]]) -> true | nil, err: run the policy file
+-- again (the one `moonpost run` runs, or path) and hand this running MTA
+-- over to the MTA it builds: new sessions use the new hooks, blocks and
+-- options, sessions in progress finish with the old ones, and the spool,
+-- the queue and the sockets of unchanged addresses carry on. When the file
+-- fails to load or check, nothing changes and err says why, starting with
+-- the file and line where there is one. runtime/reload.lua has the steps.
+function MTA:reload_policy(path, args)
+  if self.retired then return nil, "a policy reload replaced this MTA already" end
+  return reload.policy(_M, self, path, args)
+end
+
+-- current() -> the MTA serving now (the latest a reload built), or nil
+function _M.current()
+  return _M.current_mta
+end
+
+-- reload_policy([path [, args]]): mta:reload_policy() of the MTA serving
+-- now. SIGHUP and the HTTP API call it.
+function _M.reload_policy(path, args)
+  local mta = _M.current_mta
+  if not mta then return nil, "no MTA is running" end
+  return mta:reload_policy(path, args)
+end
+
+-- SIGHUP: the policy file again; when that fails (or there is no file, as
+-- for an MTA a program started itself), the old policy keeps serving and
+-- its blocks read their files again (mta:reload(): certificates, keys,
+-- users files).
+local function on_sighup(mta)
+  log.info("sighup: reloading")
+  if policy.source then
+    local ok, err = mta:reload_policy()
+    if ok then return end
+    log.error("reload: %s; the old policy keeps serving", tostring(err))
+  end
+  local rok, rerr = mta:reload()
+  if rok then log.info("reload: done") else log.error("reload: %s", rerr) end
+end
+
 -- run(): start, then run the loop until SIGTERM/SIGINT (or stop()).
 function MTA:run()
   if _M.check_mode then
     self.checked = true
     return true
   end
+  -- a reload: the MTA is built; the code after run() is for the shutdown
+  if _M.reloading then error(policy.REACHED_RUN, 0) end
   local ok, err = self:start()
   if not ok then error(err, 2) end
   self.ran = true
   local signals = {}
+  -- after a reload, the MTA to stop or reload is the one that took over
+  local function serving() return _M.current_mta or self end
   local function stop(name)
-    log.info("%s: stopping (grace %gs)", name, self.opts.stop_grace)
+    local mta = serving()
+    log.info("%s: stopping (grace %gs)", name, mta.opts.stop_grace)
     for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end
-    self:stop(nil, function()
+    mta:stop(nil, function()
       log.info("stopped")
       uv.stop()
     end)
@@ -619,11 +725,7 @@ function MTA:run()
     signals[#signals + 1] = s
   end
   local hup = uv.new_signal()
-  hup:start("sighup", sched.callback(function()
-    log.info("sighup: reloading")
-    local rok, rerr = self:reload()
-    if rok then log.info("reload: done") else log.error("reload: %s", rerr) end
-  end, "signal"))
+  hup:start("sighup", sched.callback(function() on_sighup(serving()) end, "signal"))
   signals[#signals + 1] = hup
   uv.run("default")
   return true

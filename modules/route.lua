@@ -29,6 +29,8 @@ local cjson = require "cjson"
 
 local _M = { _VERSION = "0.1" }
 
+local blocks_made = 0 -- route.smtp blocks made in this process
+
 -- "host:port", a list of them, or a list with a tls field:
 -- { "192.0.2.1:25", "192.0.2.2:25", tls = "verify" } -> hosts, policy or nil
 local function hosts_of(spec, what)
@@ -233,8 +235,14 @@ function _M.smtp(opts)
   local conns = {}
   local block = { name = "route.smtp", opts = o, pools = conns, egress = pools }
 
-  -- sent[source name][site][day] = messages (the warm-up caps count them)
+  -- sent[source name][site][day] = messages (the warm-up caps count them);
+  -- a policy reload hands the table to the new block (handover())
   local sent = {}
+  block.warm_sent = sent
+  blocks_made = blocks_made + 1
+  -- the state file is written through a temporary file of this block's own:
+  -- after a reload the old block and the new one both save the shared counts
+  local tmp_suffix = blocks_made == 1 and ".tmp" or (".tmp" .. blocks_made)
   local function today() return math.floor(os.time() / 86400) end
   local function cap_of(src, site)
     if not src.warm_day then return nil end
@@ -304,7 +312,7 @@ function _M.smtp(opts)
   local function save_state(path)
     block.warm_dirty = false
     local data = state_json()
-    local tmp = path .. ".tmp"
+    local tmp = path .. tmp_suffix
     local fd, err = fs.open(tmp, "w", 384)
     if fd then
       local ok
@@ -320,7 +328,8 @@ function _M.smtp(opts)
   if warm and warm.state then
     function block.start()
       block.stopping = false
-      load_state(warm.state)
+      -- counts handed over by the block before a reload are newer than the file
+      if not block.warm_inherited then load_state(warm.state) end
       block.saver = sched.spawn_named("warm-up state", function(e) log.error("route.smtp: %s", tostring(e)) end,
         function()
           while not block.stopping do
@@ -337,16 +346,27 @@ function _M.smtp(opts)
       if block.saver_task then sched.wake(block.saver_task) end
       if block.warm_dirty then
         -- at shutdown, once: a small file, written before the process exits
-        local f = io.open(warm.state .. ".tmp", "w")
+        local f = io.open(warm.state .. tmp_suffix, "w")
         if f then
           f:write(state_json())
           f:close()
-          os.rename(warm.state .. ".tmp", warm.state)
+          os.rename(warm.state .. tmp_suffix, warm.state)
         end
       end
     end
   end
   block.sent_today = function(name, site) return sent_today(sources[name] or { name = name }, site) end
+  -- A policy reload: the day's warm-up counts carry on in the new block (a
+  -- source must not get its daily cap twice). Connections are not handed
+  -- over: the old block's close when its transport is closed.
+  function block.handover(_, old)
+    if old.warm_sent then
+      sent = old.warm_sent
+      block.warm_sent = sent
+      block.warm_inherited = true
+    end
+    return true
+  end
 
   -- the pool (or the single named source) for a message
   local function pool_of(env)

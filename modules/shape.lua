@@ -177,6 +177,12 @@ function _M.setup(opts)
   end
   -- state() -> per gate: inflight, parked, suspended_for, slowed_for, stats
   function block.state() return shaper:state() end
+  -- A policy reload: suspensions, slow-downs and bounce periods the remote
+  -- replies set carry over, with the tokens of rates that did not change.
+  function block.handover(_, old)
+    if old.shaper then shaper:inherit(old.shaper) end
+    return true
+  end
   return block
 end
 

@@ -772,13 +772,41 @@ function Suppress:attach(mta)
   end
 end
 
+-- start() and stop() count their users: after a policy reload the old
+-- block and the new one share the store (handover()), and the last stop
+-- closes it.
 function Suppress:start()
   if self.state == "closed" then self.state = "new" end
-  return self:open()
+  local ok, err, code = self:open()
+  if not ok then return nil, err, code end
+  self.users = (self.users or 0) + 1
+  return true
 end
 
 function Suppress:stop()
+  self.users = (self.users or 1) - 1
+  if self.users > 0 then return true end
   return self:close()
+end
+
+-- The fields a handle keeps when it shares another's store.
+local OWN = { name = true, opts = true, path = true, on = true, mta = true, share_root = true }
+
+-- handover(old): a policy reload. A block on the same file takes over the
+-- open store of the block before it (one file, one writer): its state is
+-- read and written through the old handle, while this one keeps its own
+-- options (check, auto, reply). Both work until the last of them stops.
+function Suppress:handover(old)
+  local root = rawget(old, "share_root") or old
+  if root.path ~= self.path or self.state ~= "new" or (root.state ~= "open" and root.state ~= "new") then
+    return true
+  end
+  for k in pairs(self) do
+    if not OWN[k] then self[k] = nil end
+  end
+  self.share_root = root
+  setmetatable(self, { __index = root, __newindex = root })
+  return true
 end
 
 local function render(text, address)

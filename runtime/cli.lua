@@ -34,18 +34,7 @@ end
 -- Load and run the policy file. Errors come back as a message that starts
 -- with the policy's file and line.
 local function load_policy(path, args)
-  local f = io.open(path, "r")
-  if not f then return nil, path .. ": cannot open file" end
-  f:close()
-  local chunk, err = loadfile(path)
-  if not chunk then return nil, err end
-  _G.arg = { [0] = path }
-  for i, a in ipairs(args) do _G.arg[i] = a end
-  local tb = os.getenv("MOONPOST_TRACEBACK")
-  local traceback = (tb and tb ~= "" and tb ~= "0") and debug.traceback or function(e) return e end
-  local ok, perr = xpcall(chunk, traceback, unpack(args))
-  if not ok then return nil, tostring(perr) end
-  return true
+  return require("moonpost.runtime.policy").load(path, args)
 end
 
 function _M.main(argv)
@@ -79,16 +68,26 @@ function _M.main(argv)
   end
   -- One write per block of log lines, at most 0.1 s late.
   require("moonpost.runtime.log").buffered(0.1)
-  local ok, err = load_policy(path, args)
-  if not ok then
-    require("moonpost.runtime.log").flush()
-    return die(1, "%s", err)
+  -- what a reload (SIGHUP, moonpost.reload_policy()) runs again
+  require("moonpost.runtime.policy").source = { path = path, args = args }
+  local log = require "moonpost.runtime.log"
+  -- with JSON logs, the reason the run failed is a log record too
+  local function failed(e)
+    if log.get_format() == "json" then
+      log.error("%s", e)
+      log.flush()
+      return 1
+    end
+    log.flush()
+    return die(1, "%s", e)
   end
+  local ok, err = load_policy(path, args)
+  if not ok then return failed(err) end
   -- A policy that builds an MTA but never calls run(): run it now.
   for _, mta in ipairs(moonpost.instances) do
     if not mta.ran and not mta.stopping then
       local rok, rerr = pcall(mta.run, mta)
-      if not rok then return die(1, "%s", tostring(rerr)) end
+      if not rok then return failed(tostring(rerr)) end
       break
     end
   end

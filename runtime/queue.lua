@@ -99,6 +99,7 @@ function _M.new(mta, spool, opts)
     classify = opts.classify,             -- fn(res) -> class, permanent (moonpost.bounce)
     describe_class = opts.describe_class, -- fn(class) -> text for DSNs
     heap = {},
+    workers = {},     -- index -> the worker task
     parked = setmetatable({}, { __mode = "k" }), -- message -> its resume function while held
     rush = setmetatable({}, { __mode = "k" }),   -- messages expedite() wants again as their attempt ends
     running = 0,
@@ -114,10 +115,14 @@ end
 -- Wake an idle worker (new work), or all of them (stop).
 local function poke(self, all)
   local idle = self.idle
-  while #idle > 0 do
-    sched.wake(table.remove(idle), true)
-    if not all then return end
+  if not all then
+    if #idle > 0 then sched.wake(table.remove(idle), true) end
+    return
   end
+  -- every worker waiting now (a worker woken from outside a task runs at
+  -- once, and may wait again before this loop is done)
+  self.idle = {}
+  for _, w in ipairs(idle) do sched.wake(w, true) end
 end
 
 -- set_transports(list): { name, deliver, domains } each; a transport with
@@ -592,9 +597,10 @@ end
 
 -- A fixed set of workers (concurrency of them) takes due messages from the
 -- heap: no task is created per delivery.
-local function worker(self)
+local function worker(self, i)
   local me = sched.current()
-  while not self.stopped do
+  -- a worker past the concurrency (lowered by a reload) ends
+  while not self.stopped and i <= self.concurrency do
     local h = self.heap
     local m = h[1]
     if m and m.next <= os.time() then
@@ -613,11 +619,12 @@ local function worker(self)
       local idle = self.idle
       idle[#idle + 1] = me
       sched.wait(m and max(0.05, min(1, m.next - os.time())) or 1)
-      for i = #idle, 1, -1 do
-        if idle[i] == me then table.remove(idle, i) break end
+      for k = #idle, 1, -1 do
+        if idle[k] == me then table.remove(idle, k) break end
       end
     end
   end
+  if self.workers[i] == me then self.workers[i] = nil end
 end
 
 function Queue:start()
@@ -627,10 +634,40 @@ function Queue:start()
   end
   if not self.stopped then return end
   self.stopped = false
+  self:spawn_workers()
+end
+
+-- Workers 1..concurrency, those not running (worker i is workers[i]).
+function Queue:spawn_workers()
+  local workers = self.workers
   for i = 1, self.concurrency do
-    sched.spawn_named("queue worker " .. i, function(err)
-      log.error("queue worker failed: %s", tostring(err))
-    end, worker, self)
+    if not workers[i] then
+      workers[i] = sched.spawn_named("queue worker " .. i, function(err)
+        workers[i] = nil
+        log.error("queue worker failed: %s", tostring(err))
+      end, worker, self, i)
+      -- a worker that ended at once (stop() meanwhile) is not running
+      if workers[i] and workers[i].done then workers[i] = nil end
+    end
+  end
+end
+
+-- configure(opts): the options of a reloaded policy (those of new():
+-- concurrency, retry, max_age, delay_warning, domains, classify,
+-- describe_class). Messages keep their next attempt time; the new retry
+-- intervals apply from their next deferral.
+function Queue:configure(opts)
+  self.concurrency = opts.concurrency or self.concurrency
+  self.retry = opts.retry or self.retry
+  self.max_age = opts.max_age or self.max_age
+  self.delay_warning = opts.delay_warning
+  self.domain_opts = opts.domains or {}
+  self.classify = opts.classify
+  self.describe_class = opts.describe_class
+  if not self.stopped then
+    self:spawn_workers()
+    -- workers past the new concurrency look at it when woken
+    poke(self, true)
   end
 end
 

@@ -92,6 +92,12 @@ local function verdict_reply(self, v)
   if v.code == 421 then closing(self, "policy 421") end
 end
 
+-- RFC 5321 3.8: the server is going down; the client retries elsewhere or later.
+local function shutting_down(self)
+  reply(self, 421, "4.3.2", self.hostname .. " Service shutting down")
+  closing(self, "shutdown")
+end
+
 -- ---- tenants and relaying ----------------------------------------------------------
 
 -- Make `tenant` the session's tenant (conn.tenant), moving the connection
@@ -836,6 +842,8 @@ local function dispatch(self, verb, arg, flags)
       return error_reply(self, 500, "5.5.2", "Error: command line ended with bare LF")
     end
   end
+  -- Stopping: a transaction in progress finishes, nothing new starts.
+  if self.draining and not self.txn and verb ~= "QUIT" and verb ~= "BDAT" then return shutting_down(self) end
   -- BDAT reads its chunk in every state; bdat_done() answers for the state.
   if self.state == "rejected" and verb ~= "BDAT" then return rejected_command(self, verb, arg) end
   local fn = commands[verb]
@@ -898,8 +906,12 @@ local function serve(self)
   while not self.quit do
     local kind, a, b, c = parser:next()
     if kind == nil then
+      -- the MTA is stopping: a session between transactions ends now
+      if self.draining and not self.txn then return shutting_down(self) end
       if self.nout > 0 and not flush(self) then return end
+      self.idle_wait = not self.txn
       local ok, err = s:wait_input(self.in_content and timeouts.data or timeouts.command)
+      self.idle_wait = false
       if not ok then
         if err == "timeout" then
           reply(self, 421, "4.4.2", self.hostname .. " Error: timeout exceeded")
@@ -1071,13 +1083,13 @@ end
 local Listener = {}
 local listener_mt = { __index = Listener }
 
--- listen(mta, spec) where spec = { host, port, opts, name }
-function _M.listen(mta, spec)
+local function new_listener(mta, spec)
   local opts = spec.opts
   local hostname = opts.hostname or mta.hostname
-  local listener = setmetatable({
+  return setmetatable({
     mta = mta,
     opts = opts,
+    spec = spec,
     name = spec.name or (spec.host .. ":" .. spec.port),
     hostname = hostname,
     banner = opts.banner or (hostname .. " ESMTP Moonpost"),
@@ -1093,6 +1105,18 @@ function _M.listen(mta, spec)
     sessions = {},
     handles = {},
   }, listener_mt)
+end
+
+local function set_address(listener, spec)
+  local a = listener.tcp:getsockname()
+  listener.address = a.ip
+  listener.port = a.port
+  listener.name = spec.name or ((find(a.ip, ":", 1, true) and ("[" .. a.ip .. "]") or a.ip) .. ":" .. a.port)
+end
+
+-- listen(mta, spec) where spec = { host, port, opts, name }
+function _M.listen(mta, spec)
+  local listener = new_listener(mta, spec)
   local tcp = uv.new_tcp()
   local pok, ok, err = pcall(tcp.bind, tcp, spec.host, spec.port,
     find(spec.host, ":", 1, true) and { ipv6only = true } or nil)
@@ -1101,29 +1125,42 @@ function _M.listen(mta, spec)
     tcp:close()
     return nil, format("cannot listen on %s: %s", listener.name, tostring(err))
   end
-  ok, err = tcp:listen(opts.backlog, sched.callback(function(lerr)
+  -- The socket's owner: the listener whose sessions its connections become.
+  -- A policy reload hands the socket to a new listener (adopt()).
+  local box = { owner = listener }
+  ok, err = tcp:listen(spec.opts.backlog, sched.callback(function(lerr)
+    local owner = box.owner
     if lerr then
-      log.error("listener %s: accept: %s", listener.name, tostring(lerr))
+      log.error("listener %s: accept: %s", owner.name, tostring(lerr))
       return
     end
     local client = uv.new_tcp()
     local aok, aerr = tcp:accept(client)
     if not aok then
       client:close()
-      log.warn("listener %s: accept failed: %s", listener.name, tostring(aerr))
+      log.warn("listener %s: accept failed: %s", owner.name, tostring(aerr))
       return
     end
-    on_connection(listener, client)
+    on_connection(owner, client)
   end, "listener"))
   if not ok then
     tcp:close()
     return nil, format("cannot listen on %s: %s", listener.name, tostring(err))
   end
-  listener.tcp = tcp
-  local a = tcp:getsockname()
-  listener.address = a.ip
-  listener.port = a.port
-  listener.name = spec.name or ((find(a.ip, ":", 1, true) and ("[" .. a.ip .. "]") or a.ip) .. ":" .. a.port)
+  listener.tcp, listener.box = tcp, box
+  set_address(listener, spec)
+  return listener
+end
+
+-- adopt(mta, spec, old) -> listener: a listener of mta (a reloaded policy)
+-- on the socket of `old`, which keeps its sessions but accepts no more.
+-- No connection is refused in between: the socket stays open.
+function _M.adopt(mta, spec, old)
+  local listener = new_listener(mta, spec)
+  listener.tcp, listener.box = old.tcp, old.box
+  old.tcp, old.box = nil, nil
+  listener.box.owner = listener
+  set_address(listener, spec)
   return listener
 end
 
@@ -1131,6 +1168,17 @@ end
 function Listener:close()
   if self.tcp and not self.tcp:is_closing() then self.tcp:close() end
   self.tcp = nil
+end
+
+-- drain(): the MTA is stopping. Sessions between transactions get
+-- `421 4.3.2 ... Service shutting down` now; a transaction in progress
+-- finishes (its message gets its reply) and then the session gets the 421.
+function Listener:drain()
+  for sess in pairs(self.sessions) do
+    sess.draining = true
+    -- waiting for a command with no transaction open: wake it to say so
+    if sess.idle_wait then sess.stream:interrupt() end
+  end
 end
 
 -- Close every session now (421 to those that are idle between commands).

@@ -137,15 +137,43 @@ function Shaper:destination(domain, mx_names)
   return nil
 end
 
+-- What a gate of the shaper before a reload knew that still holds: the
+-- modes the response rules set (suspended, slowed, bouncing), and the
+-- tokens of a rate that did not change.
+local function carry(g, old, t)
+  if old.suspended_until > t then g.suspended_until = old.suspended_until end
+  if old.slow_until > t then g.slow_until, g.slow = old.slow_until, old.slow end
+  if old.bounce_until > t then g.bounce_until, g.bounce_res = old.bounce_until, old.bounce_res end
+  for i, b in ipairs(g.buckets) do
+    local ob = old.buckets[i]
+    if ob and ob.r == b.r and ob.cap == b.cap then
+      b.tokens, b.t = ob.tokens, ob.t
+    end
+  end
+end
+
 function Shaper:gate(key, limits, max_conn)
   local g = self.gates[key]
   if not g then
-    g = new_gate(key, limits, now())
+    local t = now()
+    g = new_gate(key, limits, t)
     if not limits.max_connections and max_conn then g.max_conn = max_conn end
     g.shaper = self
+    local old = self.inherited and self.inherited[key]
+    if old then carry(g, old, t) end
     self.gates[key] = g
   end
   return g
+end
+
+-- inherit(old): a reloaded policy's shaper takes over what the gates of
+-- the one before know (see carry()), as it makes its gates. Connections
+-- in flight under the old one are not counted here.
+function Shaper:inherit(old)
+  local list = {}
+  for key, g in pairs(old.inherited or {}) do list[key] = g end
+  for key, g in pairs(old.gates) do list[key] = g end
+  self.inherited = list
 end
 
 -- gates_for(ctx) -> list of gates. ctx: { ready = key, dest = entry | nil,
@@ -186,6 +214,8 @@ end
 
 -- park(gate, fn, retry_at): fn() is called when the gate may admit again.
 function Shaper:park(g, fn, at)
+  -- stopped (a reload replaced it): back to the queue at once
+  if self.stopped then return fn() end
   g.ptail = g.ptail + 1
   g.parked[g.ptail] = fn
   g.stats.parked = g.stats.parked + 1
@@ -259,9 +289,23 @@ function Shaper:kick(g)
   end
 end
 
+-- stop(): no more releases. The deliveries parked on the gates are handed
+-- back (their functions called): after a reload they go to the next
+-- shaper; when the queue has stopped they stay in the spool.
 function Shaper:stop()
   self.stopped = true
   if self.task then sched.wake(self.task) end
+  for _, g in pairs(self.gates) do
+    while g.phead <= g.ptail do
+      local fn = g.parked[g.phead]
+      g.parked[g.phead] = nil
+      g.phead = g.phead + 1
+      local ok, err = pcall(fn)
+      if not ok then log.error("shape: %s: %s", g.name, tostring(err)) end
+    end
+    g.phead, g.ptail = 1, 0
+  end
+  self.waking = {}
 end
 
 -- ---- response-driven rules --------------------------------------------------------------
@@ -278,8 +322,9 @@ end
 function Shaper:observe(gates, dest, res)
   if res.status == "delivered" then return res end
   local line = reply_line(res)
-  local lists = { dest and dest.rules, self.spec.rules }
-  for _, rules in ipairs(lists) do
+  -- (not ipairs over { dest and dest.rules, ... }: without a destination
+  -- the first item is nil and the global rules would never run)
+  for _, rules in ipairs({ dest and dest.rules or false, self.spec.rules or false }) do
     for _, rule in ipairs(rules or {}) do
       local hit
       if rule.re then hit = rule.re:find(line) else hit = line:find(rule.pattern) end

@@ -434,6 +434,8 @@ end
 
 -- sync() waits until everything written so far is on disk.
 function Spool:sync()
+  -- nothing written since the last sync: a batch would end before the wait
+  if not self.syncing and not next(self.dirty) and not self.dir_dirty then return true end
   local task, token = reserve()
   local w = self.waiters
   w[#w + 1] = task

@@ -10,6 +10,7 @@
 --                                    (a moonpost.core.tls conn) and carry on in TLS:
 --                                    info | nil, err
 --   s:try_send(data)                 best-effort write that never waits
+--   s:interrupt()                    wake the task in wait_input() (which returns true)
 --
 -- Every wait has a timeout and returns nil, "timeout" when it passes.
 -- Reading runs continuously; it pauses when the parser holds more than
@@ -306,6 +307,16 @@ function Stream:starttls(conn, timeout)
   if closed then self.eof = true end
   if pt ~= "" then deliver(self, pt) end
   return conn:info()
+end
+
+-- interrupt(): a task in wait_input() returns true at once, as if input
+-- had come (it finds none, and can look at why it was woken).
+function Stream:interrupt()
+  local r = self.reader
+  if r then
+    self.reader = nil
+    wake(r, true)
+  end
 end
 
 function Stream:close()

@@ -9,6 +9,7 @@
 --   t:close(name)                              and ends
 --   t:connections(name)     -> n
 --   t:take(name)            -> true | false   one message from the rate budget (false: over max_messages)
+--   t:inherit(old)                             a reload: share old's counts and buckets
 --
 -- Settings of a tenant live in TENANT_SCHEMA below; blocks that give
 -- tenants more settings add their fields there.
@@ -81,6 +82,13 @@ local tenants_mt = { __index = Tenants }
 
 function _M.new(cfg)
   return setmetatable({ cfg = cfg or {}, conns = {}, buckets = {} }, tenants_mt)
+end
+
+-- inherit(old): a reloaded policy's tenants count the same connections and
+-- draw on the same rate buckets as the ones before (shared, so sessions
+-- begun under the old policy still count until they end).
+function Tenants:inherit(old)
+  self.conns, self.buckets = old.conns, old.buckets
 end
 
 function Tenants:get(name)
