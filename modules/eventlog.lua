@@ -788,21 +788,20 @@ local function close_writers(list)
   end
 end
 
--- start(): the sinks open (those a policy reload handed over are kept),
--- the writer tasks, the webhook's sender and the SIGUSR1 handler start.
+-- start(): the sinks open (or, after a policy reload, those of the block
+-- this one replaces are shared), the writer tasks, the webhook's sender and
+-- the SIGUSR1 handler start.
 function EventLog:start(mta)
   local o = self.opts
-  local adopted = self.adopted or {}
-  self.adopted = nil
+  local shared = self.shared or {}
+  self.shared = nil
   local writers, fresh = {}, {}
   local function want(name, path)
-    local wr = adopted[name]
-    adopted[name] = nil
+    local wr = shared[name]
     if not wr then
       wr = new_writer(name, path, o.max_buffer)
       fresh[#fresh + 1] = wr
     end
-    wr.max = o.max_buffer
     writers[#writers + 1] = wr
   end
   if o.file then want("file " .. o.file, o.file) end
@@ -815,10 +814,10 @@ function EventLog:start(mta)
     end
   end
   local wh = o.webhook
-  local w = adopted.webhook
-  adopted.webhook = nil
+  local w = shared.webhook
   if wh and w then
-    -- handed over: the queue and the sender carry on with the new options
+    -- one queue, one sender: it carries on with this policy's options
+    -- (the old block, while it still runs, writes to the same queue)
     local old = w.client
     w.opts = wh
     w.client = assert(http_client.new(wh.url, { timeout = wh.timeout, headers = wh.headers }))
@@ -831,7 +830,7 @@ function EventLog:start(mta)
       return nil, err
     end
     w = { opts = wh, outbox = ob, failures = 0, stopped = false, idle = false, want = math.huge, got = 0,
-      client = assert(http_client.new(wh.url, { timeout = wh.timeout, headers = wh.headers })),
+      users = 0, client = assert(http_client.new(wh.url, { timeout = wh.timeout, headers = wh.headers })),
       stats = { posts = 0, events = 0, failures = 0, refused = 0 } }
     local backlog = ob:backlog()
     if backlog > 0 then
@@ -841,8 +840,11 @@ function EventLog:start(mta)
       log.error("eventlog: webhook sender failed: %s", tostring(terr))
     end, sender_loop, w)
   end
-  -- what was handed over and is not wanted any more stops
-  for _, wr in pairs(adopted) do wr:stop() end
+  for _, wr in ipairs(writers) do
+    wr.users = (wr.users or 0) + 1
+    wr.max = o.max_buffer
+  end
+  if w then w.users = w.users + 1 end
   self.writers, self.webhook = writers, w
   self.open = true
   for _, wr in ipairs(fresh) do wr:start() end
@@ -860,24 +862,20 @@ function EventLog:start(mta)
   return true
 end
 
--- handover(old): a policy reload. This block takes over the open sinks of
--- the block it replaces (the file, stdout, the webhook's queue and its
--- sender), so that no record is lost or reordered between the two and
--- the queue keeps one writer; start() opens what it does not find there
--- and stops what it no longer wants. The old block's stop() then closes
--- nothing that was handed over.
+-- handover(old): a policy reload (runtime/reload.lua). This block will use
+-- the open sinks of the block it replaces: the same file, stdout and
+-- webhook queue and sender, shared (each stop() releases its use, the last
+-- one closes), so that the records of the old policy's last sessions and
+-- of the new one stay in one ordered stream and the queue has one writer.
+-- The old block is left working. start() opens what is not shared.
 function EventLog:handover(old)
   if getmetatable(old) ~= mt or not old.open or self.open then return true end
-  local adopted = {}
-  for _, wr in ipairs(old.writers) do adopted[wr.name] = wr end
-  if old.webhook then
-    if self.opts.webhook and self.opts.webhook.dir == old.webhook.opts.dir then
-      adopted.webhook = old.webhook
-    end
-  end
-  old.writers = {}
-  if adopted.webhook then old.webhook = nil end
-  self.adopted = adopted
+  local shared = {}
+  for _, wr in ipairs(old.writers) do shared[wr.name] = wr end
+  local w = old.webhook
+  if w and self.opts.webhook and self.opts.webhook.dir == w.opts.dir then shared.webhook = w end
+  self.shared = shared
+  self.arrivals = old.arrivals
   return true
 end
 
@@ -906,25 +904,26 @@ local function stop_webhook(w)
   w.outbox:close()
 end
 
--- stop(): the file and stdout get what waits (synchronously), the queue
--- is closed; the sender ends (a batch it was posting stays queued).
+-- stop(): this block's use of its sinks ends; a sink no other block uses
+-- closes: the file and stdout get what waits (synchronously), the queue is
+-- closed and the sender ends (a batch it was posting stays queued).
 function EventLog:stop()
-  if self.adopted then
-    -- handed over but never started
-    for _, wr in pairs(self.adopted) do
-      if wr.stop then wr:stop() end
-    end
-    if self.adopted.webhook then stop_webhook(self.adopted.webhook) end
-    self.adopted = nil
-  end
+  self.shared = nil
   if not self.open then return end
   self.open = false
   if self.signal then
     self.signal:close()
     self.signal = nil
   end
-  for _, wr in ipairs(self.writers) do wr:stop() end
-  if self.webhook then stop_webhook(self.webhook) end
+  for _, wr in ipairs(self.writers) do
+    wr.users = wr.users - 1
+    if wr.users <= 0 then wr:stop() end
+  end
+  local w = self.webhook
+  if w then
+    w.users = w.users - 1
+    if w.users <= 0 then stop_webhook(w) end
+  end
   local parts = {}
   for _, t in ipairs(_M.TYPES) do
     if self.counts[t] then parts[#parts + 1] = t .. " " .. self.counts[t] end

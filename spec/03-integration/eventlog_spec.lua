@@ -385,6 +385,37 @@ describe("moonpost.eventlog", function()
     end)
   end)
 
+  it("handover() (policy reload): the new block shares the old one's file and webhook queue, in one order; "
+    .. "the last stop closes them", function()
+    H.run(function()
+      local path = dir .. "/ev.jsonl"
+      local wh = { url = "http://127.0.0.1:" .. H.free_port() .. "/", dir = dir .. "/wh", retry_min = "30s",
+        retry_max = "30s" }
+      local old = eventlog.setup { file = path, webhook = wh }
+      assert.is_true(old:start())
+      old:log({ type = "AdminAction", action = "one" })
+      local new = eventlog.setup { file = path, webhook = wh, types = { "AdminAction" } }
+      assert.is_true(new:handover(old))
+      assert.is_true(new:start())
+      assert.equal(old.webhook, new.webhook)
+      assert.equal(old.writers[1], new.writers[1])
+      old:log({ type = "AdminAction", action = "two" }) -- a session of the old policy, still running
+      new:log({ type = "AdminAction", action = "three" })
+      old:stop()
+      new:log({ type = "AdminAction", action = "four" })
+      assert.is_false(new.webhook.stopped)
+      new:stop()
+      assert.is_true(new.webhook.stopped)
+      local function actions(list)
+        local out = {}
+        for i, r in ipairs(list) do out[i] = r.action end
+        return out
+      end
+      assert.same({ "one", "two", "three", "four" }, actions(records(path)))
+      assert.same({ "one", "two", "three", "four" }, actions(records(dir .. "/wh/0000000000000001.jsonl")))
+    end)
+  end)
+
   it("reopens the file on SIGUSR1 (logrotate): new lines go to a new file", function()
     H.run(function()
       local path = dir .. "/events.jsonl"
