@@ -821,7 +821,8 @@ function EventLog:start(mta)
     local old = w.client
     w.opts = wh
     w.client = assert(http_client.new(wh.url, { timeout = wh.timeout, headers = wh.headers }))
-    old:close()
+    old:retire() -- a POST in flight finishes; the next batch goes with the new client
+    w.retired = old
   elseif wh then
     local ob, err = outbox.open({ dir = wh.dir, segment_size = wh.segment_size, max_size = wh.max_size,
       sync_interval = wh.sync_interval })
@@ -897,6 +898,7 @@ local function stop_webhook(w)
   w.stopped = true
   -- a POST in progress ends now (its batch is sent again after a restart)
   w.client:abort()
+  if w.retired then w.retired:abort() end
   if w.idle then
     w.idle = false
     sched.wake(w.task, true)

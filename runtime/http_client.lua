@@ -6,7 +6,8 @@
 --   local c, err = http.new("http://127.0.0.1:9000/events", { timeout = 10, headers = { ... } })
 --   local res, err = c:request("POST", body, { ["Content-Type"] = "application/json" })
 --   -- res = { status = 200, reason = "OK", headers = { ["content-type"] = ... }, body = "..." }
---   c:close()                      -- the kept connection; c:abort() also ends a request in progress
+--   c:close()                      -- the kept connection; c:abort() also ends a request in progress,
+--                                  -- c:retire() lets it finish first
 --
 -- The connection is kept alive between requests when the server allows it;
 -- a request on a kept connection that the server closed meanwhile is sent
@@ -182,9 +183,11 @@ function Client:request(method, body, headers)
       local ok, err = self:connect(deadline)
       if not ok then return nil, err end
     end
+    self.busy = true
     local res, keep = exchange(self, req, deadline)
+    self.busy = false
     if res then
-      if not keep then self:close() end
+      if not keep or self.retiring then self:close() end
       return res
     end
     self:close()
@@ -194,6 +197,13 @@ function Client:request(method, body, headers)
       return nil, keep
     end
   end
+end
+
+-- retire(): the connection closes when the request in progress (if any)
+-- has ended; the client is not used again.
+function Client:retire()
+  self.retiring = true
+  if not self.busy then self:close() end
 end
 
 function Client:close()
