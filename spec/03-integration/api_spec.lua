@@ -382,6 +382,42 @@ describe("the HTTP API", function()
     end)
   end)
 
+  it("reports shaped sites and their gates, and purges mail a gate holds", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port, { setup = function(m)
+        m:use(require("moonpost.shape").setup({
+          destinations = { limited = { domains = { "lim.test" }, rate = "1/h", burst = 1 } },
+        }))
+      end })
+      for i = 1, 3 do
+        assert.equal(202, (api("POST", "/api/v1/messages", { from = "s@origin.test", to = "u" .. i .. "@lim.test",
+          text = "x" })))
+      end
+      -- one goes (the burst), two wait at the gate for an hour
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end, 10))
+      local s, v
+      assert.is_true(H.wait_for(function()
+        s, v = api("GET", "/api/v1/queues?site=limited")
+        return #v.sites == 1 and v.sites[1].parked == 2
+      end, 10))
+      assert.equal(200, s)
+      assert.same({ "default" }, v.sites[1].sources)
+      assert.equal(1, v.sites[1].delivered)
+      assert.equal("ready:default>limited", v.gates[1].key)
+      assert.equal("ready", v.gates[1].kind)
+      s, v = api("GET", "/api/v1/queues?domain=lim.test")
+      assert.equal(200, s)
+      assert.equal(2, v.queues[1].depth)
+      -- a purge takes them back from the gate at once
+      s, v = api("POST", "/api/v1/bounce", { domain = "lim.test", dsn = false })
+      assert.equal(200, s)
+      assert.equal(2, v.matched)
+      assert.equal(2, v.bounced)
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 10))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("bounces queued mail by filter with DSNs to the senders, or silently", function()
     H.with_sink(function(sink)
       -- the first attempt defers (451), and the retry is an hour away: the
