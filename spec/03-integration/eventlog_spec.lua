@@ -466,6 +466,55 @@ mta:run()
     end, 60)
   end)
 
+  it("a SIGHUP reload keeps one stream: the file, the webhook queue and SIGUSR1 carry on", function()
+    H.run(function()
+      local path = dir .. "/events.jsonl"
+      local rcv = receiver(dir .. "/received.jsonl")
+      local policy = dir .. "/policy.lua"
+      H.write(policy, [[
+local moonpost = require "moonpost"
+local env = moonpost.env
+local mta = moonpost.new { spool = env.spool }
+mta:use(require("moonpost.accept").smtp { listen = env.listen })
+mta:use(require("moonpost.eventlog").setup {
+  file = env.get("EVENTLOG_FILE"),
+  webhook = { url = env.get("EVENTLOG_URL"), batch = 1, interval = "100ms", dir = env.get("EVENTLOG_DIR") },
+})
+mta:run()
+]])
+      local proc = H.launch(policy, { MOONPOST_SPOOL = dir .. "/spool", EVENTLOG_FILE = path,
+        EVENTLOG_URL = "http://127.0.0.1:" .. rcv.port .. "/e", EVENTLOG_DIR = dir .. "/webhook" })
+      local ids = {}
+      local c, _, t = H.send(proc.port, { from = "before@client.test" })
+      assert.equal(250, c, proc.log())
+      ids[1] = queued_id(t)
+      uv.kill(proc.pid, "sighup")
+      assert.is_true(H.wait_for(function() return proc.log():find("new sessions use it", 1, true) ~= nil end, 10),
+        proc.log())
+      c, _, t = H.send(proc.port, { from = "after@client.test" })
+      assert.equal(250, c)
+      ids[2] = queued_id(t)
+      assert.is_true(H.wait_for(function() return #rcv.records() == 2 end, 10), proc.log())
+      -- the new block's SIGUSR1
+      assert.is_true(os.rename(path, path .. ".1"))
+      uv.kill(proc.pid, "sigusr1")
+      assert.is_true(H.wait_for(function() return proc.log():find("eventlog: reopened", 1, true) ~= nil end, 10),
+        proc.log())
+      c, _, t = H.send(proc.port, { from = "rotated@client.test" })
+      assert.equal(250, c)
+      ids[3] = queued_id(t)
+      assert.is_true(H.wait_for(function() return #lines_of(path) == 1 and #rcv.records() == 3 end, 10), proc.log())
+      assert.equal(0, proc.stop())
+      rcv.stop()
+      local old, new = records(path .. ".1"), records(path)
+      assert.same({ ids[1], ids[2] }, { old[1].id, old[2].id })
+      assert.equal(ids[3], new[1].id)
+      local got = rcv.records()
+      assert.same(ids, { got[1].id, got[2].id, got[3].id })
+      assert.is_nil(proc.log():find("error", 1, true), proc.log())
+    end, 60)
+  end)
+
   it("webhook: every record reaches a receiver that was down for part of the run, and the queued ones "
     .. "arrive after a SIGKILL and a restart", function()
     H.with_sink(nil, function(sink)
