@@ -211,9 +211,15 @@ end
 
 -- ---- the delivery filter: purges, then suspensions ------------------------------------------
 
+-- The queue parks the message at the end of its attempt, which may wait
+-- (other recipients go to a transport): a suspension that ended meanwhile
+-- lets it go at once.
 local function hold(s, env)
   return { status = "held", text = "suspended by the administrator (" .. s.key .. ")",
-    park = function(resume) s.waiting[#s.waiting + 1] = { id = env.id, resume = resume } end }
+    park = function(resume)
+      if s.ended then return resume() end
+      s.waiting[#s.waiting + 1] = { id = env.id, resume = resume }
+    end }
 end
 
 function Admin:filter(env, rcpt)
@@ -385,6 +391,7 @@ function Admin:api_resume(req)
   -- the held messages come back at once (a stale resume does nothing)
   local released, keys = 0, {}
   for _, s in ipairs(gone) do
+    s.ended = true
     keys[#keys + 1] = s.key
     for _, w in ipairs(self:held_by(s)) do
       released = released + 1

@@ -339,6 +339,23 @@ describe("the HTTP API", function()
     end)
   end)
 
+  it("lets a message go whose suspension ended while its other recipients were being tried", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port)
+      assert.equal(200, (api("POST", "/api/v1/suspend", { domain = "held.test" })))
+      -- the sink does not answer the first RCPT of stall1-*: that attempt takes the 2 s timeout
+      assert.equal(202, (api("POST", "/api/v1/messages", { from = "a@origin.test",
+        to = { "u@held.test", "stall1-x@other.test" }, text = "x" })))
+      assert.is_true(H.wait_for(function() return #sink.events("stall") == 1 end, 10))
+      local s, v = api("POST", "/api/v1/resume", { domain = "held.test" })
+      assert.equal(200, s)
+      assert.equal(0, v.released) -- not parked yet: its attempt is still running
+      assert.is_true(H.wait_for(function() return arrived(sink, "u@held.test") ~= nil end, 15))
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 15))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("suspends a tenant (others flow) and a site; suspensions outlive a restart", function()
     H.with_sink(function(sink)
       local tenants = { acme = {}, globex = {} }
