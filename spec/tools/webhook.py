@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A webhook receiver for the event log specs, on the standard http.server.
 
-    webhook.py --out FILE [--host ADDR] [--port N] [--fail N]
+    webhook.py --out FILE [--host ADDR] [--port N] [--fail N] [--delay SECONDS]
 
 Prints "port N" on stdout once it listens, then for every POST whose body
 is a JSON array writes one line per element to FILE (json.dumps with sorted
@@ -10,7 +10,8 @@ line per request to FILE.requests: {"t", "n", "path", "content_type",
 "events_header", "keepalive"}.
 
 --fail N answers the first N requests with 503 (nothing is recorded), so a
-spec sees the sender retry. A body that is not a JSON array of objects gets
+spec sees the sender retry. --delay waits that long between recording a
+batch and answering (a spec kills the sender in between). A body that is not a JSON array of objects gets
 400 and a line {"error": ...} in FILE.requests.
 
 HTTP/1.1 with keep-alive. Runs until its stdin is closed (or it is killed).
@@ -24,7 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class State:
-    def __init__(self, out, fail):
+    def __init__(self, out, fail, delay=0.0):
+        self.delay = delay
         self.lock = threading.Lock()
         self.out = open(out, "a", buffering=1)
         self.requests = open(out + ".requests", "a", buffering=1)
@@ -72,6 +74,8 @@ class Handler(BaseHTTPRequestHandler):
                 "authorization": self.headers.get("Authorization"),
                 "keepalive": self.headers.get("Connection", "") != "close",
             }) + "\n")
+        if st.delay:
+            time.sleep(st.delay)
         self.answer(200, {"received": len(events)})
 
 
@@ -91,9 +95,10 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--fail", type=int, default=0)
+    ap.add_argument("--delay", type=float, default=0.0)
     args = ap.parse_args()
     server = Server((args.host, args.port), Handler)
-    server.state = State(args.out, args.fail)
+    server.state = State(args.out, args.fail, args.delay)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print("port %d" % server.server_address[1], flush=True)
     sys.stdin.read()  # run until the spec closes our stdin
