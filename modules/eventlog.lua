@@ -466,7 +466,10 @@ local function writer_loop(self)
           self.stats.errors = self.stats.errors + 1
           local lost = select(2, gsub(data, "\n", ""))
           self.stats.dropped = self.stats.dropped + lost
-          log.error("eventlog: %s: write failed, %d records lost: %s", self.name, lost, tostring(err))
+          if self.stats.errors == 1 or self.stats.errors % 1000 == 0 then
+            log.error("eventlog: %s: write failed (%d failures), %d records lost: %s", self.name, self.stats.errors,
+              lost, tostring(err))
+          end
           break
         end
         self.stats.writes = self.stats.writes + 1
@@ -513,7 +516,13 @@ function Writer:stop()
       running = true
     end
   end
-  if self.fd and #rest > 0 then
+  if self.fd == 1 and running and #rest > 0 then
+    -- stdout's reader is behind (a write is still blocked): a blocking
+    -- write here could hold the process's exit for as long as it stalls
+    local lost = select(2, gsub(rest, "\n", ""))
+    self.stats.dropped = self.stats.dropped + lost
+    log.error("eventlog: stdout: %d records not written at stop: the reader is not keeping up", lost)
+  elseif self.fd and #rest > 0 then
     local ok, err = write_all(self.fd, rest)
     if not ok then log.error("eventlog: %s: final write failed: %s", self.name, tostring(err)) end
   end
