@@ -55,6 +55,25 @@ local function wait_log(srv, needle, n, timeout)
   return H.wait_for(function() return count(srv.log(), needle) >= (n or 1) end, timeout or 15)
 end
 
+-- Processes started by launch() are killed when a test fails half-way, so
+-- that none outlives the run (run(fn, timeout) is H.run with that guard).
+local launched = {}
+local function launch(...)
+  local p = H.launch(...)
+  launched[#launched + 1] = p
+  return p
+end
+local function run(fn, timeout)
+  H.run(function()
+    local ok, err = pcall(fn)
+    for i = #launched, 1, -1 do
+      launched[i].kill()
+      launched[i] = nil
+    end
+    if not ok then error(err, 0) end
+  end, timeout)
+end
+
 -- seconds from now until the process has exited
 local function wait_exit(srv, timeout)
   local t0 = uv.now()
@@ -66,14 +85,14 @@ describe("SIGTERM", function()
   it("under load: exits 0 well within the grace period, and every message that got a 250 is delivered or queued",
     function()
     local dir = H.tmpdir("moonpost-term")
-    H.run(function()
+    run(function()
       local env = { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" }
       uv.fs_mkdir(dir .. "/mail", 448)
       -- defer-* recipients cannot be delivered and stay queued
       H.write(dir .. "/mail/.blocked", "a file, so that defer-* folders cannot be made\n")
       local policy = H.root .. "/spec/fixtures/policies/crash.lua" -- stop_grace: the default 10 s
       local port = H.free_port()
-      local srv = H.launch(policy, env, { port = port })
+      local srv = launch(policy, env, { port = port })
       local iopts = { port = port, sessions = 40, total = 1e9, rcpt = function(seq, tok)
         return (seq % 20 == 0) and ("defer-" .. tok .. "@x.test") or "sink@x.test"
       end }
@@ -112,7 +131,7 @@ describe("SIGTERM", function()
       -- restart on the same spool: what was acknowledged is delivered, or queued
       local want = 1 -- the busy session's message
       for _, r in pairs(inj.acked) do if r == "sink@x.test" then want = want + 1 end end
-      srv = H.launch(policy, env, { port = port })
+      srv = launch(policy, env, { port = port })
       local function delivered() return #H.ls(dir .. "/mail/sink/new") end
       H.wait_for(function() return delivered() >= want end, 120)
       sched.sleep(0.5)
@@ -146,11 +165,11 @@ describe("SIGTERM", function()
 
   it("closes a transaction that does not finish at stop_grace, and still exits 0", function()
     local dir = H.tmpdir("moonpost-term")
-    H.run(function()
+    run(function()
       local port = H.free_port()
       local policy = dir .. "/policy.lua"
       write_policy(policy, { listen = { port }, grace = "1.5s" })
-      local srv = H.launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
+      local srv = launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
         { port = port })
       local stuck = session(port)
       stuck:script("C: MAIL FROM:<slow@c.test>\nS: 250")
@@ -177,8 +196,8 @@ describe("SIGTERM", function()
 
   it("SIGINT does the same", function()
     local dir = H.tmpdir("moonpost-term")
-    H.run(function()
-      local srv = H.launch(H.root .. "/examples/quickstart.lua",
+    run(function()
+      local srv = launch(H.root .. "/examples/quickstart.lua",
         { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" })
       local idle = session(srv.port)
       uv.kill(srv.pid, "sigint")
@@ -197,11 +216,11 @@ describe("SIGHUP", function()
   it("reloads the policy: new sessions get the new one, a session in progress keeps the old one, "
     .. "no connection is refused, and added and removed addresses open and close", function()
     local dir = H.tmpdir("moonpost-hup")
-    H.run(function()
+    run(function()
       local p1, p2 = H.free_port(), H.free_port()
       local policy = dir .. "/policy.lua"
       write_policy(policy, { listen = { p1 } })
-      local srv = H.launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
+      local srv = launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
         { port = p1 })
       -- a session from before the reload, in a transaction
       local old = session(p1)
@@ -274,11 +293,11 @@ describe("SIGHUP", function()
 
   it("keeps the old policy serving when the new one fails to load, and logs the file and line", function()
     local dir = H.tmpdir("moonpost-hup")
-    H.run(function()
+    run(function()
       local port = H.free_port()
       local policy = dir .. "/policy.lua"
       write_policy(policy, { listen = { port }, extra = refuse("v1.test") })
-      local srv = H.launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
+      local srv = launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
         { port = port })
       local function serves_v1()
         assert.equal(550, (H.send(port, { to = "a@v1.test" })))
@@ -363,8 +382,8 @@ describe("the process log", function()
 
   it("is one JSON object per line with MOONPOST_LOG_FORMAT=json, with fields read from the message", function()
     local dir = H.tmpdir("moonpost-log")
-    H.run(function()
-      local srv = H.launch(H.root .. "/examples/quickstart.lua", { MOONPOST_SPOOL = dir .. "/spool",
+    run(function()
+      local srv = launch(H.root .. "/examples/quickstart.lua", { MOONPOST_SPOOL = dir .. "/spool",
         MOONPOST_MAILDIR = dir .. "/mail", MOONPOST_LOG_FORMAT = "json" })
       assert.equal(250, (H.send(srv.port, { to = "someone@example.test", from = "me@client.test" })))
       H.wait_for(function() return #H.ls(dir .. "/mail/someone/new") == 1 end, 10)
@@ -386,11 +405,11 @@ describe("the process log", function()
 
   it("is JSON with moonpost.new { log_format = \"json\" }, and so is the error of a policy that fails", function()
     local dir = H.tmpdir("moonpost-log")
-    H.run(function()
+    run(function()
       local port = H.free_port()
       local policy = dir .. "/policy.lua"
       write_policy(policy, { listen = { port }, new = 'log_format = "json"' })
-      local srv = H.launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
+      local srv = launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
         { port = port })
       assert.equal(250, (H.send(port, {})))
       assert.equal(0, srv.stop())
@@ -415,8 +434,8 @@ describe("the process log", function()
 
   it("is human-readable by default", function()
     local dir = H.tmpdir("moonpost-log")
-    H.run(function()
-      local srv = H.launch(H.root .. "/examples/quickstart.lua", { MOONPOST_SPOOL = dir .. "/spool",
+    run(function()
+      local srv = launch(H.root .. "/examples/quickstart.lua", { MOONPOST_SPOOL = dir .. "/spool",
         MOONPOST_MAILDIR = dir .. "/mail" })
       assert.equal(0, srv.stop())
       for line in srv.log():gmatch("[^\n]+") do
