@@ -97,12 +97,14 @@ function _M.drop(mta)
 end
 
 -- The last session of a replaced policy has ended (or the MTA stops): its
--- blocks stop. The spool, queue and sockets belong to its successor.
+-- blocks stop. The spool, queue and sockets belong to its successor (old
+-- keeps its references to the spool and the queue: a session task that
+-- outlived its closed connection still stores into the spool, or fails).
 local function finish_retire(old, why)
   if old.retire_done then return end
   old.retire_done = true
   old:stop_blocks()
-  old.spool, old.queue, old.listeners = nil, nil, {}
+  old.listeners = {}
   local list = old.retire_list
   for i = #list, 1, -1 do
     if list[i] == old then table.remove(list, i) end
