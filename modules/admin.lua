@@ -582,7 +582,8 @@ function Admin:prepare(o)
       return nil, 400, format("to item %d: bad address %q%s", i, a, r and "" or (": " .. tostring(detail or code)))
     end
     if r.utf8 then utf8 = true end
-    rcpts[i] = { address = r.address, ["local"] = r["local"], domain = r.domain, notify = notify }
+    r.notify = notify
+    rcpts[i] = r
   end
   local tenant
   tenant, err = get_string(o, "tenant")
@@ -644,27 +645,33 @@ function Admin:prepare(o)
       attachments = opt(o.attachments) })
     if not text then return nil, 400, err end
   end
-  return { id = id, sender = { address = sender.address, null = sender.null }, recipients = rcpts, tenant = tenant,
+  return { id = id, sender = sender, recipients = rcpts, tenant = tenant,
     pool = pool, envid = envid and xtext(envid), ret = ret, smtputf8 = utf8, text = text }
 end
 
 -- The Received field of a message that came over the API.
-local function received(job, remote, hostname)
+local function received(txn, remote, hostname)
   local ip = remote or "unknown"
   local lit = find(ip, ":", 1, true) and ("IPv6:" .. ip) or ip
-  local rcpt = #job.recipients == 1 and ("\r\n\tfor <" .. job.recipients[1].address .. ">") or ""
-  return format("Received: from [%s]\r\n\tby %s (Moonpost) with HTTP id %s%s;\r\n\t%s\r\n", lit, hostname, job.id,
+  local rcpt = #txn.recipients == 1 and ("\r\n\tfor <" .. txn.recipients[1].address .. ">") or ""
+  return format("Received: from [%s]\r\n\tby %s (Moonpost) with HTTP id %s%s;\r\n\t%s\r\n", lit, hostname, txn.id,
     rcpt, mime.date())
 end
 
-local function verdict_status(v)
-  return (v.kind == "tempfail") and 503 or 422, format("refused by the policy: %d %s%s", v.code,
-    v.enhanced and (v.enhanced .. " ") or "", tostring(v.text))
+local function reply_of(v)
+  return format("%d %s%s", v.code, v.enhanced and (v.enhanced .. " ") or "", tostring(v.text))
 end
 
--- store(job, req) -> true | nil, status, why: the message through the
--- policy's message handlers and steps (DKIM signs here), then the spool
--- (durable before this returns), as for mail received over SMTP.
+local function verdict_status(v)
+  return (v.kind == "tempfail") and 503 or 422, "refused by the policy: " .. reply_of(v)
+end
+
+-- store(job, req) -> true, refused | nil, status, why, refused: the
+-- envelope through the policy's MAIL and RCPT handlers (moonpost.suppress
+-- refuses its listed recipients there), the message through its message
+-- handlers and steps (DKIM signs here), then the spool (durable before
+-- this returns), as for mail received over SMTP. refused: the recipients
+-- the RCPT handlers refused, { address, reply }.
 function Admin:store(job, req)
   local mta = self.mta
   local tenant = job.tenant
@@ -684,7 +691,7 @@ function Admin:store(job, req)
     conn = { id = "http", remote_ip = req.remote, protocol = "http", listener = "http", tenant = tenant, relay = true,
       messages = 0 },
     sender = job.sender,
-    recipients = job.recipients,
+    recipients = {},
     notes = {},
     params = {},
     smtputf8 = job.smtputf8,
@@ -694,12 +701,37 @@ function Admin:store(job, req)
     pool = job.pool,
     via = "http",
   }
+  local bus = mta.bus
+  local ok, v = xpcall(bus.run, debug.traceback, bus, "smtp_server_mail_from", txn, job.sender)
+  local refused, temporary = {}, false
+  if ok and (not v or v.kind == "accept") then
+    for _, r in ipairs(job.recipients) do
+      ok, v = xpcall(bus.run, debug.traceback, bus, "smtp_server_rcpt_to", txn, r)
+      if not ok then break end
+      if v and v.kind ~= "accept" then
+        refused[#refused + 1] = { address = r.address, reply = reply_of(v) }
+        if v.kind == "tempfail" then temporary = true end
+      else
+        txn.recipients[#txn.recipients + 1] = r
+      end
+      v = nil
+    end
+  end
+  if not ok then
+    log.error("%s: http injection: %s", job.id, tostring(v))
+    return nil, 500, "a policy handler failed (see the log)"
+  end
+  if v and v.kind ~= "accept" then return nil, verdict_status(v) end
+  if #txn.recipients == 0 then
+    local said = {}
+    for i, r in ipairs(refused) do said[i] = r.address .. ": " .. r.reply end
+    return nil, temporary and 503 or 422, "every recipient was refused: " .. concat(said, "; "), refused
+  end
   local msg = smtp.message(job.text)
-  msg:prepend(received(job, req.remote, mta.hostname))
+  msg:prepend(received(txn, req.remote, mta.hostname))
   txn.size = msg:size()
   txn.received_at = os.time()
-  local bus = mta.bus
-  local ok, v = xpcall(bus.run, debug.traceback, bus, "smtp_server_message_received", txn, msg)
+  ok, v = xpcall(bus.run, debug.traceback, bus, "smtp_server_message_received", txn, msg)
   if ok and (not v or v.kind == "accept") then
     for _, step in ipairs(mta.message_steps or {}) do
       local sok, sv = xpcall(step, debug.traceback, txn, msg)
@@ -734,12 +766,12 @@ function Admin:store(job, req)
     msg:close()
   end
   log.info("%s: from=<%s> size=%d nrcpt=%d via http client=[%s]%s", job.id, job.sender.address, txn.size,
-    #job.recipients, tostring(req.remote), tenant and (" tenant=" .. tenant) or "")
+    #txn.recipients, tostring(req.remote), tenant and (" tenant=" .. tenant) or "")
   -- counted and logged as received, like SMTP mail (listener "http")
   local mc = mta.counters
   if mc and mc.received then mc.received:inc(tenant, "http") end
   bus:emit("smtp_server_message_queued", txn)
-  return true
+  return true, refused
 end
 
 function Admin:api_inject(req)
@@ -762,17 +794,26 @@ function Admin:api_inject(req)
     end
     jobs[i] = job
   end
-  local done = {}
+  local done, refused = {}, {}
+  local function note(job, refusals)
+    for _, r in ipairs(refusals or {}) do
+      refused[#refused + 1] = { id = job.id, address = r.address, reply = r.reply }
+    end
+  end
   for i, job in ipairs(jobs) do
-    local ok, status, why = self:store(job, req)
+    local ok, status, why, refusals = self:store(job, req)
     if not ok then
+      note(job, refusals)
       local body = { error = #jobs > 1 and format("messages item %d: %s", i, why) or why }
       if #done > 0 then body.ids = done end
+      if #refused > 0 then body.refused = refused end
       return answer(status, body)
     end
+    note(job, status)
     done[#done + 1] = job.id
   end
-  return answer(202, { ids = done, id = #done == 1 and done[1] or nil, queued = self.mta.spool ~= nil })
+  return answer(202, { ids = done, id = #done == 1 and done[1] or nil, queued = self.mta.spool ~= nil,
+    refused = #refused > 0 and refused or nil })
 end
 
 -- ---- inspect ------------------------------------------------------------------------------------

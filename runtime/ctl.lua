@@ -223,6 +223,9 @@ end
 
 function SHOW.inject(r)
   for _, id in ipairs(list_of(r.ids)) do io.stdout:write("queued ", id, "\n") end
+  for _, x in ipairs(list_of(r.refused)) do
+    io.stdout:write(format("refused <%s>: %s\n", tostring(x.address), tostring(x.reply)))
+  end
 end
 
 function SHOW.inspect(r)

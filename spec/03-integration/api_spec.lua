@@ -14,10 +14,10 @@ local TIMEOUTS = { connect = 2, greeting = 2, ehlo = 2, mail = 2, rcpt = 2, data
 -- o: queue (options), tenants, setup(mta), spool (directory)
 local function api_mta(dir, sink_port, o)
   o = o or {}
-  local mta = H.start_mta({}, function(m)
+  local mta = H.start_mta({}, function(m, moonpost)
     m:use(require("moonpost.route").smtp({ relay = "127.0.0.1:" .. sink_port, idle_timeout = "1s",
       timeouts = TIMEOUTS }))
-    if o.setup then o.setup(m) end
+    if o.setup then o.setup(m, moonpost) end
   end, { http = "127.0.0.1:0", api_token = TOKEN, spool = { dir = o.spool or (dir .. "/spool"), min_free = 0 },
     queue = o.queue or { retry = { "1s" }, max_age = "1h" }, tenants = o.tenants })
   local port = mta:http_addresses()[1].port
@@ -232,6 +232,43 @@ describe("the HTTP API", function()
       assert.equal(1, select(2, two.data:gsub("\r\nMessage%-ID:", "")))
       assert.matches("Message%-ID: <mine@origin%.test>", two.data)
       assert.equal(1, select(2, two.data:gsub("\r\nDate:", "")))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("runs the MAIL and RCPT handlers on injected mail: suppressed and refused recipients are left out", function()
+    H.with_sink(function(sink)
+      local sup = require("moonpost.suppress").setup({ path = dir .. "/suppress.log" }) -- checked at RCPT
+      local mta, api = api_mta(dir, sink.port, { tenants = { acme = {} }, setup = function(m, moonpost)
+        m:use(sup)
+        m:on("smtp_server_mail_from", function(txn, sender)
+          if sender.address == "blocked@origin.test" then return moonpost.reject(550, "5.7.1", "sender blocked") end
+          txn.notes.mail_seen = true
+        end)
+        m:on("smtp_server_rcpt_to", function(_, rcpt)
+          if rcpt.domain == "example.invalid" then return moonpost.reject(550, "5.1.2", "no such domain") end
+        end)
+      end })
+      assert.equal(200, (api("POST", "/api/v1/suppressions", { tenant = "acme", address = "gone@x.test" })))
+      local s, v = api("POST", "/api/v1/messages", { from = "n@acme.test", tenant = "acme",
+        to = { "gone@x.test", "bad@example.invalid", "ok@x.test" }, subject = "s", text = "x" })
+      assert.equal(202, s, cjson.encode(v))
+      assert.equal(2, #v.refused)
+      assert.equal("gone@x.test", v.refused[1].address)
+      assert.equal("550 5.7.1 gone@x.test is on the suppression list", v.refused[1].reply)
+      assert.equal("bad@example.invalid", v.refused[2].address)
+      assert.equal("550 5.1.2 no such domain", v.refused[2].reply)
+      assert.equal(v.id, v.refused[1].id)
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end, 10))
+      assert.same({ "ok@x.test" }, sink.messages()[1].rcpts)
+      assert.matches("\r\n\tfor <ok@x%.test>;", sink.messages()[1].data)
+      s, v = api("POST", "/api/v1/messages", { from = "n@acme.test", tenant = "acme", to = { "gone@x.test" }, text = "x" })
+      assert.equal(422, s)
+      assert.equal("every recipient was refused: gone@x.test: 550 5.7.1 gone@x.test is on the suppression list", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "blocked@origin.test", to = "ok@x.test", text = "x" })
+      assert.equal(422, s)
+      assert.equal("refused by the policy: 550 5.7.1 sender blocked", v.error)
+      assert.equal(0, mta.spool:count())
       H.stop_mta(mta)
     end)
   end)
