@@ -49,7 +49,7 @@ function _M.install(mta)
 
   -- messages
   c.received = reg:counter("messages_total",
-    "Messages received over SMTP and accepted (250 at the end of data, after the spool sync)",
+    "Messages received and queued: 250 at the end of SMTP data (after the spool sync), or injected over HTTP",
     { "tenant", "listener" })
   c.delivered = reg:counter("messages_delivered_total",
     "Recipients delivered: the next hop answered 250 (or a local transport stored the message)",
