@@ -543,12 +543,14 @@ function _M.smtp(opts)
               park = function(fn) shaper:park(gate, fn, at) end })
           end
         end
+        -- counted before the attempt waits: deliveries running at once must
+        -- see each other's counts, or they all pick a source at its cap
+        if src.warm_day then count(src, site) end
         local limits = dest and dest.limits or (shaper and shaper.spec.default)
         local pool = conn_pool(site, key, policy_for(domain), src, limits)
         local ok, results = pcall(pool.deliver, pool, env, body, rcpts, hosts)
         if ticket then shaper:release(ticket) end
         if not ok then error(results, 0) end
-        if src.warm_day then count(src, site) end
         if shaper then
           local seen = {}
           for _, r in ipairs(rcpts) do
