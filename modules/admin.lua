@@ -27,6 +27,7 @@ local ids = require "moonpost.runtime.ids"
 local mime = require "moonpost.runtime.mime"
 local headers = require "moonpost.runtime.headers"
 local smtp = require "moonpost.core.smtp"
+local server = require "moonpost.runtime.server"
 
 local type, tostring, tonumber, pairs, ipairs, next = type, tostring, tonumber, pairs, ipairs, next
 local format, concat, lower, find, sub, gsub = string.format, table.concat, string.lower, string.find,
@@ -731,21 +732,8 @@ function Admin:store(job, req)
   msg:prepend(received(txn, req.remote, mta.hostname))
   txn.size = msg:size()
   txn.received_at = os.time()
-  ok, v = xpcall(bus.run, debug.traceback, bus, "smtp_server_message_received", txn, msg)
-  if ok and (not v or v.kind == "accept") then
-    for _, step in ipairs(mta.message_steps or {}) do
-      local sok, sv = xpcall(step, debug.traceback, txn, msg)
-      if not sok then
-        ok, v = false, sv
-        break
-      end
-      if sv then
-        v = sv
-        if sv.kind ~= "accept" then break end
-      end
-    end
-    txn.size = msg:size()
-  end
+  -- the message handlers and steps (DKIM signs), as for SMTP mail
+  ok, v = server.run_received(mta, txn, msg)
   if not ok then
     msg:close()
     log.error("%s: http injection: %s", job.id, tostring(v))

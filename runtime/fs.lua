@@ -63,6 +63,41 @@ function _M.mkdir_p(path, mode)
   return nil, err, code
 end
 
+-- ---- at start, before the loop serves: plain blocking calls -------------------------
+
+-- mkdir_p_now(path [, mode]) -> true | nil, err: mkdir -p on the calling
+-- thread (for opening stores at start: ./var of a fresh checkout).
+function _M.mkdir_p_now(path, mode)
+  local ok, err, code = uv.fs_mkdir(path, mode or 448)
+  if not ok and code == "ENOENT" then
+    local parent = match(path, "^(.+)/[^/]+$")
+    if parent and parent ~= path then
+      local pok, perr = _M.mkdir_p_now(parent, mode)
+      if not pok then return nil, perr end
+      ok, err, code = uv.fs_mkdir(path, mode or 448)
+    end
+  end
+  if not ok and code ~= "EEXIST" then return nil, err end
+  return true
+end
+
+-- list_numbered(dir, ext) -> the numbers N of the files "N.<ext>" in dir,
+-- in ascending order (segment files of the spool and the outbox).
+function _M.list_numbered(dir, ext)
+  local out = {}
+  local req = uv.fs_scandir(dir)
+  if not req then return out end
+  local pat = "^(%d+)%." .. ext:gsub("%p", "%%%0") .. "$"
+  while true do
+    local name = uv.fs_scandir_next(req)
+    if not name then break end
+    local num = match(name, pat)
+    if num then out[#out + 1] = tonumber(num) end
+  end
+  table.sort(out)
+  return out
+end
+
 -- Make a rename or create in the directory durable.
 function _M.fsync_dir(path)
   local fd, err, code = _M.open(path, "r", 0)

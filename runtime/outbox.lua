@@ -49,29 +49,12 @@ local function seg_name(dir, num)
 end
 
 local function mkdir_p(dir)
-  if dir == "" or uv.fs_stat(dir) then return true end
-  local parent = dir:match("^(.*)/[^/]+$")
-  if parent and parent ~= "" then
-    local ok, err = mkdir_p(parent)
-    if not ok then return nil, err end
-  end
-  local ok, err, code = uv.fs_mkdir(dir, 448)
-  if not ok and code ~= "EEXIST" then return nil, err end
-  return true
+  if dir == "" then return true end
+  return fs.mkdir_p_now(dir, 448)
 end
 
 local function list_segments(dir)
-  local out = {}
-  local req = uv.fs_scandir(dir)
-  if not req then return out end
-  while true do
-    local name = uv.fs_scandir_next(req)
-    if not name then break end
-    local num = name:match("^(%d+)%.jsonl$")
-    if num then out[#out + 1] = tonumber(num) end
-  end
-  table.sort(out)
-  return out
+  return fs.list_numbered(dir, "jsonl")
 end
 
 local function read_cursor(dir)

@@ -391,6 +391,33 @@ local function data_hook(self, txn)
   return nil
 end
 
+-- run_received(mta, txn, msg) -> ok, verdict: the smtp_server_message_received
+-- chain, then, when it lets the message through, the steps of blocks that
+-- must see the final message (DKIM signing), before the spool. The same
+-- sequence for SMTP and for mail injected through the HTTP API. ok is
+-- false (and verdict the traceback) when a handler or a step raised.
+function _M.run_received(mta, txn, msg)
+  local ok, v = xpcall(mta.bus.run, traceback, mta.bus, "smtp_server_message_received", txn, msg)
+  if ok and (not v or v.kind == "accept") then
+    local steps = mta.message_steps
+    if steps then
+      for i = 1, #steps do
+        local sok, sv = xpcall(steps[i], traceback, txn, msg)
+        if not sok then
+          ok, v = false, sv
+          break
+        end
+        if sv then
+          v = sv
+          if sv.kind ~= "accept" then break end
+        end
+      end
+      txn.size = msg:size()
+    end
+  end
+  return ok, v
+end
+
 -- The tenant header of a listener with `tenant_header`: the field is read
 -- from the header section, removed, and names txn.tenant. Returns nil, or
 -- the reply that refuses the message (code, enhanced, text).
@@ -455,27 +482,7 @@ local function message_done(self, msg, flags)
   msg:prepend(received_header(self, txn))
   txn.size = msg:size()
   txn.received_at = os.time()
-  local ok, v = xpcall(self.mta.bus.run, traceback, self.mta.bus, "smtp_server_message_received",
-    txn, msg)
-  if ok and (not v or v.kind == "accept") then
-    -- Steps of blocks that must see the final message (DKIM signing):
-    -- after every handler, before the spool.
-    local steps = self.mta.message_steps
-    if steps then
-      for i = 1, #steps do
-        local sok, sv = xpcall(steps[i], traceback, txn, msg)
-        if not sok then
-          ok, v = false, sv
-          break
-        end
-        if sv then
-          v = sv
-          if sv.kind ~= "accept" then break end
-        end
-      end
-      txn.size = msg:size()
-    end
-  end
+  local ok, v = _M.run_received(self.mta, txn, msg)
   local stored, serr, scode = true, nil, nil -- luacheck: ignore scode
   local sp = self.mta.spool
   if ok and sp and (not v or v.kind == "accept") then

@@ -27,6 +27,7 @@ local core = require "moonpost.core.spool"
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 local ids = require "moonpost.runtime.ids"
+local fs = require "moonpost.runtime.fs"
 
 local MSG, STATE, DONE, F_COPY = core.MSG, core.STATE, core.DONE, core.F_COPY
 local format, tonumber, pairs, ipairs, type = string.format, tonumber, pairs, ipairs, type
@@ -55,33 +56,14 @@ local function seg_name(num)
 end
 
 local function mkdir_sync(path)
-  local ok, err, code = uv.fs_mkdir(path, 448)
-  if not ok and code == "ENOENT" then
-    -- make the parents (./var of a fresh checkout), then try again
-    local parent = path:match("^(.+)/[^/]+$")
-    if parent and parent ~= path then
-      local pok, perr = mkdir_sync(parent)
-      if not pok then return nil, perr end
-      ok, err, code = uv.fs_mkdir(path, 448)
-    end
-  end
-  if not ok and code ~= "EEXIST" then return nil, err end
+  local ok, err = fs.mkdir_p_now(path, 448)
+  if not ok then return nil, err end
   uv.fs_chmod(path, 448)
   return true
 end
 
 local function list_segments(dir)
-  local out = {}
-  local req = uv.fs_scandir(dir)
-  if not req then return out end
-  while true do
-    local name = uv.fs_scandir_next(req)
-    if not name then break end
-    local num = name:match("^(%d+)%.seg$")
-    if num then out[#out + 1] = tonumber(num) end
-  end
-  table.sort(out)
-  return out
+  return fs.list_numbered(dir, "seg")
 end
 
 -- The envelope written with each message (JSON metadata of its MSG record).
