@@ -43,6 +43,19 @@ local function heap_push(h, m)
   end
 end
 
+-- Move h[i] down to its place among the first n entries.
+local function sift_down(h, i, n)
+  while true do
+    local l, r = 2 * i, 2 * i + 1
+    local s = i
+    if l <= n and h[l].next < h[s].next then s = l end
+    if r <= n and h[r].next < h[s].next then s = r end
+    if s == i then return end
+    h[i], h[s] = h[s], h[i]
+    i = s
+  end
+end
+
 local function heap_pop(h)
   local top = h[1]
   local n = #h
@@ -50,35 +63,15 @@ local function heap_pop(h)
   h[n] = nil
   n = n - 1
   if n > 0 then
-    local i = 1
     h[1] = last
-    while true do
-      local l, r = 2 * i, 2 * i + 1
-      local s = i
-      if l <= n and h[l].next < h[s].next then s = l end
-      if r <= n and h[r].next < h[s].next then s = r end
-      if s == i then break end
-      h[i], h[s] = h[s], h[i]
-      i = s
-    end
+    sift_down(h, 1, n)
   end
   return top
 end
 
 local function heapify(h)
   local n = #h
-  for top = floor(n / 2), 1, -1 do
-    local i = top
-    while true do
-      local l, r = 2 * i, 2 * i + 1
-      local s = i
-      if l <= n and h[l].next < h[s].next then s = l end
-      if r <= n and h[r].next < h[s].next then s = r end
-      if s == i then break end
-      h[i], h[s] = h[s], h[i]
-      i = s
-    end
-  end
+  for top = floor(n / 2), 1, -1 do sift_down(h, top, n) end
 end
 
 -- ---- queue ------------------------------------------------------------------------------
