@@ -361,15 +361,8 @@ local function new_writer(name, path, max_buffer)
 end
 
 local function mkdir_p(dir)
-  if dir == "" or dir == "." or dir == "/" or uv.fs_stat(dir) then return true end
-  local parent = dir:match("^(.*)/[^/]+$")
-  if parent and parent ~= "" then
-    local ok, err = mkdir_p(parent)
-    if not ok then return nil, err end
-  end
-  local ok, err, code = uv.fs_mkdir(dir, 488)
-  if not ok and code ~= "EEXIST" then return nil, err end
-  return true
+  if dir == "" or dir == "." or dir == "/" then return true end
+  return fs.mkdir_p_now(dir, 488)
 end
 
 -- At start (synchronous, as every block's start): the directory and the file.

@@ -21,6 +21,7 @@
 local uv = require "luv"
 local core = require "moonpost.core.suppress"
 local config = require "moonpost.runtime.config"
+local fs = require "moonpost.runtime.fs"
 local hooks = require "moonpost.runtime.hooks"
 local log = require "moonpost.runtime.log"
 local sched = require "moonpost.runtime.sched"
@@ -153,15 +154,8 @@ end
 -- ---- opening and closing ----------------------------------------------------------------
 
 local function mkdir_p(dir)
-  if dir == "" or dir == "." or dir == "/" or uv.fs_stat(dir) then return true end
-  local parent = dir:match("^(.*)/[^/]+$")
-  if parent and parent ~= "" then
-    local ok, err = mkdir_p(parent)
-    if not ok then return nil, err end
-  end
-  local ok, err, code = uv.fs_mkdir(dir, 448)
-  if not ok and code ~= "EEXIST" then return nil, err end
-  return true
+  if dir == "" or dir == "." or dir == "/" then return true end
+  return fs.mkdir_p_now(dir, 448)
 end
 
 local function dirname(path)

@@ -509,6 +509,42 @@ function H.with_sink(args, fn, timeout)
   end, timeout)
 end
 
+-- dkim_verify(data, dns_port) -> a boolean per DKIM-Signature of the message
+-- (topmost first), as Debian's python3-dkim says, with the key records from
+-- the DNS server on 127.0.0.1:dns_port (H.dns_server). DKIM_DEBUG=1 prints
+-- the message and python3-dkim's complaints.
+local DKIM_VERIFY = [==[
+import sys, json, dkim, dns.resolver, dns.message, dns.query
+port = int(sys.argv[1])
+def dnsfunc(name, timeout=5):
+    if isinstance(name, bytes):
+        name = name.decode()
+    q = dns.message.make_query(name, "TXT")
+    r = dns.query.udp(q, "127.0.0.1", port=port, timeout=timeout)
+    for rrset in r.answer:
+        for rd in rrset:
+            return b"".join(rd.strings)
+    return None
+msg = sys.stdin.buffer.read()
+d = dkim.DKIM(msg)
+n = sum(1 for h in d.headers if h[0].lower() == b"dkim-signature")
+out = []
+for i in range(n):
+    try:
+        out.append(bool(dkim.DKIM(msg).verify(idx=i, dnsfunc=dnsfunc)))
+    except dkim.DKIMException as e:
+        print(i, e, file=sys.stderr)
+        out.append(False)
+print(json.dumps(out))
+]==]
+
+function H.dkim_verify(data, dns_port)
+  local code, out, err = H.exec(H.python, { "-c", DKIM_VERIFY, tostring(dns_port) }, { stdin = data, timeout = 30 })
+  assert(code == 0, "python3-dkim: " .. out .. err)
+  if os.getenv("DKIM_DEBUG") then io.stderr:write(data, "\n--\n", err, "\n") end
+  return require("cjson").decode(out)
+end
+
 -- parse_dsn(text) -> what Python's email package reads in a delivery status
 -- notification: { type, report_type, parts (content types, top first),
 -- text (the first text/plain part), per_message, recipients (the fields of

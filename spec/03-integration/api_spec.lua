@@ -64,28 +64,7 @@ local function parse(data)
   return cjson.decode(out)
 end
 
--- python3-dkim on a message, the keys from nsd on loopback -> { true | false per signature }
-local VERIFY = [==[
-import sys, json, dkim, dns.message, dns.query
-port = int(sys.argv[1])
-def dnsfunc(name, timeout=5):
-    if isinstance(name, bytes):
-        name = name.decode()
-    r = dns.query.udp(dns.message.make_query(name, "TXT"), "127.0.0.1", port=port, timeout=timeout)
-    for rrset in r.answer:
-        for rd in rrset:
-            return b"".join(rd.strings)
-    return None
-msg = sys.stdin.buffer.read()
-n = sum(1 for h in dkim.DKIM(msg).headers if h[0].lower() == b"dkim-signature")
-print(json.dumps([bool(dkim.DKIM(msg).verify(idx=i, dnsfunc=dnsfunc)) for i in range(n)]))
-]==]
-
-local function dkim_verify(data, dns_port)
-  local code, out, err = H.exec(H.python, { "-c", VERIFY, tostring(dns_port) }, { stdin = data, timeout = 30 })
-  assert(code == 0, "python3-dkim: " .. out .. err)
-  return cjson.decode(out)
-end
+local dkim_verify = H.dkim_verify
 
 local function to_sender(sink, sender)
   local n = 0

@@ -5,40 +5,7 @@ local H = require "helpers"
 
 local SHORT = { connect = 3, greeting = 3, ehlo = 3, mail = 3, rcpt = 3, data = 3, block = 3, done = 3 }
 
--- Verify every DKIM-Signature of a message with python3-dkim; the key
--- records come from the DNS server at dns_port. -> list of booleans, in the
--- order of the signatures in the message (first = topmost)
-local VERIFY = [==[
-import sys, json, dkim, dns.resolver, dns.message, dns.query
-port = int(sys.argv[1])
-def dnsfunc(name, timeout=5):
-    if isinstance(name, bytes):
-        name = name.decode()
-    q = dns.message.make_query(name, "TXT")
-    r = dns.query.udp(q, "127.0.0.1", port=port, timeout=timeout)
-    for rrset in r.answer:
-        for rd in rrset:
-            return b"".join(rd.strings)
-    return None
-msg = sys.stdin.buffer.read()
-d = dkim.DKIM(msg)
-n = sum(1 for h in d.headers if h[0].lower() == b"dkim-signature")
-out = []
-for i in range(n):
-    try:
-        out.append(bool(dkim.DKIM(msg).verify(idx=i, dnsfunc=dnsfunc)))
-    except dkim.DKIMException as e:
-        print(i, e, file=sys.stderr)
-        out.append(False)
-print(json.dumps(out))
-]==]
-
-local function verify(data, dns_port)
-  local code, out, err = H.exec(H.python, { "-c", VERIFY, tostring(dns_port) }, { stdin = data, timeout = 30 })
-  assert(code == 0, "python3-dkim: " .. out .. err)
-  if os.getenv("DKIM_DEBUG") then io.stderr:write(data, "\n--\n", err, "\n") end
-  return require("cjson").decode(out)
-end
+local verify = H.dkim_verify
 
 -- keygen(dir, type, domain, selector) -> the TXT record line for the zone
 local function keygen(dir, ktype, domain, selector, bits)

@@ -7,19 +7,6 @@ local H = require "helpers"
 local cjson = require "cjson"
 local sched = require "moonpost.runtime.sched"
 
-local VERIFY = [==[
-import sys, json, dkim, dns.message, dns.query
-port = int(sys.argv[1])
-def dnsfunc(name, timeout=5):
-    if isinstance(name, bytes):
-        name = name.decode()
-    r = dns.query.udp(dns.message.make_query(name, "TXT"), "127.0.0.1", port=port, timeout=timeout)
-    for rrset in r.answer:
-        for rd in rrset:
-            return b"".join(rd.strings)
-    return None
-print(json.dumps(bool(dkim.DKIM(sys.stdin.buffer.read()).verify(dnsfunc=dnsfunc))))
-]==]
 
 local function keygen(dir, domain, selector)
   local code, out, err = H.exec(H.root .. "/scripts/dkim-keygen",
@@ -136,9 +123,7 @@ return {
           assert.equal(peer, a[1].peer)
           assert.equal(helo, a[1].helo)
           assert.equal(d, a[1].data:match("DKIM%-Signature:.-d=([%w%.%-]+)"), rcpt)
-          local code, out, e = H.exec(H.python, { "-c", VERIFY, tostring(dnsd.port) }, { stdin = a[1].data, timeout = 30 })
-          assert.equal(0, code, e)
-          assert.equal("true", out:match("%S+"), rcpt .. ": python3-dkim says the signature does not verify")
+          assert.same({ true }, H.dkim_verify(a[1].data, dnsd.port), rcpt .. ": python3-dkim says it does not verify")
         end
         check("a-own", "127.0.0.2", "o1.acme.esp.test", "acme.esp.test")
         check("g-own", "127.0.0.3", "o1.globex.esp.test", "globex.esp.test")
