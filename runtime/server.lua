@@ -1106,7 +1106,8 @@ local function new_listener(mta, spec)
       opts.auth and opts.auth.allow_plaintext),
     ehlo_tls = ehlo_reply(hostname, opts, false, opts.auth ~= nil),
     tls = opts.tls_state,   -- { ctx, implicit, required, handshake_timeout } or nil
-    help_text = "Commands: HELO EHLO MAIL RCPT DATA " .. (opts.extensions.chunking and "BDAT " or "")
+    help_text = "Commands: HELO EHLO " .. ((opts.tls_state and not opts.tls_state.implicit) and "STARTTLS " or "")
+      .. (opts.auth and "AUTH " or "") .. "MAIL RCPT DATA " .. (opts.extensions.chunking and "BDAT " or "")
       .. "RSET NOOP QUIT VRFY HELP",
     active = 0,
     sessions = {},

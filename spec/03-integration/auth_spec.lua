@@ -182,6 +182,9 @@ for mech in ("PLAIN", "LOGIN"):
       p:expect(538, "5.7.11", "Encryption required")
       p:cmd("AUTH LOGIN")
       p:expect(538, "5.7.11")
+      -- HELP names the commands this listener takes
+      p:cmd("HELP")
+      assert.equal("Commands: HELO EHLO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP", p:expect(214, "2.0.0"))
       p:close()
       local q, ehlo2 = tls_session(port)
       assert.truthy(ehlo2:find("\nAUTH PLAIN LOGIN\n", 1, true), ehlo2)

@@ -180,7 +180,7 @@ describe("smtp server session", function()
         C: EXPN list
         S: 502 5.5.1
         C: HELP
-        S: 214 2.0.0
+        S: 214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP
         C: NOOP anything
         S: 250 2.0.0
         C: AUTH PLAIN
