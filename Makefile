@@ -49,7 +49,7 @@ KDF_HDR   := core/kdf.h core/workq.h core/lcompat.h
 MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so $(LIBDIR)/tls.so
 MODULES   += $(LIBDIR)/dkim.so $(LIBDIR)/kdf.so $(LIBDIR)/suppress.so
 
-.PHONY: all deps run test test-long lint fuzz fuzz-build bench clean
+.PHONY: all deps run test test-long lint fuzz fuzz-build bench bench-peers clean
 
 all: $(MODULES)
 
@@ -129,6 +129,10 @@ test-long: deps all
 
 bench: deps all
 	@scripts/bench/run.sh
+
+# The relay load through Postfix and Moonpost side by side (../shared/peers).
+bench-peers: deps all
+	@scripts/bench/peers.sh
 
 clean:
 	rm -rf $(BUILD)
