@@ -128,6 +128,26 @@ run_relay() { # rep [name [VAR=value ...]]: relay.py with that environment
   echo "  $rname rep $rep: failed ($line)" >&2
 }
 
+# run_load rep name n c size [smtp-source args...]: the relay (examples/relay.lua
+# into smtp-sink) with another load; the time is scaled to N messages so that
+# the table's rates (N / time) come out in messages per second of this load.
+run_load() {
+  rep=$1 lname=$2 ln=$3 lc=$4 lsize=$5
+  shift 5
+  if line=$(/usr/bin/python3 scripts/bench/relay.py "$((PORT + 10))" "$ln" "$lc" "$lsize" "$@"); then
+    e2e=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.3f" % r["e2e_s"] if r["e2e_s"] else "")')
+    if [ -n "$e2e" ]; then
+      hwm=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["rss_kib"])')
+      lat=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin); print("%s/%s" % (r["latency_p50_ms"], r["latency_p99_ms"]))')
+      scaled=$(/usr/bin/python3 -c "print('%.3f' % ($e2e * $N / $ln))")
+      printf '%s\t%s\t%s\t%s\t\t%s\n' "$lname" "$rep" "$scaled" "$hwm" "$lat" >>"$raw"
+      echo "  $lname rep $rep: $ln messages in $e2e s end to end ($(/usr/bin/python3 -c "print(round($ln / $e2e))") msg/s), peak RSS $((hwm / 1024)) MiB, 250 to first attempt p50/p99 $lat ms" >&2
+      return
+    fi
+  fi
+  echo "  $lname rep $rep: failed ($line)" >&2
+}
+
 run_postfix() {
   peers=$root/../shared/peers
   if [ "${BENCH_POSTFIX:-1}" = 0 ] || [ ! -x "$peers/run.sh" ]; then
@@ -178,6 +198,11 @@ while [ $rep -le "$REPS" ]; do
     BENCH_DKIM_SELECTOR=rsa
   run_relay $rep relay-dkim-ed25519 BENCH_POLICY=scripts/bench/relay_dkim.lua BENCH_DKIM_DIR="$out/dkim" \
     BENCH_DKIM_SELECTOR=ed
+  # other loads: 10 recipients per message, 100 kB messages, and about half
+  # the peak rate (2 sessions) for the latency from the 250 to the attempt
+  run_load $rep relay-r10 "$((N / 5))" "$C" "$SIZE" -r 10
+  run_load $rep relay-100k "$((N / 10))" "$C" 100000
+  run_load $rep relay-half "$((N / 2))" 2 "$SIZE"
   rep=$((rep + 1))
 done
 # What the machine can sign: openssl speed on both cores, and on one
@@ -288,6 +313,15 @@ for name, s in figs.items():
         s["target"] = "RSA-2048 relay >= 70%% of openssl speed -multi rsa2048 (%.0f signs/s): %.2f" % (
             speed["rsa2048_multi"], s["vs_openssl"])
         s["met"] = s["vs_openssl"] >= 0.7
+    if name == "relay-r10":
+        s["target"] = "reported: 10 recipients per message, %.0f recipients/s" % (10 * s["median"])
+    if name == "relay-100k":
+        s["target"] = "reported: 100 kB messages, %.0f MB/s" % (s["median"] * 0.1)
+    if name == "relay-half" and "latency_p50_ms" in s:
+        peak = figs.get("relay", {}).get("median")
+        s["target"] = "250 to first attempt p50 <= 1 ms, p99 <= 5 ms at %.0f msg/s (%s of the relay peak): %.2f / %.2f ms" % (
+            s["median"], ("%.2f" % (s["median"] / peak)) if peak else "?", s["latency_p50_ms"], s["latency_p99_ms"])
+        s["met"] = s["latency_p50_ms"] <= 1 and s["latency_p99_ms"] <= 5
     if name == "relay-mp-tls" and figs.get("relay-mp-plain"):
         s["vs_plaintext"] = s["median"] / figs["relay-mp-plain"]["median"]
         s["target"] = "TLS relay / plaintext relay into the same sink: %.2f" % s["vs_plaintext"]
