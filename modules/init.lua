@@ -25,6 +25,7 @@ local tenants = require "moonpost.runtime.tenants"
 local policy = require "moonpost.runtime.policy"
 local reload = require "moonpost.runtime.reload"
 local metrics = require "moonpost.metrics"
+local workers = require "moonpost.runtime.workers"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -91,6 +92,7 @@ local NEW_SCHEMA = {
   http = { type = "any" },        -- "host:port" of the HTTP listener (API, /metrics, health), or nil
   api_token = { type = "string" },
   http_max_body = { type = "size", default = "10M" },
+  workers = { type = "posint", default = 1 }, -- processes (runtime/workers.lua, docs/cli.md#workers)
 }
 
 local DNS_SCHEMA = {
@@ -214,6 +216,14 @@ function _M.new(opts)
   opts.queue = check_queue(opts.queue)
   opts.dns = check_dns(opts.dns)
   opts.tenants = tenants.check(opts.tenants)
+  local wi = workers.index
+  if wi then
+    -- a worker: its own spool partition and HTTP port (docs/cli.md#workers)
+    if opts.spool then opts.spool.dir = opts.spool.dir:gsub("/+$", "") .. "/w" .. wi end
+    for _, a in ipairs(opts.http or {}) do
+      if a.port ~= 0 then a.port = a.port + wi end
+    end
+  end
   -- a reload applies them once the new policy has taken over
   if not _M.reloading then
     if opts.log_level then log.set_level(opts.log_level) end
@@ -704,9 +714,21 @@ function MTA:run()
   end
   -- a reload: the MTA is built; the code after run() is for the shutdown
   if _M.reloading then error(policy.REACHED_RUN, 0) end
+  if self.opts.workers > 1 and not workers.index then
+    -- the supervisor: the workers run the policy (runtime/workers.lua)
+    self.ran = true
+    local ok, err = workers.supervise(self, self.opts.workers, policy.source)
+    if not ok then error(err, 2) end
+    return true
+  end
   local ok, err = self:start()
   if not ok then error(err, 2) end
   self.ran = true
+  if workers.index then
+    log.info("worker %d: pid %d serving (spool %s)", workers.index, uv.os_getpid(),
+      self.opts.spool and self.opts.spool.dir or "none")
+    workers.ready()
+  end
   local signals = {}
   -- after a reload, the MTA to stop or reload is the one that took over
   local function serving() return _M.current_mta or self end

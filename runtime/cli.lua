@@ -70,6 +70,8 @@ function _M.main(argv)
   require("moonpost.runtime.log").buffered(0.1)
   -- what a reload (SIGHUP, moonpost.reload_policy()) runs again
   require("moonpost.runtime.policy").source = { path = path, args = args }
+  -- what the supervisor of worker processes starts again (runtime/workers.lua)
+  require("moonpost.runtime.workers").launcher = { exe = require("luv").exepath(), script = _M.script }
   local log = require "moonpost.runtime.log"
   -- with JSON logs, the reason the run failed is a log record too
   local function failed(e)
@@ -106,10 +108,25 @@ function _M.spool(argv)
   log.set_level("warn")
   local spool = require "moonpost.runtime.spool"
   local ids = require "moonpost.runtime.ids"
-  local sp, err = spool.open({ dir = dir, readonly = true })
-  if not sp then return die(1, "%s", err) end
+  -- the spool of worker processes is one partition per worker, <dir>/w<i>
+  -- (docs/spool.md#partitions): list them all
+  local uv = require "luv"
+  local parts = {}
+  if not uv.fs_stat(dir .. "/seg") then
+    for i = 0, 4095 do
+      if not uv.fs_stat(dir .. "/w" .. i .. "/seg") then break end
+      parts[#parts + 1] = "w" .. i
+    end
+  end
   local list = {}
-  sp:each(function(m) list[#list + 1] = m end)
+  for _, part in ipairs(#parts > 0 and parts or { false }) do
+    local sp, err = spool.open({ dir = part and (dir .. "/" .. part) or dir, readonly = true })
+    if not sp then return die(1, "%s", err) end
+    sp:each(function(m)
+      m.partition = part or nil
+      list[#list + 1] = m
+    end)
+  end
   table.sort(list, function(a, b) return a.id < b.id end)
   local now = os.time()
   if flag == "--json" then
@@ -121,7 +138,8 @@ function _M.spool(argv)
         if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = r.a end
       end
       out[i] = { id = ids.hex(m.id), received = m.env.t or ids.time_of(m.id), record_size = m.len, from = m.env.from,
-        pending = pending, attempts = m.attempts, next_attempt = m.next, tenant = m.env.tenant }
+        pending = pending, attempts = m.attempts, next_attempt = m.next, tenant = m.env.tenant,
+        partition = m.partition }
     end
     local json = cjson.encode({ queued = #list, messages = out })
     if #list == 0 then json = json:gsub('"messages":{}', '"messages":[]') end
@@ -133,8 +151,9 @@ function _M.spool(argv)
     for k, r in ipairs(m.env.rcpt) do
       if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = "<" .. r.a .. ">" end
     end
-    io.stdout:write(string.format("%s  %6ds  %8d  <%s>  %s  attempts=%d\n", ids.hex(m.id),
-      now - (m.env.t or now), m.len, m.env.from, table.concat(pending, " "), m.attempts or 0))
+    io.stdout:write(string.format("%s  %6ds  %8d  <%s>  %s  attempts=%d%s\n", ids.hex(m.id),
+      now - (m.env.t or now), m.len, m.env.from, table.concat(pending, " "), m.attempts or 0,
+      m.partition and ("  " .. m.partition) or ""))
   end
   io.stdout:write(string.format("%d queued\n", #list))
   return 0
@@ -227,6 +246,7 @@ function _M.passwd(argv)
 end
 
 if (...) ~= "moonpost.runtime.cli" then
+  _M.script = arg[0]
   io.stdout:setvbuf("line")
   io.stderr:setvbuf("line")
   local code = _M.main(arg)

@@ -5,10 +5,13 @@
 --   ids.hex(n)      -> the id as hex
 --   ids.bump(n)     -> later ids are greater than n (after spool recovery)
 --   ids.session(seq)-> a session id for the logs
+--   ids.partition(i, n) -- worker i of n: ids are i modulo n (runtime/workers.lua)
 --
 -- A message id is Unix seconds * 2^20 plus a counter, kept strictly
 -- increasing: unique within a spool (one process holds its lock), sortable
--- by arrival, and readable as a time (id / 2^20).
+-- by arrival, and readable as a time (id / 2^20). Worker processes each
+-- take the ids of one residue modulo their number, so that an id names one
+-- message across all their spool partitions.
 local uv = require "luv"
 local format, floor, max = string.format, math.floor, math.max
 
@@ -17,10 +20,17 @@ local _M = { _VERSION = "0.1" }
 local SHIFT = 1048576
 local last = 0
 local pid = uv.os_getpid()
+local part, nparts = 0, 1
 
 function _M.next_number()
-  last = max(last + 1, os.time() * SHIFT)
-  return last
+  local n = max(last + 1, os.time() * SHIFT)
+  if nparts > 1 then n = n + (part - n) % nparts end
+  last = n
+  return n
+end
+
+function _M.partition(i, n)
+  part, nparts = i, n
 end
 
 function _M.hex(n)

@@ -12,6 +12,7 @@ local smtp = require "moonpost.core.smtp"
 local sched = require "moonpost.runtime.sched"
 local stream = require "moonpost.runtime.stream"
 local log = require "moonpost.runtime.log"
+local workers = require "moonpost.runtime.workers"
 local ids = require "moonpost.runtime.ids"
 local passwd = require "moonpost.runtime.passwd"
 local headers = require "moonpost.runtime.headers"
@@ -1125,9 +1126,17 @@ end
 -- listen(mta, spec) where spec = { host, port, opts, name }
 function _M.listen(mta, spec)
   local listener = new_listener(mta, spec)
-  local tcp = uv.new_tcp()
-  local pok, ok, err = pcall(tcp.bind, tcp, spec.host, spec.port,
-    find(spec.host, ":", 1, true) and { ipv6only = true } or nil)
+  local v6 = find(spec.host, ":", 1, true)
+  local tcp, pok, ok, err
+  if workers.index then
+    -- a worker process: every worker binds the same port (runtime/workers.lua)
+    tcp = uv.new_tcp(v6 and "inet6" or "inet")
+    pok, ok, err = true, workers.reuseport(tcp)
+    if ok then pok, ok, err = pcall(tcp.bind, tcp, spec.host, spec.port, v6 and { ipv6only = true } or nil) end
+  else
+    tcp = uv.new_tcp()
+    pok, ok, err = pcall(tcp.bind, tcp, spec.host, spec.port, v6 and { ipv6only = true } or nil)
+  end
   if not pok then ok, err = nil, ok end
   if not ok then
     tcp:close()

@@ -1,0 +1,240 @@
+-- Worker processes (moonpost.new { workers = N }, docs/cli.md#workers).
+--
+-- With N > 1, `moonpost run` is a supervisor: it loads the policy, starts
+-- nothing of it, and spawns N copies of the launcher with the same policy
+-- and MOONPOST_WORKER=0..N-1. Each worker runs the policy normally, except
+-- that its SMTP listeners are bound with SO_REUSEPORT (the kernel spreads
+-- the connections over the workers), its spool is the partition
+-- <spool>/w<i> and its HTTP listener is on port + i. The workers share
+-- nothing but the SMTP ports (DESIGN.md §3).
+--
+--   local workers = require "moonpost.runtime.workers"
+--   workers.index                 -- this worker's index, or nil (supervisor, single process)
+--   workers.reuseport(tcp)        -> true | nil, err   before tcp:bind()
+--   workers.ready()               -- a worker has started: tell the supervisor
+--   workers.supervise(mta, n)     -> true | nil, err   run the supervisor loop
+--   workers.launcher              -- { exe, script } that `moonpost run` was started as
+--
+-- The supervisor restarts a worker that exits (with a backoff), forwards
+-- SIGTERM/SIGINT (stop) and SIGHUP (reload) to the workers and returns once
+-- every worker has exited after a stop. A worker that exits before it ever
+-- started (a port in use, a spool it cannot lock) on its first launch makes
+-- the supervisor stop the others and fail: that is a configuration error,
+-- not a crash to retry.
+local uv = require "luv"
+local ffi = require "ffi"
+local log = require "moonpost.runtime.log"
+local sched = require "moonpost.runtime.sched"
+
+local _M = { _VERSION = "0.1" }
+
+local function env_index()
+  local v = tonumber(os.getenv("MOONPOST_WORKER") or "")
+  if v and v >= 0 and v % 1 == 0 then return v end
+  return nil
+end
+
+_M.index = env_index()
+
+-- Set by the CLI before the policy runs (the policy replaces the global arg).
+_M.launcher = nil
+
+-- Backoff between restarts of one worker: doubles from MIN up to MAX, and
+-- starts again from MIN once a worker has run for STABLE seconds.
+_M.BACKOFF_MIN, _M.BACKOFF_MAX, _M.STABLE = 0.1, 10, 10
+
+ffi.cdef [[
+int setsockopt(int sockfd, int level, int optname, const void *optval, unsigned int optlen);
+int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5);
+int getppid(void);
+]]
+
+-- Linux values (asm-generic/socket.h, linux/prctl.h, signal.h).
+local SOL_SOCKET, SO_REUSEPORT = 1, 15
+local PR_SET_PDEATHSIG, SIGTERM = 1, 15
+
+-- reuseport(tcp): SO_REUSEPORT on a TCP handle whose socket exists
+-- (uv.new_tcp("inet") / "inet6"), before bind. libuv 1.44 has no flag for it.
+function _M.reuseport(tcp)
+  local fd = tcp:fileno()
+  if not fd then return nil, "no socket yet" end
+  local one = ffi.new("int[1]", 1)
+  if ffi.C.setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, one, 4) ~= 0 then
+    return nil, "setsockopt(SO_REUSEPORT): errno " .. ffi.errno()
+  end
+  return true
+end
+
+-- In a worker: a SIGTERM when the supervisor dies, so that no worker
+-- outlives it (a SIGKILL to the supervisor would leave them serving).
+local function follow_parent()
+  local parent = tonumber(os.getenv("MOONPOST_SUPERVISOR") or "")
+  ffi.C.prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)
+  -- it died before prctl took effect
+  if parent and ffi.C.getppid() ~= parent then uv.kill(uv.os_getpid(), "sigterm") end
+end
+
+if _M.index then
+  follow_parent()
+  local n = tonumber(os.getenv("MOONPOST_WORKERS") or "")
+  if n and n > _M.index then require("moonpost.runtime.ids").partition(_M.index, n) end
+end
+
+-- ready(): the worker's MTA has started (spool recovered, listeners open).
+-- The supervisor reads it on the worker's fd 3.
+function _M.ready()
+  local fd = tonumber(os.getenv("MOONPOST_WORKER_FD") or "")
+  if not fd then return end
+  local p = uv.new_pipe(false)
+  if p:open(fd) then
+    p:write("ready " .. uv.os_getpid() .. "\n", function() p:close() end)
+  else
+    p:close()
+  end
+end
+
+local function environ(index, n, supervisor)
+  local out = {}
+  for k, v in pairs(uv.os_environ()) do
+    if not (k == "MOONPOST_WORKER" or k == "MOONPOST_WORKERS" or k == "MOONPOST_WORKER_FD"
+        or k == "MOONPOST_SUPERVISOR") then
+      out[#out + 1] = k .. "=" .. v
+    end
+  end
+  out[#out + 1] = "MOONPOST_WORKER=" .. index
+  out[#out + 1] = "MOONPOST_WORKERS=" .. n
+  out[#out + 1] = "MOONPOST_WORKER_FD=3"
+  out[#out + 1] = "MOONPOST_SUPERVISOR=" .. supervisor
+  return out
+end
+
+-- supervise(mta, n, source) -> true | nil, err. source: { path, args } of
+-- the policy (runtime/policy.lua's source). Runs the loop until every
+-- worker has exited after SIGTERM/SIGINT.
+function _M.supervise(mta, n, source)
+  local l = _M.launcher
+  if not (l and source) then
+    return nil, "workers > 1 needs the policy to run under `moonpost run`"
+  end
+  local me = uv.os_getpid()
+  local slots = {}
+  local stopping, failed = false, nil
+  local signals = {}
+  local timers = {}
+
+  local function live()
+    local c = 0
+    for _, s in ipairs(slots) do if s.pid then c = c + 1 end end
+    return c
+  end
+
+  local function finish_if_done()
+    if stopping and live() == 0 then
+      for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end
+      for t in pairs(timers) do if not t:is_closing() then t:close() end end
+      log.info("supervisor: every worker has exited")
+      uv.stop()
+    end
+  end
+
+  local function stop_all(why)
+    if stopping then return end
+    stopping = true
+    log.info("supervisor: %s: stopping %d workers", why, live())
+    for _, s in ipairs(slots) do
+      if s.pid then uv.kill(s.pid, "sigterm") end
+    end
+    finish_if_done()
+  end
+
+  local start
+  local function schedule(slot, delay)
+    local t = uv.new_timer()
+    timers[t] = true
+    t:start(math.floor(delay * 1000), 0, sched.callback(function()
+      t:close()
+      timers[t] = nil
+      if not stopping then start(slot) end
+    end, "supervisor"))
+  end
+
+  function start(slot)
+    local args = { l.script, "run", source.path }
+    for _, a in ipairs(source.args or {}) do args[#args + 1] = a end
+    local ready = uv.new_pipe(false)
+    local handle, pid
+    local began = uv.now()
+    handle, pid = uv.spawn(l.exe, {
+      args = args,
+      env = environ(slot.index, n, me),
+      stdio = { 0, 1, 2, ready },
+    }, sched.callback(function(code, signal)
+      handle:close()
+      if not ready:is_closing() then ready:close() end
+      slot.pid = nil
+      local ran = (uv.now() - began) / 1000
+      if stopping then
+        log.info("supervisor: worker %d (pid %d) exited: code %d%s", slot.index, pid, code,
+          signal ~= 0 and (", signal " .. signal) or "")
+        return finish_if_done()
+      end
+      log.warn("supervisor: worker %d (pid %d) exited: code %d%s after %.1f s", slot.index, pid, code,
+        signal ~= 0 and (", signal " .. signal) or "", ran)
+      if not slot.started then
+        -- never served: a configuration problem the logs above name
+        failed = string.format("worker %d exited before it started (code %d)", slot.index, code)
+        return stop_all("worker " .. slot.index .. " failed to start")
+      end
+      if ran >= _M.STABLE then slot.delay = _M.BACKOFF_MIN end
+      log.info("supervisor: restarting worker %d in %.1f s", slot.index, slot.delay)
+      schedule(slot, slot.delay)
+      slot.delay = math.min(slot.delay * 2, _M.BACKOFF_MAX)
+    end, "supervisor"))
+    if not handle then
+      ready:close()
+      log.error("supervisor: cannot start worker %d: %s", slot.index, tostring(pid))
+      if not slot.started then
+        failed = "cannot start worker " .. slot.index .. ": " .. tostring(pid)
+        return stop_all("worker " .. slot.index .. " failed to start")
+      end
+      schedule(slot, slot.delay)
+      slot.delay = math.min(slot.delay * 2, _M.BACKOFF_MAX)
+      return
+    end
+    slot.pid = pid
+    log.info("supervisor: worker %d started: pid %d", slot.index, pid)
+    ready:read_start(function(_, chunk)
+      if chunk and chunk:find("ready", 1, true) then
+        slot.started = true
+      elseif not chunk and not ready:is_closing() then
+        ready:close()
+      end
+    end)
+  end
+
+  for _, name in ipairs({ "sigterm", "sigint" }) do
+    local s = uv.new_signal()
+    s:start(name, sched.callback(function() stop_all(name) end, "signal"))
+    signals[#signals + 1] = s
+  end
+  local hup = uv.new_signal()
+  hup:start("sighup", sched.callback(function()
+    log.info("supervisor: sighup: forwarded to %d workers", live())
+    for _, s in ipairs(slots) do
+      if s.pid then uv.kill(s.pid, "sighup") end
+    end
+  end, "signal"))
+  signals[#signals + 1] = hup
+
+  log.info("supervisor: pid %d, %d workers, policy %s", me, n, source.path)
+  for i = 0, n - 1 do
+    slots[i + 1] = { index = i, delay = _M.BACKOFF_MIN }
+    start(slots[i + 1])
+  end
+  mta.supervising = true
+  uv.run("default")
+  if failed then return nil, failed end
+  return true
+end
+
+return _M

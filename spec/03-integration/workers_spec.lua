@@ -1,0 +1,206 @@
+-- Worker processes (issue 8, item 3), with real processes of
+-- scripts/moonpost: moonpost.new { workers = 2 } makes `moonpost run` a
+-- supervisor of two workers that share the SMTP port (SO_REUSEPORT), each
+-- with its own spool partition; a worker killed with SIGKILL is started
+-- again and recovers its partition; SIGTERM and SIGHUP reach every worker.
+local H = require "helpers"
+local uv = require "luv"
+local cjson = require "cjson"
+
+local MOONPOST = H.root .. "/scripts/moonpost"
+
+-- Like spec/fixtures/policies/crash.lua, with two workers: recipients
+-- named defer-* go to <maildir>/.blocked/..., which cannot be made while
+-- .blocked is a file, so they stay queued until the test removes it.
+local POLICY = [[
+local moonpost = require "moonpost"
+local env = moonpost.env
+local mta = moonpost.new {
+  hostname = "mx.test", workers = 2, stop_grace = "5s",
+  spool = { dir = env.spool, segment_size = "256k", min_free = 0 },
+  queue = { concurrency = 50, retry = { "1s" } },
+}
+mta:use(require("moonpost.accept").smtp { listen = env.listen })
+mta:use(require("moonpost.maildir").deliver {
+  root = env.maildir,
+  fsync = false,
+  folder = function(rcpt)
+    if rcpt["local"]:match("^defer") then return env.maildir .. "/.blocked/" .. rcpt["local"] end
+    return env.maildir .. "/" .. rcpt["local"]
+  end,
+})
+mta:run()
+]]
+
+local function count(text, needle)
+  local n, init = 0, 1
+  while true do
+    local i = text:find(needle, init, true)
+    if not i then return n end
+    n, init = n + 1, i + #needle
+  end
+end
+
+local launched = {}
+local function run(fn, timeout)
+  H.run(function()
+    local ok, err = pcall(fn)
+    for i = #launched, 1, -1 do
+      launched[i].kill()
+      launched[i] = nil
+    end
+    if not ok then error(err, 0) end
+  end, timeout)
+end
+
+-- start(dir) -> srv, env, port: the supervisor, once both workers serve
+local function start(dir)
+  local env = { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" }
+  uv.fs_mkdir(dir .. "/mail", 448)
+  H.write(dir .. "/mail/.blocked", "a file, so that defer-* folders cannot be made\n")
+  H.write(dir .. "/policy.lua", POLICY)
+  local port = H.free_port()
+  local srv = H.launch(dir .. "/policy.lua", env, { port = port })
+  launched[#launched + 1] = srv
+  assert.is_true(H.wait_for(function() return count(srv.log(), " serving (spool ") >= 2 end, 15),
+    "the workers did not start: " .. srv.log())
+  return srv, env, port
+end
+
+-- { [index] = pid } of the workers serving now (the latest line of each)
+local function worker_pids(srv)
+  local pids = {}
+  for i, pid in srv.log():gmatch("worker (%d+): pid (%d+) serving") do pids[tonumber(i)] = tonumber(pid) end
+  return pids
+end
+
+local function alive(pid)
+  return (uv.kill(pid, 0)) == 0
+end
+
+local function spool_list(dir)
+  local code, out, err = H.exec(MOONPOST, { "spool", "list", dir, "--json" })
+  assert(code == 0, err)
+  return cjson.decode(out)
+end
+
+describe("workers = 2", function()
+  it("spreads connections over both workers, each with its own pid and spool partition", function()
+    local dir = H.tmpdir("moonpost-workers")
+    run(function()
+      local srv, _, port = start(dir)
+      local pids = worker_pids(srv)
+      assert.is_number(pids[0])
+      assert.is_number(pids[1])
+      assert.not_equal(pids[0], pids[1])
+      assert.not_equal(srv.pid, pids[0])
+      local n = 60
+      for k = 1, n do
+        local code = H.send(port, { to = "defer-" .. k .. "@x.test", body = "Subject: m" .. k .. "\r\n\r\nx\r\n" })
+        assert.equal(250, code)
+      end
+      -- the session ids in the log carry the pid of the worker (hex)
+      assert.is_true(H.wait_for(function() return count(srv.log(), " from=<sender@client.test>") >= n end, 10))
+      local log = srv.log()
+      local per = {}
+      for i = 0, 1 do per[i] = count(log, string.format(" session=%x.", pids[i])) end
+      assert.equal(n, per[0] + per[1])
+      assert.is_true(per[0] > 0 and per[1] > 0, "not spread: " .. per[0] .. " and " .. per[1])
+      -- the messages are queued in two partitions, and moonpost spool list sees both
+      local l = spool_list(dir .. "/spool")
+      assert.equal(n, l.queued)
+      local parts, seen = { w0 = 0, w1 = 0 }, {}
+      for _, m in ipairs(l.messages) do
+        parts[m.partition] = parts[m.partition] + 1
+        assert.is_nil(seen[m.id], "an id twice: " .. m.id)
+        seen[m.id] = true
+      end
+      assert.same({ w0 = per[0], w1 = per[1] }, parts)
+      assert.equal(per[0], spool_list(dir .. "/spool/w0").queued)
+      assert.equal(0, srv.stop())
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("restarts a worker killed with SIGKILL under load; it recovers its partition and nothing acked is lost",
+    function()
+    local dir = H.tmpdir("moonpost-workers-kill")
+    run(function()
+      local srv, _, port = start(dir)
+      local before = worker_pids(srv)
+      local inj = H.inject({ port = port, sessions = 20, total = 600, rcpt = function(_, tok)
+        return "defer-" .. tok .. "@x.test"
+      end })
+      assert.is_true(H.wait_for(function() return inj.nacked >= 200 end, 60), "no load: " .. srv.log())
+      uv.kill(before[0], "sigkill")
+      assert.is_true(H.wait_for(function()
+        local p = worker_pids(srv)[0]
+        return p and p ~= before[0]
+      end, 15), "worker 0 was not restarted: " .. srv.log())
+      local after = worker_pids(srv)
+      assert.equal(before[1], after[1]) -- the other worker carried on
+      assert.is_true(alive(after[0]))
+      assert.matches(string.format("worker 0 %%(pid %d%%) exited: code 0, signal 9", before[0]), srv.log())
+      -- the new worker 0 found the messages the killed one had queued
+      local recovered
+      for q in srv.log():gmatch("/spool/w0: %d+ segments, (%d+) messages queued") do recovered = tonumber(q) end
+      assert.is_true(recovered and recovered > 0, "nothing recovered: " .. srv.log())
+      assert.is_true(H.wait_for(function() return inj.running == 0 end, 60))
+      -- now every acknowledged message can be delivered
+      assert(os.remove(dir .. "/mail/.blocked"))
+      local missing
+      assert.is_true(H.wait_for(function()
+        missing = 0
+        for tok in pairs(inj.acked) do
+          local files = H.ls(dir .. "/mail/.blocked/defer-" .. tok .. "/new")
+          if #files == 0 then missing = missing + 1 end
+        end
+        return missing == 0
+      end, 60), (missing or "?") .. " of " .. inj.nacked .. " acked messages not delivered")
+      assert.is_true(H.wait_for(function() return spool_list(dir .. "/spool").queued == 0 end, 30))
+      assert.equal(0, srv.stop())
+    end, 180)
+    H.rm_rf(dir)
+  end)
+
+  it("forwards SIGHUP (each worker reloads) and SIGTERM (all exit 0, then the supervisor exits 0)", function()
+    local dir = H.tmpdir("moonpost-workers-term")
+    run(function()
+      local srv, _, port = start(dir)
+      local pids = worker_pids(srv)
+      uv.kill(srv.pid, "sighup")
+      assert.is_true(H.wait_for(function() return count(srv.log(), "; new sessions use it") >= 2 end, 15),
+        "not reloaded twice: " .. srv.log())
+      assert.equal(250, (H.send(port, { to = "defer-1@x.test" })))
+      assert.equal(0, srv.stop("sigterm"))
+      local log = srv.log()
+      for i = 0, 1 do
+        assert.matches(string.format("worker %d %%(pid %d%%) exited: code 0", i, pids[i]), log)
+        assert.is_false(alive(pids[i]))
+      end
+      assert.matches("supervisor: every worker has exited", log)
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("fails with status 1 when a worker cannot start (the port is taken)", function()
+    local dir = H.tmpdir("moonpost-workers-fail")
+    run(function()
+      local busy = uv.new_tcp()
+      busy:bind("127.0.0.1", 0)
+      busy:listen(8, function() end)
+      local port = busy:getsockname().port
+      H.write(dir .. "/policy.lua", POLICY)
+      local srv = H.launch(dir .. "/policy.lua", { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
+        { port = port })
+      launched[#launched + 1] = srv
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 15), "still running: " .. srv.log())
+      local _, code = srv.exited()
+      assert.equal(1, code)
+      assert.matches("cannot listen on 127.0.0.1:" .. port, srv.log())
+      assert.matches("exited before it started", srv.log())
+      busy:close()
+    end, 30)
+    H.rm_rf(dir)
+  end)
+end)
