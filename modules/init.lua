@@ -358,6 +358,9 @@ end
 function MTA:start()
   if self.started then return true end
   if _M.check_mode or _M.reloading then return true end
+  -- the supervisor of worker processes serves nothing itself: its workers
+  -- start their MTAs (runtime/workers.lua)
+  if self.opts.workers > 1 and not workers.index then return true end
   self.stopping, self.stopped, self.stop_waiters = false, false, nil
   dns.configure(self.opts.dns)
   local bok, berr = self:start_blocks()
