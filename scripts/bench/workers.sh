@@ -10,7 +10,10 @@
 #
 # and the smtp-source -> smtp-sink limit of the same run. Repetitions are
 # interleaved (1 worker, 2 workers, 1, 2, ...); the table shows the median
-# rate with min and max and the ratio 2 workers / 1 worker. The load
+# rate with min and max and the ratio 2 workers / 1 worker; for accept-only
+# and durable, also the CPU time per message of all Moonpost processes and
+# of smtp-source (user + system, medians), which shows whether the machine's
+# cores were the limit. The load
 # generator and the sink share the machine's cores with the workers, so the
 # scaling this shows on a 2-core machine is a floor, not a ceiling.
 # Benchmarks are not tests: this prints figures and asserts nothing.
@@ -47,8 +50,8 @@ wait_port() { # port -> 0 when something answers, bounded to 15 s
 
 source_run() { # port -> seconds taken by smtp-source
   t0=$(now)
-  timeout 600 smtp-source -d -s "$C" -m "$N" -l "$SIZE" -f bench@source.test -t sink@sink.test \
-    "127.0.0.1:$1" >/dev/null
+  /usr/bin/time -o "$out/source.cpu" -f "%U %S" timeout 600 smtp-source -d -s "$C" -m "$N" -l "$SIZE" \
+    -f bench@source.test -t sink@sink.test "127.0.0.1:$1" >/dev/null
   t1=$(now)
   echo "$t0 $t1" | awk '{ printf "%.3f", $2 - $1 }'
 }
@@ -60,12 +63,17 @@ run_limit() { # rep
   secs=$(source_run "$PORT")
   kill "$pid"
   wait "$pid" 2>/dev/null || true
-  printf 'limit\t-\t%s\t%s\n' "$1" "$secs" >>"$raw"
+  printf 'limit\t-\t%s\t%s\t\t\n' "$1" "$secs" >>"$raw"
   echo "  limit rep $1: $secs s" >&2
 }
 
+cpu_of() { # pid -> CPU seconds (user + system) of it and its children
+  for q in "$1" $(pgrep -P "$1"); do awk '{ print $14 + $15 }' "/proc/$q/stat"; done |
+    awk -v hz="$(getconf CLK_TCK)" '{ t += $1 } END { printf "%.2f", t / hz }'
+}
+
 run_one() { # mode workers rep
-  mode=$1 w=$2 rep=$3
+  mode=$1 w=$2 rep=$3 mcpu="" scpu=""
   if [ "$mode" = relay ]; then
     line=$(BENCH_POLICY=scripts/bench/workers.lua BENCH_MODE=relay BENCH_WORKERS=$w \
       /usr/bin/python3 scripts/bench/relay.py "$((PORT + 10))" "$N" "$C" "$SIZE")
@@ -84,14 +92,18 @@ run_one() { # mode workers rep
       sleep 0.1
       i=$((i + 1))
     done
+    c0=$(cpu_of "$pid")
     secs=$(source_run "$port")
+    c1=$(cpu_of "$pid")
+    mcpu=$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')
+    scpu=$(awk '{ printf "%.2f", $1 + $2 }' "$out/source.cpu")
     kill "$pid"
     wait "$pid" 2>/dev/null || true
     rm -rf "$spool"
   fi
   if [ -n "$secs" ]; then
-    printf '%s\t%s\t%s\t%s\n' "$mode" "$w" "$rep" "$secs" >>"$raw"
-    echo "  $mode, $w worker(s), rep $rep: $secs s ($(awk -v n="$N" -v s="$secs" 'BEGIN { printf "%.0f", n / s }') msg/s)" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$w" "$rep" "$secs" "$mcpu" "$scpu" >>"$raw"
+    echo "  $mode, $w worker(s), rep $rep: $secs s ($(awk -v n="$N" -v s="$secs" 'BEGIN { printf "%.0f", n / s }') msg/s)${mcpu:+, CPU: Moonpost $mcpu s, smtp-source $scpu s}" >&2
   else
     echo "  $mode, $w worker(s), rep $rep: failed" >&2
   fi
@@ -108,12 +120,18 @@ while [ "$rep" -le "$REPS" ]; do
 done
 
 /usr/bin/python3 - "$raw" "$N" "$WORKERS" <<'PY'
-import statistics, sys
+import os, statistics, sys
 raw, n, workers = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
-rates = {}
+rates, cpu = {}, {}
 for line in open(raw):
-    mode, w, rep, secs = line.rstrip("\n").split("\t")
+    mode, w, rep, secs, mcpu, scpu = line.rstrip("\n").split("\t")
     rates.setdefault((mode, w), []).append(n / float(secs))
+    if mcpu:
+        # microseconds of CPU per message: Moonpost (all processes), smtp-source, and the
+        # share of the machine's cores the two used over the run
+        cores = os.cpu_count()
+        cpu.setdefault((mode, w), []).append((float(mcpu) * 1e6 / n, float(scpu) * 1e6 / n,
+                                               (float(mcpu) + float(scpu)) / (float(secs) * cores)))
 def cell(r):
     return "%8.0f (%.0f-%.0f)" % (statistics.median(r), min(r), max(r)) if r else "-"
 print("%-12s %s" % ("msg/s", "  ".join("%-24s" % ("%s worker%s" % (w, "" if w == "1" else "s")) for w in workers))
@@ -126,4 +144,11 @@ for mode in ("accept-only", "durable", "relay"):
         continue
     ratio = (statistics.median(rs[-1]) / statistics.median(rs[0])) if rs[0] and rs[-1] else float("nan")
     print("%-12s %s  %.2f" % (mode, "  ".join("%-24s" % cell(r) for r in rs), ratio))
+if cpu:
+    print()
+    print("CPU per message (medians): Moonpost, smtp-source; share of all %d cores busy" % os.cpu_count())
+    for (mode, w), v in sorted(cpu.items()):
+        med = lambda i: statistics.median(x[i] for x in v)
+        print("  %-12s %s worker%s  %6.1f us  %6.1f us  %3.0f %%" % (mode, w, "" if w == "1" else "s", med(0), med(1),
+                                                               100 * med(2)))
 PY
