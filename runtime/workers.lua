@@ -137,8 +137,18 @@ function _M.supervise(mta, n, source)
     end
   end
 
-  local function stop_all(why)
-    if stopping then return end
+  local function stop_all(why, sig)
+    if stopping then
+      -- a second SIGTERM/SIGINT: the workers have closed their handlers
+      -- (docs/cli.md#signals), so this one ends them at once
+      if sig then
+        log.info("supervisor: %s again: passed to %d workers", sig, live())
+        for _, s in ipairs(slots) do
+          if s.pid then uv.kill(s.pid, sig) end
+        end
+      end
+      return
+    end
     stopping = true
     log.info("supervisor: %s: stopping %d workers", why, live())
     for _, s in ipairs(slots) do
@@ -214,7 +224,7 @@ function _M.supervise(mta, n, source)
 
   for _, name in ipairs({ "sigterm", "sigint" }) do
     local s = uv.new_signal()
-    s:start(name, sched.callback(function() stop_all(name) end, "signal"))
+    s:start(name, sched.callback(function() stop_all(name, name) end, "signal"))
     signals[#signals + 1] = s
   end
   local hup = uv.new_signal()
