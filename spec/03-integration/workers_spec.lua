@@ -6,6 +6,7 @@
 local H = require "helpers"
 local uv = require "luv"
 local cjson = require "cjson"
+local http_client = require "moonpost.runtime.http_client"
 
 local MOONPOST = H.root .. "/scripts/moonpost"
 
@@ -16,7 +17,7 @@ local POLICY = [[
 local moonpost = require "moonpost"
 local env = moonpost.env
 local mta = moonpost.new {
-  hostname = "mx.test", workers = 2, stop_grace = "5s",
+  hostname = "mx.test", workers = 2, stop_grace = "5s", http = env.http,
   spool = { dir = env.spool, segment_size = "256k", min_free = 0 },
   queue = { concurrency = 50, retry = { "1s" } },
 }
@@ -53,9 +54,9 @@ local function run(fn, timeout)
   end, timeout)
 end
 
--- start(dir) -> srv, env, port: the supervisor, once both workers serve
-local function start(dir)
-  local env = { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" }
+-- start(dir [, http]) -> srv, env, port: the supervisor, once both workers serve
+local function start(dir, http)
+  local env = { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail", MOONPOST_HTTP = http }
   uv.fs_mkdir(dir .. "/mail", 448)
   H.write(dir .. "/mail/.blocked", "a file, so that defer-* folders cannot be made\n")
   H.write(dir .. "/policy.lua", POLICY)
@@ -78,6 +79,30 @@ local function alive(pid)
   return (uv.kill(pid, 0)) == 0
 end
 
+-- Two consecutive free ports (the HTTP ports of workers 0 and 1), below
+-- the ephemeral range so that no outgoing connection takes the second.
+local function free_pair()
+  for _ = 1, 100 do
+    local p = math.random(20000, 30000)
+    local a, b = uv.new_tcp(), uv.new_tcp()
+    local ok = a:bind("127.0.0.1", p) and b:bind("127.0.0.1", p + 1)
+    a:close()
+    b:close()
+    uv.run("nowait")
+    if ok then return p end
+  end
+  error("no two free ports in a row")
+end
+
+-- GET http://127.0.0.1:port/path -> status, body
+local function get(port, path)
+  local c = assert(http_client.new("http://127.0.0.1:" .. port .. path, { timeout = 5 }))
+  local res, err = c:request("GET")
+  c:close()
+  assert(res, err)
+  return res.status, res.body
+end
+
 local function spool_list(dir)
   local code, out, err = H.exec(MOONPOST, { "spool", "list", dir, "--json" })
   assert(code == 0, err)
@@ -85,10 +110,11 @@ local function spool_list(dir)
 end
 
 describe("workers = 2", function()
-  it("spreads connections over both workers, each with its own pid and spool partition", function()
+  it("spreads connections over both workers, each with its own pid, spool partition and HTTP port", function()
     local dir = H.tmpdir("moonpost-workers")
     run(function()
-      local srv, _, port = start(dir)
+      local hport = free_pair()
+      local srv, _, port = start(dir, "127.0.0.1:" .. hport)
       local pids = worker_pids(srv)
       assert.is_number(pids[0])
       assert.is_number(pids[1])
@@ -117,6 +143,13 @@ describe("workers = 2", function()
       end
       assert.same({ w0 = per[0], w1 = per[1] }, parts)
       assert.equal(per[0], spool_list(dir .. "/spool/w0").queued)
+      -- worker i serves HTTP on the port + i: its own health and metrics
+      for i = 0, 1 do
+        assert.equal(200, (get(hport + i, "/readyz")))
+        local _, metrics = get(hport + i, "/metrics")
+        assert.matches(string.format('moonpost_messages_total{tenant="",listener="127.0.0.1:%d"} %d\n', port, per[i]),
+          metrics, 1, true)
+      end
       assert.equal(0, srv.stop())
     end, 60)
     H.rm_rf(dir)
