@@ -658,6 +658,24 @@ remote-control:
   return srv
 end
 
+-- Every process H.launch started, for H.run_killing.
+local launched = {}
+
+-- run_killing(fn [, timeout]): H.run(fn), and every process fn started with
+-- H.launch is killed (SIGKILL, by its PID) when fn ends, however it ends,
+-- so that a test failing half-way leaves nothing running.
+function H.run_killing(fn, timeout)
+  H.run(function()
+    local mark = #launched
+    local ok, err = pcall(fn)
+    for i = #launched, mark + 1, -1 do
+      launched[i].kill()
+      launched[i] = nil
+    end
+    if not ok then error(err, 0) end
+  end, timeout)
+end
+
 -- Launch scripts/moonpost with a policy as a child process and wait until it
 -- listens. Returns a handle: { port, pid, stop(), log() }.
 function H.launch(policy, env, opts)
@@ -684,6 +702,7 @@ function H.launch(policy, env, opts)
   end)
   assert(handle, "cannot launch moonpost: " .. tostring(pid))
   proc.pid = pid
+  launched[#launched + 1] = proc
   for _, p in ipairs({ stdout, stderr }) do
     p:read_start(function(_, chunk)
       if chunk then logbuf[#logbuf + 1] = chunk else p:close() end

@@ -35,18 +35,8 @@ mkdir -p "$out"
 raw=$out/raw.tsv
 : >"$raw"
 
-now() { date +%s.%N; }
-
-wait_port() { # port -> 0 when something answers, bounded to 15 s
-  i=0
-  while [ $i -lt 150 ]; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-    i=$((i + 1))
-  done
-  echo "bench: nothing listens on port $1" >&2
-  return 1
-}
+# shellcheck source=scripts/bench/lib.sh
+. "$root/scripts/bench/lib.sh"
 
 source_run() { # port -> seconds taken by smtp-source
   t0=$(now)

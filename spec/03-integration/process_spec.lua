@@ -55,24 +55,8 @@ local function wait_log(srv, needle, n, timeout)
   return H.wait_for(function() return count(srv.log(), needle) >= (n or 1) end, timeout or 15)
 end
 
--- Processes started by launch() are killed when a test fails half-way, so
--- that none outlives the run (run(fn, timeout) is H.run with that guard).
-local launched = {}
-local function launch(...)
-  local p = H.launch(...)
-  launched[#launched + 1] = p
-  return p
-end
-local function run(fn, timeout)
-  H.run(function()
-    local ok, err = pcall(fn)
-    for i = #launched, 1, -1 do
-      launched[i].kill()
-      launched[i] = nil
-    end
-    if not ok then error(err, 0) end
-  end, timeout)
-end
+-- Processes a test started are killed when it fails half-way (H.run_killing).
+local launch, run = H.launch, H.run_killing
 
 -- seconds from now until the process has exited
 local function wait_exit(srv, timeout)

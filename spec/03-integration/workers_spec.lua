@@ -42,17 +42,7 @@ local function count(text, needle)
   end
 end
 
-local launched = {}
-local function run(fn, timeout)
-  H.run(function()
-    local ok, err = pcall(fn)
-    for i = #launched, 1, -1 do
-      launched[i].kill()
-      launched[i] = nil
-    end
-    if not ok then error(err, 0) end
-  end, timeout)
-end
+local run = H.run_killing -- the workers' supervisor is killed if a test fails half-way
 
 -- start(dir [, http]) -> srv, env, port: the supervisor, once both workers serve
 local function start(dir, http)
@@ -62,7 +52,6 @@ local function start(dir, http)
   H.write(dir .. "/policy.lua", POLICY)
   local port = H.free_port()
   local srv = H.launch(dir .. "/policy.lua", env, { port = port })
-  launched[#launched + 1] = srv
   assert.is_true(H.wait_for(function() return count(srv.log(), " serving (spool ") >= 2 end, 15),
     "the workers did not start: " .. srv.log())
   return srv, env, port
@@ -249,8 +238,7 @@ describe("workers = 2", function()
       H.write(dir .. "/policy.lua", POLICY)
       local srv = H.launch(dir .. "/policy.lua", { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
         { port = port })
-      launched[#launched + 1] = srv
-      assert.is_true(H.wait_for(function() return (srv.exited()) end, 15), "still running: " .. srv.log())
+          assert.is_true(H.wait_for(function() return (srv.exited()) end, 15), "still running: " .. srv.log())
       local _, code = srv.exited()
       assert.equal(1, code)
       assert.matches("cannot listen on 127.0.0.1:" .. port, srv.log())
