@@ -218,6 +218,11 @@ if [ "${SUPPRESS_N:-1000000}" != 0 ]; then
   sed 's/^/  /' "$out/suppress.txt" >&2
 fi
 run_postfix
+if [ "${CONNS_K:-18000}" != 0 ]; then
+  echo "  conns: ${CONNS_K:-18000} idle sessions held after EHLO by one process" >&2
+  K=${CONNS_K:-18000} HOLD=10 PORT=$((PORT + 200)) scripts/bench/conns.sh >"$out/conns.txt" 2>&1 || true
+  sed 's/^/  /' "$out/conns.txt" >&2
+fi
 if [ "${MEMORY_N:-1000000}" != 0 ]; then
   echo "  memory: a queue of ${MEMORY_N:-1000000} messages" >&2
   luajit scripts/bench/memory.lua "${MEMORY_N:-1000000}" 2>&1 | sed 's/^/  /' >&2
