@@ -18,9 +18,10 @@ PORT=${PORT:-3725}
 probe=${PEERS_DIR:-$root/../shared/peers}/conns.py
 [ -f "$probe" ] || { echo "conns: no $probe (set PEERS_DIR)" >&2; exit 2; }
 ulimit -n "$(ulimit -Hn)"
-MOONPOST_LISTEN=127.0.0.1:$PORT MOONPOST_HTTP= scripts/moonpost run scripts/bench/conns.lua 2>/dev/null &
+log=$(mktemp /tmp/moonpost-conns-log.XXXXXX)
+MOONPOST_LISTEN=127.0.0.1:$PORT MOONPOST_HTTP= scripts/moonpost run scripts/bench/conns.lua 2>"$log" &
 pid=$!
-trap 'kill "$pid" 2>/dev/null || true' EXIT
+trap 'kill "$pid" 2>/dev/null || true; rm -f "$log"' EXIT
 wait_port "$PORT"
 rss() { awk '/^VmRSS/ { print $2 }' "/proc/$pid/status"; }
 idle=$(rss)
@@ -41,5 +42,9 @@ print('%.2f' % ((time.time() - t) * 1000)); s.close()")
 done
 held=$(/usr/bin/python3 -c "import json; print(json.load(open('/tmp/moonpost-conns-$$.json')).get('held', 0))")
 rm -f "/tmp/moonpost-conns-$$.json"
+# the Lua heap: at the start, and at the most sessions
+lua=$(awk '/^lua heap/ { if (!first) first = $3; if ($5 >= s) { s = $5; kib = $3 } } END { print first + 0, kib + 0, s + 0 }' "$log")
+read -r lua0 lua1 luas <<<"$lua"
 echo "conns: $held sessions held after EHLO; Moonpost RSS idle $((idle / 1024)) MiB, held $((peak / 1024)) MiB:" \
-  "$(( (peak - idle) * 1024 / (held > 0 ? held : 1) )) bytes per session; a new session's greeting while held: ${greet:-?} ms"
+  "$(( (peak - idle) * 1024 / (held > 0 ? held : 1) )) bytes per session, of which Lua heap" \
+  "$(( (lua1 - lua0) * 1024 / (luas > 0 ? luas : 1) )) bytes; a new session's greeting while held: ${greet:-?} ms"
