@@ -77,6 +77,10 @@ local WEBHOOK_SCHEMA = {
     check = function(v) return v >= 4096, "must be at least 4096" end },
   max_size = { type = "size", default = 1073741824 },
   sync_interval = { type = "duration", default = 0.05 },
+  -- a batch refused this many times in a row with a client error (4xx but
+  -- 408 and 429) is dropped, counted and logged: the endpoint will not take
+  -- it, and it would hold up every later record. nil: never dropped.
+  drop_after = { type = "posint" },
 }
 
 -- ---- encoding -------------------------------------------------------------------------
@@ -547,9 +551,15 @@ local function post(w, b)
     ["User-Agent"] = "Moonpost/" .. _M._VERSION, ["X-Moonpost-Events"] = b.n })
   if not res then return nil, err end
   if res.status < 200 or res.status > 299 then
-    return nil, format("HTTP %d %s", res.status, res.reason or "")
+    return nil, format("HTTP %d %s", res.status, res.reason or ""), res.status
   end
   return true
+end
+
+-- A reply that says this batch will never be taken: a 4xx other than
+-- 408 (timeout) and 429 (too many requests).
+local function refused_for_good(status)
+  return status ~= nil and status >= 400 and status < 500 and status ~= 408 and status ~= 429
 end
 
 -- The sender task: reads the queue from its cursor, posts full batches at
@@ -575,9 +585,17 @@ local function sender_loop(w)
       since = since or uv.now()
       webhook_wait(w, (since + w.opts.interval * 1000 - uv.now()) / 1000, w.opts.batch - b.n)
     else
-      local ok, perr = post(w, b)
+      local ok, perr, status = post(w, b)
       if w.stopped and not ok then break end
-      if ok then
+      w.refusals = refused_for_good(status) and (w.refusals or 0) + 1 or 0
+      if not ok and w.opts.drop_after and w.refusals >= w.opts.drop_after then
+        log.error("eventlog: webhook: %s refused a batch of %d records %d times (%s): dropped", w.opts.url, b.n,
+          w.refusals, tostring(perr))
+        w.stats.dropped_batches = (w.stats.dropped_batches or 0) + 1
+        w.stats.dropped_events = (w.stats.dropped_events or 0) + b.n
+        w.refusals, w.failures, delay, since = 0, 0, 0, nil
+        ob:ack(b)
+      elseif ok then
         if w.failures > 0 then
           log.info("eventlog: webhook: %s accepts again after %d failed attempts", w.opts.url, w.failures)
         end

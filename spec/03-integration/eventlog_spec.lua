@@ -120,9 +120,10 @@ local function send_refused(port)
 end
 
 -- The loopback webhook receiver (spec/tools/webhook.py) on `port` (0: any)
-local function receiver(out, port, fail, delay)
+local function receiver(out, port, fail, delay, fail_status)
   local argv = { H.root .. "/spec/tools/webhook.py", "--out", out, "--port", tostring(port or 0) }
   if fail then argv[#argv + 1] = "--fail"; argv[#argv + 1] = tostring(fail) end
+  if fail_status then argv[#argv + 1] = "--fail-status"; argv[#argv + 1] = tostring(fail_status) end
   if delay then argv[#argv + 1] = "--delay"; argv[#argv + 1] = tostring(delay) end
   local stdin, stdout = uv.new_pipe(false), uv.new_pipe(false)
   local buf, exited = {}, false
@@ -383,6 +384,32 @@ describe("moonpost.eventlog", function()
       assert.is_true(#recs >= 1)
       for _, r in ipairs(recs) do assert.equal("Rejection", r.type) end
       assert.same({ code = 451, enhanced = "4.7.1", text = "later" }, recs[1].reply)
+    end)
+  end)
+
+  it("webhook: drop_after drops a batch the endpoint refuses for good (4xx), and goes on", function()
+    H.run(function()
+      local rcv = receiver(dir .. "/got.jsonl", 0, 2, nil, 400)
+      local elog = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. rcv.port .. "/", dir = dir .. "/wh",
+        batch = 2, interval = 0.05, retry_min = 0.05, retry_max = 0.05, drop_after = 2 } }
+      local ok, err = pcall(function()
+        assert.is_true(elog:start())
+        elog:log({ type = "AdminAction", action = "one" })
+        elog:log({ type = "AdminAction", action = "two" })
+        -- refused twice with 400: dropped; the next batch goes through
+        assert.is_true(H.wait_for(function() return (elog.webhook.stats.dropped_batches or 0) == 1 end, 10))
+        elog:log({ type = "AdminAction", action = "three" })
+        elog:log({ type = "AdminAction", action = "four" })
+        assert.is_true(H.wait_for(function() return #rcv.records() == 2 end, 10))
+        local got = {}
+        for i, r in ipairs(rcv.records()) do got[i] = r.action end
+        assert.same({ "three", "four" }, got)
+        assert.equal(2, elog.webhook.stats.dropped_events)
+        assert.matches("refused a batch of 2 records 2 times %(HTTP 400", H.log("dropped"))
+      end)
+      elog:stop()
+      rcv.stop()
+      if not ok then error(err, 0) end
     end)
   end)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A webhook receiver for the event log specs, on the standard http.server.
 
-    webhook.py --out FILE [--host ADDR] [--port N] [--fail N] [--delay SECONDS]
+    webhook.py --out FILE [--host ADDR] [--port N] [--fail N] [--fail-status CODE] [--delay SECONDS]
 
 Prints "port N" on stdout once it listens, then for every POST whose body
 is a JSON array writes one line per element to FILE (json.dumps with sorted
@@ -9,8 +9,8 @@ keys) and answers 200 with a JSON body {"received": n}. Also appends one
 line per request to FILE.requests: {"t", "n", "path", "content_type",
 "events_header", "keepalive"}.
 
---fail N answers the first N requests with 503 (nothing is recorded), so a
-spec sees the sender retry. --delay waits that long between recording a
+--fail N answers the first N requests with 503 (or --fail-status; nothing
+is recorded), so a spec sees the sender retry. --delay waits that long between recording a
 batch and answering (a spec kills the sender in between). A body that is not a JSON array of objects gets
 400 and a line {"error": ...} in FILE.requests.
 
@@ -25,8 +25,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class State:
-    def __init__(self, out, fail, delay=0.0):
+    def __init__(self, out, fail, delay=0.0, fail_status=503):
         self.delay = delay
+        self.fail_status = fail_status
         self.lock = threading.Lock()
         self.out = open(out, "a", buffering=1)
         self.requests = open(out + ".requests", "a", buffering=1)
@@ -55,7 +56,7 @@ class Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.seen += 1
             if st.seen <= st.fail:
-                self.answer(503, {"error": "failing on purpose"})
+                self.answer(st.fail_status, {"error": "failing on purpose"})
                 return
             try:
                 events = json.loads(raw.decode("utf-8"))
@@ -96,9 +97,10 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--fail", type=int, default=0)
     ap.add_argument("--delay", type=float, default=0.0)
+    ap.add_argument("--fail-status", type=int, default=503)
     args = ap.parse_args()
     server = Server((args.host, args.port), Handler)
-    server.state = State(args.out, args.fail, args.delay)
+    server.state = State(args.out, args.fail, args.delay, args.fail_status)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print("port %d" % server.server_address[1], flush=True)
     sys.stdin.read()  # run until the spec closes our stdin
