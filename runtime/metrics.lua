@@ -228,13 +228,9 @@ local function new_child(self, values)
   return ch
 end
 
--- create(self, a, b, c, d): a child for these (already mapped) values,
--- entered in the nested index.
-local function create(self, a, b, c, d)
-  local n = self.n
-  local values = { a, b, c, d }
-  for i = n + 1, MAX_LABELS do values[i] = nil end
-  local ch = new_child(self, values)
+-- Enter a child in the nested index, one table level per label.
+local function index_child(self, ch)
+  local values, n = ch.labels, self.n
   local t = self.index
   for i = 1, n - 1 do
     local v = values[i]
@@ -246,6 +242,15 @@ local function create(self, a, b, c, d)
     t = nt
   end
   t[values[n]] = ch
+end
+
+-- create(self, a, b, c, d): a child for these (already mapped) values,
+-- entered in the list and the nested index.
+local function create(self, a, b, c, d)
+  local values = { a, b, c, d }
+  for i = self.n + 1, MAX_LABELS do values[i] = nil end
+  local ch = new_child(self, values)
+  index_child(self, ch)
   return ch
 end
 
@@ -291,18 +296,7 @@ end
 
 -- Put an existing child back into the list and the nested index.
 local function insert(self, ch)
-  local values, n = ch.labels, self.n
-  local t = self.index
-  for i = 1, n - 1 do
-    local v = values[i]
-    local nt = t[v]
-    if not nt then
-      nt = {}
-      t[v] = nt
-    end
-    t = nt
-  end
-  t[values[n]] = ch
+  index_child(self, ch)
   self.list[#self.list + 1] = ch
 end
 
