@@ -306,14 +306,10 @@ function start_sync(self)
   end
   if self.dir_dirty then
     self.dir_dirty = false
-    local dfd, derr = uv.fs_open(dirname(self.path), "r", 0)
-    if dfd then
-      pending = pending + 1
-      uv.fs_fsync(dfd, sched.callback(function(serr)
-        uv.fs_close(dfd)
-        one_done(serr)
-      end, "suppress: directory sync"))
-    else
+    pending = pending + 1
+    local started, derr = fs.sync_dir_async(dirname(self.path), "suppress: directory sync", one_done)
+    if not started then
+      pending = pending - 1
       log.error("suppress: %s: %s", dirname(self.path), tostring(derr))
     end
   end

@@ -63,6 +63,38 @@ function _M.mkdir_p(path, mode)
   return nil, err, code
 end
 
+-- replace(path, data [, tmp]) -> true | nil, err: write data to a new file
+-- beside path (path .. (tmp or ".tmp")), make it durable, rename it over
+-- path and sync the directory: after a crash, path holds the old data or
+-- the new, never a mix. In a task.
+function _M.replace(path, data, tmp)
+  tmp = path .. (tmp or ".tmp")
+  local fd, err, code = _M.open(tmp, "w", 384)
+  if not fd then return nil, err, code end
+  local ok
+  ok, err, code = _M.write(fd, data)
+  if ok then ok, err, code = _M.fsync(fd) end
+  _M.close(fd)
+  if ok then ok, err, code = _M.rename(tmp, path) end
+  if ok then ok, err, code = _M.fsync_dir(match(path, "^(.*)/[^/]*$") or ".") end
+  if not ok then return nil, err, code end
+  return true
+end
+
+-- sync_dir_async(path, what, done) -> true | nil, err: fsync a directory in
+-- the thread pool (a new file or rename in it becomes durable), then
+-- done(err). For group commits driven by callbacks rather than a task;
+-- `what` names the callback in error logs.
+function _M.sync_dir_async(path, what, done)
+  local dfd, err = uv.fs_open(path, "r", 0)
+  if not dfd then return nil, err end
+  uv.fs_fsync(dfd, sched.callback(function(serr)
+    uv.fs_close(dfd)
+    done(serr)
+  end, what))
+  return true
+end
+
 -- ---- at start, before the loop serves: plain blocking calls -------------------------
 
 -- mkdir_p_now(path [, mode]) -> true | nil, err: mkdir -p on the calling

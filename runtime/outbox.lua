@@ -218,14 +218,10 @@ function Outbox:schedule_sync()
   local cb = sched.callback(one_done, "outbox: sync")
   if self.dir_dirty then
     self.dir_dirty = false
-    local dfd, derr = uv.fs_open(self.dir, "r", 0)
-    if dfd then
-      pending = pending + 1
-      uv.fs_fsync(dfd, sched.callback(function(err)
-        uv.fs_close(dfd)
-        one_done(err)
-      end, "outbox: directory sync"))
-    else
+    pending = pending + 1
+    local ok, derr = fs.sync_dir_async(self.dir, "outbox: directory sync", one_done)
+    if not ok then
+      pending = pending - 1
       log.error("outbox: %s: %s", self.dir, tostring(derr))
     end
   end
