@@ -22,6 +22,7 @@ local uv = require "luv"
 local cjson = require "cjson.safe"
 local config = require "moonpost.runtime.config"
 local log = require "moonpost.runtime.log"
+local fs = require "moonpost.runtime.fs"
 local sched = require "moonpost.runtime.sched"
 local ids = require "moonpost.runtime.ids"
 local mime = require "moonpost.runtime.mime"
@@ -295,13 +296,8 @@ function Admin:save_suspensions()
   for i, s in ipairs(self.susp) do
     out[i] = { tenant = s.tenant, domain = s.domain, site = s.site, since = s.since, reason = s.reason }
   end
-  local f, err = io.open(path .. ".tmp", "wb")
-  if not f then return nil, err end
-  f:write(_M.encode({ suspensions = list(out) }), "\n")
-  f:close()
-  local ok, rerr = os.rename(path .. ".tmp", path)
-  if not ok then return nil, rerr end
-  return true
+  -- durable before the API says so (the handler runs in a task)
+  return fs.replace(path, _M.encode({ suspensions = list(out) }) .. "\n")
 end
 
 function Admin:load_suspensions()

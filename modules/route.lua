@@ -311,17 +311,8 @@ function _M.smtp(opts)
   end
   local function save_state(path)
     block.warm_dirty = false
-    local data = state_json()
-    local tmp = path .. tmp_suffix
-    local fd, err = fs.open(tmp, "w", 384)
-    if fd then
-      local ok
-      ok, err = fs.write(fd, data)
-      if ok then ok, err = fs.fsync(fd) end
-      fs.close(fd)
-      if ok then ok, err = fs.rename(tmp, path) end
-      if ok then return true end
-    end
+    local ok, err = fs.replace(path, state_json(), tmp_suffix)
+    if ok then return true end
     block.warm_dirty = true
     log.warn("route.smtp: cannot save the warm-up counts to %s: %s", path, tostring(err))
   end
