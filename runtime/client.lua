@@ -401,6 +401,8 @@ function _M.pool(opts)
   }, pool_mt)
 end
 
+-- Wake the first task waiting for a connection (a task leaves the list
+-- itself when its wait times out).
 local function notify(pool)
   local w = table.remove(pool.waiting, 1)
   if w then sched.wake(w, true) end
@@ -488,8 +490,16 @@ function Pool:acquire(hosts)
       -- a permanent answer only when every host gave one
       return nil, concat(errs, "; "), all_5xx and code5 or nil, enh
     else
-      self.waiting[#self.waiting + 1] = sched.current()
-      sched.wait(o.timeouts.connect)
+      local me = sched.current()
+      local waiting = self.waiting
+      waiting[#waiting + 1] = me
+      if sched.wait(o.timeouts.connect) == nil then
+        -- timed out: leave the list, or a later release would wake this
+        -- task while it waits for something else
+        for i = #waiting, 1, -1 do
+          if waiting[i] == me then table.remove(waiting, i) break end
+        end
+      end
     end
   end
 end
