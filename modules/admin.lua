@@ -985,13 +985,6 @@ end
 
 local NO_SUPPRESS = "the policy uses no moonpost.suppress block"
 
-local function csv_field(s)
-  s = tostring(s)
-  if find(s, '[",\r\n]') or s:match("^%s") or s:match("%s$") then
-    return '"' .. gsub(s, '"', '""') .. '"'
-  end
-  return s
-end
 
 function Admin:api_suppression_list(req)
   local sup = self:suppress_block()
@@ -1100,9 +1093,9 @@ function Admin:api_suppression_export(req)
   local sup = self:suppress_block()
   if not sup then return fail(404, NO_SUPPRESS) end
   local out = { "tenant,address,reason,time\n" }
+  local csv_row = require("moonpost.suppress").csv_row -- the store's own format
   local n, err = sup:list(req.query.tenant, function(address, reason, time, tenant)
-    out[#out + 1] = csv_field(tenant) .. "," .. csv_field(address) .. "," .. csv_field(reason) .. ","
-      .. format("%d", time) .. "\n"
+    out[#out + 1] = csv_row(tenant, address, reason, time)
   end)
   if not n then return fail(500, "cannot export: " .. tostring(err)) end
   return 200, concat(out), { ["content-type"] = "text/csv; charset=utf-8",

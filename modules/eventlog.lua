@@ -364,10 +364,6 @@ local function new_writer(name, path, max_buffer)
     stats = { lines = 0, writes = 0, dropped = 0, errors = 0, reopened = 0 } }, writer_mt)
 end
 
-local function mkdir_p(dir)
-  if dir == "" or dir == "." or dir == "/" then return true end
-  return fs.mkdir_p_now(dir, 488)
-end
 
 -- At start (synchronous, as every block's start): the directory and the file.
 function Writer:open()
@@ -377,7 +373,7 @@ function Writer:open()
   end
   local dir = self.path:match("^(.*)/[^/]*$")
   if dir then
-    local ok, err = mkdir_p(dir)
+    local ok, err = fs.mkdir_p_now(dir, 488)
     if not ok then return nil, err end
   end
   local fd, err = uv.fs_open(self.path, APPEND, 416)

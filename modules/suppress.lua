@@ -153,10 +153,6 @@ end
 
 -- ---- opening and closing ----------------------------------------------------------------
 
-local function mkdir_p(dir)
-  if dir == "" or dir == "." or dir == "/" then return true end
-  return fs.mkdir_p_now(dir, 448)
-end
 
 local function dirname(path)
   return path:match("^(.*)/[^/]*$") or "."
@@ -169,7 +165,7 @@ local start_sync
 function Suppress:open()
   if self.state == "open" then return true end
   if self.state == "closing" then return nil, "suppress: " .. self.path .. ": still closing" end
-  local ok, err = mkdir_p(dirname(self.path))
+  local ok, err = fs.mkdir_p_now(dirname(self.path), 448)
   if not ok then return nil, "suppress: " .. tostring(err) end
   -- a compaction cut short by a crash: the log is whole, the copy is not
   local tmp = self.path .. ".compact"
@@ -472,6 +468,12 @@ local function csv_field(s)
   return s
 end
 
+-- csv_row(tenant, address, reason, time) -> one line of the CSV format
+-- (export_csv, and the HTTP API's export)
+function _M.csv_row(tenant, address, reason, time)
+  return csv_field(tenant) .. "," .. csv_field(address) .. "," .. csv_field(reason) .. "," .. format("%d", time) .. "\n"
+end
+
 -- export_csv(path [, tenant]) -> rows written | nil, err. Columns:
 -- tenant,address,reason,time (Unix seconds), with that header line.
 function Suppress:export_csv(path, tenant)
@@ -480,7 +482,7 @@ function Suppress:export_csv(path, tenant)
   if not f then return nil, ferr end
   f:write("tenant,address,reason,time\n")
   local n, err = self:list(tenant, function(address, reason, time, ten)
-    f:write(csv_field(ten), ",", csv_field(address), ",", csv_field(reason), ",", format("%d", time), "\n")
+    f:write(_M.csv_row(ten, address, reason, time))
   end)
   local ok, cerr = f:close()
   if not n then return nil, err end

@@ -100,6 +100,7 @@ end
 -- mkdir_p_now(path [, mode]) -> true | nil, err: mkdir -p on the calling
 -- thread (for opening stores at start: ./var of a fresh checkout).
 function _M.mkdir_p_now(path, mode)
+  if path == "" or path == "." or path == "/" then return true end
   local ok, err, code = uv.fs_mkdir(path, mode or 448)
   if not ok and code == "ENOENT" then
     local parent = match(path, "^(.+)/[^/]+$")

@@ -48,10 +48,6 @@ local function seg_name(dir, num)
   return format("%s/%016d.jsonl", dir, num)
 end
 
-local function mkdir_p(dir)
-  if dir == "" then return true end
-  return fs.mkdir_p_now(dir, 448)
-end
 
 local function list_segments(dir)
   return fs.list_numbered(dir, "jsonl")
@@ -92,7 +88,7 @@ end
 -- default 0.05).
 function _M.open(opts)
   local dir = opts.dir
-  local ok, err = mkdir_p(dir)
+  local ok, err = fs.mkdir_p_now(dir, 448)
   if not ok then return nil, "outbox: " .. tostring(err) end
   local self = setmetatable({
     dir = dir,
