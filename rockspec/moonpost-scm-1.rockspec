@@ -41,6 +41,7 @@ build = {
     ["moonpost.shape"] = "modules/shape.lua",
     ["moonpost.shape.defaults"] = "modules/shape/defaults.lua",
     ["moonpost.suppress"] = "modules/suppress.lua",
+    ["moonpost.runtime.bucket"] = "runtime/bucket.lua",
     ["moonpost.runtime.cli"] = "runtime/cli.lua",
     ["moonpost.runtime.client"] = "runtime/client.lua",
     ["moonpost.runtime.config"] = "runtime/config.lua",

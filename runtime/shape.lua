@@ -19,6 +19,7 @@
 local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
+local buckets = require "moonpost.runtime.bucket"
 
 local floor, min, max, huge = math.floor, math.min, math.max, math.huge
 
@@ -35,16 +36,10 @@ local function bucket(rate, t)
   local r = rate.n / rate.per
   -- the default burst is a tenth of a second's worth: a limit holds over
   -- any window longer than that, and an hourly or daily limit is spread out
-  local cap = rate.burst or max(1, r * 0.1)
-  return { r = r, cap = cap, tokens = cap, t = t }
+  return buckets.new(r, rate.burst or max(1, r * 0.1), t)
 end
 
-local function refill(b, t)
-  local tok = b.tokens + (t - b.t) * b.r
-  if tok > b.cap then tok = b.cap end
-  b.tokens, b.t = tok, t
-  return tok
-end
+local refill = buckets.refill
 
 -- ---- gates ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@
 -- tenants more settings add their fields there.
 local uv = require "luv"
 local config = require "moonpost.runtime.config"
+local bucket = require "moonpost.runtime.bucket"
 
 local format, type, pairs, tostring = string.format, type, pairs, tostring
 
@@ -136,12 +137,15 @@ function Tenants:take(name)
   local now = uv.now() / 1000
   local b = self.buckets[name]
   if not b then
-    b = { tokens = r.burst, at = now }
+    b = bucket.new(r.count / r.per, r.burst, now)
     self.buckets[name] = b
-  else
-    local t = b.tokens + (now - b.at) * r.count / r.per
-    b.tokens = t > r.burst and r.burst or t
-    b.at = now
+  end
+  local tokens = bucket.refill(b, now)
+  -- buckets outlive a policy reload: a changed rate applies from now on
+  b.r = r.count / r.per
+  if b.cap ~= r.burst then
+    b.cap = r.burst
+    if tokens > b.cap then b.tokens = b.cap end
   end
   if b.tokens < 1 then return false end
   b.tokens = b.tokens - 1
