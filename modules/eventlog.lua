@@ -40,8 +40,8 @@ local http_client = require "moonpost.runtime.http_client"
 
 local type, tostring, tonumber, pairs, ipairs, floor, min = type, tostring, tonumber, pairs, ipairs, math.floor,
   math.min
-local format, concat, find, gsub, byte, sub, sort = string.format, table.concat, string.find, string.gsub,
-  string.byte, string.sub, table.sort
+local format, concat, find, gsub, sub, sort = string.format, table.concat, string.find, string.gsub,
+  string.sub, table.sort
 local encode_value = cjson.encode
 local ffi = require "ffi"
 local cast, u8p = ffi.cast, ffi.typeof("const uint8_t *")
@@ -85,45 +85,9 @@ local WEBHOOK_SCHEMA = {
 
 -- ---- encoding -------------------------------------------------------------------------
 
--- Invalid UTF-8 (a remote server's 8-bit reply text) becomes U+FFFD, so
--- that every line is valid JSON for strict parsers.
-local REPLACEMENT = "\239\191\189"
-
-local function utf8_clean(s)
-  if not find(s, "[\128-\255]") then return s end
-  local out, n, i, len = {}, 0, 1, #s
-  local start = 1
-  while i <= len do
-    local c = byte(s, i)
-    local need, lo, hi
-    lo, hi = 0x80, 0xBF
-    if c < 0x80 then need = 0
-    elseif c >= 0xC2 and c <= 0xDF then need = 1
-    elseif c == 0xE0 then need, lo = 2, 0xA0
-    elseif (c >= 0xE1 and c <= 0xEC) or c == 0xEE or c == 0xEF then need = 2
-    elseif c == 0xED then need, hi = 2, 0x9F
-    elseif c == 0xF0 then need, lo = 3, 0x90
-    elseif c >= 0xF1 and c <= 0xF3 then need = 3
-    elseif c == 0xF4 then need, hi = 3, 0x8F
-    else need = -1 end
-    local ok = need >= 0
-    for k = 1, need do
-      local d = byte(s, i + k)
-      if not d or d < (k == 1 and lo or 0x80) or d > (k == 1 and hi or 0xBF) then ok = false break end
-    end
-    if ok then
-      i = i + need + 1
-    else
-      n = n + 1
-      out[n] = sub(s, start, i - 1) .. REPLACEMENT
-      i = i + 1
-      start = i
-    end
-  end
-  if n == 0 then return s end
-  out[n + 1] = sub(s, start)
-  return concat(out)
-end
+-- Invalid UTF-8 (a remote server's 8-bit reply text) becomes U+FFFD
+-- (log.utf8_clean), so that every line is valid JSON for strict parsers.
+local utf8_clean = log.utf8_clean
 
 local MAX_DEPTH = 16
 

@@ -58,31 +58,49 @@ local function esc(c)
   return ESC[c] or string_format("\\u%04x", byte(c))
 end
 
--- Bytes that are not UTF-8 (a client's HELO name, an 8-bit address) become
--- U+FFFD, so that every line parses as JSON.
-local function utf8_clean(s)
+-- utf8_clean(s) -> s with every byte that is not part of well-formed UTF-8
+-- (RFC 3629: no overlong forms, no surrogates) replaced by U+FFFD, so that
+-- a client's HELO name or a server's 8-bit reply gives valid JSON for
+-- strict parsers. The log's JSON lines and the event log both use it.
+local REPLACEMENT = "\239\191\189"
+
+function _M.utf8_clean(s)
   if not find(s, "[\128-\255]") then return s end
   local out, n, i, len = {}, 0, 1, #s
+  local start = 1
   while i <= len do
     local c = byte(s, i)
-    local need = c < 0x80 and 0 or (c >= 0xC2 and c <= 0xDF) and 1 or (c >= 0xE0 and c <= 0xEF) and 2
-      or (c >= 0xF0 and c <= 0xF4) and 3 or -1
-    local ok = need >= 0 and i + need <= len
-    for k = 1, ok and need or 0 do
+    local need, lo, hi
+    lo, hi = 0x80, 0xBF
+    if c < 0x80 then need = 0
+    elseif c >= 0xC2 and c <= 0xDF then need = 1
+    elseif c == 0xE0 then need, lo = 2, 0xA0
+    elseif (c >= 0xE1 and c <= 0xEC) or c == 0xEE or c == 0xEF then need = 2
+    elseif c == 0xED then need, hi = 2, 0x9F
+    elseif c == 0xF0 then need, lo = 3, 0x90
+    elseif c >= 0xF1 and c <= 0xF3 then need = 3
+    elseif c == 0xF4 then need, hi = 3, 0x8F
+    else need = -1 end
+    local ok = need >= 0
+    for k = 1, need do
       local d = byte(s, i + k)
-      if d < 0x80 or d > 0xBF then ok = false break end
+      if not d or d < (k == 1 and lo or 0x80) or d > (k == 1 and hi or 0xBF) then ok = false break end
     end
-    n = n + 1
     if ok then
-      out[n] = sub(s, i, i + need)
       i = i + need + 1
     else
-      out[n] = "\239\191\189"
+      n = n + 1
+      out[n] = sub(s, start, i - 1) .. REPLACEMENT
       i = i + 1
+      start = i
     end
   end
+  if n == 0 then return s end
+  out[n + 1] = sub(s, start)
   return concat(out)
 end
+
+local utf8_clean = _M.utf8_clean
 
 local function jstr(s)
   return '"' .. gsub(utf8_clean(s), '[%c"\\]', esc) .. '"'
