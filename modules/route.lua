@@ -512,7 +512,7 @@ function _M.smtp(opts)
           key = table.concat(parts, ",")
         end
         local shaper = mta.shaper
-        local dest = shaper and shaper:destination(domain:lower(), mx_names)
+        local dest = shaper and shaper:destination(domain:lower(), mx_names, mx_names and key)
         local site = dest and dest.name or key
         -- an operator suspended this site (moonpost.admin): held, no attempt
         local hold = mta.site_hold and mta.site_hold(site, env, domain)

@@ -115,21 +115,36 @@ end
 
 -- destination(domain, mx_names) -> the destination entry that matches
 -- (by domain, then by MX host suffix), or nil
-function Shaper:destination(domain, mx_names)
+-- site: the MX set's key (route.smtp's "mx:..."): the answer for a set of
+-- MX names is kept, so the suffixes are scanned once per MX set, not per
+-- delivery.
+function Shaper:destination(domain, mx_names, site)
   local spec = self.spec
   local d = spec.by_domain and spec.by_domain[domain]
   if d then return d end
-  if mx_names then
-    for _, entry in ipairs(spec.destinations or {}) do
-      for _, suffix in ipairs(entry.mx or {}) do
-        for _, name in ipairs(mx_names) do
-          local n = name:lower()
-          if n == suffix or (#n > #suffix and n:sub(-#suffix - 1) == "." .. suffix) then return entry end
+  if not mx_names then return nil end
+  local memo = self.by_site
+  if site and memo and memo[site] ~= nil then return memo[site] or nil end
+  local found = false
+  for _, entry in ipairs(spec.destinations or {}) do
+    for _, suffix in ipairs(entry.mx or {}) do
+      for _, name in ipairs(mx_names) do
+        local n = name:lower()
+        if n == suffix or (#n > #suffix and n:sub(-#suffix - 1) == "." .. suffix) then
+          found = entry
+          break
         end
       end
+      if found then break end
     end
+    if found then break end
   end
-  return nil
+  if site then
+    memo = memo or {}
+    self.by_site = memo
+    memo[site] = found
+  end
+  return found or nil
 end
 
 -- What a gate of the shaper before a reload knew that still holds: the
