@@ -6,7 +6,12 @@
 smtp-sink (-c, counting) on PORT_BASE+2; Moonpost's examples/relay.lua on
 PORT_BASE+1 relaying to it (durable spool in a temporary directory);
 smtp-source -d -s C -m N -l SIZE into Moonpost. Prints one JSON line:
-{"inject_s", "e2e_s", "delivered", "rss_kib", "latency_p50_ms", "latency_p99_ms"}.
+{"inject_s", "e2e_s", "delivered", "rss_kib", "cpu_us_per_msg", "latency_p50_ms",
+"latency_p99_ms"}. cpu_us_per_msg gives the user + system CPU time per
+message, from the first connection to the last delivery, of Moonpost (all its
+processes: with workers, the supervisor and every worker), smtp-source and
+the sink: {"moonpost", "source", "sink"}. Their sum over the machine's cores
+is the rate the machine could reach with every core busy.
 
 Environment:
   BENCH_POLICY   the relaying policy instead of examples/relay.lua (it gets
@@ -15,7 +20,7 @@ Environment:
   BENCH_SINK     "smtp-sink" (default) or "moonpost": scripts/bench/sink.lua,
                  offering STARTTLS when BENCH_SINK_CERT and BENCH_SINK_KEY are set
 """
-import json, os, re, shutil, signal, subprocess, sys, tempfile, threading, time
+import json, os, re, resource, shutil, signal, subprocess, sys, tempfile, threading, time
 
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 base, n, c, size = (int(x) for x in sys.argv[1:5])
@@ -77,6 +82,37 @@ policy = os.environ.get("BENCH_POLICY") or os.path.join(root, "examples/relay.lu
 mp = subprocess.Popen([os.path.join(root, "scripts/moonpost"), "run", policy],
                       env=env, stdout=log, stderr=log)
 wait_port(mp_port)
+
+
+def tree_cpu_s(top):
+    """User + system CPU seconds of a process and its live descendants."""
+    parent, ticks = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(name)] = int(fields[1])
+        ticks[int(name)] = int(fields[11]) + int(fields[12])
+    total = 0
+    for pid, t in ticks.items():
+        p = pid
+        while p and p != top:
+            p = parent.get(p)
+        if p == top:
+            total += t
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+cpu0 = (tree_cpu_s(mp.pid), children_cpu_s(), tree_cpu_s(sink.pid))
 t0 = time.monotonic()
 subprocess.run(["smtp-source", "-d", "-s", str(c), "-m", str(n), "-l", str(size), "-f", "bench@source.test",
                 "-t", "sink@sink.test"] + extra + ["127.0.0.1:%d" % mp_port], stdout=subprocess.DEVNULL, timeout=900)
@@ -87,6 +123,8 @@ while time.monotonic() < end:
         if t_done is not None:
             break
     time.sleep(0.05)
+cpu = {"moonpost": tree_cpu_s(mp.pid) - cpu0[0], "source": children_cpu_s() - cpu0[1],
+       "sink": tree_cpu_s(sink.pid) - cpu0[2]}
 rss = 0
 with open("/proc/%d/status" % mp.pid) as f:
     for line in f:
@@ -99,7 +137,8 @@ sink.wait(timeout=10)
 log.close()
 text = open(os.path.join(tmp, "moonpost.log")).read()
 lat = re.search(r"first attempt: p50 ([\d.]+) ms, p99 ([\d.]+) ms", text)
-shutil.rmtree(tmp, ignore_errors=True)
+shutil.rmtree(tmp, ignore_errors=True) if not os.environ.get("BENCH_KEEP") else sys.stderr.write(tmp + "\n")
 print(json.dumps({"inject_s": t_inject, "e2e_s": (t_done - t0) if t_done else None, "delivered": count,
-                  "rss_kib": rss, "latency_p50_ms": float(lat.group(1)) if lat else None,
+                  "rss_kib": rss, "cpu_us_per_msg": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()},
+                  "latency_p50_ms": float(lat.group(1)) if lat else None,
                   "latency_p99_ms": float(lat.group(2)) if lat else None}))

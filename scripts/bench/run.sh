@@ -12,6 +12,7 @@
 #                 spool) relaying to smtp-sink, until the sink has every
 #                 message (scripts/bench/relay.py); with the median and 99th
 #                 percentile time from the 250 to the start of the delivery
+#   relay-2w      the relay with two worker processes (scripts/bench/workers.lua)
 #   relay-mp-plain, relay-mp-tls
 #                 the relay again, into a Moonpost sink (scripts/bench/sink.lua)
 #                 instead of smtp-sink: in plaintext, and over TLS (policy
@@ -35,7 +36,10 @@
 #
 # Repetitions are interleaved (limit, moonpost, limit, moonpost, ...) and the
 # table shows the median with min and max. Peak RSS is the Moonpost
-# process's VmHWM. Results: var/bench/latest.json and var/bench/latest.md.
+# process's VmHWM. For every relay row, the CPU time per message of Moonpost
+# (all its processes), smtp-source and the sink: the machine's cores divided
+# by their sum is the rate these programs could reach with every core busy,
+# and the run's rate over it is how busy the cores were. Results: var/bench/latest.json and var/bench/latest.md.
 #
 # Knobs: REPS (3), N (50000), C (50), SIZE (1000), PORT (base port, 3525).
 set -eu
@@ -101,6 +105,10 @@ run_moonpost() { # name policy rep
   rm -rf "$spool"
 }
 
+cpu_of() { # relay.py's JSON line -> "moonpost/source/sink" CPU microseconds per message
+  echo "$1" | /usr/bin/python3 -c 'import json,sys; c=json.load(sys.stdin)["cpu_us_per_msg"]; print("%s/%s/%s" % (c["moonpost"], c["source"], c["sink"]))'
+}
+
 run_relay() { # rep [name [VAR=value ...]]: relay.py with that environment
   rep=$1
   rname=${2:-relay}
@@ -110,8 +118,10 @@ run_relay() { # rep [name [VAR=value ...]]: relay.py with that environment
     if [ -n "$e2e" ]; then
       hwm=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["rss_kib"])')
       lat=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin); print("%s/%s" % (r["latency_p50_ms"], r["latency_p99_ms"]))')
-      printf '%s\t%s\t%s\t%s\t\t%s\n' "$rname" "$rep" "$e2e" "$hwm" "$lat" >>"$raw"
-      echo "  $rname rep $rep: $e2e s end to end, peak RSS $((hwm / 1024)) MiB, 250 to first attempt p50/p99 $lat ms" >&2
+      cpu=$(cpu_of "$line")
+      printf '%s\t%s\t%s\t%s\t\t%s\t%s\n' "$rname" "$rep" "$e2e" "$hwm" "$lat" "$cpu" >>"$raw"
+      echo "  $rname rep $rep: $e2e s end to end, peak RSS $((hwm / 1024)) MiB, 250 to first attempt p50/p99 $lat ms," \
+        "CPU us/msg Moonpost/source/sink $cpu" >&2
       return
     fi
   fi
@@ -130,7 +140,7 @@ run_load() {
       hwm=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["rss_kib"])')
       lat=$(echo "$line" | /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin); print("%s/%s" % (r["latency_p50_ms"], r["latency_p99_ms"]))')
       scaled=$(/usr/bin/python3 -c "print('%.3f' % ($e2e * $N / $ln))")
-      printf '%s\t%s\t%s\t%s\t\t%s\n' "$lname" "$rep" "$scaled" "$hwm" "$lat" >>"$raw"
+      printf '%s\t%s\t%s\t%s\t\t%s\t%s\n' "$lname" "$rep" "$scaled" "$hwm" "$lat" "$(cpu_of "$line")" >>"$raw"
       echo "  $lname rep $rep: $ln messages in $e2e s end to end ($(/usr/bin/python3 -c "print(round($ln / $e2e))") msg/s), peak RSS $((hwm / 1024)) MiB, 250 to first attempt p50/p99 $lat ms" >&2
       return
     fi
@@ -178,6 +188,8 @@ while [ $rep -le "$REPS" ]; do
   run_moonpost accept-only scripts/bench/accept.lua $rep
   run_moonpost durable scripts/bench/durable.lua $rep
   run_relay $rep
+  # the same relay with two worker processes (docs/cli.md#workers)
+  run_relay $rep relay-2w BENCH_POLICY=scripts/bench/workers.lua BENCH_MODE=relay BENCH_WORKERS=2
   # TLS: the same relay into a Moonpost sink, in plaintext and over TLS
   run_relay $rep relay-mp-plain BENCH_POLICY=scripts/bench/relay_tls.lua BENCH_TLS=none BENCH_SINK=moonpost \
     BENCH_SINK_CERT="$certs/mx.pem" BENCH_SINK_KEY="$certs/mx.key"
@@ -235,9 +247,10 @@ fi
 
 # Medians, min, max and the ratio to the limit; JSON and markdown.
 /usr/bin/python3 - "$raw" "$out" "$N" "$C" "$SIZE" <<'PY'
-import json, statistics, sys, subprocess, platform
+import json, os, statistics, sys, subprocess, platform
+ncpu = os.cpu_count()
 raw, out, n, c, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-rows, extra, latency = {}, {}, {}
+rows, extra, latency, cpu = {}, {}, {}, {}
 for line in open(raw):
     f = line.rstrip("\n").split("\t")
     name, rep, secs, hwm = f[:4]
@@ -248,6 +261,8 @@ for line in open(raw):
     if len(f) > 5 and f[5] and "None" not in f[5]:
         p50, p99 = (float(x) for x in f[5].split("/"))
         latency.setdefault(name, []).append((p50, p99))
+    if len(f) > 6 and f[6]:
+        cpu.setdefault(name, []).append([float(x) for x in f[6].split("/")])
 def stats(name):
     rates = sorted(n / s for s, _ in rows[name])
     hwm = [h for _, h in rows[name] if h is not None]
@@ -256,6 +271,14 @@ def stats(name):
     if name in extra:
         st["batch_size"] = statistics.median(s / b for s, b, _, _ in extra[name] if b)
         st["fsyncs_per_s"] = statistics.median(f / t for _, _, f, t in extra[name])
+    if name in cpu:
+        # CPU time per message of Moonpost, smtp-source and the sink, and
+        # the rate the machine's cores could give at that cost: the run's
+        # rate over it says how busy the cores were
+        m, s_, k = (statistics.median(c[i] for c in cpu[name]) for i in range(3))
+        st["cpu_us_per_msg"] = {"moonpost": m, "source": s_, "sink": k}
+        st["cpu_ceiling"] = ncpu * 1e6 / (m + s_ + k)
+        st["cpu_busy"] = statistics.median(rates) / st["cpu_ceiling"]
     if name in latency:
         st["latency_p50_ms"] = statistics.median(p for p, _ in latency[name])
         st["latency_p99_ms"] = statistics.median(q for _, q in latency[name])
@@ -297,6 +320,15 @@ for name, s in figs.items():
             s["met"] = s["met"] and s["vs_postfix"] >= 10
         if "latency_p50_ms" in s:
             s["target"] += "; 250 to first attempt p50 %.2f ms, p99 %.2f ms" % (s["latency_p50_ms"], s["latency_p99_ms"])
+    if name == "relay-2w":
+        s["target"] = "2 worker processes: rate >= 40%% of limit (%.2f)" % s["ratio"]
+        s["met"] = s["ratio"] >= 0.4
+        if pfr:
+            s["vs_postfix"] = s["median"] / pfr["median"]
+            s["target"] += ", >= 20x Postfix relaying (%.1fx)" % s["vs_postfix"]
+            s["met"] = s["met"] and s["vs_postfix"] >= 20
+        if figs.get("relay"):
+            s["target"] += "; %.2fx one process" % (s["median"] / figs["relay"]["median"])
     if name == "relay-dkim-ed25519" and figs.get("relay"):
         s["vs_unsigned"] = s["median"] / figs["relay"]["median"]
         s["target"] = "Ed25519 relay >= 70%% of unsigned relay (%.2f)" % s["vs_unsigned"]
@@ -382,6 +414,16 @@ if sup:
     lines.append("| moonpost.core.suppress | %d | %.2f | %.1f / %.1f | %d / %d |" % (
         sup["entries"], sup["load_s"], sup["octets_per_entry"], sup["rss_octets_per_entry"],
         sup["lookup_hit_ns"], sup["lookup_miss_ns"]))
+withcpu = [s for s in res["figures"] if "cpu_us_per_msg" in s]
+if withcpu:
+    lines.append("")
+    lines.append("| CPU per message (µs, medians) | Moonpost | smtp-source | sink | all %d cores busy would give msg/s (ratio to limit) | cores busy |" % ncpu)
+    lines.append("|---|---|---|---|---|---|")
+    for s in withcpu:
+        c = s["cpu_us_per_msg"]
+        lines.append("| %s | %.0f | %.0f | %.0f | %.0f (%.2f) | %.0f%% |" % (
+            s["name"], c["moonpost"], c["source"], c["sink"], s["cpu_ceiling"],
+            s["cpu_ceiling"] / limit["median"], 100 * s["cpu_busy"]))
 md = "\n".join(lines)
 open(out + "/latest.md", "w").write(md + "\n")
 print("load: %s, %d runs each, commit %s" % (res["load"], limit["runs"], res["commit"]))
