@@ -1174,35 +1174,59 @@ void mp_stuff_init(mp_stuff *s)
     s->cr = 0;
 }
 
+/* The first CR or LF in p[i, n), or n: memchr finds the LF of the usual
+ * CRLF, then the CR is looked for only before it. */
+static size_t line_end(const char *p, size_t i, size_t n)
+{
+    const char *nl = memchr(p + i, '\n', n - i);
+    size_t lim = nl ? (size_t)(nl - p) : n;
+    const char *cr = memchr(p + i, '\r', lim - i);
+    return cr ? (size_t)(cr - p) : lim;
+}
+
+/* Lines that need no change (CRLF-ended, not starting with a dot) are
+ * copied in one run; the run breaks only for a dot to double or a bare CR
+ * or LF to turn into CRLF. */
 int mp_stuff_feed(mp_stuff *st, const char *p, size_t n, mp_body *out)
 {
-    size_t i = 0;
+    size_t i = 0, start = 0; /* p[start, i) is still to copy as it is */
     while (i < n) {
         size_t j;
         if (st->cr) {
+            /* a CR ended the last chunk: CRLF, whether an LF follows or not */
             st->cr = 0;
             if (mp_body_append(out, "\r\n", 2) != 0) return -1;
             st->bol = 1;
-            if (p[i] == '\n') { i++; continue; }
+            if (p[i] == '\n') i++;
+            start = i;
+            continue;
         }
         if (st->bol && p[i] == '.') {
+            if (mp_body_append(out, p + start, i - start) != 0) return -1;
             if (mp_body_append(out, ".", 1) != 0) return -1;
+            start = i; /* the line's own dot follows in the run */
         }
         st->bol = 0;
-        j = i;
-        while (j < n && p[j] != '\r' && p[j] != '\n') j++;
-        if (mp_body_append(out, p + i, j - i) != 0) return -1;
-        if (j == n) return 0;
+        j = line_end(p, i, n);
+        if (j == n) {
+            i = n;
+            break;
+        }
+        if (p[j] == '\r' && j + 1 < n && p[j + 1] == '\n') {
+            i = j + 2; /* CRLF: stays in the run */
+            st->bol = 1;
+            continue;
+        }
+        if (mp_body_append(out, p + start, j - start) != 0) return -1;
         if (p[j] == '\r') {
-            st->cr = 1;
-            i = j + 1;
+            st->cr = 1; /* bare, or its LF is in the next chunk */
         } else {
             if (mp_body_append(out, "\r\n", 2) != 0) return -1;
             st->bol = 1;
-            i = j + 1;
         }
+        i = start = j + 1;
     }
-    return 0;
+    return mp_body_append(out, p + start, i - start);
 }
 
 int mp_stuff_finish(mp_stuff *st, mp_body *out)
