@@ -97,3 +97,24 @@ describe("moonpost.runtime.config defaults", function()
     assert.same({ "a:1" }, o.addrs)
   end)
 end)
+
+describe("moonpost.new gc_pause", function()
+  local moonpost = require "moonpost"
+  local saved
+  before_each(function() saved = collectgarbage("setpause", 200) end)
+  after_each(function() collectgarbage("setpause", saved) end)
+
+  it("sets the collector's pause: 400 by default, the policy's value when given", function()
+    moonpost.new { spool = false }
+    -- setpause returns the value it replaces
+    assert.equal(400, collectgarbage("setpause", 200))
+    moonpost.new { spool = false, gc_pause = 250 }
+    assert.equal(250, collectgarbage("setpause", 200))
+  end)
+
+  it("refuses a pause out of range, naming the field", function()
+    local ok, err = pcall(moonpost.new, { spool = false, gc_pause = 100 })
+    assert.is_false(ok)
+    assert.matches("moonpost.new: field 'gc_pause': must be between 110 and 1000", err, nil, true)
+  end)
+end)
