@@ -10,13 +10,16 @@ smtp-source -d -s C -m N -l SIZE into Moonpost. Prints one JSON line:
 "latency_p99_ms"}. cpu_us_per_msg gives the user + system CPU time per
 message, from the first connection to the last delivery, of Moonpost (all its
 processes: with workers, the supervisor and every worker), smtp-source and
-the sink: {"moonpost", "source", "sink"}. Their sum over the machine's cores
+the sink: {"moonpost", "source", "sink"}, and the part of Moonpost's in the
+kernel ("moonpost_system"). Their sum over the machine's cores
 is the rate the machine could reach with every core busy.
 
 Environment:
   BENCH_POLICY   the relaying policy instead of examples/relay.lua (it gets
                  MOONPOST_LISTEN, MOONPOST_RELAY, MOONPOST_SPOOL and the rest
                  of this environment)
+  BENCH_KEEP     set: keep the temporary directory (Moonpost's log, the
+                 spool) and print its name on stderr
   BENCH_SINK     "smtp-sink" (default) or "moonpost": scripts/bench/sink.lua,
                  offering STARTTLS when BENCH_SINK_CERT and BENCH_SINK_KEY are set
 """
@@ -84,8 +87,9 @@ mp = subprocess.Popen([os.path.join(root, "scripts/moonpost"), "run", policy],
 wait_port(mp_port)
 
 
-def tree_cpu_s(top):
-    """User + system CPU seconds of a process and its live descendants."""
+def tree_cpu_s(top, which=(11, 12)):
+    """CPU seconds of a process and its live descendants: user + system, or
+    with which=(12,) system only."""
     parent, ticks = {}, {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -96,7 +100,7 @@ def tree_cpu_s(top):
         except OSError:
             continue
         parent[int(name)] = int(fields[1])
-        ticks[int(name)] = int(fields[11]) + int(fields[12])
+        ticks[int(name)] = sum(int(fields[i]) for i in which)
     total = 0
     for pid, t in ticks.items():
         p = pid
@@ -112,7 +116,7 @@ def children_cpu_s():
     return r.ru_utime + r.ru_stime
 
 
-cpu0 = (tree_cpu_s(mp.pid), children_cpu_s(), tree_cpu_s(sink.pid))
+cpu0 = (tree_cpu_s(mp.pid), children_cpu_s(), tree_cpu_s(sink.pid), tree_cpu_s(mp.pid, (12,)))
 t0 = time.monotonic()
 subprocess.run(["smtp-source", "-d", "-s", str(c), "-m", str(n), "-l", str(size), "-f", "bench@source.test",
                 "-t", "sink@sink.test"] + extra + ["127.0.0.1:%d" % mp_port], stdout=subprocess.DEVNULL, timeout=900)
@@ -124,7 +128,7 @@ while time.monotonic() < end:
             break
     time.sleep(0.05)
 cpu = {"moonpost": tree_cpu_s(mp.pid) - cpu0[0], "source": children_cpu_s() - cpu0[1],
-       "sink": tree_cpu_s(sink.pid) - cpu0[2]}
+       "sink": tree_cpu_s(sink.pid) - cpu0[2], "moonpost_system": tree_cpu_s(mp.pid, (12,)) - cpu0[3]}
 rss = 0
 with open("/proc/%d/status" % mp.pid) as f:
     for line in f:
@@ -137,8 +141,11 @@ sink.wait(timeout=10)
 log.close()
 text = open(os.path.join(tmp, "moonpost.log")).read()
 lat = re.search(r"first attempt: p50 ([\d.]+) ms, p99 ([\d.]+) ms", text)
-shutil.rmtree(tmp, ignore_errors=True) if not os.environ.get("BENCH_KEEP") else sys.stderr.write(tmp + "\n")
-print(json.dumps({"inject_s": t_inject, "e2e_s": (t_done - t0) if t_done else None, "delivered": count,
+if os.environ.get("BENCH_KEEP"):
+    sys.stderr.write(tmp + "\n")
+else:
+    shutil.rmtree(tmp, ignore_errors=True)
+print(json.dumps({"n": n, "inject_s": t_inject, "e2e_s": (t_done - t0) if t_done else None, "delivered": count,
                   "rss_kib": rss, "cpu_us_per_msg": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()},
                   "latency_p50_ms": float(lat.group(1)) if lat else None,
                   "latency_p99_ms": float(lat.group(2)) if lat else None}))
