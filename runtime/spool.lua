@@ -89,6 +89,28 @@ local function envelope_of(txn)
   }
 end
 
+-- encode_envelope(envt) -> the JSON of an envelope_of() table. lua-cjson
+-- formats every number through snprintf("%.14g"), which was half of what
+-- encoding an envelope cost (callgrind: 5k of 10k instructions, a fifth of
+-- what the durable spool adds to a message); the two integers are written
+-- here and lua-cjson does the rest.
+local MAX_INT = 9007199254740992
+
+local function is_int(v)
+  return type(v) == "number" and v % 1 == 0 and v > -MAX_INT and v < MAX_INT
+end
+
+function _M.encode_envelope(e)
+  local v, t = e.v, e.t
+  if not is_int(v) or not is_int(t) then return encode(e) end
+  e.v, e.t = nil, nil
+  local rest, err = encode(e)
+  e.v, e.t = v, t
+  if not rest then return nil, err end
+  if rest == "{}" then return format('{"v":%d,"t":%d}', v, t) end
+  return format('{"v":%d,"t":%d,', v, t) .. rest:sub(2)
+end
+
 -- ---- open and recover -------------------------------------------------------------------
 
 -- open(opts) -> spool | nil, err. Takes the lock, recovers every segment and
@@ -431,7 +453,7 @@ end
 function Spool:store(txn, msg)
   local id = tonumber(txn.id, 16)
   local envt = envelope_of(txn)
-  local meta = encode(envt)
+  local meta = _M.encode_envelope(envt)
   local seg, off, len = append(self, MSG, 0, id, meta, msg, #txn.recipients)
   if not seg then return nil, off, len end
   seg.live = seg.live + 1
