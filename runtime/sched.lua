@@ -187,8 +187,12 @@ end
 
 local token_seq = 0
 
+-- A task is { co, name, waiting, slot } while it runs (on_error and done
+-- only when set): four fields fit the table's smallest hash part, where a
+-- fifth doubles it (every idle SMTP session is a task waiting for a
+-- command; scripts/bench/conns_probe.lua counts them).
 function _M.spawn(fn, ...)
-  local task = { name = nil, waiting = false, done = false }
+  local task = { waiting = false }
   task.co = co_create(body)
   tasks[task.co] = task
   resume(task, task, fn, ...)
@@ -197,7 +201,7 @@ end
 
 -- Like spawn, with a name for the logs and an error handler.
 function _M.spawn_named(name, on_error, fn, ...)
-  local task = { name = name, on_error = on_error, waiting = false, done = false }
+  local task = { name = name, on_error = on_error, waiting = false }
   task.co = co_create(body)
   tasks[task.co] = task
   resume(task, task, fn, ...)
