@@ -261,28 +261,31 @@ end
 
 -- transaction(env, body, rcpts) -> results by recipient index. The
 -- connection stays usable when c.broken is nil.
+-- every recipient gets the same result (a helper, not a closure made per
+-- transaction: creating a closure stops LuaJIT from compiling the function)
+local function all(results, rcpts, res)
+  for _, r in ipairs(rcpts) do results[r.index] = res end
+  return results
+end
+
 function Conn:transaction(env, body, rcpts)
   local results, host = {}, self.name
-  local function all(res)
-    for _, r in ipairs(rcpts) do results[r.index] = res end
-    return results
-  end
   -- what the server must support, checked before sending anything
   local size = type(body) == "string" and #body or body:size()
   if self.size_limit > 0 and size > self.size_limit then
-    return all({ status = "bounced", code = 552, enhanced = "5.3.4", host = host,
+    return all(results, rcpts, { status = "bounced", code = 552, enhanced = "5.3.4", host = host,
       text = format("message size %d exceeds the limit of %s (%d)", size, host, self.size_limit) })
   end
   local utf8 = needs_utf8(env, body)
   if utf8 and not self.ext.SMTPUTF8 then
-    return all({ status = "bounced", code = 553, enhanced = "5.6.7", host = host,
+    return all(results, rcpts, { status = "bounced", code = 553, enhanced = "5.6.7", host = host,
       text = host .. " does not support SMTPUTF8, which this message needs" })
   end
   -- 8-bit content without BODY=8BITMIME still needs 8BITMIME; scanned once
   if env.eight == nil then env.eight = env.body == "8BITMIME" or (env.body == nil and has_8bit(body)) end
   local eight = env.eight
   if eight and not self.ext["8BITMIME"] then
-    return all({ status = "bounced", code = 554, enhanced = "5.6.3", host = host,
+    return all(results, rcpts, { status = "bounced", code = 554, enhanced = "5.6.3", host = host,
       text = host .. " does not support 8BITMIME, which this message needs" })
   end
   local mail = { "MAIL FROM:<", env.from or "", ">" }
@@ -305,17 +308,17 @@ function Conn:transaction(env, body, rcpts)
   local replies = {}
   if self.pipelining then
     -- RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order
-    if not self:send(concat(cmds)) then return all(temp(self.broken, host)) end
+    if not self:send(concat(cmds)) then return all(results, rcpts, temp(self.broken, host)) end
     for i = 1, #cmds do
       local code, enh, text = self:reply(i == 1 and t.mail or (i == #cmds and t.data or t.rcpt))
-      if not code then return all(temp(self.broken, host)) end
+      if not code then return all(results, rcpts, temp(self.broken, host)) end
       replies[i] = { code, enh, text }
     end
   else
     for i = 1, #cmds do
-      if not self:send(cmds[i]) then return all(temp(self.broken, host)) end
+      if not self:send(cmds[i]) then return all(results, rcpts, temp(self.broken, host)) end
       local code, enh, text = self:reply(i == 1 and t.mail or (i == #cmds and t.data or t.rcpt))
-      if not code then return all(temp(self.broken, host)) end
+      if not code then return all(results, rcpts, temp(self.broken, host)) end
       replies[i] = { code, enh, text }
       if i == 1 and code ~= 250 then break end
       if i == #cmds - 1 then
@@ -335,9 +338,9 @@ function Conn:transaction(env, body, rcpts)
     self:reply(t.mail)
     if m[1] < 400 then
       -- only 250 accepts a sender: anything else is the server's mistake
-      return all(temp(format("MAIL FROM answered %d %s", m[1], tostring(m[3])), host))
+      return all(results, rcpts, temp(format("MAIL FROM answered %d %s", m[1], tostring(m[3])), host))
     end
-    return all(outcome(m[1], m[2], m[3], host, "MAIL FROM"))
+    return all(results, rcpts, outcome(m[1], m[2], m[3], host, "MAIL FROM"))
   end
   local accepted = {}
   for i, r in ipairs(rcpts) do
@@ -460,8 +463,10 @@ end
 function Pool:acquire(hosts)
   local o = self.opts
   while true do
-    local c = table.remove(self.idle)
+    local idle = self.idle
+    local c = idle[#idle]
     if c then
+      idle[#idle] = nil
       if not c.s.eof then
         self.stats.reused = self.stats.reused + 1
         return c

@@ -109,7 +109,13 @@ end
 local function poke(self, all)
   local idle = self.idle
   if not all then
-    if #idle > 0 then sched.wake(table.remove(idle), true) end
+    local n = #idle
+    if n > 0 then
+      -- not table.remove: LuaJIT 2.1 aborts every trace through it here
+      local w = idle[n]
+      idle[n] = nil
+      sched.wake(w, true)
+    end
     return
   end
   -- every worker waiting now (a worker woken from outside a task runs at
@@ -205,14 +211,33 @@ end
 
 -- account(m, env): count m in the queue of every tenant@domain it still has
 -- recipients for (env nil: a recovered message not read yet).
+local function queue_key(env, r)
+  return (env.tenant or "") .. "@" .. ((r.a:match("@([^@]*)$") or ""):lower())
+end
+
 function Queue:account(m, env)
   local keys
+  local rcpt = env and env.rcpt
+  if rcpt and #rcpt == 1 and not rcpt[1].done and not (m.rdone and m.rdone[1]) then
+    -- one recipient (the common case): no lists to build
+    local key = queue_key(env, rcpt[1])
+    m.key = key
+    if m.tenant == nil then
+      local t = env.tenant or ""
+      m.tenant = t
+      self.tenants[t] = (self.tenants[t] or 0) + 1
+    end
+    local Q = queue_of(self, key)
+    Q.depth = Q.depth + 1
+    Q.fifo[#Q.fifo + 1] = m
+    return
+  end
   if env then
     local seen = {}
     keys = {}
-    for i, r in ipairs(env.rcpt) do
+    for i, r in ipairs(rcpt) do
       if not r.done and not (m.rdone and m.rdone[i]) then
-        local key = (env.tenant or "") .. "@" .. ((r.a:match("@([^@]*)$") or ""):lower())
+        local key = queue_key(env, r)
         if not seen[key] then
           seen[key] = true
           keys[#keys + 1] = key
