@@ -1062,13 +1062,15 @@ local function on_connection(listener, client)
     max_size = opts.max_message_size,
   })
   s:attach(parser, opts.input_high_water)
+  -- what every session of this listener shares, in a prototype of its own
+  local proto = listener.session_mt
+  if not proto then
+    proto = { __index = setmetatable({ mta = mta, opts = opts, ext = opts.extensions,
+      hostname = listener.hostname, banner = listener.banner }, session_mt) }
+    listener.session_mt = proto
+  end
   local self = setmetatable({
-    mta = mta,
     listener = listener,
-    opts = opts,
-    ext = opts.extensions,
-    hostname = listener.hostname,
-    banner = listener.banner,
     stream = s,
     parser = parser,
     conn = conn,
@@ -1081,7 +1083,7 @@ local function on_connection(listener, client)
     quit = false,
     in_content = false,
     counted_tenant = tenant,
-  }, session_mt)
+  }, proto)
   update_relay(self)
   listener.active = listener.active + 1
   listener.sessions[self] = true

@@ -80,6 +80,7 @@ local function deliver(self, chunk)
     end
   else
     local b = self.rbuf
+    if not b then b = {}; self.rbuf = b end
     b[#b + 1] = chunk
   end
 end
@@ -105,22 +106,9 @@ local function make_on_read(self)
 end
 
 function _M.new(tcp)
-  local self = setmetatable({
-    tcp = tcp,
-    reader = nil,
-    eof = false,
-    err = nil,
-    closed = false,
-    paused = false,
-    reading = false,
-    parser = nil,
-    high_water = DEFAULT_HIGH_WATER,
-    rbuf = {},
-    bytes_in = 0,
-    bytes_out = 0,
-  }, mt)
-  return self
+  return setmetatable({ tcp = tcp, bytes_in = 0, bytes_out = 0 }, mt)
 end
+Stream.high_water = DEFAULT_HIGH_WATER
 
 function Stream:attach(parser, high_water)
   self.parser = parser
@@ -160,7 +148,7 @@ end
 function Stream:receive(pattern, timeout)
   local deadline = timeout and (uv.now() + timeout * 1000)
   while true do
-    local data = table.concat(self.rbuf)
+    local data = self.rbuf and table.concat(self.rbuf) or ""
     if pattern == "*l" then
       local i = find(data, "\n", 1, true)
       if i then
@@ -261,7 +249,7 @@ function Stream:starttls(conn, timeout)
   if self.tls then return nil, "TLS is already active" end
   if self.closed then return nil, "closed" end
   if self.eof then return nil, self.err or "closed" end
-  self.rbuf = {}
+  self.rbuf = nil
   self.tls = conn
   self.handshaking = true
   self.hs_in = {}
