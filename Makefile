@@ -49,7 +49,7 @@ KDF_HDR   := core/kdf.h core/workq.h core/lcompat.h
 MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so $(LIBDIR)/tls.so
 MODULES   += $(LIBDIR)/dkim.so $(LIBDIR)/kdf.so $(LIBDIR)/suppress.so
 
-.PHONY: all deps run test test-long lint fuzz fuzz-build bench bench-peers clean
+.PHONY: bench-instructions all deps run test test-long lint fuzz fuzz-build bench bench-peers clean
 
 all: $(MODULES)
 
@@ -129,6 +129,11 @@ test-long: deps all
 
 bench: deps all
 	@scripts/bench/run.sh
+
+# Instructions per relayed message under callgrind: a figure the machine's
+# noise does not move (scripts/bench/instructions.sh).
+bench-instructions: deps all
+	@scripts/bench/instructions.sh
 
 # The relay load through Postfix and Moonpost side by side (../shared/peers).
 bench-peers: deps all
