@@ -138,6 +138,7 @@ local SPOOL_SCHEMA = {
     check = function(v) return v >= 0 and v <= 1, "must be between 0 and 1" end },
   check_interval = { type = "duration", default = 2 },
   compact_delay = { type = "duration", default = 60 },
+  cache_bytes = { type = "size", default = 64 * 1048576 },
 }
 
 local QUEUE_SCHEMA = {
@@ -376,6 +377,7 @@ function MTA:start()
   if so then
     local sp, err = spool.open({ dir = so.dir, segment_size = so.segment_size, min_free = so.min_free,
       compact_ratio = so.compact_ratio, check_interval = so.check_interval, compact_delay = so.compact_delay,
+      cache_bytes = so.cache_bytes,
       fault = spool_faults() })
     if not sp then
       self:stop_blocks()

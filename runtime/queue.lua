@@ -408,8 +408,10 @@ end
 
 local LATENCY_SAMPLES = 100000
 
+local attempt
+
 local function deliver(self, m)
-  local spool, bus = self.spool, self.mta.bus
+  local spool = self.spool
   if m.stored_at and m.next == 0 then
     -- from the durable 250 to this first attempt (stored_at stays for the
     -- delivery latency metric)
@@ -417,7 +419,21 @@ local function deliver(self, m)
     self.latency[n] = (uv.hrtime() - m.stored_at) / 1e9
     self.nlatency = self.nlatency + 1
   end
-  local env, body = spool:read(m)
+  local env, body, owned = spool:read(m, true)
+  if owned then
+    -- the spool's cached copy, now this attempt's alone (the cache can no
+    -- longer close it under a delivery): freed here, not whenever the
+    -- collector gets to a small userdata holding a large buffer
+    local ok, err = xpcall(attempt, debug.traceback, self, m, env, body)
+    body:close()
+    if not ok then error(err, 0) end
+    return
+  end
+  return attempt(self, m, env, body)
+end
+
+function attempt(self, m, env, body)
+  local spool, bus = self.spool, self.mta.bus
   local now = os.time()
   if not env then
     log.error("queue: %s: %s", ids.hex(m.id), tostring(body))

@@ -530,13 +530,25 @@ function Spool:each(fn)
   for _, m in pairs(self.msgs) do fn(m) end
 end
 
--- read(m) -> envelope, body | nil, err. In a task (reads in the thread pool).
-function Spool:read(m)
+-- read(m [, take]) -> envelope, body [, owned] | nil, err. In a task (reads
+-- in the thread pool). A message still in the memory cache comes back as
+-- the cached message object; with take, it leaves the cache and owned is
+-- true: the caller closes it when done. Otherwise the body is valid only
+-- until the task next waits (the cache may close it then).
+function Spool:read(m, take)
   local c = self.cache[m.id]
   if c then
     -- the envelope as stored, with the recipients done so far
     local env = c.env
     for i, r in ipairs(env.rcpt) do r.done = m.rdone and m.rdone[i] or nil end
+    if take then
+      -- the caller owns the message now and closes it: the cache must not
+      -- close it under a delivery that is still sending it (a later read
+      -- comes from the disk)
+      self.cache[m.id] = nil
+      self.cached_bytes = self.cached_bytes - c.size
+      return env, c.msg, true
+    end
     return env, c.msg
   end
   -- the record may still be in the head's write buffer (a fresh compaction copy)

@@ -4,13 +4,13 @@
 local H = require "helpers"
 
 -- An in-process MTA relaying everything to `port`.
-local function relay_mta(dir, port, route_opts, queue_opts)
+local function relay_mta(dir, port, route_opts, queue_opts, spool_opts)
   local ro = { relay = "127.0.0.1:" .. port, idle_timeout = "2s",
     timeouts = { connect = 2, greeting = 2, ehlo = 2, mail = 2, rcpt = 2, data = 2, block = 2, done = 2 } }
   for k, v in pairs(route_opts or {}) do ro[k] = v end
   local mta, inport = H.start_mta({}, function(m)
     m:use(require("moonpost.route").smtp(ro))
-  end, { spool = { dir = dir .. "/spool", min_free = 0 },
+  end, { spool = { dir = dir .. "/spool", min_free = 0, cache_bytes = spool_opts and spool_opts.cache_bytes },
     queue = queue_opts or { retry = { "1s" }, max_age = "1h" } })
   return mta, inport
 end
@@ -139,6 +139,27 @@ describe("delivery over SMTP", function()
         assert.is_true(n <= 5)
       end
       assert.equal(4, conns)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("sends a message whose memory copy the spool's cache drops while the delivery waits", function()
+    with_sink(nil, function(sink)
+      -- a 400 kB cache keeps messages of up to 50 kB: ten of the 40 kB
+      -- messages below fill it, and the eleventh pushes the first one out
+      local mta, port = relay_mta(dir, sink.port, nil, nil, { cache_bytes = "400k" })
+      local body = "Subject: big\r\n\r\n" .. string.rep(string.rep("x", 78) .. "\r\n", 500)
+      -- every delivery waits 1.5 s for its RCPT reply, its message already
+      -- read: the stores meanwhile fill the cache past its size
+      for i = 1, 13 do assert.equal(250, (H.send(port, { to = { "slow1500-m" .. i .. "@x.test" }, body = body }))) end
+      assert.is_true(H.wait_for(function() return #sink.messages() == 13 end, 20))
+      for i = 1, 13 do assert.equal(1, by_rcpt(sink.messages())["slow1500-m" .. i .. "@x.test"]) end
+      -- every body arrived whole
+      local line = string.rep("x", 78)
+      for _, m in ipairs(sink.messages()) do assert.equal(500, select(2, m.data:gsub(line, ""))) end
+      -- one attempt each: none failed on a message closed under it
+      assert.equal("", H.log("transport smtp failed"))
+      assert.equal("", H.log("deferred"))
       H.stop_mta(mta)
     end)
   end)

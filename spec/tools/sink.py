@@ -27,6 +27,7 @@ What it answers depends on each recipient's local part:
     throttle-*     RCPT 451 4.7.0 [TSS04] ... deferred due to unexpected volume (Yahoo's text)
     garbage-*      RCPT answered with bytes that are not an SMTP reply
     stall-*        RCPT never answered (the connection stays open)
+    slow<MS>-*     RCPT answered 250 after MS milliseconds
     dropdata<N>-*, garbage<N>-*, stall<N>-*, throttle<N>-*: only the first N times, then 250
     anything else  250
 
@@ -180,6 +181,9 @@ class Handler:
         if st.fault(local, "stall"):
             st.log(ev="stall", conn=server.conn_id, rcpt=address)
             await asyncio.sleep(3600)
+        m = re.match(r"slow(\d+)-", local)
+        if m:
+            await asyncio.sleep(int(m.group(1)) / 1000)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_params[address] = rcpt_options
         return "250 2.1.5 OK"
