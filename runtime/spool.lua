@@ -359,6 +359,9 @@ local function set_full(self, code)
 end
 
 local function append(self, rtype, flags, id, meta, body, aux)
+  -- closed (the MTA stopped with deliveries still out): nothing more is
+  -- written; an outcome not recorded means one more attempt after a restart
+  if self.closed then return nil, "spool is closed", "CLOSED" end
   local seg = self.head
   if seg.size >= self.segment_size then
     local nseg, err, code = self:new_head()
@@ -579,7 +582,7 @@ end
 -- the next group commit, and at the latest lazy_sync seconds after they
 -- were written, so that a power failure repeats few deliveries.
 function lazy_sync(self)
-  if self.lazy_timer or self.readonly then return end
+  if self.lazy_timer or self.readonly or self.closed then return end
   local t = uv.new_timer()
   self.lazy_timer = t
   t:start(math.floor(self.lazy_sync * 1000), 0, function()
@@ -597,7 +600,7 @@ end
 -- deliveries they record are not repeated. (fdatasync still comes with the
 -- next group commit or lazy_sync.)
 local function spill_soon(self)
-  if self.spill_pending or self.readonly then return end
+  if self.spill_pending or self.readonly or self.closed then return end
   self.spill_pending = true
   if not self.spill_handle then
     self.spill_handle = uv.new_check()
@@ -630,12 +633,13 @@ end
 function Spool:done(id)
   local m = self.msgs[id]
   if not m then return nil, "unknown message" end
-  local seg, err = append(self, DONE, 0, id, "")
+  local seg, err, code = append(self, DONE, 0, id, "")
   if seg then
     spill_soon(self)
     lazy_sync(self)
-  end
-  if not seg then
+  elseif code == "CLOSED" then
+    log.info("spool: %s finished after the spool closed: it is delivered again after a restart", ids.hex(id))
+  else
     -- Keep it out of the queue; the DONE is written again when space returns.
     self.pending_done = self.pending_done or {}
     self.pending_done[id] = true
@@ -804,6 +808,7 @@ function Spool:check_space()
 end
 
 function Spool:close()
+  self.closed = true
   self:trim_cache(true)
   if self.spill_handle then
     self.spill_handle:close()

@@ -91,6 +91,27 @@ describe("spool", function()
     end)
   end)
 
+  it("writes nothing and leaves no handle behind when a delivery ends after the spool closed", function()
+    H.run(function()
+      local r = recorder()
+      r.hold = true
+      local mta, port = H.start_mta({}, function(m) m:set_transport(r.transport) end,
+        { spool = spool_opts(dir .. "/spool") })
+      assert.equal(250, (H.send(port, { to = { "late@x.test" } })))
+      sched.sleep(0.1) -- the delivery is out, held in the transport
+      local sp = mta.spool
+      H.stop_mta(mta)
+      assert.is_true(sp.closed)
+      r.hold = false
+      assert.is_true(H.wait_for(function() return #r.delivered == 1 end, 5))
+      sched.sleep(0.2)
+      assert.truthy(H.log("finished after the spool closed"):find("delivered again after a restart", 1, true))
+      assert.equal("", H.log("cannot record"))
+      -- its outcome was not recorded: still queued, delivered again after a restart
+      assert.equal(1, #listing(dir .. "/spool"))
+    end) -- H.run fails on a timer or check handle made after the close
+  end)
+
   it("answers many concurrent transactions per fdatasync (group commit)", function()
     H.run(function()
       local mta, port = H.start_mta({}, nil, { spool = spool_opts(dir .. "/spool") })
