@@ -408,6 +408,15 @@ end
 
 local LATENCY_SAMPLES = 100000
 
+-- add_entry(list, r, res, now, class_text) -> list with the DSN entry of
+-- recipient r appended (list made when nil)
+local function add_entry(list, r, res, now, class_text)
+  list = list or {}
+  list[#list + 1] = { address = r.address, orcpt = r.orcpt, code = res.code, enhanced = res.enhanced,
+    text = res.text, host = res.host, attempt_time = now, class = res.class, class_text = class_text }
+  return list
+end
+
 local attempt
 
 local function deliver(self, m)
@@ -475,14 +484,16 @@ function attempt(self, m, env, body)
     for i, res in pairs(early) do results[i] = res end
   end
   local done, deferred = {}, 0
-  local failed, delivered, relayed, delayed = {}, {}, {}, {}
+  -- the recipients each kind of DSN reports on, made when one needs it
+  local failed, delivered, relayed, delayed
   local age = now - (env.t or ids.time_of(m.id))
   -- the metrics (moonpost.metrics) count each recipient's outcome
   local mc, tenant = self.mta.counters, env.tenant or ""
   local next_at
   local held, attempted
   for _, r in ipairs(rcpts) do
-    local expired = age >= max_age_of(self, r.domain:lower())
+    local domain = r.domain:lower()
+    local expired = age >= max_age_of(self, domain)
     local res = results[r.index] or { status = "deferred", text = "transport gave no result" }
     if res.status == "held" then
       -- shaping: no attempt was made; the message waits for its gate
@@ -518,22 +529,20 @@ function attempt(self, m, env, body)
       if res.class == nil and classify then res.class, res.permanent = classify(res) end
       class_text = res.class and self.describe_class and self.describe_class(res.class)
     end
-    local entry = { address = r.address, orcpt = r.orcpt, code = res.code, enhanced = res.enhanced,
-      text = res.text, host = res.host, attempt_time = now, class = res.class, class_text = class_text }
     if res.status == "delivered" then
       done[#done + 1] = r.index
       self.stats.delivered = self.stats.delivered + 1
       if mc then
-        mc.delivered:inc(tenant, r.domain:lower())
+        mc.delivered:inc(tenant, domain)
         -- from the durable 250 (or, for a message recovered at start, its arrival) to the remote 250
         mc.latency:observe(m.stored_at and (uv.hrtime() - m.stored_at) / 1e9 or max(0, now - (env.t or now)), tenant)
       end
       log.info("%s: to=<%s> delivered: %s", env.id, r.address, tostring(res.text))
       bus:emit("delivery_delivered", env, r, res)
       if res.relayed then
-        if dsn.wants(r.notify, "relayed") then relayed[#relayed + 1] = entry end
+        if dsn.wants(r.notify, "relayed") then relayed = add_entry(relayed, r, res, now, class_text) end
       elseif res.final and dsn.wants(r.notify, "delivered") then
-        delivered[#delivered + 1] = entry
+        delivered = add_entry(delivered, r, res, now, class_text)
       end
     elseif res.status == "bounced" then
       done[#done + 1] = r.index
@@ -543,30 +552,31 @@ function attempt(self, m, env, body)
         res.permanent and "hard" or "soft")
       bus:emit("delivery_bounced", env, r, res)
       if res.dsn ~= false and dsn.wants(r.notify, "failed") then
+        failed = add_entry(failed, r, res, now, class_text)
+        local entry = failed[#failed]
         if not entry.enhanced then entry.enhanced = tostring(res.text):match("^([245]%.%d+%.%d+)") end
-        failed[#failed + 1] = entry
       end
     else
       deferred = deferred + 1
       self.stats.deferred = self.stats.deferred + 1
-      if mc then mc.deferred:inc(tenant, r.domain:lower()) end
-      local at = due_after(retry_after(self, m.attempts, r.domain:lower()))
+      if mc then mc.deferred:inc(tenant, domain) end
+      local at = due_after(retry_after(self, m.attempts, domain))
       if not next_at or at < next_at then next_at = at end
       log.info("%s: to=<%s> deferred: %s (%s, %s)", env.id, r.address, describe(res), tostring(res.class),
         res.permanent and "hard" or "soft")
       bus:emit("delivery_deferred", env, r, res)
       if self.delay_warning and not m.warned and now - (env.t or now) >= self.delay_warning
         and (r.notify == nil or dsn.wants(r.notify, "delayed")) then
-        entry.will_retry_until = (env.t or now) + max_age_of(self, r.domain:lower())
-        delayed[#delayed + 1] = entry
+        delayed = add_entry(delayed, r, res, now, class_text)
+        delayed[#delayed].will_retry_until = (env.t or now) + max_age_of(self, domain)
       end
     end
     ::next_rcpt::
   end
-  self:notify(env, body, "failed", failed)
-  self:notify(env, body, "delivered", delivered)
-  self:notify(env, body, "relayed", relayed)
-  if #delayed > 0 then
+  if failed then self:notify(env, body, "failed", failed) end
+  if delivered then self:notify(env, body, "delivered", delivered) end
+  if relayed then self:notify(env, body, "relayed", relayed) end
+  if delayed then
     self:notify(env, body, "delayed", delayed)
     m.warned = true
   end
