@@ -95,8 +95,8 @@ local NEW_SCHEMA = {
   workers = { type = "posint", default = 1 }, -- processes (runtime/workers.lua, docs/cli.md#workers)
   -- the Lua collector's pause (collectgarbage "setpause"): a cycle starts when
   -- the heap is this % of what the last one kept. Lua's 200 made the relay
-  -- spend ~7% more instructions per message (callgrind) than 400, which
-  -- costs about twice the live heap in memory (docs/api.md).
+  -- spend ~15% more CPU time per message than 400, which costs about twice
+  -- the live heap in memory (docs/api.md).
   gc_pause = { type = "posint", default = 400,
     check = function(v) return v >= 110 and v <= 1000, "must be between 110 and 1000" end },
 }
