@@ -69,6 +69,16 @@ function H.log(needle)
   return table.concat(out)
 end
 
+-- count(text, needle) -> how many times needle occurs in text (plain)
+function H.count(text, needle)
+  local n, init = 0, 1
+  while true do
+    local i = text:find(needle, init, true)
+    if not i then return n end
+    n, init = n + 1, i + #needle
+  end
+end
+
 -- wait_for(fn, [timeout]) -> true once fn() is true, false after timeout
 -- seconds (default 30), polling every 20 ms.
 function H.wait_for(fn, timeout)

@@ -42,21 +42,17 @@ local function session(port)
   return p
 end
 
-local function count(text, needle)
-  local n, init = 0, 1
-  while true do
-    local i = text:find(needle, init, true)
-    if not i then return n end
-    n, init = n + 1, i + #needle
-  end
-end
-
 local function wait_log(srv, needle, n, timeout)
-  return H.wait_for(function() return count(srv.log(), needle) >= (n or 1) end, timeout or 15)
+  return H.wait_for(function() return H.count(srv.log(), needle) >= (n or 1) end, timeout or 15)
 end
 
 -- Processes a test started are killed when it fails half-way (H.run_killing).
 local launch, run = H.launch, H.run_killing
+
+-- launch the policy with its spool and Maildir under dir, listening on port
+local function launch_in(dir, policy, port)
+  return launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" }, { port = port })
+end
 
 -- seconds from now until the process has exited
 local function wait_exit(srv, timeout)
@@ -153,8 +149,7 @@ describe("SIGTERM", function()
       local port = H.free_port()
       local policy = dir .. "/policy.lua"
       write_policy(policy, { listen = { port }, grace = "1.5s" })
-      local srv = launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
-        { port = port })
+      local srv = launch_in(dir, policy, port)
       local stuck = session(port)
       stuck:script("C: MAIL FROM:<slow@c.test>\nS: 250")
       local t0 = uv.now()
@@ -204,8 +199,7 @@ describe("SIGHUP", function()
       local p1, p2 = H.free_port(), H.free_port()
       local policy = dir .. "/policy.lua"
       write_policy(policy, { listen = { p1 } })
-      local srv = launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
-        { port = p1 })
+      local srv = launch_in(dir, policy, p1)
       -- a session from before the reload, in a transaction
       local old = session(p1)
       old:script("C: MAIL FROM:<old@c.test>\nS: 250")
@@ -281,8 +275,7 @@ describe("SIGHUP", function()
       local port = H.free_port()
       local policy = dir .. "/policy.lua"
       write_policy(policy, { listen = { port }, extra = refuse("v1.test") })
-      local srv = launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
-        { port = port })
+      local srv = launch_in(dir, policy, port)
       local function serves_v1()
         assert.equal(550, (H.send(port, { to = "a@v1.test" })))
         assert.equal(250, (H.send(port, { to = "a@v2.test" })))
@@ -393,8 +386,7 @@ describe("the process log", function()
       local port = H.free_port()
       local policy = dir .. "/policy.lua"
       write_policy(policy, { listen = { port }, new = 'log_format = "json"' })
-      local srv = launch(policy, { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail" },
-        { port = port })
+      local srv = launch_in(dir, policy, port)
       assert.equal(250, (H.send(port, {})))
       assert.equal(0, srv.stop())
       local list = records(srv.log())

@@ -33,15 +33,6 @@ mta:use(require("moonpost.maildir").deliver {
 mta:run()
 ]]
 
-local function count(text, needle)
-  local n, init = 0, 1
-  while true do
-    local i = text:find(needle, init, true)
-    if not i then return n end
-    n, init = n + 1, i + #needle
-  end
-end
-
 local run = H.run_killing -- the workers' supervisor is killed if a test fails half-way
 
 -- start(dir [, http]) -> srv, env, port: the supervisor, once both workers serve
@@ -52,7 +43,7 @@ local function start(dir, http)
   H.write(dir .. "/policy.lua", POLICY)
   local port = H.free_port()
   local srv = H.launch(dir .. "/policy.lua", env, { port = port })
-  assert.is_true(H.wait_for(function() return count(srv.log(), " serving (spool ") >= 2 end, 15),
+  assert.is_true(H.wait_for(function() return H.count(srv.log(), " serving (spool ") >= 2 end, 15),
     "the workers did not start: " .. srv.log())
   return srv, env, port
 end
@@ -115,10 +106,10 @@ describe("workers = 2", function()
         assert.equal(250, code)
       end
       -- the session ids in the log carry the pid of the worker (hex)
-      assert.is_true(H.wait_for(function() return count(srv.log(), " from=<sender@client.test>") >= n end, 10))
+      assert.is_true(H.wait_for(function() return H.count(srv.log(), " from=<sender@client.test>") >= n end, 10))
       local log = srv.log()
       local per = {}
-      for i = 0, 1 do per[i] = count(log, string.format(" session=%x.", pids[i])) end
+      for i = 0, 1 do per[i] = H.count(log, string.format(" session=%x.", pids[i])) end
       assert.equal(n, per[0] + per[1])
       assert.is_true(per[0] > 0 and per[1] > 0, "not spread: " .. per[0] .. " and " .. per[1])
       -- the messages are queued in two partitions, and moonpost spool list sees both
@@ -191,7 +182,7 @@ describe("workers = 2", function()
       local srv, _, port = start(dir)
       local pids = worker_pids(srv)
       uv.kill(srv.pid, "sighup")
-      assert.is_true(H.wait_for(function() return count(srv.log(), "; new sessions use it") >= 2 end, 15),
+      assert.is_true(H.wait_for(function() return H.count(srv.log(), "; new sessions use it") >= 2 end, 15),
         "not reloaded twice: " .. srv.log())
       assert.equal(250, (H.send(port, { to = "defer-1@x.test" })))
       assert.equal(0, srv.stop("sigterm"))
@@ -215,7 +206,7 @@ describe("workers = 2", function()
         .. "C: RCPT TO:<defer-1@x.test>\nS: 250\nC: DATA\nS: 354")
       local t0 = uv.now()
       uv.kill(srv.pid, "sigterm")
-      assert.is_true(H.wait_for(function() return count(srv.log(), ") exited: code 0") >= 1 end, 5))
+      assert.is_true(H.wait_for(function() return H.count(srv.log(), ") exited: code 0") >= 1 end, 5))
       uv.kill(srv.pid, "sigterm")
       assert.is_true(H.wait_for(function() return (srv.exited()) end, 10), srv.log())
       assert.is_true(uv.now() - t0 < 4000, "waited for the grace period")
