@@ -111,14 +111,11 @@ greet=$("$client" --port "$PORT" --greet "$SAMPLES" --interval "$interval" 2>/de
 read -r rss2 pss2 <<<"$(mem)"
 [ "$rss2" -gt "$rss1" ] && rss1=$rss2
 [ "$pss2" -gt "$pss1" ] && pss1=$pss2
-# the Lua heap: each worker's first line, and its line with the most sessions
-heap=$(awk '/^lua heap/ && $8 != "-" { w = $8; if (!(w in first)) first[w] = $3
+# the Lua heap: each process's first line, and its line with the most
+# sessions (a single process is worker "-")
+heap=$(awk '/^lua heap/ { w = $8; if (!(w in first)) first[w] = $3
   if ($5 >= s[w]) { s[w] = $5; kib[w] = $3 } }
   END { for (w in first) { d += kib[w] - first[w]; n += s[w]; if (s[w] > m) m = s[w] } print d + 0, n + 0, m + 0 }' "$log")
-if [ "$WORKERS" -eq 1 ]; then
-  heap=$(awk '/^lua heap/ { if (!f) { f = 1; first = $3 } if ($5 >= s) { s = $5; kib = $3 } }
-    END { print kib - first, s + 0, s + 0 }' "$log")
-fi
 read -r heap_kib heap_sessions busiest <<<"$heap"
 wait "$client_pid" || true
 client_pid=
