@@ -212,8 +212,8 @@ function Suppress:store()
   return nil, "closed"
 end
 
-local function wake_waiters(list, ...)
-  for _, w in ipairs(list) do sched.wake_token(w[1], w[2], ...) end
+local function wake_waiters(list, a, b)
+  for _, w in ipairs(list) do sched.wake_token(w[1], w[2], a, b) end
 end
 
 local function finish_close(self)

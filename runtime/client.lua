@@ -429,33 +429,37 @@ function Pool:release(c)
 end
 
 -- Close connections idle for longer than idle_timeout.
-function Pool:reap_later()
-  if self.reaper then return end
-  self.reaper = sched.spawn(function()
-    while #self.idle > 0 and not self.closing do
-      -- a wait on the timer wheel: no handle to leave behind, and close()
-      -- can end it at once
-      self.reaper_task = sched.current()
-      sched.wait(math.min(1, self.opts.idle_timeout))
-      self.reaper_task = nil
-      -- take the expired ones out first: quit() waits, and the list may
-      -- change meanwhile
-      local now, expired = uv.now(), {}
-      for i = #self.idle, 1, -1 do
-        local c = self.idle[i]
-        if now - c.idle_since >= self.opts.idle_timeout * 1000 then
-          table.remove(self.idle, i)
-          expired[#expired + 1] = c
-        end
-      end
-      for _, c in ipairs(expired) do
-        self.open = self.open - 1
-        c:quit()
-        notify(self)
+local function reap(self)
+  while #self.idle > 0 and not self.closing do
+    -- a wait on the timer wheel: no handle to leave behind, and close()
+    -- can end it at once
+    self.reaper_task = sched.current()
+    sched.wait(math.min(1, self.opts.idle_timeout))
+    self.reaper_task = nil
+    -- take the expired ones out first: quit() waits, and the list may
+    -- change meanwhile
+    local now, expired = uv.now(), {}
+    for i = #self.idle, 1, -1 do
+      local c = self.idle[i]
+      if now - c.idle_since >= self.opts.idle_timeout * 1000 then
+        table.remove(self.idle, i)
+        expired[#expired + 1] = c
       end
     end
-    self.reaper = nil
-  end)
+    for _, c in ipairs(expired) do
+      self.open = self.open - 1
+      c:quit()
+      notify(self)
+    end
+  end
+  self.reaper = nil
+end
+
+-- (the task's body is a function of its own: one made here, per release,
+-- kept LuaJIT from compiling this function, NYI bytecode UCLO)
+function Pool:reap_later()
+  if self.reaper then return end
+  self.reaper = sched.spawn(reap, self)
 end
 
 -- acquire(hosts) -> conn | nil, err. hosts: list of { host, port } to try

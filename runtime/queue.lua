@@ -441,6 +441,37 @@ local function deliver(self, m)
   return attempt(self, m, env, body)
 end
 
+-- A message some of whose recipients a gate (or a suspension) holds: its
+-- state recorded, it waits for the gate to call it back. (A function of its
+-- own: the closure made here kept LuaJIT from compiling attempt, NYI
+-- bytecode UCLO.)
+local function park(self, m, env, held, done, attempted)
+  local spool = self.spool
+  if #done > 0 or attempted then
+    spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
+      warned = m.warned or nil })
+  end
+  if spool:get(m.id) then
+    self:account(m, env)
+    -- the resume function of the latest park only: expedite() may take
+    -- the message back before the gate (or suspension) calls an older one
+    local function resume()
+      if self.parked[m] ~= resume then return end
+      self.parked[m] = nil
+      if self.stopped or spool:get(m.id) ~= m then return end
+      m.next = os.time()
+      self:add(m)
+    end
+    self.parked[m] = resume
+    if self.rush[m] then
+      self.rush[m] = nil
+      resume()
+    else
+      held.park(resume)
+    end
+  end
+end
+
 function attempt(self, m, env, body)
   local spool, bus = self.spool, self.mta.bus
   local now = os.time()
@@ -600,32 +631,7 @@ function attempt(self, m, env, body)
     finished(self, m)
     return
   end
-  if held then
-    if #done > 0 or attempted then
-      spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
-        warned = m.warned or nil })
-    end
-    if spool:get(m.id) then
-      self:account(m, env)
-      -- the resume function of the latest park only: expedite() may take
-      -- the message back before the gate (or suspension) calls an older one
-      local function resume()
-        if self.parked[m] ~= resume then return end
-        self.parked[m] = nil
-        if self.stopped or spool:get(m.id) ~= m then return end
-        m.next = os.time()
-        self:add(m)
-      end
-      self.parked[m] = resume
-      if self.rush[m] then
-        self.rush[m] = nil
-        resume()
-      else
-        held.park(resume)
-      end
-    end
-    return
-  end
+  if held then return park(self, m, env, held, done, attempted) end
   m.next = next_at or due_after(retry_after(self, m.attempts))
   if self.rush[m] then
     self.rush[m] = nil

@@ -2,9 +2,9 @@
 -- coroutine.resume or sees a luv callback on behalf of tasks.
 --
 --   sched.spawn(fn, ...)  -> task   run fn as a task, now, until its first wait
---   sched.wait(timeout)   -> ...    suspend the running task until wake() or timeout
+--   sched.wait(timeout)   -> a, b   suspend the running task until wake() or timeout
 --                                   (then returns nil, "timeout")
---   sched.wake(task, ...)           resume a waiting task with values
+--   sched.wake(task, a, b)          resume a waiting task with (at most two) values
 --   sched.sleep(seconds)
 --   sched.current()       -> task | nil
 --   sched.callback(fn)    -> fn     wrap a luv callback so that an error is logged
@@ -20,7 +20,7 @@ local log = require "moonpost.runtime.log"
 
 local co_create, co_resume, co_yield, co_running, co_status =
   coroutine.create, coroutine.resume, coroutine.yield, coroutine.running, coroutine.status
-local xpcall, traceback, select, unpack = xpcall, debug.traceback, select, unpack
+local xpcall, traceback = xpcall, debug.traceback
 local floor, ceil = math.floor, math.ceil
 
 local _M = { _VERSION = "0.1" }
@@ -37,7 +37,7 @@ local armed = 0          -- entries in buckets
 local wheel_timer        -- runs every TICK while armed > 0
 local last_slot          -- slot processed up to
 
-local ready = {}         -- deferred wakes: task, token, nargs, args...
+local ready = {}         -- deferred wakes: task, token, a, b
 local ready_n = 0
 local ready_idle        -- runs the deferred wakes, once per loop iteration
 
@@ -67,9 +67,20 @@ local function body(task, fn, ...)
   finish(task, xpcall(fn, traceback, ...))
 end
 
--- The only place a task is resumed.
-local function resume(task, ...)
-  local ok, err = co_resume(task.co, ...)
+-- A task's first run: body(task, fn, ...) on its coroutine.
+local function start(task, fn, ...)
+  local ok, err = co_resume(task.co, task, fn, ...)
+  if not ok then
+    task.done = true
+    log.error("task %s: resume failed: %s", task.name or "?", tostring(err))
+  end
+end
+
+-- Every later resume, with the values wait() returns: two at most, as a
+-- fixed number of arguments lets LuaJIT compile the wake paths (it does not
+-- record "..." passed on here: NYI bytecode VARG).
+local function resume(task, a, b)
+  local ok, err = co_resume(task.co, a, b)
   if not ok then
     -- body() wraps everything in xpcall, so this is a scheduler bug.
     task.done = true
@@ -149,24 +160,23 @@ local function run_ready()
   ready, ready_n = {}, 0
   local i = 1
   while i <= n do
-    local task, token, nargs = q[i], q[i + 1], q[i + 2]
+    local task, token = q[i], q[i + 1]
     -- A wake meant for an earlier wait (that timed out since) is dropped.
     if task.waiting == token and not task.done then
       task.waiting = false
       wheel_remove(task)
-      resume(task, unpack(q, i + 3, i + 2 + nargs))
+      resume(task, q[i + 2], q[i + 3])
     end
-    i = i + 3 + nargs
+    i = i + 4
   end
 end
 
-local function defer(task, ...)
-  local n = select("#", ...)
+local function defer(task, a, b)
   ready[ready_n + 1] = task
   ready[ready_n + 2] = task.waiting
-  ready[ready_n + 3] = n
-  for k = 1, n do ready[ready_n + 3 + k] = (select(k, ...)) end
-  ready_n = ready_n + 3 + n
+  ready[ready_n + 3] = a
+  ready[ready_n + 4] = b
+  ready_n = ready_n + 4
   -- An idle handle, not a 0 ms timer: libuv runs a timer that is re-armed
   -- with 0 ms from its own callback again in the same pass, so a task that
   -- yields in a loop kept I/O callbacks (and fsync completions) from ever
@@ -195,7 +205,7 @@ function _M.spawn(fn, ...)
   local task = { waiting = false }
   task.co = co_create(body)
   tasks[task.co] = task
-  resume(task, task, fn, ...)
+  start(task, fn, ...)
   return task
 end
 
@@ -204,7 +214,7 @@ function _M.spawn_named(name, on_error, fn, ...)
   local task = { name = name, on_error = on_error, waiting = false }
   task.co = co_create(body)
   tasks[task.co] = task
-  resume(task, task, fn, ...)
+  start(task, fn, ...)
   return task
 end
 
@@ -235,15 +245,15 @@ function _M.wait(timeout)
   return co_yield()
 end
 
-function _M.wake(task, ...)
+function _M.wake(task, a, b)
   if not task.waiting or task.done then return false end
   if co_running() and tasks[co_running()] then
-    defer(task, ...)
+    defer(task, a, b)
     return true
   end
   task.waiting = false
   wheel_remove(task)
-  resume(task, ...)
+  resume(task, a, b)
   return true
 end
 
@@ -258,15 +268,15 @@ function _M.reserve()
   return task, token_seq
 end
 
-function _M.wake_token(task, token, ...)
+function _M.wake_token(task, token, a, b)
   if task.waiting ~= token or task.done then return false end
   if co_running() and tasks[co_running()] then
-    defer(task, ...)
+    defer(task, a, b)
     return true
   end
   task.waiting = false
   wheel_remove(task)
-  resume(task, ...)
+  resume(task, a, b)
   return true
 end
 

@@ -554,6 +554,12 @@ function Spool:read(m, take)
     end
     return env, c.msg
   end
+  return self:read_disk(m)
+end
+
+-- The record from its segment (read's slow path: a function of its own, so
+-- that the callback made here does not keep LuaJIT from compiling read).
+function Spool:read_disk(m)
   -- the record may still be in the head's write buffer (a fresh compaction copy)
   if m.seg.file:pending() > 0 then m.seg.file:spill() end
   local task, token = reserve()
@@ -581,8 +587,7 @@ end
 -- State records (update, done) are not waited for: they are synced with
 -- the next group commit, and at the latest lazy_sync seconds after they
 -- were written, so that a power failure repeats few deliveries.
-function lazy_sync(self)
-  if self.lazy_timer or self.readonly or self.closed then return end
+local function start_lazy_timer(self)
   local t = uv.new_timer()
   self.lazy_timer = t
   t:start(math.floor(self.lazy_sync * 1000), 0, function()
@@ -595,22 +600,35 @@ function lazy_sync(self)
   end)
 end
 
+-- (no closure in here: a function that makes one is not compiled by LuaJIT
+-- past its returns, NYI bytecode UCLO, and this runs for every outcome)
+function lazy_sync(self)
+  if self.lazy_timer or self.readonly or self.closed then return end
+  start_lazy_timer(self)
+end
+
 -- State records go to the page cache at the end of this loop iteration (one
 -- write for all of them): a crash of the process then loses none, and the
 -- deliveries they record are not repeated. (fdatasync still comes with the
 -- next group commit or lazy_sync.)
-local function spill_soon(self)
-  if self.spill_pending or self.readonly or self.closed then return end
-  self.spill_pending = true
-  if not self.spill_handle then
-    self.spill_handle = uv.new_check()
-    self.spill_handle:unref()
-  end
-  self.spill_handle:start(function()
+local function make_spill_handle(self)
+  self.spill_handle = uv.new_check()
+  self.spill_handle:unref()
+  self.spill_cb = function()
     self.spill_handle:stop()
     self.spill_pending = false
     if self.head and self.head.file:pending() > 0 then self.head.file:spill() end
-  end)
+  end
+end
+
+-- (the handle and its callback are made once, elsewhere: a function that
+-- makes a closure is not compiled by LuaJIT past its returns, NYI bytecode
+-- UCLO, and this runs for every outcome)
+local function spill_soon(self)
+  if self.spill_pending or self.readonly or self.closed then return end
+  self.spill_pending = true
+  if not self.spill_handle then make_spill_handle(self) end
+  self.spill_handle:start(self.spill_cb)
 end
 
 -- update(id, state): record a state change. state.done lists recipient
@@ -627,6 +645,18 @@ function Spool:update(id, state)
   spill_soon(self)
   lazy_sync(self)
   return true
+end
+
+-- reclaim() once the tasks ready now have run (done() comes in bursts)
+local function reclaim_task(self)
+  sched.yield()
+  self.reclaim_scheduled = false
+  self:reclaim()
+end
+
+local function reclaim_soon(self)
+  self.reclaim_scheduled = true
+  sched.spawn(reclaim_task, self)
 end
 
 -- done(id): the message is finished (delivered, bounced or expired).
@@ -649,14 +679,7 @@ function Spool:done(id)
   self.msgs[id] = nil
   self.nlive = self.nlive - 1
   self:uncache(id)
-  if not self.reclaim_scheduled then
-    self.reclaim_scheduled = true
-    sched.spawn(function()
-      sched.yield()
-      self.reclaim_scheduled = false
-      self:reclaim()
-    end)
-  end
+  if not self.reclaim_scheduled then reclaim_soon(self) end
   return true
 end
 

@@ -173,23 +173,9 @@ function Stream:receive(pattern, timeout)
   end
 end
 
-local function raw_send(self, data, timeout)
-  if self.closed then return nil, "closed" end
-  local len = #data
-  if len == 0 then return true end
-  local n, err, name = try_write(self.tcp, data)
-  if n == len then
-    self.bytes_out = self.bytes_out + len
-    return true
-  end
-  if not n then
-    if name ~= "EAGAIN" then
-      self.err = err
-      return nil, err
-    end
-    n = 0
-  end
-  local rest = n > 0 and sub(data, n + 1) or data
+-- What try_write left (rest of data, whose length is len): queued, and the
+-- task waits until it is written.
+local function queue_send(self, rest, len, timeout)
   local task, token = reserve()
   local req_done = false
   local ok, werr = self.tcp:write(rest, function(e)
@@ -210,6 +196,27 @@ local function raw_send(self, data, timeout)
   end
   self.bytes_out = self.bytes_out + len
   return true
+end
+
+-- (the slow path is a function of its own: the callback it makes would keep
+-- LuaJIT from compiling this one, NYI bytecode UCLO)
+local function raw_send(self, data, timeout)
+  if self.closed then return nil, "closed" end
+  local len = #data
+  if len == 0 then return true end
+  local n, err, name = try_write(self.tcp, data)
+  if n == len then
+    self.bytes_out = self.bytes_out + len
+    return true
+  end
+  if not n then
+    if name ~= "EAGAIN" then
+      self.err = err
+      return nil, err
+    end
+    n = 0
+  end
+  return queue_send(self, n > 0 and sub(data, n + 1) or data, len, timeout)
 end
 
 function Stream:send(data, timeout)
