@@ -128,6 +128,13 @@ local function wheel_tick()
   end
 end
 
+-- (made once: wheel_add runs for every wait with a timeout, and a function
+-- that makes a closure is not compiled by LuaJIT, NYI bytecode FNEW)
+local function on_wheel_timer()
+  local ok, err = pcall(wheel_tick)
+  if not ok then log.error("timer wheel: %s", tostring(err)) end
+end
+
 local function wheel_add(task, token, timeout)
   if not wheel_timer then
     wheel_timer = uv.new_timer()
@@ -148,10 +155,7 @@ local function wheel_add(task, token, timeout)
   armed = armed + 1
   if armed == 1 then
     last_slot = floor(now_ms() / TICK)
-    wheel_timer:start(TICK, TICK, function()
-      local ok, err = pcall(wheel_tick)
-      if not ok then log.error("timer wheel: %s", tostring(err)) end
-    end)
+    wheel_timer:start(TICK, TICK, on_wheel_timer)
   end
 end
 
@@ -171,6 +175,12 @@ local function run_ready()
   end
 end
 
+local function on_ready_idle()
+  local ok, err = pcall(run_ready)
+  if not ok then log.error("scheduler: %s", tostring(err)) end
+  if ready_n == 0 then ready_idle:stop() end
+end
+
 local function defer(task, a, b)
   ready[ready_n + 1] = task
   ready[ready_n + 2] = task.waiting
@@ -187,11 +197,7 @@ local function defer(task, a, b)
     handles[ready_idle] = true
   end
   if not ready_idle:is_active() then
-    ready_idle:start(function()
-      local ok, err = pcall(run_ready)
-      if not ok then log.error("scheduler: %s", tostring(err)) end
-      if ready_n == 0 then ready_idle:stop() end
-    end)
+    ready_idle:start(on_ready_idle)
   end
 end
 
