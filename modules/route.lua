@@ -493,6 +493,33 @@ function _M.smtp(opts)
       end
     end
 
+    -- The transport's results once the connection pool is done: the shaper
+    -- learns from them, and each carries its source and site. (A function of
+    -- its own: code after a wait, which the delivery is, runs in LuaJIT's
+    -- interpreter until it enters a function, where a compiled trace can
+    -- start.)
+    local function delivered(rcpts, src, site, shaper, gates, dest, ticket, ok, results)
+      if ticket then shaper:release(ticket) end
+      if not ok then error(results, 0) end
+      if shaper then
+        local seen = {}
+        for _, r in ipairs(rcpts) do
+          local res = results[r.index]
+          if res and not seen[res] then
+            local out = shaper:observe(gates, dest, res)
+            seen[res] = out
+            if out ~= res then seen[out] = out end
+          end
+          if res then results[r.index] = seen[res] end
+        end
+      end
+      for _, r in ipairs(rcpts) do
+        local res = results[r.index]
+        if res then res.source = src.source; res.helo = src.helo or helo; res.site = site end
+      end
+      return results
+    end
+
     mta:add_transport({
       name = "smtp",
       domains = o.domains,
@@ -539,26 +566,8 @@ function _M.smtp(opts)
         if src.warm_day then count(src, site) end
         local limits = dest and dest.limits or (shaper and shaper.spec.default)
         local pool = conn_pool(site, key, policy_for(domain), src, limits)
-        local ok, results = pcall(pool.deliver, pool, env, body, rcpts, hosts)
-        if ticket then shaper:release(ticket) end
-        if not ok then error(results, 0) end
-        if shaper then
-          local seen = {}
-          for _, r in ipairs(rcpts) do
-            local res = results[r.index]
-            if res and not seen[res] then
-              local out = shaper:observe(gates, dest, res)
-              seen[res] = out
-              if out ~= res then seen[out] = out end
-            end
-            if res then results[r.index] = seen[res] end
-          end
-        end
-        for _, r in ipairs(rcpts) do
-          local res = results[r.index]
-          if res then res.source = src.source; res.helo = src.helo or helo; res.site = site end
-        end
-        return results
+        return delivered(rcpts, src, site, shaper, gates, dest, ticket,
+          pcall(pool.deliver, pool, env, body, rcpts, hosts))
       end,
       close = function()
         if mta.shaper then mta.shaper:stop() end

@@ -332,6 +332,15 @@ function Conn:transaction(env, body, rcpts)
       end
     end
   end
+  return self:send_data(body, rcpts, results, replies, #cmds, size, dsn)
+end
+
+-- The transaction once the server answered MAIL, RCPT and DATA: the message,
+-- then the reply to its end. (Functions of their own: code after a wait
+-- runs in LuaJIT's interpreter until it enters a function, where a
+-- compiled trace can start.)
+function Conn:send_data(body, rcpts, results, replies, ncmds, size, dsn)
+  local host, t = self.name, self.timeouts
   local m = replies[1]
   if m[1] ~= 250 then
     self:send("RSET\r\n")
@@ -351,7 +360,7 @@ function Conn:transaction(env, body, rcpts)
       results[r.index] = outcome(rr[1], rr[2], rr[3], host, "RCPT TO")
     end
   end
-  local d = replies[#cmds]
+  local d = replies[ncmds]
   if #accepted == 0 then
     if d and d[1] == 354 then
       -- a server that said 354 without a recipient: end the data at once
@@ -377,7 +386,11 @@ function Conn:transaction(env, body, rcpts)
     for _, r in ipairs(accepted) do results[r.index] = temp(self.broken, host) end
     return results
   end
-  local code, enh, text = self:reply(t.done)
+  return self:data_done(accepted, results, dsn, self:reply(t.done))
+end
+
+function Conn:data_done(accepted, results, dsn, code, enh, text)
+  local host = self.name
   local res = code and outcome(code, enh, text, host, "end of data") or temp(self.broken, host)
   if self.tls_info then res.tls, res.tls_cipher = self.tls_info.version, self.tls_info.cipher end
   -- a next hop without DSN will not report success: RFC 3461 5.2.2 "relayed"

@@ -417,7 +417,7 @@ local function add_entry(list, r, res, now, class_text)
   return list
 end
 
-local attempt
+local attempt, outcomes
 
 local function deliver(self, m)
   local spool = self.spool
@@ -473,7 +473,6 @@ local function park(self, m, env, held, done, attempted)
 end
 
 function attempt(self, m, env, body)
-  local spool, bus = self.spool, self.mta.bus
   local now = os.time()
   if not env then
     log.error("queue: %s: %s", ids.hex(m.id), tostring(body))
@@ -511,6 +510,15 @@ function attempt(self, m, env, body)
   m.attempts = (m.attempts or 0) + 1
   self.stats.attempts = self.stats.attempts + 1
   local results = #todo > 0 and self:dispatch(env, body, todo) or {}
+  return outcomes(self, m, env, body, rcpts, results, early, now)
+end
+
+-- The attempt's results, recipient by recipient: the spool, the counters,
+-- the DSNs, the events, and the next attempt. (A function of its own: code
+-- after a wait, which dispatch() is, runs in LuaJIT's interpreter until it
+-- enters a function, where a compiled trace can start.)
+function outcomes(self, m, env, body, rcpts, results, early, now)
+  local spool, bus = self.spool, self.mta.bus
   if early then
     for i, res in pairs(early) do results[i] = res end
   end

@@ -448,6 +448,8 @@ local function header_tenant(self, txn, msg)
 end
 
 -- End of message content (DATA or BDAT LAST).
+local message_stored
+
 local function message_done(self, msg, flags)
   local txn = self.txn
   local opts = self.opts
@@ -490,6 +492,13 @@ local function message_done(self, msg, flags)
     -- The promise: 250 only once the message is on disk.
     stored, serr, scode = sp:store(txn, msg)
   end
+  return message_stored(self, txn, msg, ok, v, stored, serr, scode)
+end
+
+-- message_done's second half, once the spool has the message. (A function
+-- of its own: code after a wait runs in LuaJIT's interpreter until it
+-- enters a function, where a compiled trace can start.)
+function message_stored(self, txn, msg, ok, v, stored, serr, scode)
   -- the spool keeps a stored message in memory for its delivery
   if not txn.kept then msg:close() end
   self.txn = nil

@@ -462,6 +462,13 @@ function Spool:store(txn, msg)
   seg.live = seg.live + 1
   seg.live_bytes = seg.live_bytes + len
   local ok, err = self:sync()
+  return self:stored(txn, msg, envt, id, seg, off, len, ok, err)
+end
+
+-- store's second half, once the sync has ended. (A function of its own: code
+-- after a wait runs in LuaJIT's interpreter until it enters a function,
+-- where a compiled trace can start.)
+function Spool:stored(txn, msg, envt, id, seg, off, len, ok, err)
   if not ok then
     -- Not acknowledged: make sure it is not delivered either.
     seg.live = seg.live - 1
@@ -533,33 +540,9 @@ function Spool:each(fn)
   for _, m in pairs(self.msgs) do fn(m) end
 end
 
--- read(m [, take]) -> envelope, body [, owned] | nil, err. In a task (reads
--- in the thread pool). A message still in the memory cache comes back as
--- the cached message object; with take, it leaves the cache and owned is
--- true: the caller closes it when done. Otherwise the body is valid only
--- until the task next waits (the cache may close it then).
-function Spool:read(m, take)
-  local c = self.cache[m.id]
-  if c then
-    -- the envelope as stored, with the recipients done so far
-    local env = c.env
-    for i, r in ipairs(env.rcpt) do r.done = m.rdone and m.rdone[i] or nil end
-    if take then
-      -- the caller owns the message now and closes it: the cache must not
-      -- close it under a delivery that is still sending it (a later read
-      -- comes from the disk)
-      self.cache[m.id] = nil
-      self.cached_bytes = self.cached_bytes - c.size
-      return env, c.msg, true
-    end
-    return env, c.msg
-  end
-  return self:read_disk(m)
-end
-
 -- The record from its segment (read's slow path: a function of its own, so
 -- that the callback made here does not keep LuaJIT from compiling read).
-function Spool:read_disk(m)
+local function read_disk(m)
   -- the record may still be in the head's write buffer (a fresh compaction copy)
   if m.seg.file:pending() > 0 then m.seg.file:spill() end
   local task, token = reserve()
@@ -583,6 +566,31 @@ function Spool:read_disk(m)
   end
   return env, body
 end
+
+-- read(m [, take]) -> envelope, body [, owned] | nil, err. In a task (reads
+-- in the thread pool). A message still in the memory cache comes back as
+-- the cached message object; with take, it leaves the cache and owned is
+-- true: the caller closes it when done. Otherwise the body is valid only
+-- until the task next waits (the cache may close it then).
+function Spool:read(m, take)
+  local c = self.cache[m.id]
+  if c then
+    -- the envelope as stored, with the recipients done so far
+    local env = c.env
+    for i, r in ipairs(env.rcpt) do r.done = m.rdone and m.rdone[i] or nil end
+    if take then
+      -- the caller owns the message now and closes it: the cache must not
+      -- close it under a delivery that is still sending it (a later read
+      -- comes from the disk)
+      self.cache[m.id] = nil
+      self.cached_bytes = self.cached_bytes - c.size
+      return env, c.msg, true
+    end
+    return env, c.msg
+  end
+  return read_disk(m)
+end
+
 
 -- State records (update, done) are not waited for: they are synced with
 -- the next group commit, and at the latest lazy_sync seconds after they
