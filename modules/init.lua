@@ -369,6 +369,8 @@ function MTA:start()
   -- the supervisor of worker processes serves nothing itself: its workers
   -- start their MTAs (runtime/workers.lua)
   if self.opts.workers > 1 and not workers.index then return true end
+  -- glibc's heap top kept, not given back at every free (core/lsmtp.c)
+  require("moonpost.core.smtp").tune_malloc()
   self.stopping, self.stopped, self.stop_waiters = false, false, nil
   dns.configure(self.opts.dns)
   local bok, berr = self:start_blocks()

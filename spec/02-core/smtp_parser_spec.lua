@@ -336,4 +336,14 @@ describe("moonpost.core.smtp message", function()
     assert.matches("^write: ", err)
     assert.equal("EBADF", code)
   end)
+
+  it("tune_malloc() applies glibc's heap settings (scripts/bench: page faults per durable message)", function()
+    local f = io.open("/usr/include/malloc.h")
+    if f then
+      f:close()
+      assert.is_true(smtp.tune_malloc())
+    else
+      assert.is_false(smtp.tune_malloc())
+    end
+  end)
 end)
