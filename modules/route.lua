@@ -336,13 +336,10 @@ function _M.smtp(opts)
       block.stopping = true
       if block.saver_task then sched.wake(block.saver_task) end
       if block.warm_dirty then
-        -- at shutdown, once: a small file, written before the process exits
-        local f = io.open(warm.state .. tmp_suffix, "w")
-        if f then
-          f:write(state_json())
-          f:close()
-          os.rename(warm.state .. tmp_suffix, warm.state)
-        end
+        -- at shutdown, once: a small file, synced and renamed before the
+        -- process exits (no task waits here)
+        local ok, err = fs.replace_now(warm.state, state_json(), tmp_suffix)
+        if not ok then log.warn("route.smtp: cannot save the warm-up counts to %s: %s", warm.state, tostring(err)) end
       end
     end
   end

@@ -5,6 +5,7 @@
 --   fs.fsync(fd), fs.fdatasync(fd), fs.close(fd), fs.rename(a, b), fs.mkdir(p, mode),
 --   fs.unlink(p), fs.stat(p), fs.fstat(fd), fs.mkdir_p(p, mode), fs.fsync_dir(p),
 --   fs.write(fd, data[, offset]) -> bytes written, fs.read(fd, size[, offset]) -> data ("" at the end)
+--   fs.replace(path, data[, tmp]) in a task; fs.replace_now(path, data[, tmp]) blocking, for shutdown
 --
 -- Errors come back as nil, "ENOSPC: no space left on device: /path", "ENOSPC".
 local uv = require "luv"
@@ -129,6 +130,35 @@ function _M.list_numbered(dir, ext)
   end
   table.sort(out)
   return out
+end
+
+-- replace_now(path, data [, tmp]) -> true | nil, err: what replace() does,
+-- blocking the calling thread: for shutdown, where no task waits (a state
+-- file written as the process ends must be on disk before it is renamed
+-- over the last good one).
+function _M.replace_now(path, data, tmp)
+  tmp = path .. (tmp or ".tmp")
+  local fd, err = uv.fs_open(tmp, "w", 384)
+  if not fd then return nil, err end
+  local done, ok = 0, true
+  while ok and done < #data do
+    local n, werr = uv.fs_write(fd, done == 0 and data or data:sub(done + 1), -1)
+    if not n then ok, err = nil, werr else done = done + n end
+  end
+  if ok then ok, err = uv.fs_fsync(fd) end
+  uv.fs_close(fd)
+  if ok then ok, err = uv.fs_rename(tmp, path) end
+  if not ok then
+    uv.fs_unlink(tmp)
+    return nil, err
+  end
+  local dfd = uv.fs_open(match(path, "^(.*)/[^/]*$") or ".", "r", 0)
+  if dfd then
+    ok, err = uv.fs_fsync(dfd)
+    uv.fs_close(dfd)
+    if not ok then return nil, err end
+  end
+  return true
 end
 
 -- Make a rename or create in the directory durable.
