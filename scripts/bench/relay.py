@@ -7,7 +7,8 @@ smtp-sink (-c, counting) on PORT_BASE+2; Moonpost's examples/relay.lua on
 PORT_BASE+1 relaying to it (durable spool in a temporary directory);
 smtp-source -d -s C -m N -l SIZE into Moonpost. Prints one JSON line:
 {"inject_s", "e2e_s", "delivered", "rss_kib", "cpu_us_per_msg", "latency_p50_ms",
-"latency_p99_ms"}. cpu_us_per_msg gives the user + system CPU time per
+"latency_p99_ms"}. rss_kib is the peak RSS of Moonpost, summed over its
+processes (with workers, the supervisor's and every worker's). cpu_us_per_msg gives the user + system CPU time per
 message, from the first connection to the last delivery, of Moonpost (all its
 processes: with workers, the supervisor and every worker), smtp-source and
 the sink: {"moonpost", "source", "sink"}, and the part of Moonpost's in the
@@ -87,28 +88,50 @@ mp = subprocess.Popen([os.path.join(root, "scripts/moonpost"), "run", policy],
 wait_port(mp_port)
 
 
-def tree_cpu_s(top, which=(11, 12)):
-    """CPU seconds of a process and its live descendants: user + system, or
-    with which=(12,) system only."""
-    parent, ticks = {}, {}
+def tree_stats(top):
+    """pid -> /proc/pid/stat fields (after the name) of a process and its
+    live descendants."""
+    parent, fields = {}, {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open("/proc/%s/stat" % name) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                fs = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        parent[int(name)] = int(fields[1])
-        ticks[int(name)] = sum(int(fields[i]) for i in which)
-    total = 0
-    for pid, t in ticks.items():
+        parent[int(name)] = int(fs[1])
+        fields[int(name)] = fs
+    out = {}
+    for pid, fs in fields.items():
         p = pid
         while p and p != top:
             p = parent.get(p)
         if p == top:
-            total += t
+            out[pid] = fs
+    return out
+
+
+def tree_cpu_s(top, which=(11, 12)):
+    """CPU seconds of a process and its live descendants: user + system, or
+    with which=(12,) system only."""
+    total = sum(sum(int(fs[i]) for i in which) for fs in tree_stats(top).values())
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def tree_hwm_kib(top):
+    """Peak RSS of a process and its live descendants (worker processes),
+    summed: each process's VmHWM."""
+    total = 0
+    for pid in tree_stats(top):
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 def children_cpu_s():
@@ -129,11 +152,7 @@ while time.monotonic() < end:
     time.sleep(0.05)
 cpu = {"moonpost": tree_cpu_s(mp.pid) - cpu0[0], "source": children_cpu_s() - cpu0[1],
        "sink": tree_cpu_s(sink.pid) - cpu0[2], "moonpost_system": tree_cpu_s(mp.pid, (12,)) - cpu0[3]}
-rss = 0
-with open("/proc/%d/status" % mp.pid) as f:
-    for line in f:
-        if line.startswith("VmHWM:"):
-            rss = int(line.split()[1])
+rss = tree_hwm_kib(mp.pid)
 mp.send_signal(signal.SIGTERM)
 mp.wait(timeout=60)
 sink.send_signal(signal.SIGTERM)

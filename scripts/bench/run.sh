@@ -36,7 +36,8 @@
 #
 # Repetitions are interleaved (limit, moonpost, limit, moonpost, ...) and the
 # table shows the median with min and max. Peak RSS is the Moonpost
-# process's VmHWM. For every relay row, the CPU time per message of Moonpost
+# process's VmHWM (for the relay rows summed over its processes: relay-2w's
+# supervisor and workers). For every relay row, the CPU time per message of Moonpost
 # (all its processes), smtp-source and the sink: the machine's cores divided
 # by their sum is the rate these programs could reach with every core busy,
 # and the run's rate over it is how busy the cores were. Results: var/bench/latest.json and var/bench/latest.md.
