@@ -43,3 +43,45 @@ describe("sched.yield", function()
     end)
   end)
 end)
+
+-- wait() returns what wake() or wake_token() gave: two values at most (the
+-- wake paths take a fixed number of arguments, which LuaJIT compiles), the
+-- same whether the wake comes from a callback (the task resumes at once) or
+-- from another task (it resumes later, from the ready queue).
+describe("sched.wake", function()
+  it("hands two values to the waiting task, from a callback or from another task", function()
+    H.run(function()
+      local got = {}
+      local a = sched.spawn(function() got[1] = { sched.wait(5) } end)
+      local b = sched.spawn(function()
+        local task, token = sched.reserve()
+        local t = uv.new_timer()
+        t:start(1, 0, function()
+          t:close()
+          sched.wake_token(task, token, "from", "callback")
+        end)
+        got[2] = { sched.wait(5) }
+      end)
+      local c = sched.spawn(function() got[3] = { sched.wait(5) } end)
+      -- from this task: deferred, in order
+      assert.is_true(sched.wake(a, 1, nil))
+      assert.is_true(sched.wake(c, false, "x"))
+      H.wait_for(function() return got[1] and got[2] and got[3] end, 5)
+      assert.same({ 1, nil }, got[1])
+      assert.same({ "from", "callback" }, got[2])
+      assert.same({ false, "x" }, got[3])
+      -- a task not waiting is not woken; its next wait is not answered early
+      assert.is_false(sched.wake(a, "late"))
+      assert.is_true(b.done and c.done and a.done)
+    end)
+  end)
+
+  it("times a wait out with nil, \"timeout\"", function()
+    H.run(function()
+      local r
+      sched.spawn(function() r = { sched.wait(0.05) } end)
+      H.wait_for(function() return r end, 5)
+      assert.same({ nil, "timeout" }, r)
+    end)
+  end)
+end)
