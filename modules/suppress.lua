@@ -294,22 +294,15 @@ function start_sync(self)
     return
   end
   self.syncing = true
-  local pending, failure = 1, nil
-  local function one_done(serr)
-    if serr and not failure then failure = serr end
-    pending = pending - 1
-    if pending == 0 then sync_done(self, target, failure) end
-  end
+  local dir
   if self.dir_dirty then
     self.dir_dirty = false
-    pending = pending + 1
-    local started, derr = fs.sync_dir_async(dirname(self.path), "suppress: directory sync", one_done)
-    if not started then
-      pending = pending - 1
-      log.error("suppress: %s: %s", dirname(self.path), tostring(derr))
-    end
+    dir = dirname(self.path)
   end
-  uv.fs_fdatasync(self.st:fd(), sched.callback(function(serr) one_done(serr) end, "suppress: sync"))
+  fs.sync_all({ self.st:fd() }, dir, "suppress: sync", function(failure)
+    if failure and dir then self.dir_dirty = true end
+    sync_done(self, target, failure)
+  end)
 end
 
 -- A change was written to the buffer.
@@ -639,15 +632,6 @@ function Suppress:import_csv(path, tenant)
   return res
 end
 
--- A task waits for a luv fs call with a callback: true | nil, err
-local function fs_wait(fn, ...)
-  local task, token = sched.reserve()
-  local args = { ... }
-  args[#args + 1] = function(err) sched.wake_token(task, token, not err and true or nil, err) end
-  fn(unpack(args))
-  return sched.wait()
-end
-
 local function compact(self)
   breathe()
   lock_scan(self)
@@ -681,7 +665,7 @@ local function compact(self)
   local ok, terr = st:compact_tail()
   if not ok then return stop(terr) end
   self.hold = true
-  ok, terr = fs_wait(uv.fs_fdatasync, st:compact_fd())
+  ok, terr = fs.fdatasync(st:compact_fd())
   if not ok then return stop(terr) end
   while self.syncing do
     local task, token = sched.reserve()

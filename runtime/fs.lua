@@ -6,13 +6,14 @@
 --   fs.unlink(p), fs.stat(p), fs.fstat(fd), fs.mkdir_p(p, mode), fs.fsync_dir(p),
 --   fs.write(fd, data[, offset]) -> bytes written, fs.read(fd, size[, offset]) -> data ("" at the end)
 --   fs.replace(path, data[, tmp]) in a task; fs.replace_now(path, data[, tmp]) blocking, for shutdown
+--   fs.sync_all(fds, dir, what, done): a group commit's syncs, from callbacks
 --
 -- Errors come back as nil, "ENOSPC: no space left on device: /path", "ENOSPC".
 local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 
 local reserve, wake_token, wait = sched.reserve, sched.wake_token, sched.wait
-local select, unpack, match = select, unpack, string.match
+local select, unpack, match, format = select, unpack, string.match, string.format
 
 local _M = { _VERSION = "0.1" }
 
@@ -82,18 +83,49 @@ function _M.replace(path, data, tmp)
   return true
 end
 
--- sync_dir_async(path, what, done) -> true | nil, err: fsync a directory in
--- the thread pool (a new file or rename in it becomes durable), then
--- done(err). For group commits driven by callbacks rather than a task;
--- `what` names the callback in error logs.
-function _M.sync_dir_async(path, what, done)
-  local dfd, err = uv.fs_open(path, "r", 0)
-  if not dfd then return nil, err end
-  uv.fs_fsync(dfd, sched.callback(function(serr)
-    uv.fs_close(dfd)
-    done(serr)
-  end, what))
-  return true
+-- sync_all(fds, dir, what, done) -> syncs started: fdatasync every
+-- descriptor of the list fds and, with dir, fsync that directory (files made
+-- or renamed in it), all at once in the thread pool; then done(err), err the
+-- first failure or nil. A directory that cannot be opened is a failure: what
+-- was made in it is not durable until it is synced. done runs from a
+-- callback, or before sync_all returns when nothing could be started. For
+-- the group commits driven by callbacks (the spool, the suppression store,
+-- the outbox); `what` names them in error logs.
+function _M.sync_all(fds, dir, what, done)
+  local pending, failure = 1, nil -- the 1 holds done() until all are started
+  local function one_done(err)
+    if err and not failure then failure = err end
+    pending = pending - 1
+    if pending == 0 then done(failure) end
+  end
+  local cb = sched.callback(one_done, what)
+  local started = 0
+  for i = 1, #fds do
+    local req, err = uv.fs_fdatasync(fds[i], cb)
+    if req then
+      pending, started = pending + 1, started + 1
+    else
+      failure = failure or err
+    end
+  end
+  if dir then
+    local dfd, err = uv.fs_open(dir, "r", 0)
+    local req
+    if dfd then
+      req, err = uv.fs_fsync(dfd, sched.callback(function(serr)
+        uv.fs_close(dfd)
+        one_done(serr)
+      end, what))
+      if not req then uv.fs_close(dfd) end
+    end
+    if req then
+      pending, started = pending + 1, started + 1
+    else
+      failure = failure or format("cannot sync %s: %s", dir, tostring(err))
+    end
+  end
+  one_done(nil)
+  return started
 end
 
 -- ---- at start, before the loop serves: plain blocking calls -------------------------

@@ -205,27 +205,17 @@ function Outbox:schedule_sync()
   self.dirty = false
   local retired = self.retired
   self.retired = {}
-  local pending, failure = 1, nil
-  local function one_done(err)
-    if err and not failure then failure = err end
-    pending = pending - 1
-    if pending == 0 then sync_done(self, failure, retired) end
-  end
-  local cb = sched.callback(one_done, "outbox: sync")
+  local fds = { self.wfd }
+  for _, fd in ipairs(retired) do fds[#fds + 1] = fd end
+  local dir
   if self.dir_dirty then
     self.dir_dirty = false
-    pending = pending + 1
-    local ok, derr = fs.sync_dir_async(self.dir, "outbox: directory sync", one_done)
-    if not ok then
-      pending = pending - 1
-      log.error("outbox: %s: %s", self.dir, tostring(derr))
-    end
+    dir = self.dir
   end
-  for _, fd in ipairs(retired) do
-    pending = pending + 1
-    uv.fs_fdatasync(fd, cb)
-  end
-  uv.fs_fdatasync(self.wfd, cb)
+  fs.sync_all(fds, dir, "outbox: sync", function(failure)
+    if failure and dir then self.dir_dirty = true end
+    sync_done(self, failure, retired)
+  end)
 end
 
 -- A new segment for the writer; the full one is synced and closed by the

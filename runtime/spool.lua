@@ -388,26 +388,31 @@ local function start_sync(self)
   local segs = {}
   for seg in pairs(self.dirty) do segs[#segs + 1] = seg end
   self.dirty = {}
-  local dir_fd
-  if self.dir_dirty then
-    self.dir_dirty = false
-    dir_fd = uv.fs_open(self.dir .. "/seg", "r", 0)
-  end
   local failure
   -- Write what is buffered (one write per segment), then sync. A failed
   -- write fails the whole batch: its records are gone from the file.
-  for i = #segs, 1, -1 do
+  local fds = {}
+  for i = 1, #segs do
     local ok, err, code = segs[i].file:flush()
-    if not ok then
+    if ok then
+      fds[#fds + 1] = segs[i].file:fd()
+    else
       segs[i].size = segs[i].file:size()
       failure = failure or err
       if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then set_full(self, code) end
       log.error("spool: %s: %s", seg_name(segs[i].num), tostring(err))
-      table.remove(segs, i)
     end
   end
-  local pending = #segs + (dir_fd and 1 or 0)
-  local function finish()
+  -- a new segment is durable once its directory entry is
+  local dir
+  if self.dir_dirty then
+    self.dir_dirty = false
+    dir = self.dir .. "/seg"
+  end
+  self.stats.fsyncs = self.stats.fsyncs + fs.sync_all(fds, dir, "spool: sync", function(err)
+    failure = failure or err
+    -- the next batch syncs the directory again
+    if err and dir then self.dir_dirty = true end
     self.syncing = false
     self.stats.batches = self.stats.batches + 1
     self.stats.synced = self.stats.synced + #batch / 2
@@ -419,24 +424,7 @@ local function start_sync(self)
     elseif next(self.dirty) then
       lazy_sync(self) -- state records written while this sync ran
     end
-  end
-  if pending == 0 then return finish() end
-  local function one_done(err)
-    pending = pending - 1
-    if err then failure = failure or err end
-    if pending == 0 then finish() end
-  end
-  for _, seg in ipairs(segs) do
-    self.stats.fsyncs = self.stats.fsyncs + 1
-    uv.fs_fdatasync(seg.file:fd(), function(err) one_done(err) end)
-  end
-  if dir_fd then
-    self.stats.fsyncs = self.stats.fsyncs + 1
-    uv.fs_fsync(dir_fd, function(err)
-      uv.fs_close(dir_fd)
-      one_done(err)
-    end)
-  end
+  end)
 end
 
 -- sync() waits until everything written so far is on disk.

@@ -1,6 +1,8 @@
 -- File replacement at shutdown (runtime/fs.lua replace_now): the new data
 -- whole under the old name, no temporary file left, the old file kept when
--- the new one cannot be written.
+-- the new one cannot be written. And the group commits' syncs (sync_all):
+-- done once, after every sync, with the first failure.
+local H = require "helpers"
 local fs = require "moonpost.runtime.fs"
 local uv = require "luv"
 
@@ -48,5 +50,36 @@ describe("moonpost.runtime.fs replace_now", function()
     local ok2, err2 = fs.replace_now(dir .. "/no/such/dir/state.json", "x")
     assert.is_nil(ok2)
     assert.matches("ENOENT", err2)
+  end)
+end)
+
+describe("moonpost.runtime.fs sync_all", function()
+  it("calls done once after every sync, and fails a batch whose directory cannot be synced", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(uv.fs_mkdir(dir, 448))
+    local fd1 = assert(uv.fs_open(dir .. "/a", "w", 384))
+    local fd2 = assert(uv.fs_open(dir .. "/b", "w", 384))
+    assert(uv.fs_write(fd1, "one", -1))
+    local calls = {}
+    H.run(function()
+      local n = fs.sync_all({ fd1, fd2 }, dir, "test", function(err) calls[#calls + 1] = { err = err } end)
+      assert.equal(3, n)
+      assert.equal(0, #calls) -- from the thread pool's callbacks, not before
+      H.wait_for(function() return #calls == 1 end, 5)
+      assert.is_nil(calls[1].err)
+      -- nothing to sync: done at once
+      assert.equal(0, fs.sync_all({}, nil, "test", function(err) calls[#calls + 1] = { err = err or "none" } end))
+      assert.equal("none", calls[2].err)
+      -- the directory is gone: the files in it are not durable, the batch fails
+      local n2 = fs.sync_all({ fd1 }, dir .. "/missing", "test", function(err) calls[#calls + 1] = { err = err } end)
+      assert.equal(1, n2)
+      H.wait_for(function() return #calls == 3 end, 5)
+      assert.matches("cannot sync .*/missing: ENOENT", calls[3].err)
+    end)
+    uv.fs_close(fd1)
+    uv.fs_close(fd2)
+    os.execute("rm -rf '" .. dir .. "'")
+    assert.equal(3, #calls)
   end)
 end)
