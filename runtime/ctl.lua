@@ -12,6 +12,7 @@ local uv = require "luv"
 local cjson = require "cjson.safe"
 local sched = require "moonpost.runtime.sched"
 local http = require "moonpost.runtime.http"
+local http_client = require "moonpost.runtime.http_client"
 
 local format, concat, rep = string.format, table.concat, string.rep
 
@@ -89,19 +90,15 @@ local function parse(argv, first)
 end
 
 -- "http://127.0.0.1:8025", "127.0.0.1:8025", "[::1]:8025" -> host, port | nil, why
+-- (the URL rules of moonpost.runtime.http_client; the port defaults to the
+-- API's 8025, and the scheme to http)
 local function parse_url(u)
   if u:match("^https://") then
     return nil, "https is not supported: reach the API over http on loopback (or through a TLS proxy)"
   end
-  local hp = u:gsub("^http://", ""):gsub("/.*$", "")
-  local host, port = hp:match("^%[([^%]]+)%]:?(%d*)$")
-  if not host then host, port = hp:match("^([^:%[%]]+):?(%d*)$") end
-  if not host or host == "" then return nil, "bad URL " .. u end
-  if host == "localhost" then host = "127.0.0.1" end
-  if not host:match("^[%d%.]+$") and not host:find(":", 1, true) then
-    return nil, "the URL needs an IP address, not a host name: " .. u
-  end
-  return host, tonumber(port ~= "" and port or "8025")
+  local p, why = http_client.parse_url(u:match("^%a[%w+.-]*://") and u or ("http://" .. u))
+  if not p then return nil, "bad URL " .. u .. ": " .. why end
+  return p.host, p.authority:match(":(%d+)$") and p.port or 8025
 end
 
 local function escape(s)

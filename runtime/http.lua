@@ -25,6 +25,7 @@ local bit = require "bit"
 local sched = require "moonpost.runtime.sched"
 local stream = require "moonpost.runtime.stream"
 local log = require "moonpost.runtime.log"
+local http_client = require "moonpost.runtime.http_client"
 
 local format, concat, lower, find, byte = string.format, table.concat, string.lower, string.find,
   string.byte
@@ -286,39 +287,25 @@ function Server:close()
   for s in pairs(self.conns) do s:close() end
 end
 
--- A quick client for the specs and `moonpost ctl`: request(host, port,
--- method, path, body, headers, timeout) -> status, body, headers | nil, err
+-- A one-shot request for the specs and `moonpost ctl`, on
+-- moonpost.runtime.http_client: request(host, port, method, path, body,
+-- headers, timeout) -> status, body, headers | nil, err. A table body goes
+-- as JSON. Response bodies up to 64 MiB (ctl's exports).
 function _M.request(host, port, method, path, body, headers, timeout)
-  timeout = timeout or 30
-  local s, err = stream.connect(host, port, timeout)
-  if not s then return nil, err end
-  local h = { "Host: " .. host .. ":" .. port, "Connection: close" }
-  for k, v in pairs(headers or {}) do h[#h + 1] = k .. ": " .. v end
+  local h = { Connection = "close" }
+  for k, v in pairs(headers or {}) do h[k] = v end
   if type(body) == "table" then
     body = cjson.encode(body)
-    h[#h + 1] = "Content-Type: application/json"
+    h["Content-Type"] = "application/json"
   end
-  body = body or ""
-  h[#h + 1] = "Content-Length: " .. #body
-  local ok
-  ok, err = s:send(method .. " " .. path .. " HTTP/1.1\r\n" .. concat(h, "\r\n") .. "\r\n\r\n" .. body, timeout)
-  if not ok then s:close() return nil, err end
-  local line = s:receive("*l", timeout)
-  local status = line and tonumber(line:match("^HTTP/%d%.%d (%d%d%d)"))
-  if not status then s:close() return nil, "bad status line: " .. tostring(line) end
-  local rh = {}
-  while true do
-    local l = s:receive("*l", timeout)
-    if not l then s:close() return nil, "headers cut short" end
-    if l == "" then break end
-    local k, v = l:match("^([^:]+):%s*(.-)%s*$")
-    if k then rh[lower(k)] = v end
-  end
-  local rb = ""
-  local len = tonumber(rh["content-length"] or "")
-  if len and len > 0 and method ~= "HEAD" then rb = s:receive(len, timeout) or "" end
-  s:close()
-  return status, rb, rh
+  local authority = (host:find(":", 1, true) and ("[" .. host .. "]") or host) .. ":" .. port
+  local c, err = http_client.new("http://" .. authority .. path, { timeout = timeout or 30, max_body = 64 * 1048576 })
+  if not c then return nil, err end
+  local res
+  res, err = c:request(method, body, h)
+  c:close()
+  if not res then return nil, err end
+  return res.status, res.body, res.headers
 end
 
 return _M

@@ -28,7 +28,9 @@ local _M = { _VERSION = "0.1" }
 local Client = {}
 local mt = { __index = Client }
 
--- Limits on what a server may send back (the body is not used by the webhook).
+-- Limits on what a server may send back: header fields, and the body unless
+-- opts.max_body says otherwise (the webhook does not use it; moonpost ctl's
+-- exports do).
 local MAX_HEADERS = 100
 local MAX_BODY = 1048576
 
@@ -60,20 +62,21 @@ function _M.parse_url(url)
 end
 
 -- new(url, opts) -> client | nil, err. opts.timeout (seconds, default 10)
--- bounds each request as a whole; opts.headers are sent with every request.
+-- bounds each request as a whole; opts.headers are sent with every request;
+-- opts.max_body (octets, default 1 MiB) is the largest response body taken.
 function _M.new(url, opts)
   opts = opts or {}
   local u, err = _M.parse_url(url)
   if not u then return nil, err end
   return setmetatable({ url = u, timeout = opts.timeout or 10, headers = opts.headers or {}, s = nil,
-    requests = 0, connects = 0 }, mt)
+    requests = 0, connects = 0, max_body = opts.max_body or MAX_BODY }, mt)
 end
 
 local function left(deadline)
   return math.max(0.001, (deadline - uv.now()) / 1000)
 end
 
-local function read_body(s, h, deadline)
+local function read_body(s, h, deadline, max_body)
   local te = h["transfer-encoding"]
   if te and lower(te):find("chunked", 1, true) then
     local parts, size = {}, 0
@@ -91,7 +94,7 @@ local function read_body(s, h, deadline)
         return concat(parts), true
       end
       size = size + n
-      if size > MAX_BODY then return nil, "bad response: body too large" end
+      if size > max_body then return nil, "bad response: body too large" end
       local data, derr = s:receive(n, left(deadline))
       if not data then return nil, derr end
       parts[#parts + 1] = data
@@ -103,13 +106,13 @@ local function read_body(s, h, deadline)
   if cl then
     local n = tonumber(cl)
     if not n or n < 0 or n % 1 ~= 0 then return nil, "bad response: Content-Length " .. cl end
-    if n > MAX_BODY then return nil, "bad response: body too large" end
+    if n > max_body then return nil, "bad response: body too large" end
     local data, err = s:receive(n, left(deadline))
     if not data then return nil, err end
     return data, true
   end
   -- no framing: the body ends when the server closes
-  local data, err, partial = s:receive(MAX_BODY + 1, left(deadline))
+  local data, err, partial = s:receive(max_body + 1, left(deadline))
   if data then return nil, "bad response: body too large" end
   if err == "closed" then return partial or "", false end
   return nil, err
@@ -117,7 +120,7 @@ end
 
 -- One exchange on the open connection: the response, and whether the
 -- connection may be used again.
-local function exchange(self, req, deadline)
+local function exchange(self, req, deadline, method)
   local s = self.s
   local ok, err = s:send(req, left(deadline))
   if not ok then return nil, err end
@@ -140,8 +143,9 @@ local function exchange(self, req, deadline)
   end
   status = tonumber(status)
   local body, framed = "", true
-  if not (status < 200 or status == 204 or status == 304) then
-    body, framed = read_body(s, h, deadline)
+  -- no body: informational, 204, 304, and any answer to HEAD (RFC 9110 9.3.2)
+  if not (status < 200 or status == 204 or status == 304 or method == "HEAD") then
+    body, framed = read_body(s, h, deadline, self.max_body)
     if not body then return nil, framed end
   end
   local conn = lower(h["connection"] or "")
@@ -184,7 +188,7 @@ function Client:request(method, body, headers)
       if not ok then return nil, err end
     end
     self.busy = true
-    local res, keep = exchange(self, req, deadline)
+    local res, keep = exchange(self, req, deadline, method)
     self.busy = false
     if res then
       if not keep or self.retiring then self:close() end

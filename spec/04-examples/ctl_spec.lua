@@ -55,6 +55,17 @@ describe("moonpost ctl", function()
         assert.equal(1, code)
         assert.equal("", out)
         assert.matches("^moonpost: ctl: 401 Unauthorized: a valid bearer token is required\n$", e)
+        -- the URL: an address (or localhost) and a port, over http; without
+        -- a scheme as in MOONPOST_HTTP
+        code, out, e = H.exec(MOONPOST, { "ctl", "--url", "localhost:" .. port, "health" }, { timeout = 30 })
+        assert.equal(0, code, e)
+        assert.equal("alive, ready\n", out)
+        code, _, e = H.exec(MOONPOST, { "ctl", "--url", "https://127.0.0.1:" .. port, "health" }, { timeout = 30 })
+        assert.equal(2, code)
+        assert.matches("https is not supported", e)
+        code, _, e = H.exec(MOONPOST, { "ctl", "--url", "mail.example:8025", "health" }, { timeout = 30 })
+        assert.equal(2, code)
+        assert.matches("bad URL mail%.example:8025: the host must be an IP address or localhost", e)
         -- usage mistakes: exit 2
         code, _, e = ctl("frobnicate")
         assert.equal(2, code)
