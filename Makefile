@@ -55,7 +55,7 @@ all: $(MODULES)
 
 $(LIBDIR)/smtp.so: $(SMTP_SRC) $(SMTP_HDR)
 	@mkdir -p $(LIBDIR)
-	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(SMTP_SRC)
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(SMTP_SRC) -luv
 
 $(LIBDIR)/spool.so: $(SPOOL_SRC) $(SPOOL_HDR)
 	@mkdir -p $(LIBDIR)

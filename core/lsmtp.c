@@ -14,6 +14,7 @@
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
+#include <uv.h>
 
 #include "lcompat.h"
 #include "lmessage.h"
@@ -655,6 +656,69 @@ static int l_dotstuff(lua_State *L)
     return 1;
 }
 
+/* The libuv TCP handle of a luv "uv_tcp" userdata, or NULL. luv (1.44 here)
+ * keeps a pointer to the handle in the userdata; the handle's own type is
+ * checked too, so a luv that lays its userdata out otherwise gets NULL (and
+ * the caller the Lua path), not a wrong pointer used. */
+static uv_stream_t *luv_tcp_handle(lua_State *L, int idx)
+{
+    void *ud = lua_touserdata(L, idx);
+    uv_handle_t *h;
+    int same;
+    if (ud == NULL || lua_objlen(L, idx) < sizeof(void *) || !lua_getmetatable(L, idx)) return NULL;
+    luaL_getmetatable(L, "uv_tcp");
+    same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    if (!same) return NULL;
+    h = *(uv_handle_t **)ud;
+    if (h == NULL || h->type != UV_TCP || uv_is_closing(h)) return NULL;
+    return (uv_stream_t *)h;
+}
+
+/* send_stuffed(tcp, body) -> written, rest | nil, err, name
+ * The body dot-stuffed and ended with "." (as dotstuff), written to a luv
+ * TCP handle from here (uv_try_write): a delivered message does not become
+ * a Lua string to be hashed and collected. rest is what the socket did not
+ * take (nil when it took all), for the caller to queue. nil, "unsupported"
+ * when tcp is not a handle this can write to (the caller uses dotstuff). */
+static int l_send_stuffed(lua_State *L)
+{
+    uv_stream_t *h = luv_tcp_handle(L, 1);
+    size_t n;
+    const char *s;
+    mp_stuff st;
+    mp_body out;
+    uv_buf_t buf;
+    int r;
+    if (h == NULL) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "unsupported");
+        return 2;
+    }
+    s = checkbytes(L, 2, &n);
+    mp_body_init(&out);
+    mp_stuff_init(&st);
+    if (mp_stuff_feed(&st, s, n, &out) != 0 || mp_stuff_finish(&st, &out) != 0) {
+        mp_body_free(&out);
+        return luaL_error(L, "out of memory");
+    }
+    buf = uv_buf_init((char *)mp_body_data(&out), (unsigned int)out.len);
+    r = uv_try_write(h, &buf, 1);
+    if (r == UV_EAGAIN) r = 0;
+    if (r < 0) {
+        mp_body_free(&out);
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s", uv_err_name(r), uv_strerror(r));
+        lua_pushstring(L, uv_err_name(r));
+        return 3;
+    }
+    lua_pushinteger(L, r);
+    if ((size_t)r < out.len) lua_pushlstring(L, mp_body_data(&out) + r, out.len - (size_t)r);
+    else lua_pushnil(L);
+    mp_body_free(&out);
+    return 2;
+}
+
 static int l_utf8_valid(lua_State *L)
 {
     size_t n;
@@ -691,6 +755,7 @@ static int l_tune_malloc(lua_State *L)
 
 static const luaL_Reg funcs[] = {
     {"tune_malloc", l_tune_malloc},
+    {"send_stuffed", l_send_stuffed},
     {"parser", l_parser},
     {"reply_parser", l_reply_parser},
     {"message", l_message},

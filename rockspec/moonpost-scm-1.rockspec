@@ -79,6 +79,7 @@ build = {
     ["moonpost.core.smtp"] = {
       sources = { "core/smtp.c", "core/lsmtp.c" },
       incdirs = { "core" },
+      libraries = { "uv" },
     },
     ["moonpost.core.dns"] = {
       sources = { "core/dns.c", "core/ldns.c" },

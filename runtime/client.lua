@@ -79,6 +79,16 @@ function Conn:send(data, timeout)
   return true
 end
 
+-- send_stuffed(body, timeout): the message itself, dot-stuffed and ended
+function Conn:send_stuffed(body, timeout)
+  local ok, err = self.s:send_stuffed(body, timeout)
+  if not ok then
+    self.broken = "connection lost while sending: " .. tostring(err)
+    return nil, self.broken
+  end
+  return true
+end
+
 function Conn:close()
   if not self.closed then stats.open = stats.open - 1 end
   if self.s then self.s:close() end
@@ -382,7 +392,7 @@ function Conn:send_data(body, rcpts, results, replies, ncmds, size, dsn)
   end
   -- one write for the whole message: the block timeout, plus time for its size
   -- at 64 KiB/s (so that a large message on a slow link is not cut off)
-  if not self:send(smtp.dotstuff(body), t.block + size / 65536) then
+  if not self:send_stuffed(body, t.block + size / 65536) then
     for _, r in ipairs(accepted) do results[r.index] = temp(self.broken, host) end
     return results
   end

@@ -5,6 +5,7 @@
 --   s:wait_input(timeout)            wait for the next chunk: true | nil, "closed" | "timeout" | err
 --   s:receive("*l" | n, timeout)     line (without CRLF) or n bytes, when no parser is attached
 --   s:send(data, timeout)            true | nil, err
+--   s:send_stuffed(body, timeout)    a message's DATA (dot-stuffed, ended): true | nil, err
 --   s:close()                        idempotent, returns true
 --   s:starttls(conn, timeout)        run a TLS handshake on the connection
 --                                    (a moonpost.core.tls conn) and carry on in TLS:
@@ -17,6 +18,7 @@
 -- high_water unconsumed bytes and resumes when the task waits again.
 local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
+local smtp = require "moonpost.core.smtp"
 
 local try_write, wait, wake, current = uv.try_write, sched.wait, sched.wake, sched.current
 local reserve, wake_token = sched.reserve, sched.wake_token
@@ -217,6 +219,27 @@ local function raw_send(self, data, timeout)
     n = 0
   end
   return queue_send(self, n > 0 and sub(data, n + 1) or data, len, timeout)
+end
+
+-- send_stuffed(body, timeout) -> true | nil, err: a message (string or
+-- moonpost.core.smtp message) dot-stuffed and ended with ".". On plain TCP
+-- it is written from C and only what the socket did not take becomes a Lua
+-- string; over TLS it is encrypted as a whole.
+function Stream:send_stuffed(body, timeout)
+  if self.closed then return nil, "closed" end
+  if not self.tls then
+    local n, rest = smtp.send_stuffed(self.tcp, body)
+    if n then
+      self.bytes_out = self.bytes_out + n
+      if not rest then return true end
+      return queue_send(self, rest, #rest, timeout)
+    end
+    if rest ~= "unsupported" then
+      self.err = rest
+      return nil, rest
+    end
+  end
+  return self:send(smtp.dotstuff(body), timeout)
 end
 
 function Stream:send(data, timeout)

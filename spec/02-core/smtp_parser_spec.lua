@@ -347,3 +347,66 @@ describe("moonpost.core.smtp message", function()
     end
   end)
 end)
+
+-- A message's DATA written from C (smtp.send_stuffed, through
+-- stream:send_stuffed): the same octets as dotstuff gives, in order, also
+-- when the socket takes only part of it and the rest is queued.
+describe("moonpost.core.smtp send_stuffed", function()
+  local H = require "helpers"
+  local uv = require "luv"
+  local stream = require "moonpost.runtime.stream"
+
+  -- pair(fn(client_stream)) -> the octets the other end received until close
+  local function pair(fn)
+    local got = {}
+    H.run(function()
+      local server = uv.new_tcp()
+      assert(server:bind("127.0.0.1", 0))
+      local done = false
+      server:listen(4, function()
+        local c = uv.new_tcp()
+        server:accept(c)
+        -- read slowly at first: a large message fills the socket buffers
+        local t = uv.new_timer()
+        t:start(200, 0, function()
+          t:close()
+          c:read_start(function(_, data)
+            if data then got[#got + 1] = data else c:close() done = true end
+          end)
+        end)
+      end)
+      local s = assert(stream.connect("127.0.0.1", server:getsockname().port, 5))
+      fn(s)
+      s.tcp:shutdown()
+      H.wait_for(function() return done end, 20)
+      s:close()
+      server:close()
+    end)
+    return table.concat(got)
+  end
+
+  it("writes the stuffed message, whole or in part, and says unsupported for other handles", function()
+    local small = "Subject: x\r\n\r\n.dot first\r\nbody\r\n"
+    local big = string.rep(".line of the message\r\n", 400000) -- 8.8 MB: more than a socket takes at once
+    local msg = smtp.message("A: b\r\n\r\n..two\r\n")
+    local sbig = smtp.dotstuff(big)
+    local got = pair(function(s)
+      assert.is_true(s:send_stuffed(small, 5))
+      assert.is_true(s:send_stuffed(msg, 5))
+      -- the socket takes the first part of the big one; the rest comes back
+      local n, rest = smtp.send_stuffed(s.tcp, big)
+      assert.is_true(n > 0 and n < #sbig, tostring(n))
+      assert.equal(sbig:sub(n + 1), rest)
+      assert.is_true(s:send(rest, 20))
+      -- and through the stream, which queues the rest itself
+      assert.is_true(s:send_stuffed(big, 20))
+    end)
+    assert.equal(smtp.dotstuff(small) .. smtp.dotstuff(msg) .. sbig .. sbig, got)
+    H.run(function()
+      local t = uv.new_timer()
+      assert.same({ nil, "unsupported" }, { smtp.send_stuffed(t, small) })
+      t:close()
+    end)
+    assert.same({ nil, "unsupported" }, { smtp.send_stuffed("not a handle", small) })
+  end)
+end)
