@@ -66,27 +66,33 @@ local function list_segments(dir)
   return fs.list_numbered(dir, "seg")
 end
 
+local NO_CONN = {}
+
 -- The envelope written with each message (JSON metadata of its MSG record).
 local function envelope_of(txn)
   local rcpts = {}
   for i, r in ipairs(txn.recipients) do
     rcpts[i] = { a = r.address, n = r.notify, o = r.orcpt }
   end
-  local conn = txn.conn or {}
-  return {
+  local conn = txn.conn or NO_CONN
+  -- the fields most messages have; the others only when set (a table
+  -- constructor sizes the table for every key it names, set or not: 16
+  -- slots where 8 do, for every message)
+  local e = {
     v = 1,
     from = txn.sender and txn.sender.address or "",
     rcpt = rcpts,
     t = txn.received_at or os.time(),
-    tenant = txn.tenant ~= nil and tostring(txn.tenant) or nil,
-    pool = txn.pool,
-    ret = txn.ret,
-    envid = txn.envid,
-    body = txn.body_type,
-    utf8 = txn.smtputf8 or nil,
     ip = conn.remote_ip,
     helo = conn.helo,
   }
+  if txn.tenant ~= nil then e.tenant = tostring(txn.tenant) end
+  if txn.pool ~= nil then e.pool = txn.pool end
+  if txn.ret ~= nil then e.ret = txn.ret end
+  if txn.envid ~= nil then e.envid = txn.envid end
+  if txn.body_type ~= nil then e.body = txn.body_type end
+  if txn.smtputf8 then e.utf8 = true end
+  return e
 end
 
 -- encode_envelope(envt) -> the JSON of an envelope_of() table. lua-cjson
