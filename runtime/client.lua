@@ -20,6 +20,7 @@ local log = require "moonpost.runtime.log"
 local tls = require "moonpost.runtime.tls"
 
 local format, concat, upper = string.format, table.concat, string.upper
+local tnew = require "table.new"
 local uv = require "luv"
 
 local _M = { _VERSION = "0.1" }
@@ -315,27 +316,28 @@ function Conn:transaction(env, body, rcpts)
   end
   cmds[#cmds + 1] = "DATA\r\n"
   local t = self.timeouts
-  local replies = {}
+  -- the replies, three slots each (code, enhanced or false, text): no table per reply
+  local replies = tnew(3 * #cmds, 0)
   if self.pipelining then
     -- RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order
     if not self:send(concat(cmds)) then return all(results, rcpts, temp(self.broken, host)) end
     for i = 1, #cmds do
       local code, enh, text = self:reply(i == 1 and t.mail or (i == #cmds and t.data or t.rcpt))
       if not code then return all(results, rcpts, temp(self.broken, host)) end
-      replies[i] = { code, enh, text }
+      replies[3 * i - 2], replies[3 * i - 1], replies[3 * i] = code, enh or false, text
     end
   else
     for i = 1, #cmds do
       if not self:send(cmds[i]) then return all(results, rcpts, temp(self.broken, host)) end
       local code, enh, text = self:reply(i == 1 and t.mail or (i == #cmds and t.data or t.rcpt))
       if not code then return all(results, rcpts, temp(self.broken, host)) end
-      replies[i] = { code, enh, text }
+      replies[3 * i - 2], replies[3 * i - 1], replies[3 * i] = code, enh or false, text
       if i == 1 and code ~= 250 then break end
       if i == #cmds - 1 then
         -- no DATA when every RCPT was refused
         local any = false
         for k = 2, #cmds - 1 do
-          local rc = replies[k] and replies[k][1]
+          local rc = replies[3 * k - 2]
           if rc and rc >= 200 and rc < 300 then any = true end
         end
         if not any then break end
@@ -351,28 +353,30 @@ end
 -- compiled trace can start.)
 function Conn:send_data(body, rcpts, results, replies, ncmds, size, dsn)
   local host, t = self.name, self.timeouts
-  local m = replies[1]
-  if m[1] ~= 250 then
+  local mcode = replies[1]
+  if mcode ~= 250 then
     self:send("RSET\r\n")
     self:reply(t.mail)
-    if m[1] < 400 then
+    if mcode < 400 then
       -- only 250 accepts a sender: anything else is the server's mistake
-      return all(results, rcpts, temp(format("MAIL FROM answered %d %s", m[1], tostring(m[3])), host))
+      return all(results, rcpts, temp(format("MAIL FROM answered %d %s", mcode, tostring(replies[3])), host))
     end
-    return all(results, rcpts, outcome(m[1], m[2], m[3], host, "MAIL FROM"))
+    return all(results, rcpts, outcome(mcode, replies[2] or nil, replies[3], host, "MAIL FROM"))
   end
   local accepted = {}
   for i, r in ipairs(rcpts) do
-    local rr = replies[i + 1]
-    if rr and rr[1] >= 200 and rr[1] < 300 then
+    local j = 3 * (i + 1) - 2
+    local rc = replies[j]
+    if rc and rc >= 200 and rc < 300 then
       accepted[#accepted + 1] = r
-    elseif rr then
-      results[r.index] = outcome(rr[1], rr[2], rr[3], host, "RCPT TO")
+    elseif rc then
+      results[r.index] = outcome(rc, replies[j + 1] or nil, replies[j + 2], host, "RCPT TO")
     end
   end
-  local d = replies[ncmds]
+  local dj = 3 * ncmds - 2
+  local dcode, denh, dtext = replies[dj], replies[dj + 1] or nil, replies[dj + 2]
   if #accepted == 0 then
-    if d and d[1] == 354 then
+    if dcode == 354 then
       -- a server that said 354 without a recipient: end the data at once
       self:send(".\r\n")
       self:reply(t.done)
@@ -381,10 +385,9 @@ function Conn:send_data(body, rcpts, results, replies, ncmds, size, dsn)
     self:reply(t.mail)
     return results
   end
-  if not d or d[1] ~= 354 then
-    local res = d and outcome(d[1] == 354 and 451 or d[1], d[2], d[3], host, "DATA")
-      or temp("DATA: no reply", host)
-    if res.status == "delivered" then res = temp("DATA: unexpected " .. d[1], host) end
+  if dcode ~= 354 then
+    local res = dcode and outcome(dcode, denh, dtext, host, "DATA") or temp("DATA: no reply", host)
+    if res.status == "delivered" then res = temp("DATA: unexpected " .. dcode, host) end
     for _, r in ipairs(accepted) do results[r.index] = res end
     self:send("RSET\r\n")
     self:reply(t.mail)
