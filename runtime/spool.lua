@@ -649,16 +649,25 @@ function Spool:update(id, state)
   return true
 end
 
--- reclaim() once the tasks ready now have run (done() comes in bursts)
-local function reclaim_task(self)
-  sched.yield()
-  self.reclaim_scheduled = false
-  self:reclaim()
-end
-
+-- reclaim() at the end of this loop iteration (done() comes in bursts): a
+-- check handle made once, not a task per burst (a coroutine each)
 local function reclaim_soon(self)
+  if self.closed then return end -- (a delivery that ends after the close)
   self.reclaim_scheduled = true
-  sched.spawn(reclaim_task, self)
+  local h = self.reclaim_handle
+  if not h then
+    h = uv.new_check()
+    h:unref()
+    self.reclaim_handle = h
+    self.reclaim_cb = function()
+      h:stop()
+      self.reclaim_scheduled = false
+      if self.closed then return end
+      local ok, err = pcall(self.reclaim, self)
+      if not ok then log.error("spool: reclaim: %s", tostring(err)) end
+    end
+  end
+  h:start(self.reclaim_cb)
 end
 
 -- done(id): the message is finished (delivered, bounced or expired).
@@ -835,6 +844,10 @@ end
 function Spool:close()
   self.closed = true
   self:trim_cache(true)
+  if self.reclaim_handle then
+    self.reclaim_handle:close()
+    self.reclaim_handle = nil
+  end
   if self.spill_handle then
     self.spill_handle:close()
     self.spill_handle = nil
