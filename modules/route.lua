@@ -495,6 +495,8 @@ function _M.smtp(opts)
     -- its own: code after a wait, which the delivery is, runs in LuaJIT's
     -- interpreter until it enters a function, where a compiled trace can
     -- start.)
+    local host_keys = setmetatable({}, { __mode = "k" }) -- fixed host lists -> their key
+
     local function delivered(rcpts, src, site, shaper, gates, dest, ticket, ok, results)
       if ticket then shaper:release(ticket) end
       if not ok then error(results, 0) end
@@ -531,9 +533,14 @@ function _M.smtp(opts)
             enhanced = enh, text = why:gsub("^[245]%.%d+%.%d+ ", ""), stage = "routing" })
         end
         if not key then
-          local parts = {}
-          for i, h in ipairs(hosts) do parts[i] = "[" .. h.host .. "]:" .. h.port end
-          key = table.concat(parts, ",")
+          -- a relay's or route's fixed hosts: their key made once
+          key = host_keys[hosts]
+          if not key then
+            local parts = {}
+            for i, h in ipairs(hosts) do parts[i] = "[" .. h.host .. "]:" .. h.port end
+            key = table.concat(parts, ",")
+            host_keys[hosts] = key
+          end
         end
         local shaper = mta.shaper
         local dest = shaper and shaper:destination(domain:lower(), mx_names, mx_names and key)

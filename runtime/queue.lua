@@ -151,6 +151,22 @@ end
 -- Deliver a message's recipients: one call of the right transport per
 -- recipient domain. Returns results by recipient index.
 function Queue:dispatch(env, body, rcpts)
+  if #rcpts == 1 then
+    -- one recipient (the common case): its domain's transport, no grouping
+    local r = rcpts[1]
+    local d = r.domain:lower()
+    local t = self.by_domain[d] or self.default
+    if not t then
+      return { [r.index] = { status = "deferred", code = 451, enhanced = "4.4.3", text = "no transport for " .. d } }
+    end
+    local ok, out = xpcall(t.deliver, debug.traceback, env, body, rcpts)
+    if not ok then
+      log.error("queue: %s: transport %s failed: %s", env.id, t.name, tostring(out))
+      out = nil
+    end
+    -- a table of the queue's own: the caller adds to it
+    return { [r.index] = out and out[r.index] }
+  end
   local groups, order = {}, {}
   for _, r in ipairs(rcpts) do
     local d = r.domain:lower()
@@ -273,16 +289,22 @@ local function compact_fifo(self, Q, key)
   Q.fifo, Q.head = fresh, 1
 end
 
+local function unaccount_key(self, key)
+  local Q = self.queues[key]
+  if Q then
+    Q.depth = Q.depth - 1
+    if #Q.fifo - Q.head + 1 > 2 * Q.depth + 64 then compact_fifo(self, Q, key) end
+  end
+end
+
 function Queue:unaccount(m)
   local k = m.key
   if not k then return end
   m.key = nil
-  for _, key in ipairs(type(k) == "table" and k or { k }) do
-    local Q = self.queues[key]
-    if Q then
-      Q.depth = Q.depth - 1
-      if #Q.fifo - Q.head + 1 > 2 * Q.depth + 64 then compact_fifo(self, Q, key) end
-    end
+  if type(k) == "table" then
+    for _, key in ipairs(k) do unaccount_key(self, key) end
+  else
+    unaccount_key(self, k) -- one queue (the common case): no list made
   end
 end
 
