@@ -71,23 +71,20 @@ function Conn:reply(timeout)
   end
 end
 
+-- what a send returned: true, or the connection is broken
+local function sent(self, ok, err)
+  if ok then return true end
+  self.broken = "connection lost while sending: " .. tostring(err)
+  return nil, self.broken
+end
+
 function Conn:send(data, timeout)
-  local ok, err = self.s:send(data, timeout or self.timeouts.block)
-  if not ok then
-    self.broken = "connection lost while sending: " .. tostring(err)
-    return nil, self.broken
-  end
-  return true
+  return sent(self, self.s:send(data, timeout or self.timeouts.block))
 end
 
 -- send_stuffed(body, timeout): the message itself, dot-stuffed and ended
 function Conn:send_stuffed(body, timeout)
-  local ok, err = self.s:send_stuffed(body, timeout)
-  if not ok then
-    self.broken = "connection lost while sending: " .. tostring(err)
-    return nil, self.broken
-  end
-  return true
+  return sent(self, self.s:send_stuffed(body, timeout))
 end
 
 function Conn:close()
