@@ -207,6 +207,19 @@ function H.stop_mta(mta)
   sched.sleep(0.01)
 end
 
+-- listen(on_client) -> server, port: a TCP listener on 127.0.0.1 (a free
+-- port) that hands each accepted luv TCP handle to on_client(c). In a loop.
+function H.listen(on_client)
+  local server = uv.new_tcp()
+  assert(server:bind("127.0.0.1", 0))
+  assert(server:listen(16, function()
+    local c = uv.new_tcp()
+    server:accept(c)
+    on_client(c)
+  end))
+  return server, server:getsockname().port
+end
+
 -- ---- the scripted peer --------------------------------------------------------------
 
 local Peer = {}

@@ -8,16 +8,11 @@ local uv = require "luv"
 describe("sched.yield", function()
   it("lets I/O callbacks run between the slices of a yielding loop", function()
     H.run(function()
-      local server = uv.new_tcp()
-      assert(server:bind("127.0.0.1", 0))
       local accepted = false
-      server:listen(16, function()
-        local c = uv.new_tcp()
-        server:accept(c)
+      local server, port = H.listen(function(c)
         accepted = true
         c:close()
       end)
-      local port = server:getsockname().port
       local client = uv.new_tcp()
       client:connect("127.0.0.1", port, function() end)
       local n = 0
