@@ -660,12 +660,16 @@ static int l_dotstuff(lua_State *L)
     return 1;
 }
 
-/* The libuv TCP handle of a luv "uv_tcp" userdata, or NULL. luv (1.44 here)
- * keeps a pointer to the handle in the userdata; the handle's own type is
- * checked too, so a luv that lays its userdata out otherwise gets NULL (and
- * the caller the Lua path), not a wrong pointer used. */
-static uv_stream_t *luv_tcp_handle(lua_State *L, int idx)
+/* The libuv TCP handle of a luv "uv_tcp" userdata whose descriptor luv
+ * gives as fd, or NULL. luv (1.44 here) keeps a pointer to the handle in the
+ * userdata. The handle's type and descriptor are read through this
+ * module's libuv and compared with what luv says: a luv that lays out its
+ * userdata otherwise, or is built on another libuv (LuaRocks can bundle
+ * one) whose handles this libuv reads differently, gets NULL (and the
+ * caller the Lua path), never a write to the wrong descriptor. */
+static uv_stream_t *luv_tcp_handle(lua_State *L, int idx, lua_Integer fd)
 {
+    uv_os_fd_t have;
     void *ud = lua_touserdata(L, idx);
     uv_handle_t *h;
     int same;
@@ -676,18 +680,20 @@ static uv_stream_t *luv_tcp_handle(lua_State *L, int idx)
     if (!same) return NULL;
     h = *(uv_handle_t **)ud;
     if (h == NULL || h->type != UV_TCP || uv_is_closing(h)) return NULL;
+    if (uv_fileno(h, &have) != 0 || (lua_Integer)have != fd) return NULL;
     return (uv_stream_t *)h;
 }
 
-/* send_stuffed(tcp, body) -> written, rest | nil, err, name
+/* send_stuffed(tcp, fd, body) -> written, rest | nil, err, name
  * The body dot-stuffed and ended with "." (as dotstuff), written to a luv
  * TCP handle from here (uv_try_write): a delivered message does not become
  * a Lua string to be hashed and collected. rest is what the socket did not
- * take (nil when it took all), for the caller to queue. nil, "unsupported"
- * when tcp is not a handle this can write to (the caller uses dotstuff). */
+ * take (nil when it took all), for the caller to queue. fd is the
+ * descriptor luv gives for tcp (tcp:fileno()). nil, "unsupported" when tcp
+ * is not a handle this can write to (the caller uses dotstuff). */
 static int l_send_stuffed(lua_State *L)
 {
-    uv_stream_t *h = luv_tcp_handle(L, 1);
+    uv_stream_t *h = luv_tcp_handle(L, 1, luaL_checkinteger(L, 2));
     size_t n;
     const char *s;
     mp_stuff st;
@@ -699,7 +705,7 @@ static int l_send_stuffed(lua_State *L)
         lua_pushliteral(L, "unsupported");
         return 2;
     }
-    s = checkbytes(L, 2, &n);
+    s = checkbytes(L, 3, &n);
     mp_body_init(&out);
     mp_stuff_init(&st);
     if (mp_stuff_feed(&st, s, n, &out) != 0 || mp_stuff_finish(&st, &out) != 0) {

@@ -228,7 +228,8 @@ end
 function Stream:send_stuffed(body, timeout)
   if self.closed then return nil, "closed" end
   if not self.tls then
-    local n, rest = smtp.send_stuffed(self.tcp, body)
+    local tcp = self.tcp
+    local n, rest = smtp.send_stuffed(tcp, tcp:fileno() or -1, body)
     if n then
       self.bytes_out = self.bytes_out + n
       if not rest then return true end
