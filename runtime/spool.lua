@@ -613,24 +613,37 @@ end
 -- write for all of them): a crash of the process then loses none, and the
 -- deliveries they record are not repeated. (fdatasync still comes with the
 -- next group commit or lazy_sync.)
-local function make_spill_handle(self)
-  self.spill_handle = uv.new_check()
-  self.spill_handle:unref()
-  self.spill_cb = function()
-    self.spill_handle:stop()
-    self.spill_pending = false
-    if self.head and self.head.file:pending() > 0 then self.head.file:spill() end
+-- Work for the end of this loop iteration, after a burst of outcomes: the
+-- state records written to the page cache (spill_pending), empty segments
+-- reclaimed (reclaim_scheduled). One check handle and callback, made once (a
+-- function that makes a closure is not compiled by LuaJIT past its returns,
+-- NYI bytecode UCLO, and these run for every outcome).
+local function end_of_iteration(self)
+  local h = self.tick_handle
+  if not h then
+    h = uv.new_check()
+    h:unref()
+    self.tick_handle = h
+    self.tick_cb = function()
+      h:stop()
+      if self.spill_pending then
+        self.spill_pending = false
+        if self.head and self.head.file:pending() > 0 then self.head.file:spill() end
+      end
+      if self.reclaim_scheduled then
+        self.reclaim_scheduled = false
+        local ok, err = pcall(self.reclaim, self)
+        if not ok then log.error("spool: reclaim: %s", tostring(err)) end
+      end
+    end
   end
+  if not h:is_active() then h:start(self.tick_cb) end
 end
 
--- (the handle and its callback are made once, elsewhere: a function that
--- makes a closure is not compiled by LuaJIT past its returns, NYI bytecode
--- UCLO, and this runs for every outcome)
 local function spill_soon(self)
   if self.spill_pending or self.readonly or self.closed then return end
   self.spill_pending = true
-  if not self.spill_handle then make_spill_handle(self) end
-  self.spill_handle:start(self.spill_cb)
+  end_of_iteration(self)
 end
 
 -- update(id, state): record a state change. state.done lists recipient
@@ -649,25 +662,11 @@ function Spool:update(id, state)
   return true
 end
 
--- reclaim() at the end of this loop iteration (done() comes in bursts): a
--- check handle made once, not a task per burst (a coroutine each)
+-- reclaim() at the end of this loop iteration (done() comes in bursts)
 local function reclaim_soon(self)
   if self.closed then return end -- (a delivery that ends after the close)
   self.reclaim_scheduled = true
-  local h = self.reclaim_handle
-  if not h then
-    h = uv.new_check()
-    h:unref()
-    self.reclaim_handle = h
-    self.reclaim_cb = function()
-      h:stop()
-      self.reclaim_scheduled = false
-      if self.closed then return end
-      local ok, err = pcall(self.reclaim, self)
-      if not ok then log.error("spool: reclaim: %s", tostring(err)) end
-    end
-  end
-  h:start(self.reclaim_cb)
+  end_of_iteration(self)
 end
 
 -- done(id): the message is finished (delivered, bounced or expired).
@@ -844,13 +843,9 @@ end
 function Spool:close()
   self.closed = true
   self:trim_cache(true)
-  if self.reclaim_handle then
-    self.reclaim_handle:close()
-    self.reclaim_handle = nil
-  end
-  if self.spill_handle then
-    self.spill_handle:close()
-    self.spill_handle = nil
+  if self.tick_handle then
+    self.tick_handle:close()
+    self.tick_handle = nil
   end
   if not self.readonly and self.lock then
     local st = self.stats
