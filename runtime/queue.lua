@@ -148,24 +148,33 @@ function Queue:set_transport(fn)
   self:set_transports({ { name = "transport", deliver = fn } })
 end
 
+-- The transport of domain d for its recipients (group); their results go
+-- into results (a table of the queue's own: the caller adds to it).
+local function deliver_group(self, env, body, d, group, results)
+  local t = self.by_domain[d] or self.default
+  if not t then
+    local no = { status = "deferred", code = 451, enhanced = "4.4.3", text = "no transport for " .. d }
+    for _, r in ipairs(group) do results[r.index] = no end
+    return
+  end
+  local ok, out = xpcall(t.deliver, debug.traceback, env, body, group)
+  if not ok then
+    log.error("queue: %s: transport %s failed: %s", env.id, t.name, tostring(out))
+    out = nil
+  end
+  if out then
+    for _, r in ipairs(group) do results[r.index] = out[r.index] end
+  end
+end
+
 -- Deliver a message's recipients: one call of the right transport per
 -- recipient domain. Returns results by recipient index.
 function Queue:dispatch(env, body, rcpts)
+  local results = {}
   if #rcpts == 1 then
-    -- one recipient (the common case): its domain's transport, no grouping
-    local r = rcpts[1]
-    local d = r.domain:lower()
-    local t = self.by_domain[d] or self.default
-    if not t then
-      return { [r.index] = { status = "deferred", code = 451, enhanced = "4.4.3", text = "no transport for " .. d } }
-    end
-    local ok, out = xpcall(t.deliver, debug.traceback, env, body, rcpts)
-    if not ok then
-      log.error("queue: %s: transport %s failed: %s", env.id, t.name, tostring(out))
-      out = nil
-    end
-    -- a table of the queue's own: the caller adds to it
-    return { [r.index] = out and out[r.index] }
+    -- one recipient (the common case): no grouping by domain
+    deliver_group(self, env, body, rcpts[1].domain:lower(), rcpts, results)
+    return results
   end
   local groups, order = {}, {}
   for _, r in ipairs(rcpts) do
@@ -177,24 +186,7 @@ function Queue:dispatch(env, body, rcpts)
     local g = groups[d]
     g[#g + 1] = r
   end
-  local results = {}
-  for _, d in ipairs(order) do
-    local t = self.by_domain[d] or self.default
-    local res
-    if not t then
-      res = {}
-      local no = { status = "deferred", code = 451, enhanced = "4.4.3", text = "no transport for " .. d }
-      for _, r in ipairs(groups[d]) do res[r.index] = no end
-    else
-      local ok, out = xpcall(t.deliver, debug.traceback, env, body, groups[d])
-      if not ok then
-        log.error("queue: %s: transport %s failed: %s", env.id, t.name, tostring(out))
-        out = {}
-      end
-      res = out or {}
-    end
-    for _, r in ipairs(groups[d]) do results[r.index] = res[r.index] end
-  end
+  for _, d in ipairs(order) do deliver_group(self, env, body, d, groups[d], results) end
   return results
 end
 
