@@ -585,7 +585,6 @@ function Spool:read(m, take)
   return read_disk(m)
 end
 
-
 -- State records (update, done) are not waited for: they are synced with
 -- the next group commit, and at the latest lazy_sync seconds after they
 -- were written, so that a power failure repeats few deliveries.
