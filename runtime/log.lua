@@ -244,22 +244,37 @@ end
 -- buffered(seconds): write the default sink's lines in blocks, at most
 -- `seconds` late (one write per block instead of one per line). The CLI
 -- turns it on; flush() writes what is pending.
+--
+-- A block is whole lines of at most PIPE_BLOCK bytes, written by one
+-- write(2) on an unbuffered stderr: the workers of `workers = N` share
+-- their supervisor's stderr, and only a pipe write of at most PIPE_BUF
+-- (4096 on Linux) bytes is atomic, so a larger one could be cut by
+-- another worker's lines, tearing a line in two.
+local PIPE_BLOCK = 4096
 local pending, npending = {}, 0
 local flush_timer
 
 function _M.flush()
-  if npending > 0 then
-    io.stderr:write(table.concat(pending, "", 1, npending))
-    for i = 1, npending do pending[i] = nil end
-    npending = 0
+  local stderr = io.stderr
+  local first, size = 1, 0
+  for i = 1, npending do
+    local n = #pending[i]
+    if size + n > PIPE_BLOCK and i > first then
+      stderr:write(concat(pending, "", first, i - 1))
+      first, size = i, 0
+    end
+    size = size + n
   end
-  io.stderr:flush()
+  if npending >= first then stderr:write(concat(pending, "", first, npending)) end
+  for i = 1, npending do pending[i] = nil end
+  npending = 0
+  stderr:flush()
 end
 
 function _M.buffered(seconds)
   local ok, uv = pcall(require, "luv")
   if not ok then return end
-  io.stderr:setvbuf("full")
+  io.stderr:setvbuf("no")
   sink = function(line)
     npending = npending + 1
     pending[npending] = line

@@ -17,3 +17,41 @@ describe("log.utf8_clean", function()
     assert.equal("x" .. R .. R, log.utf8_clean("x\226\130"))       -- cut short
   end)
 end)
+
+-- log.buffered, as `moonpost run` uses it: the workers of `workers = N`
+-- write to their supervisor's one stderr pipe, so each block must be one
+-- atomic write of whole lines (CI once saw a worker's line cut in two).
+describe("log.buffered", function()
+  local H = require "helpers"
+  it("keeps every line whole when two processes write blocks to one pipe", function()
+    local dir = H.tmpdir("moonpost-log")
+    local script = dir .. "/writer.lua"
+    H.write(script, string.format([[
+dofile(%q .. "/runtime/devpath.lua").install(%q)
+local log = require "moonpost.runtime.log"
+log.buffered(60)
+local tag = arg[1]
+for i = 1, 4000 do log.info("%%s %%d %%s.", tag, i, string.rep(tag, 20 + i %% 150)) end
+log.flush()
+]], H.root, H.root))
+    local out
+    H.run(function()
+      local code, _, err = H.exec("/bin/sh", { "-c",
+        "luajit " .. script .. " a & luajit " .. script .. " b & wait" })
+      assert.equal(0, code, err)
+      out = err
+    end, 60)
+    local seen, bad = { a = 0, b = 0 }, {}
+    for line in out:gmatch("[^\n]*\n") do
+      local tag, i, body = line:match("^%S+ info  (%a) (%d+) (%a+)%.\n$")
+      if tag and body == string.rep(tag, 20 + tonumber(i) % 150) then
+        seen[tag] = seen[tag] + 1
+      elseif #bad < 3 then
+        bad[#bad + 1] = line:sub(1, 120)
+      end
+    end
+    assert.same({}, bad)
+    assert.same({ a = 4000, b = 4000 }, seen)
+    H.rm_rf(dir)
+  end)
+end)
