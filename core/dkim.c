@@ -63,6 +63,25 @@ static void b_add(buf *b, const void *p, size_t n)
     b->p[b->len] = '\0';
 }
 
+/* room for n more octets (and the NUL b_add keeps): where they go, or NULL */
+static char *b_reserve(buf *b, size_t n)
+{
+    if (b->oom) return NULL;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        char *np;
+        while (cap < b->len + n + 1) cap *= 2;
+        np = realloc(b->p, cap);
+        if (np == NULL) {
+            b->oom = 1;
+            return NULL;
+        }
+        b->p = np;
+        b->cap = cap;
+    }
+    return b->p + b->len;
+}
+
 static void b_adds(buf *b, const char *s) { b_add(b, s, strlen(s)); }
 static void b_addc(buf *b, char c) { b_add(b, &c, 1); }
 
@@ -660,6 +679,7 @@ typedef struct spec {
     int hcanon, bcanon;
     char **headers, **oversign;
     size_t nheaders, noversign;
+    int lists_static; /* headers and oversign borrowed (mp_dkim_spec_in) */
     uint64_t expire;
     int timestamp;
     DKIM_LIB *lib;   /* NULL: the native engine */
@@ -698,11 +718,18 @@ mp_dkim_job *mp_dkim_job_new(const char *msg, size_t len, int nspecs)
     return j;
 }
 
+static int lower_c(int c) { return c >= 'A' && c <= 'Z' ? c + 32 : c; }
+
+/* name (len octets) is one of names, lower-case or not (names are
+ * lower-case: copy_list or lists_static) */
 static int listed(char *const *names, size_t n, const char *name, size_t len)
 {
     size_t i;
+    int first;
+    if (len == 0) return 0;
+    first = lower_c((unsigned char)name[0]);
     for (i = 0; i < n; i++)
-        if (eq_ci(names[i], strlen(names[i]), name, len)) return 1;
+        if (names[i][0] == first && strncasecmp(names[i], name, len) == 0 && names[i][len] == '\0') return 1;
     return 0;
 }
 
@@ -739,13 +766,20 @@ int mp_dkim_job_set(mp_dkim_job *j, int i, const mp_dkim_spec_in *in, char *err,
     s->domain = strdup(in->domain);
     s->selector = strdup(in->selector);
     s->identity = in->identity ? strdup(in->identity) : NULL;
-    s->headers = copy_list(in->headers, in->nheaders);
-    s->oversign = copy_list(in->oversign, in->noversign);
     s->nheaders = in->nheaders;
+    s->lists_static = in->lists_static;
+    if (in->lists_static) {
+        /* the defaults: nothing to copy, nothing to add to h= */
+        s->headers = (char **)in->headers;
+        s->oversign = (char **)in->oversign;
+    } else {
+        s->headers = copy_list(in->headers, in->nheaders);
+        s->oversign = copy_list(in->oversign, in->noversign);
+    }
     /* An oversigned name is signed too: libopendkim lists it in h= without
      * hashing it, which breaks the signature when such a field is present
      * but not signed. */
-    if (s->headers && s->oversign) {
+    if (!s->lists_static && s->headers && s->oversign) {
         size_t k, extra = 0;
         char **all;
         for (k = 0; k < in->noversign; k++)
@@ -795,8 +829,10 @@ void mp_dkim_job_free(mp_dkim_job *j)
         free(s->domain);
         free(s->selector);
         free(s->identity);
-        free_list(s->headers, s->nheaders);
-        free_list(s->oversign, s->noversign);
+        if (!s->lists_static) {
+            free_list(s->headers, s->nheaders);
+            free_list(s->oversign, s->noversign);
+        }
         mp_dkim_key_unref(s->key);
     }
     free(j->msg);
@@ -850,14 +886,17 @@ static void canon_header(buf *out, const char *text, size_t len, size_t name_len
 {
     size_t i;
     int space = 0, started = 0;
+    char *o;
     if (canon == MP_CANON_SIMPLE) {
         b_add(out, text, len);
         if (crlf) b_add(out, "\r\n", 2);
         return;
     }
-    for (i = 0; i < name_len; i++) b_addc(out, (char)((text[i] >= 'A' && text[i] <= 'Z') ? text[i] + 32 : text[i]));
-    b_addc(out, ':');
-    i = (const char *)memchr(text, ':', len) - text + 1;
+    /* relaxed output is never longer than the field, plus the CRLF */
+    if ((o = b_reserve(out, len + 3)) == NULL) return;
+    for (i = 0; i < name_len; i++) *o++ = (char)lower_c((unsigned char)text[i]);
+    *o++ = ':';
+    i = (size_t)((const char *)memchr(text, ':', len) - text) + 1;
     /* unfold, turn runs of WSP into one SP, drop WSP at both ends */
     for (; i < len; i++) {
         unsigned char c = (unsigned char)text[i];
@@ -866,12 +905,17 @@ static void canon_header(buf *out, const char *text, size_t len, size_t name_len
             space = started;
             continue;
         }
-        if (space) b_addc(out, ' ');
+        if (space) *o++ = ' ';
         space = 0;
         started = 1;
-        b_addc(out, (char)c);
+        *o++ = (char)c;
     }
-    if (crlf) b_add(out, "\r\n", 2);
+    if (crlf) {
+        *o++ = '\r';
+        *o++ = '\n';
+    }
+    *o = '\0';
+    out->len = (size_t)(o - out->p);
 }
 
 static void md_update(EVP_MD_CTX *md, const char *p, size_t n)
@@ -901,7 +945,12 @@ static void canon_body(EVP_MD_CTX *md, const char *body, size_t len, int canon)
         }
         n = nl ? (size_t)(nl - line) : len - p;
         next = nl ? p + n + 2 : len;
-        if (canon == MP_CANON_RELAXED) {
+        if (canon == MP_CANON_RELAXED && nl && n > 0 && !memchr(line, ' ', n) && !memchr(line, '\t', n)) {
+            /* no WSP: the line, with its CRLF, is its own canonical form */
+            for (; empties > 0; empties--) md_update(md, "\r\n", 2);
+            md_update(md, line, n + 2);
+            any = 1;
+        } else if (canon == MP_CANON_RELAXED) {
             size_t e = n;
             while (e > 0 && is_wsp((unsigned char)line[e - 1])) e--;
             if (e == 0) {

@@ -121,6 +121,9 @@ typedef struct mp_dkim_spec_in {
     uint64_t expire;                   /* x= = t= + expire; 0: no x= */
     int timestamp;                     /* 0: no t= (native engine only) */
     int engine;                        /* MP_ENGINE_* for an RSA key */
+    int lists_static;                  /* headers and oversign are lower-case, every
+                                          oversigned name is in headers, and they live
+                                          as long as the process: the job borrows them */
 } mp_dkim_spec_in;
 
 typedef struct mp_dkim_job mp_dkim_job;

@@ -217,6 +217,7 @@ typedef struct rspec {
     const char *headers[MP_DKIM_MAX_HEADERS], *oversign[MP_DKIM_MAX_HEADERS];
     size_t nheaders, noversign;
     double expire;
+    int defaults; /* headers and oversign are the defaults below (nothing to copy) */
 } rspec;
 
 static int spec_error(lua_State *L, int n, const char *fmt, const char *a)
@@ -303,8 +304,10 @@ static void read_spec(lua_State *L, int n, rspec *sp)
     else if (canon && strcmp(canon, "simple/relaxed") == 0) sp->hcanon = MP_CANON_SIMPLE, sp->bcanon = MP_CANON_RELAXED;
     else spec_error(L, n, "canon: expected %s", "\"relaxed/relaxed\", \"simple/simple\", \"relaxed/simple\" or \"simple/relaxed\"");
     lua_pop(L, 1);
+    sp->defaults = 0;
     lua_getfield(L, -1, "headers");
     if (lua_isnil(L, -1)) {
+        sp->defaults = 1;
         lua_pop(L, 1);
         sp->nheaders = sizeof default_headers / sizeof *default_headers;
         for (i = 0; i < sp->nheaders; i++) sp->headers[i] = default_headers[i];
@@ -321,6 +324,7 @@ static void read_spec(lua_State *L, int n, rspec *sp)
         sp->noversign = 1;
         sp->oversign[0] = default_oversign[0];
     } else {
+        sp->defaults = 0;
         if (!lua_istable(L, -1)) spec_error(L, n, "oversign: expected a list of names, got %s", luaL_typename(L, -1));
         sp->noversign = read_names(L, n, "oversign", sp->oversign);
     }
@@ -384,9 +388,10 @@ static mp_dkim_job *make_job(lua_State *L, int mi, int si, int engine)
         in.identity = sp->identity;
         in.hcanon = sp->hcanon;
         in.bcanon = sp->bcanon;
-        in.headers = sp->headers;
+        in.headers = sp->defaults ? default_headers : sp->headers;
         in.nheaders = sp->nheaders;
-        in.oversign = sp->oversign;
+        in.oversign = sp->defaults ? default_oversign : sp->oversign;
+        in.lists_static = sp->defaults;
         in.noversign = sp->noversign;
         in.expire = (uint64_t)sp->expire;
         in.timestamp = sp->timestamp;

@@ -17,7 +17,7 @@ local core = require "moonpost.core.dkim"
 local rdkim = require "moonpost.runtime.dkim"
 local uv = require "luv"
 
-local format, lower, concat = string.format, string.lower, table.concat
+local format, lower, concat, find = string.format, string.lower, table.concat, string.find
 
 local _M = { _VERSION = "0.1" }
 
@@ -114,29 +114,8 @@ end
 
 -- ---- the From domain ---------------------------------------------------------
 
--- The domain of the first mailbox in the From header field, lower-cased,
--- or nil. Comments and quoted strings are skipped (RFC 5322 3.4).
-local function from_domain(headers)
-  local _, e = headers:find("^[Ff][Rr][Oo][Mm][ \t]*:")
-  if not e then
-    local nl = headers:find("\n[Ff][Rr][Oo][Mm][ \t]*:")
-    if not nl then return nil end
-    _, e = headers:find("[Ff][Rr][Oo][Mm][ \t]*:", nl + 1)
-  end
-  -- the field runs to the first line that does not start with white space
-  local stop = e
-  while true do
-    local nl = headers:find("\n", stop + 1, true)
-    if not nl then
-      stop = #headers
-      break
-    end
-    stop = nl
-    local c = headers:sub(nl + 1, nl + 1)
-    if c ~= " " and c ~= "\t" then break end
-  end
-  local value = headers:sub(e + 1, stop)
-  -- drop quoted strings and comments
+-- value without its quoted strings and comments
+local function strip_comments(value)
   local out, i, depth, n = {}, 1, 0, #value
   while i <= n do
     local c = value:sub(i, i)
@@ -159,7 +138,34 @@ local function from_domain(headers)
     end
     i = i + 1
   end
-  local v = concat(out)
+  return concat(out)
+end
+
+-- The domain of the first mailbox in the From header field, lower-cased,
+-- or nil. Comments and quoted strings are skipped (RFC 5322 3.4).
+local function from_domain(headers)
+  local _, e = headers:find("^[Ff][Rr][Oo][Mm][ \t]*:")
+  if not e then
+    local nl = headers:find("\n[Ff][Rr][Oo][Mm][ \t]*:")
+    if not nl then return nil end
+    _, e = headers:find("[Ff][Rr][Oo][Mm][ \t]*:", nl + 1)
+  end
+  -- the field runs to the first line that does not start with white space
+  local stop = e
+  while true do
+    local nl = headers:find("\n", stop + 1, true)
+    if not nl then
+      stop = #headers
+      break
+    end
+    stop = nl
+    local c = headers:sub(nl + 1, nl + 1)
+    if c ~= " " and c ~= "\t" then break end
+  end
+  local value = headers:sub(e + 1, stop)
+  local v = value
+  -- drop quoted strings and comments (most From fields have none)
+  if find(value, '[\\"()]') then v = strip_comments(value) end
   local addr = v:match("<([^>]*)>") or v:match("^[^,]*")
   local domain = addr and addr:match("@%s*([^@%s>]+)%s*$")
   if not domain then return nil end
@@ -239,13 +245,26 @@ function _M.sign(opts)
     return best
   end
 
+  -- The spec of a domain and selector, made once per key set (a reload
+  -- makes them again): signing only reads it.
+  local made, made_for = {}, nil
   local function spec(domain, selector)
     domain = lower(domain)
+    if made_for ~= store then made, made_for = {}, store end
+    local by = made[domain]
+    local s = by and by[selector]
+    if s then return s end
     local sels = store[domain]
     local key = sels and sels[selector]
     if not key then return nil, format("no key for %s selector %s", domain, selector) end
-    return { key = key, domain = domain, selector = selector, canon = o.canon, headers = o.headers,
+    s = { key = key, domain = domain, selector = selector, canon = o.canon, headers = o.headers,
       oversign = o.oversign, expire = expire }
+    if not by then
+      by = {}
+      made[domain] = by
+    end
+    by[selector] = s
+    return s
   end
 
   -- The signatures for a message: list of specs | nil, err

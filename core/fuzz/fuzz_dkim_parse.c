@@ -65,7 +65,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     {
         static const char *const hdrs[] = {"from", "to", "subject", "dkim-signature"};
         static const char *const over[] = {"from"};
-        mp_dkim_spec_in in = {key, "example.com", "s1", NULL, 0, 0, hdrs, 4, over, 1, 0, 1, MP_ENGINE_NATIVE};
+        mp_dkim_spec_in in = {key, "example.com", "s1", NULL, 0, 0, hdrs, 4, over, 1, 0, 1, MP_ENGINE_NATIVE, 0};
         mp_dkim_job *j = mp_dkim_job_new(msg, size, 1);
         size_t rlen;
         const char *r;
