@@ -43,26 +43,6 @@ typedef struct buf {
     int oom;
 } buf;
 
-static void b_add(buf *b, const void *p, size_t n)
-{
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        char *np;
-        while (cap < b->len + n + 1) cap *= 2;
-        np = realloc(b->p, cap);
-        if (np == NULL) {
-            b->oom = 1;
-            return;
-        }
-        b->p = np;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, p, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
 /* room for n more octets (and the NUL b_add keeps): where they go, or NULL */
 static char *b_reserve(buf *b, size_t n)
 {
@@ -80,6 +60,15 @@ static char *b_reserve(buf *b, size_t n)
         b->cap = cap;
     }
     return b->p + b->len;
+}
+
+static void b_add(buf *b, const void *p, size_t n)
+{
+    char *o = b_reserve(b, n);
+    if (o == NULL) return;
+    memcpy(o, p, n);
+    b->len += n;
+    b->p[b->len] = '\0';
 }
 
 static void b_adds(buf *b, const char *s) { b_add(b, s, strlen(s)); }

@@ -251,8 +251,8 @@ function _M.wait(timeout)
   return co_yield()
 end
 
-function _M.wake(task, a, b)
-  if not task.waiting or task.done then return false end
+local function wake_token(task, token, a, b)
+  if task.waiting ~= token or task.done then return false end
   if co_running() and tasks[co_running()] then
     defer(task, a, b)
     return true
@@ -261,6 +261,13 @@ function _M.wake(task, a, b)
   wheel_remove(task)
   resume(task, a, b)
   return true
+end
+_M.wake_token = wake_token
+
+function _M.wake(task, a, b)
+  local token = task.waiting
+  if not token then return false end
+  return wake_token(task, token, a, b)
 end
 
 -- reserve() -> task, token: the token of the current task's next wait(). A
@@ -272,18 +279,6 @@ function _M.reserve()
   token_seq = token_seq + 1
   task.reserved = token_seq
   return task, token_seq
-end
-
-function _M.wake_token(task, token, a, b)
-  if task.waiting ~= token or task.done then return false end
-  if co_running() and tasks[co_running()] then
-    defer(task, a, b)
-    return true
-  end
-  task.waiting = false
-  wheel_remove(task)
-  resume(task, a, b)
-  return true
 end
 
 function _M.is_waiting(task)

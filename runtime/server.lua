@@ -523,6 +523,25 @@ function message_stored(self, txn, msg, ok, v, stored, serr, scode)
   reply(self, 250, "2.0.0", "Ok: queued as " .. txn.id)
 end
 
+-- Before the content of a transaction (DATA, the first BDAT): a spool that
+-- cannot take it, or the policy's smtp_server_data verdict, refuses it,
+-- ends the transaction and answers; true then.
+local function content_refused(self, txn)
+  local sp = self.mta.spool
+  if sp and not sp:accepting() then
+    reset_txn(self)
+    reply(self, 452, "4.3.1", "Insufficient system storage")
+    return true
+  end
+  local v = data_hook(self, txn)
+  if v then
+    reset_txn(self)
+    verdict_reply(self, v)
+    return true
+  end
+  return false
+end
+
 commands.DATA = function(self, arg)
   if not greeted(self) then return end
   local txn = self.txn
@@ -530,16 +549,7 @@ commands.DATA = function(self, arg)
   if not txn then return error_reply(self, 503, "5.5.1", "Error: need MAIL command") end
   if txn.chunking then return error_reply(self, 503, "5.5.1", "Error: BDAT in progress; DATA not allowed") end
   if #txn.recipients == 0 then return error_reply(self, 554, "5.5.1", "Error: no valid recipients") end
-  local sp = self.mta.spool
-  if sp and not sp:accepting() then
-    reset_txn(self)
-    return reply(self, 452, "4.3.1", "Insufficient system storage")
-  end
-  local v = data_hook(self, txn)
-  if v then
-    reset_txn(self)
-    return verdict_reply(self, v)
-  end
+  if content_refused(self, txn) then return end
   reply(self, 354, nil, "End data with <CR><LF>.<CR><LF>")
   set_state(self, "data")
   self.parser:begin_data()
@@ -588,17 +598,8 @@ local function bdat_done(self, flags)
   if not txn.chunking then
     txn.chunking = true
     set_state(self, "bdat")
-    local sp = self.mta.spool
-    if sp and not sp:accepting() then
-      reset_txn(self)
-      return reply(self, 452, "4.3.1", "Insufficient system storage")
-    end
-    local v = data_hook(self, txn)
-    if v then
-      -- RFC 3030 3: a failed chunk fails the transaction.
-      reset_txn(self)
-      return verdict_reply(self, v)
-    end
+    -- RFC 3030 3: a failed chunk fails the transaction.
+    if content_refused(self, txn) then return end
   end
   if band(flags, MSG_TOO_BIG) ~= 0 then
     reset_txn(self)

@@ -161,6 +161,18 @@ describe("smtp server hooks", function()
         p:script("C: RCPT TO:<r@b.c>\nS: 250\nC: DATA\nS: 354\nC: body\nC: .\nS: " .. expect
           .. "\nC: MAIL FROM:<a@b.c>\nS: 250")
       end
+      -- the first BDAT meets the same verdict; its chunk is read all the same
+      p:script([[
+        C: RCPT TO:<r@b.c>
+        S: 250
+        C: RCPT TO:<s@b.c>
+        S: 250
+        C: BDAT 6 LAST
+        C: body
+        S: 554 5.7.1 One recipient only
+        C: MAIL FROM:<a@b.c>
+        S: 250
+      ]])
       p:close()
       assert.equal(3, n)
       H.stop_mta(mta)
