@@ -129,6 +129,33 @@ void mp_in_free(mp_smtp_in *p)
     free(p);
 }
 
+/* Input received and not yet parsed is buf[off..len): append n octets,
+ * moving what is left to the front before growing the buffer. 0 | -1. */
+static int input_append(char **buf, size_t *off, size_t *len, size_t *cap, size_t first_cap, const char *data,
+                        size_t n)
+{
+    if (n == 0) return 0;
+    if (*off == *len) {
+        *off = *len = 0;
+    } else if (*off > 0 && *len + n > *cap) {
+        memmove(*buf, *buf + *off, *len - *off);
+        *len -= *off;
+        *off = 0;
+    }
+    if (*len + n > *cap) {
+        size_t c = *cap ? *cap : first_cap;
+        char *nb;
+        while (c < *len + n) c *= 2;
+        nb = realloc(*buf, c);
+        if (nb == NULL) return -1;
+        *buf = nb;
+        *cap = c;
+    }
+    memcpy(*buf + *len, data, n);
+    *len += n;
+    return 0;
+}
+
 void mp_in_set_limits(mp_smtp_in *p, const mp_in_limits *limits) { p->lim = *limits; }
 const mp_in_limits *mp_in_get_limits(const mp_smtp_in *p) { return &p->lim; }
 size_t mp_in_buffered(const mp_smtp_in *p) { return p->len - p->off; }
@@ -138,26 +165,7 @@ int mp_in_mode(const mp_smtp_in *p) { return p->mode; }
 
 int mp_in_push(mp_smtp_in *p, const char *data, size_t n)
 {
-    if (n == 0) return 0;
-    if (p->off == p->len) {
-        p->off = p->len = 0;
-    } else if (p->off > 0 && p->len + n > p->cap) {
-        memmove(p->buf, p->buf + p->off, p->len - p->off);
-        p->len -= p->off;
-        p->off = 0;
-    }
-    if (p->len + n > p->cap) {
-        size_t cap = p->cap ? p->cap : 4096;
-        char *nb;
-        while (cap < p->len + n) cap *= 2;
-        nb = realloc(p->buf, cap);
-        if (nb == NULL) return -1;
-        p->buf = nb;
-        p->cap = cap;
-    }
-    memcpy(p->buf + p->len, data, n);
-    p->len += n;
-    return 0;
+    return input_append(&p->buf, &p->off, &p->len, &p->cap, 4096, data, n);
 }
 
 void mp_in_discard(mp_smtp_in *p)
@@ -1037,26 +1045,7 @@ size_t mp_reply_buffered(const mp_reply_parser *r) { return r->len - r->off; }
 
 int mp_reply_push(mp_reply_parser *r, const char *data, size_t n)
 {
-    if (n == 0) return 0;
-    if (r->off == r->len) {
-        r->off = r->len = 0;
-    } else if (r->off > 0 && r->len + n > r->cap) {
-        memmove(r->buf, r->buf + r->off, r->len - r->off);
-        r->len -= r->off;
-        r->off = 0;
-    }
-    if (r->len + n > r->cap) {
-        size_t cap = r->cap ? r->cap : 1024;
-        char *nb;
-        while (cap < r->len + n) cap *= 2;
-        nb = realloc(r->buf, cap);
-        if (nb == NULL) return -1;
-        r->buf = nb;
-        r->cap = cap;
-    }
-    memcpy(r->buf + r->len, data, n);
-    r->len += n;
-    return 0;
+    return input_append(&r->buf, &r->off, &r->len, &r->cap, 1024, data, n);
 }
 
 static int text_add(mp_reply_parser *r, const char *s, size_t n)
