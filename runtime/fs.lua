@@ -65,22 +65,61 @@ function _M.mkdir_p(path, mode)
   return nil, err, code
 end
 
--- replace(path, data [, tmp]) -> true | nil, err: write data to a new file
--- beside path (path .. (tmp or ".tmp")), make it durable, rename it over
--- path and sync the directory: after a crash, path holds the old data or
--- the new, never a mix. In a task.
-function _M.replace(path, data, tmp)
+-- The steps of replace(): the file calls of a task (waiting in the thread
+-- pool) or, for replace_now(), luv's blocking calls.
+local function replace_via(op, path, data, tmp)
   tmp = path .. (tmp or ".tmp")
-  local fd, err, code = _M.open(tmp, "w", 384)
+  local fd, err, code = op.open(tmp, "w", 384)
   if not fd then return nil, err, code end
-  local ok
-  ok, err, code = _M.write(fd, data)
-  if ok then ok, err, code = _M.fsync(fd) end
-  _M.close(fd)
-  if ok then ok, err, code = _M.rename(tmp, path) end
-  if ok then ok, err, code = _M.fsync_dir(match(path, "^(.*)/[^/]*$") or ".") end
+  local done, ok = 0, true
+  while ok and done < #data do
+    local n
+    n, err, code = op.write(fd, done == 0 and data or data:sub(done + 1), -1)
+    if n and n > 0 then
+      done = done + n
+    else
+      ok, err = nil, err or format("%s: short write", tmp)
+    end
+  end
+  if ok then ok, err, code = op.fsync(fd) end
+  op.close(fd)
+  if ok then ok, err, code = op.rename(tmp, path) end
+  if not ok then
+    op.unlink(tmp)
+    return nil, err, code
+  end
+  -- the rename is durable once the directory is
+  local dfd
+  dfd, err, code = op.open(match(path, "^(.*)/[^/]*$") or ".", "r", 0)
+  if not dfd then return nil, err, code end
+  ok, err, code = op.fsync(dfd)
+  op.close(dfd)
   if not ok then return nil, err, code end
   return true
+end
+
+local IN_TASK = {
+  open = _M.open, write = _M.write, fsync = _M.fsync, close = _M.close, rename = _M.rename, unlink = _M.unlink,
+}
+local NOW = {
+  open = uv.fs_open, write = uv.fs_write, fsync = uv.fs_fsync, close = uv.fs_close, rename = uv.fs_rename,
+  unlink = uv.fs_unlink,
+}
+
+-- replace(path, data [, tmp]) -> true | nil, err, code: write data to a new
+-- file beside path (path .. (tmp or ".tmp")), make it durable, rename it
+-- over path and sync the directory: after a crash, path holds the old data
+-- or the new, never a mix; on failure the new file is removed. In a task.
+function _M.replace(path, data, tmp)
+  return replace_via(IN_TASK, path, data, tmp)
+end
+
+-- replace_now(path, data [, tmp]): what replace() does, blocking the
+-- calling thread: for shutdown, where no task waits (a state file written
+-- as the process ends must be on disk before it is renamed over the last
+-- good one).
+function _M.replace_now(path, data, tmp)
+  return replace_via(NOW, path, data, tmp)
 end
 
 -- sync_all(fds, dir, what, done) -> syncs started: fdatasync every
@@ -162,35 +201,6 @@ function _M.list_numbered(dir, ext)
   end
   table.sort(out)
   return out
-end
-
--- replace_now(path, data [, tmp]) -> true | nil, err: what replace() does,
--- blocking the calling thread: for shutdown, where no task waits (a state
--- file written as the process ends must be on disk before it is renamed
--- over the last good one).
-function _M.replace_now(path, data, tmp)
-  tmp = path .. (tmp or ".tmp")
-  local fd, err = uv.fs_open(tmp, "w", 384)
-  if not fd then return nil, err end
-  local done, ok = 0, true
-  while ok and done < #data do
-    local n, werr = uv.fs_write(fd, done == 0 and data or data:sub(done + 1), -1)
-    if not n then ok, err = nil, werr else done = done + n end
-  end
-  if ok then ok, err = uv.fs_fsync(fd) end
-  uv.fs_close(fd)
-  if ok then ok, err = uv.fs_rename(tmp, path) end
-  if not ok then
-    uv.fs_unlink(tmp)
-    return nil, err
-  end
-  local dfd = uv.fs_open(match(path, "^(.*)/[^/]*$") or ".", "r", 0)
-  if dfd then
-    ok, err = uv.fs_fsync(dfd)
-    uv.fs_close(dfd)
-    if not ok then return nil, err end
-  end
-  return true
 end
 
 -- Make a rename or create in the directory durable.

@@ -1,4 +1,4 @@
--- File replacement at shutdown (runtime/fs.lua replace_now): the new data
+-- File replacement (runtime/fs.lua replace, and replace_now at shutdown): the new data
 -- whole under the old name, no temporary file left, the old file kept when
 -- the new one cannot be written. And the group commits' syncs (sync_all):
 -- done once, after every sync, with the first failure.
@@ -14,44 +14,58 @@ local function read(path)
   return s
 end
 
-describe("moonpost.runtime.fs replace_now", function()
-  local dir
+-- replace (in a task) and replace_now (blocking) take the same steps
+for _, name in ipairs({ "replace_now", "replace" }) do
+  -- fs[name](...), in a task for replace
+  local function replace(...)
+    if name == "replace_now" then return fs.replace_now(...) end
+    local args, r = { ... }, nil
+    H.run(function() r = { fs.replace(unpack(args, 1, 3)) } end)
+    return unpack(r, 1, 3)
+  end
 
-  before_each(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    assert(uv.fs_mkdir(dir, 448))
-  end)
+  describe("moonpost.runtime.fs " .. name, function()
+    local dir
 
-  after_each(function()
-    os.execute("rm -rf '" .. dir .. "'")
-  end)
+    before_each(function()
+      dir = os.tmpname()
+      os.remove(dir)
+      assert(uv.fs_mkdir(dir, 448))
+    end)
 
-  it("puts the whole new data under the name, mode 0600, and leaves no temporary file", function()
-    local path = dir .. "/state.json"
-    assert.is_true(fs.replace_now(path, "old"))
-    local big = string.rep("0123456789", 100000)
-    assert.is_true(fs.replace_now(path, big, ".saving"))
-    assert.equal(big, read(path))
-    assert.equal(384, uv.fs_stat(path).mode % 512)
-    assert.is_nil(uv.fs_stat(path .. ".saving"))
-    assert.is_nil(uv.fs_stat(path .. ".tmp"))
-  end)
+    after_each(function()
+      os.execute("rm -rf '" .. dir .. "'")
+    end)
 
-  it("keeps the old file and reports why when the new one cannot be written", function()
-    local path = dir .. "/state.json"
-    assert.is_true(fs.replace_now(path, "old"))
-    -- the temporary name is taken by a directory: the write fails before any rename
-    assert(uv.fs_mkdir(path .. ".tmp", 448))
-    local ok, err = fs.replace_now(path, "new")
-    assert.is_nil(ok)
-    assert.matches("EISDIR", err)
-    assert.equal("old", read(path))
-    local ok2, err2 = fs.replace_now(dir .. "/no/such/dir/state.json", "x")
-    assert.is_nil(ok2)
-    assert.matches("ENOENT", err2)
+    it("puts the whole new data under the name, mode 0600, and leaves no temporary file", function()
+      local path = dir .. "/state.json"
+      assert.is_true(replace(path, "old"))
+      local big = string.rep("0123456789", 100000)
+      assert.is_true(replace(path, big, ".saving"))
+      assert.equal(big, read(path))
+      assert.equal(384, uv.fs_stat(path).mode % 512)
+      assert.is_nil(uv.fs_stat(path .. ".saving"))
+      assert.is_nil(uv.fs_stat(path .. ".tmp"))
+      assert.is_true(replace(path, ""))
+      assert.equal("", read(path))
+    end)
+
+    it("keeps the old file and reports why when the new one cannot be written", function()
+      local path = dir .. "/state.json"
+      assert.is_true(replace(path, "old"))
+      -- the temporary name is taken by a directory: the write fails before any rename
+      assert(uv.fs_mkdir(path .. ".tmp", 448))
+      local ok, err = replace(path, "new")
+      assert.is_nil(ok)
+      assert.matches("EISDIR", err)
+      assert.equal("old", read(path))
+      local ok2, err2, code2 = replace(dir .. "/no/such/dir/state.json", "x")
+      assert.is_nil(ok2)
+      assert.matches("ENOENT", err2)
+      assert.equal("ENOENT", code2)
+    end)
   end)
-end)
+end
 
 describe("moonpost.runtime.fs sync_all", function()
   it("calls done once after every sync, and fails a batch whose directory cannot be synced", function()
