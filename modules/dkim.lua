@@ -17,7 +17,8 @@ local core = require "moonpost.core.dkim"
 local rdkim = require "moonpost.runtime.dkim"
 local uv = require "luv"
 
-local format, lower, concat, find = string.format, string.lower, table.concat, string.find
+local format, lower, concat, find, byte, sub, match = string.format, string.lower, table.concat, string.find,
+  string.byte, string.sub, string.match
 
 local _M = { _VERSION = "0.1" }
 
@@ -144,11 +145,21 @@ end
 -- The domain of the first mailbox in the From header field, lower-cased,
 -- or nil. Comments and quoted strings are skipped (RFC 5322 3.4).
 local function from_domain(headers)
-  local _, e = headers:find("^[Ff][Rr][Oo][Mm][ \t]*:")
-  if not e then
-    local nl = headers:find("\n[Ff][Rr][Oo][Mm][ \t]*:")
+  -- the first line that starts a From field, line by line (an unanchored
+  -- pattern search tried its classes at every octet of the header section:
+  -- 27k instructions a message, with a Received field in front)
+  local pos, e = 1
+  while true do
+    local b = byte(headers, pos)
+    if not b then return nil end
+    if b == 70 or b == 102 then -- F, f
+      local _
+      _, e = find(headers, "^[Ff][Rr][Oo][Mm][ \t]*:", pos)
+      if e then break end
+    end
+    local nl = find(headers, "\n", pos, true)
     if not nl then return nil end
-    _, e = headers:find("[Ff][Rr][Oo][Mm][ \t]*:", nl + 1)
+    pos = nl + 1
   end
   -- the field runs to the first line that does not start with white space
   local stop = e
@@ -162,15 +173,37 @@ local function from_domain(headers)
     local c = headers:sub(nl + 1, nl + 1)
     if c ~= " " and c ~= "\t" then break end
   end
-  local value = headers:sub(e + 1, stop)
-  local v = value
-  -- drop quoted strings and comments (most From fields have none)
-  if find(value, '[\\"()]') then v = strip_comments(value) end
-  local addr = v:match("<([^>]*)>") or v:match("^[^,]*")
-  local domain = addr and addr:match("@%s*([^@%s>]+)%s*$")
-  if not domain then return nil end
-  domain = lower(domain):gsub("%.$", "")
-  if not domain:match("^[%w][%w%.%-]*$") then return nil end
+  local v = headers:sub(e + 1, stop)
+  -- drop quoted strings and comments (most From fields have none; plain
+  -- searches here and below: a pattern with a class tries it at every octet)
+  if find(v, '"', 1, true) or find(v, "(", 1, true) or find(v, "\\", 1, true) then v = strip_comments(v) end
+  -- the first <addr-spec>, else the first mailbox of the list
+  local addr
+  local lt = find(v, "<", 1, true)
+  local gt = lt and find(v, ">", lt + 1, true)
+  if gt then
+    addr = sub(v, lt + 1, gt - 1)
+  else
+    local comma = find(v, ",", 1, true)
+    addr = comma and sub(v, 1, comma - 1) or v
+  end
+  -- the domain: after the last "@", without the white space around it
+  local at = find(addr, "@", 1, true)
+  if not at then return nil end
+  while true do
+    local next_at = find(addr, "@", at + 1, true)
+    if not next_at then break end
+    at = next_at
+  end
+  local domain = sub(addr, at + 1)
+  local last = byte(domain, -1)
+  if byte(domain, 1) == 32 or byte(domain, 1) == 9 or last == 32 or last == 9 or last == 13 or last == 10 then
+    domain = match(domain, "^%s*(.-)%s*$")
+    last = byte(domain, -1)
+  end
+  if last == 46 then domain = sub(domain, 1, -2) end -- a final dot
+  domain = lower(domain)
+  if not match(domain, "^[%w][%w%.%-]*$") then return nil end
   return domain
 end
 _M.from_domain = from_domain

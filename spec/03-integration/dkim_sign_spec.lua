@@ -274,5 +274,16 @@ describe("moonpost.dkim.from_domain", function()
     assert.is_nil(from_domain("Subject: no from\r\n"))
     assert.is_nil(from_domain("From: undisclosed\r\n"))
     assert.is_nil(from_domain("X-From: a@example.com\r\n"))
+    -- behind a Received field that says "from", and past a continuation line
+    assert.equal("b.example", from_domain("Received: from client.test (client.test [127.0.0.1])\r\n"
+      .. "\tby mx.test (Moonpost) with ESMTP id 1\r\n\tfrom: x@evil.test; Mon, 30 Nov 2026 18:00:00 +0000\r\n"
+      .. "Subject: s\r\n From: y@evil.test\r\nfROM : a@B.example.\r\n"))
+    assert.equal("b.example", from_domain("From: a@b.example \r\n"))
+    assert.equal("b.example", from_domain("From: x <a@b.example.>\r\n"))
+    assert.equal("b.example", from_domain("From: <a@b.example\r\n"))
+    assert.equal("c.example", from_domain("From: \"a@b\" <x@y@c.example>\r\n"))
+    assert.is_nil(from_domain("From: a@b c\r\n"))
+    assert.is_nil(from_domain("From: a@\r\n"))
+    assert.is_nil(from_domain("From: a@-b.example\r\n"))
   end)
 end)
