@@ -717,8 +717,9 @@ static int listed(char *const *names, size_t n, const char *name, size_t len)
     int first;
     if (len == 0) return 0;
     first = lower_c((unsigned char)name[0]);
+    /* the length first: name may hold a NUL, where strncasecmp would stop */
     for (i = 0; i < n; i++)
-        if (names[i][0] == first && strncasecmp(names[i], name, len) == 0 && names[i][len] == '\0') return 1;
+        if (names[i][0] == first && strlen(names[i]) == len && strncasecmp(names[i], name, len) == 0) return 1;
     return 0;
 }
 
