@@ -539,7 +539,16 @@ function outcomes(self, m, env, body, rcpts, results, early, now)
   local done, deferred = {}, 0
   -- the recipients each kind of DSN reports on, made when one needs it
   local failed, delivered, relayed, delayed
-  local age = now - (env.t or ids.time_of(m.id))
+  -- The message's age, for max_age: to the nanosecond while this process
+  -- holds it (stored_at); after a restart only the whole seconds of its
+  -- arrival are known, and one is taken off, so that it never expires
+  -- early (whole seconds on both sides made it up to a second early).
+  local age
+  if m.stored_at then
+    age = (uv.hrtime() - m.stored_at) / 1e9
+  else
+    age = now - (env.t or ids.time_of(m.id)) - 1
+  end
   -- the metrics (moonpost.metrics) count each recipient's outcome
   local mc, tenant = self.mta.counters, env.tenant or ""
   local next_at

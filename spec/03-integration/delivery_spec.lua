@@ -113,6 +113,35 @@ describe("delivery over SMTP", function()
     end)
   end)
 
+  it("never expires a message before max_age: the fraction of a second of its arrival counts", function()
+    with_sink(nil, function(sink)
+      local uv = require "luv"
+      local sleep = require("moonpost.runtime.sched").sleep
+      local mta, port = relay_mta(dir, sink.port, nil, { retry = { "1s" }, max_age = "2s" })
+      -- Arrive late in a second (x.55 to x.8), then have the queue look at
+      -- its messages just after second x + 2 (another message arrives): in
+      -- whole seconds the first one is 2 s old then, in fact about 1.4 s.
+      local sec, us
+      repeat
+        sec, us = uv.gettimeofday()
+        local late = us >= 550000 and us < 800000
+        if not late then sleep(0.02) end
+      until late
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "r451-never@x.test" } })))
+      local t0 = uv.hrtime()
+      repeat
+        local s2, u2 = uv.gettimeofday()
+        local past = s2 > sec + 2 or (s2 == sec + 2 and u2 >= 50000)
+        if not past then sleep(0.01) end
+      until past
+      assert.equal(250, (H.send(port, { to = { "poke@x.test" } })))
+      assert.is_true(H.wait_for(function() return by_rcpt(sink.messages())["origin@sender.test"] == 1 end, 20))
+      local waited = (uv.hrtime() - t0) / 1e9
+      assert.is_true(waited >= 1.9, string.format("expired %.2f s after the 250 (max_age 2 s)", waited))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("sends no DSN for NOTIFY=NEVER and never to the null sender", function()
     with_sink(nil, function(sink)
       local mta, port = relay_mta(dir, sink.port)
