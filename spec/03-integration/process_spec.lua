@@ -104,9 +104,11 @@ describe("SIGTERM", function()
       assert.truthy(log1:find("sigterm: stopping (grace 10s)", 1, true), log1:sub(-2000))
       assert.truthy(log1:find("spool: closed", 1, true))
       assert.truthy(log1:find(" stopped\n", 1, true))
-      assert.is_true(idle_after < 1, "421 to the idle session after " .. idle_after .. " s")
-      -- the sessions and deliveries in progress ended within a fraction of the grace
-      assert.is_true(took < 5, "exit after " .. took .. " s")
+      assert.is_true(idle_after < 2, "421 to the idle session after " .. idle_after .. " s")
+      -- the sessions and deliveries in progress ended well within the 10 s
+      -- grace (bounds with room for a loaded machine: the point is that the
+      -- grace was not waited out)
+      assert.is_true(took < 8, "exit after " .. took .. " s")
 
       -- restart on the same spool: what was acknowledged is delivered, or queued
       local want = 1 -- the busy session's message
@@ -166,8 +168,8 @@ describe("SIGTERM", function()
       stuck:close()
       assert.is_true(exited)
       assert.equal(0, code)
-      assert.is_true(cut >= 1.4 and cut < 3, "cut after " .. cut .. " s")
-      assert.is_true(took < 4, "exit after " .. took .. " s")
+      assert.is_true(cut >= 1.4 and cut < 4, "cut after " .. cut .. " s")
+      assert.is_true(took < 6, "exit after " .. took .. " s")
       assert.truthy(srv.log():find("sigterm: stopping (grace 1.5s)", 1, true))
     end, 60)
     H.rm_rf(dir)
