@@ -67,9 +67,19 @@ local function body(task, fn, ...)
   finish(task, xpcall(fn, traceback, ...))
 end
 
+-- The task whose coroutine the scheduler has resumed and not yet got back
+-- from (the innermost one: spawn() runs a new task at once). The wakes ask
+-- it, not coroutine.running(): in a coroutine of a task's own (a policy's
+-- iterator, say) that named the inner coroutine, no task, and the woken
+-- task was resumed inside the waker, re-entrantly.
+local running = nil
+
 -- A task's first run: body(task, fn, ...) on its coroutine.
 local function start(task, fn, ...)
+  local prev = running
+  running = task
   local ok, err = co_resume(task.co, task, fn, ...)
+  running = prev
   if not ok then
     task.done = true
     log.error("task %s: resume failed: %s", task.name or "?", tostring(err))
@@ -80,7 +90,10 @@ end
 -- fixed number of arguments lets LuaJIT compile the wake paths (it does not
 -- record "..." passed on here: NYI bytecode VARG).
 local function resume(task, a, b)
+  local prev = running
+  running = task
   local ok, err = co_resume(task.co, a, b)
+  running = prev
   if not ok then
     -- body() wraps everything in xpcall, so this is a scheduler bug.
     task.done = true
@@ -253,7 +266,8 @@ end
 
 local function wake_token(task, token, a, b)
   if task.waiting ~= token or task.done then return false end
-  if co_running() and tasks[co_running()] then
+  if running then
+    -- from inside a task: no task resumes another re-entrantly
     defer(task, a, b)
     return true
   end

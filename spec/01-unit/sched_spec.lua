@@ -80,3 +80,26 @@ describe("sched.wake", function()
     end)
   end)
 end)
+
+describe("sched.wake from inside a task", function()
+  it("defers the woken task until the waker yields, even from a coroutine of the task's own", function()
+    local order = {}
+    H.run(function()
+      local sleeper = sched.spawn(function()
+        sched.wait()
+        order[#order + 1] = "woken"
+      end)
+      -- a policy may run its own coroutines (an iterator, say) inside a task
+      local gen = coroutine.wrap(function()
+        sched.wake(sleeper, true)
+        order[#order + 1] = "after wake"
+        coroutine.yield()
+      end)
+      gen()
+      order[#order + 1] = "waker goes on"
+      sched.yield()
+      order[#order + 1] = "waker back"
+    end)
+    assert.same({ "after wake", "waker goes on", "woken", "waker back" }, order)
+  end)
+end)
