@@ -15,6 +15,7 @@ local config = require "moonpost.runtime.config"
 local log = require "moonpost.runtime.log"
 local core = require "moonpost.core.dkim"
 local rdkim = require "moonpost.runtime.dkim"
+local fields = require "moonpost.runtime.headers"
 local uv = require "luv"
 
 local format, lower, concat, find, byte, sub, match = string.format, string.lower, table.concat, string.find,
@@ -144,36 +145,10 @@ end
 
 -- The domain of the first mailbox in the From header field, lower-cased,
 -- or nil. Comments and quoted strings are skipped (RFC 5322 3.4).
-local function from_domain(headers)
-  -- the first line that starts a From field, line by line (an unanchored
-  -- pattern search tried its classes at every octet of the header section:
-  -- 27k instructions a message, with a Received field in front)
-  local pos, e = 1
-  while true do
-    local b = byte(headers, pos)
-    if not b then return nil end
-    if b == 70 or b == 102 then -- F, f
-      local _
-      _, e = find(headers, "^[Ff][Rr][Oo][Mm][ \t]*:", pos)
-      if e then break end
-    end
-    local nl = find(headers, "\n", pos, true)
-    if not nl then return nil end
-    pos = nl + 1
-  end
-  -- the field runs to the first line that does not start with white space
-  local stop = e
-  while true do
-    local nl = headers:find("\n", stop + 1, true)
-    if not nl then
-      stop = #headers
-      break
-    end
-    stop = nl
-    local c = headers:sub(nl + 1, nl + 1)
-    if c ~= " " and c ~= "\t" then break end
-  end
-  local v = headers:sub(e + 1, stop)
+local function from_domain(head)
+  local f = fields.find(head, "from")[1]
+  if not f then return nil end
+  local v = f.value
   -- drop quoted strings and comments (most From fields have none; plain
   -- searches here and below: a pattern with a class tries it at every octet)
   if find(v, '"', 1, true) or find(v, "(", 1, true) or find(v, "\\", 1, true) then v = strip_comments(v) end
@@ -197,7 +172,7 @@ local function from_domain(headers)
   end
   local domain = sub(addr, at + 1)
   local last = byte(domain, -1)
-  if byte(domain, 1) == 32 or byte(domain, 1) == 9 or last == 32 or last == 9 or last == 13 or last == 10 then
+  if byte(domain, 1) == 32 or byte(domain, 1) == 9 or last == 32 or last == 9 then
     domain = match(domain, "^%s*(.-)%s*$")
     last = byte(domain, -1)
   end

@@ -1,0 +1,34 @@
+-- runtime/headers.lua find(): the fields of one name in a header section,
+-- unfolded and trimmed, with the octets each spans (for msg:remove).
+local headers = require "moonpost.runtime.headers"
+
+describe("moonpost.runtime.headers find", function()
+  local head = "Received: from a\r\n\tby b; x-tenant: not a field\r\n"
+    .. "X-Tenant:  acme \r\n"
+    .. "X-Tenant-Id: 7\r\n"
+    .. "x-TENANT :globex\r\n folded on\r\n\tand on\r\n"
+    .. "X-Tenant:\r\n"
+    .. "Subject: s\r\n\r\nX-Tenant: body, not header\r\n"
+
+  it("finds every field of the name, in order, whatever its case, and no other", function()
+    local f = headers.find(head, "x-tenant")
+    assert.equal(3, #f)
+    assert.same({ "acme", "globex folded on\tand on", "" }, { f[1].value, f[2].value, f[3].value })
+  end)
+
+  it("gives the octets of each field with its continuation lines and line ends", function()
+    local f = headers.find(head, "x-tenant")
+    assert.equal("X-Tenant:  acme \r\n", head:sub(f[1].first, f[1].last))
+    assert.equal("x-TENANT :globex\r\n folded on\r\n\tand on\r\n", head:sub(f[2].first, f[2].last))
+    assert.equal("X-Tenant:\r\n", head:sub(f[3].first, f[3].last))
+  end)
+
+  it("finds nothing for a name only in a continuation line, a longer name, or the body", function()
+    assert.same({}, headers.find(head, "by b; x-tenant"))
+    assert.equal(1, #headers.find(head, "x-tenant-id"))
+    assert.same({}, headers.find(head, "x-tenan"))
+    assert.same({}, headers.find("Subject: s\r\n\r\nFrom: a@b\r\n", "from"))
+    assert.same({}, headers.find("", "from"))
+    assert.equal("x", headers.find("From: x", "from")[1].value) -- no final line end
+  end)
+end)
