@@ -74,16 +74,22 @@ end
 -- task was resumed inside the waker, re-entrantly.
 local running = nil
 
--- A task's first run: body(task, fn, ...) on its coroutine.
-local function start(task, fn, ...)
-  local prev = running
-  running = task
-  local ok, err = co_resume(task.co, task, fn, ...)
+-- After a resume: back to the task that was running (if any), and a failed
+-- resume logged (body() wraps everything in xpcall, so that is a scheduler
+-- bug).
+local function resumed(task, prev, ok, err)
   running = prev
   if not ok then
     task.done = true
     log.error("task %s: resume failed: %s", task.name or "?", tostring(err))
   end
+end
+
+-- A task's first run: body(task, fn, ...) on its coroutine.
+local function start(task, fn, ...)
+  local prev = running
+  running = task
+  resumed(task, prev, co_resume(task.co, task, fn, ...))
 end
 
 -- Every later resume, with the values wait() returns: two at most, as a
@@ -92,13 +98,7 @@ end
 local function resume(task, a, b)
   local prev = running
   running = task
-  local ok, err = co_resume(task.co, a, b)
-  running = prev
-  if not ok then
-    -- body() wraps everything in xpcall, so this is a scheduler bug.
-    task.done = true
-    log.error("task %s: resume failed: %s", task.name or "?", tostring(err))
-  end
+  resumed(task, prev, co_resume(task.co, a, b))
 end
 
 local function wheel_remove(task)

@@ -608,10 +608,6 @@ function lazy_sync(self)
   start_lazy_timer(self)
 end
 
--- State records go to the page cache at the end of this loop iteration (one
--- write for all of them): a crash of the process then loses none, and the
--- deliveries they record are not repeated. (fdatasync still comes with the
--- next group commit or lazy_sync.)
 -- Work for the end of this loop iteration, after a burst of outcomes: the
 -- state records written to the page cache (spill_pending), empty segments
 -- reclaimed (reclaim_scheduled). One check handle and callback, made once (a
@@ -639,6 +635,10 @@ local function end_of_iteration(self)
   if not h:is_active() then h:start(self.tick_cb) end
 end
 
+-- State records go to the page cache at the end of this loop iteration (one
+-- write for all of them): a crash of the process then loses none, and the
+-- deliveries they record are not repeated. (fdatasync still comes with the
+-- next group commit or lazy_sync.)
 local function spill_soon(self)
   if self.spill_pending or self.readonly or self.closed then return end
   self.spill_pending = true
