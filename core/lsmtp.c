@@ -684,21 +684,22 @@ static uv_stream_t *luv_tcp_handle(lua_State *L, int idx, lua_Integer fd)
     return (uv_stream_t *)h;
 }
 
-/* send_stuffed(tcp, fd, body) -> written, rest | nil, err, name
- * The body dot-stuffed and ended with "." (as dotstuff), written to a luv
- * TCP handle from here (uv_try_write): a delivered message does not become
- * a Lua string to be hashed and collected. rest is what the socket did not
- * take (nil when it took all), for the caller to queue. fd is the
+/* send_stuffed(tcp, fd, body [, trailer]) -> written, rest | nil, err, name
+ * The body dot-stuffed and ended with "." (as dotstuff), then trailer when
+ * given (the next transaction's commands, RFC 2920 3.1), written to a luv
+ * TCP handle from here in one uv_try_write: a delivered message does not
+ * become a Lua string to be hashed and collected. rest is what the socket
+ * did not take (nil when it took all), for the caller to queue. fd is the
  * descriptor luv gives for tcp (tcp:fileno()). nil, "unsupported" when tcp
  * is not a handle this can write to (the caller uses dotstuff). */
 static int l_send_stuffed(lua_State *L)
 {
     uv_stream_t *h = luv_tcp_handle(L, 1, luaL_checkinteger(L, 2));
-    size_t n;
-    const char *s;
+    size_t n, tn = 0, total;
+    const char *s, *trailer = NULL;
     mp_stuff st;
     mp_body out;
-    uv_buf_t buf;
+    uv_buf_t bufs[2];
     int r;
     if (h == NULL) {
         lua_pushnil(L);
@@ -706,14 +707,17 @@ static int l_send_stuffed(lua_State *L)
         return 2;
     }
     s = checkbytes(L, 3, &n);
+    if (!lua_isnoneornil(L, 4)) trailer = luaL_checklstring(L, 4, &tn);
     mp_body_init(&out);
     mp_stuff_init(&st);
     if (mp_stuff_feed(&st, s, n, &out) != 0 || mp_stuff_finish(&st, &out) != 0) {
         mp_body_free(&out);
         return luaL_error(L, "out of memory");
     }
-    buf = uv_buf_init((char *)mp_body_data(&out), (unsigned int)out.len);
-    r = uv_try_write(h, &buf, 1);
+    bufs[0] = uv_buf_init((char *)mp_body_data(&out), (unsigned int)out.len);
+    bufs[1] = uv_buf_init((char *)trailer, (unsigned int)tn);
+    total = out.len + tn;
+    r = uv_try_write(h, bufs, tn > 0 ? 2 : 1);
     if (r == UV_EAGAIN) r = 0;
     if (r < 0) {
         mp_body_free(&out);
@@ -723,8 +727,18 @@ static int l_send_stuffed(lua_State *L)
         return 3;
     }
     lua_pushinteger(L, r);
-    if ((size_t)r < out.len) lua_pushlstring(L, mp_body_data(&out) + r, out.len - (size_t)r);
-    else lua_pushnil(L);
+    if ((size_t)r >= total) {
+        lua_pushnil(L);
+    } else if ((size_t)r >= out.len) {
+        lua_pushlstring(L, trailer + ((size_t)r - out.len), total - (size_t)r);
+    } else {
+        /* the rest of the body, then the whole trailer: one string */
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        luaL_addlstring(&b, mp_body_data(&out) + r, out.len - (size_t)r);
+        if (tn > 0) luaL_addlstring(&b, trailer, tn);
+        luaL_pushresult(&b);
+    }
     mp_body_free(&out);
     return 2;
 }

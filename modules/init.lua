@@ -142,7 +142,9 @@ local SPOOL_SCHEMA = {
 }
 
 local QUEUE_SCHEMA = {
-  concurrency = { type = "posint", default = 20 },
+  -- above a destination's max_connections (route.smtp, 20), the attempts
+  -- that wait keep its connections busy: docs/route.md, The transaction
+  concurrency = { type = "posint", default = 100 },
   retry = { type = "table", default = function() return { "5m", "10m", "20m", "40m", "1h" } end },
   max_age = { type = "duration", default = "5d" },
   delay_warning = { type = "duration" },

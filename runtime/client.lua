@@ -53,8 +53,40 @@ local function temp(text, host)
   return { status = "deferred", enhanced = "4.4.0", text = text, host = host }
 end
 
+-- Wait until the transaction before this one on the connection has read
+-- the reply to its end of data (see Conn:send_data): true | nil, err.
+local function await_turn(self, timeout)
+  local me = sched.current()
+  if self.owed == me then return true end
+  self.next_reader = me
+  -- the owner's own read is bounded by the DATA termination timeout
+  sched.wait(timeout + self.timeouts.done)
+  if self.next_reader == me then self.next_reader = nil end
+  if self.owed then
+    self.broken = "timeout waiting for the reply to the previous message"
+    return nil, self.broken
+  end
+  return true
+end
+
+-- The reply to the end of data that this task was owed is read (or the
+-- connection broke): the next transaction reads its own.
+local function pass_turn(self)
+  self.owed = nil
+  local w = self.next_reader
+  if w then
+    self.next_reader = nil
+    sched.wake(w, true)
+  end
+end
+
 -- read one reply: code, enhanced, text | nil, err
 function Conn:reply(timeout)
+  if self.broken then return nil, self.broken end
+  if self.owed then
+    local ok, err = await_turn(self, timeout)
+    if not ok then return nil, err end
+  end
   local rp = self.rp
   while true do
     local code, enh, text = rp:next()
@@ -78,7 +110,14 @@ local function sent(self, ok, err)
   return nil, self.broken
 end
 
+-- send(data, timeout): a message held back by the transaction before
+-- (pending) goes first, in the same write.
 function Conn:send(data, timeout)
+  local body = self.pending
+  if body then
+    self.pending = nil
+    return sent(self, self.s:send_stuffed(body, math.max(self.pending_timeout, timeout or 0), data))
+  end
   return sent(self, self.s:send(data, timeout or self.timeouts.block))
 end
 
@@ -97,7 +136,7 @@ end
 -- A best-effort QUIT, then close.
 function Conn:quit()
   if not self.closed and not self.broken then
-    if self.s:send("QUIT\r\n", self.timeouts.quit) then self:reply(self.timeouts.quit) end
+    if self:send("QUIT\r\n", self.timeouts.quit) then self:reply(self.timeouts.quit) end
   end
   self:close()
 end
@@ -392,11 +431,52 @@ function Conn:send_data(body, rcpts, results, replies, ncmds, size, dsn)
   end
   -- one write for the whole message: the block timeout, plus time for its size
   -- at 64 KiB/s (so that a large message on a slow link is not cut off)
-  if not self:send_stuffed(body, t.block + size / 65536) then
+  local timeout = t.block + size / 65536
+  local pool = self.pool
+  if pool and #pool.waiting > 0 and self.pipelining and not pool.closing
+      and self.messages + 2 <= pool.opts.max_messages then
+    return self:send_pipelined(body, timeout, accepted, results, dsn, pool)
+  end
+  if not self:send_stuffed(body, timeout) then
     for _, r in ipairs(accepted) do results[r.index] = temp(self.broken, host) end
     return results
   end
   return self:data_done(accepted, results, dsn, self:reply(t.done))
+end
+
+-- RFC 2920 3.1: the content of a message may be the first "command" of a
+-- group, so the next transaction's MAIL, RCPT and DATA can go in the same
+-- write as this message, and their replies come in the same read as the
+-- reply to its end: one write and one read a message instead of two each,
+-- and one round trip instead of two. While another delivery waits for a
+-- connection to this destination, the connection is handed to it before
+-- the message is written (pending): its first send writes both. This
+-- transaction reads the reply it is owed first; the next one waits its turn
+-- (Conn:reply). Returns the results and true (the connection is no longer
+-- this delivery's to release).
+function Conn:send_pipelined(body, timeout, accepted, results, dsn, pool)
+  self.pending, self.pending_timeout = body, timeout
+  self.owed = sched.current()
+  pool:handoff(self)
+  -- the delivery woken by the handoff runs first; when it did not take the
+  -- connection, or sent nothing (its message needs what the server does not
+  -- offer), the message goes alone
+  sched.yield()
+  if self.pending == body then
+    self.pending = nil
+    if not sent(self, self.s:send_stuffed(body, timeout)) then
+      pass_turn(self)
+      for _, r in ipairs(accepted) do results[r.index] = temp(self.broken, self.name) end
+      return results, true
+    end
+  end
+  local code, enh, text = self:reply(self.timeouts.done)
+  results = self:data_done(accepted, results, dsn, code, enh, text)
+  pass_turn(self)
+  -- the pool was closed while the reply was owed: the connection is this
+  -- delivery's to end
+  if self.retire then self:quit() end
+  return results, true
 end
 
 function Conn:data_done(accepted, results, dsn, code, enh, text)
@@ -451,6 +531,17 @@ function Pool:release(c)
   self:reap_later()
 end
 
+-- handoff(conn): back to the pool while its transaction still waits for
+-- the reply to its end of data (Conn:send_pipelined), for the delivery
+-- waiting for a connection.
+function Pool:handoff(c)
+  c.holder = nil
+  c.idle_since = uv.now()
+  self.idle[#self.idle + 1] = c
+  notify(self)
+  self:reap_later()
+end
+
 -- Close connections idle for longer than idle_timeout.
 local function reap(self)
   while #self.idle > 0 and not self.closing do
@@ -494,7 +585,7 @@ function Pool:acquire(hosts)
     local c = idle[#idle]
     if c then
       idle[#idle] = nil
-      if not c.s.eof then
+      if not c.s.eof and not c.broken then
         self.stats.reused = self.stats.reused + 1
         return c
       end
@@ -548,14 +639,19 @@ function Pool:deliver(env, body, rcpts, hosts)
     for _, r in ipairs(rcpts) do results[r.index] = res end
     return results
   end
-  local ok, results = pcall(c.transaction, c, env, body, rcpts)
+  local me = sched.current()
+  c.holder, c.pool = me, self
+  local ok, results, handed = pcall(c.transaction, c, env, body, rcpts)
   if not ok then
-    c.broken = "internal error"
-    self:release(c)
+    if c.owed == me then pass_turn(c) end
+    if c.holder == me then
+      c.broken = "internal error"
+      self:release(c)
+    end
     error(results, 0)
   end
   self.stats.messages = self.stats.messages + 1
-  self:release(c)
+  if not handed then self:release(c) end
   return results
 end
 
@@ -565,7 +661,11 @@ function Pool:close()
   self.idle = {}
   self.open = self.open - #idle
   if self.reaper_task then sched.wake(self.reaper_task) end
-  for _, c in ipairs(idle) do c:close() end
+  for _, c in ipairs(idle) do
+    -- a connection whose last message waits for its reply is ended by
+    -- that delivery once it has the reply
+    if c.owed then c.retire = true else c:close() end
+  end
 end
 
 _M.parse_ehlo = parse_ehlo

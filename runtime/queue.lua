@@ -1,7 +1,7 @@
 -- The delivery queue: takes messages from the spool to a transport and
 -- records the outcome per recipient.
 --
---   local q = queue.new(mta, spool, { concurrency = 20, retry = { 30, 60, 300 }, max_age = 432000 })
+--   local q = queue.new(mta, spool, { concurrency = 100, retry = { 30, 60, 300 }, max_age = 432000 })
 --   q:set_transport(fn)   -- fn(env, body, rcpts) -> { [i] = { status = ..., text = ... } }
 --   q:add(m)              -- a spool entry, due at m.next
 --   q:start(), q:stop()
@@ -81,7 +81,7 @@ function _M.new(mta, spool, opts)
   return setmetatable({
     mta = mta,
     spool = spool,
-    concurrency = opts.concurrency or 20,
+    concurrency = opts.concurrency or 100,
     retry = opts.retry or { 300, 600, 1200, 2400, 3600 },
     max_age = opts.max_age or 5 * 86400,
     delay_warning = opts.delay_warning,

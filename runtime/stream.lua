@@ -5,7 +5,9 @@
 --   s:wait_input(timeout)            wait for the next chunk: true | nil, "closed" | "timeout" | err
 --   s:receive("*l" | n, timeout)     line (without CRLF) or n bytes, when no parser is attached
 --   s:send(data, timeout)            true | nil, err
---   s:send_stuffed(body, timeout)    a message's DATA (dot-stuffed, ended): true | nil, err
+--   s:send_stuffed(body, timeout [, trailer])
+--                                    a message's DATA (dot-stuffed, ended), then
+--                                    trailer in the same write: true | nil, err
 --   s:close()                        idempotent, returns true
 --   s:starttls(conn, timeout)        run a TLS handshake on the connection
 --                                    (a moonpost.core.tls conn) and carry on in TLS:
@@ -221,15 +223,16 @@ local function raw_send(self, data, timeout)
   return queue_send(self, n > 0 and sub(data, n + 1) or data, len, timeout)
 end
 
--- send_stuffed(body, timeout) -> true | nil, err: a message (string or
--- moonpost.core.smtp message) dot-stuffed and ended with ".". On plain TCP
--- it is written from C and only what the socket did not take becomes a Lua
--- string; over TLS it is encrypted as a whole.
-function Stream:send_stuffed(body, timeout)
+-- send_stuffed(body, timeout [, trailer]) -> true | nil, err: a message
+-- (string or moonpost.core.smtp message) dot-stuffed and ended with ".",
+-- then trailer (the next transaction's commands) in the same write. On
+-- plain TCP it is written from C and only what the socket did not take
+-- becomes a Lua string; over TLS it is encrypted as a whole.
+function Stream:send_stuffed(body, timeout, trailer)
   if self.closed then return nil, "closed" end
   if not self.tls then
     local tcp = self.tcp
-    local n, rest = smtp.send_stuffed(tcp, tcp:fileno() or -1, body)
+    local n, rest = smtp.send_stuffed(tcp, tcp:fileno() or -1, body, trailer)
     if n then
       self.bytes_out = self.bytes_out + n
       if not rest then return true end
@@ -240,7 +243,9 @@ function Stream:send_stuffed(body, timeout)
       return nil, rest
     end
   end
-  return self:send(smtp.dotstuff(body), timeout)
+  local data = smtp.dotstuff(body)
+  if trailer then data = data .. trailer end
+  return self:send(data, timeout)
 end
 
 function Stream:send(data, timeout)

@@ -172,6 +172,89 @@ describe("delivery over SMTP", function()
     end)
   end)
 
+  -- RFC 2920 3.1: while more messages wait for a destination than it has
+  -- connections, the next transaction's MAIL, RCPT and DATA go out in the
+  -- same write as the message before them
+  local function chain(sink, faults)
+    local mta, port = relay_mta(dir, sink.port, { max_connections = 1 },
+      { retry = { "1s" }, max_age = "1h", concurrency = 8 })
+    -- the first message holds the only connection for half a second (its
+    -- RCPT is answered late) while the others arrive and wait for it
+    assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "slow500-first@x.test" } })))
+    local big = string.rep(string.rep("y", 998) .. "\r\n", 2000) -- 2 MB: more than one write takes
+    local names = {}
+    for i = 1, 16 do
+      local name = (faults[i] or "") .. "m" .. i
+      names[i] = name
+      local body = "Subject: " .. name .. "\r\n\r\nbody of " .. name .. "\r\n" .. ((i == 5 or i == 11) and big or "")
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { name .. "@x.test" }, body = body })))
+    end
+    return mta, names
+  end
+
+  it("pipelines the next transaction behind a message while others wait for the connection", function()
+    with_sink(nil, function(sink)
+      local mta, names = chain(sink, { [8] = "d554-", [13] = "r550-" })
+      -- every message but the two refused ones is accepted, and two DSNs come back
+      assert.is_true(H.wait_for(function()
+        local got = by_rcpt(sink.messages())
+        for i, name in ipairs(names) do
+          if i ~= 8 and i ~= 13 and got[name .. "@x.test"] ~= 1 then return false end
+        end
+        return got["origin@sender.test"] == 2
+      end, 30))
+      local chained, conns = 0, {}
+      for _, m in ipairs(sink.messages()) do
+        local name = m.rcpts[1]:match("^(.-)@x%.test$")
+        if name and name ~= "slow500-first" then
+          -- each transaction carried its own message, whole
+          assert.truthy(m.data:find("Subject: " .. name .. "\r\n", 1, true), name)
+          assert.truthy(m.data:find("body of " .. name .. "\r\n", 1, true), name)
+          if name == "m5" or name == "m11" then
+            assert.equal(2000, select(2, m.data:gsub(string.rep("y", 998), "")), name)
+          end
+        end
+        if m.next_pipelined then chained = chained + 1 end
+        conns[m.conn] = true
+      end
+      local nconns = 0
+      for _ in pairs(conns) do nconns = nconns + 1 end
+      assert.equal(1, nconns)
+      assert.is_true(chained >= 8, "transactions pipelined behind a message: " .. chained)
+      -- the results stayed with their transactions: the DSNs name the end
+      -- of data's 554 and the RCPT's 550, and nothing was deferred
+      local status = {}
+      for _, m in ipairs(sink.messages()) do
+        if m.rcpts[1] == "origin@sender.test" then
+          local r = parse_dsn(m.data).recipients[1]
+          status[r["Final-Recipient"]] = r["Status"]
+        end
+      end
+      assert.same({ ["rfc822; d554-m8@x.test"] = "5.6.0", ["rfc822; r550-m13@x.test"] = "5.1.1" }, status)
+      assert.equal("", H.log("deferred"))
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 5))
+      H.stop_mta(mta)
+    end, 60)
+  end)
+
+  it("loses nothing when the connection drops with the next transaction pipelined behind a message", function()
+    with_sink(nil, function(sink)
+      local mta, names = chain(sink, { [6] = "dropdata1-" })
+      assert.is_true(H.wait_for(function()
+        local got = by_rcpt(sink.messages())
+        for _, name in ipairs(names) do
+          if got[name .. "@x.test"] ~= 1 then return false end
+        end
+        return true
+      end, 30))
+      -- the dropped message and the one whose commands followed it were retried
+      assert.truthy(H.log("deferred"):find("connection lost", 1, true), H.log("deferred"))
+      assert.equal(1, #sink.events("dropped"))
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 5))
+      H.stop_mta(mta)
+    end, 60)
+  end)
+
   it("sends a message whose memory copy the spool's cache drops while the delivery waits", function()
     with_sink(nil, function(sink)
       -- a 400 kB cache keeps messages of up to 50 kB: ten of the 40 kB

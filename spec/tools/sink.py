@@ -15,7 +15,8 @@ line to FILE for every connection, transaction and reply decision:
 
     {"ev": "connect", "conn": 3, "open": 2}           open = concurrent connections
     {"ev": "message", "conn": 3, "n": 2, "from": ..., "rcpts": [...],
-     "pipelined": true, "data": "...", "mail_params": [...], "rcpt_params": {...}}
+     "pipelined": true, "next_pipelined": false, "data": "...", "mail_params": [...],
+     "rcpt_params": {...}}
     {"ev": "close", "conn": 3}
 
 What it answers depends on each recipient's local part:
@@ -30,6 +31,10 @@ What it answers depends on each recipient's local part:
     slow<MS>-*     RCPT answered 250 after MS milliseconds
     dropdata<N>-*, garbage<N>-*, stall<N>-*, throttle<N>-*: only the first N times, then 250
     anything else  250
+
+"pipelined": more commands were buffered behind MAIL; "next_pipelined": more
+input (the next transaction) was buffered behind the end of this message's
+data when it was read (RFC 2920 3.1).
 
 Every event has "t", the time it happened.
 """
@@ -206,7 +211,8 @@ class Handler:
         sslobj = server.transport.get_extra_info("ssl_object") if server.transport else None
         st.log(ev="message", outcome=outcome, conn=server.conn_id, n=server.messages,
                tls=sslobj.version() if sslobj else None,
-               pipelined=getattr(server, "_pipelined", False), mail_params=envelope.mail_options,
+               pipelined=getattr(server, "_pipelined", False), next_pipelined=server._pending_input(),
+               mail_params=envelope.mail_options,
                rcpt_params=envelope.rcpt_params, data=data,
                **{"from": envelope.mail_from, "rcpts": envelope.rcpt_tos})
         return reply
