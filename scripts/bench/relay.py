@@ -7,13 +7,16 @@ smtp-sink (-c, counting) on PORT_BASE+2; Moonpost's examples/relay.lua on
 PORT_BASE+1 relaying to it (durable spool in a temporary directory);
 smtp-source -d -s C -m N -l SIZE into Moonpost. Prints one JSON line:
 {"inject_s", "e2e_s", "delivered", "rss_kib", "cpu_us_per_msg", "latency_p50_ms",
-"latency_p99_ms"}. rss_kib is the peak RSS of Moonpost, summed over its
+"latency_p99_ms", "rw_calls_per_msg"}. rss_kib is the peak RSS of Moonpost, summed over its
 processes (with workers, the supervisor's and every worker's). cpu_us_per_msg gives the user + system CPU time per
 message, from the first connection to the last delivery, of Moonpost (all its
 processes: with workers, the supervisor and every worker), smtp-source and
 the sink: {"moonpost", "source", "sink"}, and the part of Moonpost's in the
 kernel ("moonpost_system"). Their sum over the machine's cores
-is the rate the machine could reach with every core busy.
+is the rate the machine could reach with every core busy. rw_calls_per_msg
+counts the read and write system calls (socket and file, /proc/pid/io
+syscr + syscw) per message of Moonpost and of the sink: a figure the
+machine's speed does not move.
 
 Environment:
   BENCH_POLICY   the relaying policy instead of examples/relay.lua (it gets
@@ -134,12 +137,28 @@ def tree_hwm_kib(top):
     return total
 
 
+def tree_rw_calls(top):
+    """Read and write system calls (read, readv, pread, write, writev, pwrite:
+    syscr + syscw of /proc/pid/io) of a process and its live descendants."""
+    total = 0
+    for pid in tree_stats(top):
+        try:
+            with open("/proc/%d/io" % pid) as f:
+                for line in f:
+                    if line.startswith(("syscr:", "syscw:")):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 def children_cpu_s():
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
 
 
 cpu0 = (tree_cpu_s(mp.pid), children_cpu_s(), tree_cpu_s(sink.pid), tree_cpu_s(mp.pid, (12,)))
+rw0 = (tree_rw_calls(mp.pid), tree_rw_calls(sink.pid))
 t0 = time.monotonic()
 subprocess.run(["smtp-source", "-d", "-s", str(c), "-m", str(n), "-l", str(size), "-f", "bench@source.test",
                 "-t", "sink@sink.test"] + extra + ["127.0.0.1:%d" % mp_port], stdout=subprocess.DEVNULL, timeout=900)
@@ -152,6 +171,7 @@ while time.monotonic() < end:
     time.sleep(0.05)
 cpu = {"moonpost": tree_cpu_s(mp.pid) - cpu0[0], "source": children_cpu_s() - cpu0[1],
        "sink": tree_cpu_s(sink.pid) - cpu0[2], "moonpost_system": tree_cpu_s(mp.pid, (12,)) - cpu0[3]}
+rw = {"moonpost": tree_rw_calls(mp.pid) - rw0[0], "sink": tree_rw_calls(sink.pid) - rw0[1]}
 rss = tree_hwm_kib(mp.pid)
 mp.send_signal(signal.SIGTERM)
 mp.wait(timeout=60)
@@ -166,5 +186,6 @@ else:
     shutil.rmtree(tmp, ignore_errors=True)
 print(json.dumps({"n": n, "inject_s": t_inject, "e2e_s": (t_done - t0) if t_done else None, "delivered": count,
                   "rss_kib": rss, "cpu_us_per_msg": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()},
+                  "rw_calls_per_msg": {k: round(v / n, 2) for k, v in rw.items()},
                   "latency_p50_ms": float(lat.group(1)) if lat else None,
                   "latency_p99_ms": float(lat.group(2)) if lat else None}))
