@@ -34,6 +34,37 @@ static inline void *mp_testudata(lua_State *L, int ud, const char *tname)
     return p;
 }
 
+/* mp_testudata with the metatable's address remembered in *cache: a hit
+ * is a lua_getmetatable and a pointer compare instead of a lookup of tname
+ * in the registry, which interns the name on every call (~200
+ * instructions; a relayed message checks a userdata about 30 times). The
+ * cache only ever holds a metatable that was found under tname, and those
+ * live as long as their state (a closed state's modules are unloaded with
+ * it); anything else takes the lookup, which refreshes the cache. */
+static inline void *mp_testudata_c(lua_State *L, int ud, const char *tname, const void **cache)
+{
+    void *p = lua_touserdata(L, ud);
+    const void *mt;
+    if (p == NULL || !lua_getmetatable(L, ud)) return NULL;
+    mt = lua_topointer(L, -1);
+    if (mt != NULL && mt == *cache) {
+        lua_pop(L, 1);
+        return p;
+    }
+    lua_getfield(L, LUA_REGISTRYINDEX, tname);
+    if (lua_rawequal(L, -1, -2)) *cache = mt;
+    else p = NULL;
+    lua_pop(L, 2);
+    return p;
+}
+
+/* luaL_checkudata with the cache of mp_testudata_c (the same error). */
+static inline void *mp_checkudata_c(lua_State *L, int ud, const char *tname, const void **cache)
+{
+    void *p = mp_testudata_c(L, ud, tname, cache);
+    return p != NULL ? p : luaL_checkudata(L, ud, tname);
+}
+
 /* Create the metatable tname with methods (as __index) and metamethods. */
 static inline void mp_createmeta(lua_State *L, const char *tname, const luaL_Reg *meta,
                                  const luaL_Reg *methods)

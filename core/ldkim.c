@@ -61,11 +61,13 @@ typedef struct lsigner {
 
 /* ---- messages ---------------------------------------------------------------------------- */
 
+static const void *message_mt; /* for mp_testudata_c */
+
 static const char *checkmsg(lua_State *L, int i, size_t *len)
 {
     lmessage *m;
     if (lua_type(L, i) == LUA_TSTRING) return lua_tolstring(L, i, len);
-    m = mp_testudata(L, i, MESSAGE_MT);
+    m = mp_testudata_c(L, i, MESSAGE_MT, &message_mt);
     if (m == NULL) luaL_argerror(L, i, "expected a string or a message");
     if (m->closed) luaL_argerror(L, i, "message is closed");
     *len = m->body.len;

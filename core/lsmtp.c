@@ -36,9 +36,12 @@ static lmessage *newmessage(lua_State *L)
     return m;
 }
 
+/* the metatables' addresses, for mp_checkudata_c */
+static const void *message_mt, *parser_mt, *reply_mt, *uv_tcp_mt;
+
 static lmessage *checkmessage(lua_State *L, int i)
 {
-    lmessage *m = luaL_checkudata(L, i, MESSAGE_MT);
+    lmessage *m = mp_checkudata_c(L, i, MESSAGE_MT, &message_mt);
     if (m->closed) luaL_argerror(L, i, "message is closed");
     return m;
 }
@@ -185,7 +188,7 @@ static int m_write(lua_State *L)
 
 static int m_close(lua_State *L)
 {
-    lmessage *m = luaL_checkudata(L, 1, MESSAGE_MT);
+    lmessage *m = mp_checkudata_c(L, 1, MESSAGE_MT, &message_mt);
     if (!m->closed) {
         mp_body_free(&m->body);
         m->closed = 1;
@@ -196,7 +199,7 @@ static int m_close(lua_State *L)
 
 static int m_gc(lua_State *L)
 {
-    lmessage *m = luaL_checkudata(L, 1, MESSAGE_MT);
+    lmessage *m = mp_checkudata_c(L, 1, MESSAGE_MT, &message_mt);
     if (!m->closed) {
         mp_body_free(&m->body);
         m->closed = 1;
@@ -206,14 +209,14 @@ static int m_gc(lua_State *L)
 
 static int m_len(lua_State *L)
 {
-    lmessage *m = luaL_checkudata(L, 1, MESSAGE_MT);
+    lmessage *m = mp_checkudata_c(L, 1, MESSAGE_MT, &message_mt);
     lua_pushnumber(L, m->closed ? 0 : (lua_Number)m->body.len);
     return 1;
 }
 
 static int m___tostring(lua_State *L)
 {
-    lmessage *m = luaL_checkudata(L, 1, MESSAGE_MT);
+    lmessage *m = mp_checkudata_c(L, 1, MESSAGE_MT, &message_mt);
     if (m->closed) lua_pushliteral(L, "smtp.message (closed)");
     else lua_pushfstring(L, "smtp.message (%f bytes)", (lua_Number)m->body.len);
     return 1;
@@ -227,7 +230,7 @@ typedef struct lparser {
 
 static lparser *checkparser(lua_State *L, int i)
 {
-    lparser *lp = luaL_checkudata(L, i, PARSER_MT);
+    lparser *lp = mp_checkudata_c(L, i, PARSER_MT, &parser_mt);
     if (lp->p == NULL) luaL_argerror(L, i, "parser is closed");
     return lp;
 }
@@ -408,7 +411,7 @@ static int p_mode(lua_State *L)
 
 static int p_close(lua_State *L)
 {
-    lparser *lp = luaL_checkudata(L, 1, PARSER_MT);
+    lparser *lp = mp_checkudata_c(L, 1, PARSER_MT, &parser_mt);
     mp_in_free(lp->p);
     lp->p = NULL;
     lua_pushboolean(L, 1);
@@ -417,7 +420,7 @@ static int p_close(lua_State *L)
 
 static int p_gc(lua_State *L)
 {
-    lparser *lp = luaL_checkudata(L, 1, PARSER_MT);
+    lparser *lp = mp_checkudata_c(L, 1, PARSER_MT, &parser_mt);
     mp_in_free(lp->p);
     lp->p = NULL;
     return 0;
@@ -431,7 +434,7 @@ typedef struct lreply {
 
 static lreply *checkreply(lua_State *L, int i)
 {
-    lreply *lr = luaL_checkudata(L, i, REPLY_MT);
+    lreply *lr = mp_checkudata_c(L, i, REPLY_MT, &reply_mt);
     if (lr->r == NULL) luaL_argerror(L, i, "reply parser is closed");
     return lr;
 }
@@ -491,7 +494,7 @@ static int r_buffered(lua_State *L)
 
 static int r_close(lua_State *L)
 {
-    lreply *lr = luaL_checkudata(L, 1, REPLY_MT);
+    lreply *lr = mp_checkudata_c(L, 1, REPLY_MT, &reply_mt);
     mp_reply_free(lr->r);
     lr->r = NULL;
     lua_pushboolean(L, 1);
@@ -500,7 +503,7 @@ static int r_close(lua_State *L)
 
 static int r_gc(lua_State *L)
 {
-    lreply *lr = luaL_checkudata(L, 1, REPLY_MT);
+    lreply *lr = mp_checkudata_c(L, 1, REPLY_MT, &reply_mt);
     mp_reply_free(lr->r);
     lr->r = NULL;
     return 0;
@@ -618,7 +621,7 @@ static const char *checkbytes(lua_State *L, int i, size_t *n)
 {
     if (lua_type(L, i) == LUA_TSTRING) return lua_tolstring(L, i, n);
     {
-        lmessage *m = mp_testudata(L, i, MESSAGE_MT);
+        lmessage *m = mp_testudata_c(L, i, MESSAGE_MT, &message_mt);
         if (m == NULL) luaL_argerror(L, i, "expected a string or a message");
         if (m->closed) luaL_argerror(L, i, "message is closed");
         *n = m->body.len;
@@ -672,12 +675,8 @@ static uv_stream_t *luv_tcp_handle(lua_State *L, int idx, lua_Integer fd)
     uv_os_fd_t have;
     void *ud = lua_touserdata(L, idx);
     uv_handle_t *h;
-    int same;
-    if (ud == NULL || lua_objlen(L, idx) < sizeof(void *) || !lua_getmetatable(L, idx)) return NULL;
-    luaL_getmetatable(L, "uv_tcp");
-    same = lua_rawequal(L, -1, -2);
-    lua_pop(L, 2);
-    if (!same) return NULL;
+    if (ud == NULL || lua_objlen(L, idx) < sizeof(void *) || mp_testudata_c(L, idx, "uv_tcp", &uv_tcp_mt) == NULL)
+        return NULL;
     h = *(uv_handle_t **)ud;
     if (h == NULL || h->type != UV_TCP || uv_is_closing(h)) return NULL;
     if (uv_fileno(h, &have) != 0 || (lua_Integer)have != fd) return NULL;

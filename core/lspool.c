@@ -65,9 +65,12 @@ typedef struct llock {
     int fd;
 } llock;
 
+/* the metatables' addresses, for mp_checkudata_c */
+static const void *segment_mt, *message_mt;
+
 static lsegment *checksegment(lua_State *L, int i)
 {
-    lsegment *seg = luaL_checkudata(L, i, SEGMENT_MT);
+    lsegment *seg = mp_checkudata_c(L, i, SEGMENT_MT, &segment_mt);
     if (seg->fd < 0) luaL_argerror(L, i, "segment is closed");
     return seg;
 }
@@ -205,7 +208,7 @@ static int s_append(lua_State *L)
     if (lua_type(L, 6) == LUA_TSTRING) {
         body = lua_tolstring(L, 6, &body_len);
     } else if (!lua_isnoneornil(L, 6)) {
-        lmessage *m = mp_testudata(L, 6, MESSAGE_MT);
+        lmessage *m = mp_testudata_c(L, 6, MESSAGE_MT, &message_mt);
         if (m == NULL) luaL_argerror(L, 6, "expected a string or a message");
         if (m->closed) luaL_argerror(L, 6, "message is closed");
         body = mp_body_data(&m->body);

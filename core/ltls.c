@@ -36,9 +36,13 @@ static lctx *checkctx(lua_State *L, int i)
     return x;
 }
 
+/* the connections' metatable's address, for mp_checkudata_c (a check per
+ * TLS record) */
+static const void *conn_mt;
+
 static lconn *checkconn(lua_State *L, int i)
 {
-    lconn *x = luaL_checkudata(L, i, CONN_MT);
+    lconn *x = mp_checkudata_c(L, i, CONN_MT, &conn_mt);
     if (x->t == NULL) luaL_argerror(L, i, "closed TLS connection");
     return x;
 }

@@ -232,7 +232,14 @@ function Stream:send_stuffed(body, timeout, trailer)
   if self.closed then return nil, "closed" end
   if not self.tls then
     local tcp = self.tcp
-    local n, rest = smtp.send_stuffed(tcp, tcp:fileno() or -1, body, trailer)
+    -- the descriptor, asked of luv once (client streams only: a server
+    -- session's table stays as small as it was)
+    local fd = self.fd
+    if not fd then
+      fd = tcp:fileno() or -1
+      self.fd = fd
+    end
+    local n, rest = smtp.send_stuffed(tcp, fd, body, trailer)
     if n then
       self.bytes_out = self.bytes_out + n
       if not rest then return true end
