@@ -40,7 +40,9 @@
 # supervisor and workers). For every relay row, the CPU time per message of Moonpost
 # (all its processes), smtp-source and the sink: the machine's cores divided
 # by their sum is the rate these programs could reach with every core busy,
-# and the run's rate over it is how busy the cores were. Results: var/bench/latest.json and var/bench/latest.md.
+# and the run's rate over it is how busy the cores were; beside them, the
+# read and write system calls per message of Moonpost and the sink, which
+# the machine's speed does not move. Results: var/bench/latest.json and var/bench/latest.md.
 #
 # Knobs: REPS (3), N (50000), C (50), SIZE (1000), PORT (base port, 3525).
 set -eu
@@ -118,7 +120,7 @@ run_moonpost() { # name policy rep
 # the 250-to-first-attempt percentiles and the CPU time per message of
 # Moonpost, smtp-source, the sink and Moonpost's kernel share.
 relay_row() {
-  local rep=$1 rname=$2 rn=$3 rc=$4 rsize=$5 envs=() line fields e2e hwm lat cpu rate
+  local rep=$1 rname=$2 rn=$3 rc=$4 rsize=$5 envs=() line fields e2e hwm lat cpu rate rw
   shift 5
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do
     envs+=("$1")
@@ -131,11 +133,11 @@ import json, sys
 r, n, scale = json.load(sys.stdin), int(sys.argv[1]), int(sys.argv[2])
 if not r["e2e_s"]:
     sys.exit(1)
-c = r["cpu_us_per_msg"]
-print("%.3f %d %s/%s %s/%s/%s/%s %d" % (r["e2e_s"] * scale / n, r["rss_kib"], r["latency_p50_ms"], r["latency_p99_ms"],
-      c["moonpost"], c["source"], c["sink"], c["moonpost_system"], round(n / r["e2e_s"])))' "$rn" "$N"); then
-    read -r e2e hwm lat cpu rate <<<"$fields"
-    printf '%s\t%s\t%s\t%s\t\t%s\t%s\n' "$rname" "$rep" "$e2e" "$hwm" "$lat" "$cpu" >>"$raw"
+c, w = r["cpu_us_per_msg"], r["rw_calls_per_msg"]
+print("%.3f %d %s/%s %s/%s/%s/%s %d %s/%s" % (r["e2e_s"] * scale / n, r["rss_kib"], r["latency_p50_ms"], r["latency_p99_ms"],
+      c["moonpost"], c["source"], c["sink"], c["moonpost_system"], round(n / r["e2e_s"]), w["moonpost"], w["sink"]))' "$rn" "$N"); then
+    read -r e2e hwm lat cpu rate rw <<<"$fields"
+    printf '%s\t%s\t%s\t%s\t\t%s\t%s\t%s\n' "$rname" "$rep" "$e2e" "$hwm" "$lat" "$cpu" "$rw" >>"$raw"
     echo "  $rname rep $rep: $rn messages, $rate msg/s end to end, peak RSS $((hwm / 1024)) MiB," \
       "250 to first attempt p50/p99 $lat ms, CPU us/msg Moonpost/source/sink/Moonpost-in-kernel $cpu" >&2
     return
@@ -249,7 +251,7 @@ fi
 import json, os, statistics, sys, subprocess, platform
 ncpu = os.cpu_count()
 raw, out, n, c, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-rows, extra, latency, cpu, byrep = {}, {}, {}, {}, {}
+rows, extra, latency, cpu, byrep, rwcalls = {}, {}, {}, {}, {}, {}
 for line in open(raw):
     f = line.rstrip("\n").split("\t")
     name, rep, secs, hwm = f[:4]
@@ -263,6 +265,8 @@ for line in open(raw):
         latency.setdefault(name, []).append((p50, p99))
     if len(f) > 6 and f[6]:
         cpu.setdefault(name, []).append([float(x) for x in f[6].split("/")])
+    if len(f) > 7 and f[7]:
+        rwcalls.setdefault(name, []).append([float(x) for x in f[7].split("/")])
 def stats(name):
     rates = sorted(n / s for s, _ in rows[name])
     hwm = [h for _, h in rows[name] if h is not None]
@@ -280,6 +284,11 @@ def stats(name):
         if s_ > 0 and k > 0:
             st["cpu_ceiling"] = ncpu * 1e6 / (m + s_ + k)
             st["cpu_busy"] = statistics.median(rates) / st["cpu_ceiling"]
+    if name in rwcalls:
+        # read and write system calls per message (socket and file): a
+        # figure the machine's speed does not move
+        st["rw_calls_per_msg"] = {"moonpost": statistics.median(w[0] for w in rwcalls[name]),
+                                  "sink": statistics.median(w[1] for w in rwcalls[name])}
     if name in latency:
         st["latency_p50_ms"] = statistics.median(p for p, _ in latency[name])
         st["latency_p99_ms"] = statistics.median(q for _, q in latency[name])
@@ -438,17 +447,19 @@ if sup:
 withcpu = [s for s in res["figures"] if "cpu_us_per_msg" in s]
 if withcpu:
     lines.append("")
-    lines.append("| CPU per message (µs, medians) | Moonpost | of which in the kernel | smtp-source | sink | all %d cores busy would give msg/s (ratio to limit) | cores busy |" % ncpu)
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| CPU per message (µs, medians) | Moonpost | of which in the kernel | smtp-source | sink | all %d cores busy would give msg/s (ratio to limit) | cores busy | read+write calls/msg Moonpost / sink |" % ncpu)
+    lines.append("|---|---|---|---|---|---|---|---|")
     for s in withcpu:
         c = s["cpu_us_per_msg"]
         if "cpu_ceiling" not in s:
             # accept-only and durable: Moonpost's figures only
-            lines.append("| %s | %.0f | %.0f | – | – | – | – |" % (s["name"], c["moonpost"], c["moonpost_system"]))
+            lines.append("| %s | %.0f | %.0f | – | – | – | – | – |" % (s["name"], c["moonpost"], c["moonpost_system"]))
             continue
-        lines.append("| %s | %.0f | %.0f | %.0f | %.0f | %.0f (%.2f) | %.0f%% |" % (
+        w = s.get("rw_calls_per_msg")
+        lines.append("| %s | %.0f | %.0f | %.0f | %.0f | %.0f (%.2f) | %.0f%% | %s |" % (
             s["name"], c["moonpost"], c["moonpost_system"], c["source"], c["sink"], s["cpu_ceiling"],
-            s["cpu_ceiling"] / limit["median"], 100 * s["cpu_busy"]))
+            s["cpu_ceiling"] / limit["median"], 100 * s["cpu_busy"],
+            "%.1f / %.1f" % (w["moonpost"], w["sink"]) if w else "–"))
 md = "\n".join(lines)
 open(out + "/latest.md", "w").write(md + "\n")
 print("load: %s, %d runs each, commit %s" % (res["load"], limit["runs"], res["commit"]))
