@@ -730,12 +730,23 @@ describe("moonpost.runtime.dkim", function()
       local h2, err = rdkim.sign("Subject: no from\r\n\r\n", { { key = k.ed25519, domain = "example.com", selector = "s" } })
       assert.is_nil(h2)
       assert.matches("^dkim: example.com/s: message has no From field", err)
-      -- a timeout: the job finishes later and its result is dropped
+      -- a timeout: the job finishes later and its result is dropped. Four
+      -- jobs of eight RSA-4096 signatures go first, so that the timed one
+      -- finishes well after the scheduler's next tick (25 ms), which ends a
+      -- 1 ms wait (the two signer threads take ~35 ms a job here)
       local specs = {}
       for j = 1, 8 do specs[j] = { key = k.rsa4096, domain = "example.com", selector = "s" } end
+      local ahead = 0
+      for _ = 1, 4 do
+        sched.spawn(function()
+          ahead = ahead + 1
+          assert.is_string((rdkim.sign(MSG, specs)))
+          ahead = ahead - 1
+        end)
+      end
       local h3, err3 = rdkim.sign(MSG, specs, 0.001)
       assert.same({ nil, "dkim: timeout" }, { h3, err3 })
-      H.wait_for(function() return rdkim.pending() == 0 end, 30)
+      H.wait_for(function() return rdkim.pending() == 0 and ahead == 0 end, 30)
       sched.sleep(0.05)
       assert.has_error(function() rdkim.sign(MSG, { { key = k.ed25519, domain = "bad domain", selector = "s" } }) end,
         nil)
