@@ -67,7 +67,7 @@ $(LIBDIR)/dns.so: $(DNS_SRC) $(DNS_HDR)
 
 $(LIBDIR)/dkim.so: $(DKIM_SRC) $(DKIM_HDR)
 	@mkdir -p $(LIBDIR)
-	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(DKIM_SRC) -lopendkim -lcrypto -lpthread
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(DKIM_SRC) -lopendkim -lsodium -lcrypto -lpthread
 
 $(LIBDIR)/suppress.so: $(SUPPRESS_SRC) $(SUPPRESS_HDR)
 	@mkdir -p $(LIBDIR)
@@ -114,7 +114,7 @@ $(BUILD)/fuzz/fuzz_suppress_%: core/fuzz/fuzz_suppress_%.c core/suppress.c core/
 
 $(BUILD)/fuzz/fuzz_dkim_%: core/fuzz/fuzz_dkim_%.c core/dkim.c core/dkim.h core/workq.c core/workq.h
 	@mkdir -p $(BUILD)/fuzz
-	clang $(FUZZ_CFLAGS) -o $@ $< core/dkim.c core/workq.c -lopendkim -lcrypto -lpthread
+	clang $(FUZZ_CFLAGS) -o $@ $< core/dkim.c core/workq.c -lopendkim -lsodium -lcrypto -lpthread
 
 fuzz-build: $(FUZZERS)
 

@@ -108,7 +108,7 @@ build = {
     ["moonpost.core.dkim"] = {
       sources = { "core/dkim.c", "core/ldkim.c", "core/workq.c" },
       incdirs = { "core" },
-      libraries = { "opendkim", "crypto", "pthread" },
+      libraries = { "opendkim", "sodium", "crypto", "pthread" },
     },
   },
   install = {
