@@ -432,51 +432,43 @@ function Conn:send_data(body, rcpts, results, replies, ncmds, size, dsn)
   -- one write for the whole message: the block timeout, plus time for its size
   -- at 64 KiB/s (so that a large message on a slow link is not cut off)
   local timeout = t.block + size / 65536
+  -- RFC 2920 3.1: the content of a message may be the first "command" of
+  -- a group, so the next transaction's MAIL, RCPT and DATA can go in the
+  -- same write as this message, and their replies come in the same read as
+  -- the reply to its end: one write and one read a message instead of two
+  -- each, and one round trip instead of two. While another delivery waits
+  -- for a connection to this destination, the connection is handed to it
+  -- before the message is written (pending): its first send writes both.
+  -- This transaction reads the reply it is owed first; the next one waits
+  -- its turn (Conn:reply). The second result says the connection is no
+  -- longer this delivery's to release.
   local pool = self.pool
-  if pool and #pool.waiting > 0 and self.pipelining and not pool.closing
-      and self.messages + 2 <= pool.opts.max_messages then
-    return self:send_pipelined(body, timeout, accepted, results, dsn, pool)
+  local handed = pool and #pool.waiting > 0 and self.pipelining and not pool.closing
+    and self.messages + 2 <= pool.opts.max_messages
+  if handed then
+    self.pending, self.pending_timeout = body, timeout
+    self.owed = sched.current()
+    pool:handoff(self)
+    -- the delivery woken by the handoff runs first; when it did not take
+    -- the connection, or sent nothing (its message needs what the server
+    -- does not offer), the message goes alone
+    sched.yield()
   end
-  if not self:send_stuffed(body, timeout) then
-    for _, r in ipairs(accepted) do results[r.index] = temp(self.broken, host) end
-    return results
-  end
-  return self:data_done(accepted, results, dsn, self:reply(t.done))
-end
-
--- RFC 2920 3.1: the content of a message may be the first "command" of a
--- group, so the next transaction's MAIL, RCPT and DATA can go in the same
--- write as this message, and their replies come in the same read as the
--- reply to its end: one write and one read a message instead of two each,
--- and one round trip instead of two. While another delivery waits for a
--- connection to this destination, the connection is handed to it before
--- the message is written (pending): its first send writes both. This
--- transaction reads the reply it is owed first; the next one waits its turn
--- (Conn:reply). Returns the results and true (the connection is no longer
--- this delivery's to release).
-function Conn:send_pipelined(body, timeout, accepted, results, dsn, pool)
-  self.pending, self.pending_timeout = body, timeout
-  self.owed = sched.current()
-  pool:handoff(self)
-  -- the delivery woken by the handoff runs first; when it did not take the
-  -- connection, or sent nothing (its message needs what the server does not
-  -- offer), the message goes alone
-  sched.yield()
-  if self.pending == body then
+  if not handed or self.pending == body then
     self.pending = nil
-    if not sent(self, self.s:send_stuffed(body, timeout)) then
-      pass_turn(self)
-      for _, r in ipairs(accepted) do results[r.index] = temp(self.broken, self.name) end
-      return results, true
+    if not self:send_stuffed(body, timeout) then
+      if handed then pass_turn(self) end
+      return all(results, accepted, temp(self.broken, host)), handed
     end
   end
-  local code, enh, text = self:reply(self.timeouts.done)
-  results = self:data_done(accepted, results, dsn, code, enh, text)
-  pass_turn(self)
-  -- the pool was closed while the reply was owed: the connection is this
-  -- delivery's to end
-  if self.retire then self:quit() end
-  return results, true
+  results = self:data_done(accepted, results, dsn, self:reply(t.done))
+  if handed then
+    pass_turn(self)
+    -- the pool was closed while the reply was owed: the connection is this
+    -- delivery's to end
+    if self.retire then self:quit() end
+  end
+  return results, handed
 end
 
 function Conn:data_done(accepted, results, dsn, code, enh, text)
@@ -532,7 +524,7 @@ function Pool:release(c)
 end
 
 -- handoff(conn): back to the pool while its transaction still waits for
--- the reply to its end of data (Conn:send_pipelined), for the delivery
+-- the reply to its end of data (Conn:send_data), for the delivery
 -- waiting for a connection.
 function Pool:handoff(c)
   c.holder = nil

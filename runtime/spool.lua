@@ -621,6 +621,7 @@ local function end_of_iteration(self)
     self.tick_handle = h
     self.tick_cb = function()
       h:stop()
+      self.tick_armed = false
       if self.spill_pending then
         self.spill_pending = false
         if self.head and self.head.file:pending() > 0 then self.head.file:spill() end
@@ -632,7 +633,11 @@ local function end_of_iteration(self)
       end
     end
   end
-  if not h:is_active() then h:start(self.tick_cb) end
+  -- (armed kept here: is_active() is a luv call, and this runs per outcome)
+  if not self.tick_armed then
+    h:start(self.tick_cb)
+    self.tick_armed = true
+  end
 end
 
 -- State records go to the page cache at the end of this loop iteration (one
