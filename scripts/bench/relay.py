@@ -91,9 +91,26 @@ mp = subprocess.Popen([os.path.join(root, "scripts/moonpost"), "run", policy],
 wait_port(mp_port)
 
 
-def tree_stats(top):
-    """pid -> /proc/pid/stat fields (after the name) of a process and its
-    live descendants."""
+def proc_sum(path, keys):
+    """The sum of the fields named keys in a /proc file of "key: value" lines
+    (0 when the process is gone)."""
+    total = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(keys):
+                    total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
+
+
+def measure(*tops):
+    """For each of tops, a process and its live descendants (worker
+    processes), from one walk of /proc: CPU seconds (user + system, and
+    system alone), read and write system calls (read, readv, pread, write,
+    writev, pwrite: syscr + syscw of /proc/pid/io) and the summed peak RSS
+    (each process's VmHWM, KiB)."""
     parent, fields = {}, {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -105,51 +122,19 @@ def tree_stats(top):
             continue
         parent[int(name)] = int(fs[1])
         fields[int(name)] = fs
-    out = {}
+    hz = os.sysconf("SC_CLK_TCK")
+    out = {top: {"cpu": 0.0, "sys": 0.0, "rw": 0, "hwm": 0} for top in tops}
     for pid, fs in fields.items():
         p = pid
-        while p and p != top:
+        while p and p not in out:
             p = parent.get(p)
-        if p == top:
-            out[pid] = fs
-    return out
-
-
-def tree_cpu_s(top, which=(11, 12)):
-    """CPU seconds of a process and its live descendants: user + system, or
-    with which=(12,) system only."""
-    total = sum(sum(int(fs[i]) for i in which) for fs in tree_stats(top).values())
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def tree_hwm_kib(top):
-    """Peak RSS of a process and its live descendants (worker processes),
-    summed: each process's VmHWM."""
-    total = 0
-    for pid in tree_stats(top):
-        try:
-            with open("/proc/%d/status" % pid) as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
-def tree_rw_calls(top):
-    """Read and write system calls (read, readv, pread, write, writev, pwrite:
-    syscr + syscw of /proc/pid/io) of a process and its live descendants."""
-    total = 0
-    for pid in tree_stats(top):
-        try:
-            with open("/proc/%d/io" % pid) as f:
-                for line in f:
-                    if line.startswith(("syscr:", "syscw:")):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+        if p in out:
+            m = out[p]
+            m["cpu"] += (int(fs[11]) + int(fs[12])) / hz
+            m["sys"] += int(fs[12]) / hz
+            m["rw"] += proc_sum("/proc/%d/io" % pid, ("syscr:", "syscw:"))
+            m["hwm"] += proc_sum("/proc/%d/status" % pid, ("VmHWM:",))
+    return [out[top] for top in tops]
 
 
 def children_cpu_s():
@@ -157,8 +142,8 @@ def children_cpu_s():
     return r.ru_utime + r.ru_stime
 
 
-cpu0 = (tree_cpu_s(mp.pid), children_cpu_s(), tree_cpu_s(sink.pid), tree_cpu_s(mp.pid, (12,)))
-rw0 = (tree_rw_calls(mp.pid), tree_rw_calls(sink.pid))
+mp0, sink0 = measure(mp.pid, sink.pid)
+source0 = children_cpu_s()
 t0 = time.monotonic()
 subprocess.run(["smtp-source", "-d", "-s", str(c), "-m", str(n), "-l", str(size), "-f", "bench@source.test",
                 "-t", "sink@sink.test"] + extra + ["127.0.0.1:%d" % mp_port], stdout=subprocess.DEVNULL, timeout=900)
@@ -169,10 +154,11 @@ while time.monotonic() < end:
         if t_done is not None:
             break
     time.sleep(0.05)
-cpu = {"moonpost": tree_cpu_s(mp.pid) - cpu0[0], "source": children_cpu_s() - cpu0[1],
-       "sink": tree_cpu_s(sink.pid) - cpu0[2], "moonpost_system": tree_cpu_s(mp.pid, (12,)) - cpu0[3]}
-rw = {"moonpost": tree_rw_calls(mp.pid) - rw0[0], "sink": tree_rw_calls(sink.pid) - rw0[1]}
-rss = tree_hwm_kib(mp.pid)
+mp1, sink1 = measure(mp.pid, sink.pid)
+cpu = {"moonpost": mp1["cpu"] - mp0["cpu"], "source": children_cpu_s() - source0,
+       "sink": sink1["cpu"] - sink0["cpu"], "moonpost_system": mp1["sys"] - mp0["sys"]}
+rw = {"moonpost": mp1["rw"] - mp0["rw"], "sink": sink1["rw"] - sink0["rw"]}
+rss = mp1["hwm"]
 mp.send_signal(signal.SIGTERM)
 mp.wait(timeout=60)
 sink.send_signal(signal.SIGTERM)
