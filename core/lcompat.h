@@ -23,18 +23,8 @@ static inline void mp_setfuncs(lua_State *L, const luaL_Reg *l)
     }
 }
 
-/* luaL_testudata for Lua 5.1: the userdata at ud if it has metatable tname. */
-static inline void *mp_testudata(lua_State *L, int ud, const char *tname)
-{
-    void *p = lua_touserdata(L, ud);
-    if (p == NULL || !lua_getmetatable(L, ud)) return NULL;
-    lua_getfield(L, LUA_REGISTRYINDEX, tname);
-    if (!lua_rawequal(L, -1, -2)) p = NULL;
-    lua_pop(L, 2);
-    return p;
-}
-
-/* mp_testudata with the metatable's address remembered in *cache: a hit
+/* luaL_testudata for Lua 5.1 (the userdata at ud if it has metatable
+ * tname), with the metatable's address remembered in *cache: a hit
  * is a lua_getmetatable and a pointer compare instead of a lookup of tname
  * in the registry, which interns the name on every call (~200
  * instructions; a relayed message checks a userdata about 30 times). The

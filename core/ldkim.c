@@ -61,7 +61,7 @@ typedef struct lsigner {
 
 /* ---- messages ---------------------------------------------------------------------------- */
 
-static const void *message_mt; /* for mp_testudata_c */
+static const void *message_mt, *key_mt; /* for mp_testudata_c */
 
 static const char *checkmsg(lua_State *L, int i, size_t *len)
 {
@@ -117,7 +117,7 @@ static int l_key_from_pem(lua_State *L)
 
 static mp_dkim_key *checkkey(lua_State *L, int i)
 {
-    lkey *k = luaL_checkudata(L, i, KEY_MT);
+    lkey *k = mp_checkudata_c(L, i, KEY_MT, &key_mt);
     if (k->k == NULL) luaL_argerror(L, i, "key was not loaded");
     return k->k;
 }
@@ -280,7 +280,7 @@ static void read_spec(lua_State *L, int n, rspec *sp)
         lua_pop(L, 1);
     }
     lua_getfield(L, -1, "key");
-    if (mp_testudata(L, -1, KEY_MT) == NULL || ((lkey *)lua_touserdata(L, -1))->k == NULL)
+    if (mp_testudata_c(L, -1, KEY_MT, &key_mt) == NULL || ((lkey *)lua_touserdata(L, -1))->k == NULL)
         spec_error(L, n, "key: expected a key from dkim.load_key, got %s", luaL_typename(L, -1));
     sp->key = ((lkey *)lua_touserdata(L, -1))->k;
     lua_pop(L, 1);
