@@ -170,14 +170,17 @@ end
 -- ---- at start, before the loop serves: plain blocking calls -------------------------
 
 -- mkdir_p_now(path [, mode]) -> true | nil, err: mkdir -p on the calling
--- thread (for opening stores at start: ./var of a fresh checkout).
+-- thread (for opening stores at start: ./var of a fresh checkout). As
+-- `mkdir -p -m`: only path itself gets mode (default 0700); the parents it
+-- makes get 0755 less the umask, so that a private store does not close
+-- off the directories above it to other users.
 function _M.mkdir_p_now(path, mode)
   if path == "" or path == "." or path == "/" then return true end
   local ok, err, code = uv.fs_mkdir(path, mode or 448)
   if not ok and code == "ENOENT" then
     local parent = match(path, "^(.+)/[^/]+$")
     if parent and parent ~= path then
-      local pok, perr = _M.mkdir_p_now(parent, mode)
+      local pok, perr = _M.mkdir_p_now(parent, 493)
       if not pok then return nil, perr end
       ok, err, code = uv.fs_mkdir(path, mode or 448)
     end

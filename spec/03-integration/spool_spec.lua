@@ -134,18 +134,27 @@ describe("spool", function()
     end)
   end)
 
-  it("creates the spool directory 0700 and its files 0600", function()
+  it("creates the spool directory 0700 and its files 0600, and the parents it makes 0755 less the umask", function()
     H.run(function()
-      local mta, port = H.start_mta({}, nil, { spool = spool_opts(dir .. "/spool") })
+      local spool = dir .. "/var/lib/spool"
+      local mta, port = H.start_mta({}, nil, { spool = spool_opts(spool) })
       assert.equal(250, (H.send(port)))
       H.stop_mta(mta)
-      for _, p in ipairs({ "/spool", "/spool/seg", "/spool/quarantine" }) do
-        assert.equal(tonumber("700", 8), uv.fs_stat(dir .. p).mode % 512, p)
+      -- the directories above the spool stay open to other users (a
+      -- Postfix, a log reader under the same var/): 0755 less the umask,
+      -- which a directory mkdir makes with 0777 shows
+      assert.equal(0, (H.exec("mkdir", { dir .. "/ref" })))
+      local want = bit.band(tonumber("755", 8), uv.fs_stat(dir .. "/ref").mode)
+      for _, p in ipairs({ "/var", "/var/lib" }) do
+        assert.equal(want, uv.fs_stat(dir .. p).mode % 512, p)
       end
-      for _, f in ipairs(seg_files(dir .. "/spool")) do
-        assert.equal(tonumber("600", 8), uv.fs_stat(dir .. "/spool/seg/" .. f).mode % 512, f)
+      for _, p in ipairs({ "", "/seg", "/quarantine" }) do
+        assert.equal(tonumber("700", 8), uv.fs_stat(spool .. p).mode % 512, p)
       end
-      assert.equal(tonumber("600", 8), uv.fs_stat(dir .. "/spool/LOCK").mode % 512)
+      for _, f in ipairs(seg_files(spool)) do
+        assert.equal(tonumber("600", 8), uv.fs_stat(spool .. "/seg/" .. f).mode % 512, f)
+      end
+      assert.equal(tonumber("600", 8), uv.fs_stat(spool .. "/LOCK").mode % 512)
     end)
   end)
 
