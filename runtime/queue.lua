@@ -24,6 +24,7 @@ local dsn = require "moonpost.runtime.dsn"
 local smtp = require "moonpost.core.smtp"
 
 local floor, min, max = math.floor, math.min, math.max
+local find, sub, lower = string.find, string.sub, string.lower
 
 local _M = { _VERSION = "0.1" }
 
@@ -219,8 +220,26 @@ end
 
 -- account(m, env): count m in the queue of every tenant@domain it still has
 -- recipients for (env nil: a recovered message not read yet).
+-- the position of an address's last @ (nil without one): plain finds,
+-- which LuaJIT compiles, where a pattern such as "^(.*)@([^@]*)$" runs in
+-- the C matcher and backtracks over the whole address
+local function last_at(a)
+  local at, i = nil, 0
+  repeat
+    i = find(a, "@", i + 1, true)
+    if i then at = i end
+  until not i
+  return at
+end
+
+-- the domain of an address (after its last @; "" without one)
+local function domain_of(a)
+  local at = last_at(a)
+  return at and sub(a, at + 1) or ""
+end
+
 local function queue_key(env, r)
-  return (env.tenant or "") .. "@" .. ((r.a:match("@([^@]*)$") or ""):lower())
+  return (env.tenant or "") .. "@" .. lower(domain_of(r.a))
 end
 
 function Queue:account(m, env)
@@ -358,9 +377,9 @@ function Queue:add_filter(fn)
 end
 
 local function split(address)
-  local l, d = address:match("^(.*)@([^@]*)$")
-  if not l then return address, "" end
-  return l, d
+  local at = last_at(address)
+  if not at then return address, "" end
+  return sub(address, 1, at - 1), sub(address, at + 1)
 end
 
 -- Send a DSN about some of a message's recipients to its sender, through

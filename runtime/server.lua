@@ -18,8 +18,8 @@ local passwd = require "moonpost.runtime.passwd"
 local headers = require "moonpost.runtime.headers"
 
 local band = bit.band
-local format, concat, upper, sub, find, gsub = string.format, table.concat, string.upper,
-  string.sub, string.find, string.gsub
+local format, concat, upper, sub, find, gsub, byte = string.format, table.concat, string.upper,
+  string.sub, string.find, string.gsub, string.byte
 local parse_path, check_param = smtp.parse_path, smtp.check_param
 local xpcall, traceback, tostring, tonumber, pairs, ipairs = xpcall, debug.traceback, tostring, tonumber,
   pairs, ipairs
@@ -35,17 +35,45 @@ local session_mt = { __index = Session }
 
 -- ---- replies ---------------------------------------------------------------
 
+-- One-line replies already made, by text, code and enhanced code (most
+-- replies are the same few: "250 2.1.0 Ok", "354 ..."): a lookup instead of
+-- a string.format per reply. At most MEMO_MAX of them, so that texts that
+-- differ every time ("queued as <id>") cannot grow it.
+local MEMO_MAX = 256
+local memo, memo_n = {}, 0
+
+local function reply_line(code, enhanced, text)
+  local by_code = memo[text]
+  local by_enh = by_code and by_code[code]
+  local line = by_enh and by_enh[enhanced or false]
+  if line then return line end
+  if enhanced then
+    line = format("%d %s %s\r\n", code, enhanced, text)
+  else
+    line = format("%d %s\r\n", code, text)
+  end
+  if memo_n < MEMO_MAX then
+    memo_n = memo_n + 1
+    if not by_code then
+      by_code = {}
+      memo[text] = by_code
+    end
+    if not by_enh then
+      by_enh = {}
+      by_code[code] = by_enh
+    end
+    by_enh[enhanced or false] = line
+  end
+  return line
+end
+
 -- Queue a reply; multi-line text ("a\nb") becomes a multi-line reply.
 local function reply(self, code, enhanced, text)
   local out = self.out
   local n = self.nout
   if not self.ext.enhancedstatuscodes then enhanced = nil end
   if not find(text, "\n", 1, true) then
-    if enhanced then
-      out[n + 1] = format("%d %s %s\r\n", code, enhanced, text)
-    else
-      out[n + 1] = format("%d %s\r\n", code, text)
-    end
+    out[n + 1] = reply_line(code, enhanced, text)
     self.nout = n + 1
   else
     local lines = {}
@@ -191,21 +219,41 @@ local function protocol_keyword(self, txn)
   return p
 end
 
+-- Octets clean() replaces: controls, DEL, and ( ) \\ < >
+local unsafe = {}
+for b = 0, 255 do
+  unsafe[b] = b < 32 or b == 127 or b == 40 or b == 41 or b == 92 or b == 60 or b == 62
+end
+
 local function clean(s, max)
-  s = gsub(s, "[%c()\\<>]", "?")
+  -- most values have nothing to replace: a scan (compiled by LuaJIT) is
+  -- cheaper than gsub's pattern matcher and its copy
+  for i = 1, #s do
+    if unsafe[byte(s, i)] then
+      s = gsub(s, "[%c()\\<>]", "?")
+      break
+    end
+  end
   if #s > max then s = sub(s, 1, max) end
   return s
 end
 
 -- The From part: the HELO name when it is a domain or an address literal,
--- else the address with the name in a comment, made safe.
-local function received_from(conn, lit)
+-- else the address with the name in a comment, made safe. The same for
+-- every message of a session: kept on the session (not on conn, which
+-- policies see) with the HELO name and address it was made from.
+local function received_from(self, conn, lit)
   local helo = conn.helo
+  if self.rfrom and self.rfrom_helo == helo and self.rfrom_lit == lit then return self.rfrom end
+  local from
   if helo and #helo <= 255 and (helo:match("^[%w][%w%-%._]*$") or helo:match("^%[[%w%.:]+%]$")) then
-    return helo .. " ([" .. lit .. "])"
+    from = helo .. " ([" .. lit .. "])"
+  else
+    local shown = helo and gsub(helo, "[^%w%.%-_:%[%]@]", "?") or "none"
+    from = "[" .. lit .. "] (helo=" .. sub(shown, 1, 255) .. ")"
   end
-  local shown = helo and gsub(helo, "[^%w%.%-_:%[%]@]", "?") or "none"
-  return "[" .. lit .. "] (helo=" .. sub(shown, 1, 255) .. ")"
+  self.rfrom, self.rfrom_helo, self.rfrom_lit = from, helo, lit
+  return from
 end
 
 local function received_header(self, txn)
@@ -223,7 +271,7 @@ local function received_header(self, txn)
       clean(ti.cipher or "?", 64), ti.bits or 0)
   end
   return format("Received: from %s%s\r\n\tby %s (Moonpost) with %s id %s%s;\r\n\t%s\r\n",
-    received_from(conn, lit), tls, self.hostname, protocol_keyword(self, txn), txn.id, rcpt, rfc5322_date())
+    received_from(self, conn, lit), tls, self.hostname, protocol_keyword(self, txn), txn.id, rcpt, rfc5322_date())
 end
 
 -- ---- commands --------------------------------------------------------------------

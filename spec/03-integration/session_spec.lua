@@ -92,7 +92,56 @@ describe("smtp server session", function()
       local r1 = got[1].data
       assert.matches("^Received: from client%.test %(%[127%.0%.0%.1%]%)\r\n\tby mx%.test %(Moonpost%) with ESMTP id %x+\r\n\tfor <b@mx%.test>;\r\n\t%a%a%a, %d%d %a%a%a %d%d%d%d %d%d:%d%d:%d%d %+0000\r\nSubject: x\r\n$", r1)
       assert.matches("with SMTP id " .. got[2].txn.id, got[2].data)
+      -- the From part follows the session's latest HELO
+      assert.matches("^Received: from old%.client %(%[127%.0%.0%.1%]%)\r\n", got[2].data)
       assert.truthy(got[1].data:find(got[1].txn.id, 1, true))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("shows a HELO name that is not a domain as a cleaned comment, message by message", function()
+    H.run(function()
+      local mta, port, got = server()
+      local p = H.connect(port)
+      p:script([[
+        S: 220
+        C: EHLO bad<name>(x)
+        S: 250
+        C: MAIL FROM:<a@client.test>
+        S: 250
+        C: RCPT TO:<b@mx.test>
+        S: 250
+        C: DATA
+        S: 354
+        C: Subject: x
+        C: .
+        S: 250
+        C: MAIL FROM:<a@client.test>
+        S: 250
+        C: RCPT TO:<b@mx.test>
+        S: 250
+        C: DATA
+        S: 354
+        C: Subject: y
+        C: .
+        S: 250
+        C: EHLO good.client
+        S: 250
+        C: MAIL FROM:<a@client.test>
+        S: 250
+        C: RCPT TO:<b@mx.test>
+        S: 250
+        C: DATA
+        S: 354
+        C: Subject: z
+        C: .
+        S: 250
+      ]])
+      p:close()
+      for i = 1, 2 do
+        assert.matches("^Received: from %[127%.0%.0%.1%] %(helo=bad%?name%?%?x%?%)\r\n", got[i].data)
+      end
+      assert.matches("^Received: from good%.client %(%[127%.0%.0%.1%]%)\r\n", got[3].data)
       H.stop_mta(mta)
     end)
   end)
