@@ -2,13 +2,15 @@
 # Install the Debian packages Moonpost needs to build, run and test, when
 # they are missing (make deps; run by make run and make test). Needs root or
 # sudo. Postfix is installed for smtp-source/smtp-sink only: preseeded
-# "Local only" and its system instance is never started here.
+# "Local only" and its system instance is never started here. swaks needs
+# libnet-ssleay-perl for --tls (a Recommends, which --no-install-recommends
+# leaves out).
 set -eu
 
 PKGS="build-essential clang libclang-rt-14-dev luajit libluajit-5.1-dev liblua5.1-0-dev
 lua-luv lua-luv-dev libuv1-dev libssl-dev libopendkim-dev libsodium-dev libc-ares-dev
 lua-lpeg lua-cjson lua-busted lua-check luarocks
-swaks python3 python3-dkim python3-prometheus-client python3-nacl python3-dnspython python3-aiosmtpd nsd postfix netcat-openbsd iproute2 procps"
+swaks libnet-ssleay-perl python3 python3-dkim python3-prometheus-client python3-nacl python3-dnspython python3-aiosmtpd nsd postfix netcat-openbsd iproute2 procps"
 
 missing=""
 for p in $PKGS; do
