@@ -100,43 +100,16 @@ describe("smtp server session", function()
   end)
 
   it("shows a HELO name that is not a domain as a cleaned comment, message by message", function()
+    -- one transaction of the transcript
+    local function message(subject)
+      return "C: MAIL FROM:<a@client.test>\nS: 250\nC: RCPT TO:<b@mx.test>\nS: 250\nC: DATA\nS: 354\n"
+        .. "C: Subject: " .. subject .. "\nC: .\nS: 250\n"
+    end
     H.run(function()
       local mta, port, got = server()
       local p = H.connect(port)
-      p:script([[
-        S: 220
-        C: EHLO bad<name>(x)
-        S: 250
-        C: MAIL FROM:<a@client.test>
-        S: 250
-        C: RCPT TO:<b@mx.test>
-        S: 250
-        C: DATA
-        S: 354
-        C: Subject: x
-        C: .
-        S: 250
-        C: MAIL FROM:<a@client.test>
-        S: 250
-        C: RCPT TO:<b@mx.test>
-        S: 250
-        C: DATA
-        S: 354
-        C: Subject: y
-        C: .
-        S: 250
-        C: EHLO good.client
-        S: 250
-        C: MAIL FROM:<a@client.test>
-        S: 250
-        C: RCPT TO:<b@mx.test>
-        S: 250
-        C: DATA
-        S: 354
-        C: Subject: z
-        C: .
-        S: 250
-      ]])
+      p:script("S: 220\nC: EHLO bad<name>(x)\nS: 250\n" .. message("x") .. message("y")
+        .. "C: EHLO good.client\nS: 250\n" .. message("z"))
       p:close()
       for i = 1, 2 do
         assert.matches("^Received: from %[127%.0%.0%.1%] %(helo=bad%?name%?%?x%?%)\r\n", got[i].data)
