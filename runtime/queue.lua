@@ -218,8 +218,6 @@ local function has_key(m, key)
   return false
 end
 
--- account(m, env): count m in the queue of every tenant@domain it still has
--- recipients for (env nil: a recovered message not read yet).
 -- the position of an address's last @ (nil without one): plain finds,
 -- which LuaJIT compiles, where a pattern such as "^(.*)@([^@]*)$" runs in
 -- the C matcher and backtracks over the whole address
@@ -242,6 +240,8 @@ local function queue_key(env, r)
   return (env.tenant or "") .. "@" .. lower(domain_of(r.a))
 end
 
+-- account(m, env): count m in the queue of every tenant@domain it still has
+-- recipients for (env nil: a recovered message not read yet).
 function Queue:account(m, env)
   local keys
   local rcpt = env and env.rcpt

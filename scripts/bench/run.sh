@@ -339,9 +339,10 @@ for name, s in figs.items():
     if name == "accept-only":
         s["target"] = "rate >= 50% of limit, peak RSS < 50 MiB"
         s["met"] = s["ratio"] >= 0.5 and (s["peak_rss_mib"] or 0) < 50
-    if name == "durable" and acc:
+    if name in ("durable", "durable-mem") and acc:
         s["vs_accept_only"] = s["median"] / acc["median"]
-        s["paired_vs_accept_only"] = paired("durable", "accept-only")
+        s["paired_vs_accept_only"] = paired(name, "accept-only")
+    if name == "durable" and acc:
         s["target"] = "rate >= 80%% of accept-only (%.2f; %s)" % (s["vs_accept_only"], paired_text(s["paired_vs_accept_only"]))
         s["met"] = s["vs_accept_only"] >= 0.8
         if pf:
@@ -352,8 +353,6 @@ for name, s in figs.items():
             s["target"] += "; Moonpost CPU %.0f us/msg against %.0f accept-only" % (
                 s["cpu_us_per_msg"]["moonpost"], acc["cpu_us_per_msg"]["moonpost"])
     if name == "durable-mem" and acc:
-        s["vs_accept_only"] = s["median"] / acc["median"]
-        s["paired_vs_accept_only"] = paired("durable-mem", "accept-only")
         s["target"] = "reported: the spool on tmpfs, not durable; %.2f of accept-only (%s)" % (
             s["vs_accept_only"], paired_text(s["paired_vs_accept_only"]))
     if name == "relay":
