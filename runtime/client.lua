@@ -507,6 +507,14 @@ local function notify(pool)
 end
 
 -- release(conn): back to the pool, or closed.
+-- c joins the idle connections, for a waiting delivery or a later one
+local function to_idle(self, c)
+  c.idle_since = uv.now()
+  self.idle[#self.idle + 1] = c
+  notify(self)
+  self:reap_later()
+end
+
 function Pool:release(c)
   local o = self.opts
   if c.broken or c.closed or c.messages >= o.max_messages or self.closing then
@@ -517,10 +525,7 @@ function Pool:release(c)
     notify(self)
     return
   end
-  c.idle_since = uv.now()
-  self.idle[#self.idle + 1] = c
-  notify(self)
-  self:reap_later()
+  to_idle(self, c)
 end
 
 -- handoff(conn): back to the pool while its transaction still waits for
@@ -528,10 +533,7 @@ end
 -- waiting for a connection.
 function Pool:handoff(c)
   c.holder = nil
-  c.idle_since = uv.now()
-  self.idle[#self.idle + 1] = c
-  notify(self)
-  self:reap_later()
+  to_idle(self, c)
 end
 
 -- Close connections idle for longer than idle_timeout.
