@@ -386,11 +386,11 @@ end
 -- the spool and the queue like any message. Never to the null sender: a
 -- bounce of a bounce is logged and dropped.
 function Queue:notify(env, body, action, list)
-  if #list == 0 then return end
+  if #list == 0 then return true end
   if (env.from or "") == "" then
     log.info("%s: %s DSN for %d recipients not sent: the sender is <> (bounce of a bounce)", env.id,
       action, #list)
-    return
+    return true
   end
   local text = dsn.build({ hostname = self.mta.hostname, env = env, body = body, action = action,
     recipients = list })
@@ -635,6 +635,7 @@ function outcomes(self, m, env, body, rcpts, results, early, now)
       if res.dsn ~= false and dsn.wants(r.notify, "failed") then
         failed = add_entry(failed, r, res, now, class_text)
         local entry = failed[#failed]
+        entry.index = r.index
         if not entry.enhanced then entry.enhanced = tostring(res.text):match("^([245]%.%d+%.%d+)") end
       end
     else
@@ -654,7 +655,21 @@ function outcomes(self, m, env, body, rcpts, results, early, now)
     end
     ::next_rcpt::
   end
-  if failed then self:notify(env, body, "failed", failed) end
+  -- A bounce is final only with its DSN queued (the disk may be full): if
+  -- the DSN cannot be stored, its recipients are not final and are tried
+  -- (and bounced) again at the next attempt.
+  if failed and not self:notify(env, body, "failed", failed) then
+    local undone = {}
+    for _, e in ipairs(failed) do undone[e.index] = true end
+    local keep = {}
+    for _, i in ipairs(done) do
+      if not undone[i] then keep[#keep + 1] = i end
+    end
+    done = keep
+    deferred = deferred + #failed
+    local at = due_after(retry_after(self, m.attempts))
+    if not next_at or at < next_at then next_at = at end
+  end
   if delivered then self:notify(env, body, "delivered", delivered) end
   if relayed then self:notify(env, body, "relayed", relayed) end
   if delayed then

@@ -257,6 +257,12 @@ function _M.wait(timeout)
   local token = task.reserved
   if token then
     task.reserved = nil
+    -- woken before it got here (a callback that ran at once): no yield
+    local early = task.early
+    if early then
+      task.early = nil
+      return early[1], early[2]
+    end
   else
     token_seq = token_seq + 1
     token = token_seq
@@ -274,7 +280,14 @@ function _M.wait(timeout)
 end
 
 local function wake_token(task, token, a, b)
-  if task.waiting ~= token or task.done then return false end
+  if task.waiting ~= token or task.done then
+    -- the token of a wait not yet begun: that wait returns this at once
+    if task.reserved == token and not task.done then
+      task.early = { a, b }
+      return true
+    end
+    return false
+  end
   if running then
     -- from inside a task: no task resumes another re-entrantly
     defer(task, a, b)
@@ -295,12 +308,15 @@ end
 
 -- reserve() -> task, token: the token of the current task's next wait(). A
 -- callback registered before that wait wakes it with wake_token(), and a
--- callback that fires late (after a timeout) then wakes nothing.
+-- callback that fires late (after a timeout) then wakes nothing. One that
+-- fires before the wait begins (a request that failed or finished at once)
+-- is kept: that wait returns its values without yielding.
 function _M.reserve()
   local task = tasks[co_running() or false]
   if not task then error("sched.reserve() outside a task", 2) end
   token_seq = token_seq + 1
   task.reserved = token_seq
+  task.early = nil
   return task, token_seq
 end
 

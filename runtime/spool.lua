@@ -36,6 +36,8 @@ local encode, decode = cjson.encode, cjson.decode
 
 local _M = { _VERSION = "0.1" }
 
+local COMPACT_RETRY_MS = 10000 -- a compaction that failed is tried again after this
+
 local Spool = {}
 local mt = { __index = Spool }
 
@@ -141,6 +143,11 @@ function _M.open(opts)
     cache_order = {}, -- ids, oldest first
     cache_head = 1,
     cached_bytes = 0,
+    compact_retry_at = 0,
+    -- DONE ids and updated message ids since the last sync started: written
+    -- again when that sync fails (a failed write drops what was buffered)
+    unsynced_done = {},
+    unsynced_state = {},
   }, mt)
   for k, v in pairs(DEFAULTS) do
     self[k] = opts[k] ~= nil and opts[k] or v
@@ -269,10 +276,10 @@ function Spool:recover()
             quarantine(self, seg, off, len, "message without recipients")
           elseif m and flags % 2 == 1 then
             -- a compaction copy supersedes the older copy of the message; its
-            -- state follows in a STATE record
+            -- state follows in a STATE record; the state known so far stays (a recipient once final
+            -- stays final, even if a crash came between the two records)
             drop_live(m)
             add_live(m, seg, off, len)
-            m.pending, m.rdone = nrcpt, nil
             if self.readonly then m.env = env end
           elseif m then
             dups = dups + 1
@@ -385,12 +392,41 @@ local function append(self, rtype, flags, id, meta, body, aux)
   return seg, off, len
 end
 
-local lazy_sync
+local lazy_sync, rewrite_later
+
+local function state_of(m)
+  local done = {}
+  for k in pairs(m.rdone or {}) do done[#done + 1] = k end
+  table.sort(done)
+  return encode({ done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
+    warned = m.warned or nil })
+end
+
+-- A failed write or sync may have lost the DONE and STATE records of this
+-- batch: they are written again when the disk takes writes (check_space),
+-- or else a restart would deliver again what was already delivered. (Some
+-- may have reached the disk: a second DONE or the same state again is
+-- harmless at recovery.) The free-space check every check_interval seconds
+-- writes them.
+function rewrite_later(self, done_ids, state_ids)
+  if #done_ids == 0 and not next(state_ids) then return end
+  local pend = self.pending_done or {}
+  for i = 1, #done_ids do pend[done_ids[i]] = true end
+  if next(pend) then self.pending_done = pend end
+  local ps = self.pending_state or {}
+  for id in pairs(state_ids) do
+    if self.msgs[id] then ps[id] = true end
+  end
+  if next(ps) then self.pending_state = ps end
+end
 
 local function start_sync(self)
   local batch = self.waiters
   self.waiters = {}
   self.syncing = true
+  local done_ids, state_ids = self.unsynced_done, self.unsynced_state
+  if #done_ids > 0 then self.unsynced_done = {} end
+  if next(state_ids) then self.unsynced_state = {} end
   local segs = {}
   for seg in pairs(self.dirty) do segs[#segs + 1] = seg end
   self.dirty = {}
@@ -420,6 +456,7 @@ local function start_sync(self)
     -- the next batch syncs the directory again
     if err and dir then self.dir_dirty = true end
     self.syncing = false
+    if failure then rewrite_later(self, done_ids, state_ids) end
     self.stats.batches = self.stats.batches + 1
     self.stats.synced = self.stats.synced + #batch / 2
     for i = 1, #batch, 2 do
@@ -467,7 +504,14 @@ function Spool:stored(txn, msg, envt, id, seg, off, len, ok, err)
     -- Not acknowledged: make sure it is not delivered either.
     seg.live = seg.live - 1
     seg.live_bytes = seg.live_bytes - len
-    append(self, DONE, 0, id, "")
+    -- (the record may be on disk even so: a failed sync says nothing of it)
+    if not append(self, DONE, 0, id, "") then
+      self.pending_done = self.pending_done or {}
+      self.pending_done[id] = true
+    else
+      local l = self.unsynced_done
+      l[#l + 1] = id
+    end
     log.error("spool: sync failed for %s: %s", txn.id, tostring(err))
     return nil, "sync: " .. tostring(err), err and err:match("^(%u+)")
   end
@@ -659,8 +703,11 @@ function Spool:update(id, state)
   local seg, err, code = append(self, STATE, 0, id, encode(state))
   if not seg then
     log.error("spool: cannot record the state of %s: %s", ids.hex(id), tostring(err))
+    self.pending_state = self.pending_state or {}
+    self.pending_state[id] = true
     return nil, err, code
   end
+  self.unsynced_state[id] = true
   spill_soon(self)
   lazy_sync(self)
   return true
@@ -679,6 +726,8 @@ function Spool:done(id)
   if not m then return nil, "unknown message" end
   local seg, err, code = append(self, DONE, 0, id, "")
   if seg then
+    local l = self.unsynced_done
+    l[#l + 1] = id
     spill_soon(self)
     lazy_sync(self)
   elseif code == "CLOSED" then
@@ -721,15 +770,17 @@ function Spool:reclaim()
   end
   local oldest = self.segs[self.order[1]]
   if oldest and oldest ~= self.head and not self.compacting and oldest.live > 0
-    and self:worth_compacting(oldest) then
+    and uv.now() >= self.compact_retry_at and self:worth_compacting(oldest) then
     self.compacting = true
     sched.spawn_named("spool compaction", function(err)
       self.compacting = false
+      self.compact_retry_at = uv.now() + COMPACT_RETRY_MS
       log.error("spool: compaction failed: %s", tostring(err))
     end, function()
-      self:compact(oldest)
+      -- a failed one (disk full, a write error) is not tried again at once
+      if not self:compact(oldest) then self.compact_retry_at = uv.now() + COMPACT_RETRY_MS end
       self.compacting = false
-      self:reclaim()
+      if not self.closed then self:reclaim() end
     end)
   end
 end
@@ -756,9 +807,10 @@ end
 -- state, sync, then delete it.
 function Spool:compact(seg)
   seg.compacting = true
-  local ok, err = pcall(self.compact_segment, self, seg)
+  local ok, done = pcall(self.compact_segment, self, seg)
   seg.compacting = nil
-  if not ok then error(err, 0) end
+  if not ok then error(done, 0) end
+  return done
 end
 
 function Spool:compact_segment(seg)
@@ -767,6 +819,7 @@ function Spool:compact_segment(seg)
     if m.seg == seg then live[#live + 1] = m end
   end
   table.sort(live, function(a, b) return a.off < b.off end)
+  local moves = {}
   log.info("spool: compacting %s: %d live messages, %d of %d bytes", seg_name(seg.num), #live,
     seg.live_bytes, seg.size)
   for i, m in ipairs(live) do
@@ -779,36 +832,47 @@ function Spool:compact_segment(seg)
     local raw, err = seg.file:read(m.off, m.len)
     local rtype, _, id, meta, body = core.decode(raw or "")
     if not rtype then
-      return log.error("spool: compaction of %s stopped at %s: %s", seg_name(seg.num), ids.hex(m.id),
+      log.error("spool: compaction of %s stopped at %s: %s", seg_name(seg.num), ids.hex(m.id),
         tostring(err or _))
+      return false
     end
     -- Still live? (It may have been delivered while we worked.)
     if self.msgs[id] == m and m.seg == seg then
       local env = decode(meta)
-      local done = {}
-      for k in pairs(m.rdone or {}) do done[#done + 1] = k end
-      table.sort(done)
       -- the copy, then its current state: recovery applies them in order
       local cseg, off, len = append(self, MSG, F_COPY, id, meta, body, env and #env.rcpt or 0)
       local sseg, serr = nil, off
-      if cseg then
-        sseg, serr = append(self, STATE, 0, id, encode({ done = #done > 0 and done or nil, attempts = m.attempts,
-          next = m.next, warned = m.warned or nil }))
-      end
+      if cseg then sseg, serr = append(self, STATE, 0, id, state_of(m)) end
       if not sseg then
-        return log.error("spool: compaction of %s stopped: %s", seg_name(seg.num), tostring(serr))
+        log.error("spool: compaction of %s stopped: %s", seg_name(seg.num), tostring(serr))
+        return false
       end
-      drop_live(m)
-      add_live(m, cseg, off, len)
+      moves[#moves + 1] = { m, cseg, off, len }
     end
     ::continue::
   end
+  -- The messages move to their copies only once the copies are on disk: a
+  -- failed sync leaves every one in this segment, which is then kept (the
+  -- copies, if any reached the file, are harmless duplicates).
   local ok, err = self:sync()
-  if not ok then return log.error("spool: compaction sync failed: %s", tostring(err)) end
+  if not ok then
+    log.error("spool: compaction sync failed, %s kept: %s", seg_name(seg.num), tostring(err))
+    return false
+  end
+  for i = 1, #moves do
+    local mv = moves[i]
+    local m = mv[1]
+    -- (finished while the copies were synced: nothing to move)
+    if self.msgs[m.id] == m and m.seg == seg then
+      drop_live(m)
+      add_live(m, mv[2], mv[3], mv[4])
+    end
+  end
   if seg.live == 0 then
     self.stats.compactions = self.stats.compactions + 1
     log.info("spool: compacted %s", seg_name(seg.num))
   end
+  return true
 end
 
 -- ---- free space ---------------------------------------------------------------------------------
@@ -819,20 +883,46 @@ function Spool:free_bytes()
   return st.bavail * st.bsize
 end
 
+-- Write again the DONE and STATE records a failed write may have lost (they
+-- are tracked again, and kept for later if this write fails too).
+function Spool:rewrite_pending()
+  local pend, ps = self.pending_done, self.pending_state
+  self.pending_done, self.pending_state = nil, nil
+  for id in pairs(pend or {}) do
+    if append(self, DONE, 0, id, "") then
+      local l = self.unsynced_done
+      l[#l + 1] = id
+    else
+      self.pending_done = self.pending_done or {}
+      self.pending_done[id] = true
+    end
+  end
+  for id in pairs(ps or {}) do
+    local m = self.msgs[id]
+    if m then
+      if append(self, STATE, 0, id, state_of(m)) then
+        self.unsynced_state[id] = true
+      else
+        self.pending_state = self.pending_state or {}
+        self.pending_state[id] = true
+      end
+    end
+  end
+  if pend or ps then lazy_sync(self) end
+end
+
 -- Check free space now and every check_interval seconds.
 function Spool:check_space()
   local function check()
     local free = self:free_bytes()
     if free and free < self.min_free then
       set_full(self, "low disk space")
-    elseif free and self.full then
-      log.info("spool: %s: space is back (%d bytes free); accepting mail", self.dir, free)
-      self.full = false
-      if self.pending_done then
-        local pend = self.pending_done
-        self.pending_done = nil
-        for id in pairs(pend) do append(self, DONE, 0, id, "") end
+    elseif free then
+      if self.full then
+        log.info("spool: %s: space is back (%d bytes free); accepting mail", self.dir, free)
+        self.full = false
       end
+      if self.pending_done or self.pending_state then self:rewrite_pending() end
     end
   end
   check()

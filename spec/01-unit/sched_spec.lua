@@ -71,6 +71,37 @@ describe("sched.wake", function()
     end)
   end)
 
+  it("keeps a wake that comes for a reserved token before the wait, and returns it without yielding", function()
+    H.run(function()
+      local got, yielded
+      sched.spawn(function()
+        local task, token = sched.reserve()
+        -- a callback that ran at once (a request that failed to start)
+        assert.is_true(sched.wake_token(task, token, "early", 7))
+        local before = yielded
+        got = { sched.wait(5) }
+        assert.equal(before, yielded)
+        -- only that wait: the next one waits for its own wake
+        local t2, k2 = sched.reserve()
+        local t = uv.new_timer()
+        t:start(1, 0, function()
+          t:close()
+          sched.wake_token(t2, k2, "later")
+        end)
+        got[3] = sched.wait(5)
+      end)
+      yielded = 0
+      sched.spawn(function()
+        for _ = 1, 3 do
+          yielded = yielded + 1
+          sched.yield()
+        end
+      end)
+      H.wait_for(function() return got and got[3] end, 5)
+      assert.same({ "early", 7, "later" }, got)
+    end)
+  end)
+
   it("times a wait out with nil, \"timeout\"", function()
     H.run(function()
       local r
