@@ -303,7 +303,7 @@ static int p_push(lua_State *L)
 /* next() -> nil                          need more input
  *         | "cmd", VERB, arg, flags
  *         | "line", line, flags          (after begin_line)
- *         | "too_long", wire_length
+ *         | "too_long", wire_length [, VERB]  (VERB: of a command line)
  *         | "data", msgflags             DATA content complete
  *         | "bdat", msgflags             BDAT chunk complete */
 static int p_next(lua_State *L)
@@ -325,7 +325,9 @@ static int p_next(lua_State *L)
     case MP_EV_TOO_LONG:
         lua_pushliteral(L, "too_long");
         lua_pushnumber(L, (lua_Number)ev.line_len);
-        return 2;
+        if (ev.verb == NULL) return 2;
+        lua_pushlstring(L, ev.verb, ev.verb_len);
+        return 3;
     case MP_EV_DATA_END:
         lua_pushliteral(L, "data");
         lua_pushinteger(L, (lua_Integer)ev.flags);

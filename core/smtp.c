@@ -420,6 +420,20 @@ static size_t cmd_limit(const mp_smtp_in *p, const char *verb)
     return p->lim.cmd_line;
 }
 
+/* The verb of the command line s (n octets): its first word, upper-cased,
+ * at most 16 octets kept (a longer one cannot match and is reported as
+ * unknown), into p->verb. Returns where the verb ends. */
+static size_t take_verb(mp_smtp_in *p, const char *s, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n && s[i] != ' ' && i < 16; i++) {
+        char c = s[i];
+        p->verb[i] = (c >= 'a' && c <= 'z') ? (char)(c - 32) : c;
+    }
+    p->verb[i] = '\0';
+    return i;
+}
+
 static int line_next(mp_smtp_in *p, mp_in_ev *ev)
 {
     const char *s = p->buf + p->off;
@@ -440,6 +454,9 @@ static int line_next(mp_smtp_in *p, mp_in_ev *ev)
         p->off += (size_t)(nl - s) + 1;
         p->discarding = 0;
         p->discard_len = 0;
+        /* the verb was kept when the discarding began (a command line) */
+        ev->verb = p->mode == MP_MODE_LINE ? NULL : p->verb;
+        ev->verb_len = ev->verb ? strlen(p->verb) : 0;
         if (p->mode == MP_MODE_LINE) p->mode = MP_MODE_CMD;
         ev->type = MP_EV_TOO_LONG;
         ev->line_len = wire;
@@ -452,6 +469,7 @@ static int line_next(mp_smtp_in *p, mp_in_ev *ev)
     if (nl == NULL) {
         if (avail > hard) {
             /* Skip to the end of this line, then answer it once. */
+            if (p->mode != MP_MODE_LINE) take_verb(p, s, avail);
             p->discarding = 1;
             p->discard_len = avail;
             p->off = p->len;
@@ -471,6 +489,8 @@ static int line_next(mp_smtp_in *p, mp_in_ev *ev)
         p->mode = MP_MODE_CMD;
         if (wire > MP_SMTP_AUTH_LINE_MAX) {
             ev->type = MP_EV_TOO_LONG;
+            ev->verb = NULL;
+            ev->verb_len = 0;
             return MP_EV_TOO_LONG;
         }
         ev->type = MP_EV_LINE;
@@ -479,13 +499,7 @@ static int line_next(mp_smtp_in *p, mp_in_ev *ev)
         return MP_EV_LINE;
     }
 
-    /* The verb: the first word, upper-cased, at most 16 octets kept (a
-     * longer one cannot match and is reported as unknown). */
-    for (i = 0; i < n && s[i] != ' ' && i < 16; i++) {
-        char c = s[i];
-        p->verb[i] = (c >= 'a' && c <= 'z') ? (char)(c - 32) : c;
-    }
-    p->verb[i] = '\0';
+    i = take_verb(p, s, n);
     ev->verb = p->verb;
     ev->verb_len = i;
     while (i < n && s[i] != ' ') i++; /* rest of an over-long verb */

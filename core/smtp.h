@@ -95,7 +95,8 @@ typedef struct mp_smtp_in mp_smtp_in;
 
 typedef struct mp_in_ev {
     int type;          /* enum mp_in_event */
-    const char *verb;  /* MP_EV_CMD: upper-cased verb (NUL-terminated) */
+    const char *verb;  /* MP_EV_CMD, and MP_EV_TOO_LONG of a command line:
+                        * upper-cased verb (NUL-terminated); else NULL */
     size_t verb_len;
     const char *arg;   /* MP_EV_CMD: argument; MP_EV_LINE: the line */
     size_t arg_len;

@@ -899,13 +899,23 @@ local function rejected_command(self, verb, arg)
   error_reply(self, 503, "5.5.1", "Error: no SMTP service here")
 end
 
+-- A BDAT line that is refused leaves its chunk unframed: what follows it is
+-- message content, not commands (RFC 3030), so the session ends there.
+local function refused_line(self, verb, text)
+  if verb == "BDAT" then
+    reply(self, 500, "5.5.2", text)
+    return closing(self, "bad BDAT")
+  end
+  return error_reply(self, 500, "5.5.2", text)
+end
+
 local function dispatch(self, verb, arg, flags)
   if flags ~= 0 then
     if band(flags, LINE_BAD_CHAR) ~= 0 then
-      return error_reply(self, 500, "5.5.2", "Error: bad character in command")
+      return refused_line(self, verb, "Error: bad character in command")
     end
     if band(flags, LINE_BARE_LF) ~= 0 and self.opts.bare_lf == "reject" then
-      return error_reply(self, 500, "5.5.2", "Error: command line ended with bare LF")
+      return refused_line(self, verb, "Error: command line ended with bare LF")
     end
   end
   -- Stopping: a transaction in progress finishes, nothing new starts.
@@ -1004,7 +1014,7 @@ local function serve(self)
       bdat_done(self, a)
       rejected(self, "BDAT", txn)
     elseif kind == "too_long" then
-      error_reply(self, 500, "5.5.2", "Error: line too long")
+      refused_line(self, b, "Error: line too long")
     elseif kind == "line" then
       error_reply(self, 500, "5.5.2", "Error: unexpected line")
     end

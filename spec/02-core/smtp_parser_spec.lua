@@ -182,7 +182,9 @@ describe("moonpost.core.smtp parser", function()
     local ev = run("NOOP " .. string.rep("a", 600) .. "\r\nNOOP\r\n", 50)
     assert.equal("too_long", ev[1][1])
     assert.equal(5 + 600 + 2, ev[1][2])
+    assert.equal("NOOP", ev[1][3]) -- the verb, whole or read in pieces
     assert.same({ "cmd", "NOOP", "", 0 }, ev[2])
+    assert.same(ev, run("NOOP " .. string.rep("a", 600) .. "\r\nNOOP\r\n"))
     -- exactly 512 with CRLF is fine
     ev = run("NOOP " .. string.rep("a", 505) .. "\r\n")
     assert.equal("cmd", ev[1][1])
@@ -208,8 +210,14 @@ describe("moonpost.core.smtp parser", function()
       assert.is_true(p:buffered() < 20000)
     end
     p:push("\r\nQUIT\r\n")
-    assert.equal("too_long", (p:next()))
+    local kind, _, verb = p:next()
+    assert.equal("too_long", kind)
+    assert.equal("ZZZZZZZZZZZZZZZZ", verb) -- 16 octets of the verb kept
     assert.same({ "cmd", "QUIT", "", 0 }, { p:next() })
+    -- an AUTH continuation line has no verb
+    p:begin_line()
+    p:push(string.rep("y", 13000) .. "\r\n")
+    assert.same({ "too_long", 13002 }, { p:next() })
     p:close()
   end)
 

@@ -75,6 +75,36 @@ describe("CHUNKING", function()
     end)
   end)
 
+  -- A BDAT line refused before it is parsed (a NUL, a bare LF under
+  -- bare_lf = "reject", over the line limit) does not frame its chunk: the
+  -- chunk is content and must never run as commands.
+  it("closes the session on a BDAT line it refuses, so the chunk is not run as commands", function()
+    H.run(function()
+      local mta, port, got = server({ bare_lf = "reject" })
+      local chunk = "RSET\r\nMAIL FROM:<chunk@evil.test>\r\nRCPT TO:<victim@b.c>\r\n"
+      for _, line in ipairs({ "BDAT " .. #chunk .. " LAST\n", "BDAT " .. #chunk .. " LAST\0\r\n",
+        "BDAT " .. #chunk .. " LAST" .. string.rep(" ", 600) .. "\r\n",
+        "bdat " .. #chunk .. " LAST" .. string.rep(" ", 20000) .. "\r\n" }) do
+        local p = H.connect(port)
+        p:script("S: 220\nC: EHLO x\nS: 250\nC: MAIL FROM:<a@b.c>\nS: 250\nC: RCPT TO:<r@b.c>\nS: 250")
+        p:send(line .. chunk)
+        p:expect(500, "5.5.2")
+        -- nothing of the chunk was answered: the connection is closed
+        assert.is_true(p:closed(), line:sub(1, 20))
+        p:close()
+      end
+      -- a too-long line of another command still gets its 500 and the session goes on
+      local p = H.connect(port)
+      p:script("S: 220\nC: EHLO x\nS: 250")
+      p:cmd("NOOP " .. string.rep("n", 600))
+      p:expect(500, "5.5.2")
+      p:script("C: NOOP\nS: 250")
+      p:close()
+      assert.equal(0, #got)
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("rejects an oversized message with 552 5.3.4 and fails the transaction", function()
     H.run(function()
       local mta, port, got = server({ max_message_size = 100 })
