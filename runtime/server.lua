@@ -746,6 +746,27 @@ end
 
 local B64_USERNAME, B64_PASSWORD = "VXNlcm5hbWU6", "UGFzc3dvcmQ6" -- "Username:", "Password:"
 
+-- The seconds left to read a whole command line (or AUTH response): the
+-- command timeout runs from the first wait for it, not anew at every read,
+-- so a client sending a byte at a time cannot hold a session for ever.
+-- serve() forgets the deadline at every complete line or message.
+local function command_time_left(self)
+  local now = uv.now()
+  local deadline = self.cmd_deadline
+  if not deadline then
+    deadline = now + self.opts.timeouts.command * 1000
+    self.cmd_deadline = deadline
+  end
+  return (deadline - now) / 1000
+end
+
+-- wait_input with the time left, a deadline already past being a timeout
+local function wait_command(self)
+  local left = command_time_left(self)
+  if left <= 0 then return nil, "timeout" end
+  return self.stream:wait_input(left)
+end
+
 -- Send a 334 challenge and read the client's response line. Returns the
 -- decoded response, or nil after replying (or closing) by itself.
 local function sasl_response(self, challenge)
@@ -753,6 +774,7 @@ local function sasl_response(self, challenge)
   if not flush(self) then return nil end
   local parser = self.parser
   parser:begin_line()
+  self.cmd_deadline = nil
   while true do
     local kind, a, b = parser:next()
     if kind == "line" then
@@ -774,7 +796,7 @@ local function sasl_response(self, challenge)
       error_reply(self, 501, "5.5.2", "Error: unexpected input")
       return nil
     end
-    local ok, err = self.stream:wait_input(self.opts.timeouts.command)
+    local ok, err = wait_command(self)
     if not ok then
       if err == "timeout" then
         reply(self, 421, "4.4.2", self.hostname .. " Error: timeout exceeded")
@@ -981,12 +1003,18 @@ local function serve(self)
   if not greet(self) then return end
   while not self.quit do
     local kind, a, b, c = parser:next()
+    if kind then self.cmd_deadline = nil end
     if kind == nil then
       -- the MTA is stopping: a session between transactions ends now
       if self.draining and not self.txn then return shutting_down(self) end
       if self.nout > 0 and not flush(self) then return end
       self.idle_wait = not self.txn
-      local ok, err = s:wait_input(self.in_content and timeouts.data or timeouts.command)
+      local ok, err
+      if self.in_content then
+        ok, err = s:wait_input(timeouts.data)
+      else
+        ok, err = wait_command(self)
+      end
       self.idle_wait = false
       if not ok then
         if err == "timeout" then

@@ -355,6 +355,34 @@ describe("smtp server session", function()
     end)
   end)
 
+  -- command_timeout is the time for a whole line: trickled octets do not
+  -- restart it (a session held for days one byte at a time otherwise)
+  it("closes a session that trickles a command line at the command timeout, for commands and AUTH", function()
+    H.run(function()
+      local mta, port = server({ command_timeout = 0.5,
+        auth = { allow_plaintext = true, check = function() return false end } })
+      for _, auth in ipairs({ false, true }) do
+        local p = H.connect(port)
+        p:expect(220)
+        p:cmd("EHLO x") p:expect(250)
+        if auth then
+          p:cmd("AUTH LOGIN") p:expect(334)
+        end
+        -- 2.4 s of one octet every 0.08 s, never a whole line
+        for _ = 1, 30 do
+          if not pcall(p.send, p, "z") then break end
+          sched.sleep(0.08)
+        end
+        pcall(p.send, p, "\r\n")
+        -- the first reply is the timeout, not an answer to the trickled line
+        p:expect(421, "4.4.2", "timeout")
+        assert.is_true(p:closed())
+        p:close()
+      end
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("closes a stalled DATA at the data timeout with 421 4.4.2 and delivers nothing", function()
     H.run(function()
       local mta, port, got = server({ data_timeout = 0.3, command_timeout = 30 })
