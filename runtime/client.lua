@@ -86,6 +86,8 @@ function Conn:reply(timeout)
   if self.owed then
     local ok, err = await_turn(self, timeout)
     if not ok then return nil, err end
+    -- the transaction before broke the connection while this one waited
+    if self.broken then return nil, self.broken end
   end
   local rp = self.rp
   while true do

@@ -255,6 +255,29 @@ describe("delivery over SMTP", function()
     end, 60)
   end)
 
+  -- The transaction pipelined behind a message whose end of data times out
+  -- learns at once that the connection is broken, instead of waiting out its
+  -- own MAIL timeout (60 s here) on a connection known to be dead.
+  it("defers the transaction pipelined behind a message whose end-of-data reply timed out, at once", function()
+    with_sink(nil, function(sink)
+      local mta, port = relay_mta(dir, sink.port, { max_connections = 1,
+        timeouts = { connect = 2, greeting = 2, ehlo = 2, mail = 60, rcpt = 60, data = 2, block = 2, done = 1 } },
+        { retry = { "1s" }, max_age = "1h", concurrency = 8 })
+      assert.equal(250, (H.send(port, { to = { "slow500-first@x.test" } })))
+      assert.equal(250, (H.send(port, { to = { "dslow20000-a@x.test" } })))
+      assert.equal(250, (H.send(port, { to = { "b@x.test" } })))
+      assert.is_true(H.wait_for(function() return H.log("to=<b@x.test> deferred") ~= "" end, 10),
+        "the transaction behind the timed-out one was not deferred")
+      assert.truthy(H.log("to=<dslow20000-a@x.test> deferred"):find("timeout", 1, true))
+      -- and both are delivered at their retry, on a new connection
+      assert.is_true(H.wait_for(function()
+        local got = by_rcpt(sink.messages())
+        return got["b@x.test"] == 1 and (got["dslow20000-a@x.test"] or 0) >= 1
+      end, 20))
+      H.stop_mta(mta)
+    end, 60)
+  end)
+
   it("sends a message whose memory copy the spool's cache drops while the delivery waits", function()
     with_sink(nil, function(sink)
       -- a 400 kB cache keeps messages of up to 50 kB: ten of the 40 kB

@@ -29,6 +29,7 @@ What it answers depends on each recipient's local part:
     garbage-*      RCPT answered with bytes that are not an SMTP reply
     stall-*        RCPT never answered (the connection stays open)
     slow<MS>-*     RCPT answered 250 after MS milliseconds
+    dslow<MS>-*    DATA end answered after MS milliseconds, the first time only
     dropdata<N>-*, garbage<N>-*, stall<N>-*, throttle<N>-*: only the first N times, then 250
     anything else  250
 
@@ -201,6 +202,11 @@ class Handler:
             st.log(ev="dropped", conn=server.conn_id, rcpts=envelope.rcpt_tos)
             server.transport.abort()
             return "451 4.3.0 never sent"
+        for l in locals_:
+            m = re.match(r"dslow(\d+)-", l)
+            if m and ("dslow", l) not in st.tries:
+                st.tries[("dslow", l)] = 1
+                await asyncio.sleep(int(m.group(1)) / 1000)
         outcome, reply = "accepted", "250 2.0.0 OK queued"
         if any(l.startswith("d452-") for l in locals_):
             outcome, reply = "452", "452 4.3.1 insufficient storage"
