@@ -7,7 +7,7 @@
 --   env,                     -- the original envelope (env.from, env.envid, env.ret, env.t)
 --   body,                    -- the original message (string or message handle)
 --   action,                  -- "failed" | "delayed" | "delivered" | "relayed"
---   recipients = { { address, orcpt, status, code, enhanced, text, host, attempt_time,
+--   recipients = { { address, orcpt, status, code, enhanced, text, host, attempt_time, last,
 --                    class, class_text } },  -- class: moonpost.bounce's, with its description
 --   max_full = 65536,        -- return the full message up to this size (when RET is not given)
 -- }
@@ -93,6 +93,11 @@ function _M.build(o)
     if r.code then
       fields[#fields + 1] = format("Diagnostic-Code: smtp; %d %s%s", r.code,
         r.enhanced and (r.enhanced .. " ") or "", gsub(r.text or "", "[\r\n]+", " "))
+    elseif r.last and r.last.code then
+      -- an expired message: the reply to its last attempt
+      local l = r.last
+      fields[#fields + 1] = format("Diagnostic-Code: smtp; %d %s%s", l.code,
+        l.enhanced and (l.enhanced .. " ") or "", gsub(l.text or "", "[\r\n]+", " "))
     elseif r.text then
       fields[#fields + 1] = "Diagnostic-Code: x-moonpost; " .. gsub(r.text, "[\r\n]+", " ")
     end

@@ -446,7 +446,8 @@ local LATENCY_SAMPLES = 100000
 local function add_entry(list, r, res, now, class_text)
   list = list or {}
   list[#list + 1] = { address = r.address, orcpt = r.orcpt, code = res.code, enhanced = res.enhanced,
-    text = res.text, host = res.host, attempt_time = now, class = res.class, class_text = class_text }
+    text = res.text, host = res.host, attempt_time = now, class = res.class, class_text = class_text,
+    last = res.last }
   return list
 end
 
@@ -600,7 +601,11 @@ function outcomes(self, m, env, body, rcpts, results, early, now)
       res = { status = "deferred", text = res.text }
     end
     if res.status == "deferred" and expired then
-      res = { status = "bounced", text = "4.4.7 message expired: " .. tostring(res.text), expired = true }
+      -- the last attempt's server and reply stay (the DSN's Remote-MTA and
+      -- Diagnostic-Code)
+      res = { status = "bounced", text = "4.4.7 message expired: " .. tostring(res.text), expired = true,
+        host = res.host, last = res.code and { code = res.code, enhanced = res.enhanced, text = res.text,
+        stage = res.stage } or nil }
     end
     local class_text
     if res.status ~= "delivered" then

@@ -108,6 +108,9 @@ describe("delivery over SMTP", function()
       end
       assert.equal("failed", d.recipients[1]["Action"])
       assert.equal("4.4.7", d.recipients[1]["Status"])
+      -- with the server and reply of the last attempt
+      assert.matches("^dns; %[127%.0%.0%.1%]", d.recipients[1]["Remote-MTA"])
+      assert.equal("smtp; 451 4.2.0", d.recipients[1]["Diagnostic-Code"]:sub(1, 15))
       assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 5))
       H.stop_mta(mta)
     end)
