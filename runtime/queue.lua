@@ -479,7 +479,10 @@ end
 -- state recorded, it waits for the gate to call it back. (A function of its
 -- own: the closure made here kept LuaJIT from compiling attempt, NYI
 -- bytecode UCLO.)
-local function park(self, m, env, held, done, attempted)
+-- wake_at: when the message also has deferred recipients (m.rnext), the
+-- time the first of them is due: the message comes back then even if the
+-- gate is still closed, whichever of the two comes first.
+local function park(self, m, env, held, done, attempted, wake_at)
   local spool = self.spool
   if #done > 0 or attempted then
     spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
@@ -489,7 +492,12 @@ local function park(self, m, env, held, done, attempted)
     self:account(m, env)
     -- the resume function of the latest park only: expedite() may take
     -- the message back before the gate (or suspension) calls an older one
+    local timer
     local function resume()
+      if timer then
+        if not timer:is_closing() then timer:close() end
+        timer = nil
+      end
       if self.parked[m] ~= resume then return end
       self.parked[m] = nil
       if self.stopped or spool:get(m.id) ~= m then return end
@@ -497,6 +505,11 @@ local function park(self, m, env, held, done, attempted)
       self:add(m)
     end
     self.parked[m] = resume
+    if wake_at then
+      timer = uv.new_timer()
+      timer:unref()
+      timer:start(max(0, wake_at - os.time()) * 1000, 0, resume)
+    end
     if self.rush[m] then
       self.rush[m] = nil
       resume()
@@ -522,8 +535,14 @@ function attempt(self, m, env, body)
   end
   local rcpts, todo = {}, {}
   local filters, early = self.filters, nil
+  -- recipients deferred in an attempt that a gate also held (park): not
+  -- tried before their own retry time
+  local rnext, waiting = m.rnext, nil
   for i, r in ipairs(env.rcpt) do
-    if not r.done then
+    if not r.done and rnext and rnext[i] and rnext[i] > now then
+      waiting = waiting or {}
+      waiting[i] = rnext[i]
+    elseif not r.done then
       local l, d = split(r.a)
       local rc = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o,
         attempt = (m.attempts or 0) + 1 }
@@ -544,14 +563,14 @@ function attempt(self, m, env, body)
   m.attempts = (m.attempts or 0) + 1
   self.stats.attempts = self.stats.attempts + 1
   local results = #todo > 0 and self:dispatch(env, body, todo) or {}
-  return outcomes(self, m, env, body, rcpts, results, early, now)
+  return outcomes(self, m, env, body, rcpts, results, early, now, waiting)
 end
 
 -- The attempt's results, recipient by recipient: the spool, the counters,
 -- the DSNs, the events, and the next attempt. (A function of its own: code
 -- after a wait, which dispatch() is, runs in LuaJIT's interpreter until it
 -- enters a function, where a compiled trace can start.)
-function outcomes(self, m, env, body, rcpts, results, early, now)
+function outcomes(self, m, env, body, rcpts, results, early, now, waiting)
   local spool, bus = self.spool, self.mta.bus
   if early then
     for i, res in pairs(early) do results[i] = res end
@@ -573,6 +592,8 @@ function outcomes(self, m, env, body, rcpts, results, early, now)
   local mc, tenant = self.mta.counters, env.tenant or ""
   local next_at
   local held, attempted
+  -- each deferred recipient's retry time, kept when a gate holds others
+  local dnext = waiting
   for _, r in ipairs(rcpts) do
     local domain = r.domain:lower()
     local expired = age >= max_age_of(self, domain)
@@ -649,6 +670,8 @@ function outcomes(self, m, env, body, rcpts, results, early, now)
       if mc then mc.deferred:inc(tenant, domain) end
       local at = due_after(retry_after(self, m.attempts, domain))
       if not next_at or at < next_at then next_at = at end
+      dnext = dnext or {}
+      dnext[r.index] = at
       log.info("%s: to=<%s> deferred: %s (%s, %s)", env.id, r.address, describe(res), tostring(res.class),
         res.permanent and "hard" or "soft")
       bus:emit("delivery_deferred", env, r, res)
@@ -691,17 +714,34 @@ function outcomes(self, m, env, body, rcpts, results, early, now)
       Q.last_error_at = now
     end
   end
+  -- recipients not yet due were not part of this attempt
+  if waiting then
+    for _, at in pairs(waiting) do
+      deferred = deferred + 1
+      if not next_at or at < next_at then next_at = at end
+    end
+  end
   if not attempted then
-    -- held or suppressed only: this was not a delivery attempt
+    -- held, suppressed or not yet due only: this was not a delivery attempt
     m.attempts = m.attempts - 1
     self.stats.attempts = self.stats.attempts - 1
   end
   self:unaccount(m)
+  -- (cleared only when set: a nil store would add a key to every message)
   if deferred == 0 and not held then
+    if m.rnext then m.rnext = nil end
     finished(self, m)
     return
   end
-  if held then return park(self, m, env, held, done, attempted) end
+  if held then
+    -- The gate decides when the held recipients are tried; the deferred
+    -- ones keep their own retry times (and expiry): the message comes back
+    -- at the gate's call or the first of those, each time trying only the
+    -- recipients that are due.
+    m.rnext = dnext
+    return park(self, m, env, held, done, attempted, dnext and next_at or nil)
+  end
+  if m.rnext then m.rnext = nil end
   m.next = next_at or due_after(retry_after(self, m.attempts))
   if self.rush[m] then
     self.rush[m] = nil
@@ -816,6 +856,7 @@ function Queue:expedite(list)
   end
   if moved then heapify(h) end
   for m in pairs(want) do
+    if m.rnext then m.rnext = nil end
     local resume = self.parked[m]
     if resume then
       resume()

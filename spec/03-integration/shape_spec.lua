@@ -120,6 +120,31 @@ describe("moonpost.shape", function()
     end, 60)
   end)
 
+  -- A message with a recipient a gate holds and one another site deferred:
+  -- the deferred one keeps its own retry time, whatever the gate does.
+  it("retries a recipient of another site on its own schedule while the gate holds one of the message", function()
+    with_sink({}, function(sink)
+      local mta, port = shaped_mta(dir, sink.port, {
+        destinations = { yahooish = { domains = { "rule.test" },
+          rules = { { match = "%[TSS04%]", action = "suspend", duration = "40s" } } } },
+      })
+      assert.equal(250, H.send(port, { to = "throttle1-a@rule.test" }))
+      H.wait_for(function() return H.log("suspended for 40s") ~= "" end, 10)
+      -- other.test answers 451 twice, then takes it (retry: 1 s)
+      assert.equal(250, H.send(port, { to = { "flaky2-z@other.test", "held@rule.test" } }))
+      assert.is_true(H.wait_for(function()
+        for _, m in ipairs(sink.messages()) do
+          if m.rcpts[1] == "flaky2-z@other.test" then return true end
+        end
+      end, 15), "the other site's recipient waited for the gate")
+      -- the held one has not gone anywhere (the site is still suspended)
+      for _, m in ipairs(sink.messages()) do assert.is_nil(m.data:find("held@rule.test", 1, true)) end
+      -- (with the message that tripped the rule)
+      assert.equal(2, mta.spool:count())
+      H.stop_mta(mta)
+    end, 60)
+  end)
+
   it("slows a site down on a matching reply, and bounces on a bounce rule", function()
     with_sink({}, function(sink)
       local bounced = {}
