@@ -63,7 +63,7 @@ $(LIBDIR)/spool.so: $(SPOOL_SRC) $(SPOOL_HDR)
 
 $(LIBDIR)/dns.so: $(DNS_SRC) $(DNS_HDR)
 	@mkdir -p $(LIBDIR)
-	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(DNS_SRC) -lcares
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(DNS_SRC) -lcares -lidn2
 
 $(LIBDIR)/dkim.so: $(DKIM_SRC) $(DKIM_HDR)
 	@mkdir -p $(LIBDIR)

@@ -18,6 +18,7 @@
  * "timeout", "servfail", "refused", "cancelled" or "error".
  */
 #include <ares.h>
+#include <idn2.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -391,7 +392,26 @@ static int c_gc(lua_State *L)
     return 0;
 }
 
-static const luaL_Reg funcs[] = {{"channel", l_channel}, {NULL, NULL}};
+/* to_ascii(name) -> the name with every label in its ASCII form (IDNA2008
+ * with the UTS #46 mapping, so case and width variants of a U-label give the
+ * same A-label: "BÜCHER.example" -> "xn--bcher-kva.example") | nil, err.
+ * For names of the DNS and comparisons of domains (RFC 5890, RFC 6531 3.2). */
+static int l_to_ascii(lua_State *L)
+{
+    const char *name = luaL_checkstring(L, 1);
+    char *out = NULL;
+    int rc = idn2_to_ascii_8z(name, &out, IDN2_NONTRANSITIONAL | IDN2_NFC_INPUT);
+    if (rc != IDN2_OK) {
+        lua_pushnil(L);
+        lua_pushstring(L, idn2_strerror(rc));
+        return 2;
+    }
+    lua_pushstring(L, out);
+    idn2_free(out);
+    return 1;
+}
+
+static const luaL_Reg funcs[] = {{"channel", l_channel}, {"to_ascii", l_to_ascii}, {NULL, NULL}};
 static const luaL_Reg methods[] = {
     {"query", c_query}, {"getsock", c_getsock}, {"process", c_process}, {"timeout", c_timeout},
     {"results", c_results}, {"graveyard", c_graveyard}, {"bury", c_bury}, {"pending", c_pending},

@@ -12,6 +12,7 @@ local tls = require "moonpost.runtime.tls"
 local log = require "moonpost.runtime.log"
 local net = require "moonpost.runtime.net"
 local passwd = require "moonpost.runtime.passwd"
+local dns = require "moonpost.runtime.dns"
 
 local _M = { _VERSION = "0.1" }
 
@@ -113,12 +114,21 @@ local function check_relay(v)
   return r
 end
 
--- local_domains: "example.com" (that domain) or "*.example.com" (its subdomains)
+-- local_domains: "example.com" (that domain) or "*.example.com" (its
+-- subdomains); an internationalized one in either form, kept as A-labels
 local function check_domains(list)
   if not list then return nil end
   local exact, suffixes = {}, {}
   for i, d in ipairs(list) do
     local dl = d:lower()
+    if dl:find("[\128-\255]") then
+      local star, name = dl:match("^(%*?%.?)(.*)$")
+      local a, why = dns.to_ascii(name)
+      if not a then
+        config.raise(string.format("accept.smtp: field 'local_domains' item %d: not a domain: %q (%s)", i, d, why))
+      end
+      dl = star .. a
+    end
     local suffix = dl:match("^%*(%..+)$")
     if suffix then
       suffixes[#suffixes + 1] = suffix

@@ -38,10 +38,12 @@ _M.log = log
 _M.sleep = sched.sleep
 _M.spawn = sched.spawn
 
--- DNS for hooks and blocks: moonpost.dns.query(name, type), moonpost.dns.mx(domain)
+-- DNS for hooks and blocks: moonpost.dns.query(name, type), moonpost.dns.mx(domain),
+-- moonpost.dns.to_ascii(domain)
 _M.dns = {
   query = function(name, rtype) return dns.default():query(name, rtype) end,
   mx = function(domain, opts) return dns.default():mx_hosts(domain, opts) end,
+  to_ascii = dns.to_ascii,
 }
 
 -- Set by `moonpost check`: policies load and are validated, nothing starts.

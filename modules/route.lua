@@ -179,18 +179,27 @@ function _M.smtp(opts)
   local default_tls = tls.client_policy("route.smtp: field 'tls'", o.tls)
   local relay, relay_tls
   if o.relay then relay, relay_tls = hosts_of(o.relay, "field 'relay'") end
+  -- domains are keyed by their ASCII form: an internationalized one matches
+  -- whether written with U-labels or A-labels, in the policy or the address
+  local function key_of(domain, field)
+    local k, why = dns.to_ascii(domain)
+    if not k then config.raise(string.format("route.smtp: field '%s': not a domain: %q (%s)", field, domain, why)) end
+    return k
+  end
   local routes, route_tls = {}, {}
   for domain, spec in pairs(o.routes or {}) do
     if type(domain) ~= "string" then config.raise("route.smtp: field 'routes': keys must be domains") end
-    routes[domain:lower()], route_tls[domain:lower()] = hosts_of(spec, "field 'routes' [" .. domain .. "]")
+    local k = key_of(domain, "routes")
+    routes[k], route_tls[k] = hosts_of(spec, "field 'routes' [" .. domain .. "]")
   end
   local domain_tls = {}
   for domain, v in pairs(o.tls_policies or {}) do
     if type(domain) ~= "string" then config.raise("route.smtp: field 'tls_policies': keys must be domains") end
-    domain_tls[domain:lower()] = tls.client_policy("route.smtp: field 'tls_policies' [" .. domain .. "]", v)
+    domain_tls[key_of(domain, "tls_policies")] =
+      tls.client_policy("route.smtp: field 'tls_policies' [" .. domain .. "]", v)
   end
   local function policy_for(domain)
-    domain = domain:lower()
+    domain = dns.to_ascii(domain) or domain:lower()
     return domain_tls[domain] or route_tls[domain] or (not routes[domain] and relay_tls) or default_tls
   end
   local timeouts = {}
@@ -397,7 +406,7 @@ function _M.smtp(opts)
 
   -- the next hops for a domain: hosts, key | nil, why, permanent; the MX names
   local function resolve(domain)
-    local r = routes[domain:lower()] or relay
+    local r = routes[dns.to_ascii(domain) or domain:lower()] or relay
     if r then return r, nil end
     if not o.mx then
       return nil, "4.4.3 no route to " .. domain .. " (no relay, no route, MX routing off)", false

@@ -84,7 +84,7 @@ build = {
     ["moonpost.core.dns"] = {
       sources = { "core/dns.c", "core/ldns.c" },
       incdirs = { "core" },
-      libraries = { "cares" },
+      libraries = { "cares", "idn2" },
     },
     ["moonpost.core.tls"] = {
       sources = { "core/tls.c", "core/ltls.c" },

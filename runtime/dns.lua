@@ -7,8 +7,9 @@
 --
 -- query() returns the records of that type ({ type, name, ttl, data, pref, ... })
 -- or nil and "nxdomain" | "nodata" | "timeout" | "servfail" | "refused" |
--- "error". Answers are cached for their TTL (at most max_ttl); "nxdomain"
--- and "nodata" for the SOA's negative TTL (RFC 2308; 60 s when absent).
+-- "error". A name in UTF-8 is looked up by its A-labels (dns.to_ascii).
+-- Answers are cached for their TTL (at most max_ttl); "nxdomain" and
+-- "nodata" for the SOA's negative TTL (RFC 2308; 60 s when absent).
 -- Identical queries in flight are sent once. Without servers, c-ares reads
 -- /etc/resolv.conf.
 local uv = require "luv"
@@ -16,9 +17,17 @@ local core = require "moonpost.core.dns"
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 
-local lower, random, floor = string.lower, math.random, math.floor
+local lower, random, floor, find = string.lower, math.random, math.floor, string.find
 
 local _M = { _VERSION = "0.1" }
+
+-- to_ascii(domain) -> the domain with its labels in ASCII (lower case),
+-- "bücher.example" -> "xn--bcher-kva.example" | nil, err when it is not a
+-- valid internationalized name. ASCII names come back lower-cased.
+function _M.to_ascii(domain)
+  if not find(domain, "[\128-\255]") then return lower(domain) end
+  return core.to_ascii(domain)
+end
 
 local Resolver = {}
 local mt = { __index = Resolver }
@@ -163,6 +172,13 @@ local TYPES = { A = true, AAAA = true, MX = true, TXT = true, PTR = true, CNAME 
 
 function Resolver:query(name, rtype)
   name = lower(name):gsub("%.$", "")
+  -- an internationalized name is looked up by its A-labels (RFC 5890); one
+  -- that has none (not valid IDNA2008) cannot exist
+  if find(name, "[\128-\255]") then
+    local a = core.to_ascii(name)
+    if not a then return nil, "nxdomain" end
+    name = a
+  end
   rtype = rtype:upper()
   if not TYPES[rtype] then error("dns: cannot query records of type " .. tostring(rtype), 2) end
   local key = rtype .. " " .. name

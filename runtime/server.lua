@@ -16,6 +16,7 @@ local workers = require "moonpost.runtime.workers"
 local ids = require "moonpost.runtime.ids"
 local passwd = require "moonpost.runtime.passwd"
 local headers = require "moonpost.runtime.headers"
+local dns = require "moonpost.runtime.dns"
 
 local band = bit.band
 local format, concat, upper, sub, find, gsub, byte = string.format, table.concat, string.upper,
@@ -175,6 +176,13 @@ local function is_local(self, path)
   if not ld then return false end
   local d = path.domain:lower()
   if ld.exact[d] then return true end
+  -- an internationalized domain (SMTPUTF8): compared by its A-labels, as
+  -- local_domains are kept (RFC 6531 3.2: the same domain in either form)
+  if find(d, "[\128-\255]") then
+    d = dns.to_ascii(d)
+    if not d then return false end
+    if ld.exact[d] then return true end
+  end
   for _, suffix in ipairs(ld.suffixes) do
     if #d > #suffix and sub(d, -#suffix) == suffix then return true end
   end

@@ -554,6 +554,7 @@ describe("users files", function()
       { { relay = { networks = { "example.com" } } }, "field 'networks' item 1: not an IP address" },
       { { relay = { open = true } }, "unknown field 'open'" },
       { { local_domains = { "exa mple.com" } }, "field 'local_domains' item 1: not a domain" },
+      { { local_domains = { "ok.test", "b\255d.test" } }, "field 'local_domains' item 2: not a domain" },
       { { tenant_header = "X Tenant" }, "field 'tenant_header'" },
     }
     for _, c in ipairs(cases) do
@@ -577,7 +578,7 @@ describe("relay control", function()
   it("denies relaying to an outside client that has not authenticated, and allows it after AUTH", function()
     H.run(function()
       local mta, port = start({ accept = { relay = { networks = { "127.0.0.1/32" } }, local_domains = { "mx.test",
-        "*.sub.test" } } })
+        "*.sub.test", "bücher.test", "*.xn--caf-dma.test" } } })
       -- 127.0.0.2 is loopback, but not in 127.0.0.1/32
       local p = assert(H.connect(port, nil, nil, "127.0.0.2"))
       p:script([[
@@ -593,6 +594,20 @@ describe("relay control", function()
         C: RCPT TO:<x@deep.sub.test>
         S: 250 2.1.5
         C: RCPT TO:<x@sub.test>
+        S: 554 5.7.1
+        C: RSET
+        S: 250
+        C: MAIL FROM:<a@client.test> SMTPUTF8
+        S: 250 2.1.0
+        C: RCPT TO:<u@bücher.test>
+        S: 250 2.1.5
+        C: RCPT TO:<u@BÜCHER.test>
+        S: 250 2.1.5
+        C: RCPT TO:<u@xn--bcher-kva.test>
+        S: 250 2.1.5
+        C: RCPT TO:<u@bar.café.test>
+        S: 250 2.1.5
+        C: RCPT TO:<u@bücherei.test>
         S: 554 5.7.1
         C: RCPT TO:<postmaster>
         S: 250 2.1.5

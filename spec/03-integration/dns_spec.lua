@@ -36,6 +36,23 @@ describe("moonpost.runtime.dns", function()
     end)
   end)
 
+  it("looks an internationalized name up by its A-labels, in any case or form", function()
+    with_dns(function(srv)
+      local r = assert(dns.new { servers = srv.address })
+      for _, name in ipairs({ "bücher.test", "BÜCHER.test", "xn--bcher-kva.test" }) do
+        local mx, err = r:query(name, "MX")
+        assert.is_table(mx, name .. ": " .. tostring(err))
+        assert.equal("mx1.test", mx[1].data, name)
+      end
+      -- not a valid IDNA2008 name: it cannot exist
+      assert.same({ nil, "nxdomain" }, { r:query("\255\254.test", "A") })
+      r:close()
+      assert.equal("xn--bcher-kva.example", dns.to_ascii("BÜCHER.example"))
+      assert.equal("mx.test", dns.to_ascii("MX.Test"))
+      assert.is_nil(dns.to_ascii("a\255.test"))
+    end)
+  end)
+
   it("tells NXDOMAIN from NODATA, and caches answers and negative answers", function()
     with_dns(function(srv)
       local r = assert(dns.new { servers = srv.address })
@@ -183,6 +200,29 @@ describe("MX routing", function()
         return count(sinks.mx1, "a@single.test") == 1 and count(sinks.mx2, "b@backup.test") == 1
           and count(sinks.mx1, "c@nomx.test") == 1 and count(sinks.v6, "d@v6only.test") == 1
       end, 20))
+      stop_all(mta, sinks)
+    end, 60)
+  end)
+
+  it("delivers to the MX of an internationalized domain (SMTPUTF8)", function()
+    with_dns(function(srv)
+      local mta, port, sinks = setup(srv)
+      local p = H.connect(port)
+      p:script([[
+        S: 220
+        C: EHLO x
+        S: 250
+        C: MAIL FROM:<a@sender.test> SMTPUTF8
+        S: 250
+        C: RCPT TO:<anna@bücher.test>
+        S: 250
+        C: DATA
+        S: 354
+      ]])
+      p:send("Subject: idn\r\n\r\nhello\r\n.\r\n")
+      p:expect(250)
+      p:close()
+      assert.is_true(H.wait_for(function() return count(sinks.mx1, "anna@bücher.test") == 1 end, 20))
       stop_all(mta, sinks)
     end, 60)
   end)

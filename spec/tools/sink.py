@@ -82,6 +82,14 @@ class State:
 
 
 class SinkSMTP(SMTP):
+    def _getparams(self, params):
+        # aiosmtpd takes BODY= only when it does not decode the data; this
+        # sink decodes it (as UTF-8) and announces 8BITMIME: take BODY too
+        result = super()._getparams(params)
+        if result is not None and self._decode_data and result.get("BODY") in ("7BIT", "8BITMIME"):
+            del result["BODY"]
+        return result
+
     def connection_made(self, transport):
         st = self.event_handler.state
         st.conn_seq += 1
