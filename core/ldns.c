@@ -209,15 +209,19 @@ static int c_query(lua_State *L)
     const char *name = luaL_checkstring(L, 2);
     const char *tname = luaL_checkstring(L, 3);
     int type = mp_dns_type(tname);
+    int id;
     qarg *q;
     if (type == 0) luaL_argerror(L, 3, "unknown record type");
     q = malloc(sizeof *q);
     if (q == NULL) return luaL_error(L, "out of memory");
+    id = ++lc->next_id;
     q->lc = lc;
-    q->id = ++lc->next_id;
+    q->id = id;
     lc->pending++;
+    /* c-ares may call on_answer (and free q) before returning, e.g. for a
+     * name it cannot encode: q is not ours to read after this call */
     ares_query(lc->ch, name, 1 /* C_IN */, type, on_answer, q);
-    lua_pushinteger(L, q->id);
+    lua_pushinteger(L, id);
     return 1;
 }
 
@@ -269,7 +273,9 @@ static const char *status_token(int s)
     switch (s) {
     case ARES_SUCCESS: return "ok";
     case ARES_ENODATA: return "nodata";
-    case ARES_ENOTFOUND: return "nxdomain";
+    case ARES_ENOTFOUND:
+    case ARES_EBADNAME: /* a name DNS cannot carry cannot exist */
+        return "nxdomain";
     case ARES_ETIMEOUT: return "timeout";
     case ARES_ESERVFAIL: return "servfail";
     case ARES_EREFUSED: return "refused";

@@ -16,6 +16,7 @@ local log = require "moonpost.runtime.log"
 local core = require "moonpost.core.dkim"
 local rdkim = require "moonpost.runtime.dkim"
 local fields = require "moonpost.runtime.headers"
+local dns = require "moonpost.runtime.dns"
 local uv = require "luv"
 
 local format, lower, concat, find, byte, sub, match = string.format, string.lower, table.concat, string.find,
@@ -50,6 +51,16 @@ end
 
 -- ---- keys -----------------------------------------------------------------------
 
+-- A domain as keys are filed and signatures name it: lower case, and an
+-- internationalized one by its A-labels (RFC 8616 section 4), so that
+-- "Bücher.example" and "xn--bcher-kva.example" are one domain. A name that
+-- is not valid IDNA2008 stays as it is and matches no key.
+local function dname(d)
+  d = lower(d)
+  if find(d, "[\128-\255]") then return dns.to_ascii(d) or d end
+  return d
+end
+
 local function scandir(dir)
   local req, err = uv.fs_scandir(dir)
   if not req then return nil, err end
@@ -70,7 +81,7 @@ local function load_keys(spec)
   local function add(domain, selector, path)
     local key, err = core.load_key(path)
     if not key then return nil, err end
-    domain = lower(domain)
+    domain = dname(domain)
     store[domain] = store[domain] or {}
     store[domain][selector] = key
     n = n + 1
@@ -178,6 +189,10 @@ local function from_domain(head)
   end
   if last == 46 then domain = sub(domain, 1, -2) end -- a final dot
   domain = lower(domain)
+  if find(domain, "[\128-\255]") then
+    domain = dns.to_ascii(domain)
+    if not domain then return nil end
+  end
   if not match(domain, "^[%w][%w%.%-]*$") then return nil end
   return domain
 end
@@ -200,19 +215,19 @@ function _M.sign(opts)
   if also and also.domain then also = { also } end
   for i, a in ipairs(also or {}) do
     check_pair("also[" .. i .. "]", a)
-    if not (store[lower(a.domain)] and store[lower(a.domain)][a.selector]) then
+    if not (store[dname(a.domain)] and store[dname(a.domain)][a.selector]) then
       config.raise(format("dkim.sign: field 'also[%d]': no key for %s selector %s", i, a.domain, a.selector))
     end
   end
   if o.fallback then
     check_pair("fallback", o.fallback)
     local f = o.fallback
-    if not (store[lower(f.domain)] and store[lower(f.domain)][f.selector]) then
+    if not (store[dname(f.domain)] and store[dname(f.domain)][f.selector]) then
       config.raise(format("dkim.sign: field 'fallback': no key for %s selector %s", f.domain, f.selector))
     end
   end
   local selectors = {}
-  for d, s in pairs(o.selectors or {}) do selectors[lower(d)] = s end
+  for d, s in pairs(o.selectors or {}) do selectors[dname(d)] = s end
   -- tenants = { acme = { "acme.example" } }: the keys of those domains (and
   -- of their subdomains) sign only that tenant's mail
   local owner = {}
@@ -221,13 +236,13 @@ function _M.sign(opts)
       config.raise("dkim.sign: field 'tenants': expected { tenant = { \"domain\", ... } }")
     end
     for i, d in ipairs(list) do
-      if type(d) ~= "string" or not store[lower(d)] then
+      if type(d) ~= "string" or not store[dname(d)] then
         config.raise(format("dkim.sign: field 'tenants.%s' item %d: no key for %s", t, i, tostring(d)))
       end
-      if owner[lower(d)] and owner[lower(d)] ~= t then
-        config.raise(format("dkim.sign: field 'tenants.%s': %s already belongs to tenant %s", t, d, owner[lower(d)]))
+      if owner[dname(d)] and owner[dname(d)] ~= t then
+        config.raise(format("dkim.sign: field 'tenants.%s': %s already belongs to tenant %s", t, d, owner[dname(d)]))
       end
-      owner[lower(d)] = t
+      owner[dname(d)] = t
     end
   end
   -- the tenant that owns a domain's keys: the domain's own entry or its closest parent's
@@ -257,7 +272,7 @@ function _M.sign(opts)
   -- makes them again): signing only reads it.
   local made, made_for = {}, nil
   local function spec(domain, selector)
-    domain = lower(domain)
+    domain = dname(domain)
     if made_for ~= store then made, made_for = {}, store end
     local by = made[domain]
     local s = by and by[selector]
@@ -308,7 +323,7 @@ function _M.sign(opts)
       for _, a in ipairs(also or {}) do
         local dup = false
         for _, p in ipairs(picks) do
-          if lower(p.domain) == lower(a.domain) and p.selector == a.selector then dup = true end
+          if dname(p.domain) == dname(a.domain) and p.selector == a.selector then dup = true end
         end
         if not dup then picks[#picks + 1] = a end
       end

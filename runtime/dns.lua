@@ -130,6 +130,10 @@ local function pump(self)
       p.handle:start(events, function(err, ev)
         local ok, e = pcall(function()
           if err then
+            -- libuv reports POLLERR (a UDP socket's pending ICMP error) as
+            -- EBADF and stops the handle: let c-ares read the error, and
+            -- start watching again if it keeps the socket
+            p.events = ""
             self.ch:process(fd, true, true)
           else
             self.ch:process(fd, ev and ev:find("r", 1, true) ~= nil, ev and ev:find("w", 1, true) ~= nil)

@@ -53,6 +53,22 @@ describe("moonpost.runtime.dns", function()
     end)
   end)
 
+  it("answers a name that cannot be encoded at once, as one that does not exist", function()
+    with_dns(function(srv)
+      local r = assert(dns.new { servers = srv.address })
+      local bad = { "a..test", string.rep("x", 64) .. ".test", string.rep("abcdefg.", 32) .. "test" }
+      for _ = 1, 2 do -- twice: the first answer must not be cached as a wait
+        for _, name in ipairs(bad) do
+          assert.same({ nil, "nxdomain" }, { r:query(name, "TXT") }, name)
+        end
+      end
+      assert.is_nil(next(r.inflight))
+      -- and the resolver still works
+      assert.equal("mx1.test", assert(r:query("single.test", "MX"))[1].data)
+      r:close()
+    end)
+  end)
+
   it("tells NXDOMAIN from NODATA, and caches answers and negative answers", function()
     with_dns(function(srv)
       local r = assert(dns.new { servers = srv.address })
