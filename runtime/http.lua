@@ -36,8 +36,8 @@ local REASONS = {
   [200] = "OK", [201] = "Created", [202] = "Accepted", [204] = "No Content",
   [400] = "Bad Request", [401] = "Unauthorized", [403] = "Forbidden", [404] = "Not Found",
   [405] = "Method Not Allowed", [408] = "Request Timeout", [409] = "Conflict", [411] = "Length Required",
-  [413] = "Content Too Large", [415] = "Unsupported Media Type", [422] = "Unprocessable Content",
-  [429] = "Too Many Requests",
+  [413] = "Content Too Large", [414] = "URI Too Long", [415] = "Unsupported Media Type",
+  [422] = "Unprocessable Content", [429] = "Too Many Requests",
   [431] = "Request Header Fields Too Large", [500] = "Internal Server Error", [501] = "Not Implemented",
   [503] = "Service Unavailable",
 }
@@ -148,21 +148,31 @@ end
 
 -- ---- a connection ---------------------------------------------------------------------------
 
--- read_request(s, srv) -> req | nil, status, why (status nil: the peer went away)
-local function read_request(s, srv)
-  local line, err = s:receive("*l", srv.idle_timeout)
-  if not line then return nil, nil, err end
-  if #line > MAX_LINE then return nil, 400, "request line too long" end
+-- read_head(s, srv) -> req | nil, status, why (status nil: the peer went
+-- away or was idle). The request line may take idle_timeout to come; the
+-- rest of the head has srv.timeout in all, however it trickles in. Nothing
+-- a client sends is held past MAX_LINE per line and MAX_HEADERS lines.
+local function read_head(s, srv)
+  local line, err = s:receive("*l", srv.idle_timeout, MAX_LINE)
+  if not line then
+    if err == "too long" then return nil, 414, "request line too long" end
+    return nil, nil, err
+  end
   local method, target, version = line:match("^(%u+) (%S+) HTTP/(%d%.%d)$")
   if not method then return nil, 400, "malformed request line" end
+  local deadline = uv.now() + srv.timeout * 1000
   local headers, n = {}, 0
   while true do
     local h
-    h, err = s:receive("*l", srv.timeout)
-    if not h then return nil, nil, err end
+    h, err = s:receive("*l", math.max(0.001, (deadline - uv.now()) / 1000), MAX_LINE)
+    if not h then
+      if err == "too long" then return nil, 431, "a header field over " .. MAX_LINE .. " bytes" end
+      if err == "timeout" then return nil, 408, "the request head took too long" end
+      return nil, nil, err
+    end
     if h == "" then break end
     n = n + 1
-    if n > MAX_HEADERS or #h > MAX_LINE then return nil, 431, "too many or too long header fields" end
+    if n > MAX_HEADERS then return nil, 431, "more than " .. MAX_HEADERS .. " header fields" end
     local name, value = h:match("^([!#$%%&'*+%-.^_`|~%w]+):[ \t]*(.-)[ \t]*$")
     if not name then return nil, 400, "malformed header field" end
     name = lower(name)
@@ -170,21 +180,26 @@ local function read_request(s, srv)
   end
   local path, query = target:match("^([^?#]*)%??([^#]*)")
   local req = { method = method, target = target, path = path, query = parse_query(query), headers = headers,
-    version = version, body = "" }
+    version = version, body = "", length = 0 }
   if headers["transfer-encoding"] then return nil, 411, "send the body with Content-Length" end
   local len = headers["content-length"]
   if len then
     if not len:match("^%d+$") then return nil, 400, "bad Content-Length" end
     len = tonumber(len)
     if len > srv.max_body then return nil, 413, format("the body is over %d bytes", srv.max_body) end
-    if len > 0 then
-      local body
-      body, err = s:receive(len, srv.timeout)
-      if not body then return nil, nil, err end
-      req.body = body
-    end
+    req.length = len
   end
   return req
+end
+
+-- read_body(s, srv, req) -> true | nil, err: only for a request that may
+-- reach its handler.
+local function read_body(s, srv, req)
+  if req.length == 0 then return true end
+  local body, err = s:receive(req.length, srv.timeout)
+  if not body then return nil, err end
+  req.body = body
+  return true
 end
 
 local function json_of(req)
@@ -200,7 +215,7 @@ end
 
 local function serve(srv, s, remote)
   while not srv.closed do
-    local req, status, why = read_request(s, srv)
+    local req, status, why = read_head(s, srv)
     if not req then
       if status then respond(s, status, error_body(why), nil, false, false) end
       break
@@ -210,6 +225,7 @@ local function serve(srv, s, remote)
       or (req.version == "1.0" and lower(req.headers.connection or "") == "keep-alive")
     local route, params, allow = srv.router:match(req.method, req.path)
     local code, body, headers
+    local refused = true -- answered without reading the body: the connection ends
     if not route then
       code = params
       body = error_body(code == 405 and ("method " .. req.method .. " not allowed here") or
@@ -219,7 +235,10 @@ local function serve(srv, s, remote)
       code, body, headers = 401, error_body("a valid bearer token is required"), { ["www-authenticate"] = "Bearer" }
     elseif not route.open and not srv.token and not is_loopback(remote) then
       code, body = 403, error_body("the API answers loopback clients only when no token is configured")
+    elseif not read_body(s, srv, req) then
+      break
     else
+      refused = false
       req.params = params
       req.json = json_of(req)
       local ok, c, b, h = xpcall(route.handler, debug.traceback, req)
@@ -231,6 +250,7 @@ local function serve(srv, s, remote)
       end
     end
     srv.stats.requests = srv.stats.requests + 1
+    if refused and req.length > 0 then keep = false end
     if not respond(s, code, body, headers, req.method == "HEAD", keep) or not keep then break end
   end
   s:close()

@@ -33,6 +33,7 @@ local mt = { __index = Client }
 -- exports do).
 local MAX_HEADERS = 100
 local MAX_BODY = 1048576
+local MAX_LINE = 65536 -- a status line, header or chunk-size line
 
 -- parse_url("http://127.0.0.1:9000/events") -> { host, port, path, authority } | nil, err
 function _M.parse_url(url)
@@ -76,20 +77,29 @@ local function left(deadline)
   return math.max(0.001, (deadline - uv.now()) / 1000)
 end
 
+local function getline(s, deadline)
+  local line, err = s:receive("*l", left(deadline), MAX_LINE)
+  if not line and err == "too long" then return nil, "bad response: a line over " .. MAX_LINE .. " bytes" end
+  return line, err
+end
+
 local function read_body(s, h, deadline, max_body)
   local te = h["transfer-encoding"]
   if te and lower(te):find("chunked", 1, true) then
     local parts, size = {}, 0
     while true do
-      local line, err = s:receive("*l", left(deadline))
+      local line, err = getline(s, deadline)
       if not line then return nil, err end
       local n = tonumber(line:match("^%s*(%x+)"), 16)
       if not n then return nil, "bad response: chunk size " .. line:sub(1, 40) end
       if n == 0 then
         -- trailer fields up to the empty line
+        local fields = 0
         repeat
-          line, err = s:receive("*l", left(deadline))
+          line, err = getline(s, deadline)
           if not line then return nil, err end
+          fields = fields + 1
+          if fields > MAX_HEADERS then return nil, "bad response: too many trailer fields" end
         until line == ""
         return concat(parts), true
       end
@@ -98,7 +108,7 @@ local function read_body(s, h, deadline, max_body)
       local data, derr = s:receive(n, left(deadline))
       if not data then return nil, derr end
       parts[#parts + 1] = data
-      local crlf, cerr = s:receive("*l", left(deadline))
+      local crlf, cerr = getline(s, deadline)
       if not crlf then return nil, cerr end
     end
   end
@@ -125,13 +135,13 @@ local function exchange(self, req, deadline, method)
   local ok, err = s:send(req, left(deadline))
   if not ok then return nil, err end
   local line
-  line, err = s:receive("*l", left(deadline))
+  line, err = getline(s, deadline)
   if not line then return nil, err end
   local v, status, reason = line:match("^HTTP/1%.(%d) (%d%d%d) ?(.*)$")
   if not v then return nil, "bad response: status line " .. format("%q", line:sub(1, 60)) end
   local h, n = {}, 0
   while true do
-    local hl, herr = s:receive("*l", left(deadline))
+    local hl, herr = getline(s, deadline)
     if not hl then return nil, herr end
     if hl == "" then break end
     n = n + 1

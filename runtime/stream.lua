@@ -3,7 +3,9 @@
 --   local s = stream.new(tcp)
 --   s:attach(parser [, high_water])  feed received bytes straight into a C parser
 --   s:wait_input(timeout)            wait for the next chunk: true | nil, "closed" | "timeout" | err
---   s:receive("*l" | n, timeout)     line (without CRLF) or n bytes, when no parser is attached
+--   s:receive("*l" | n, timeout [, max])
+--                                    line (without CRLF; nil, "too long" past max
+--                                    bytes) or n bytes, when no parser is attached
 --   s:send(data, timeout)            true | nil, err
 --   s:send_stuffed(body, timeout [, trailer])
 --                                    a message's DATA (dot-stuffed, ended), then
@@ -16,8 +18,9 @@
 --   s:interrupt()                    wake the task in wait_input() (which returns true)
 --
 -- Every wait has a timeout and returns nil, "timeout" when it passes.
--- Reading runs continuously; it pauses when the parser holds more than
--- high_water unconsumed bytes and resumes when the task waits again.
+-- Reading runs continuously; it pauses when the parser (or, without one,
+-- the buffer nobody is reading) holds more than high_water unconsumed bytes
+-- and resumes when the task waits again.
 local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 local smtp = require "moonpost.core.smtp"
@@ -86,6 +89,13 @@ local function deliver(self, chunk)
     local b = self.rbuf
     if not b then b = {}; self.rbuf = b end
     b[#b + 1] = chunk
+    local len = (self.rlen or 0) + #chunk
+    self.rlen = len
+    -- nobody is reading: stop taking more than high_water from the peer
+    if len > self.high_water and not self.paused and not self.reader then
+      self.paused = true
+      self.tcp:read_stop()
+    end
   end
 end
 
@@ -147,33 +157,46 @@ function Stream:wait_input(timeout)
   return nil, err
 end
 
--- receive("*l") -> line without CRLF; receive(n) -> exactly n bytes.
--- For streams without a parser (tests, simple protocol clients).
-function Stream:receive(pattern, timeout)
+-- receive("*l" [, timeout [, max]]) -> line without CRLF; receive(n [, timeout])
+-- -> exactly n bytes. For streams without a parser (HTTP, tests, simple
+-- protocol clients). A line longer than max bytes (CRLF not counted) gives
+-- nil, "too long" and leaves the stream unusable for lines. On failure the
+-- third value is what had arrived.
+function Stream:receive(pattern, timeout, max)
   local deadline = timeout and (uv.now() + timeout * 1000)
+  local scanned = 0 -- chunks already searched for the end of the line
+  if pattern ~= "*l" and type(pattern) ~= "number" then error("receive: pattern must be '*l' or a number", 2) end
   while true do
-    local data = self.rbuf and table.concat(self.rbuf) or ""
-    if pattern == "*l" then
-      local i = find(data, "\n", 1, true)
-      if i then
-        local line = sub(data, 1, i - 1)
-        self.rbuf = { sub(data, i + 1) }
-        if sub(line, -1) == "\r" then line = sub(line, 1, -2) end
-        return line
-      end
-    elseif type(pattern) == "number" then
-      if #data >= pattern then
-        self.rbuf = { sub(data, pattern + 1) }
+    local b = self.rbuf
+    if b then
+      if pattern == "*l" then
+        for i = scanned + 1, #b do
+          local nl = find(b[i], "\n", 1, true)
+          if nl then
+            local before = i > 1 and concat(b, "", 1, i - 1) or ""
+            local chunk = b[i]
+            local line = before .. sub(chunk, 1, nl - 1)
+            local rest = { sub(chunk, nl + 1) }
+            for k = i + 1, #b do rest[#rest + 1] = b[k] end
+            self.rbuf, self.rlen = rest, self.rlen - #line - 1
+            if sub(line, -1) == "\r" then line = sub(line, 1, -2) end
+            if max and #line > max then return nil, "too long", line end
+            return line
+          end
+          scanned = i
+        end
+        -- no end of line yet: more than max (and a CR) cannot become a line
+        if max and self.rlen > max + 1 then return nil, "too long", concat(b) end
+      elseif self.rlen >= pattern then
+        local data = concat(b)
+        self.rbuf, self.rlen = { sub(data, pattern + 1) }, #data - pattern
         return sub(data, 1, pattern)
       end
-    else
-      error("receive: pattern must be '*l' or a number", 2)
     end
-    self.rbuf = { data }
     local left = deadline and (deadline - uv.now()) / 1000
-    if left and left <= 0 then return nil, "timeout", data end
+    if left and left <= 0 then return nil, "timeout", b and concat(b) or "" end
     local ok, err = self:wait_input(left)
-    if not ok then return nil, err, data end
+    if not ok then return nil, err, self.rbuf and concat(self.rbuf) or "" end
   end
 end
 
@@ -292,7 +315,7 @@ function Stream:starttls(conn, timeout)
   if self.tls then return nil, "TLS is already active" end
   if self.closed then return nil, "closed" end
   if self.eof then return nil, self.err or "closed" end
-  self.rbuf = nil
+  self.rbuf, self.rlen = nil, 0
   self.tls = conn
   self.handshaking = true
   self.hs_in = {}

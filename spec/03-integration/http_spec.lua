@@ -120,6 +120,128 @@ describe("the HTTP listener", function()
     end)
   end)
 
+  it("bounds what a client makes it hold: long lines, a trickled head, a body sent before its token", function()
+    H.run(function()
+      local stream = require "moonpost.runtime.stream"
+      local sched = require "moonpost.runtime.sched"
+      local router = http.router()
+      local handled = 0
+      router:add("POST", "/api/v1/echo", function(req)
+        handled = handled + 1
+        return 200, { n = #req.body }
+      end)
+      local srv = assert(http.listen({ host = "127.0.0.1", port = 0, router = router, token = "sekrit",
+        timeout = 1, idle_timeout = 10 }))
+      -- send data, then the status line of the answer and whether the server closed
+      local function ask(data, c)
+        c = c or assert(stream.connect("127.0.0.1", srv.port, 5))
+        if data then assert(c:send(data, 5)) end
+        local line = c:receive("*l", 5)
+        local rest
+        repeat rest = c:receive(1, 5) until not rest
+        c:close()
+        return line
+      end
+      -- a request line or a header field past 8 KiB, without its end: answered, not waited for
+      assert.equal("HTTP/1.1 414 URI Too Long", ask("GET /" .. string.rep("a", 9000)))
+      assert.equal("HTTP/1.1 431 Request Header Fields Too Large",
+        ask("GET /healthz HTTP/1.1\r\nX-Big: " .. string.rep("b", 9000)))
+      -- a body is not read for a request refused without it
+      assert.equal("HTTP/1.1 401 Unauthorized",
+        ask("POST /api/v1/echo HTTP/1.1\r\nContent-Length: 5000000\r\n\r\n"))
+      assert.equal("HTTP/1.1 404 Not Found", ask("POST /nowhere HTTP/1.1\r\nContent-Length: 5000000\r\n\r\n"))
+      -- one deadline for the whole head: header fields trickled in one by one
+      local c = assert(stream.connect("127.0.0.1", srv.port, 5))
+      assert(c:send("POST /api/v1/echo HTTP/1.1\r\nAuthorization: Bearer sekrit\r\n", 5))
+      for i = 1, 8 do
+        sched.sleep(0.25)
+        if not c:send("X-Slow-" .. i .. ": yes\r\n", 5) then break end
+      end
+      c:send("Content-Length: 2\r\n\r\n{}", 5)
+      assert.equal("HTTP/1.1 408 Request Timeout", ask(nil, c))
+      assert.equal(0, handled)
+      -- and a good request still works
+      assert.equal("HTTP/1.1 200 OK",
+        ask("POST /api/v1/echo HTTP/1.1\r\nAuthorization: Bearer sekrit\r\nContent-Length: 2\r\n\r\n{}"))
+      assert.equal(1, handled)
+      srv:close()
+    end)
+  end)
+
+  it("stops reading from a client whose requests it is not reading (a stream holds at most high_water)", function()
+    H.run(function()
+      local stream = require "moonpost.runtime.stream"
+      local sched = require "moonpost.runtime.sched"
+      local uv = require "luv"
+      local server_side
+      local l = uv.new_tcp()
+      assert(l:bind("127.0.0.1", 0))
+      assert(l:listen(8, function()
+        local t = uv.new_tcp()
+        l:accept(t)
+        server_side = stream.new(t)
+      end))
+      local c = assert(stream.connect("127.0.0.1", l:getsockname().port, 5))
+      assert(c:send("first\r\n", 5))
+      assert.is_true(H.wait_for(function() return server_side ~= nil end, 5))
+      assert.equal("first", server_side:receive("*l", 5))
+      -- the server reads nothing more; the client sends 8 MiB, as much as the kernel takes
+      local sent = 0
+      local block = string.rep("x", 65536)
+      sched.spawn(function()
+        for _ = 1, 128 do
+          if not c:send(block, 10) then break end
+          sent = sent + #block
+        end
+      end)
+      sched.sleep(1)
+      local held = #table.concat(server_side.rbuf or {})
+      assert.is_true(held <= server_side.high_water + 65536 * 4, "held " .. held)
+      assert.is_true(sent < 8 * 1048576, "the client could send everything")
+      -- reading again takes the rest, in order
+      local got = server_side:receive(8 * 1048576, 20)
+      assert.equal(8 * 1048576, #got)
+      assert.is_true(H.wait_for(function() return sent == 8 * 1048576 end, 10))
+      c:close()
+      server_side:close()
+      l:close()
+    end)
+  end)
+
+  it("the webhook client gives up on a response line without end", function()
+    H.run(function()
+      local uv = require "luv"
+      local client = require "moonpost.runtime.http_client"
+      local answers = {
+        "HTTP/1.1 200 " .. string.rep("O", 200000),
+        "HTTP/1.1 200 OK\r\nX-Long: " .. string.rep("h", 200000),
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" .. string.rep("T: t\r\n", 200),
+      }
+      local which, conns = 0, {}
+      local l = uv.new_tcp()
+      assert(l:bind("127.0.0.1", 0))
+      assert(l:listen(8, function()
+        local t = uv.new_tcp()
+        l:accept(t)
+        which = which + 1
+        conns[which] = t
+        local answer = answers[which]
+        t:read_start(function(_, chunk)
+          if chunk and chunk:find("\r\n\r\n", 1, true) then t:write(answer) end
+        end)
+      end))
+      local expect = { "bad response: a line over 65536 bytes", "bad response: a line over 65536 bytes",
+        "bad response: too many trailer fields" }
+      for i = 1, #answers do
+        local c = assert(client.new("http://127.0.0.1:" .. l:getsockname().port .. "/hook", { timeout = 5 }))
+        assert.same({ nil, expect[i] }, { c:request("POST", "{}", { ["Content-Type"] = "application/json" }) }, i)
+        c:close()
+      end
+      for _, t in ipairs(conns) do t:close() end
+      l:close()
+    end)
+  end)
+
   it("refuses a listener address it cannot use, naming it", function()
     H.run(function()
       local moonpost = require "moonpost"
