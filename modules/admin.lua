@@ -512,17 +512,33 @@ local function xtext(s)
   return (gsub(s, "[^!-*,-<>-~]", function(c) return format("+%02X", c:byte()) end))
 end
 
+-- NOTIFY (RFC 3461 4.1): NEVER alone, or one or more of SUCCESS, FAILURE,
+-- DELAY, each once; as a string "SUCCESS,FAILURE" or a list of them
 local function check_notify(v)
   if v == nil then return nil end
-  if type(v) == "table" then v = concat(v, ",") end
-  if type(v) ~= "string" then return nil, "notify: expected NEVER or a list of SUCCESS, FAILURE, DELAY" end
+  local expected = "notify: expected \"NEVER\" or one or more of SUCCESS, FAILURE, DELAY"
+  if type(v) == "table" then
+    if next(v) == nil then return nil, expected .. ", got an empty list" end
+    local n = 0
+    for _, w in pairs(v) do
+      n = n + 1
+      if type(w) ~= "string" then return nil, expected .. " (a list of strings)" end
+    end
+    if n ~= #v then return nil, expected .. " (a list of strings)" end
+    v = concat(v, ",")
+  end
+  if type(v) ~= "string" then return nil, expected end
   local up = v:upper():gsub("%s", "")
   if up == "NEVER" then return up end
-  for w in up:gmatch("[^,]+") do
-    if w ~= "SUCCESS" and w ~= "FAILURE" and w ~= "DELAY" then
-      return nil, "notify: expected NEVER or a list of SUCCESS, FAILURE, DELAY, got " .. v
+  local seen, n = {}, 0
+  for w in (up .. ","):gmatch("([^,]*),") do
+    if (w ~= "SUCCESS" and w ~= "FAILURE" and w ~= "DELAY") or seen[w] then
+      return nil, expected .. ", got " .. format("%q", v)
     end
+    seen[w] = true
+    n = n + 1
   end
+  if n == 0 then return nil, expected .. ", got " .. format("%q", v) end
   return up
 end
 

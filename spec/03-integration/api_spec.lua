@@ -126,6 +126,15 @@ describe("the HTTP API", function()
         attachments = { { name = "x.bin", data = "not base64!" } } })
       assert.equal(400, s)
       assert.matches("attachments item 1: data is not valid base64", v.error)
+      -- NOTIFY: NEVER, or one or more of SUCCESS, FAILURE, DELAY (an empty one would send no DSN at all)
+      for _, notify in ipairs({ "[]", "[1,{}]", "\"\"", "\"SUCCESS,,DELAY\"", "\"FAILURE,FAILURE\"",
+        "\"NEVER,SUCCESS\"", "{\"a\":\"SUCCESS\"}" }) do
+        s, v = api("POST", "/api/v1/messages", "{\"from\":\"a@b.test\",\"to\":\"c@d.test\",\"text\":\"x\",\"notify\":"
+          .. notify .. "}", { ["Content-Type"] = "application/json" })
+        assert.equal(400, s, notify)
+        assert.equal(1, v.error:find("notify: expected \"NEVER\" or one or more of SUCCESS, FAILURE, DELAY", 1, true),
+          notify .. ": " .. v.error)
+      end
       s, v = api("POST", "/api/v1/bounce", {})
       assert.equal(400, s)
       assert.matches("give a filter", v.error)
