@@ -4,9 +4,10 @@
  *
  *   suppress.open(path)            -> store, report | nil, err, code
  *       Creates the file if needed, takes an exclusive flock on it, loads
- *       every line and cuts a damaged tail off. report = { records, live,
+ *       every line and cuts a torn last line off. report = { records, live,
  *       size, corrupt, bad = { { off, why }, ... }, torn = offset | nil,
- *       torn_why, torn_lines }.
+ *       torn_why, torn_lines, unterminated = true | nil }. A file that does not
+ *       start with the header is refused: nil, "not a suppression log ...", "EFTYPE".
  *   suppress.parse(line)           -> op, tenant, address, reason, time | nil, why
  *   suppress.format(op, tenant, address, reason, time) -> line | nil, why
  *
@@ -215,6 +216,10 @@ static void push_report(lua_State *L, const mp_sup_load *r, const mp_sup *set)
         lua_pushnumber(L, (lua_Number)r->torn_lines);
         lua_setfield(L, -2, "torn_lines");
     }
+    if (r->unterminated) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "unterminated");
+    }
 }
 
 static int l_open(lua_State *L)
@@ -241,6 +246,36 @@ static int l_open(lua_State *L)
         lua_pushfstring(L, "locked: %s is in use by another process", path);
         lua_pushliteral(L, "EWOULDBLOCK");
         return 3;
+    }
+    /* Ours, or refused untouched: a wrong path must not cost a file its
+     * contents (what follows a header we did not write is never cut). */
+    {
+        char head[sizeof MP_SUP_HEADER];
+        size_t want = sizeof MP_SUP_HEADER - 1;
+        ssize_t n;
+        do n = pread(st->fd, head, want, 0);
+        while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            int e = errno;
+            store_close(st);
+            return mp_pusherrno(L, "read", e);
+        }
+        if (n > 0 && memcmp(head, MP_SUP_HEADER, (size_t)n) != 0) {
+            store_close(st);
+            lua_pushnil(L);
+            lua_pushliteral(L, "not a suppression log (its first line is not \"# moonpost suppression log 1\"); "
+                               "left as it is");
+            lua_pushliteral(L, "EFTYPE");
+            return 3;
+        }
+        if (n > 0 && (size_t)n < want) {
+            /* the header of a new file, cut short by a crash: start over */
+            if (ftruncate(st->fd, 0) != 0) {
+                int e = errno;
+                store_close(st);
+                return mp_pusherrno(L, "truncate", e);
+            }
+        }
     }
     ld = mp_sup_loader_new(st->set);
     chunk = malloc(MP_SUP_CHUNK);
@@ -270,6 +305,12 @@ static int l_open(lua_State *L)
         /* a write cut short by a crash: nobody was told it was stored */
         if (ftruncate(st->fd, (off_t)res.torn_off) != 0) return mp_pusherrno(L, "truncate", errno);
         st->end = (off_t)res.torn_off;
+    }
+    if (res.unterminated) {
+        /* damage kept at the end: the next line starts on a line of its own */
+        int r = write_at(st->fd, "\n", 1, st->end);
+        if (r != 0) return mp_pusherrno(L, "write", -r);
+        st->end += 1;
     }
     if (st->end == 0) {
         int r = write_at(st->fd, MP_SUP_HEADER, sizeof MP_SUP_HEADER - 1, 0);

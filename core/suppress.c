@@ -690,11 +690,20 @@ void mp_sup_loader_finish(mp_sup_loader *l, mp_sup_load *out)
     } else if (l->skipping) {
         /* counted already as "line too long" */
     }
-    if (l->run_lines > 0) {
+    if (l->run_lines == 1) {
+        /* A crash cuts the last write short (or leaves zeroed pages past
+         * it): that shows as one damaged last line, since a zeroed page
+         * holds no LF. Nobody was told it was stored: it is cut. */
         l->res.torn = 1;
         l->res.torn_off = l->run_off;
         l->res.torn_why = l->run_bad[0].why;
         l->res.torn_lines = l->run_lines;
+    } else if (l->run_lines > 1) {
+        /* Several damaged lines at the end are no torn write but damage
+         * (or text that is not ours): skipped and reported like damage in
+         * the middle, never cut, so that nobody loses what they hold. */
+        good_line(l);
+        l->res.unterminated = l->line_off < l->off;
     }
     *out = l->res;
     free(l);

@@ -130,6 +130,7 @@ typedef struct mp_sup_load {
     uint64_t torn_off;
     const char *torn_why;
     uint64_t torn_lines; /* damaged lines in that tail */
+    int unterminated;    /* the last line has no LF and is not cut off as torn */
     int nomem;           /* the set could not grow: the load is incomplete */
 } mp_sup_load;
 

@@ -190,8 +190,8 @@ function Suppress:open()
   end
   log.info("suppress: %s: %d entries loaded in %.0f ms (%d records, %d octets)", self.path, rep.live, ms,
     rep.records, rep.size)
-  if rep.size == 0 or rep.torn then
-    -- a new file (its header and its name) or a cut one: to disk
+  if rep.size == 0 or rep.torn or rep.unterminated then
+    -- a new file (its header and its name), a cut one, or one given its last LF: to disk
     self.dir_dirty = rep.size == 0
     self.wseq = self.wseq + 1
     start_sync(self)
