@@ -799,6 +799,8 @@ function EventLog:start(mta)
     -- one queue, one sender: it carries on with this policy's options
     -- (the old block, while it still runs, writes to the same queue)
     local old = w.client
+    -- what stop() puts back if this policy is dropped while the old one runs on
+    self.took_over = { opts = w.opts }
     w.opts = wh
     w.client = assert(http_client.new(wh.url, { timeout = wh.timeout, headers = wh.headers }))
     old:retire() -- a POST in flight finishes; the next batch goes with the new client
@@ -904,8 +906,19 @@ function EventLog:stop()
   local w = self.webhook
   if w then
     w.users = w.users - 1
-    if w.users <= 0 then stop_webhook(w) end
+    if w.users <= 0 then
+      stop_webhook(w)
+    elseif self.took_over and w.opts == self.opts.webhook then
+      -- a reload that failed after this block started (start_blocks() stops
+      -- it): the policy that still runs gets its endpoint and options back
+      local mine, prev = w.client, self.took_over.opts
+      w.opts = prev
+      w.client = assert(http_client.new(prev.url, { timeout = prev.timeout, headers = prev.headers }))
+      mine:retire()
+      w.retired = mine
+    end
   end
+  self.took_over = nil
   local parts = {}
   for _, t in ipairs(_M.TYPES) do
     if self.counts[t] then parts[#parts + 1] = t .. " " .. self.counts[t] end

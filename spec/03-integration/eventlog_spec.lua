@@ -444,6 +444,36 @@ describe("moonpost.eventlog", function()
     end)
   end)
 
+  it("a reload that fails after the event log started leaves the webhook with the old policy's endpoint", function()
+    H.run(function()
+      local ra, rb = receiver(dir .. "/a.jsonl"), receiver(dir .. "/b.jsonl")
+      local ok, err = pcall(function()
+        local old = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. ra.port .. "/a", dir = dir .. "/wh",
+          interval = 0.05 } }
+        assert.is_true(old:start())
+        -- the new policy's block takes the queue over, then another block fails: start_blocks() stops it
+        local new = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. rb.port .. "/b", dir = dir .. "/wh",
+          interval = 0.05 } }
+        assert.is_true(new:handover(old))
+        assert.is_true(new:start())
+        assert.equal("http://127.0.0.1:" .. rb.port .. "/b", old.webhook.opts.url)
+        new:stop()
+        assert.is_false(old.webhook.stopped)
+        assert.equal("http://127.0.0.1:" .. ra.port .. "/a", old.webhook.opts.url)
+        old:log({ type = "AdminAction", action = "after the failed reload" })
+        assert.is_true(H.wait_for(function() return #ra.records() == 1 end, 10))
+        assert.equal("after the failed reload", ra.records()[1].action)
+        assert.equal("/a", ra.requests()[1].path)
+        assert.equal(0, #rb.records())
+        old:stop()
+        assert.is_true(old.webhook.stopped)
+      end)
+      ra.stop()
+      rb.stop()
+      if not ok then error(err, 0) end
+    end)
+  end)
+
   it("reopens the file on SIGUSR1 (logrotate): new lines go to a new file", function()
     H.run(function()
       local path = dir .. "/events.jsonl"
