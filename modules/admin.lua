@@ -59,10 +59,27 @@ local function list(t)
   return t
 end
 
-local function answer(status, body)
-  return status, (gsub(cjson.encode(body), EMPTY_PATTERN, "[]")), JSON_HEADERS
+-- Every string as well-formed UTF-8 (JSON must be): a remote server's
+-- reply or a message's header field may hold any octets.
+local function clean(v, seen)
+  if type(v) == "string" then return mime.utf8_clean(v) end
+  if type(v) ~= "table" or seen[v] then return v end
+  seen[v] = true
+  local out = setmetatable({}, getmetatable(v))
+  for k, x in pairs(v) do out[clean(k, seen)] = clean(x, seen) end
+  return out
 end
-_M.encode = function(body) return (gsub(cjson.encode(body), EMPTY_PATTERN, "[]")) end
+
+local function encode(body)
+  local s = cjson.encode(body)
+  if s and not mime.utf8_valid(s) then s = cjson.encode(clean(body, {})) end
+  return (gsub(s, EMPTY_PATTERN, "[]"))
+end
+_M.encode = encode
+
+local function answer(status, body)
+  return status, encode(body), JSON_HEADERS
+end
 
 local function fail(status, why)
   return answer(status, { error = why })
@@ -860,12 +877,21 @@ function Admin:api_message(req)
     text = req.query.body == "1" and body:tostring() or body:headers()
   end
   local head, rest = mime.split(text)
+  local fields = mime.fields(head)
+  for _, f in ipairs(fields) do
+    -- 8-bit octets that are not UTF-8 (a legacy charset sent raw): shown
+    -- with U+FFFD, and exactly in value_base64
+    if not mime.utf8_valid(f.value) then
+      f.value_base64 = require("moonpost.runtime.passwd").b64encode(f.value)
+      f.value = mime.utf8_clean(f.value)
+    end
+  end
   local out = {
     id = env.id, from = env.from, tenant = env.tenant, pool = env.pool, received = env.t,
     age = now - (env.t or ids.time_of(num)), size = size, record_size = m.len,
     attempts = m.attempts or 0, next_attempt = (m.next and m.next > 0) and m.next or nil,
     state = state, suspended_by = held_by, envid = env.envid, ret = env.ret, smtputf8 = env.utf8,
-    client = env.ip, recipients = list(rcpts), headers = list(mime.fields(head)),
+    client = env.ip, recipients = list(rcpts), headers = list(fields),
   }
   if req.query.body == "1" then
     if mime.utf8_valid(rest) then

@@ -35,32 +35,58 @@ end
 
 -- ---- text checks ------------------------------------------------------------------------
 
--- utf8_valid(s) -> true | false: well-formed UTF-8 (no overlongs, no surrogates)
+-- The index after the UTF-8 sequence at i, or nil when none starts there
+-- (well-formed only: no overlongs, no surrogates, nothing past U+10FFFF).
+local function utf8_next(s, i, n)
+  local c = byte(s, i)
+  if c < 0x80 then return i + 1 end
+  local len, min
+  if c >= 0xC2 and c <= 0xDF then len, min = 2, 0x80
+  elseif c >= 0xE0 and c <= 0xEF then len, min = 3, 0x800
+  elseif c >= 0xF0 and c <= 0xF4 then len, min = 4, 0x10000
+  else return nil end
+  if i + len - 1 > n then return nil end
+  local cp = c % (2 ^ (7 - len))
+  for k = 1, len - 1 do
+    local cc = byte(s, i + k)
+    if cc < 0x80 or cc > 0xBF then return nil end
+    cp = cp * 64 + (cc - 0x80)
+  end
+  if cp < min or cp > 0x10FFFF or (cp >= 0xD800 and cp <= 0xDFFF) then return nil end
+  return i + len
+end
+
+-- utf8_valid(s) -> true | false: well-formed UTF-8
 local function utf8_valid(s)
+  if not find(s, "[\128-\255]") then return true end
   local i, n = 1, #s
   while i <= n do
-    local c = byte(s, i)
-    if c < 0x80 then
-      i = i + 1
-    else
-      local len, min
-      if c >= 0xC2 and c <= 0xDF then len, min = 2, 0x80
-      elseif c >= 0xE0 and c <= 0xEF then len, min = 3, 0x800
-      elseif c >= 0xF0 and c <= 0xF4 then len, min = 4, 0x10000
-      else return false end
-      if i + len - 1 > n then return false end
-      local cp = c % (2 ^ (7 - len))
-      for k = 1, len - 1 do
-        local cc = byte(s, i + k)
-        if cc < 0x80 or cc > 0xBF then return false end
-        cp = cp * 64 + (cc - 0x80)
-      end
-      if cp < min or cp > 0x10FFFF or (cp >= 0xD800 and cp <= 0xDFFF) then return false end
-      i = i + len
-    end
+    i = utf8_next(s, i, n)
+    if not i then return false end
   end
   return true
 end
+
+-- utf8_clean(s) -> s, with every octet that starts no well-formed sequence
+-- replaced by U+FFFD (for JSON, which must be UTF-8)
+local function utf8_clean(s)
+  if utf8_valid(s) then return s end
+  local out, i, n, from = {}, 1, #s, 1
+  while i <= n do
+    local nx = utf8_next(s, i, n)
+    if nx then
+      i = nx
+    else
+      out[#out + 1] = sub(s, from, i - 1)
+      out[#out + 1] = "\239\191\189"
+      i = i + 1
+      from = i
+    end
+  end
+  out[#out + 1] = sub(s, from)
+  return concat(out)
+end
+_M.utf8_clean = utf8_clean
 _M.utf8_valid = utf8_valid
 
 local function ascii(s)

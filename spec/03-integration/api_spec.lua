@@ -540,7 +540,7 @@ describe("the HTTP API", function()
 
   it("inspects a message: envelope, recipients, attempts, next attempt, headers, and the body on request", function()
     H.with_sink(function(sink)
-      local mta, api = api_mta(dir, sink.port, { queue = { retry = { "1h" }, max_age = "1d" },
+      local mta, api, port = api_mta(dir, sink.port, { queue = { retry = { "1h" }, max_age = "1d" },
         tenants = { acme = {} } })
       local s, v = api("POST", "/api/v1/messages", { from = "a@acme.test", to = { "ok@x.test", "r451-later@x.test" },
         tenant = "acme", subject = "inspect me", text = "the body" })
@@ -572,6 +572,21 @@ describe("the HTTP API", function()
       s, v = api("GET", "/api/v1/messages/" .. id .. "?body=1")
       assert.equal(200, s)
       assert.equal("the body\r\n", v.body)
+      -- a header field in a legacy 8-bit charset, sent raw: the answer is still JSON (UTF-8)
+      local c, _, t = H.send(mta:addresses()[1].port, { from = "a@acme.test", to = "r451-later@x.test",
+        body = "Subject: caf\233 cr\232me\r\nX-Ok: d\195\169j\195\160\r\n\r\nbody\r\n" })
+      assert.equal(250, c)
+      local id8 = t:match("queued as (%x+)")
+      local code, raw = http.request("127.0.0.1", port, "GET", "/api/v1/messages/" .. id8, nil,
+        { Authorization = "Bearer " .. TOKEN }, 30)
+      assert.equal(200, code)
+      local jcode, jout, jerr = H.exec(H.python, { "-c",
+        "import json,sys; v=json.loads(sys.stdin.buffer.read().decode('utf-8')); "
+        .. "print(json.dumps([[h['value'], h.get('value_base64')] for h in v['headers'] if h['name'] in ('Subject','X-Ok')]))" },
+        { stdin = raw, timeout = 30 })
+      assert.equal(0, jcode, jerr)
+      assert.same({ { "caf\239\191\189 cr\239\191\189me", passwd.b64encode("caf\233 cr\232me") },
+        { "d\195\169j\195\160", cjson.null } }, cjson.decode(jout))
       s, v = api("GET", "/api/v1/messages/0123456789abc")
       assert.equal(404, s)
       assert.matches("no such message", v.error)
