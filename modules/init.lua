@@ -53,6 +53,7 @@ _M.check_mode = false
 -- MTA it builds is handed the running one's spool, queue and sockets;
 -- start() and run() start nothing.
 _M.reloading = false
+_M.reload_from = nil -- the running MTA while a reload builds its successor
 
 -- Every event a policy can hook (docs/events.md has one section each).
 _M.EVENTS = {
@@ -252,7 +253,7 @@ function _M.new(opts)
     stopping = false,
   }, mta_mt)
   instances[#instances + 1] = mta
-  metrics.install(mta) -- mta.metrics, GET /metrics (moonpost.metrics changes its settings)
+  metrics.install(mta, _M.reload_from) -- mta.metrics, GET /metrics (moonpost.metrics changes its settings)
   -- the operator's API under /api/v1 (moonpost.admin, docs/http-api.md)
   if opts.http then require("moonpost.admin").install(mta) end
   return mta

@@ -39,10 +39,12 @@ local NO_DKIM = { signatures = { ["rsa-sha256"] = 0, ["ed25519-sha256"] = 0 }, f
 
 -- install(mta): the MTA's registry (mta.metrics), the families the runtime
 -- updates itself (mta.counters), the collect function for the rest, and the
--- GET /metrics route when the MTA has an HTTP listener.
-function _M.install(mta)
+-- GET /metrics route when the MTA has an HTTP listener. predecessor: the MTA
+-- a reload replaces; its counters and histograms carry on in this registry.
+function _M.install(mta, predecessor)
   local D = _M.DEFAULTS
-  local reg = metrics.new { prefix = D.prefix, caps = { tenant = D.max_tenants, domain = D.max_domains } }
+  local reg = metrics.new { prefix = D.prefix, caps = { tenant = D.max_tenants, domain = D.max_domains },
+    inherit = predecessor and predecessor.metrics }
   mta.metrics = reg
   local c = {}
   mta.counters = c

@@ -401,11 +401,24 @@ local function check_prefix(p)
   return p
 end
 
+local function same_buckets(a, b)
+  if #a ~= #b then return false end
+  for i = 1, #a do
+    if a[i] ~= b[i] then return false end
+  end
+  return true
+end
+
 -- new{ prefix = "moonpost", caps = { tenant = 100, domain = 200 },
---      buckets = {...}, half_life = 600 }
+--      buckets = {...}, half_life = 600, inherit = registry }
+-- inherit: the registry of the MTA a reload replaces. A family registered
+-- again with the same type, labels (and buckets) is that registry's family,
+-- so counters and histograms go on from their values and never reset; until
+-- settle(), that is (see below).
 function _M.new(opts)
   opts = opts or {}
   return setmetatable({
+    inherit = opts.inherit,
     prefix = check_prefix(opts.prefix or "moonpost"),
     caps = opts.caps or {},
     buckets = opts.buckets and check_buckets(opts.buckets, "metrics: buckets") or _M.DEFAULT_BUCKETS,
@@ -434,11 +447,24 @@ function Registry:configure(opts)
         cap.half_life = self.half_life
       end
     end
-    if f.type == "histogram" and f.default_buckets and opts.buckets then
+    if f.type == "histogram" and f.default_buckets and opts.buckets and not same_buckets(f.buckets, self.buckets) then
       f.buckets = self.buckets
       f:clear()
     end
   end
+end
+
+-- settle(): a reload has committed. Inherited histograms on the registry's
+-- default buckets take this registry's (their series start over only when
+-- the buckets changed), and the old registry is let go.
+function Registry:settle()
+  for _, f in ipairs(self.families) do
+    if f.type == "histogram" and f.default_buckets and not same_buckets(f.buckets, self.buckets) then
+      f.buckets = self.buckets
+      f:clear()
+    end
+  end
+  self.inherit = nil
 end
 
 local function register(self, kind, name, help, labels, opts)
@@ -452,6 +478,21 @@ local function register(self, kind, name, help, labels, opts)
     end
   end
   local old = self.by_name[name]
+  if not old and self.inherit then
+    -- a reload: the family of the registry this one replaces carries on
+    -- (its series, its caps, and the children the old policy still counts
+    -- in), when it is the same instrument
+    local f = self.inherit.by_name[name]
+    if f and f.type == kind and concat(f.labels, ",") == concat(labels, ",") and f.raw == (opts.raw or false)
+        and (kind ~= "histogram" or (opts.buckets == nil and f.default_buckets)
+          or (opts.buckets ~= nil and not f.default_buckets
+            and same_buckets(f.buckets, check_buckets(opts.buckets, "metrics: " .. name .. ": buckets")))) then
+      f.help = help or name
+      self.families[#self.families + 1] = f
+      self.by_name[name] = f
+      return f
+    end
+  end
   if old then
     if old.type ~= kind or concat(old.labels, ",") ~= concat(labels, ",") then
       error(format("metrics: %s is already registered as a %s with labels {%s}", name, old.type,

@@ -344,6 +344,7 @@ function _M.handover(moonpost, old, new)
   log.set_level(new.opts.log_level or env_log_level())
   log.set_format(new.opts.log_format or (os.getenv("MOONPOST_LOG_FORMAT") == "json" and "json" or "text"))
   new.started, new.ran, new.stopping, new.stopped = true, old.ran, false, false
+  if new.metrics then new.metrics:settle() end
   for _, fn in ipairs(commit_steps) do
     local ok2, err2 = pcall(fn, old, new)
     if not ok2 then log.error("reload: %s", tostring(err2)) end
@@ -371,9 +372,9 @@ function _M.policy(moonpost, mta, path, args)
   local t0 = uv.hrtime()
   local instances = moonpost.instances
   local before = #instances
-  moonpost.reloading = true
+  moonpost.reloading, moonpost.reload_from = true, mta
   local lok, ok, err = pcall(policy.load, src.path, src.args)
-  moonpost.reloading = false
+  moonpost.reloading, moonpost.reload_from = false, nil
   if not lok then ok, err = nil, tostring(ok) end
   -- the MTAs the file built: none of them is an instance unless it takes over
   local built = {}

@@ -212,6 +212,52 @@ mta:use(require("moonpost.accept").smtp { listen = "127.0.0.1:0", tenant = "acme
     end)
   end)
 
+  it("carries the counters and histograms over, and counts the old policy's sessions in the new registry",
+    function()
+    H.run(function()
+      local path = dir .. "/policy.lua"
+      local body = [[
+mta:use(require("moonpost.accept").smtp { listen = "127.0.0.1:0", log_messages = false })
+mta:set_transport(function(_, _, rcpts)
+  local out = {}
+  for _, r in ipairs(rcpts) do out[r.index] = { status = "deferred", text = "4.0.0 later" } end
+  return out
+end)
+local mine = mta.metrics:counter("policy_checks_total", "checks", { "kind" })
+mta:on("smtp_server_mail_from", function() mine:inc("from") end)
+]]
+      write(path, dir .. "/spool", { body = body })
+      local old = start(path)
+      local port = old:addresses()[1].port
+      assert.equal(250, (H.send(port)))
+      local function value(mta, series)
+        local text = "\n" .. mta.metrics:render()
+        local _, e = text:find("\n" .. series .. " ", 1, true)
+        return e and tonumber(text:match("^%S+", e + 1))
+      end
+      local received = 'moonpost_messages_total{tenant="",listener="127.0.0.1:' .. port .. '"}'
+      assert.equal(1, value(old, received))
+      assert.equal(1, value(old, 'moonpost_policy_checks_total{kind="from"}'))
+      -- a session of the old policy, open across the reload
+      local p = session(port)
+      assert.is_true(old:reload_policy(path))
+      local new = moonpost.current()
+      assert.are_not.equal(old.metrics, new.metrics)
+      assert.equal(1, value(new, received))
+      assert.equal(1, value(new, 'moonpost_policy_checks_total{kind="from"}'))
+      assert.equal(2, value(new, "moonpost_connections_total{direction=\"in\"}"))
+      -- the old session's message counts in the registry /metrics now serves
+      p:script("C: MAIL FROM:<a@x.test>\nS: 250\nC: RCPT TO:<b@y.test>\nS: 250\nC: DATA\nS: 354\n"
+        .. "C: Subject: x\nC: \nC: hi\nC: .\nS: 250\nC: QUIT\nS: 221")
+      p:close()
+      assert.equal(2, value(new, received))
+      assert.equal(2, value(new, 'moonpost_connections_total{direction="in"}'))
+      -- the old policy's own counter is the new one's
+      assert.equal(2, value(new, 'moonpost_policy_checks_total{kind="from"}'))
+      H.stop_mta(new)
+    end)
+  end)
+
   it("drains the sessions of the old policy when the new MTA stops", function()
     H.run(function()
       local path = dir .. "/policy.lua"
