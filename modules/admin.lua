@@ -279,11 +279,18 @@ end
 
 -- ---- suspensions ---------------------------------------------------------------------------------
 
+-- A value with a space, a quote or an equals sign is quoted, so that the key
+-- names one suspension: tenant "a site=b" is not tenant "a" on site "b".
+local function key_value(v)
+  if v == "" or v:find('[%s"=\\]') then return '"' .. v:gsub('[\\"]', "\\%0") .. '"' end
+  return v
+end
+
 local function susp_key(tenant, domain, site)
   local parts = {}
-  if tenant then parts[#parts + 1] = "tenant=" .. tenant end
-  if domain then parts[#parts + 1] = "domain=" .. domain end
-  if site then parts[#parts + 1] = "site=" .. site end
+  if tenant then parts[#parts + 1] = "tenant=" .. key_value(tenant) end
+  if domain then parts[#parts + 1] = "domain=" .. key_value(domain) end
+  if site then parts[#parts + 1] = "site=" .. key_value(site) end
   return concat(parts, " ")
 end
 
@@ -927,6 +934,7 @@ function Admin:api_bounce(req)
   if older ~= nil then
     older = config.duration(older)
     if not older then return fail(400, "older_than: expected a duration (seconds, or like \"30m\", \"2h\", \"3d\")") end
+    if older <= 0 then return fail(400, "older_than: must be more than 0 (all = true bounces everything)") end
   end
   local dsn = opt(o.dsn)
   if dsn == nil then dsn = true end

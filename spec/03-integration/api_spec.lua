@@ -141,6 +141,28 @@ describe("the HTTP API", function()
       s, v = api("POST", "/api/v1/suspend", { tenant = 42 })
       assert.equal(400, s)
       assert.matches("tenant: expected a string", v.error)
+      -- older than 0 seconds would be every message: that is all = true, not a filter
+      for _, zero in ipairs({ 0, "0s", "0m" }) do
+        s, v = api("POST", "/api/v1/bounce", { older_than = zero })
+        assert.equal(400, s, tostring(zero))
+        assert.matches("older_than: must be more than 0", v.error)
+      end
+      -- suspensions are told apart by their fields, whatever the values hold
+      s, v = api("POST", "/api/v1/suspend", { tenant = "a site=b" })
+      assert.equal(200, s)
+      assert.is_false(v.existing)
+      s, v = api("POST", "/api/v1/suspend", { tenant = "a", site = "b" })
+      assert.equal(200, s)
+      assert.is_false(v.existing)
+      assert.are_not.equal(v.suspended.key, select(2, api("GET", "/api/v1/suspensions")).suspensions[1].key)
+      s, v = api("POST", "/api/v1/resume", { tenant = "a", site = "b" })
+      assert.equal(200, s)
+      assert.equal(1, #v.resumed)
+      s, v = api("GET", "/api/v1/suspensions")
+      assert.equal(1, #v.suspensions)
+      assert.equal("a site=b", v.suspensions[1].tenant)
+      assert.is_nil(v.suspensions[1].site)
+      assert.equal(200, (api("POST", "/api/v1/resume", { all = true })))
       -- nothing was queued by any of these
       assert.equal(0, mta.spool:count())
       H.stop_mta(mta)
