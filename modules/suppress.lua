@@ -111,8 +111,16 @@ local function check_auto(v)
       .. type(v))
   end
   local a = config.check("suppress.setup: auto", v, AUTO_SCHEMA)
+  local bounce = require "moonpost.bounce"
   local set = {}
-  for _, c in ipairs(a.classes) do set[c] = true end
+  for i, c in ipairs(a.classes) do
+    -- a misspelt class would never match a bounce: the list would stay empty
+    if type(c) ~= "string" or not bounce.describe(c) then
+      config.raise(format("suppress.setup: auto: field 'classes': item %d: unknown class %s (known: %s)", i,
+        type(c) == "string" and format("'%s'", c) or type(c), concat(bounce.CLASSES, ", ")))
+    end
+    set[c] = true
+  end
   a.set = set
   return a
 end
@@ -740,6 +748,12 @@ end
 function Suppress:attach(mta)
   if self.mta and self.mta ~= mta then
     config.raise("suppress: this block is already used by another MTA (one file, one writer)")
+  end
+  local n = mta.opts and mta.opts.workers or 1
+  if n > 1 then
+    -- each worker would open the file, and all but one find it locked
+    config.raise(format("suppress.setup: a suppression list is kept by one process, and this policy runs %d "
+      .. "workers; run it with workers = 1 (docs/suppress.md#workers)", n))
   end
   self.mta = mta
   local o = self.opts

@@ -407,6 +407,27 @@ describe("moonpost.suppress.setup()", function()
       err_of(function() suppress.setup { auto = "yes" } end), 1, true)
   end)
 
+  it("moonpost check refuses an unknown auto class and a list with workers > 1, at the policy's line", function()
+    H.run(function()
+      for _, case in ipairs({
+        { "bad_suppress_class.lua", 3, "suppress.setup: auto: field 'classes': item 2: unknown class "
+          .. "'invalid-recipents' (known: invalid-recipient, " },
+        { "bad_suppress_workers.lua", 4, "suppress.setup: a suppression list is kept by one process, "
+          .. "and this policy runs 2 workers" },
+      }) do
+        local path = "spec/fixtures/policies/" .. case[1]
+        for _, cmd in ipairs({ "check", "run" }) do
+          local code, out, err = H.exec(H.root .. "/scripts/moonpost", { cmd, path }, { cwd = H.root, timeout = 30 })
+          assert.equal(1, code, cmd .. " " .. path)
+          assert.equal("", out)
+          local want = "moonpost: " .. path .. ":" .. case[2] .. ": " .. case[3]
+          assert.equal(want, err:sub(1, #want), cmd .. ": " .. err)
+          assert.falsy(err:find("stack traceback", 1, true))
+        end
+      end
+    end)
+  end)
+
   it("fails mta:start() with the block's name when the file cannot be opened", function()
     H.run(function()
       local dir = H.tmpdir("moonpost-suppress")
