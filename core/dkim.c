@@ -697,21 +697,54 @@ struct mp_dkim_job {
     spec specs[];
 };
 
+/* The number of bare CR and bare LF in msg: each becomes CRLF on the wire. */
+static size_t count_bare(const char *msg, size_t len)
+{
+    size_t n = 0;
+    const char *p = msg, *end = msg + len;
+    while ((p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        if (p == msg || p[-1] != '\r') n++;
+        p++;
+    }
+    for (p = msg; (p = memchr(p, '\r', (size_t)(end - p))) != NULL; p++) {
+        if (p + 1 == end || p[1] != '\n') n++;
+    }
+    return n;
+}
+
 mp_dkim_job *mp_dkim_job_new(const char *msg, size_t len, int nspecs)
 {
     mp_dkim_job *j;
+    size_t bare;
     if (nspecs < 1 || nspecs > MP_DKIM_MAX_SPECS) return NULL;
     j = calloc(1, sizeof *j + (size_t)nspecs * sizeof(spec));
     if (j == NULL) return NULL;
-    j->msg = malloc(len + 2);
+    /* What is signed is the message as it goes on the wire: Moonpost's
+     * client (and any SMTP client) sends a bare CR or LF as CRLF, and ends
+     * the message with CRLF before the final dot. A message received over
+     * SMTP or the API has none (they are normalized there); one made in Lua
+     * may. libopendkim also refuses a message without the final CRLF. */
+    bare = count_bare(msg, len);
+    j->msg = malloc(len + bare + 2);
     if (j->msg == NULL) {
         free(j);
         return NULL;
     }
-    memcpy(j->msg, msg, len);
-    /* On the wire a message ends with CRLF (SMTP adds one before the final
-     * dot), so that is what is signed; libopendkim refuses the other case. */
-    if (len > 0 && msg[len - 1] != '\n') {
+    if (bare == 0) {
+        memcpy(j->msg, msg, len);
+    } else {
+        size_t i, o = 0;
+        for (i = 0; i < len; i++) {
+            char c = msg[i];
+            if (c == '\n' && (i == 0 || msg[i - 1] != '\r')) {
+                j->msg[o++] = '\r';
+            }
+            j->msg[o++] = c;
+            if (c == '\r' && (i + 1 == len || msg[i + 1] != '\n')) j->msg[o++] = '\n';
+        }
+        len = o;
+    }
+    if (len > 0 && j->msg[len - 1] != '\n') {
         memcpy(j->msg + len, "\r\n", 2);
         len += 2;
     }

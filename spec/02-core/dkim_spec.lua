@@ -387,6 +387,37 @@ describe("moonpost.core.dkim", function()
       for _, r in ipairs(pyverify(msgs, list)) do assert.same({ true, true }, r) end
     end)
 
+    it("signs a bare CR or LF as the CRLF the wire gives it (a message made in Lua, not received)", function()
+      local k = keys()
+      signer = dkim.signer()
+      local other = dkim.signer { rsa = "libopendkim" }
+      local list = dns({ { "r", "example.com", k.rsa2048 }, { "e", "example.com", k.ed25519 } })
+      local cases = { "From: a@example.com\nSubject: LF only\n\nline one\nline  two \n\n\n",
+        "From: a@example.com\r\nSubject: x\r\n\r\nbody\nwith a bare LF\r\nand a bare\rCR\r\r\n",
+        "From: a@example.com\r\nSubject: x\r\n\r\na\rb\r\nends in a bare CR\r",
+        "From: a@example.com\r\nSubject: x\r\n\r\nends in a bare LF\n" }
+      local msgs = {}
+      for _, m in ipairs(cases) do
+        -- what Moonpost's client sends: dot-stuffed, every line ending CRLF
+        local wire = assert(smtp.dotstuff(m)):sub(1, -4)
+        assert.is_nil(wire:find("\r[^\n]") or wire:find("[^\r]\n"))
+        for _, c in ipairs({ "simple/simple", "relaxed/relaxed" }) do
+          local specs = { { key = k.rsa2048, domain = "example.com", selector = "r", canon = c, timestamp = false },
+            { key = k.ed25519, domain = "example.com", selector = "e", canon = c } }
+          local h = assert(sign(signer, m, specs))
+          msgs[#msgs + 1] = h .. wire
+          -- the raw bytes and their wire form are one message to sign
+          local hw = assert(sign(signer, wire, specs))
+          assert.equal(tags(h).bh, tags(hw).bh)
+          -- libopendkim, given the wire form, signs the same RSA signature
+          local specs1 = { specs[1] }
+          assert.equal(assert(sign(other, wire, specs1)), assert(sign(signer, m, specs1)))
+        end
+      end
+      other:close()
+      for i, r in ipairs(pyverify(msgs, list)) do assert.same({ true, true }, r, msgs[i]) end
+    end)
+
     it("reports a message without From as the job's error", function()
       local k = keys()
       signer = dkim.signer()
