@@ -90,6 +90,7 @@ function Conn:reply(timeout)
     if self.broken then return nil, self.broken end
   end
   local rp = self.rp
+  local deadline
   while true do
     local code, enh, text = rp:next()
     if code then return code, enh or nil, text end
@@ -97,7 +98,21 @@ function Conn:reply(timeout)
       self.broken = "protocol error: " .. tostring(enh)
       return nil, self.broken
     end
-    local ok, err = self.s:wait_input(timeout)
+    -- the stage's timeout bounds the whole reply, not each chunk of it: a
+    -- peer that drips a line at a time must not hold the connection (and
+    -- the queue's worker) past it
+    local left = timeout
+    if deadline then
+      left = (deadline - uv.now()) / 1000
+    else
+      deadline = uv.now() + timeout * 1000
+    end
+    local ok, err
+    if left > 0 then
+      ok, err = self.s:wait_input(left)
+    else
+      err = "timeout"
+    end
     if not ok then
       self.broken = err == "timeout" and "timeout waiting for a reply" or ("connection lost: " .. tostring(err))
       return nil, self.broken
@@ -201,10 +216,12 @@ local function handshake(c, policy, name)
   return info
 end
 
--- connect(host, port, opts [, name]) -> conn | nil, err, code, enhanced.
+-- connect(host, port, opts [, name [, plain_retry]]) -> conn | nil, err, code, enhanced.
+-- plain_retry: the plaintext retry after a failed opportunistic handshake
+-- (no STARTTLS whatever broken_ttl is).
 -- name is the host's DNS name (an MX name), for SNI and verification;
 -- opts.tls the outbound TLS policy (runtime/tls.lua), nil for none.
-function _M.connect(host, port, opts, name)
+function _M.connect(host, port, opts, name, plain_retry)
   local timeouts = opts.timeouts
   local policy = opts.tls
   if policy and policy.policy == "none" then policy = nil end
@@ -243,14 +260,30 @@ function _M.connect(host, port, opts, name)
     end
     -- a destination whose handshake failed recently gets plaintext, as the
     -- retry did
-    local skip = opportunistic and until_ms
+    local skip = opportunistic and (until_ms or plain_retry)
     if skip then
       c.tls_skipped = true
     elseif c.ext.STARTTLS then
       c:send("STARTTLS\r\n", timeouts.ehlo)
       code, _, text = c:reply(timeouts.ehlo)
       if code == 220 then
-        local info, herr = handshake(c, policy, name)
+        local info, herr
+        if c.rp:buffered() > 0 then
+          -- bytes after the 220 came before TLS, from the server or from
+          -- someone on the path: read after the handshake they would pass
+          -- for the protected server's replies (RFC 3207 6, the response
+          -- injection). The connection is not used.
+          herr = "data after the 220 to STARTTLS, before the handshake (a response injection?)"
+          stats.tls_failed = stats.tls_failed + 1
+        else
+          info, herr = handshake(c, policy, name)
+        end
+        if info then
+          -- and anything that reached the parser while the handshake ran
+          c.rp:close()
+          c.rp = smtp.reply_parser()
+          c.s:attach(c.rp)
+        end
         if not info then
           c:close()
           if opportunistic then
@@ -259,7 +292,7 @@ function _M.connect(host, port, opts, name)
             tls_broken[c.name] = uv.now() + policy.broken_ttl * 1000
             log.info("%s: TLS handshake failed (%s): retrying in plaintext; no TLS to it for %ds", c.name,
               tostring(herr), policy.broken_ttl)
-            return _M.connect(host, port, opts, name)
+            return _M.connect(host, port, opts, name, true)
           end
           log.warn("%s: TLS handshake failed (policy %s): %s", c.name, policy.policy, tostring(herr))
           return nil, format("TLS handshake with %s failed: %s", c.name, tostring(herr)), nil, "4.7.5"
@@ -289,12 +322,13 @@ end
 
 local has_8bit = smtp.has_8bit -- a string or a message
 
--- SMTPUTF8 is needed when an address or the header section is not ASCII
--- (RFC 6531); a message received with SMTPUTF8 that is all ASCII is sent
--- without it.
-local function needs_utf8(env, body)
+-- SMTPUTF8 is needed when an address of this transaction (the sender, the
+-- recipients it carries: not those of the message's other domains) or the
+-- header section is not ASCII (RFC 6531); a message received with SMTPUTF8
+-- that is all ASCII is sent without it.
+local function needs_utf8(env, body, rcpts)
   if has_8bit(env.from or "") then return true end
-  for _, r in ipairs(env.rcpt) do if has_8bit(r.a) then return true end end
+  for _, r in ipairs(rcpts) do if has_8bit(r.address) then return true end end
   if env.utf8 then
     local headers = type(body) == "string" and (body:match("^(.-\r\n)\r\n") or body) or body:headers()
     return has_8bit(headers)
@@ -325,21 +359,23 @@ function Conn:transaction(env, body, rcpts)
     return all(results, rcpts, { status = "bounced", code = 552, enhanced = "5.3.4", host = host,
       text = format("message size %d exceeds the limit of %s (%d)", size, host, self.size_limit) })
   end
-  local utf8 = needs_utf8(env, body)
+  local utf8 = needs_utf8(env, body, rcpts)
   if utf8 and not self.ext.SMTPUTF8 then
     return all(results, rcpts, { status = "bounced", code = 553, enhanced = "5.6.7", host = host,
       text = host .. " does not support SMTPUTF8, which this message needs" })
   end
-  -- 8-bit content without BODY=8BITMIME still needs 8BITMIME; scanned once
-  if env.eight == nil then env.eight = env.body == "8BITMIME" or (env.body == nil and has_8bit(body)) end
+  -- 8BITMIME is needed by 8-bit content, whatever BODY= the message came
+  -- with (many clients declare 8BITMIME for every message); scanned once
+  if env.eight == nil then env.eight = has_8bit(body) end
   local eight = env.eight
-  if eight and not self.ext["8BITMIME"] then
+  local ext8 = self.ext["8BITMIME"] ~= nil
+  if eight and not ext8 then
     return all(results, rcpts, { status = "bounced", code = 554, enhanced = "5.6.3", host = host,
       text = host .. " does not support 8BITMIME, which this message needs" })
   end
   local mail = { "MAIL FROM:<", env.from or "", ">" }
   if self.ext.SIZE then mail[#mail + 1] = " SIZE=" .. size end
-  if eight then mail[#mail + 1] = " BODY=8BITMIME" end
+  if ext8 and (eight or env.body == "8BITMIME") then mail[#mail + 1] = " BODY=8BITMIME" end
   if utf8 then mail[#mail + 1] = " SMTPUTF8" end
   local dsn = self.ext.DSN ~= nil
   if dsn and env.ret then mail[#mail + 1] = " RET=" .. env.ret end
