@@ -617,11 +617,14 @@ function Pool:acquire(hosts)
     local c = idle[#idle]
     if c then
       idle[#idle] = nil
-      if not c.s.eof and not c.broken then
+      -- a reply nobody asked for (a 421 before the server closes) would be
+      -- read as the next command's; one owed to the transaction before
+      -- (handed off before its end of data was answered) is its own
+      if not c.s.eof and not c.broken and (c.owed or c.rp:buffered() == 0) then
         self.stats.reused = self.stats.reused + 1
         return c
       end
-      -- the server closed it meanwhile
+      -- the server closed it meanwhile, or spoke out of turn
       c:close()
       self.open = self.open - 1
     elseif self.open < o.max_connections then

@@ -191,6 +191,43 @@ describe("the SMTP client against a hostile peer", function()
     end)
   end)
 
+  it("does not reuse an idle connection that holds an unsolicited reply", function()
+    H.run(function()
+      local stop, port, got = serve(function(_, P)
+        P.send("220 mx ESMTP\r\n")
+        P.line()
+        P.send("250-mx\r\n250 PIPELINING\r\n")
+        while true do
+          local l = P.line(3)
+          if not l or l == "QUIT" then return P.send("221 bye\r\n") end
+          if l == "DATA" then
+            P.send("354 go\r\n")
+            P.data()
+            -- the reply, then a 421 nobody asked for (the server does not close)
+            P.send("250 2.0.0 queued\r\n421 4.4.2 idle too long\r\n")
+          else
+            P.send("250 ok\r\n")
+          end
+        end
+      end)
+      local pool = client.pool({ name = "peer-spec", helo = "client.test", timeouts = timeouts(), max_connections = 1,
+        max_messages = 10, idle_timeout = 5, pipelining = true })
+      local hosts = { { host = "127.0.0.1", port = port } }
+      for i = 1, 2 do
+        local env = { id = "t" .. i, from = "a@client.test", rcpt = { { a = "b@remote.test" } } }
+        local res = pool:deliver(env, "Subject: x\r\n\r\nhello\r\n", { { index = 1, address = "b@remote.test" } },
+          hosts)
+        assert.equal("delivered", res[1].status, res[1].text)
+        sched.sleep(0.2)
+      end
+      pool:close()
+      stop()
+      local ehlo = 0
+      for _, l in ipairs(got) do if l:match("^EHLO") then ehlo = ehlo + 1 end end
+      assert.equal(2, ehlo)
+    end)
+  end)
+
   it("bounds a reply by its stage's timeout, not each line of it", function()
     H.run(function()
       local stop, port = serve(function(_, P)
