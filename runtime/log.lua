@@ -172,6 +172,20 @@ local function json_line(lvl, msg, fields)
   return concat(parts)
 end
 
+-- Control characters (but tab) in a text line, escaped as Lua writes them:
+-- a client's bytes in a record (an AUTH user name, a TLS server name) must
+-- not start a line of their own and forge a record.
+local CTL = "[%z\1-\8\10-\31\127]"
+local CTL_ESC = { ["\n"] = "\\n", ["\r"] = "\\r" }
+local function ctl_escape(c) return CTL_ESC[c] or ("\\" .. c:byte()) end
+local function escape_ctl(s)
+  if not find(s, CTL) then return s end
+  -- string.format's %q writes a newline as a backslash and the newline
+  s = s:gsub("\\\n", "\\n")
+  return (s:gsub(CTL, ctl_escape))
+end
+_M.escape_ctl = escape_ctl
+
 local function text_fields(fields)
   local keys = {}
   for k in pairs(fields) do keys[#keys + 1] = tostring(k) end
@@ -179,7 +193,7 @@ local function text_fields(fields)
   local out = {}
   for i, k in ipairs(keys) do
     local v = tostring(fields[k])
-    if v == "" or find(v, "[%s\"]") then v = string_format("%q", v) end
+    if v == "" or find(v, "[%s\"]") then v = '"' .. v:gsub('[\\"]', "\\%0") .. '"' end
     out[i] = " " .. k .. "=" .. v
   end
   return concat(out)
@@ -197,7 +211,7 @@ local function emit(lvl, fields, fmt, ...)
     sink(json_line(lvl, msg, fields))
   else
     if fields then msg = msg .. text_fields(fields) end
-    sink(stamp() .. " " .. NAMES[lvl] .. " " .. msg .. "\n")
+    sink(stamp() .. " " .. NAMES[lvl] .. " " .. escape_ctl(msg) .. "\n")
   end
 end
 

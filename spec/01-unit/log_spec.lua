@@ -55,3 +55,24 @@ log.flush()
     H.rm_rf(dir)
   end)
 end)
+
+-- A client's bytes in a text log line (an AUTH user name, a TLS server name)
+-- must not start a line of their own: that would forge a record.
+describe("log text lines", function()
+  it("escape control characters, so one record is one line", function()
+    local lines = {}
+    local old = log.set_sink(function(line) lines[#lines + 1] = line end)
+    log.info("AUTH failed for user %s client=[%s]", "x\n2030-01-01T00:00:00.000Z info  FORGED\r\0\127", "192.0.2.1")
+    log.log("info", { user = "a\nb \"q\"" }, "with fields")
+    log.info("a tab\tstays")
+    log.info("user %q failed", "x\ny")
+    log.set_sink(old)
+    assert.equal(4, #lines)
+    for _, l in ipairs(lines) do assert.equal(1, select(2, l:gsub("\n", ""))) end
+    local function ends(s, suffix) assert.equal(suffix, s:sub(-#suffix)) end
+    ends(lines[1], "user x\\n2030-01-01T00:00:00.000Z info  FORGED\\r\\0\\127 client=[192.0.2.1]\n")
+    ends(lines[2], ' user="a\\nb \\"q\\""\n')
+    ends(lines[3], "a tab\tstays\n")
+    ends(lines[4], 'user "x\\ny" failed\n')
+  end)
+end)
