@@ -196,6 +196,22 @@ function _M.configure(o)
   opts = { threads = o.threads or 2 }
 end
 
+-- like(h) -> a hash that nothing matches, at the cost of h (its scheme and
+-- parameters, a random salt and key)
+local function like(h)
+  local salt = kdf.random(16) or string.rep("\0", 16)
+  local key = kdf.random(32) or string.rep("\1", 32)
+  if h.scheme == "pbkdf2-sha256" then
+    return { scheme = h.scheme, iterations = h.iterations, salt = salt, key = key }
+  end
+  return { scheme = "scrypt", ln = h.ln, N = h.N, r = h.r, p = h.p, salt = salt, key = key }
+end
+
+local function cost_of(h)
+  if h.scheme == "pbkdf2-sha256" then return format("pbkdf2-sha256 %d", h.iterations) end
+  return format("scrypt %d %d %d", h.ln, h.r, h.p)
+end
+
 -- verify(password, h [, timeout]) -> true | false | nil, err, in a task.
 -- h comes from parse(). The key is derived and compared (in constant time)
 -- on a kdf thread; the task waits meanwhile. err: "busy" when too many
@@ -205,7 +221,7 @@ function _M.verify(password, h, timeout)
   local pool, perr = jobs:get()
   if not pool then return nil, perr end
   -- longer than the core takes: spend the same time, and fail
-  if #password > 1024 then h, password = _M.dummy(), "" end
+  if #password > 1024 then h, password = like(h), "" end
   local id, err
   if h.scheme == "pbkdf2-sha256" then
     id, err = pool:submit(h.key, "pbkdf2-sha256", password, h.salt, h.iterations)
@@ -219,17 +235,39 @@ end
 function _M.pending() return jobs:pending() end
 function _M.shutdown() jobs:shutdown() end
 
--- A hash that nothing matches, with the default cost: unknown users are
--- checked against it so that they take as long as known ones.
-local dummy
-function _M.dummy()
-  if not dummy then
-    local salt = kdf.random(16) or string.rep("\0", 16)
-    local key = kdf.random(32) or string.rep("\1", 32)
-    dummy = { scheme = "scrypt", ln = _M.DEFAULT_SCRYPT.ln, N = 2 ^ _M.DEFAULT_SCRYPT.ln,
-      r = _M.DEFAULT_SCRYPT.r, p = _M.DEFAULT_SCRYPT.p, salt = salt, key = key }
+-- dummy([users]) -> a hash that nothing matches: unknown users are checked
+-- against it so that they take as long as known ones. Its cost is the one
+-- most hashes of the users table have (a users file made with
+-- `moonpost passwd --pbkdf2` checks unknown names with PBKDF2 too: the
+-- default scrypt would make them take far longer, and tell which names
+-- exist); the default cost without users. One per users table.
+local dummies = setmetatable({}, { __mode = "k" })
+local default_dummy
+function _M.dummy(users)
+  if users then
+    local d = dummies[users]
+    if d then return d end
+    local count, best, best_n = {}, nil, 0
+    for _, u in pairs(users) do
+      local h = type(u) == "table" and u.hash
+      if h and h.scheme then
+        local c = cost_of(h)
+        count[c] = (count[c] or 0) + 1
+        -- the most common cost; a tie goes to the name that sorts first
+        if count[c] > best_n or (count[c] == best_n and c < cost_of(best)) then best, best_n = h, count[c] end
+      end
+    end
+    if best then
+      d = like(best)
+      dummies[users] = d
+      return d
+    end
   end
-  return dummy
+  if not default_dummy then
+    default_dummy = like({ scheme = "scrypt", ln = _M.DEFAULT_SCRYPT.ln, N = 2 ^ _M.DEFAULT_SCRYPT.ln,
+      r = _M.DEFAULT_SCRYPT.r, p = _M.DEFAULT_SCRYPT.p })
+  end
+  return default_dummy
 end
 
 -- ---- remembered successes ---------------------------------------------------------------

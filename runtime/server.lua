@@ -846,7 +846,7 @@ local function check_credentials(self, user, password)
   local cache = a.cache_state
   if u and cache and cache:hit(user, password, u.hash) then return true, u.tenant end
   -- an unknown user costs as much as a known one
-  local ok, err = passwd.verify(password, u and u.hash or passwd.dummy(), a.timeout)
+  local ok, err = passwd.verify(password, u and u.hash or passwd.dummy(a.users), a.timeout)
   if ok == nil then return nil, err end
   if ok and u then
     if cache then cache:put(user, password, u.hash) end

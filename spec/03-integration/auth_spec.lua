@@ -529,6 +529,32 @@ describe("users files", function()
     H.rm_rf(dir)
   end)
 
+  it("unknown users are checked at the cost most of the file's hashes have (no timing oracle)", function()
+    local dir = H.tmpdir()
+    local function h(o) return assert(passwd.hash("pw", o)) end
+    local p1000 = { scheme = "pbkdf2-sha256", iterations = 1000 }
+    H.write(dir .. "/users.txt", "a@x.test:" .. h(p1000) .. "\nb@x.test:" .. h(p1000) .. "\nc@x.test:"
+      .. h({ scheme = "scrypt", ln = 4, r = 8, p = 1 }) .. "\n")
+    local users = assert(passwd.load_users(dir .. "/users.txt"))
+    local d = passwd.dummy(users)
+    assert.equal("pbkdf2-sha256", d.scheme)
+    assert.equal(1000, d.iterations)
+    assert.equal(d, passwd.dummy(users))
+    assert.are_not.equal(users["a@x.test"].hash.salt, d.salt)
+    H.write(dir .. "/users.txt", "c@x.test:" .. h({ scheme = "scrypt", ln = 4, r = 8, p = 1 }) .. "\n")
+    d = passwd.dummy(assert(passwd.load_users(dir .. "/users.txt")))
+    assert.same({ "scrypt", 4, 16, 8, 1 }, { d.scheme, d.ln, d.N, d.r, d.p })
+    -- and it matches nothing
+    H.run(function()
+      assert.is_false(passwd.verify("pw", d))
+      assert.is_false(passwd.verify("", d))
+    end)
+    -- no users: the default cost
+    assert.equal("scrypt", passwd.dummy().scheme)
+    assert.equal(passwd.DEFAULT_SCRYPT.ln, passwd.dummy().ln)
+    H.rm_rf(dir)
+  end)
+
   it("a tenant that is not declared is a config error at mta:use", function()
     local moonpost = require "moonpost"
     local dir = H.tmpdir()
