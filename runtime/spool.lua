@@ -252,7 +252,7 @@ function Spool:recover()
     local path = format("%s/seg/%s", self.dir, seg_name(num))
     local file, err = core.open(path, false)
     if not file then return nil, "spool: cannot open " .. path .. ": " .. tostring(err) end
-    local seg = { num = num, path = path, file = file, size = file:size(), live = 0, live_bytes = 0 }
+    local seg = { num = num, path = path, file = file, size = file:size(), live = 0, live_bytes = 0, readers = 0 }
     self.segs[num] = seg
     self.order[#self.order + 1] = num
     local sc = file:scan()
@@ -353,7 +353,7 @@ function Spool:new_head()
   local path = format("%s/seg/%s", self.dir, seg_name(num))
   local file, err, code = core.open(path, true)
   if not file then return nil, "spool: cannot create " .. path .. ": " .. tostring(err), code end
-  local seg = { num = num, path = path, file = file, size = 0, live = 0, live_bytes = 0 }
+  local seg = { num = num, path = path, file = file, size = 0, live = 0, live_bytes = 0, readers = 0 }
   self.segs[num] = seg
   self.order[#self.order + 1] = num
   if self.head then self.head.closed_at = uv.now() end
@@ -578,16 +578,47 @@ function Spool:each(fn)
   for _, m in pairs(self.msgs) do fn(m) end
 end
 
+-- A segment's file is closed only once no read of it is in flight. A read
+-- runs in the thread pool with the fd it was given when it was queued, and
+-- compaction (or the last DONE of a segment) may delete the segment before
+-- a pool thread gets to it: closed under the read, the fd would fail it with
+-- EBADF, or read whatever file was given that number since. The deleted
+-- file stays readable through the fd until the last reader closes it.
+local function close_segment(seg)
+  if seg.readers == 0 then
+    seg.file:close()
+    return
+  end
+  -- what is buffered goes to the file now, as close() would have written it
+  if seg.file:pending() > 0 then seg.file:spill() end
+  seg.retired = true
+end
+
+local function release_reader(seg)
+  local n = seg.readers - 1
+  seg.readers = n
+  if n == 0 and seg.retired then seg.file:close() end
+end
+
 -- The record from its segment (read's slow path: a function of its own, so
 -- that the callback made here does not keep LuaJIT from compiling read).
+-- m.seg, m.off and m.len are taken once: a compaction that moves the message
+-- meanwhile leaves the same bytes at the old place, readable until the end
+-- of this read (close_segment).
 local function read_disk(m)
+  local seg = m.seg
+  local file = seg.file
   -- the record may still be in the head's write buffer (a fresh compaction copy)
-  if m.seg.file:pending() > 0 then m.seg.file:spill() end
+  if file:pending() > 0 then file:spill() end
+  local fd = file:fd()
   local task, token = reserve()
-  local req, rerr = uv.fs_read(m.seg.file:fd(), m.len, m.off, function(err, data)
+  seg.readers = seg.readers + 1
+  local req, rerr = uv.fs_read(fd, m.len, m.off, function(err, data)
+    release_reader(seg)
     wake_token(task, token, err, data)
   end)
   if not req then
+    release_reader(seg)
     task.reserved = nil
     return nil, rerr
   end
@@ -749,8 +780,8 @@ end
 -- ---- reclamation -------------------------------------------------------------------------------
 
 local function delete_segment(self, seg)
-  seg.file:close()
   uv.fs_unlink(seg.path)
+  close_segment(seg) -- (a read still in flight keeps the fd until it ends)
   self.segs[seg.num] = nil
   table.remove(self.order, 1)
   self.dir_dirty = true
@@ -954,7 +985,7 @@ function Spool:close()
     self.space_timer:close()
     self.space_timer = nil
   end
-  for _, seg in pairs(self.segs) do seg.file:close() end
+  for _, seg in pairs(self.segs) do close_segment(seg) end
   self.segs = {}
   if self.lock then
     self.lock:close()

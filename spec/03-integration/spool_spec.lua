@@ -5,6 +5,8 @@ local H = require "helpers"
 local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 local spool_mod = require "moonpost.runtime.spool"
+local smtp = require "moonpost.core.smtp"
+local idgen = require "moonpost.runtime.ids"
 
 local function listing(dir)
   local sp = assert(spool_mod.open({ dir = dir, readonly = true }))
@@ -231,6 +233,129 @@ describe("spool", function()
       end
       -- the first segments are gone
       assert.is_nil(uv.fs_stat(dir .. "/spool/seg/" .. spool_mod.seg_name(1)))
+    end)
+  end)
+
+  -- A read from disk runs in the libuv thread pool: the segment's fd is
+  -- taken when the read is queued and used when a pool thread gets to it.
+  -- hold_reads(fd) makes that wait as long as the test likes: reads of fd
+  -- are queued only when release() is called (the thread pool being busy,
+  -- e.g. with fdatasync, does the same).
+  local function hold_reads(fd)
+    local real = uv.fs_read
+    local held = {}
+    uv.fs_read = function(f, len, off, cb)
+      if f == fd and cb then
+        held[#held + 1] = function() assert(real(f, len, off, cb)) end
+        return true
+      end
+      return real(f, len, off, cb)
+    end
+    return {
+      count = function() return #held end,
+      release = function()
+        uv.fs_read = real
+        for _, go in ipairs(held) do go() end
+      end,
+    }
+  end
+
+  local function direct_spool(sdir)
+    -- no memory cache: every read comes from the disk
+    local sp = assert(spool_mod.open(spool_opts(sdir, { segment_size = 16384, cache_bytes = 0,
+      check_interval = 3600 })))
+    local bodies, first = {}, {}
+    for i = 1, 24 do
+      local t = { id = idgen.next(), sender = { address = "s@y.test" }, recipients = { { address = "r@x.test" } },
+        received_at = os.time() }
+      local text = "Subject: " .. i .. "\r\n\r\n" .. string.rep(string.char(96 + i), 1000) .. "\r\n"
+      assert(sp:store(t, smtp.message(text)))
+      local id = idgen.number(t.id)
+      bodies[id] = text
+      if sp:get(id).seg.num == 1 then first[#first + 1] = id end
+    end
+    assert.is_true(#first >= 8 and #first < 24, #first .. " messages in the first segment")
+    return sp, bodies, first
+  end
+
+  it("read() in flight returns the message when compaction moves it and deletes its segment", function()
+    H.run(function()
+      local sp, bodies, first = direct_spool(dir .. "/spool")
+      local target = first[1]
+      local seg1 = sp:get(target).seg
+      local hold = hold_reads(seg1.file:fd())
+      local got
+      local ok, failure = pcall(function()
+        sched.spawn(function() got = { sp:read(sp:get(target)) } end)
+        assert.equal(1, hold.count())
+        -- the others in the first segment are delivered: it is compacted,
+        -- the target copied forward, the segment deleted
+        for i = 2, #first do assert(sp:done(first[i])) end
+        assert.is_true(H.wait_for(function()
+          return sp.stats.compactions >= 1 and not uv.fs_stat(seg1.path)
+        end, 5), "the first segment was not compacted away")
+        assert.are_not.equal(seg1, sp:get(target).seg)
+        assert.is_nil(got)
+      end)
+      hold.release()
+      assert(ok, failure)
+      assert.is_true(H.wait_for(function() return got end, 5))
+      assert.equal(idgen.hex(target), got[1] and got[1].id, tostring(got[2]))
+      assert.equal(bodies[target], got[2])
+      -- the old segment's fd was closed once the read ended
+      assert.is_false((pcall(seg1.file.fd, seg1.file)))
+      -- and the message reads from its new place
+      local env, body = sp:read(sp:get(target))
+      assert.equal(idgen.hex(target), env.id)
+      assert.equal(bodies[target], body)
+      sp:close()
+    end)
+  end)
+
+  it("read() in flight returns the message when the message ends and its segment is deleted", function()
+    H.run(function()
+      local sp, bodies, first = direct_spool(dir .. "/spool")
+      local target = first[#first]
+      local seg1 = sp:get(target).seg
+      local hold = hold_reads(seg1.file:fd())
+      local got
+      local ok, failure = pcall(function()
+        sched.spawn(function() got = { sp:read(sp:get(target)) } end)
+        assert.equal(1, hold.count())
+        -- the whole segment finishes (the read is, say, an inspection of a
+        -- message whose delivery ends meanwhile): the segment is deleted
+        for i = 1, #first do assert(sp:done(first[i])) end
+        assert.is_true(H.wait_for(function() return not uv.fs_stat(seg1.path) end, 5),
+          "the first segment was not deleted")
+        assert.is_nil(got)
+      end)
+      hold.release()
+      assert(ok, failure)
+      assert.is_true(H.wait_for(function() return got end, 5))
+      assert.equal(idgen.hex(target), got[1] and got[1].id, tostring(got[2]))
+      assert.equal(bodies[target], got[2])
+      assert.is_false((pcall(seg1.file.fd, seg1.file)))
+      sp:close()
+    end)
+  end)
+
+  it("read() in flight returns the message when the spool closes", function()
+    H.run(function()
+      local sp, bodies, first = direct_spool(dir .. "/spool")
+      local target = first[1]
+      local seg1 = sp:get(target).seg
+      local hold = hold_reads(seg1.file:fd())
+      local got
+      local ok, failure = pcall(function()
+        sched.spawn(function() got = { sp:read(sp:get(target)) } end)
+        assert.equal(1, hold.count())
+        sp:close()
+      end)
+      hold.release()
+      assert(ok, failure)
+      assert.is_true(H.wait_for(function() return got end, 5))
+      assert.equal(bodies[target], got[2], tostring(got[2]))
+      assert.is_false((pcall(seg1.file.fd, seg1.file)))
     end)
   end)
 
