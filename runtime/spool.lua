@@ -248,10 +248,31 @@ function Spool:recover()
   local nums = list_segments(self.dir .. "/seg")
   local max_id = 0
   local unknown, dups = 0, 0
-  for idx, num in ipairs(nums) do
+  local idx, vanished = 0, false
+  while true do
+    if idx == #nums then
+      if not vanished then break end
+      -- Read-only, beside a running server, a segment was deleted since the
+      -- listing: its messages were finished, or compaction copied them
+      -- forward first, perhaps to a segment made after the listing.
+      vanished = false
+      local last = nums[#nums]
+      for _, n in ipairs(list_segments(self.dir .. "/seg")) do
+        if n > last then nums[#nums + 1] = n end
+      end
+      if idx == #nums then break end
+    end
+    idx = idx + 1
+    local num = nums[idx]
     local path = format("%s/seg/%s", self.dir, seg_name(num))
-    local file, err = core.open(path, false)
-    if not file then return nil, "spool: cannot open " .. path .. ": " .. tostring(err) end
+    local file, err, code = core.open(path, false)
+    if not file then
+      if not (self.readonly and code == "ENOENT") then
+        return nil, "spool: cannot open " .. path .. ": " .. tostring(err)
+      end
+      vanished = true
+      goto next_segment
+    end
     local seg = { num = num, path = path, file = file, size = file:size(), live = 0, live_bytes = 0, readers = 0 }
     self.segs[num] = seg
     self.order[#self.order + 1] = num
@@ -330,6 +351,7 @@ function Spool:recover()
       end
     end
     seg.size = file:size()
+    ::next_segment::
   end
   -- messages whose every recipient is final but whose DONE record was lost
   for id, m in pairs(self.msgs) do
@@ -344,7 +366,7 @@ function Spool:recover()
   if unknown > 0 or dups > 0 then
     log.info("spool: %d state records for finished messages, %d duplicates ignored", unknown, dups)
   end
-  log.info("spool: %s: %d segments, %d messages queued", self.dir, #nums, self.nlive)
+  log.info("spool: %s: %d segments, %d messages queued", self.dir, #self.order, self.nlive)
   return true
 end
 

@@ -359,6 +359,54 @@ describe("spool", function()
     end)
   end)
 
+  it("a read-only open (moonpost spool list) lists the messages of a segment compacted away after its listing",
+    function()
+    H.run(function()
+      local sdir = dir .. "/spool"
+      local sp = assert(spool_mod.open(spool_opts(sdir, { segment_size = 16384, cache_bytes = 0,
+        check_interval = 3600 })))
+      local first = {}
+      for i = 1, 30 do
+        local t = { id = idgen.next(), sender = { address = "s" .. i .. "@y.test" },
+          recipients = { { address = "r@x.test" } }, received_at = os.time() }
+        assert(sp:store(t, smtp.message("Subject: " .. i .. "\r\n\r\n" .. string.rep("z", 1000) .. "\r\n")))
+        local id = idgen.number(t.id)
+        if sp:get(id).seg.num == 1 then first[#first + 1] = id end
+      end
+      -- the head is full: the copies go to a segment made after the listing
+      assert.is_true(sp.head.size >= sp.segment_size)
+      -- what a listing process read from seg/ just before the compaction
+      local fs = require "moonpost.runtime.fs"
+      local real = fs.list_numbered
+      local stale = real(sdir .. "/seg", "seg")
+      assert.same({ 1, 2 }, stale)
+      for i = 3, #first do assert(sp:done(first[i])) end
+      assert.is_true(H.wait_for(function()
+        return sp.stats.compactions >= 1 and not uv.fs_stat(sdir .. "/seg/" .. spool_mod.seg_name(1))
+      end, 5), "the first segment was not compacted away")
+      local listed = true
+      fs.list_numbered = function(d, ext)
+        if listed then
+          listed = false
+          return stale
+        end
+        return real(d, ext)
+      end
+      local ok, ro, err = pcall(spool_mod.open, { dir = sdir, readonly = true })
+      fs.list_numbered = real
+      assert(ok, ro)
+      assert(ro, err)
+      assert.equal(sp:count(), ro:count())
+      for i = 1, 2 do
+        local m = ro:get(first[i])
+        assert.truthy(m, idgen.hex(first[i]) .. " missing")
+        assert.equal(spool_mod.seg_name(3), spool_mod.seg_name(m.seg.num))
+      end
+      ro:close()
+      sp:close()
+    end)
+  end)
+
   it("recovers after torn tails and damage: keeps intact messages, quarantines the damaged one", function()
     math.randomseed(os.time())
     for trial = 1, 5 do
