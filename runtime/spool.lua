@@ -627,15 +627,18 @@ end
 -- m.seg, m.off and m.len are taken once: a compaction that moves the message
 -- meanwhile leaves the same bytes at the old place, readable until the end
 -- of this read (close_segment).
-local function read_disk(m)
-  local seg = m.seg
+-- read_at(seg, off, len) -> octets | nil, err: a read of a segment in the
+-- thread pool, in a task (the loop never waits for the disk). The segment's
+-- fd stays open until the read ends, even if the segment is deleted
+-- meanwhile (release_reader).
+local function read_at(seg, off, len)
   local file = seg.file
   -- the record may still be in the head's write buffer (a fresh compaction copy)
   if file:pending() > 0 then file:spill() end
   local fd = file:fd()
   local task, token = reserve()
   seg.readers = seg.readers + 1
-  local req, rerr = uv.fs_read(fd, m.len, m.off, function(err, data)
+  local req, rerr = uv.fs_read(fd, len, off, function(err, data)
     release_reader(seg)
     wake_token(task, token, err, data)
   end)
@@ -646,6 +649,12 @@ local function read_disk(m)
   end
   local err, data = wait()
   if err then return nil, err end
+  return data
+end
+
+local function read_disk(m)
+  local data, err = read_at(m.seg, m.off, m.len)
+  if not data then return nil, err end
   local rtype, _, id, meta, body = core.decode(data)
   if not rtype then return nil, "spool: record of " .. ids.hex(m.id) .. ": " .. tostring(_) end
   if id ~= m.id or rtype ~= MSG then return nil, "spool: record mismatch for " .. ids.hex(m.id) end
@@ -882,7 +891,9 @@ function Spool:compact_segment(seg)
     end
     -- Delivered (or already moved) meanwhile: nothing to copy.
     if self.msgs[m.id] ~= m or m.seg ~= seg then goto continue end
-    local raw, err = seg.file:read(m.off, m.len)
+    -- in the thread pool: a segment that is not in the page cache any more
+    -- must not hold up the loop
+    local raw, err = read_at(seg, m.off, m.len)
     local rtype, _, id, meta, body = core.decode(raw or "")
     if not rtype then
       log.error("spool: compaction of %s stopped at %s: %s", seg_name(seg.num), ids.hex(m.id),

@@ -241,11 +241,13 @@ describe("spool", function()
   -- hold_reads(fd) makes that wait as long as the test likes: reads of fd
   -- are queued only when release() is called (the thread pool being busy,
   -- e.g. with fdatasync, does the same).
+  -- hold_reads(fd): the first read of fd waits in the "thread pool" until
+  -- release(); the others (compaction's copies) go on
   local function hold_reads(fd)
     local real = uv.fs_read
     local held = {}
     uv.fs_read = function(f, len, off, cb)
-      if f == fd and cb then
+      if f == fd and cb and #held == 0 then
         held[#held + 1] = function() assert(real(f, len, off, cb)) end
         return true
       end
@@ -308,6 +310,37 @@ describe("spool", function()
       local env, body = sp:read(sp:get(target))
       assert.equal(idgen.hex(target), env.id)
       assert.equal(bodies[target], body)
+      sp:close()
+    end)
+  end)
+
+  it("compaction reads the records it copies in the thread pool, never on the loop", function()
+    H.run(function()
+      local sp, bodies, first = direct_spool(dir .. "/spool")
+      local seg1 = sp:get(first[1]).seg
+      -- the segment file's blocking read (core pread on the calling thread)
+      local methods = getmetatable(seg1.file).__index
+      local blocking_read, blocking = methods.read, 0
+      methods.read = function(...)
+        blocking = blocking + 1
+        return blocking_read(...)
+      end
+      local real, pool_reads = uv.fs_read, 0
+      uv.fs_read = function(f, ...)
+        if f == seg1.file:fd() then pool_reads = pool_reads + 1 end
+        return real(f, ...)
+      end
+      local ok, failure = pcall(function()
+        for i = 2, #first do assert(sp:done(first[i])) end
+        assert.is_true(H.wait_for(function() return sp.stats.compactions >= 1 end, 5))
+      end)
+      methods.read, uv.fs_read = blocking_read, real
+      assert(ok, failure)
+      assert.equal(0, blocking)
+      assert.equal(1, pool_reads)
+      local env, body = sp:read(sp:get(first[1]))
+      assert.equal(idgen.hex(first[1]), env.id)
+      assert.equal(bodies[first[1]], body)
       sp:close()
     end)
   end)
