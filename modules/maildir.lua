@@ -83,12 +83,24 @@ function _M.deliver(opts)
     local name = unique_name(size)
     local tmp = dir .. "/tmp/" .. name
     local fd, err, code = fs.open(tmp, "wx", o.mode)
+    if not fd and code == "ENOENT" then
+      -- the folder was removed since it was made (a mailbox reset): again
+      made[dir] = nil
+      local ok
+      ok, err, code = ensure(dir)
+      if ok then fd, err, code = fs.open(tmp, "wx", o.mode) end
+    end
     if not fd then return nil, err, code end
     local n, werr, wcode
     if type(msg) == "string" then
-      n, werr, wcode = fs.write(fd, msg, 0)
+      n, werr, wcode = fs.write_all(fd, msg, 0)
     else
       n, werr, wcode = msg:write(fd)
+    end
+    -- a file in new/ is the whole message or nothing (a disk that fills up
+    -- mid-write gives a short count before it gives ENOSPC)
+    if n and n ~= size then
+      n, werr, wcode = nil, format("short write: %d of %d bytes", n, size), "EIO"
     end
     if n and o.fsync then
       local ok, e2, c2 = fs.fsync(fd)

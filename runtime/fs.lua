@@ -13,7 +13,7 @@ local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 
 local reserve, wake_token, wait = sched.reserve, sched.wake_token, sched.wait
-local select, unpack, match, format = select, unpack, string.match, string.format
+local select, unpack, match, format, sub = select, unpack, string.match, string.format, string.sub
 
 local _M = { _VERSION = "0.1" }
 
@@ -47,6 +47,22 @@ function _M.rename(a, b) return call(uv.fs_rename, a, b) end
 function _M.unlink(path) return call(uv.fs_unlink, path) end
 function _M.stat(path) return call(uv.fs_stat, path) end
 function _M.write(fd, data, offset) return call(uv.fs_write, fd, data, offset or -1) end
+
+-- write_all(fd, data [, offset]) -> #data | nil, err, code: write(2) may
+-- write less than asked (a disk filling up): the rest is written again, and
+-- a write that makes no progress is an error, never a shorter file.
+function _M.write_all(fd, data, offset)
+  local done, len = 0, #data
+  offset = offset or -1
+  while done < len do
+    local n, err, code = call(uv.fs_write, fd, done == 0 and data or sub(data, done + 1),
+      offset >= 0 and offset + done or -1)
+    if not n then return nil, err, code end
+    if n <= 0 then return nil, "short write: no progress after " .. done .. " of " .. len .. " bytes", "EIO" end
+    done = done + n
+  end
+  return done
+end
 function _M.read(fd, size, offset) return call(uv.fs_read, fd, size, offset or -1) end
 function _M.fstat(fd) return call(uv.fs_fstat, fd) end
 function _M.mkdir(path, mode) return call(uv.fs_mkdir, path, mode or 448) end
