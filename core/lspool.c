@@ -1,7 +1,8 @@
 /*
  * moonpost.core.spool: segment files, records and the spool lock.
  *
- *   spool.lock(dir)            -> lock | nil, err, code   exclusive flock on dir/LOCK
+ *   spool.lock(dir [, what])   -> lock | nil, err, code   exclusive flock on dir/LOCK;
+ *       what names the directory in the message (default "spool")
  *   spool.open(path, create)   -> segment | nil, err, code
  *   spool.decode(record)       -> type, flags, id, meta, body | nil, why
  *   spool.crc32c(s [, crc])    -> number
@@ -426,11 +427,14 @@ static int l_crc32c(lua_State *L)
 
 /* ---- lock ------------------------------------------------------------------------------ */
 
-/* lock(dir): an exclusive flock on dir/LOCK, held until close() or exit.
- * The file holds the owner's pid, for the message a second process prints. */
+/* lock(dir [, what]): an exclusive flock on dir/LOCK, held until close() or
+ * exit. The file holds the owner's pid, for the message a second process
+ * prints. The outbox of the event log's webhook takes the same lock
+ * (runtime/outbox.lua); `what` names the directory in that message. */
 static int l_lock(lua_State *L)
 {
     const char *dir = luaL_checkstring(L, 1);
+    const char *what = luaL_optstring(L, 2, "spool");
     char path[4096], pid[32];
     llock *lk = lua_newuserdata(L, sizeof *lk);
     ssize_t n;
@@ -450,7 +454,7 @@ static int l_lock(lua_State *L)
         lk->fd = -1;
         lua_pushnil(L);
         if (e == EWOULDBLOCK)
-            lua_pushfstring(L, "spool %s is locked by another process (pid %s; lock file %s)", dir,
+            lua_pushfstring(L, "%s %s is locked by another process (pid %s; lock file %s)", what, dir,
                             n > 0 ? owner : "?", path);
         else
             lua_pushfstring(L, "lock %s: %s", path, strerror(e));

@@ -28,7 +28,9 @@
 --    of a state the spool has recorded (a delivery, a bounce) is in the
 --    queue before the spool's own record is written; a SIGKILL loses
 --    nothing that was appended. A task posts the queue in batches and moves
---    the queue's cursor only after a 2xx: at-least-once, in order.
+--    the queue's cursor only after a 2xx: at-least-once, in order. The
+--    queue's directory is locked (one process); worker i of a supervisor
+--    uses <dir>/w<i>.
 local uv = require "luv"
 local cjson = require("cjson").new()
 local config = require "moonpost.runtime.config"
@@ -37,6 +39,7 @@ local sched = require "moonpost.runtime.sched"
 local fs = require "moonpost.runtime.fs"
 local outbox = require "moonpost.runtime.outbox"
 local http_client = require "moonpost.runtime.http_client"
+local workers = require "moonpost.runtime.workers"
 
 local type, tostring, tonumber, pairs, ipairs, floor, min = type, tostring, tonumber, pairs, ipairs, math.floor,
   math.min
@@ -598,6 +601,9 @@ local function check_webhook(v)
     end
   end
   if o.retry_max < o.retry_min then config.raise("eventlog.setup: webhook: retry_max is less than retry_min") end
+  -- a worker process (docs/cli.md#workers) has a queue of its own, as it
+  -- has a spool partition: one writer and one reader per directory
+  if workers.index then o.dir = o.dir:gsub("/+$", "") .. "/w" .. workers.index end
   return o
 end
 

@@ -12,6 +12,12 @@
 -- <dir>/cursor, "<segment> <offset>\n": where the first line not yet
 -- acknowledged starts. A segment behind the cursor is deleted.
 --
+-- One writer and one reader: open() takes an exclusive flock on <dir>/LOCK
+-- (the spool's lock, core/lspool.c), held until close(), so that a second
+-- process on the same directory (another worker, a second Moonpost) fails
+-- to open it instead of writing over this one's lines. Within one process
+-- a directory that is open already is refused with its own message.
+--
 -- Durability follows the spool (DESIGN.md section 6): append() writes the
 -- line to the page cache from the loop thread at once, so a line appended
 -- before the process is killed (SIGKILL, a crash) is in the file when it
@@ -29,6 +35,7 @@
 -- file, and nothing but the cursor is kept in memory however long the
 -- endpoint stays down.
 local uv = require "luv"
+local core = require "moonpost.core.spool"
 local sched = require "moonpost.runtime.sched"
 local fs = require "moonpost.runtime.fs"
 local log = require "moonpost.runtime.log"
@@ -40,6 +47,9 @@ local _M = { _VERSION = "0.1" }
 
 local Outbox = {}
 local mt = { __index = Outbox }
+
+-- realpath -> true for the directories this process holds open
+local held = {}
 
 local READ_CHUNK = 262144  -- read() asks for this much at a time (more for a longer line)
 local MAX_LINE = 16777216  -- a longer line is skipped as damaged
@@ -90,8 +100,14 @@ function _M.open(opts)
   local dir = opts.dir
   local ok, err = fs.mkdir_p_now(dir, 448)
   if not ok then return nil, "outbox: " .. tostring(err) end
+  local real = uv.fs_realpath(dir) or dir
+  if held[real] then return nil, "outbox " .. dir .. " is open already in this process" end
+  local lock, lerr = core.lock(dir, "outbox")
+  if not lock then return nil, lerr end
+  held[real] = true
   local self = setmetatable({
     dir = dir,
+    lock = lock, real = real,
     segment_size = opts.segment_size or 16 * 1048576,
     max_size = opts.max_size or 1073741824,
     sync_interval = (opts.sync_interval or 0.05) * 1000,
@@ -128,7 +144,7 @@ function _M.open(opts)
   local last = keep[#keep]
   if last then
     local fd, oerr = uv.fs_open(seg_name(dir, last), C.O_RDWR, 384)
-    if not fd then return nil, "outbox: " .. tostring(oerr) end
+    if not fd then return self:unlock("outbox: " .. tostring(oerr)) end
     local size = self.sizes[last]
     local whole = whole_size(fd, size)
     if whole < size then
@@ -143,7 +159,7 @@ function _M.open(opts)
     if self.cur.seg == last and self.cur.off > whole then self.cur.off = whole end
   else
     local fd, oerr = uv.fs_open(seg_name(dir, self.cur.seg), C.O_RDWR + C.O_CREAT, 384)
-    if not fd then return nil, "outbox: " .. tostring(oerr) end
+    if not fd then return self:unlock("outbox: " .. tostring(oerr)) end
     self.wseg, self.wfd, self.wsize = self.cur.seg, fd, 0
     self.segs[1] = self.cur.seg
     self.sizes[self.cur.seg] = 0
@@ -153,6 +169,16 @@ function _M.open(opts)
   self.timer:unref()
   if self.dirty or self.dir_dirty then self:schedule_sync() end
   return self
+end
+
+-- unlock([err]) -> nil, err: the directory is free for another opener
+function Outbox:unlock(err)
+  if self.lock then
+    self.lock:close()
+    self.lock = nil
+    held[self.real] = nil
+  end
+  return nil, err
 end
 
 -- backlog() -> octets between the cursor and the end (what waits to be read)
@@ -346,6 +372,9 @@ end
 -- then the segments behind it are deleted. true | nil, err (the cursor in
 -- memory moves on all the same; the next ack writes it).
 function Outbox:ack(b)
+  -- closed: the directory may have another owner already; the batch is
+  -- sent again after the next start (at-least-once)
+  if self.closed then return nil, "closed" end
   local cur = self.cur
   if b.seg < cur.seg or (b.seg == cur.seg and b.off < cur.off) then return true end
   self.cur = { seg = b.seg, off = b.off }
@@ -356,6 +385,8 @@ function Outbox:ack(b)
   local ok
   ok, err = fs.write(fd, format("%d %d\n", b.seg, b.off), 0)
   fs.close(fd)
+  -- closed while this waited for the disk: the directory is not ours now
+  if self.closed then return nil, "closed" end
   if ok then ok, err = fs.rename(tmp, self.dir .. "/cursor") end
   if not ok then
     log.error("outbox: %s: cannot write the cursor: %s", self.dir, tostring(err))
@@ -382,13 +413,15 @@ function Outbox:ack(b)
 end
 
 -- close(): the written lines are synced (here, or when the sync in flight
--- ends) and the files closed. The reader's file is closed by the task that
--- reads (close_reader) or at exit.
+-- ends) and the files closed, and the lock is released: nothing is written
+-- to the directory after this (read() and ack() answer "closed"). The
+-- reader's file is closed by the task that reads (close_reader) or at exit.
 function Outbox:close()
   if self.closed then return true end
   self.closed = true
   self.timer:close()
   finish_close(self)
+  self:unlock()
   return true
 end
 

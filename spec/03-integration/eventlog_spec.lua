@@ -444,6 +444,33 @@ describe("moonpost.eventlog", function()
     end)
   end)
 
+  it("start() refuses a webhook dir that another block of this process has open (a reload back to it "
+    .. "while the policy that had it still retires)", function()
+    H.run(function()
+      local function wh(sub)
+        return { url = "http://127.0.0.1:" .. H.free_port() .. "/", dir = dir .. sub, retry_min = "30s",
+          retry_max = "30s" }
+      end
+      local first = eventlog.setup { webhook = wh("/a") }
+      assert.is_true(first:start())
+      local second = eventlog.setup { webhook = wh("/b") }
+      assert.is_true(second:handover(first))
+      assert.is_true(second:start())
+      local third = eventlog.setup { webhook = wh("/a") }
+      assert.is_true(third:handover(second))
+      assert.same({ nil, "outbox " .. dir .. "/a is open already in this process" }, { third:start() })
+      -- the first block's queue is untouched and still its own
+      first:log({ type = "AdminAction", action = "still here" })
+      assert.equal(1, first.webhook.outbox.stats.appended)
+      first:stop()
+      second:stop()
+      -- once the first has let go, the directory can be opened again
+      local fourth = eventlog.setup { webhook = wh("/a") }
+      assert.is_true(fourth:start())
+      fourth:stop()
+    end)
+  end)
+
   it("a reload that fails after the event log started leaves the webhook with the old policy's endpoint", function()
     H.run(function()
       local ra, rb = receiver(dir .. "/a.jsonl"), receiver(dir .. "/b.jsonl")
@@ -549,6 +576,8 @@ mta:run()
       uv.kill(proc.pid, "sighup")
       assert.is_true(H.wait_for(function() return proc.log():find("new sessions use it", 1, true) ~= nil end, 10),
         proc.log())
+      -- the new block took the queue over with its lock, not a second open
+      assert.equal(proc.pid .. "\n", H.read(dir .. "/webhook/LOCK"))
       c, _, t = H.send(proc.port, { from = "after@client.test" })
       assert.equal(250, c)
       ids[2] = queued_id(t)
@@ -570,6 +599,52 @@ mta:run()
       local got = rcv.records()
       assert.same(ids, { got[1].id, got[2].id, got[3].id })
       assert.is_nil(proc.log():find("error", 1, true), proc.log())
+    end, 60)
+  end)
+
+  it("webhook: a queue directory is one process's: a second process on it fails to start, naming the first",
+    function()
+    H.run_killing(function()
+      local policy = dir .. "/policy.lua"
+      H.write(policy, [[
+local moonpost = require "moonpost"
+local env = moonpost.env
+local mta = moonpost.new { spool = env.spool }
+mta:use(require("moonpost.accept").smtp { listen = env.listen })
+mta:use(require("moonpost.eventlog").setup {
+  webhook = { url = env.get("EVENTLOG_URL"), dir = env.get("EVENTLOG_DIR"), retry_min = "1m", retry_max = "1m" },
+})
+mta:run()
+]])
+      local wh = dir .. "/webhook"
+      local e = { EVENTLOG_URL = "http://127.0.0.1:" .. H.free_port() .. "/e", EVENTLOG_DIR = wh,
+        MOONPOST_SPOOL = dir .. "/spool-a" }
+      local a = H.launch(policy, e)
+      assert.is_false((a.exited()), a.log())
+      local c, _, t = H.send(a.port, { from = "first@client.test" })
+      assert.equal(250, c)
+      local ids = { queued_id(t) }
+      e.MOONPOST_SPOOL = dir .. "/spool-b"
+      local b = H.launch(policy, e)
+      assert.is_true(H.wait_for(function() return (b.exited()) end, 15), b.log())
+      assert.equal(1, select(2, b.exited()))
+      assert.matches(string.format("outbox %s is locked by another process (pid %d; lock file %s/LOCK)", wh, a.pid,
+        wh), b.log(), 1, true)
+      -- the first process's queue is whole, and it goes on appending to it
+      c, _, t = H.send(a.port, { from = "second@client.test" })
+      assert.equal(250, c)
+      ids[2] = queued_id(t)
+      local got = {}
+      for _, r in ipairs(of_type(records(wh .. "/0000000000000001.jsonl"), "Reception")) do got[#got + 1] = r.id end
+      assert.same(ids, got)
+      assert.equal(0, a.stop())
+      -- the lock went with it: the next process takes the queue over
+      local again = H.launch(policy, e)
+      assert.is_false((again.exited()), again.log())
+      assert.is_true(H.wait_for(function()
+        return again.log():find("eventlog: webhook: %d+ octets of records from before the restart") ~= nil
+      end, 10), again.log())
+      assert.equal(0, again.stop())
     end, 60)
   end)
 
@@ -760,6 +835,30 @@ describe("runtime/outbox", function()
       b = ob:read(10)
       assert.same({ '{"n":1}', '{"n":2}', '{"n":3}', '{"n":5}' }, { b[1], b[2], b[3], b[4] })
       assert.equal(4, b.n)
+      ob:close()
+      ob:close_reader()
+    end)
+  end)
+
+  it("open() locks the directory until close(): a second open is refused, in this process or another", function()
+    H.run(function()
+      local ob = assert(outbox.open({ dir = dir }))
+      assert.equal(uv.os_getpid() .. "\n", H.read(dir .. "/LOCK"))
+      local none, err = outbox.open({ dir = dir .. "/" })
+      assert.is_nil(none)
+      assert.equal("outbox " .. dir .. "/ is open already in this process", err)
+      -- what another process gets: the lock's own message, naming the holder
+      local code, _, stderr = H.exec("luajit", { "-e", [[
+package.cpath = os.getenv("ROOT") .. "/build/lib/?.so;" .. package.cpath
+local ok, err = require("moonpost.core.spool").lock(os.getenv("DIR"), "outbox")
+io.stderr:write(tostring(err))
+os.exit(ok and 0 or 1)]] }, { timeout = 30, env = { ROOT = H.root, DIR = dir } })
+      assert.equal(1, code)
+      assert.equal(string.format("outbox %s is locked by another process (pid %d; lock file %s/LOCK)", dir,
+        uv.os_getpid(), dir), stderr)
+      ob:close()
+      ob:close_reader()
+      ob = assert(outbox.open({ dir = dir }))
       ob:close()
       ob:close_reader()
     end)

@@ -30,14 +30,23 @@ mta:use(require("moonpost.maildir").deliver {
     return env.maildir .. "/" .. rcpt["local"]
   end,
 })
+-- an event log when a test asks for one: a file, a webhook whose queue
+-- stays on disk (nothing listens at its URL)
+local file, url = env.get("EVENTLOG_FILE"), env.get("EVENTLOG_URL")
+if file or url then
+  mta:use(require("moonpost.eventlog").setup { file = file, webhook = url and
+    { url = url, dir = env.get("EVENTLOG_DIR"), retry_min = "1m", retry_max = "1m" } or nil })
+end
 mta:run()
 ]]
 
 local run = H.run_killing -- the workers' supervisor is killed if a test fails half-way
 
--- start(dir [, http]) -> srv, env, port: the supervisor, once both workers serve
-local function start(dir, http)
+-- start(dir [, http [, extra]]) -> srv, env, port: the supervisor, once both
+-- workers serve; extra: more environment variables
+local function start(dir, http, extra)
   local env = { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail", MOONPOST_HTTP = http }
+  for k, v in pairs(extra or {}) do env[k] = v end
   uv.fs_mkdir(dir .. "/mail", 448)
   H.write(dir .. "/mail/.blocked", "a file, so that defer-* folders cannot be made\n")
   H.write(dir .. "/policy.lua", POLICY)
@@ -216,6 +225,46 @@ describe("workers = 2", function()
       assert.matches("exited: code 0, signal 15", srv.log())
       p:close()
     end, 30)
+    H.rm_rf(dir)
+  end)
+
+  it("gives each worker an event log webhook queue of its own, <dir>/w<i>, locked by that worker", function()
+    local dir = H.tmpdir("moonpost-workers-outbox")
+    run(function()
+      local wh = dir .. "/webhook"
+      local srv, _, port = start(dir, nil, { EVENTLOG_URL = "http://127.0.0.1:" .. H.free_port() .. "/e",
+        EVENTLOG_DIR = wh })
+      local pids = worker_pids(srv)
+      local n, sent = 40, {}
+      for k = 1, n do
+        local code, _, text = H.send(port, { to = "defer-" .. k .. "@x.test" })
+        assert.equal(250, code)
+        sent[assert(text:match("queued as (%x+)"))] = true
+      end
+      -- a Reception record is in the queue before the 250 (docs/eventlog.md):
+      -- every one is there once, whole, wherever it is
+      local got, where = {}, {}
+      for _, sub in ipairs({ "", "/w0", "/w1" }) do
+        for _, name in ipairs(H.ls(wh .. sub)) do
+          if name:match("%.jsonl$") then
+            for line in H.read(wh .. sub .. "/" .. name):gmatch("[^\n]+") do
+              local ok, rec = pcall(cjson.decode, line)
+              assert(ok and type(rec) == "table", sub .. "/" .. name .. ": not a JSON object: " .. line)
+              if rec.type == "Reception" then
+                assert.is_nil(got[rec.id], "a record twice: " .. rec.id)
+                got[rec.id], where[rec.id] = true, sub
+              end
+            end
+          end
+        end
+      end
+      assert.same(sent, got)
+      -- in the queue of the worker that holds the message (id % 2), which
+      -- holds the queue's lock
+      for id, sub in pairs(where) do assert.equal("/w" .. tonumber(id, 16) % 2, sub, id) end
+      for i = 0, 1 do assert.equal(pids[i] .. "\n", H.read(wh .. "/w" .. i .. "/LOCK")) end
+      assert.equal(0, srv.stop())
+    end, 60)
     H.rm_rf(dir)
   end)
 
