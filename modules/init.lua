@@ -743,11 +743,6 @@ function MTA:run()
   local ok, err = self:start()
   if not ok then error(err, 2) end
   self.ran = true
-  if workers.index then
-    log.info("worker %d: pid %d serving (spool %s)", workers.index, uv.os_getpid(),
-      self.opts.spool and self.opts.spool.dir or "none")
-    workers.ready()
-  end
   local signals = {}
   -- after a reload, the MTA to stop or reload is the one that took over
   local function serving() return _M.current_mta or self end
@@ -768,6 +763,12 @@ function MTA:run()
   local hup = uv.new_signal()
   hup:start("sighup", sched.callback(function() on_sighup(serving()) end, "signal"))
   signals[#signals + 1] = hup
+  if workers.index then
+    -- only now: the supervisor sends a ready worker the signals it forwards
+    log.info("worker %d: pid %d serving (spool %s)", workers.index, uv.os_getpid(),
+      self.opts.spool and self.opts.spool.dir or "none")
+    workers.ready()
+  end
   uv.run("default")
   return true
 end

@@ -21,6 +21,11 @@
 -- started (a port in use, a spool it cannot lock) on its first launch makes
 -- the supervisor stop the others and fail: that is a configuration error,
 -- not a crash to retry.
+--
+-- A worker reports ready once its signal handlers are installed. Until then
+-- a SIGHUP would take its default action and end it, so the supervisor
+-- holds a SIGHUP for a worker that is still starting and sends it when the
+-- worker reports ready.
 local uv = require "luv"
 local ffi = require "ffi"
 local log = require "moonpost.runtime.log"
@@ -80,8 +85,9 @@ if _M.index then
   if n and n > _M.index then require("moonpost.runtime.ids").partition(_M.index, n) end
 end
 
--- ready(): the worker's MTA has started (spool recovered, listeners open).
--- The supervisor reads it on the worker's fd 3.
+-- ready(): the worker's MTA has started (spool recovered, listeners open)
+-- and its signal handlers are installed. The supervisor reads it on the
+-- worker's fd 3, and only then sends it the signals it forwards.
 function _M.ready()
   local fd = tonumber(os.getenv("MOONPOST_WORKER_FD") or "")
   if not fd then return end
@@ -92,6 +98,10 @@ function _M.ready()
     p:close()
   end
 end
+
+-- The signals the supervisor forwards that a worker may not receive before
+-- it is ready (SIGTERM/SIGINT may: a worker that is still starting can end).
+local FORWARDED = { "sighup" }
 
 local function environ(index, n, supervisor)
   local out = {}
@@ -181,7 +191,7 @@ function _M.supervise(mta, n, source)
     }, sched.callback(function(code, signal)
       handle:close()
       if not ready:is_closing() then ready:close() end
-      slot.pid = nil
+      slot.pid, slot.ready = nil, false
       local ran = (uv.now() - began) / 1000
       if stopping then
         log.info("supervisor: worker %d (pid %d) exited: code %d%s", slot.index, pid, code,
@@ -211,15 +221,23 @@ function _M.supervise(mta, n, source)
       slot.delay = math.min(slot.delay * 2, _M.BACKOFF_MAX)
       return
     end
-    slot.pid = pid
+    slot.pid, slot.ready, slot.pending = pid, false, {}
     log.info("supervisor: worker %d started: pid %d", slot.index, pid)
-    ready:read_start(function(_, chunk)
+    ready:read_start(sched.callback(function(_, chunk)
       if chunk and chunk:find("ready", 1, true) then
-        slot.started = true
+        slot.started, slot.ready = true, true
+        -- what came while it started, now that it has its handlers
+        for _, name in ipairs(FORWARDED) do
+          if slot.pending[name] and not stopping then
+            log.info("supervisor: worker %d is ready: %s passed on", slot.index, name)
+            uv.kill(pid, name)
+          end
+        end
+        slot.pending = {}
       elseif not chunk and not ready:is_closing() then
         ready:close()
       end
-    end)
+    end, "supervisor"))
   end
 
   for _, name in ipairs({ "sigterm", "sigint" }) do
@@ -227,13 +245,27 @@ function _M.supervise(mta, n, source)
     s:start(name, sched.callback(function() stop_all(name, name) end, "signal"))
     signals[#signals + 1] = s
   end
-  local hup = uv.new_signal()
-  hup:start("sighup", sched.callback(function()
-    log.info("supervisor: sighup: forwarded to %d workers", live())
+  -- a signal for every worker: now to those that are ready, and to one
+  -- still starting once it reports ready (start())
+  local function forward(name)
+    local sent, held = 0, 0
     for _, s in ipairs(slots) do
-      if s.pid then uv.kill(s.pid, "sighup") end
+      if s.pid and s.ready then
+        uv.kill(s.pid, name)
+        sent = sent + 1
+      elseif s.pid then
+        s.pending[name] = true
+        held = held + 1
+      end
     end
-  end, "signal"))
+    if held > 0 then
+      log.info("supervisor: %s: forwarded to %d workers; %d starting get it once ready", name, sent, held)
+    else
+      log.info("supervisor: %s: forwarded to %d workers", name, sent)
+    end
+  end
+  local hup = uv.new_signal()
+  hup:start("sighup", sched.callback(function() forward("sighup") end, "signal"))
   signals[#signals + 1] = hup
 
   log.info("supervisor: pid %d, %d workers, policy %s", me, n, source.path)

@@ -16,6 +16,16 @@ local MOONPOST = H.root .. "/scripts/moonpost"
 local POLICY = [[
 local moonpost = require "moonpost"
 local env = moonpost.env
+-- a test holds worker GATE_WORKER here, before it has installed any signal
+-- handler, until the file GATE_FILE exists (30 s at most)
+local gate, uv = env.get("GATE_FILE"), require "luv"
+if gate and os.getenv("MOONPOST_WORKER") == env.get("GATE_WORKER") and not uv.fs_stat(gate) then
+  io.stderr:write("worker " .. os.getenv("MOONPOST_WORKER") .. " at the gate\n") -- one write: one line
+  for _ = 1, 3000 do
+    if uv.fs_stat(gate) then break end
+    uv.sleep(10)
+  end
+end
 local mta = moonpost.new {
   hostname = "mx.test", workers = 2, stop_grace = "5s", http = env.http,
   spool = { dir = env.spool, segment_size = "256k", min_free = 0 },
@@ -201,6 +211,40 @@ describe("workers = 2", function()
         assert.is_false(alive(pids[i]))
       end
       assert.matches("supervisor: every worker has exited", log)
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("holds a SIGHUP for a worker that is still starting until it reports ready, then passes it on", function()
+    local dir = H.tmpdir("moonpost-workers-hup-start")
+    run(function()
+      local gate = dir .. "/gate"
+      uv.fs_mkdir(dir .. "/mail", 448)
+      H.write(dir .. "/policy.lua", POLICY)
+      local srv = H.launch(dir .. "/policy.lua", { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail",
+        GATE_FILE = gate, GATE_WORKER = "1" })
+      assert.is_true(H.wait_for(function()
+        local log = srv.log()
+        return log:find("worker 0: pid %d+ serving") ~= nil and log:find("worker 1 at the gate", 1, true) ~= nil
+      end, 15), srv.log())
+      -- worker 1 has no handler yet: SIGHUP's default action would end it
+      uv.kill(srv.pid, "sighup")
+      assert.is_true(H.wait_for(function() return H.count(srv.log(), "; new sessions use it") == 1 end, 15),
+        srv.log())
+      assert.matches("supervisor: sighup: forwarded to 1 workers; 1 starting get it once ready", srv.log(), 1, true)
+      H.write(gate, "open\n")
+      assert.is_true(H.wait_for(function() return H.count(srv.log(), "; new sessions use it") == 2 end, 15),
+        srv.log())
+      local log = srv.log()
+      -- worker 1 served, was sent the signal, then reloaded (its own log, in
+      -- order); nothing exited
+      assert.matches("supervisor: worker 1 is ready: sighup passed on", log, 1, true)
+      local serving = log:find("worker 1: pid %d+ serving")
+      local _, first = log:find("; new sessions use it", 1, true)
+      local second = log:find("; new sessions use it", first + 1, true)
+      assert.is_true(serving ~= nil and serving < second, log)
+      assert.is_nil(log:find(") exited", 1, true), log)
+      assert.equal(0, srv.stop())
     end, 60)
     H.rm_rf(dir)
   end)
