@@ -764,6 +764,16 @@ function MTA:run()
   hup:start("sighup", sched.callback(function() on_sighup(serving()) end, "signal"))
   signals[#signals + 1] = hup
   if workers.index then
+    -- the supervisor forwards SIGUSR1: the event log's own handler reopens
+    -- its file; a policy without one must not lose the worker to it
+    local usr1 = uv.new_signal()
+    usr1:start("sigusr1", sched.callback(function()
+      for _, el in ipairs(serving().event_logs or {}) do
+        if el.open and el.opts.file then return end
+      end
+      log.info("sigusr1: no event log file to reopen")
+    end, "signal"))
+    signals[#signals + 1] = usr1
     -- only now: the supervisor sends a ready worker the signals it forwards
     log.info("worker %d: pid %d serving (spool %s)", workers.index, uv.os_getpid(),
       self.opts.spool and self.opts.spool.dir or "none")

@@ -16,16 +16,20 @@
 --   workers.launcher              -- { exe, script } that `moonpost run` was started as
 --
 -- The supervisor restarts a worker that exits (with a backoff), forwards
--- SIGTERM/SIGINT (stop) and SIGHUP (reload) to the workers and returns once
+-- SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR1 to the workers and returns once
 -- every worker has exited after a stop. A worker that exits before it ever
 -- started (a port in use, a spool it cannot lock) on its first launch makes
 -- the supervisor stop the others and fail: that is a configuration error,
 -- not a crash to retry.
 --
+-- SIGUSR1 (reopen the event log's file) is forwarded as well: without a
+-- handler it would end the supervisor, and with it every worker.
+--
 -- A worker reports ready once its signal handlers are installed. Until then
--- a SIGHUP would take its default action and end it, so the supervisor
--- holds a SIGHUP for a worker that is still starting and sends it when the
--- worker reports ready.
+-- a SIGHUP or SIGUSR1 would take its default action and end it, so the
+-- supervisor holds one for a worker that is still starting and sends it
+-- when the worker reports ready. Once stopping, neither is forwarded: the
+-- workers have closed their handlers.
 local uv = require "luv"
 local ffi = require "ffi"
 local log = require "moonpost.runtime.log"
@@ -101,7 +105,7 @@ end
 
 -- The signals the supervisor forwards that a worker may not receive before
 -- it is ready (SIGTERM/SIGINT may: a worker that is still starting can end).
-local FORWARDED = { "sighup" }
+local FORWARDED = { "sighup", "sigusr1" }
 
 local function environ(index, n, supervisor)
   local out = {}
@@ -248,6 +252,11 @@ function _M.supervise(mta, n, source)
   -- a signal for every worker: now to those that are ready, and to one
   -- still starting once it reports ready (start())
   local function forward(name)
+    if stopping then
+      -- a worker that has stopped its handlers would die of it mid-grace
+      log.info("supervisor: %s: not forwarded: the workers are stopping", name)
+      return
+    end
     local sent, held = 0, 0
     for _, s in ipairs(slots) do
       if s.pid and s.ready then
@@ -264,9 +273,11 @@ function _M.supervise(mta, n, source)
       log.info("supervisor: %s: forwarded to %d workers", name, sent)
     end
   end
-  local hup = uv.new_signal()
-  hup:start("sighup", sched.callback(function() forward("sighup") end, "signal"))
-  signals[#signals + 1] = hup
+  for _, name in ipairs(FORWARDED) do
+    local s = uv.new_signal()
+    s:start(name, sched.callback(function() forward(name) end, "signal"))
+    signals[#signals + 1] = s
+  end
 
   log.info("supervisor: pid %d, %d workers, policy %s", me, n, source.path)
   for i = 0, n - 1 do

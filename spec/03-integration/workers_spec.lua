@@ -249,6 +249,82 @@ describe("workers = 2", function()
     H.rm_rf(dir)
   end)
 
+  it("passes SIGUSR1 on: every worker reopens the event log's file, and the supervisor carries on; "
+    .. "not while the workers stop", function()
+    local dir = H.tmpdir("moonpost-workers-usr1")
+    run(function()
+      local path = dir .. "/events.jsonl"
+      local srv, _, port = start(dir, nil, { EVENTLOG_FILE = path })
+      -- the ids of the Reception records in a file
+      local function receptions(file)
+        local out = {}
+        local f = io.open(file, "rb")
+        if not f then return out end
+        for line in f:lines() do
+          local rec = cjson.decode(line)
+          if rec.type == "Reception" then out[#out + 1] = rec.id end
+        end
+        f:close()
+        table.sort(out)
+        return out
+      end
+      local function send(k)
+        local code, _, text = H.send(port, { to = "defer-" .. k .. "@x.test" })
+        assert.equal(250, code)
+        return text:match("queued as (%x+)")
+      end
+      local first = send(0)
+      assert.is_true(H.wait_for(function() return #receptions(path) == 1 end, 10), srv.log())
+      assert.is_true(os.rename(path, path .. ".1"))
+      uv.kill(srv.pid, "sigusr1")
+      assert.is_true(H.wait_for(function() return H.count(srv.log(), "eventlog: reopened " .. path) == 2 end, 10),
+        srv.log())
+      assert.matches("supervisor: sigusr1: forwarded to 2 workers", srv.log(), 1, true)
+      assert.is_false((srv.exited()))
+      -- both workers write to the new file now
+      local after = {}
+      for k = 1, 10 do after[k] = send(k) end
+      table.sort(after)
+      assert.is_true(H.wait_for(function() return #receptions(path) == 10 end, 10), srv.log())
+      assert.same(after, receptions(path))
+      assert.same({ first }, receptions(path .. ".1"))
+      -- stopping: a transaction in progress holds a worker, whose handlers are
+      -- closed; a SIGUSR1 now is not passed on (its default action would end it)
+      local p = assert(H.connect(port))
+      p:script("S: 220\nC: EHLO client.test\nS: 250\nC: MAIL FROM:<a@client.test>\nS: 250\n"
+        .. "C: RCPT TO:<defer-last@x.test>\nS: 250\nC: DATA\nS: 354")
+      uv.kill(srv.pid, "sigterm")
+      assert.is_true(H.wait_for(function() return srv.log():find("supervisor: sigterm: stopping 2 workers", 1, true)
+        ~= nil end, 10), srv.log())
+      uv.kill(srv.pid, "sigusr1")
+      assert.is_true(H.wait_for(function()
+        return srv.log():find("supervisor: sigusr1: not forwarded: the workers are stopping", 1, true) ~= nil
+      end, 10), srv.log())
+      p:send("Subject: last\r\n\r\nx\r\n.\r\n")
+      p:expect(250)
+      p:close()
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 15), srv.log())
+      assert.equal(0, select(2, srv.exited()))
+      assert.equal(2, H.count(srv.log(), ") exited: code 0\n"), srv.log())
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("passes SIGUSR1 on without an event log file: no worker ends", function()
+    local dir = H.tmpdir("moonpost-workers-usr1-nofile")
+    run(function()
+      local srv = start(dir)
+      local pids = worker_pids(srv)
+      uv.kill(srv.pid, "sigusr1")
+      assert.is_true(H.wait_for(function() return H.count(srv.log(), "sigusr1: no event log file to reopen") == 2 end,
+        10), srv.log())
+      assert.is_true(alive(pids[0]) and alive(pids[1]))
+      assert.is_nil(srv.log():find(") exited", 1, true), srv.log())
+      assert.equal(0, srv.stop())
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
   it("passes a second SIGTERM on: a worker waiting for a transaction to finish ends at once", function()
     local dir = H.tmpdir("moonpost-workers-term2")
     run(function()
