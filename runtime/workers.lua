@@ -75,7 +75,8 @@ function _M.reuseport(tcp)
 end
 
 -- In a worker: a SIGTERM when the supervisor dies, so that no worker
--- outlives it (a SIGKILL to the supervisor would leave them serving).
+-- outlives it (a SIGKILL to the supervisor would leave them serving, the
+-- more so as they are not in its process group: supervise()).
 local function follow_parent()
   local parent = tonumber(os.getenv("MOONPOST_SUPERVISOR") or "")
   ffi.C.prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)
@@ -192,6 +193,12 @@ function _M.supervise(mta, n, source)
       args = args,
       env = environ(slot.index, n, me),
       stdio = { 0, 1, 2, ready },
+      -- a session (and process group) of its own: Ctrl-C at a terminal, or
+      -- kill -INT -<pgid>, reaches the supervisor only, which passes the
+      -- stop on once; a worker that got it from both would take the second
+      -- as "end at once" and drop its transactions. PR_SET_PDEATHSIG
+      -- (follow_parent) still ends a worker whose supervisor is killed.
+      detached = true,
     }, sched.callback(function(code, signal)
       handle:close()
       if not ready:is_closing() then ready:close() end

@@ -718,6 +718,9 @@ function H.launch(policy, env, opts)
     stdio = { nil, stdout, stderr },
     env = environ(e),
     cwd = opts.cwd,
+    -- opts.detached: a session and process group of its own (pgid = pid),
+    -- which a spec can signal as a terminal's Ctrl-C does
+    detached = opts.detached or nil,
   }, function(c)
     exited, exit_code = true, c
     handle:close()

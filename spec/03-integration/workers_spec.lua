@@ -52,16 +52,19 @@ mta:run()
 
 local run = H.run_killing -- the workers' supervisor is killed if a test fails half-way
 
--- start(dir [, http [, extra]]) -> srv, env, port: the supervisor, once both
--- workers serve; extra: more environment variables
-local function start(dir, http, extra)
+-- start(dir [, http [, extra [, opts]]]) -> srv, env, port: the supervisor,
+-- once both workers serve; extra: more environment variables; opts: more
+-- options for H.launch
+local function start(dir, http, extra, opts)
   local env = { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail", MOONPOST_HTTP = http }
   for k, v in pairs(extra or {}) do env[k] = v end
   uv.fs_mkdir(dir .. "/mail", 448)
   H.write(dir .. "/mail/.blocked", "a file, so that defer-* folders cannot be made\n")
   H.write(dir .. "/policy.lua", POLICY)
   local port = H.free_port()
-  local srv = H.launch(dir .. "/policy.lua", env, { port = port })
+  local lopts = { port = port }
+  for k, v in pairs(opts or {}) do lopts[k] = v end
+  local srv = H.launch(dir .. "/policy.lua", env, lopts)
   assert.is_true(H.wait_for(function() return H.count(srv.log(), " serving (spool ") >= 2 end, 15),
     "the workers did not start: " .. srv.log())
   return srv, env, port
@@ -321,6 +324,60 @@ describe("workers = 2", function()
       assert.is_true(alive(pids[0]) and alive(pids[1]))
       assert.is_nil(srv.log():find(") exited", 1, true), srv.log())
       assert.equal(0, srv.stop())
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("keeps the workers out of the supervisor's process group: Ctrl-C (SIGINT to the group) stops each "
+    .. "once, gracefully", function()
+    local dir = H.tmpdir("moonpost-workers-pgrp")
+    run(function()
+      -- the supervisor leads a process group, as a shell's foreground job does
+      local srv, _, port = start(dir, nil, nil, { detached = true })
+      local pids = worker_pids(srv)
+      -- /proc/<pid>/stat: pid (comm) state ppid pgrp session ...
+      local function stat(pid)
+        local ppid, pgrp, session = H.read("/proc/" .. pid .. "/stat"):match("%) %S+ (%d+) (%d+) (%d+)")
+        return tonumber(ppid), tonumber(pgrp), tonumber(session)
+      end
+      local _, spgrp, ssession = stat(srv.pid)
+      assert.equal(srv.pid, spgrp)
+      for i = 0, 1 do
+        local ppid, pgrp, session = stat(pids[i])
+        assert.equal(srv.pid, ppid)
+        assert.not_equal(spgrp, pgrp)
+        assert.not_equal(ssession, session)
+      end
+      -- a transaction in progress: its worker must finish it, not be ended
+      -- by a second SIGINT
+      local p = assert(H.connect(port))
+      p:script("S: 220\nC: EHLO client.test\nS: 250\nC: MAIL FROM:<a@client.test>\nS: 250\n"
+        .. "C: RCPT TO:<defer-1@x.test>\nS: 250\nC: DATA\nS: 354")
+      uv.kill(-srv.pid, "sigint")
+      assert.is_true(H.wait_for(function() return srv.log():find("supervisor: sigint: stopping 2 workers", 1, true)
+        ~= nil end, 10), srv.log())
+      p:send("Subject: during the stop\r\n\r\nx\r\n.\r\n")
+      p:expect(250)
+      p:close()
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 15), srv.log())
+      assert.equal(0, select(2, srv.exited()))
+      local log = srv.log()
+      for i = 0, 1 do
+        assert.matches(string.format("worker %d (pid %d) exited: code 0\n", i, pids[i]), log, 1, true)
+      end
+      assert.is_nil(log:find("sigint again", 1, true), log)
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("ends the workers when the supervisor is killed with SIGKILL (PR_SET_PDEATHSIG)", function()
+    local dir = H.tmpdir("moonpost-workers-pdeath")
+    run(function()
+      local srv = start(dir, nil, nil, { detached = true })
+      local pids = worker_pids(srv)
+      srv.kill()
+      assert.is_true(H.wait_for(function() return not alive(pids[0]) and not alive(pids[1]) end, 15),
+        "a worker outlived its supervisor")
     end, 60)
     H.rm_rf(dir)
   end)
