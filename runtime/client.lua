@@ -18,6 +18,7 @@ local sched = require "moonpost.runtime.sched"
 local stream = require "moonpost.runtime.stream"
 local log = require "moonpost.runtime.log"
 local tls = require "moonpost.runtime.tls"
+local rdsn = require "moonpost.runtime.dsn"
 
 local format, concat, upper = string.format, table.concat, string.upper
 local tnew = require "table.new"
@@ -351,10 +352,34 @@ local function all(results, rcpts, res)
   return results
 end
 
+-- A DSN of ours (env.dsn) that this server cannot take whole: its
+-- returned message cut to the header section (runtime/dsn.lua), since a
+-- DSN's sender is <> and one that bounces is lost. body, size, eight as
+-- they are otherwise.
+local function fit_dsn(self, env, body, size, eight)
+  local why
+  if eight and not self.ext["8BITMIME"] then
+    why = "the mail server this report is sent to, " .. self.name .. ", does not accept 8-bit data (8BITMIME)"
+  elseif self.size_limit > 0 and size > self.size_limit then
+    why = format("the whole report would exceed the size limit of the mail server it is sent to, %s (%d octets)",
+      self.name, self.size_limit)
+  end
+  local short = why and rdsn.headers_only(body, why)
+  if not short then return body, size, eight end
+  log.info("%s: DSN sent with the returned message's header section only: %s", env.id, why)
+  return short, #short, false
+end
+
 function Conn:transaction(env, body, rcpts)
   local results, host = {}, self.name
   -- what the server must support, checked before sending anything
   local size = type(body) == "string" and #body or body:size()
+  -- 8BITMIME is needed by 8-bit content, whatever BODY= the message came
+  -- with (many clients declare 8BITMIME for every message); scanned once
+  if env.eight == nil then env.eight = has_8bit(body) end
+  local eight = env.eight
+  local ext8 = self.ext["8BITMIME"] ~= nil
+  if env.dsn then body, size, eight = fit_dsn(self, env, body, size, eight) end
   if self.size_limit > 0 and size > self.size_limit then
     return all(results, rcpts, { status = "bounced", code = 552, enhanced = "5.3.4", host = host,
       text = format("message size %d exceeds the limit of %s (%d)", size, host, self.size_limit) })
@@ -364,11 +389,6 @@ function Conn:transaction(env, body, rcpts)
     return all(results, rcpts, { status = "bounced", code = 553, enhanced = "5.6.7", host = host,
       text = host .. " does not support SMTPUTF8, which this message needs" })
   end
-  -- 8BITMIME is needed by 8-bit content, whatever BODY= the message came
-  -- with (many clients declare 8BITMIME for every message); scanned once
-  if env.eight == nil then env.eight = has_8bit(body) end
-  local eight = env.eight
-  local ext8 = self.ext["8BITMIME"] ~= nil
   if eight and not ext8 then
     return all(results, rcpts, { status = "bounced", code = 554, enhanced = "5.6.3", host = host,
       text = host .. " does not support 8BITMIME, which this message needs" })

@@ -16,7 +16,16 @@
 -- message is larger than max_full and RET is not FULL, only the header
 -- section is returned (text/rfc822-headers), else the whole message
 -- (message/rfc822).
+--
+--   local short = dsn.headers_only(text, why)   -- a built DSN, cut down
+--
+-- A DSN returns the message as it was, 8-bit octets and all: its sender is
+-- <>, so a DSN that cannot be sent is lost. When the next hop cannot take
+-- it (no 8BITMIME, or too large), the SMTP client sends headers_only()
+-- instead: the header section of the returned message alone, in US-ASCII,
+-- with a sentence in the notification that says why.
 local format, concat, gsub, upper = string.format, table.concat, string.gsub, string.upper
+local find, sub, match = string.find, string.sub, string.match
 
 local _M = { _VERSION = "0.1" }
 
@@ -148,6 +157,41 @@ function _M.build(o)
   local head = concat(parts, "\r\n") .. "\r\n"
   if returned:sub(-2) ~= "\r\n" then returned = returned .. "\r\n" end
   return head .. returned .. "\r\n--" .. boundary .. "--\r\n"
+end
+
+-- Octets outside US-ASCII as "?": one for each UTF-8 sequence, one for
+-- each other octet.
+local function ascii(s)
+  return (gsub(gsub(s, "[\194-\244][\128-\191]+", "?"), "[\128-\255]", "?"))
+end
+
+-- headers_only(dsn, why) -> the DSN (a string or a message made by build())
+-- with the header section of the returned message in place of the message,
+-- as text/rfc822-headers, every octet above 127 after the DSN's own header
+-- section made "?", and a paragraph after the notification's first one:
+-- "Only the header section of your message is returned below:\r\n<why>." |
+-- nil when the text is not a DSN that build() made.
+function _M.headers_only(dsn, why)
+  local text = type(dsn) == "string" and dsn or dsn:tostring()
+  local head_end = find(text, "\r\n\r\n", 1, true)
+  local boundary = head_end and match(sub(text, 1, head_end), 'boundary="([^"]+)"')
+  if not boundary then return nil end
+  local delim, close = "\r\n--" .. boundary .. "\r\n", "\r\n--" .. boundary .. "--\r\n"
+  local p1 = find(text, delim .. "Content-Description: Notification\r\n", head_end, true)
+  local p3 = p1 and find(text, delim .. "Content-Description: Returned ", p1 + 1, true)
+  local b3 = p3 and find(text, "\r\n\r\n", p3 + #delim, true)
+  if not b3 or sub(text, -#close) ~= close then return nil end
+  -- the notification's first paragraph ends after the part's header and one more empty line
+  local b1 = find(text, "\r\n\r\n", p1 + #delim, true)
+  local intro_end = b1 and find(text, "\r\n\r\n", b1 + 4, true)
+  if not intro_end or intro_end > p3 then return nil end
+  local returned = headers_of(sub(text, b3 + 4, #text - #close))
+  local notice = "Only the header section of your message is returned below:\r\n" .. gsub(why, "[\r\n]+", " ")
+    .. ".\r\nOctets outside US-ASCII in it are shown as \"?\"."
+  return sub(text, 1, head_end + 3) .. ascii(concat({
+    sub(text, head_end + 4, intro_end + 3), notice, "\r\n", sub(text, intro_end + 2, p3 - 1), delim,
+    "Content-Description: Returned headers\r\nContent-Type: text/rfc822-headers\r\n\r\n", returned,
+  })) .. (sub(returned, -2) == "\r\n" and "" or "\r\n") .. close
 end
 
 -- wants(notify, action): does this recipient's NOTIFY ask for the action?

@@ -394,8 +394,13 @@ function Queue:notify(env, body, action, list)
   end
   local text = dsn.build({ hostname = self.mta.hostname, env = env, body = body, action = action,
     recipients = list })
+  -- A DSN returns the message as it came, 8-bit octets included: BODY=8BITMIME
+  -- then, as for any 8-bit message. dsn = true lets the SMTP client send
+  -- the returned message's header section alone to a next hop that cannot
+  -- take the whole (runtime/client.lua): a DSN that bounces is lost.
   local txn = { id = ids.next(), sender = { address = "" }, recipients = { { address = env.from } },
-    received_at = os.time(), smtputf8 = env.utf8 or nil, notes = {} }
+    received_at = os.time(), smtputf8 = env.utf8 or nil, notes = {},
+    body_type = smtp.has_8bit(text) and "8BITMIME" or "7BIT", dsn = true }
   local msg = smtp.message(text)
   local ok, err = self.spool:store(txn, msg)
   if not txn.kept then msg:close() end

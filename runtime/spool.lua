@@ -94,6 +94,7 @@ local function envelope_of(txn)
   if txn.envid ~= nil then e.envid = txn.envid end
   if txn.body_type ~= nil then e.body = txn.body_type end
   if txn.smtputf8 then e.utf8 = true end
+  if txn.dsn then e.dsn = true end
   return e
 end
 

@@ -19,13 +19,13 @@ describe("spool envelope encoding", function()
     roundtrip { v = 1, t = 2 }
   end)
 
-  it("keeps every field: DSN parameters, tenant, pool, RET, ENVID, BODY, SMTPUTF8, client", function()
+  it("keeps every field: DSN parameters, tenant, pool, RET, ENVID, BODY, SMTPUTF8, client, the DSN mark", function()
     roundtrip {
       v = 1, from = "", t = 0,
       rcpt = { { a = "x@y.test", n = "SUCCESS,FAILURE", o = "rfc822;x@y.test" }, { a = "z@y.test" },
         { a = "w@y.test", o = "utf-8;w\\x2Bv@y.test" } },
       tenant = "acme", pool = "warm", ret = "HDRS", envid = "QQ314159", body = "8BITMIME", utf8 = true,
-      ip = "2001:db8::1", helo = "[192.0.2.1]",
+      ip = "2001:db8::1", helo = "[192.0.2.1]", dsn = true,
     }
   end)
 

@@ -103,3 +103,93 @@ describe("bounce classes on deliveries", function()
     end)
   end)
 end)
+
+-- A DSN goes from <>: one that the sender's MX cannot take is lost, so a
+-- DSN that cannot go whole goes with the returned message's header only.
+describe("DSNs the sender's mail server cannot take whole", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-dsnfit") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  -- the recipient's MX (refuses r550-*) and the sender's, each a sink;
+  -- fn(mta, port, rcpt_mx, sender_mx)
+  local function two_sinks(sender_args, fn)
+    H.run(function()
+      local rcpt_mx, sender_mx = H.sink({}), H.sink(sender_args)
+      local ok, err = pcall(function()
+        local mta, port = H.start_mta({}, function(m)
+          m:use(require("moonpost.route").smtp({ idle_timeout = "1s",
+            timeouts = { connect = 3, greeting = 3, ehlo = 3, mail = 3, rcpt = 3, data = 3, block = 3, done = 3 },
+            routes = { ["x.test"] = "127.0.0.1:" .. rcpt_mx.port, ["sender.test"] = "127.0.0.1:" .. sender_mx.port } }))
+        end, { spool = { dir = dir .. "/spool", min_free = 0 }, queue = { retry = { "30s" }, max_age = "1h" } })
+        local fok, ferr = pcall(fn, mta, port, rcpt_mx, sender_mx)
+        H.stop_mta(mta)
+        if not fok then error(ferr, 0) end
+      end)
+      rcpt_mx.stop()
+      sender_mx.stop()
+      if not ok then error(err, 0) end
+    end, 60)
+  end
+
+  local EIGHT = "Subject: caf\195\169 cr\195\168me\r\nFrom: <origin@sender.test>\r\n\r\nh\195\169llo w\195\182rld\r\n"
+
+  it("sends the DSN of an 8-bit message whole, with BODY=8BITMIME, to a server that has 8BITMIME", function()
+    two_sinks({}, function(_, port, _, sender_mx)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = "r550-gone@x.test",
+        mail_params = "BODY=8BITMIME", body = EIGHT })))
+      assert.is_true(H.wait_for(function() return #sender_mx.messages() > 0 end, 20), H.log("origin@sender.test"))
+      local m = sender_mx.messages()[1]
+      assert.equal("<>", m.from)
+      assert.same({ "BODY=8BITMIME" }, m.mail_params)
+      assert.same({ "multipart/report", "text/plain", "message/delivery-status", "message/rfc822" },
+        parse_dsn(m.data).parts)
+      assert.truthy(m.data:find("h\195\169llo w\195\182rld", 1, true))
+    end)
+  end)
+
+  it("sends the 8-bit message's header only, in US-ASCII, to a server without 8BITMIME, and says so", function()
+    two_sinks({ "--no-8bitmime" }, function(_, port, _, sender_mx)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = "r550-gone@x.test",
+        mail_params = "BODY=8BITMIME", body = EIGHT })))
+      -- before: 554 5.6.3 for the DSN, and a DSN from <> that bounces is dropped
+      assert.is_true(H.wait_for(function() return #sender_mx.messages() > 0 end, 20),
+        H.log("origin@sender.test") .. H.log("5.6.3"))
+      local m = sender_mx.messages()[1]
+      if os.getenv("DSN_DEBUG") then io.stderr:write(m.data, "\n") end
+      assert.equal("<>", m.from)
+      assert.same({}, m.mail_params)
+      assert.falsy(m.data:find("[\128-\255]"))
+      local d = parse_dsn(m.data)
+      assert.same({ "multipart/report", "text/plain", "message/delivery-status", "text/rfc822-headers" }, d.parts)
+      assert.truthy(d.text:find("This is a permanent\r\nerror; the message will not be retried.\r\n\r\n"
+        .. "Only the header section of your message is returned below:\r\n"
+        .. "the mail server this report is sent to, [127.0.0.1]:" .. sender_mx.port
+        .. ", does not accept 8-bit data (8BITMIME).\r\n"
+        .. "Octets outside US-ASCII in it are shown as \"?\".\r\n\r\n<r550-gone@x.test>: ", 1, true), d.text)
+      assert.equal("rfc822; r550-gone@x.test", d.recipients[1]["Final-Recipient"])
+      assert.truthy(m.data:find("Content-Description: Returned headers\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        .. "Received: ", 1, true), m.data)
+      assert.truthy(m.data:find("\r\nSubject: caf? cr?me\r\nFrom: <origin@sender.test>\r\n\r\n--", 1, true), m.data)
+      assert.falsy(m.data:find("llo w", 1, true))
+      assert.truthy(H.log("DSN sent with the returned message's header section only"):find("8BITMIME", 1, true))
+    end)
+  end)
+
+  it("sends the header only when the whole DSN exceeds the server's SIZE limit", function()
+    two_sinks({ "--size", "6000" }, function(_, port, _, sender_mx)
+      local big = "Subject: big\r\n\r\n" .. string.rep("0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghij\r\n", 150)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = "r550-gone@x.test",
+        mail_params = "RET=FULL", body = big })))
+      -- before: 552 5.3.4 for the DSN, which was then dropped
+      assert.is_true(H.wait_for(function() return #sender_mx.messages() > 0 end, 20),
+        H.log("origin@sender.test") .. H.log("5.3.4"))
+      local m = sender_mx.messages()[1]
+      local d = parse_dsn(m.data)
+      assert.same({ "multipart/report", "text/plain", "message/delivery-status", "text/rfc822-headers" }, d.parts)
+      assert.truthy(d.text:find("the whole report would exceed the size limit of the mail server it is sent to, "
+        .. "[127.0.0.1]:" .. sender_mx.port .. " (6000 octets).", 1, true), d.text)
+      assert.truthy(m.data:find("\r\nSubject: big\r\n\r\n--", 1, true), m.data)
+    end)
+  end)
+end)
