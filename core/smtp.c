@@ -590,6 +590,24 @@ int mp_utf8_valid(const char *s, size_t n)
 }
 
 static int is_hex_upper(int c) { return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F'); }
+static int hex_value(int c) { return c <= '9' ? c - '0' : c - 'A' + 10; }
+
+/* The octet that "+XX" at s stands for (two upper-case hex digits follow). */
+static int xtext_octet(const char *s) { return hex_value(s[1]) * 16 + hex_value(s[2]); }
+
+/* RFC 3461 4.2, 4.4: ENVID and ORCPT are printable US-ASCII once decoded. A
+ * control character in one (+0D+0A) would end the DSN field that quotes it
+ * and start a field of the sender's choosing. */
+static int is_control(int c) { return c < 0x20 || c == 0x7F; }
+
+/* 1 when the valid xtext s has a "+XX" that stands for a control character */
+static int xtext_has_control(const char *s, size_t n)
+{
+    size_t i;
+    for (i = 0; i + 2 < n; i++)
+        if (s[i] == '+' && is_control(xtext_octet(s + i))) return 1;
+    return 0;
+}
 
 int mp_xtext_valid(const char *s, size_t n)
 {
@@ -967,6 +985,8 @@ const char *mp_check_param(const char *key, size_t key_len, const char *val, siz
     if (KEY_IS("ENVID")) {
         if (val == NULL || val_len > 100 || !mp_xtext_valid(val, val_len))
             return "ENVID must be xtext of at most 100 octets";
+        if (xtext_has_control(val, val_len))
+            return "ENVID must be printable US-ASCII: no control character (xtext +00 to +1F, +7F)";
         return NULL;
     }
     if (KEY_IS("AUTH")) {
@@ -1015,6 +1035,8 @@ const char *mp_check_param(const char *key, size_t key_len, const char *val, siz
                 } else if (ch == '+') {
                     if (i + 2 >= xn || !is_hex_upper(x[i + 1]) || !is_hex_upper(x[i + 2]))
                         return "ORCPT address is not xtext";
+                    if (is_control(xtext_octet(x + i)))
+                        return "ORCPT address must be printable: no control character (xtext +00 to +1F, +7F)";
                     i += 2;
                 } else if (ch == '\\') {
                     /* \x{HEX} of RFC 6533 */

@@ -638,6 +638,14 @@ function Admin:prepare(o)
   local envid, ret
   envid, err = get_string(o, "envid")
   if err then return nil, 400, err end
+  if envid then
+    -- as xtext, through the SMTP server's own check (RFC 3461: printable
+    -- US-ASCII, at most 100 octets): a line break in it would break the
+    -- DSN field that quotes it
+    envid = xtext(envid)
+    ok, err = smtp.check_param("ENVID", envid)
+    if not ok then return nil, 400, "envid: " .. err end
+  end
   ret, err = get_string(o, "ret")
   if err then return nil, 400, err end
   if ret then
@@ -683,7 +691,7 @@ function Admin:prepare(o)
     if not text then return nil, 400, err end
   end
   return { id = id, sender = sender, recipients = rcpts, tenant = tenant,
-    pool = pool, envid = envid and xtext(envid), ret = ret, smtputf8 = utf8, text = text }
+    pool = pool, envid = envid, ret = ret, smtputf8 = utf8, text = text }
 end
 
 -- The Received field of a message that came over the API.

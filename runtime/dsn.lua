@@ -33,9 +33,23 @@ local function date(t)
   return os.date("!%a, %d %b %Y %H:%M:%S +0000", t or os.time())
 end
 
--- xtext (RFC 3461 4) to text: "+2B" -> "+"
+-- xtext (RFC 3461 4) to text: "+2B" -> "+". Only printable US-ASCII is
+-- decoded (what ENVID and ORCPT may hold): "+0D+0A" stays as it is, since a
+-- line break written into a DSN field would start a field of the sender's
+-- choosing. (The SMTP server refuses such values; a message stored before
+-- it did, or given another way, must not get through here either.)
 local function xtext_decode(s)
-  return (gsub(s, "%+(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+  return (gsub(s, "%+(%x%x)", function(h)
+    local c = tonumber(h, 16)
+    if c < 0x20 or c > 0x7E then return nil end
+    return string.char(c)
+  end))
+end
+
+-- A field value as written: any control character left (a raw one in a
+-- stored value) becomes "?".
+local function field(s)
+  return (gsub(s, "[%z\1-\31\127]", "?"))
 end
 
 local function headers_of(body)
@@ -74,7 +88,7 @@ function _M.build(o)
   local action = o.action or "failed"
   local human = { INTROS[action], "" }
   local fields = { "Reporting-MTA: dns; " .. host }
-  if env.envid then fields[#fields + 1] = "Original-Envelope-Id: " .. xtext_decode(env.envid) end
+  if env.envid then fields[#fields + 1] = "Original-Envelope-Id: " .. field(xtext_decode(env.envid)) end
   if env.t then fields[#fields + 1] = "Arrival-Date: " .. date(env.t) end
   for _, r in ipairs(o.recipients) do
     local said = gsub(r.text or action, "[\r\n]+", " ")
@@ -89,7 +103,7 @@ function _M.build(o)
     fields[#fields + 1] = ""
     if r.orcpt then
       local typ, addr = r.orcpt:match("^([^;]+);(.*)$")
-      if typ then fields[#fields + 1] = "Original-Recipient: " .. typ .. ";" .. xtext_decode(addr) end
+      if typ then fields[#fields + 1] = "Original-Recipient: " .. field(typ .. ";" .. xtext_decode(addr)) end
     end
     fields[#fields + 1] = "Final-Recipient: rfc822; " .. r.address
     fields[#fields + 1] = "Action: " .. action

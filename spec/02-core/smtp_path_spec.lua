@@ -104,6 +104,12 @@ describe("moonpost.core.smtp check_param", function()
     { "NOTIFY", "sometimes", false },
     { "ORCPT", "rfc822;a+40b.c", true }, { "ORCPT", "rfc822", false }, { "ORCPT", ";a@b", false },
     { "ORCPT", "utf-8;\xc3\xbc@b.c", true }, { "ORCPT", "rfc822;a+4", false },
+    -- RFC 3461 4.2, 4.4: printable US-ASCII once decoded; a line break would
+    -- end the DSN field that quotes the value and start another
+    { "ENVID", "x+0D+0AX-Injected:+20yes", false }, { "ENVID", "x+00", false }, { "ENVID", "x+1F", false },
+    { "ENVID", "x+7F", false }, { "ENVID", "x+09y", false }, { "ENVID", "a+20b+7E+3D", true },
+    { "ORCPT", "rfc822;a+0D+0AAction:+20delivered", false }, { "ORCPT", "rfc822;a+0A@b.c", false },
+    { "ORCPT", "rfc822;a+7F@b.c", false }, { "ORCPT", "rfc822;a+20b+2B@c.d", true },
     { "AUTH", "<>", true }, { "AUTH", "user+40example.com", true },
     { "XUNKNOWN", "anything", true },
   }

@@ -135,6 +135,15 @@ describe("the HTTP API", function()
         assert.equal(1, v.error:find("notify: expected \"NEVER\" or one or more of SUCCESS, FAILURE, DELAY", 1, true),
           notify .. ": " .. v.error)
       end
+      -- ENVID: the SMTP server's own check (a line break would break the DSN field that quotes it)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", text = "x",
+        envid = "x\r\nX-Injected: yes" })
+      assert.equal(400, s)
+      assert.equal("envid: ENVID must be printable US-ASCII: no control character (xtext +00 to +1F, +7F)", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", text = "x",
+        envid = string.rep("+", 34) })
+      assert.equal(400, s)
+      assert.equal("envid: ENVID must be xtext of at most 100 octets", v.error)
       s, v = api("POST", "/api/v1/bounce", {})
       assert.equal(400, s)
       assert.matches("give a filter", v.error)

@@ -215,6 +215,37 @@ describe("smtp server session", function()
     end)
   end)
 
+  it("refuses an ENVID or ORCPT whose xtext stands for a control character with 501 5.5.4", function()
+    H.run(function()
+      local mta, port, got = server()
+      local p = H.connect(port)
+      p:script([[
+        S: 220
+        C: EHLO x
+        S: 250
+        C: MAIL FROM:<a@b.c> ENVID=x+0D+0AX-Injected:+20yes
+        S: 501 5.5.4 ENVID must be printable US-ASCII: no control character (xtext +00 to +1F, +7F)
+        C: MAIL FROM:<a@b.c> ENVID=x+7F
+        S: 501 5.5.4 ENVID must be printable US-ASCII
+        C: MAIL FROM:<a@b.c> ENVID=QQ+20314159
+        S: 250 2.1.0
+        C: RCPT TO:<r@b.c> ORCPT=rfc822;r@b.c+0D+0AAction:+20delivered
+        S: 501 5.5.4 ORCPT address must be printable: no control character (xtext +00 to +1F, +7F)
+        C: RCPT TO:<r@b.c> NOTIFY=FAILURE ORCPT=rfc822;r+2Bx@b.c
+        S: 250 2.1.5
+        C: DATA
+        S: 354
+      ]])
+      p:send("Subject: x\r\n\r\nx\r\n.\r\n")
+      p:expect(250)
+      p:close()
+      assert.is_true(H.wait_for(function() return #got == 1 end, 5))
+      assert.equal("QQ+20314159", got[1].txn.envid)
+      assert.equal("rfc822;r+2Bx@b.c", got[1].txn.recipients[1].orcpt)
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("rejects ESMTP parameters after HELO with 555 5.5.4", function()
     H.run(function()
       local mta, port = server()
