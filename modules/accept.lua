@@ -45,6 +45,7 @@ local SMTP_SCHEMA = {
   auth = { type = "table" },
   relay = { type = "table" },
   local_domains = { type = "list" },
+  domain_literals = { type = "boolean", default = true },
   tenant = { type = "string" },
   tenant_header = { type = "string",
     check = function(v) return v:match("^[!-9;-~]+$") ~= nil, "must be a header field name like \"X-Tenant\"" end },

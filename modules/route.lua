@@ -414,6 +414,12 @@ function _M.smtp(opts)
     -- RFC 5321 5.1: the MX hosts in order, every address of each
     local mxs, why, permanent = dns.default():mx_hosts(domain, { order = o.ip_order })
     if not mxs then return nil, why, permanent end
+    if mxs[1].literal then
+      -- a domain literal, u@[192.0.2.1]: that address, no DNS; the site is
+      -- the address, as for a route to it (no name for SNI or verify)
+      local a = mxs[1].addrs[1]
+      return { { host = a, port = o.mx_port } }, "[" .. a .. "]:" .. o.mx_port
+    end
     local hosts, names = {}, {}
     for _, mx in ipairs(mxs) do
       names[#names + 1] = mx.name

@@ -16,6 +16,7 @@ local uv = require "luv"
 local core = require "moonpost.core.dns"
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
+local net = require "moonpost.runtime.net"
 
 local lower, random, floor, find = string.lower, math.random, math.floor, string.find
 
@@ -271,12 +272,43 @@ function Resolver:addresses(name, order)
   return nil, nx > 0 and "nxdomain" or "nodata"
 end
 
+-- literal(domain) -> address, "ipv4" | "ipv6" for an address literal
+-- (RFC 5321 4.1.3: "[192.0.2.1]", "[IPv6:2001:db8::1]"); false, reason
+-- for one that names no address we can reach (a general address literal,
+-- "[tag:...]"); nil when the domain is not an address literal.
+function _M.literal(domain)
+  local inner = domain:match("^%[(.*)%]$")
+  if not inner then return nil end
+  local v6 = inner:match("^[Ii][Pp][Vv]6:(.*)$")
+  if v6 then
+    if find(v6, ":", 1, true) and not find(v6, "%", 1, true) and net.ip(v6) then return v6, "ipv6" end
+  elseif inner:match("^%d+%.%d+%.%d+%.%d+$") and net.ip(inner) then
+    return inner, "ipv4"
+  end
+  return false, "5.1.2 " .. domain .. " is not an IPv4 or IPv6 address literal (RFC 5321 4.1.3)"
+end
+
+local ONLY = { ["ipv4-only"] = "ipv4", ["ipv6-only"] = "ipv6" }
+
 -- mx_hosts(domain, opts) -> { { name, pref, addrs } ... } | nil, reason, permanent.
 -- Preference order, random within a preference; no MX: the domain itself
 -- (implicit MX); a null MX (RFC 7505) or a domain that does not exist is
--- permanent; anything else that fails is temporary.
+-- permanent; anything else that fails is temporary. An address literal is
+-- its own host, without DNS (RFC 5321 5.1): { name = domain, pref = 0,
+-- addrs = { address }, literal = true }.
 function Resolver:mx_hosts(domain, opts)
   opts = opts or {}
+  local addr, family = _M.literal(domain)
+  if addr then
+    local only = ONLY[opts.order]
+    if only and only ~= family then
+      return nil, "5.4.4 " .. domain .. " is an " .. (family == "ipv6" and "IPv6" or "IPv4")
+        .. " address, and the order is " .. opts.order, true
+    end
+    return { { name = domain, pref = 0, addrs = { addr }, literal = true } }
+  elseif addr == false then
+    return nil, family, true
+  end
   local recs, err = self:query(domain, "MX")
   local mxs
   if recs then
@@ -308,22 +340,33 @@ function Resolver:mx_hosts(domain, opts)
   else
     return nil, "4.4.3 MX lookup for " .. domain .. " failed: " .. tostring(err), false
   end
-  local out, temp = {}, nil
+  local out, temp, numeric = {}, nil, 0
   for _, mx in ipairs(mxs) do
-    local addrs, aerr = self:addresses(mx.name, opts.order)
-    if addrs then
-      mx.addrs = addrs
-      out[#out + 1] = mx
-    elseif TEMPORARY[aerr] then
-      temp = aerr
+    local addrs, aerr
+    if not mx.implicit and net.ip(mx.name) then
+      -- "MX 10 192.0.2.1.": an MX names a host, never an address (RFC
+      -- 5321 5.1); no lookup, which would only fail, again at every retry
+      numeric = numeric + 1
+      log.info("dns: %s: MX %s is an IP address, not a host name", domain, mx.name)
     else
-      log.info("dns: %s: MX %s has no address (%s)", domain, mx.name, tostring(aerr))
+      addrs, aerr = self:addresses(mx.name, opts.order)
+      if addrs then
+        mx.addrs = addrs
+        out[#out + 1] = mx
+      elseif TEMPORARY[aerr] then
+        temp = aerr
+      else
+        log.info("dns: %s: MX %s has no address (%s)", domain, mx.name, tostring(aerr))
+      end
     end
   end
   if #out > 0 then return out end
   if temp then return nil, "4.4.3 address lookup for the MX of " .. domain .. " failed: " .. temp, false end
   if mxs[1] and mxs[1].implicit then
     return nil, "5.1.2 " .. domain .. " has no MX and no address", true
+  end
+  if numeric == #mxs then
+    return nil, "5.4.4 the MX of " .. domain .. " is an IP address, not a host name (RFC 5321 5.1)", true
   end
   return nil, "5.4.4 no MX host of " .. domain .. " has an address", true
 end

@@ -430,6 +430,10 @@ commands.RCPT = function(self, arg)
   if not self.conn.relay and not is_local(self, path) then
     return reply(self, 554, "5.7.1", "Relaying denied")
   end
+  -- u@[192.0.2.1]: a listener may refuse domain literals it does not serve
+  if path.literal and self.opts.domain_literals == false and not is_local(self, path) then
+    return reply(self, 550, "5.7.1", "Domain literals are not accepted here")
+  end
   if txn.tenant ~= nil and over_quota(self, txn.tenant) then
     return reply(self, 452, "4.3.1", "Tenant queue quota exceeded, try again later")
   end

@@ -157,6 +157,34 @@ describe("moonpost.runtime.dns", function()
     end)
   end)
 
+  it("mx_hosts() takes an address literal as its own host, and skips an MX that names an address", function()
+    with_dns(function(srv)
+      local r = assert(dns.new { servers = srv.address })
+      -- RFC 5321 5.1: no DNS for a domain literal (c-ares was asked for "[127.0.0.2]" and failed)
+      assert.same({ { name = "[127.0.0.2]", pref = 0, addrs = { "127.0.0.2" }, literal = true } },
+        r:mx_hosts("[127.0.0.2]"))
+      assert.same({ { name = "[IPv6:::1]", pref = 0, addrs = { "::1" }, literal = true } },
+        r:mx_hosts("[IPv6:::1]"))
+      assert.same({ "2001:db8::7" }, assert(r:mx_hosts("[ipv6:2001:db8::7]", { order = "ipv6-only" }))[1].addrs)
+      local none, why, permanent = r:mx_hosts("[IPv6:::1]", { order = "ipv4-only" })
+      assert.is_nil(none)
+      assert.equal("5.4.4 [IPv6:::1] is an IPv6 address, and the order is ipv4-only", why)
+      assert.is_true(permanent)
+      none, why, permanent = r:mx_hosts("[x-tag:abc]")
+      assert.is_nil(none)
+      assert.equal("5.1.2 [x-tag:abc] is not an IPv4 or IPv6 address literal (RFC 5321 4.1.3)", why)
+      assert.is_true(permanent)
+      -- "MX 10 127.0.0.2.": no host; was a temporary failure, retried until max_age
+      none, why, permanent = r:mx_hosts("mxip.test")
+      assert.is_nil(none)
+      assert.equal("5.4.4 the MX of mxip.test is an IP address, not a host name (RFC 5321 5.1)", why)
+      assert.is_true(permanent)
+      local hosts = assert(r:mx_hosts("mxipplus.test"))
+      assert.same({ { "mx2.test", { "127.0.0.3" } } }, { { hosts[1].name, hosts[1].addrs } })
+      r:close()
+    end)
+  end)
+
   it("mx_hosts() is temporary when DNS fails", function()
     H.run(function()
       local r = assert(dns.new { servers = "127.0.0.1:" .. H.free_port(), timeout = 0.3, tries = 1 })
@@ -270,6 +298,36 @@ describe("MX routing", function()
       stop_all(mta, sinks)
     end, 60)
   end)
+
+  it("delivers to a domain literal's address, IPv4 or IPv6, on mx_port, and bounces an MX naming an address at once",
+    function()
+      with_dns(function(srv)
+        local mta, port, sinks = setup(srv)
+        assert.equal(250, (H.send(port, { to = { "lit4@[127.0.0.2]" } })))
+        assert.equal(250, (H.send(port, { to = { "lit6@[IPv6:::1]" } })))
+        assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "x@mxip.test" } })))
+        -- before: "4.4.3 MX lookup for [127.0.0.2] failed: error", deferred until max_age
+        assert.is_true(H.wait_for(function()
+          return count(sinks.mx1, "lit4@[127.0.0.2]") == 1 and count(sinks.v6, "lit6@[IPv6:::1]") == 1
+            and count(sinks.mx1, "origin@sender.test") == 1
+        end, 20), H.log("lit") .. H.log("mxip"))
+        assert.equal("", H.log("MX lookup for ["))
+        local dsn
+        for _, m in ipairs(sinks.mx1.messages()) do
+          if m.rcpts[1] == "origin@sender.test" then dsn = H.parse_dsn(m.data) end
+        end
+        assert.equal("5.4.4", dsn.recipients[1]["Status"])
+        assert.equal("smtp; 550 5.4.4 the MX of mxip.test is an IP address, not a host name (RFC 5321 5.1)",
+          dsn.recipients[1]["Diagnostic-Code"])
+        -- the literal's site is its address, as for a route to it
+        local route
+        for _, b in ipairs(mta.blocks) do if b.name == "route.smtp" then route = b end end
+        local mxport = route.opts.mx_port
+        assert.truthy(route.pools["[127.0.0.2]:" .. mxport])
+        assert.truthy(route.pools["[::1]:" .. mxport])
+        stop_all(mta, sinks)
+      end, 60)
+    end)
 
   it("defers when DNS fails, and delivers once it answers", function()
     H.run(function()

@@ -246,6 +246,45 @@ describe("smtp server session", function()
     end)
   end)
 
+  it("takes domain literals by default; with domain_literals = false only those in local_domains", function()
+    H.run(function()
+      local mta, port = server()
+      local p = H.connect(port)
+      p:script([[
+        S: 220
+        C: EHLO x
+        S: 250
+        C: MAIL FROM:<a@b.c>
+        S: 250
+        C: RCPT TO:<u@[127.0.0.2]>
+        S: 250 2.1.5
+        C: RCPT TO:<u@[IPv6:::1]>
+        S: 250 2.1.5
+      ]])
+      p:close()
+      H.stop_mta(mta)
+      mta, port = server({ domain_literals = false, local_domains = { "[192.0.2.1]" } })
+      p = H.connect(port)
+      p:script([[
+        S: 220
+        C: EHLO x
+        S: 250
+        C: MAIL FROM:<a@b.c>
+        S: 250
+        C: RCPT TO:<u@[127.0.0.2]>
+        S: 550 5.7.1 Domain literals are not accepted here
+        C: RCPT TO:<u@[IPv6:::1]>
+        S: 550 5.7.1 Domain literals are not accepted here
+        C: RCPT TO:<u@[192.0.2.1]>
+        S: 250 2.1.5
+        C: RCPT TO:<u@example.org>
+        S: 250 2.1.5
+      ]])
+      p:close()
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("rejects ESMTP parameters after HELO with 555 5.5.4", function()
     H.run(function()
       local mta, port = server()
