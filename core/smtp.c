@@ -591,6 +591,8 @@ int mp_utf8_valid(const char *s, size_t n)
 
 static int is_hex_upper(int c) { return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F'); }
 static int hex_value(int c) { return c <= '9' ? c - '0' : c - 'A' + 10; }
+static int is_hex(int c) { return is_hex_upper(c) || (c >= 'a' && c <= 'f'); }
+static int hex_value_ci(int c) { return c >= 'a' ? c - 'a' + 10 : hex_value(c); }
 
 /* The octet that "+XX" at s stands for (two upper-case hex digits follow). */
 static int xtext_octet(const char *s) { return hex_value(s[1]) * 16 + hex_value(s[2]); }
@@ -1039,8 +1041,22 @@ const char *mp_check_param(const char *key, size_t key_len, const char *val, siz
                         return "ORCPT address must be printable: no control character (xtext +00 to +1F, +7F)";
                     i += 2;
                 } else if (ch == '\\') {
-                    /* \x{HEX} of RFC 6533 */
-                    if (i + 1 >= xn || x[i + 1] != 'x') return "ORCPT address is not xtext";
+                    /* \x{HEXPOINT} of RFC 6533: 2 to 6 hex digits naming a
+                     * Unicode scalar value, printable (no control character) */
+                    size_t j = i + 3;
+                    unsigned long cp = 0;
+                    if (i + 2 >= xn || x[i + 1] != 'x' || x[i + 2] != '{') return "ORCPT address is not xtext";
+                    while (j < xn && j - (i + 3) < 7 && is_hex(x[j])) {
+                        cp = cp * 16 + (unsigned long)hex_value_ci(x[j]);
+                        j++;
+                    }
+                    if (j >= xn || x[j] != '}' || j - (i + 3) < 2 || j - (i + 3) > 6 || cp > 0x10FFFF ||
+                        (cp >= 0xD800 && cp <= 0xDFFF))
+                        return "ORCPT address has a bad \\x{...} escape (RFC 6533: 2 to 6 hex digits of a Unicode "
+                               "scalar value)";
+                    if (cp < 0x20 || (cp >= 0x7F && cp < 0xA0))
+                        return "ORCPT address must be printable: no control character (xtext +00 to +1F, +7F)";
+                    i = j;
                 } else if (ch < 33 || ch > 126 || ch == '=') {
                     return "ORCPT address is not xtext";
                 }

@@ -425,6 +425,11 @@ commands.RCPT = function(self, arg)
   if path.utf8 and not txn.smtputf8 then
     return error_reply(self, 553, "5.6.7", "Non-ASCII recipient address needs SMTPUTF8")
   end
+  -- raw UTF-8 in ORCPT (RFC 6533 utf-8-addr-unitext) only in an SMTPUTF8
+  -- transaction; \x{...} escapes carry it otherwise
+  if params.ORCPT and not txn.smtputf8 and find(params.ORCPT, "[\128-\255]") then
+    return error_reply(self, 553, "5.6.7", "Non-ASCII ORCPT needs SMTPUTF8")
+  end
   if params.NOTIFY then path.notify = upper(params.NOTIFY) end
   if params.ORCPT then path.orcpt = params.ORCPT end
   if not self.conn.relay and not is_local(self, path) then

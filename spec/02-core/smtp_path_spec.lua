@@ -110,6 +110,13 @@ describe("moonpost.core.smtp check_param", function()
     { "ENVID", "x+7F", false }, { "ENVID", "x+09y", false }, { "ENVID", "a+20b+7E+3D", true },
     { "ORCPT", "rfc822;a+0D+0AAction:+20delivered", false }, { "ORCPT", "rfc822;a+0A@b.c", false },
     { "ORCPT", "rfc822;a+7F@b.c", false }, { "ORCPT", "rfc822;a+20b+2B@c.d", true },
+    -- RFC 6533 \x{HEXPOINT}: 2 to 6 hex digits of a printable Unicode scalar value
+    { "ORCPT", "utf-8;j\\x{F6}@b.c", true }, { "ORCPT", "utf-8;\\x{1F600}@b.c", true },
+    { "ORCPT", "utf-8;j\\x{f6}@b.c", true }, { "ORCPT", "utf-8;a\\x{zz}@b", false },
+    { "ORCPT", "utf-8;a\\x{}@b", false }, { "ORCPT", "utf-8;a\\x{F6@b", false }, { "ORCPT", "utf-8;a\\xF6@b", false },
+    { "ORCPT", "utf-8;a\\x{0A}@b", false }, { "ORCPT", "utf-8;a\\x{9B}@b", false },
+    { "ORCPT", "utf-8;a\\x{D800}@b", false }, { "ORCPT", "utf-8;a\\x{110000}@b", false },
+    { "ORCPT", "utf-8;a\\x{0000041}@b", false }, { "ORCPT", "utf-8;a\\", false },
     { "AUTH", "<>", true }, { "AUTH", "user+40example.com", true },
     { "XUNKNOWN", "anything", true },
   }

@@ -215,6 +215,30 @@ describe("smtp server session", function()
     end)
   end)
 
+  it("takes a raw UTF-8 ORCPT only in an SMTPUTF8 transaction (553 5.6.7 otherwise)", function()
+    H.run(function()
+      local mta, port, got = server()
+      local p = H.connect(port)
+      local raw = "utf-8;j\xc3\xb6@b.c"
+      p:script(table.concat({
+        "S: 220", "C: EHLO x", "S: 250",
+        "C: MAIL FROM:<a@b.c>", "S: 250 2.1.0",
+        "C: RCPT TO:<r@b.c> ORCPT=" .. raw, "S: 553 5.6.7 Non-ASCII ORCPT needs SMTPUTF8",
+        "C: RCPT TO:<r@b.c> ORCPT=utf-8;j\\x{F6}@b.c", "S: 250 2.1.5",
+        "C: RSET", "S: 250",
+        "C: MAIL FROM:<a@b.c> SMTPUTF8", "S: 250 2.1.0",
+        "C: RCPT TO:<r@b.c> ORCPT=" .. raw, "S: 250 2.1.5",
+        "C: DATA", "S: 354",
+      }, "\n"))
+      p:send("Subject: x\r\n\r\nx\r\n.\r\n")
+      p:expect(250)
+      p:close()
+      assert.is_true(H.wait_for(function() return #got == 1 end, 5))
+      assert.equal(raw, got[1].txn.recipients[1].orcpt)
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("refuses an ENVID or ORCPT whose xtext stands for a control character with 501 5.5.4", function()
     H.run(function()
       local mta, port, got = server()
