@@ -387,11 +387,16 @@ end
 
 -- ---- writing -------------------------------------------------------------------------------
 
-local function set_full(self, code)
+-- set_full(self, code [, need]): refuse new mail. need: the size of the
+-- write that failed; acceptance resumes once that much is free above
+-- min_free (the space the failed write gave back when its file was cut is
+-- not "space returning": the next such message would fail the same way).
+local function set_full(self, code, need)
   if not self.full then
     log.error("spool: %s: %s; refusing new mail until space returns", self.dir, code or "write failed")
   end
   self.full = code or true
+  if need and need > (self.full_need or 0) then self.full_need = need end
 end
 
 local function append(self, rtype, flags, id, meta, body, aux)
@@ -406,7 +411,9 @@ local function append(self, rtype, flags, id, meta, body, aux)
   end
   local off, len, code = seg.file:append(rtype, flags, id, meta, body, aux)
   if not off then
-    if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then set_full(self, code) end
+    if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then
+      set_full(self, code, #(meta or "") + (type(body) == "string" and #body or body and body:size() or 0))
+    end
     return nil, len, code
   end
   seg.size = off + len
@@ -458,13 +465,14 @@ local function start_sync(self)
   -- write fails the whole batch: its records are gone from the file.
   local fds = {}
   for i = 1, #segs do
+    local buffered = segs[i].file:pending()
     local ok, err, code = segs[i].file:flush()
     if ok then
       fds[#fds + 1] = segs[i].file:fd()
     else
       segs[i].size = segs[i].file:size()
       failure = failure or err
-      if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then set_full(self, code) end
+      if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then set_full(self, code, buffered) end
       log.error("spool: %s: %s", seg_name(segs[i].num), tostring(err))
     end
   end
@@ -540,7 +548,7 @@ function Spool:stored(txn, msg, envt, id, seg, off, len, ok, err)
   end
   -- A write that succeeds ends a refusal caused by a failed write; one caused
   -- by low free space ends when the space check says so.
-  if self.full and self.full ~= "low disk space" then self.full = false end
+  if self.full and self.full ~= "low disk space" then self.full, self.full_need = false, nil end
   -- eight fields at most (LuaJIT's hash part doubles past eight): the arrival
   -- time is in the id (ids.time_of)
   local m = { id = id, pending = #txn.recipients, attempts = 0, next = 0, seg = seg, off = off, len = len }
@@ -980,15 +988,18 @@ end
 function Spool:check_space()
   local function check()
     local free = self:free_bytes()
-    if free and free < self.min_free then
+    if not free then return end
+    if free < self.min_free then
       set_full(self, "low disk space")
-    elseif free then
-      if self.full then
-        log.info("spool: %s: space is back (%d bytes free); accepting mail", self.dir, free)
-        self.full = false
-      end
-      if self.pending_done or self.pending_state then self:rewrite_pending() end
+      return
     end
+    if self.full and free >= self.min_free + (self.full_need or 0) then
+      log.info("spool: %s: space is back (%d bytes free); accepting mail", self.dir, free)
+      self.full, self.full_need = false, nil
+    end
+    -- the records a failed write lost are small: written again as soon as
+    -- the disk takes writes
+    if self.pending_done or self.pending_state then self:rewrite_pending() end
   end
   check()
   if not self.space_timer then
