@@ -168,9 +168,14 @@ local function deliver_group(self, env, body, d, group, results)
   end
 end
 
+local settle
+
 -- Deliver a message's recipients: one call of the right transport per
--- recipient domain. Returns results by recipient index.
-function Queue:dispatch(env, body, rcpts)
+-- recipient domain, one domain after the other. Returns results by
+-- recipient index, and the recipients already settled (see settle()), or
+-- nil. m and now: the attempt's message and time (without them, nothing
+-- is settled on the way).
+function Queue:dispatch(env, body, rcpts, m, now)
   local results = {}
   if #rcpts == 1 then
     -- one recipient (the common case): no grouping by domain
@@ -187,8 +192,14 @@ function Queue:dispatch(env, body, rcpts)
     local g = groups[d]
     g[#g + 1] = r
   end
-  for _, d in ipairs(order) do deliver_group(self, env, body, d, groups[d], results) end
-  return results
+  local settled
+  for k, d in ipairs(order) do
+    deliver_group(self, env, body, d, groups[d], results)
+    -- another domain follows, which may take long (a next hop that never
+    -- greets): what this one delivered is recorded now
+    if m and k < #order then settled = settle(self, m, env, body, groups[d], results, now, settled) end
+  end
+  return results, settled
 end
 
 function Queue:add(m)
@@ -456,6 +467,63 @@ local function add_entry(list, r, res, now, class_text)
   return list
 end
 
+-- A delivered recipient: counted, logged, its event fired. Returns the
+-- kind of DSN it gets ("relayed", "delivered") or nil.
+local function delivered_one(self, m, env, r, res, now, domain)
+  local mc, tenant = self.mta.counters, env.tenant or ""
+  self.stats.delivered = self.stats.delivered + 1
+  if mc then
+    mc.delivered:inc(tenant, domain)
+    -- from the durable 250 (or, for a message recovered at start, its arrival) to the remote 250
+    mc.latency:observe(m.stored_at and (uv.hrtime() - m.stored_at) / 1e9 or max(0, now - (env.t or now)), tenant)
+  end
+  log.info("%s: to=<%s> delivered: %s", env.id, r.address, tostring(res.text))
+  self.mta.bus:emit("delivery_delivered", env, r, res)
+  if res.relayed then
+    if dsn.wants(r.notify, "relayed") then return "relayed" end
+  elseif res.final and dsn.wants(r.notify, "delivered") then
+    return "delivered"
+  end
+end
+
+-- The delivered recipients of a domain that another domain of the message
+-- follows: settled at once (logged, their events, recorded as done in the
+-- spool, their delivered / relayed DSNs queued) instead of when the whole
+-- attempt ends, so that a crash or a stop while a later domain is slow does
+-- not deliver them a second time after the restart. The state record goes
+-- to the file with the others of this loop iteration, before the next
+-- domain's transport can wait for anything. Other outcomes wait for the end
+-- of the attempt (a bounce repeated after a crash delivers nothing twice,
+-- and its DSN then still reports every bounce of the attempt at once).
+-- Returns settled (made when nil): index -> true.
+function settle(self, m, env, body, group, results, now, settled)
+  local done, relayed, delivered
+  for _, r in ipairs(group) do
+    local res = results[r.index]
+    if res and res.status == "delivered" then
+      done = done or {}
+      done[#done + 1] = r.index
+      local kind = delivered_one(self, m, env, r, res, now, r.domain:lower())
+      if kind == "relayed" then
+        relayed = add_entry(relayed, r, res, now)
+      elseif kind == "delivered" then
+        delivered = add_entry(delivered, r, res, now)
+      end
+    end
+  end
+  if not done then return settled end
+  settled = settled or {}
+  for _, i in ipairs(done) do
+    settled[i] = true
+    -- the next domains' transports see them done, as a later attempt would
+    env.rcpt[i].done = true
+  end
+  self.spool:update(m.id, { done = done, attempts = m.attempts })
+  if delivered then self:notify(env, body, "delivered", delivered) end
+  if relayed then self:notify(env, body, "relayed", relayed) end
+  return settled
+end
+
 local attempt, outcomes
 
 local function deliver(self, m)
@@ -567,15 +635,21 @@ function attempt(self, m, env, body)
   end
   m.attempts = (m.attempts or 0) + 1
   self.stats.attempts = self.stats.attempts + 1
-  local results = #todo > 0 and self:dispatch(env, body, todo) or {}
-  return outcomes(self, m, env, body, rcpts, results, early, now, waiting)
+  local results, settled
+  if #todo > 0 then
+    results, settled = self:dispatch(env, body, todo, m, now)
+  else
+    results = {}
+  end
+  return outcomes(self, m, env, body, rcpts, results, early, now, waiting, settled)
 end
 
 -- The attempt's results, recipient by recipient: the spool, the counters,
--- the DSNs, the events, and the next attempt. (A function of its own: code
+-- the DSNs, the events, and the next attempt. settled: the recipients
+-- dispatch() settled on the way (done already). (A function of its own: code
 -- after a wait, which dispatch() is, runs in LuaJIT's interpreter until it
 -- enters a function, where a compiled trace can start.)
-function outcomes(self, m, env, body, rcpts, results, early, now, waiting)
+function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settled)
   local spool, bus = self.spool, self.mta.bus
   if early then
     for i, res in pairs(early) do results[i] = res end
@@ -596,10 +670,12 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting)
   -- the metrics (moonpost.metrics) count each recipient's outcome
   local mc, tenant = self.mta.counters, env.tenant or ""
   local next_at
-  local held, attempted
+  -- (settled recipients were delivered: this was an attempt)
+  local held, attempted = nil, settled ~= nil
   -- each deferred recipient's retry time, kept when a gate holds others
   local dnext = waiting
   for _, r in ipairs(rcpts) do
+    if settled and settled[r.index] then goto next_rcpt end
     local domain = r.domain:lower()
     local expired = age >= max_age_of(self, domain)
     local res = results[r.index] or { status = "deferred", text = "transport gave no result" }
@@ -643,17 +719,10 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting)
     end
     if res.status == "delivered" then
       done[#done + 1] = r.index
-      self.stats.delivered = self.stats.delivered + 1
-      if mc then
-        mc.delivered:inc(tenant, domain)
-        -- from the durable 250 (or, for a message recovered at start, its arrival) to the remote 250
-        mc.latency:observe(m.stored_at and (uv.hrtime() - m.stored_at) / 1e9 or max(0, now - (env.t or now)), tenant)
-      end
-      log.info("%s: to=<%s> delivered: %s", env.id, r.address, tostring(res.text))
-      bus:emit("delivery_delivered", env, r, res)
-      if res.relayed then
-        if dsn.wants(r.notify, "relayed") then relayed = add_entry(relayed, r, res, now, class_text) end
-      elseif res.final and dsn.wants(r.notify, "delivered") then
+      local kind = delivered_one(self, m, env, r, res, now, domain)
+      if kind == "relayed" then
+        relayed = add_entry(relayed, r, res, now, class_text)
+      elseif kind == "delivered" then
         delivered = add_entry(delivered, r, res, now, class_text)
       end
     elseif res.status == "bounced" then

@@ -63,3 +63,52 @@ describe("delivery under SIGKILL", function()
     H.rm_rf(dir)
   end)
 end)
+
+-- A message to several domains is delivered one domain after the other. What
+-- an early domain delivered must be on record before a later one is tried:
+-- a server stopped or killed while a later domain's next hop keeps it
+-- waiting must not deliver the early domain again after its restart.
+describe("delivery to several domains under SIGKILL and SIGTERM", function()
+  -- Returns once the server has answered EHLO on a new connection: its loop
+  -- has turned since anything it started before (the state records of a
+  -- turn are written at its end).
+  local function loop_turned(port)
+    local p = assert(H.connect(port))
+    assert.equal(220, (p:reply()))
+    p:cmd("EHLO probe.test")
+    assert.equal(250, (p:reply()))
+    p:close()
+  end
+
+  for _, how in ipairs({ "SIGKILL", "SIGTERM" }) do
+    it("does not deliver an earlier domain again after a " .. how .. " while a later one waits", function()
+      local dir = H.tmpdir("moonpost-multidomain")
+      H.run_killing(function()
+        -- b.test's next hop: takes connections and never greets
+        local conns = {}
+        local hole, hport = H.listen(function(c) conns[#conns + 1] = c end)
+        local env = { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail",
+          MOONPOST_RELAY = "127.0.0.1:" .. hport }
+        local policy = H.root .. "/spec/fixtures/policies/multidomain.lua"
+        local srv = H.launch(policy, env)
+        local ok, err = pcall(function()
+          assert.equal(250, (H.send(srv.port, { to = { "x@a.test", "y@b.test" } })))
+          -- a.test is stored first, then b.test's delivery waits for a greeting
+          assert.is_true(H.wait_for(function() return #conns == 1 end, 10), "b.test was not tried")
+          assert.equal(1, #H.ls(dir .. "/mail/x/new"))
+          loop_turned(srv.port)
+          if how == "SIGKILL" then srv.kill() else srv.stop() end
+          srv = H.launch(policy, env)
+          -- the restarted server tries what is left; a.test would come first
+          assert.is_true(H.wait_for(function() return #conns == 2 end, 10), "b.test was not tried again")
+          assert.equal(1, #H.ls(dir .. "/mail/x/new"), "x@a.test was delivered again after the restart")
+          srv.kill()
+        end)
+        for _, c in ipairs(conns) do c:close() end
+        hole:close()
+        if not ok then error(err, 0) end
+      end, 60)
+      H.rm_rf(dir)
+    end)
+  end
+end)

@@ -367,3 +367,63 @@ describe("delivery over SMTP", function()
     end, 180)
   end)
 end)
+
+describe("delivery to several domains", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-domains") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  it("settles what one domain delivered before the next domain's transport is called", function()
+    H.run(function()
+      local sched = require "moonpost.runtime.sched"
+      local events, dsns = {}, {}
+      local waiting, release, at_b, done_at_b = false, false, nil, nil
+      local function deliver_all(rcpts, extra)
+        local out = {}
+        for _, r in ipairs(rcpts) do
+          out[r.index] = { status = "delivered", text = "2.0.0 ok", final = extra and extra.final }
+        end
+        return out
+      end
+      local mta, port = H.start_mta({}, function(m)
+        m:add_transport { name = "local", domains = { "a.test" }, deliver = function(_, _, rcpts)
+          return deliver_all(rcpts, { final = true })
+        end }
+        m:add_transport { name = "remote", deliver = function(env, body, rcpts)
+          if rcpts[1].domain == "sender.test" then
+            dsns[#dsns + 1] = { data = type(body) == "string" and body or body:tostring(), while_b_waits = waiting }
+          elseif rcpts[1].domain == "b.test" then
+            -- x@a.test is settled by now: its event fired and its DSN is queued
+            waiting = true
+            at_b = { unpack(events) }
+            done_at_b = env.rcpt[1].done
+            while not release do sched.sleep(0.02) end
+            waiting = false
+          end
+          return deliver_all(rcpts)
+        end }
+        m:on("delivery_delivered", function(_, r) events[#events + 1] = r.address end)
+      end, { spool = { dir = dir .. "/spool", min_free = 0 }, queue = { retry = { "1s" } } })
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "x@a.test", "y@b.test" },
+        rcpt_params = "NOTIFY=SUCCESS" })))
+      assert.is_true(H.wait_for(function() return waiting end, 10), "b.test was not tried")
+      assert.same({ "x@a.test" }, at_b)
+      assert.is_true(done_at_b)
+      -- x's delivered DSN goes out while b.test's delivery still runs
+      assert.is_true(H.wait_for(function() return #dsns == 1 end, 10), "no DSN for x@a.test")
+      assert.is_true(dsns[1].while_b_waits)
+      local d = H.parse_dsn(dsns[1].data)
+      assert.equal(1, #d.recipients)
+      assert.equal("rfc822; x@a.test", d.recipients[1]["Final-Recipient"])
+      assert.equal("delivered", d.recipients[1]["Action"])
+      release = true
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 10))
+      -- each recipient once: in the events and in the log
+      table.sort(events)
+      assert.same({ "origin@sender.test", "x@a.test", "y@b.test" }, events)
+      assert.equal(1, H.count(H.log("to=<x@a.test> delivered"), "delivered"))
+      assert.equal(1, #dsns)
+      H.stop_mta(mta)
+    end)
+  end)
+end)
