@@ -149,8 +149,70 @@ function Queue:set_transport(fn)
   self:set_transports({ { name = "transport", deliver = fn } })
 end
 
+-- A string field of a result, or nil: anything else is dropped (logged).
+local function string_field(res, k, id, who, address)
+  local v = res[k]
+  if v ~= nil and type(v) ~= "string" then
+    log.error("queue: %s: %s gave <%s> a result whose %s is a %s: left out", id, who, address, k, type(v))
+    res[k] = nil
+  end
+end
+
+-- A result as the rest of the queue needs it (docs/spool.md#transports), or
+-- nil when it is not a table at all (logged). A field of the wrong type
+-- raised later, in a log line or in the DSN, and the message then came back
+-- every minute for ever: text is made a string (tostring), code a number
+-- (tonumber, else left out), enhanced, host, stage and class strings or
+-- nothing, last a reply ({ code = <number>, enhanced, text }) or nothing;
+-- a held result without a park function is a deferral. Each change is
+-- logged. The table is fixed in place (a transport may give one table to
+-- several recipients). who: the transport (a table), or "delivery filter".
+local function checked(res, id, who, address)
+  if type(res) ~= "table" then
+    if type(who) == "table" then who = "transport " .. tostring(who.name) end
+    log.error("queue: %s: %s gave <%s> a %s, not a result table", id, who, address, type(res))
+    return nil
+  end
+  local text, code, last = res.text, res.code, res.last
+  if (text == nil or type(text) == "string") and (code == nil or type(code) == "number") and last == nil
+    and (res.enhanced == nil or type(res.enhanced) == "string") and (res.host == nil or type(res.host) == "string")
+    and (res.stage == nil or type(res.stage) == "string") and (res.class == nil or type(res.class) == "string")
+    and (res.status ~= "held" or type(res.park) == "function") then
+    return res -- (every well-formed result: no more checks)
+  end
+  if type(who) == "table" then who = "transport " .. tostring(who.name) end
+  if text ~= nil and type(text) ~= "string" then
+    log.error("queue: %s: %s gave <%s> a result whose text is a %s: taken as a string", id, who, address,
+      type(text))
+    res.text = tostring(text)
+  end
+  if code ~= nil and type(code) ~= "number" then
+    log.error("queue: %s: %s gave <%s> a result whose code is a %s: %s", id, who, address, type(code),
+      tonumber(code) and "taken as a number" or "left out")
+    res.code = tonumber(code)
+  end
+  string_field(res, "enhanced", id, who, address)
+  string_field(res, "host", id, who, address)
+  string_field(res, "stage", id, who, address)
+  string_field(res, "class", id, who, address)
+  if last ~= nil and (type(last) ~= "table" or type(last.code) ~= "number"
+    or (last.text ~= nil and type(last.text) ~= "string")
+    or (last.enhanced ~= nil and type(last.enhanced) ~= "string")) then
+    log.error("queue: %s: %s gave <%s> a result whose last is not a reply: left out", id, who, address)
+    res.last = nil
+  end
+  if res.status == "held" and type(res.park) ~= "function" then
+    log.error("queue: %s: %s held <%s> without a park function: treated as deferred", id, who, address)
+    res.status = "deferred"
+  end
+  return res
+end
+
 -- The transport of domain d for its recipients (group); their results go
--- into results (a table of the queue's own: the caller adds to it).
+-- into results (a table of the queue's own: the caller adds to it). A
+-- transport that raises, returns something other than a table, or gives a
+-- recipient something other than a result table, leaves that recipient
+-- without a result: outcomes() defers it ("transport gave no result").
 local function deliver_group(self, env, body, d, group, results)
   local t = self.by_domain[d] or self.default
   if not t then
@@ -161,10 +223,16 @@ local function deliver_group(self, env, body, d, group, results)
   local ok, out = xpcall(t.deliver, debug.traceback, env, body, group)
   if not ok then
     log.error("queue: %s: transport %s failed: %s", env.id, t.name, tostring(out))
-    out = nil
+    return
   end
-  if out then
-    for _, r in ipairs(group) do results[r.index] = out[r.index] end
+  if out == nil then return end
+  if type(out) ~= "table" then
+    log.error("queue: %s: transport %s returned a %s, not a table of results", env.id, t.name, type(out))
+    return
+  end
+  for _, r in ipairs(group) do
+    local res = out[r.index]
+    if res ~= nil then results[r.index] = checked(res, env.id, t, r.address) end
   end
 end
 
@@ -524,7 +592,7 @@ function settle(self, m, env, body, group, results, now, settled)
   return settled
 end
 
-local attempt, outcomes
+local attempt, outcomes, failed_attempt
 
 local function deliver(self, m)
   local spool = self.spool
@@ -592,6 +660,24 @@ local function park(self, m, env, held, done, attempted, wake_at)
   end
 end
 
+-- The delivery filters' verdict on a recipient: nil (go on) or a result.
+-- A filter that raises, or returns something other than a result table,
+-- defers the recipient (logged): what it had to decide (a suppression, a
+-- suspension, a purge) is not known, and the next attempt asks again.
+local function filtered(filters, env, rc)
+  for f = 1, #filters do
+    local ok, res = xpcall(filters[f], debug.traceback, env, rc)
+    if not ok then
+      log.error("queue: %s: delivery filter failed for <%s>: %s", env.id, rc.address, tostring(res))
+      return { status = "deferred", code = 451, enhanced = "4.3.0", text = "delivery filter failed" }
+    end
+    if res then
+      return checked(res, env.id, "delivery filter", rc.address)
+        or { status = "deferred", code = 451, enhanced = "4.3.0", text = "delivery filter failed" }
+    end
+  end
+end
+
 function attempt(self, m, env, body)
   local now = os.time()
   if not env then
@@ -620,11 +706,7 @@ function attempt(self, m, env, body)
       local rc = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o,
         attempt = (m.attempts or 0) + 1 }
       rcpts[#rcpts + 1] = rc
-      local res
-      for f = 1, #filters do
-        res = filters[f](env, rc)
-        if res then break end
-      end
+      local res = #filters > 0 and filtered(filters, env, rc) or nil
       if res then
         early = early or {}
         early[i] = res
@@ -829,6 +911,59 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
   end
 end
 
+-- A message that was tried for longer than max_age, each attempt failing
+-- with an error: its recipients still to do expire through outcomes(), as
+-- deferred ones would (logged, delivery_bounced, a failed DSN), without
+-- another call of a transport or a filter. Returns true when that went
+-- through.
+local function expire_failed(self, m)
+  local env, body, owned = self.spool:read(m, true)
+  if not env then return false end
+  local rcpts, results = {}, {}
+  for i, r in ipairs(env.rcpt) do
+    if not r.done then
+      local l, d = split(r.a)
+      rcpts[#rcpts + 1] = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o,
+        attempt = m.attempts }
+      results[i] = { status = "deferred", text = "4.3.0 every attempt failed with an internal error" }
+    end
+  end
+  if m.rnext then m.rnext = nil end
+  local ok, err = xpcall(outcomes, debug.traceback, self, m, env, body, rcpts, results, nil, os.time())
+  if owned then body:close() end
+  if not ok then log.error("queue: %s: %s", ids.hex(m.id), tostring(err)) end
+  return ok
+end
+
+-- An attempt that raised (a bug, in the queue or in a block it calls: the
+-- log has the traceback). What it settled on the way stays recorded
+-- (settle()); the attempt is recorded and the message tried again after
+-- the queue's retry interval. Once it was received max_age ago (the
+-- queue's own max_age, as for an unreadable message), its recipients still
+-- to do expire instead (expire_failed()); if even that fails, it is
+-- dropped.
+function failed_attempt(self, m)
+  local spool = self.spool
+  -- a gate or a suspension that took the message before the error must not
+  -- hand it back as well: it goes into the heap once
+  self.parked[m] = nil
+  self.rush[m] = nil
+  if spool:get(m.id) ~= m then return end -- finished before the error
+  local now = os.time()
+  if now - ids.time_of(m.id) >= self.max_age then
+    if expire_failed(self, m) then return end
+    log.error("queue: %s: dropped: its attempts failed for longer than max_age", ids.hex(m.id))
+    self:unaccount(m)
+    return finished(self, m)
+  end
+  if m.rnext then m.rnext = nil end
+  m.next = due_after(retry_after(self, max(1, m.attempts or 1)))
+  spool:update(m.id, { attempts = m.attempts, next = m.next, warned = m.warned or nil })
+  -- (counted under "?" again if the error came after it left its queues)
+  if m.key == nil then self:account(m) end
+  self:add(m)
+end
+
 -- A fixed set of workers (concurrency of them) takes due messages from the
 -- heap: no task is created per delivery.
 local function worker(self, i)
@@ -842,12 +977,12 @@ local function worker(self, i)
       if self.spool:get(m.id) == m then
         self.running = self.running + 1
         local ok, err = xpcall(deliver, debug.traceback, self, m)
-        self.running = self.running - 1
         if not ok then
           log.error("queue: %s: %s", ids.hex(m.id), tostring(err))
-          m.next = os.time() + 60
-          self:add(m)
+          ok, err = xpcall(failed_attempt, debug.traceback, self, m)
+          if not ok then log.error("queue: %s: %s", ids.hex(m.id), tostring(err)) end
         end
+        self.running = self.running - 1
       end
     else
       local idle = self.idle

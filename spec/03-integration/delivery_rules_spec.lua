@@ -219,3 +219,132 @@ describe("scheduled queue bookkeeping", function()
     H.rm_rf(dir)
   end)
 end)
+
+-- A transport or a delivery filter with a bug costs its own recipients an
+-- attempt, never the rest of the message, and never the max_age limit.
+describe("transports and delivery filters that misbehave", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-misbehave") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  -- An MTA whose "local" transport takes a.test (deliver(rcpts, calls) ->
+  -- results) and whose default transport keeps the DSNs sent to
+  -- sender.test; every other domain gets whatever `other` returns.
+  local function mta_with(deliver, other, filter)
+    local dsns, calls = {}, { a = 0, other = 0 }
+    local mta, port = H.start_mta({}, function(m)
+      m:add_transport { name = "local", domains = { "a.test" }, deliver = function(_, _, rcpts)
+        calls.a = calls.a + 1
+        return deliver(rcpts, calls.a)
+      end }
+      m:add_transport { name = "remote", deliver = function(_, body, rcpts)
+        local out = {}
+        if rcpts[1].domain == "sender.test" then
+          dsns[#dsns + 1] = H.parse_dsn(type(body) == "string" and body or body:tostring())
+          for _, r in ipairs(rcpts) do out[r.index] = { status = "delivered", text = "2.0.0 kept" } end
+          return out
+        end
+        calls.other = calls.other + 1
+        return other(rcpts)
+      end }
+      if filter then m:add_delivery_filter(filter) end
+    end, { spool = { dir = dir .. "/spool", min_free = 0 }, queue = { retry = { "1s" }, max_age = "2s" } })
+    return mta, port, dsns, calls
+  end
+
+  local function delivered(rcpts, extra)
+    local out = {}
+    for _, r in ipairs(rcpts) do out[r.index] = { status = "delivered", text = "2.0.0 ok", final = extra } end
+    return out
+  end
+
+  local function failed_for(dsns)
+    local st = {}
+    for _, d in ipairs(dsns) do
+      for _, r in ipairs(d.recipients) do st[r["Final-Recipient"]] = r["Action"] .. " " .. r["Status"] end
+    end
+    return st
+  end
+
+  it("defers a domain whose transport returns no table; the other domain is delivered once; max_age holds", function()
+    H.run(function()
+      local mta, port, dsns, calls = mta_with(delivered, function() return true end)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "x@a.test", "y@b.test" } })))
+      assert.is_true(H.wait_for(function() return #dsns == 1 and mta.spool:count() == 0 end, 20),
+        "y@b.test did not expire")
+      assert.same({ ["rfc822; y@b.test"] = "failed 4.4.7" }, failed_for(dsns))
+      assert.equal(1, calls.a)
+      assert.is_true(calls.other >= 2)
+      assert.truthy(H.log("transport remote returned a boolean, not a table of results"))
+      assert.matches("4%.4%.7 message expired: transport gave no result", H.log("to=<y@b.test> bounced"))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("takes results with fields of the wrong type: a text that is a table, a code that is a string", function()
+    H.run(function()
+      local mta, port, dsns = mta_with(function(rcpts, n)
+        local out = {}
+        for _, r in ipairs(rcpts) do
+          if r.address == "gone@a.test" then
+            out[r.index] = { status = "bounced", text = { "no" }, code = "550", enhanced = 5.1, host = {}, stage = 1 }
+          elseif n == 1 then
+            out[r.index] = "delivered" -- not a result: no result for it this time
+          else
+            out[r.index] = { status = "delivered", text = 250 }
+          end
+        end
+        return out
+      end, delivered)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "x@a.test", "gone@a.test" } })))
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 and #dsns == 1 end, 20),
+        "the message was not finished")
+      local st = failed_for(dsns)
+      assert.same({ ["rfc822; gone@a.test"] = "failed 5.0.0" }, st)
+      assert.equal(1, H.count(H.log("to=<x@a.test> deferred"), "transport gave no result"))
+      assert.equal(1, H.count(H.log("to=<x@a.test> delivered"), "delivered: 250"))
+      assert.truthy(H.log("transport local gave <x@a.test> a string, not a result table") ~= "")
+      assert.truthy(H.log("transport local gave <gone@a.test> a result whose text is a table") ~= "")
+      assert.truthy(H.log("transport local gave <gone@a.test> a result whose host is a table: left out") ~= "")
+      assert.matches("bounced: 550 table: ", H.log("to=<gone@a.test> bounced"))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("defers a recipient whose delivery filter raises, and expires it at max_age", function()
+    H.run(function()
+      local mta, port, dsns, calls = mta_with(delivered, delivered, function(_, rcpt)
+        if rcpt.address == "boom@a.test" then error("filter bug") end
+      end)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "ok@a.test", "boom@a.test" } })))
+      assert.is_true(H.wait_for(function() return #dsns == 1 and mta.spool:count() == 0 end, 20),
+        "boom@a.test did not expire")
+      assert.same({ ["rfc822; boom@a.test"] = "failed 4.4.7" }, failed_for(dsns))
+      assert.equal(1, H.count(H.log("to=<ok@a.test> delivered"), "delivered"))
+      assert.equal(1, calls.a)
+      assert.truthy(H.log("delivery filter failed for <boom@a.test>"):find("filter bug", 1, true))
+      assert.matches("deferred: 451 4%.3%.0 delivery filter failed", H.log("to=<boom@a.test> deferred"))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("retries an attempt that raises on the queue's schedule, and expires the message at max_age with a DSN", function()
+    H.run(function()
+      -- a filter with a bug that breaks the recipient it is given: the
+      -- attempt raises later, in the queue's own code, at every attempt
+      local mta, port, dsns, calls = mta_with(delivered, delivered, function(_, rcpt)
+        if rcpt.address == "broken@a.test" then rcpt.domain = nil end
+      end)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = { "broken@a.test" } })))
+      assert.is_true(H.wait_for(function() return #dsns == 1 and mta.spool:count() == 0 end, 20),
+        "broken@a.test did not expire")
+      assert.same({ ["rfc822; broken@a.test"] = "failed 4.4.7" }, failed_for(dsns))
+      assert.matches("4%.4%.7 message expired: 4%.3%.0 every attempt failed with an internal error",
+        H.log("to=<broken@a.test> bounced"))
+      assert.is_true(H.count(H.log("attempt to index field 'domain'"), "attempt to index") >= 2, "not retried")
+      assert.equal("", H.log("dropped"))
+      assert.equal(0, calls.a)
+      H.stop_mta(mta)
+    end)
+  end)
+end)
