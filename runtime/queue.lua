@@ -95,6 +95,8 @@ function _M.new(mta, spool, opts)
     heap = {},
     workers = {},     -- index -> the worker task
     parked = setmetatable({}, { __mode = "k" }), -- message -> its resume function while held
+    wakes = {},       -- held messages' wake times (a heap, see wake_at_ms())
+    wakers = setmetatable({}, { __mode = "k" }), -- message -> its entry there while held
     rush = setmetatable({}, { __mode = "k" }),   -- messages expedite() wants again as their attempt ends
     running = 0,
     stopped = true,
@@ -616,14 +618,122 @@ local function deliver(self, m)
   return attempt(self, m, env, body)
 end
 
+-- ---- held messages' wake times: one timer for them all ---------------------------------
+
+-- self.wakes is a min-heap of { next = <loop time, ms>, m, resume, pos }
+-- that knows each entry's position (pos), so that a message a gate lets go
+-- leaves it at once: a timer per held message cost some 700 bytes each, and
+-- a throttled site can hold a million messages.
+local function wake_up(h, i)
+  local e = h[i]
+  while i > 1 do
+    local p = floor(i / 2)
+    local pe = h[p]
+    if pe.next <= e.next then break end
+    h[i], pe.pos = pe, i
+    i = p
+  end
+  h[i], e.pos = e, i
+end
+
+local function wake_down(h, i)
+  local n, e = #h, h[i]
+  while true do
+    local c = 2 * i
+    if c > n then break end
+    if c < n and h[c + 1].next < h[c].next then c = c + 1 end
+    local ce = h[c]
+    if ce.next >= e.next then break end
+    h[i], ce.pos = ce, i
+    i = c
+  end
+  h[i], e.pos = e, i
+end
+
+local function wake_remove(h, e)
+  local i, n = e.pos, #h
+  if not i or h[i] ~= e then return end
+  e.pos = nil
+  local last = h[n]
+  h[n] = nil
+  if i < n then
+    h[i], last.pos = last, i
+    wake_down(h, i)
+    wake_up(h, last.pos)
+  end
+end
+
+local wake_due
+
+-- The timer set for the first entry; closed while there is none, and while
+-- the queue is stopped (an open handle would outlive it; start() sets it
+-- again).
+local function arm_wakes(self)
+  local top, t = self.wakes[1], self.wake_timer
+  if not top or self.stopped then
+    if t then
+      self.wake_timer = nil
+      if not t:is_closing() then t:close() end
+    end
+    return
+  end
+  if not t then
+    t = uv.new_timer()
+    t:unref()
+    self.wake_timer = t
+    self.wake_cb = self.wake_cb or sched.callback(function() wake_due(self) end, "queue: held messages")
+  end
+  t:start(max(0, top.next - uv.now()), 0, self.wake_cb)
+end
+
+-- The timer fired: every entry that is due takes its message back.
+function wake_due(self)
+  local h, now = self.wakes, uv.now()
+  while h[1] and h[1].next <= now do
+    local e = h[1]
+    wake_remove(h, e)
+    e.resume()
+  end
+  arm_wakes(self)
+end
+
+-- A held message comes back by itself ms milliseconds from now, unless its
+-- gate lets it go first (resume() then drops the entry).
+local function wake_at_ms(self, m, resume, ms)
+  -- from the loop's time brought up to date: a timer counts from the
+  -- cached time, which may be behind, and an early wake holds it again
+  uv.update_time()
+  local e = { next = uv.now() + ms, m = m, resume = resume }
+  local h = self.wakes
+  local n = #h + 1
+  h[n] = e
+  wake_up(h, n)
+  self.wakers[m] = e
+  if e.pos == 1 then arm_wakes(self) end
+end
+
+-- A held message's wake entry, dropped (its park is over).
+local function drop_waker(self, m)
+  local e = self.wakers[m]
+  if e then
+    self.wakers[m] = nil
+    wake_remove(self.wakes, e)
+    if not self.wakes[1] then arm_wakes(self) end
+  end
+end
+
 -- A message some of whose recipients a gate (or a suspension) holds: its
 -- state recorded, it waits for the gate to call it back. (A function of its
 -- own: the closure made here kept LuaJIT from compiling attempt, NYI
 -- bytecode UCLO.)
--- wake_at: when the message also has deferred recipients (m.rnext), the
--- time the first of them is due: the message comes back then even if the
--- gate is still closed, whichever of the two comes first.
-local function park(self, m, env, held, done, attempted, wake_at)
+-- The message also comes back by itself, even if the gate is still closed,
+-- at whichever comes first of: wake_at, the time the first of its deferred
+-- recipients is due (when it has some, m.rnext); and expire_in seconds from
+-- now, when the first held recipient reaches its max_age (that attempt then
+-- expires it, docs/shape.md). Only the latest park's resume function takes
+-- it back, so a gate that calls an older one later does nothing: the
+-- message is never in the heap twice.
+local function park(self, m, env, held, done, attempted, wake_at, expire_in)
   local spool = self.spool
   if #done > 0 or attempted then
     spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
@@ -633,24 +743,18 @@ local function park(self, m, env, held, done, attempted, wake_at)
     self:account(m, env)
     -- the resume function of the latest park only: expedite() may take
     -- the message back before the gate (or suspension) calls an older one
-    local timer
     local function resume()
-      if timer then
-        if not timer:is_closing() then timer:close() end
-        timer = nil
-      end
       if self.parked[m] ~= resume then return end
       self.parked[m] = nil
+      drop_waker(self, m)
       if self.stopped or spool:get(m.id) ~= m then return end
       m.next = os.time()
       self:add(m)
     end
     self.parked[m] = resume
-    if wake_at then
-      timer = uv.new_timer()
-      timer:unref()
-      timer:start(max(0, wake_at - os.time()) * 1000, 0, resume)
-    end
+    local ms = math.ceil(expire_in * 1000) + 1
+    if wake_at then ms = min(ms, max(0, wake_at - os.time()) * 1000) end
+    wake_at_ms(self, m, resume, ms)
     if self.rush[m] then
       self.rush[m] = nil
       resume()
@@ -754,6 +858,8 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
   local next_at
   -- (settled recipients were delivered: this was an attempt)
   local held, attempted = nil, settled ~= nil
+  -- seconds until the first held recipient reaches its max_age
+  local hold_left
   -- each deferred recipient's retry time, kept when a gate holds others
   local dnext = waiting
   for _, r in ipairs(rcpts) do
@@ -765,9 +871,14 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
       -- shaping: no attempt was made; the message waits for its gate
       if not expired then
         held = held or res
+        -- until the first held recipient expires at the latest
+        local left = max_age_of(self, domain) - age
+        if not hold_left or left < hold_left then hold_left = left end
         goto next_rcpt
       end
-      res = { status = "deferred", code = 451, enhanced = "4.4.7", text = "held by shaping: " .. tostring(res.text) }
+      -- reached max_age while held: it expires as a deferral would (the
+      -- text names what held it; there was no reply to quote)
+      res = { status = "deferred", text = "held: " .. tostring(res.text) }
     elseif res.status ~= "suppressed" then
       attempted = true
     end
@@ -895,7 +1006,7 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
     -- at the gate's call or the first of those, each time trying only the
     -- recipients that are due.
     m.rnext = dnext
-    return park(self, m, env, held, done, attempted, dnext and next_at or nil)
+    return park(self, m, env, held, done, attempted, dnext and next_at or nil, hold_left)
   end
   if m.rnext then m.rnext = nil end
   m.next = next_at or due_after(retry_after(self, m.attempts))
@@ -947,6 +1058,7 @@ function failed_attempt(self, m)
   -- a gate or a suspension that took the message before the error must not
   -- hand it back as well: it goes into the heap once
   self.parked[m] = nil
+  drop_waker(self, m)
   self.rush[m] = nil
   if spool:get(m.id) ~= m then return end -- finished before the error
   local now = os.time()
@@ -1004,6 +1116,7 @@ function Queue:start()
   if not self.stopped then return end
   self.stopped = false
   self:spawn_workers()
+  arm_wakes(self)
 end
 
 -- Workers 1..concurrency, those not running (worker i is workers[i]).
@@ -1042,6 +1155,8 @@ end
 
 function Queue:stop()
   self.stopped = true
+  -- held messages stay held; their wake times wait for a start()
+  arm_wakes(self)
   poke(self, true)
 end
 

@@ -413,6 +413,52 @@ describe("the HTTP API", function()
     end)
   end)
 
+  -- docs/spool.md#expiry: a suspension does not stop max_age. The queue takes
+  -- the message back when a held recipient reaches it; a resume that comes
+  -- after that (from the suspension that held it first) does nothing, and
+  -- the recipient still held goes once, at its own suspension's resume.
+  it("expires suspended mail at max_age; the rest of the message goes once, at its resume", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port, { queue = { retry = { "1s" }, max_age = "1h",
+        domains = { ["short.test"] = { max_age = "2s" } } } })
+      assert.equal(200, (api("POST", "/api/v1/suspend", { domain = "short.test" })))
+      assert.equal(200, (api("POST", "/api/v1/suspend", { domain = "long.test" })))
+      local s, v = api("POST", "/api/v1/messages", { from = "a@origin.test", to = { "x@short.test", "y@long.test" },
+        subject = "held", text = "x" })
+      assert.equal(202, s)
+      local id = v.id
+      -- x@short.test expires while both suspensions last, with its DSN
+      assert.is_true(H.wait_for(function() return to_sender(sink, "a@origin.test") == 1 end, 15),
+        "x@short.test did not expire while suspended")
+      assert.matches("bounced: 4%.4%.7 message expired: held: suspended by the administrator %(domain=short%.test%)",
+        H.log("to=<x@short.test> bounced"))
+      local d = H.parse_dsn(arrived(sink, "a@origin.test").data)
+      assert.equal("rfc822; x@short.test", d.recipients[1]["Final-Recipient"])
+      assert.equal("4.4.7", d.recipients[1]["Status"])
+      -- y@long.test is held by its own suspension now
+      s, v = api("GET", "/api/v1/messages/" .. id)
+      assert.equal(200, s)
+      assert.equal("suspended", v.state)
+      assert.equal("domain=long.test", v.suspended_by)
+      assert.is_nil(arrived(sink, "y@long.test"))
+      -- the suspension that held it first gives nothing back
+      s, v = api("POST", "/api/v1/resume", { domain = "short.test" })
+      assert.equal(200, s)
+      assert.equal(0, v.released)
+      s, v = api("POST", "/api/v1/resume", { domain = "long.test" })
+      assert.equal(200, s)
+      assert.equal(1, v.released)
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 10))
+      local n = 0
+      for _, m in ipairs(sink.messages()) do
+        for _, r in ipairs(m.rcpts) do if r == "y@long.test" then n = n + 1 end end
+      end
+      assert.equal(1, n)
+      assert.equal(1, H.count(H.log("to=<y@long.test> delivered"), "delivered"))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("suspends a tenant (others flow) and a site; suspensions outlive a restart", function()
     H.with_sink(function(sink)
       local tenants = { acme = {}, globex = {} }

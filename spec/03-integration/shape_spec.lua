@@ -145,6 +145,34 @@ describe("moonpost.shape", function()
     end, 60)
   end)
 
+  -- docs/shape.md: "A message that reaches its max_age while held expires
+  -- as usual (4.4.7)", even though its gate stays closed (an hour here).
+  it("expires a message held by a closed gate at max_age, with its DSN", function()
+    with_sink({}, function(sink)
+      local mta, port = H.start_mta({}, function(m)
+        m:use(require("moonpost.route").smtp { relay = "127.0.0.1:" .. sink.port, idle_timeout = "2s",
+          timeouts = TIMEOUTS })
+        m:use(require("moonpost.shape").setup {
+          destinations = { hourly = { domains = { "hourly.test" }, rate = "1/h" } } })
+      end, { spool = { dir = dir .. "/spool", min_free = 0 }, queue = { retry = { "1s" }, max_age = "2s" } })
+      -- the first takes the hour's token; the second is held for the next
+      assert.equal(250, H.send(port, { to = "a@hourly.test" }))
+      assert.equal(250, H.send(port, { from = "s2@client.test", to = "b@hourly.test" }))
+      assert.is_true(H.wait_for(function()
+        for _, m in ipairs(sink.messages()) do
+          if m.rcpts[1] == "s2@client.test" then return true end
+        end
+      end, 15), "b@hourly.test did not expire while held")
+      assert.matches("bounced: 4%.4%.7 message expired: held: waiting for ready:", H.log("to=<b@hourly.test> bounced"))
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 5))
+      local got = {}
+      for _, m in ipairs(sink.messages()) do got[#got + 1] = m.rcpts[1] end
+      table.sort(got)
+      assert.same({ "a@hourly.test", "s2@client.test" }, got)
+      H.stop_mta(mta)
+    end, 60)
+  end)
+
   it("slows a site down on a matching reply, and bounces on a bounce rule", function()
     with_sink({}, function(sink)
       local bounced = {}
