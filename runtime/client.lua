@@ -19,6 +19,7 @@ local stream = require "moonpost.runtime.stream"
 local log = require "moonpost.runtime.log"
 local tls = require "moonpost.runtime.tls"
 local rdsn = require "moonpost.runtime.dsn"
+local dns = require "moonpost.runtime.dns"
 
 local format, concat, upper = string.format, table.concat, string.upper
 local tnew = require "table.new"
@@ -327,14 +328,48 @@ local has_8bit = smtp.has_8bit -- a string or a message
 -- recipients it carries: not those of the message's other domains) or the
 -- header section is not ASCII (RFC 6531); a message received with SMTPUTF8
 -- that is all ASCII is sent without it.
+-- Returns needed, by_headers (the header section alone needs it).
 local function needs_utf8(env, body, rcpts)
-  if has_8bit(env.from or "") then return true end
-  for _, r in ipairs(rcpts) do if has_8bit(r.address) then return true end end
+  local addr = has_8bit(env.from or "")
+  if not addr then
+    for _, r in ipairs(rcpts) do
+      if has_8bit(r.address) then
+        addr = true
+        break
+      end
+    end
+  end
+  local head = false
   if env.utf8 then
     local headers = type(body) == "string" and (body:match("^(.-\r\n)\r\n") or body) or body:headers()
-    return has_8bit(headers)
+    head = has_8bit(headers)
   end
-  return false
+  return addr or head, head
+end
+
+-- An address whose only non-ASCII part is its domain, with the domain in
+-- A-labels (xn--...): what a server without SMTPUTF8 takes (RFC 6531 3.2,
+-- the domain is the same either way). nil when the local part is not ASCII.
+local function ascii_address(a)
+  if not has_8bit(a) then return a end
+  local lp, domain = a:match("^(.*)@([^@]+)$")
+  if not lp or has_8bit(lp) then return nil end
+  local ok, ad = pcall(dns.to_ascii, domain)
+  if not ok or type(ad) ~= "string" then return nil end
+  return lp .. "@" .. ad
+end
+
+-- downgrade(env, rcpts) -> from, { [i] = address } | nil: the transaction's
+-- addresses for a server without SMTPUTF8, when that is possible
+local function downgrade(env, rcpts)
+  local from = ascii_address(env.from or "")
+  if not from then return nil end
+  local addrs = {}
+  for i, r in ipairs(rcpts) do
+    addrs[i] = ascii_address(r.address)
+    if not addrs[i] then return nil end
+  end
+  return from, addrs
 end
 
 -- The remote reply as it was (for DSNs), and the stage it answered.
@@ -384,16 +419,26 @@ function Conn:transaction(env, body, rcpts)
     return all(results, rcpts, { status = "bounced", code = 552, enhanced = "5.3.4", host = host,
       text = format("message size %d exceeds the limit of %s (%d)", size, host, self.size_limit) })
   end
-  local utf8 = needs_utf8(env, body, rcpts)
+  local utf8, by_headers = needs_utf8(env, body, rcpts)
+  local from, addrs = env.from or "", nil
   if utf8 and not self.ext.SMTPUTF8 then
-    return all(results, rcpts, { status = "bounced", code = 553, enhanced = "5.6.7", host = host,
-      text = host .. " does not support SMTPUTF8, which this message needs" })
+    -- internationalized domains with ASCII local parts go in A-labels
+    if by_headers then
+      from = nil
+    else
+      from, addrs = downgrade(env, rcpts)
+    end
+    if not from then
+      return all(results, rcpts, { status = "bounced", code = 553, enhanced = "5.6.7", host = host,
+        text = host .. " does not support SMTPUTF8, which this message needs" })
+    end
+    utf8 = false
   end
   if eight and not ext8 then
     return all(results, rcpts, { status = "bounced", code = 554, enhanced = "5.6.3", host = host,
       text = host .. " does not support 8BITMIME, which this message needs" })
   end
-  local mail = { "MAIL FROM:<", env.from or "", ">" }
+  local mail = { "MAIL FROM:<", from, ">" }
   if self.ext.SIZE then mail[#mail + 1] = " SIZE=" .. size end
   if ext8 and (eight or env.body == "8BITMIME") then mail[#mail + 1] = " BODY=8BITMIME" end
   if utf8 then mail[#mail + 1] = " SMTPUTF8" end
@@ -403,7 +448,7 @@ function Conn:transaction(env, body, rcpts)
   mail[#mail + 1] = "\r\n"
   local cmds = { concat(mail) }
   for i, r in ipairs(rcpts) do
-    local line = "RCPT TO:<" .. r.address .. ">"
+    local line = "RCPT TO:<" .. (addrs and addrs[i] or r.address) .. ">"
     if dsn and r.notify then line = line .. " NOTIFY=" .. r.notify end
     if dsn and r.orcpt then line = line .. " ORCPT=" .. r.orcpt end
     cmds[i + 1] = line .. "\r\n"

@@ -191,6 +191,37 @@ describe("the SMTP client against a hostile peer", function()
     end)
   end)
 
+  it("sends internationalized domains in A-labels to a server without SMTPUTF8, when the local parts are ASCII",
+    function()
+    H.run(function()
+      local function one(from, to, utf8, body)
+        local stop, port, got = serve(plain({ "PIPELINING", "8BITMIME" }))
+        local pool = client.pool({ name = "peer-spec", helo = "client.test", timeouts = timeouts(),
+          max_connections = 1, max_messages = 10, idle_timeout = 1, pipelining = true })
+        local env = { id = "t", from = from, utf8 = utf8, rcpt = { { a = to } } }
+        local res = pool:deliver(env, body or "Subject: x\r\n\r\nhello\r\n", { { index = 1, address = to } },
+          { { host = "127.0.0.1", port = port } })
+        pool:close()
+        stop()
+        return res[1], got
+      end
+      local res, got = one("a@b\xc3\xbccher.example", "u@m\xc3\xbcnchen.example", true)
+      assert.equal("delivered", res.status, res.text)
+      assert.equal("MAIL FROM:<a@xn--bcher-kva.example>", got[2])
+      assert.equal("RCPT TO:<u@xn--mnchen-3ya.example>", got[3])
+      -- a non-ASCII local part has no ASCII form: bounced, nothing sent
+      res, got = one("a@client.test", "j\xc3\xb6rg@m\xc3\xbcnchen.example", true)
+      assert.equal("bounced", res.status)
+      assert.equal("5.6.7", res.enhanced)
+      assert.is_nil(got[2])
+      -- nor has a header section in UTF-8
+      res, got = one("a@client.test", "u@m\xc3\xbcnchen.example", true, "Subject: gr\xc3\xbc\xc3\x9fe\r\n\r\nx\r\n")
+      assert.equal("bounced", res.status)
+      assert.equal("5.6.7", res.enhanced)
+      assert.is_nil(got[2])
+    end)
+  end)
+
   it("does not reuse an idle connection that holds an unsolicited reply", function()
     H.run(function()
       local stop, port, got = serve(function(_, P)
