@@ -747,9 +747,11 @@ local function park(self, m, env, held, done, attempted, wake_at, expire_in)
       if self.parked[m] ~= resume then return end
       self.parked[m] = nil
       drop_waker(self, m)
-      if self.stopped or spool:get(m.id) ~= m then return end
+      if spool:get(m.id) ~= m then return end
       m.next = os.time()
-      self:add(m)
+      -- a stopped queue (a reload to a policy without a transport, a
+      -- shaper stopping at a reload) keeps it in the heap for its start()
+      if self.stopped then heap_push(self.heap, m) else self:add(m) end
     end
     self.parked[m] = resume
     local ms = math.ceil(expire_in * 1000) + 1

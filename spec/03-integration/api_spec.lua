@@ -346,6 +346,32 @@ describe("the HTTP API", function()
     end)
   end)
 
+  it("keeps what a resume releases while delivery is paused, and delivers it when delivery starts again", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port)
+      assert.equal(200, (api("POST", "/api/v1/suspend", { domain = "held.test" })))
+      for i = 1, 3 do
+        assert.equal(202, (api("POST", "/api/v1/messages", { from = "a@origin.test", to = "u" .. i .. "@held.test",
+          subject = "held " .. i, text = "x" })))
+      end
+      assert.is_true(H.wait_for(function()
+        local _, v = api("GET", "/api/v1/suspensions")
+        return v.suspensions[1].held == 3
+      end, 10))
+      -- delivery paused (as a reload to a policy without a transport does)
+      mta.queue:stop()
+      local s, v = api("POST", "/api/v1/resume", { domain = "held.test" })
+      assert.equal(200, s)
+      assert.equal(3, v.released)
+      H.wait_for(function() return false end, 0.5)
+      assert.equal(0, #sink.messages())
+      mta.queue:start()
+      assert.is_true(H.wait_for(function() return #sink.messages() == 3 end, 10))
+      assert.is_true(H.wait_for(function() return mta.spool:count() == 0 end, 10))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("suspends a domain: nothing arrives, no attempt is counted; resume delivers everything at once", function()
     H.with_sink(function(sink)
       local mta, api = api_mta(dir, sink.port)
