@@ -399,10 +399,9 @@ function MTA:start()
     else
       sp.cache_bytes = 0 -- nothing will deliver: keep no bodies in memory
     end
-    sp:each(function(m)
-      q:account(m) -- recovered: its domains are known after its first read
-      q:add(m)
-    end)
+    local recovered = {}
+    sp:each(function(m) recovered[#recovered + 1] = m end)
+    q:recover(recovered)
     sp.on_stored = function(m, envt)
       m.stored_at = uv.hrtime()
       q:account(m, envt)

@@ -277,6 +277,39 @@ function Queue:add(m)
   poke(self)
 end
 
+-- The longest wait the retry schedules give (the queue's and the domains').
+local function longest_retry(self)
+  local most = 0
+  for _, v in ipairs(self.retry) do most = max(most, v) end
+  for _, d in pairs(self.domain_opts) do
+    for _, v in ipairs(d.retry or {}) do most = max(most, v) end
+  end
+  return most
+end
+
+-- recover(list): messages the spool recovered at start go into the queue. A
+-- retry time further ahead than the longest retry interval was set by a
+-- clock that has since gone back (a wrong time at an earlier start): such a
+-- message is due now, or it would wait that long, past its max_age too.
+function Queue:recover(list)
+  local now = os.time()
+  local limit, ahead = now + longest_retry(self), 0
+  for i = 1, #list do
+    local m = list[i]
+    if m.next > limit then
+      m.next = now
+      ahead = ahead + 1
+    end
+    self:account(m) -- its domains are known after its first read
+    heap_push(self.heap, m)
+  end
+  if ahead > 0 then
+    log.warn("queue: %d recovered messages had retry times more than the longest retry interval ahead "
+      .. "(the clock went back since they were set): due now", ahead)
+  end
+  poke(self)
+end
+
 -- ---- scheduled queues: counters per tenant@domain ------------------------------------
 
 local UNREAD = "?" -- recovered messages until their first attempt reads the envelope

@@ -93,6 +93,32 @@ describe("spool", function()
     end)
   end)
 
+  it("makes due at start a message whose retry time is beyond the longest retry interval (the clock went back)",
+    function()
+    H.run(function()
+      local r = recorder()
+      r.defer.late = true
+      local opts = { spool = spool_opts(dir .. "/spool"), queue = { retry = { "1s" }, max_age = "5d" } }
+      local mta, port = H.start_mta({}, function(m) m:set_transport(r.transport) end, opts)
+      assert.equal(250, (H.send(port, { to = "late@x.test" })))
+      assert.is_true(H.wait_for(function()
+        local m
+        mta.spool:each(function(x) m = x end)
+        return m and m.attempts == 1
+      end, 10))
+      -- as if its retry had been set by a clock 30 days fast
+      local m
+      mta.spool:each(function(x) m = x end)
+      assert(mta.spool:update(m.id, { attempts = 1, next = os.time() + 30 * 86400 }))
+      H.stop_mta(mta)
+      r.defer.late = nil
+      mta = H.start_mta({}, function(mm) mm:set_transport(r.transport) end, opts)
+      assert.is_true(H.wait_for(function() return #r.delivered == 1 end, 10))
+      assert.truthy(H.log("recovered messages had retry times more than the longest retry interval ahead") ~= "")
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("writes nothing and leaves no handle behind when a delivery ends after the spool closed", function()
     H.run(function()
       local r = recorder()
