@@ -368,12 +368,26 @@ end
 
 -- start(): recover the spool, start delivering, open the listeners, and
 -- return (the loop runs elsewhere).
+-- Mail queued in a part of the spool this policy does not deliver (after a
+-- change of workers) waits for ever unless someone is told.
+local function warn_stranded(so, n)
+  if not so then return end
+  for _, p in ipairs(spool.stranded(so.dir, n)) do
+    log.warn("spool: %s holds %d queued messages that this policy does not deliver (workers = %d): run it with "
+      .. "the number of workers that queued them, or serve that directory alone (docs/spool.md#partitions)",
+      p.dir, p.messages, n)
+  end
+end
+
 function MTA:start()
   if self.started then return true end
   if _M.check_mode or _M.reloading then return true end
   -- the supervisor of worker processes serves nothing itself: its workers
   -- start their MTAs (runtime/workers.lua)
-  if self.opts.workers > 1 and not workers.index then return true end
+  if self.opts.workers > 1 and not workers.index then
+    warn_stranded(self.opts.spool, self.opts.workers)
+    return true
+  end
   -- glibc's heap top kept, not given back at every free (core/lsmtp.c)
   require("moonpost.core.smtp").tune_malloc()
   self.stopping, self.stopped, self.stop_waiters = false, false, nil
@@ -391,6 +405,7 @@ function MTA:start()
       return nil, err
     end
     self.spool = sp
+    if not workers.index then warn_stranded(so, 1) end
     local q = queue.new(self, sp, self:queue_options())
     self.queue = q
     for _, fn in ipairs(self.delivery_filters or {}) do q:add_filter(fn) end

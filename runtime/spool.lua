@@ -1041,4 +1041,34 @@ end
 _M.envelope_of = envelope_of
 _M.seg_name = seg_name
 
+-- stranded(dir, workers) -> list of { dir = path, messages = n }: the parts
+-- of the spool at dir that an MTA with this many worker processes does not
+-- deliver (docs/spool.md#partitions) and that still hold queued messages:
+-- the partitions w<i> from i = workers on (all of them for one process),
+-- and with workers the one-process spool at dir itself. Read without a
+-- lock, as `moonpost spool list` reads.
+function _M.stranded(dir, workers)
+  local out = {}
+  local function check(path)
+    if not uv.fs_stat(path .. "/seg") then return end
+    local sp = _M.open({ dir = path, readonly = true })
+    if not sp then return end
+    local n = sp:count()
+    sp:close()
+    if n > 0 then out[#out + 1] = { dir = path, messages = n } end
+  end
+  if workers > 1 then check(dir) end
+  local parts = {}
+  local req = uv.fs_scandir(dir)
+  while req do
+    local name = uv.fs_scandir_next(req)
+    if not name then break end
+    local i = tonumber(name:match("^w(%d+)$"))
+    if i and (workers == 1 or i >= workers) then parts[#parts + 1] = i end
+  end
+  table.sort(parts)
+  for _, i in ipairs(parts) do check(dir .. "/w" .. i) end
+  return out
+end
+
 return _M

@@ -119,6 +119,29 @@ describe("spool", function()
     end)
   end)
 
+  it("warns at start about queued mail in partitions the policy's number of workers does not deliver", function()
+    H.run(function()
+      local base = dir .. "/spool"
+      -- mail queued by a policy that ran with workers (worker 2's partition)
+      -- and by one that ran as one process (the spool itself)
+      for _, d in ipairs({ base .. "/w2", base }) do
+        local mta, port = H.start_mta({}, nil, { spool = spool_opts(d) })
+        assert.equal(250, (H.send(port, {})))
+        H.stop_mta(mta)
+      end
+      local stranded = spool_mod.stranded(base, 2)
+      assert.same({ { dir = base, messages = 1 }, { dir = base .. "/w2", messages = 1 } }, stranded)
+      -- three workers deliver w2, not the one-process spool
+      assert.same({ { dir = base, messages = 1 } }, spool_mod.stranded(base, 3))
+      assert.same({ { dir = base .. "/w2", messages = 1 } }, spool_mod.stranded(base, 1))
+      -- a one-process policy on the spool: it says so
+      local mta = H.start_mta({}, nil, { spool = spool_opts(base) })
+      assert.truthy(H.log(base .. "/w2 holds 1 queued messages that this policy does not deliver (workers = 1)")
+        ~= "")
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("writes nothing and leaves no handle behind when a delivery ends after the spool closed", function()
     H.run(function()
       local r = recorder()
