@@ -1400,6 +1400,52 @@ static void header_b8(DKIM_SIGINFO *s, char out[9])
     out[k] = '\0';
 }
 
+/* Errors of the signature itself (RFC 6376 6.1.1): found before any key is
+ * needed, so a missing or unanswered key does not make them temporary. */
+static int sig_error(int e)
+{
+    switch (e) {
+    case DKIM_SIGERROR_VERSION: case DKIM_SIGERROR_DOMAIN: case DKIM_SIGERROR_EXPIRED:
+    case DKIM_SIGERROR_FUTURE: case DKIM_SIGERROR_TIMESTAMPS: case DKIM_SIGERROR_INVALID_HC:
+    case DKIM_SIGERROR_INVALID_BC: case DKIM_SIGERROR_MISSING_A: case DKIM_SIGERROR_INVALID_A:
+    case DKIM_SIGERROR_MISSING_H: case DKIM_SIGERROR_INVALID_L: case DKIM_SIGERROR_INVALID_Q:
+    case DKIM_SIGERROR_INVALID_QO: case DKIM_SIGERROR_MISSING_D: case DKIM_SIGERROR_EMPTY_D:
+    case DKIM_SIGERROR_MISSING_S: case DKIM_SIGERROR_EMPTY_S: case DKIM_SIGERROR_MISSING_B:
+    case DKIM_SIGERROR_EMPTY_B: case DKIM_SIGERROR_CORRUPT_B: case DKIM_SIGERROR_MISSING_BH:
+    case DKIM_SIGERROR_EMPTY_BH: case DKIM_SIGERROR_CORRUPT_BH: case DKIM_SIGERROR_SUBDOMAIN:
+    case DKIM_SIGERROR_EMPTY_H: case DKIM_SIGERROR_INVALID_H: case DKIM_SIGERROR_TOOLARGE_L:
+    case DKIM_SIGERROR_MISSING_V: case DKIM_SIGERROR_EMPTY_V:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* RFC 6376 3.6.1 and 6.1.2 step 8: the key record's k= (rsa when absent)
+ * must be the family of the signature's a= (rsa-*, ed25519-*). libopendkim
+ * does not check it: an RSA key published as k=ed25519 verified an RSA
+ * signature. 0 when they match, else the reason in why. */
+static int key_type_mismatch(const char *txt, const char *alg, char *why, size_t whylen)
+{
+    mp_tag tags[MP_DKIM_MAX_TAGS];
+    const char *terr = NULL;
+    const mp_tag *kt;
+    const char *type = "rsa";
+    size_t type_len = 3, fam_len;
+    const char *dash = strchr(alg, '-');
+    int n = mp_dkim_tags(txt, strlen(txt), tags, MP_DKIM_MAX_TAGS, &terr);
+    if (n < 0) return 0; /* libopendkim judges a broken record itself */
+    kt = tag_get(tags, n, "k");
+    if (kt) {
+        type = kt->value;
+        type_len = kt->value_len;
+    }
+    fam_len = dash ? (size_t)(dash - alg) : strlen(alg);
+    if (type_len == fam_len && strncasecmp(type, alg, fam_len) == 0) return 0;
+    snprintf(why, whylen, "key type k=%.*s does not fit a=%s", (int)(type_len < 32 ? type_len : 32), type, alg);
+    return 1;
+}
+
 static void judge(DKIM_SIGINFO *s, const vctx *c, mp_dkim_result *r, int ignored)
 {
     unsigned int fl = dkim_sig_getflags(s);
@@ -1413,9 +1459,15 @@ static void judge(DKIM_SIGINFO *s, const vctx *c, mp_dkim_result *r, int ignored
         if (strcasecmp(r->sig.algorithm, "rsa-sha1") == 0) {
             r->result = "policy";
             snprintf(r->reason, sizeof r->reason, "rsa-sha1 is not accepted (RFC 8301)");
+        } else if (k && k->txt && key_type_mismatch(k->txt, r->sig.algorithm, r->reason, sizeof r->reason)) {
+            r->result = "permerror";
         } else {
             r->result = "pass";
         }
+    } else if (sig_error(e)) {
+        const char *why = dkim_sig_geterrorstr(e);
+        r->result = "permerror";
+        snprintf(r->reason, sizeof r->reason, "%s", why ? why : "invalid signature");
     } else if (k == NULL || k->state == MP_KEY_TEMP) {
         r->result = "temperror";
         snprintf(r->reason, sizeof r->reason, "no answer for the key (%s._domainkey.%s)", r->sig.selector,

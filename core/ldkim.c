@@ -639,5 +639,7 @@ MP_EXPORT int luaopen_moonpost_core_dkim(lua_State *L)
     mp_setfuncs(L, funcs);
     lua_pushinteger(L, MP_DKIM_MAX_SPECS);
     lua_setfield(L, -2, "MAX_SPECS");
+    lua_pushinteger(L, MP_DKIM_MAX_SIGS);
+    lua_setfield(L, -2, "MAX_SIGS");
     return 1;
 }

@@ -153,7 +153,11 @@ function _M.verify(msg, lookup, timeout)
   local sigs = core.signatures(msg)
   local keys, asked = {}, {}
   local deadline = uv.now() + (timeout or _M.DEFAULT_TIMEOUT) * 1000
-  for _, s in ipairs(sigs) do
+  -- only the signatures that will be verified (the first MAX_SIGS): the
+  -- others get "policy", and their keys would be lookups for nothing (to
+  -- names the sender chose, one after the other)
+  for i, s in ipairs(sigs) do
+    if i > core.MAX_SIGS then break end
     local q = s.query
     if q and not asked[q] and not s.error then
       asked[q] = true

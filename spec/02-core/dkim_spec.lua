@@ -625,6 +625,45 @@ describe("moonpost.core.dkim", function()
       end
     end)
 
+    it("verify() judges a signature's own errors permerror even when its key lookup failed", function()
+      local bh = "bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=; b=dGhpcyBpcyBub3QgYSBzaWduYXR1cmU="
+      local now = os.time()
+      local cases = {
+        { "t=1000; x=2000", "signature expired" },
+        { "t=" .. (now + 86400 * 30), "signature timestamp in the future" },
+      }
+      for _, c in ipairs(cases) do
+        local sig = "DKIM-Signature: v=1; a=rsa-sha256; d=football.example.com; s=r; c=relaxed/relaxed; h=from; "
+          .. c[1] .. "; " .. bh .. "\r\n"
+        -- {}: no answer for the key (a DNS timeout), false: no key
+        for _, keyset in ipairs({ {}, { ["r._domainkey.football.example.com"] = false } }) do
+          local r = dkim.verify(sig .. MSG, keyset)
+          assert.equal("permerror", r[1].result, c[1] .. ": " .. tostring(r[1].reason))
+          assert.equal(c[2], r[1].reason)
+        end
+      end
+    end)
+
+    it("verify() refuses a key whose k= does not fit the signature's a= (RFC 6376 6.1.2)", function()
+      local k = keys()
+      signer = dkim.signer()
+      local h = assert(sign(signer, MSG, { { key = k.rsa2048, domain = "football.example.com", selector = "r" } }))
+      local q = "r._domainkey.football.example.com"
+      local txt = k.rsa2048:txt()
+      assert.truthy(txt:find("k=rsa", 1, true))
+      assert.equal("pass", dkim.verify(h .. MSG, { [q] = txt })[1].result)
+      local r = dkim.verify(h .. MSG, { [q] = (txt:gsub("k=rsa", "k=ed25519")) })[1]
+      assert.equal("permerror", r.result)
+      assert.equal("key type k=ed25519 does not fit a=rsa-sha256", r.reason)
+      -- no k= is k=rsa
+      assert.equal("pass", dkim.verify(h .. MSG, { [q] = (txt:gsub("k=rsa; ?", "")) })[1].result)
+      -- and an Ed25519 key under k=rsa (or no k=) does not verify an Ed25519 signature
+      local he = assert(sign(signer, MSG, { { key = k.ed25519, domain = "football.example.com", selector = "r" } }))
+      local etxt = k.ed25519:txt()
+      assert.equal("pass", dkim.verify(he .. MSG, { [q] = etxt })[1].result)
+      assert.are_not.equal("pass", dkim.verify(he .. MSG, { [q] = (etxt:gsub("k=ed25519", "k=rsa")) })[1].result)
+    end)
+
     it("verify() reports permerror, temperror and policy with a reason", function()
       local k = keys()
       signer = dkim.signer()
@@ -677,6 +716,25 @@ describe("moonpost.runtime.dkim", function()
   after_each(function()
     rdkim.shutdown()
     H.rm_rf(tmp)
+  end)
+
+  it("verify() looks up the keys of the signatures it verifies only, not of those past the limit", function()
+    local msg = "From: a@x.example\r\nSubject: s\r\n\r\nbody\r\n"
+    local sigs = {}
+    for i = 1, 40 do
+      sigs[i] = string.format("DKIM-Signature: v=1; a=rsa-sha256; d=d%d.example; s=s; h=from; bh=AAAA; b=AAAA\r\n", i)
+    end
+    local asked = {}
+    local r = H.run(function()
+      return rdkim.verify(table.concat(sigs) .. msg, function(q)
+        asked[#asked + 1] = q
+        return nil
+      end, 30)
+    end)
+    assert.equal(require("moonpost.core.dkim").MAX_SIGS, #asked)
+    assert.equal("s._domainkey.d1.example", asked[1])
+    assert.equal(40, #r)
+    assert.equal("policy", r[40].result)
   end)
 
   it("sign() yields: a timer task keeps ticking while RSA-4096 signatures are made", function()
