@@ -370,9 +370,10 @@ int mp_dkim_sig_parse(const char *value, size_t len, mp_dkim_sig *out)
             size_t e = colon ? (size_t)(colon - h->value) : h->value_len, s0 = a, e0 = e;
             while (s0 < e0 && is_fws((unsigned char)h->value[s0])) s0++;
             while (e0 > s0 && is_fws((unsigned char)h->value[e0 - 1])) e0--;
-            if (eq_ci(h->value + s0, e0 - s0, "from", 4)) from = 1;
+            if (eq_ci(h->value + s0, e0 - s0, "from", 4)) from++;
             a = e + 1;
         }
+        out->h_from = from;
         if (!from) {
             out->error = "h= does not include From";
             return -1;
@@ -1336,6 +1337,7 @@ mp_dkim_job *mp_dkim_signer_collect(mp_workq *s) { return (mp_dkim_job *)mp_work
 typedef struct vctx {
     const mp_dkim_keyrec *keys;
     size_t nkeys;
+    int from_fields; /* From fields in the message's header */
 } vctx;
 
 static const mp_dkim_keyrec *find_key(const vctx *c, const char *selector, const char *domain)
@@ -1461,6 +1463,13 @@ static void judge(DKIM_SIGINFO *s, const vctx *c, mp_dkim_result *r, int ignored
             snprintf(r->reason, sizeof r->reason, "rsa-sha1 is not accepted (RFC 8301)");
         } else if (k && k->txt && key_type_mismatch(k->txt, r->sig.algorithm, r->reason, sizeof r->reason)) {
             r->result = "permerror";
+        } else if (c->from_fields > r->sig.h_from) {
+            /* RFC 6376 8.15: a From the signature does not cover, beside the
+             * one it does (RFC 5322 allows one): which one a reader sees is
+             * not known, so the signature says nothing of the author */
+            r->result = "permerror";
+            snprintf(r->reason, sizeof r->reason, "%d From fields, %d signed (h= must list From as often)",
+                     c->from_fields, r->sig.h_from);
         } else {
             r->result = "pass";
         }
@@ -1507,7 +1516,7 @@ int mp_dkim_verify(const char *msg, size_t len, const mp_dkim_keyrec *keys, size
                    char *err, size_t errlen)
 {
     fields fl;
-    vctx ctx = {keys, nkeys};
+    vctx ctx = {keys, nkeys, 0};
     DKIM *d;
     DKIM_STAT st;
     DKIM_SIGINFO **sigs = NULL;
@@ -1519,6 +1528,8 @@ int mp_dkim_verify(const char *msg, size_t len, const mp_dkim_keyrec *keys, size
         snprintf(err, errlen, "out of memory");
         return -1;
     }
+    for (f = 0; f < fl.n; f++)
+        if (field_is(&fl.f[f], "From")) ctx.from_fields++;
     for (f = 0; f < fl.n && n < max; f++) {
         if (!field_is(&fl.f[f], HDR_NAME)) continue;
         {

@@ -78,6 +78,7 @@ typedef struct mp_dkim_sig {
     char domain[256], selector[256], algorithm[32];
     char header_b[9];           /* the first 8 characters of b= */
     const char *error;          /* NULL, or why the signature is malformed */
+    int h_from;                 /* how many times h= lists From */
 } mp_dkim_sig;
 
 int mp_dkim_sig_parse(const char *value, size_t len, mp_dkim_sig *out); /* 0, or -1 with out->error */
