@@ -379,6 +379,32 @@ int mp_dkim_sig_parse(const char *value, size_t len, mp_dkim_sig *out)
             return -1;
         }
     }
+    /* RFC 6376 3.5, 6.1.1: q= lists query methods; without dns/txt (the
+     * only one there is) the key cannot be had */
+    if ((t = tag_get(tags, n, "q")) != NULL) {
+        size_t a = 0;
+        int dns = 0;
+        while (a <= t->value_len) {
+            const char *colon = memchr(t->value + a, ':', t->value_len - a);
+            size_t e = colon ? (size_t)(colon - t->value) : t->value_len, s0 = a, e0 = e;
+            const char *slash;
+            while (s0 < e0 && is_fws((unsigned char)t->value[s0])) s0++;
+            while (e0 > s0 && is_fws((unsigned char)t->value[e0 - 1])) e0--;
+            /* dns/txt, perhaps with options after a further '/' */
+            slash = memchr(t->value + s0, '/', e0 - s0);
+            if (slash && eq_ci(t->value + s0, (size_t)(slash - t->value) - s0, "dns", 3)) {
+                size_t r0 = (size_t)(slash + 1 - t->value), r1 = r0;
+                while (r1 < e0 && t->value[r1] != '/') r1++;
+                if (eq_ci(t->value + r0, r1 - r0, "txt", 3)) dns = 1;
+            }
+            if (colon == NULL) break;
+            a = e + 1;
+        }
+        if (!dns) {
+            out->error = "q= names no query method Moonpost has (dns/txt)";
+            return -1;
+        }
+    }
     if ((t = tag_get(tags, n, "i")) != NULL) {
         const char *at = memchr(t->value, '@', t->value_len);
         const mp_tag *d = tag_get(tags, n, "d");

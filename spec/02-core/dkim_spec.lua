@@ -634,6 +634,7 @@ describe("moonpost.core.dkim", function()
       local cases = {
         { "t=1000; x=2000", "signature expired" },
         { "t=" .. (now + 86400 * 30), "signature timestamp in the future" },
+        { "q=http/well-known", "q= names no query method Moonpost has (dns/txt)" },
       }
       for _, c in ipairs(cases) do
         local sig = "DKIM-Signature: v=1; a=rsa-sha256; d=football.example.com; s=r; c=relaxed/relaxed; h=from; "
