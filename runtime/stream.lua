@@ -66,7 +66,10 @@ local function tls_input(self, chunk)
     return nil
   end
   if out then self.tcp:write(out) end -- e.g. a KeyUpdate answer; the queue keeps order
-  if closed then self.eof = true end
+  if closed then
+    self.eof = true
+    self.peer_close_notify = true
+  end
   if pt == "" then return nil end
   return pt
 end
@@ -358,7 +361,10 @@ function Stream:starttls(conn, timeout)
   local pt, out2, closed = conn:decrypt()
   if not pt then return nil, out2 end
   if out2 then raw_send(self, out2, 10) end
-  if closed then self.eof = true end
+  if closed then
+    self.eof = true
+    self.peer_close_notify = true
+  end
   if pt ~= "" then deliver(self, pt) end
   return conn:info()
 end
@@ -376,8 +382,10 @@ end
 function Stream:close()
   if self.closed then return true end
   local tcp = self.tcp
-  if self.tls and not self.handshaking and not self.eof and not tcp:is_closing() then
-    -- close_notify (RFC 8446 6.1), best effort
+  -- close_notify (RFC 8446 6.1), best effort: also in answer to the peer's,
+  -- but not after a TLS error or a transport error (reset)
+  local live = not self.eof or (self.peer_close_notify and not self.err)
+  if self.tls and not self.handshaking and live and not tcp:is_closing() then
     local alert = self.tls:close_notify()
     if alert then pcall(try_write, tcp, alert) end
   end

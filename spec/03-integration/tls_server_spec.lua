@@ -342,6 +342,45 @@ describe("implicit TLS listener", function()
       H.stop_mta(mta)
     end)
   end)
+
+  it("answers the client's close_notify with its own before closing (RFC 8446 6.1)", function()
+    H.run(function()
+      local mta, port = start({ tls = tls_opts({ implicit = true }) })
+      -- unwrap() sends close_notify and waits for the server's. Python sets
+      -- OP_IGNORE_UNEXPECTED_EOF, which takes a bare TCP close for one:
+      -- clear it, so that a close without close_notify raises
+      local script = [[
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+raw = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+s = ctx.wrap_socket(raw, server_hostname="mx.test.example")
+def reply():
+    buf = b""
+    while not (buf.endswith(b"\r\n") and buf.split(b"\r\n")[-2][3:4] == b" "):
+        d = s.recv(4096)
+        if not d: break
+        buf += d
+    return buf.decode()
+print("greeting", reply().split("\r\n")[0])
+s.sendall(b"EHLO client.test\r\n")
+print("ehlo", reply().split("\r\n")[0])
+try:
+    plain = s.unwrap()
+    print("close_notify received")
+    print("then eof", plain.recv(1) == b"")
+except (ssl.SSLError, OSError) as e:
+    print("unwrap failed:", type(e).__name__, e)
+]]
+      local code, out, err = H.exec(PY, { "-c", script, tostring(port), H.certs() .. "/ca.pem" },
+        { timeout = 30 })
+      assert.equal(0, code, out .. err)
+      assert.truthy(out:find("greeting 220 mx.test", 1, true), out)
+      assert.truthy(out:find("ehlo 250-mx.test", 1, true), out)
+      assert.truthy(out:find("close_notify received\nthen eof True", 1, true), out .. err)
+      H.stop_mta(mta)
+    end)
+  end)
 end)
 
 describe("TLS configuration", function()
