@@ -93,12 +93,18 @@ static int servername_cb(SSL *ssl, int *alert, void *arg)
 {
     mp_tls_ctx *c = arg;
     const char *name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    size_t len;
     (void)alert;
     if (name == NULL || c->n < 2) return SSL_TLSEXT_ERR_OK;
-    if (c->leaves[0] && X509_check_host(c->leaves[0], name, 0, 0, NULL) == 1)
+    /* "mx.example." is the same host as "mx.example", but X509_check_host
+     * matches no certificate name with the trailing dot: compare without
+     * it (the length, not a NUL, ends the name there). */
+    len = strlen(name);
+    if (len > 1 && name[len - 1] == '.') len--;
+    if (c->leaves[0] && X509_check_host(c->leaves[0], name, len, 0, NULL) == 1)
         return SSL_TLSEXT_ERR_OK;
     for (size_t i = 1; i < c->n; i++) {
-        if (c->leaves[i] && X509_check_host(c->leaves[i], name, 0, 0, NULL) == 1) {
+        if (c->leaves[i] && X509_check_host(c->leaves[i], name, len, 0, NULL) == 1) {
             SSL_set_SSL_CTX(ssl, c->ctxs[i]);
             return SSL_TLSEXT_ERR_OK;
         }

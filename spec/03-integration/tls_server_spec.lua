@@ -316,6 +316,28 @@ print("quit", reply(g))
       H.stop_mta(mta)
     end)
   end)
+
+  it("matches an SNI name with a trailing dot (an absolute name) like the name without it", function()
+    H.run(function()
+      local d = H.certs()
+      local mta, port = start({ tls = { certs = {
+        { cert = d .. "/mx.pem", key = d .. "/mx.key" },
+        { cert = d .. "/other.pem", key = d .. "/other.key" },
+      } } })
+      local function subject(name)
+        local code, out, err = s_client({ "s_client", "-connect", "127.0.0.1:" .. port, "-starttls", "smtp",
+          "-servername", name })
+        assert.equal(0, code, out .. err)
+        return out:match("subject=([^\n]*)")
+      end
+      assert.truthy(subject("other.example."):find("CN = other.example", 1, true))
+      assert.truthy(subject("mail.other.example."):find("CN = other.example", 1, true))
+      assert.truthy(subject("mx.test.example."):find("CN = mx.test.example", 1, true))
+      -- one dot only: "other.example.." is no host name
+      assert.truthy(subject("other.example.."):find("CN = mx.test.example", 1, true))
+      H.stop_mta(mta)
+    end)
+  end)
 end)
 
 describe("implicit TLS listener", function()
