@@ -324,8 +324,22 @@ end
 -- classify(res, [user_rules], [no_shipped]) -> class, permanent, description, source
 -- source says what decided: "expired", "rule <n>", "shipped rule <n>",
 -- "enhanced <x.y.z>", "reply <code>" or "none".
+-- Classes that name the recipient: given at MAIL FROM, the same words are
+-- about the sender (5.1.1 "sender address rejected", "account suspended").
+local RECIPIENT_CLASS = { ["invalid-recipient"] = true, ["inactive-mailbox"] = true, ["bad-domain"] = true }
+
+local classify_any
+
 local function classify(res, user, no_shipped)
-  if type(res) ~= "table" then error("bounce.classify: expected a result table, got " .. type(res), 2) end
+  local class, p, desc, source = classify_any(res, user, no_shipped)
+  if RECIPIENT_CLASS[class] and res.stage == "MAIL FROM" then
+    return "invalid-sender", p, DESCRIPTION["invalid-sender"], source .. " at MAIL FROM"
+  end
+  return class, p, desc, source
+end
+
+function classify_any(res, user, no_shipped)
+  if type(res) ~= "table" then error("bounce.classify: expected a result table, got " .. type(res), 3) end
   local ecls, detail = enhanced_of(res)
   local default_perm = permanent_by_code(res, ecls)
   if res.expired then

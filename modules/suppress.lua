@@ -833,6 +833,9 @@ end
 function Suppress:auto_add(env, rcpt, result)
   local a = self.opts.auto
   if (env.from or "") == "" then return end -- a DSN that bounced: not the tenant's recipient
+  -- a refusal at MAIL FROM is about the sender (an account suspended at a
+  -- relay, a sender domain refused): it says nothing of any recipient
+  if result.stage == "MAIL FROM" then return end
   local class = result.class
   if class == nil then class = CLASS_OF_STATUS[result.enhanced or ""] end
   if not class or not a.set[class] then return end

@@ -93,6 +93,15 @@ return {
   { "too many connections", "policy-related" },
   { "too many sessions", "policy-related" },              -- Comcast 421 "Too many sessions opened"
   { "too many concurrent", "policy-related" },
+  -- a throttle on the sending IP for its bad addresses, not about this one:
+  -- "550 5.7.1 Too many invalid recipients from your IP"
+  { "too many invalid recipients", "policy-related" },
+  { "too many unknown recipients", "policy-related" },
+  -- the sending account at a relay or ESP (Amazon SES "Sending suspended
+  -- for this account"), not the recipient's mailbox
+  { "sending suspended", "policy-related" },
+  { "sending has been suspended", "policy-related" },
+  { "sending paused", "policy-related" },
   { "per connection", "policy-related" },                 -- Yahoo 421 "Max message per connection reached"
 
   -- ---- relaying -------------------------------------------------------------------------

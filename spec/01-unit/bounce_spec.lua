@@ -244,6 +244,29 @@ describe("moonpost.bounce", function()
     end
   end)
 
+  describe("classify() of refusals that are not about the recipient", function()
+    it("a recipient class given at MAIL FROM is the sender's: invalid-sender", function()
+      local class, permanent, _, source = bounce.classify({ code = 550, enhanced = "5.1.1", stage = "MAIL FROM",
+        text = "<news@acme.test>: Sender address rejected: not owned by user" })
+      assert.same({ "invalid-sender", true }, { class, permanent })
+      assert.matches("at MAIL FROM$", source)
+      assert.equal("invalid-recipient", (bounce.classify({ code = 550, enhanced = "5.1.1", stage = "RCPT TO",
+        text = "no such user" })))
+    end)
+
+    it("a throttle for invalid recipients and a suspended sending account are policy-related", function()
+      for _, text in ipairs({ "Too many invalid recipients from your IP", "Message rejected: Sending suspended for "
+        .. "this account. For more information, please check the inbox of the email address associated with your "
+        .. "AWS account." }) do
+        assert.equal("policy-related", (bounce.classify({ code = 550, enhanced = "5.7.1", text = text, stage = "end of data" })),
+          text)
+      end
+      -- a suspended mailbox is still one
+      assert.equal("inactive-mailbox", (bounce.classify({ code = 550, enhanced = "5.2.1",
+        text = "The email account that you tried to reach is suspended", stage = "RCPT TO" })))
+    end)
+  end)
+
   describe("classify() on RFC 3463 codes", function()
     it("lists every code of RFC 3463 and of the registry additions the tests know", function()
       for key, class in pairs(ENHANCED) do assert.equal(class, bounce.ENHANCED[key], key) end

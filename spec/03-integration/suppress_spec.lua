@@ -156,6 +156,20 @@ describe("moonpost.suppress", function()
     end)
   end)
 
+  it("adds nobody for a refusal of the sender at MAIL FROM, even with 5.1.1", function()
+    with_sink(nil, function(sink)
+      local sup = suppress.setup { path = dir .. "/suppress", auto = true }
+      local mta, port = relay_mta(dir, sink.port, sup)
+      assert.equal(250, (H.send(port, { from = "m550-news@a.example", to = { "alice@x.test", "bob@x.test" } })))
+      assert.is_true(H.wait_for(function() return H.count(H.log("bounced"), "\n") >= 2 end, 15))
+      assert.truthy(H.log("to=<alice@x.test> bounced"):find("MAIL FROM", 1, true))
+      assert.is_nil(sup:check("a.example", "alice@x.test"))
+      assert.is_nil(sup:check("a.example", "bob@x.test"))
+      assert.equal(0, sup:count("a.example"))
+      stop(mta, sup)
+    end)
+  end)
+
   it("does not add bounces of classes it was not given", function()
     with_sink(nil, function(sink)
       local sup = suppress.setup { path = dir .. "/suppress", auto = { classes = { "bad-domain" } } }

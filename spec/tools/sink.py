@@ -33,6 +33,9 @@ What it answers depends on each recipient's local part:
     dropdata<N>-*, garbage<N>-*, stall<N>-*, throttle<N>-*: only the first N times, then 250
     anything else  250
 
+and a sender whose local part starts with m550- gets MAIL 550 5.1.1 (a
+sender address the server refuses).
+
 "pipelined": more commands were buffered behind MAIL; "next_pipelined": more
 input (the next transaction) was buffered behind the end of this message's
 data when it was read (RFC 2920 3.1).
@@ -166,6 +169,8 @@ class Handler:
         return out
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if address.split("@")[0].lower().startswith("m550-"):
+            return "550 5.1.1 <%s>: Sender address rejected: not owned by user" % address
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.rcpt_params = {}
