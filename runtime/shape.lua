@@ -374,6 +374,13 @@ function Shaper:apply(g, rule, res, line)
     end
     return b
   end
+  -- suspend, slow: the reply is about the sending, not the message (a 5xx
+  -- from Microsoft's S3150 or Yahoo's TSS09 too): it is deferred, and
+  -- retried once the mode allows
+  if res.status == "bounced" then
+    return { status = "deferred", code = 451, enhanced = res.enhanced and res.enhanced:gsub("^5", "4") or "4.7.0",
+      text = res.text, host = res.host, stage = res.stage, rule = rule.text }
+  end
   return res
 end
 

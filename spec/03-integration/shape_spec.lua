@@ -120,6 +120,23 @@ describe("moonpost.shape", function()
     end, 60)
   end)
 
+  it("defers the reply that set off a suspend rule, even a 5xx (Microsoft's S3150, Yahoo's TSS09)", function()
+    with_sink({}, function(sink)
+      local mta, port = shaped_mta(dir, sink.port, {
+        destinations = { strict = { domains = { "rule.test" },
+          rules = { { match = "no such user", action = "suspend", duration = "2s" } } } },
+      })
+      assert.equal(250, H.send(port, { to = "r550-a@rule.test" }))
+      assert.is_true(H.wait_for(function() return H.log("suspended for 2s") ~= "" end, 10))
+      assert.is_true(H.wait_for(function() return H.log("to=<r550-a@rule.test> deferred") ~= "" end, 10))
+      assert.matches("451 4%.1%.1", H.log("to=<r550-a@rule.test> deferred"))
+      assert.equal("", H.log("to=<r550-a@rule.test> bounced"))
+      assert.equal(1, mta.spool:count())
+      assert.equal(0, #sink.messages())
+      H.stop_mta(mta)
+    end, 30)
+  end)
+
   -- A message with a recipient a gate holds and one another site deferred:
   -- the deferred one keeps its own retry time, whatever the gate does.
   it("retries a recipient of another site on its own schedule while the gate holds one of the message", function()
