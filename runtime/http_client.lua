@@ -128,30 +128,42 @@ local function read_body(s, h, deadline, max_body)
   return nil, err
 end
 
+local MAX_INTERIM = 8 -- 1xx answers read before the final one
+
 -- One exchange on the open connection: the response, and whether the
 -- connection may be used again.
 local function exchange(self, req, deadline, method)
   local s = self.s
   local ok, err = s:send(req, left(deadline))
   if not ok then return nil, err end
-  local line
-  line, err = getline(s, deadline)
-  if not line then return nil, err end
-  local v, status, reason = line:match("^HTTP/1%.(%d) (%d%d%d) ?(.*)$")
-  if not v then return nil, "bad response: status line " .. format("%q", line:sub(1, 60)) end
-  local h, n = {}, 0
-  while true do
-    local hl, herr = getline(s, deadline)
-    if not hl then return nil, herr end
-    if hl == "" then break end
-    n = n + 1
-    if n > MAX_HEADERS then return nil, "bad response: too many header fields" end
-    local name, value = hl:match("^([^:%s]+):%s*(.-)%s*$")
-    if not name then return nil, "bad response: header line " .. format("%q", hl:sub(1, 60)) end
-    name = lower(name)
-    h[name] = h[name] and (h[name] .. ", " .. value) or value
+  local v, status, reason, h
+  -- interim answers (100 Continue, 103 Early Hints) come before the final
+  -- one, which answers this request (RFC 9110 15.2); the next request must
+  -- not read it as its own. 101 would switch protocols: not for us.
+  for i = 1, MAX_INTERIM + 1 do
+    local line
+    line, err = getline(s, deadline)
+    if not line then return nil, err end
+    v, status, reason = line:match("^HTTP/1%.(%d) (%d%d%d) ?(.*)$")
+    if not v then return nil, "bad response: status line " .. format("%q", line:sub(1, 60)) end
+    local n = 0
+    h = {}
+    while true do
+      local hl, herr = getline(s, deadline)
+      if not hl then return nil, herr end
+      if hl == "" then break end
+      n = n + 1
+      if n > MAX_HEADERS then return nil, "bad response: too many header fields" end
+      local name, value = hl:match("^([^:%s]+):%s*(.-)%s*$")
+      if not name then return nil, "bad response: header line " .. format("%q", hl:sub(1, 60)) end
+      name = lower(name)
+      h[name] = h[name] and (h[name] .. ", " .. value) or value
+    end
+    status = tonumber(status)
+    if status >= 200 or status == 101 then break end
+    if i == MAX_INTERIM + 1 then return nil, "bad response: more than " .. MAX_INTERIM .. " interim answers" end
   end
-  status = tonumber(status)
+  if status == 101 then return nil, "bad response: 101 Switching Protocols" end
   local body, framed = "", true
   -- no body: informational, 204, 304, and any answer to HEAD (RFC 9110 9.3.2)
   if not (status < 200 or status == 204 or status == 304 or method == "HEAD") then

@@ -242,6 +242,45 @@ describe("the HTTP listener", function()
     end)
   end)
 
+  it("the webhook client reads past interim 1xx answers to the final one, request by request", function()
+    H.run(function()
+      local uv = require "luv"
+      local client = require "moonpost.runtime.http_client"
+      -- one connection, two requests: a 100 Continue and a 103 before the
+      -- first one's 200, then a 503 for the second
+      local answers = { "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        .. "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n" }
+      local n, conns = 0, {}
+      local l = uv.new_tcp()
+      assert(l:bind("127.0.0.1", 0))
+      assert(l:listen(8, function()
+        local t = uv.new_tcp()
+        l:accept(t)
+        conns[#conns + 1] = t
+        local buf = ""
+        t:read_start(function(_, chunk)
+          buf = buf .. (chunk or "")
+          -- each request is a head and a 2-octet body ("{}")
+          while true do
+            local e = buf:find("\r\n\r\n", 1, true)
+            if not e or #buf < e + 3 + 2 then break end
+            buf = buf:sub(e + 4 + 2)
+            n = n + 1
+            t:write(answers[n] or answers[#answers])
+          end
+        end)
+      end))
+      local c = assert(client.new("http://127.0.0.1:" .. l:getsockname().port .. "/hook", { timeout = 5 }))
+      local r1 = assert(c:request("POST", "{}", { ["Content-Type"] = "application/json" }))
+      local r2 = assert(c:request("POST", "{}", { ["Content-Type"] = "application/json" }))
+      c:close()
+      assert.same({ 200, "ok", 503 }, { r1.status, r1.body, r2.status })
+      assert.equal(1, #conns)
+      for _, t in ipairs(conns) do t:close() end
+      l:close()
+    end)
+  end)
+
   it("refuses a listener address it cannot use, naming it", function()
     H.run(function()
       local moonpost = require "moonpost"
