@@ -25,9 +25,10 @@ local fs = require "moonpost.runtime.fs"
 local hooks = require "moonpost.runtime.hooks"
 local log = require "moonpost.runtime.log"
 local sched = require "moonpost.runtime.sched"
+local dns = require "moonpost.runtime.dns"
 
 local type, tostring, tonumber, pairs, ipairs = type, tostring, tonumber, pairs, ipairs
-local format, concat = string.format, table.concat
+local format, concat, find, match = string.format, table.concat, string.find, string.match
 
 local _M = { _VERSION = "0.1" }
 
@@ -68,6 +69,18 @@ local IMPORT_BATCH = 5000
 -- until it is done. A 1 ms sleep ends the pass.
 local function breathe()
   sched.sleep(0.001)
+end
+
+-- The form an address is kept and looked up in: an internationalized
+-- domain by its A-labels (bob@bücher.example and bob@xn--bcher-kva.example
+-- are one mailbox, as route.smtp treats them); the store lowercases ASCII.
+local function canon(address)
+  if not find(address, "[\128-\255]") then return address end
+  local lp, domain = match(address, "^(.*)@([^@]+)$")
+  if not lp then return address end
+  local ok, ascii = pcall(dns.to_ascii, domain)
+  if ok and type(ascii) == "string" then return lp .. "@" .. ascii end
+  return address
 end
 
 local function tenant_of(t)
@@ -352,7 +365,7 @@ function Suppress:add(tenant, address, reason, time)
   if time ~= nil and type(time) ~= "number" then error("suppress:add(): time must be a number", 2) end
   local st, err = self:store()
   if not st then return nil, err end
-  local ok, aerr = st:add(tenant_of(tenant), address, reason, time)
+  local ok, aerr = st:add(tenant_of(tenant), canon(address), reason, time)
   if ok == nil then return nil, aerr end
   if ok then
     self:changed()
@@ -370,7 +383,7 @@ function Suppress:remove(tenant, address)
   check_address("remove", address)
   local st, err = self:store()
   if not st then return nil, err end
-  local ok = st:remove(tenant_of(tenant), address)
+  local ok = st:remove(tenant_of(tenant), canon(address))
   if ok then
     self:changed()
     local m = self.mta
@@ -386,7 +399,7 @@ function Suppress:check(tenant, address)
   check_address("check", address)
   local st, err = self:store()
   if not st then return nil, err end
-  local t, reason = st:check(tenant_of(tenant), address)
+  local t, reason = st:check(tenant_of(tenant), canon(address))
   if not t then return nil end
   return { reason = reason, time = t }
 end
@@ -604,7 +617,7 @@ function Suppress:import_csv(path, tenant)
           goto continue
         end
       end
-      local ok, aerr = st:add(rt, address, reason, t)
+      local ok, aerr = st:add(rt, canon(address), reason, t)
       if ok then
         res.added = res.added + 1
         self.wseq = self.wseq + 1
@@ -808,7 +821,7 @@ function Suppress:rcpt_check(txn, rcpt)
   local st = self.st
   if not st or rcpt.postmaster then return nil end
   local tenant = tenant_of(txn.tenant)
-  local t, reason = st:check(tenant, rcpt.address)
+  local t, reason = st:check(tenant, canon(rcpt.address))
   if not t then return nil end
   self.counters.refused = self.counters.refused + 1
   log.info("%s: to=<%s> refused: on the suppression list of tenant \"%s\" (%s, since %s)", txn.id,
@@ -822,7 +835,7 @@ end
 function Suppress:queue_check(env, rcpt)
   local st = self.st
   if not st then return nil end
-  local t, reason = st:check(tenant_of(env.tenant), rcpt.address)
+  local t, reason = st:check(tenant_of(env.tenant), canon(rcpt.address))
   if not t then return nil end
   self.counters.suppressed = self.counters.suppressed + 1
   return { status = "suppressed", reason = reason, since = t,

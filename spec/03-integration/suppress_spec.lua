@@ -84,6 +84,21 @@ describe("moonpost.suppress", function()
     end)
   end)
 
+  it("holds an internationalized domain's two forms as one address", function()
+    H.run(function()
+      local sup = suppress.setup { path = dir .. "/suppress", check = "none" }
+      local mta = H.start_mta({}, function(m) m:use(sup) end)
+      assert.is_true(sup:add("t", "bob@b\xc3\xbccher.example", "manual"))
+      assert.equal("manual", sup:check("t", "bob@xn--bcher-kva.example").reason)
+      assert.equal("manual", sup:check("t", "bob@b\xc3\xbccher.example").reason)
+      assert.is_true(sup:add("t", "ann@xn--mnchen-3ya.example", "manual"))
+      assert.equal("manual", sup:check("t", "ann@m\xc3\xbcnchen.example").reason)
+      assert.is_true(sup:remove("t", "bob@XN--BCHER-KVA.example"))
+      assert.is_nil(sup:check("t", "bob@b\xc3\xbccher.example"))
+      stop(mta, sup)
+    end)
+  end)
+
   it("answers with the configured reply", function()
     H.run(function()
       local sup = suppress.setup { path = dir .. "/suppress",
