@@ -542,6 +542,7 @@ local function csv_split(line)
 end
 
 local HEADER_NAMES = { tenant = "tenant", address = "address", email = "address", ["e-mail"] = "address",
+  ["email address"] = "address", ["e-mail address"] = "address", email_address = "address",
   reason = "reason", time = "time", added = "time", added_at = "time" }
 
 local function trim(s)
@@ -573,6 +574,8 @@ function Suppress:import_csv(path, tenant)
     if lineno == 1 then line = line:gsub("^\239\187\191", "") end
     line = line:gsub("\r$", "")
     if line:match("^%s*$") or line:match("^#") then goto continue end
+    -- Excel's "sep=," first line names the separator: not a row
+    if not cols and line:match("^sep=.?$") then goto continue end
     do
       local fields, why = csv_split(line)
       if not fields then
@@ -593,7 +596,7 @@ function Suppress:import_csv(path, tenant)
       end
       local rt
       if cols.tenant then
-        rt = fields[cols.tenant] or ""
+        rt = trim(fields[cols.tenant] or "")
         if tenant ~= nil and rt ~= tenant then
           res.skipped = res.skipped + 1
           goto continue
@@ -604,6 +607,11 @@ function Suppress:import_csv(path, tenant)
       local address = trim(fields[cols.address] or "")
       if address == "" then
         bad(lineno, "no address")
+        goto continue
+      end
+      -- a header row with other names ("Email Address,Reason") is not one
+      if not address:find("@", 1, true) then
+        bad(lineno, "not an address: " .. address:sub(1, 80))
         goto continue
       end
       local reason = cols.reason and fields[cols.reason] or ""

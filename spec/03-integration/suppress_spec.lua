@@ -251,6 +251,15 @@ describe("moonpost.suppress", function()
       assert.is_nil(copy:check("", "new1@x.test"))
       assert.equal(3, copy:count("c"))
       assert.equal(7, copy:count())
+      -- a spreadsheet's export: Excel's sep= line, its own column names, a
+      -- tenant with a blank after it; a row without an address is refused
+      H.write(dir .. "/sheet.csv", "sep=,\r\nEmail Address,Reason,Tenant\r\nsheet@x.test,complaint, c \r\n"
+        .. "not-an-address,junk,c\r\n")
+      r = assert(copy:import_csv(dir .. "/sheet.csv", "c"))
+      assert.same({ added = 1, existing = 0, skipped = 0, invalid = 1, errors = { "line 4: not an address: not-an-address" } },
+        r)
+      assert.equal("complaint", copy:check("c", "sheet@x.test").reason)
+      assert.equal(4, copy:count("c"))
       -- list() stops when fn returns false
       local n = 0
       assert.equal(1, copy:list(nil, function() n = n + 1 return false end))
