@@ -145,12 +145,13 @@ local function set_conn_tenant(self, tenant, force)
   return true
 end
 
--- A tenant's budget for one more message: its queue quota, then its rate.
--- Returns the reply (code, enhanced, text) that refuses it, or nil.
-local function tenant_budget(self, tenant)
+-- A tenant's budget for one more message: its queue quota (unless
+-- no_quota), then its rate. Returns the reply (code, enhanced, text) that
+-- refuses it, or nil.
+local function tenant_budget(self, tenant, no_quota)
   local cfg = self.mta.tenants:get(tenant)
   if not cfg then return nil end
-  if cfg.max_queued and self.mta:tenant_depth(tenant) >= cfg.max_queued then
+  if not no_quota and cfg.max_queued and self.mta:tenant_depth(tenant) >= cfg.max_queued then
     return 452, "4.3.1", "Tenant queue quota exceeded, try again later"
   end
   if cfg.max_messages and not self.mta.tenants:take(tenant) then
@@ -380,7 +381,9 @@ commands.MAIL = function(self, arg)
   local conn = self.conn
   local tenant = conn.tenant
   if tenant ~= nil then
-    local c, e, t = tenant_budget(self, tenant)
+    -- with a tenant_header the message's tenant is known at the end of the
+    -- data only: its queue quota is checked there (header_tenant)
+    local c, e, t = tenant_budget(self, tenant, self.opts.tenant_header)
     if c then return reply(self, c, e, t) end
   end
   local txn = {
@@ -400,7 +403,7 @@ commands.MAIL = function(self, arg)
   }
   local v = self.mta.bus:run("smtp_server_mail_from", txn, path)
   if v and v.kind ~= "accept" then return verdict_reply(self, v) end
-  self.txn = txn
+  self.txn, self.rate_tenant = txn, tenant -- whose message-rate token it took
   set_state(self, "mail")
   if v then return verdict_reply(self, v) end
   reply(self, 250, "2.1.0", "Ok")
@@ -439,7 +442,7 @@ commands.RCPT = function(self, arg)
   if path.literal and self.opts.domain_literals == false and not is_local(self, path) then
     return reply(self, 550, "5.7.1", "Domain literals are not accepted here")
   end
-  if txn.tenant ~= nil and over_quota(self, txn.tenant) then
+  if txn.tenant ~= nil and not self.opts.tenant_header and over_quota(self, txn.tenant) then
     return reply(self, 452, "4.3.1", "Tenant queue quota exceeded, try again later")
   end
   local v = self.mta.bus:run("smtp_server_rcpt_to", txn, path)
@@ -485,15 +488,23 @@ function _M.run_received(mta, txn, msg)
 end
 
 -- The tenant header of a listener with `tenant_header`: the field is read
--- from the header section, removed, and names txn.tenant. Returns nil, or
--- the reply that refuses the message (code, enhanced, text).
+-- from the header section, removed, and names txn.tenant. The final
+-- tenant's budget is checked here (MAIL and RCPT left the queue quota out):
+-- a tenant named by the header gets back the token MAIL took from the
+-- listener's tenant, and is charged its own. Returns nil, or the reply that
+-- refuses the message (code, enhanced, text).
 local function header_tenant(self, txn, msg)
   local name = self.opts.tenant_header
   local fields = headers.find(msg:headers(), name:lower())
   if #fields > 1 then return 550, "5.7.1", "More than one " .. name .. " header field" end
   local f = fields[1]
   local found = f and { f.first, f.last, f.value }
-  if not found then return nil end
+  if not found then
+    if txn.tenant ~= nil and over_quota(self, txn.tenant) then
+      return 452, "4.3.1", "Tenant queue quota exceeded, try again later"
+    end
+    return nil
+  end
   local tenant = found[3]
   if not self.mta.tenants:get(tenant) then
     return 550, "5.7.1", "Unknown tenant in " .. name
@@ -504,10 +515,17 @@ local function header_tenant(self, txn, msg)
   end
   msg:remove(found[1], found[2])
   if tenant ~= txn.tenant then
-    -- a different tenant from the one that passed MAIL: its own budget
+    -- a different tenant from the one that passed MAIL: not the listener
+    -- tenant's message, and its own budget
+    if self.rate_tenant ~= nil then
+      self.mta.tenants:give(self.rate_tenant)
+      self.rate_tenant = nil
+    end
     local c, e, t = tenant_budget(self, tenant)
     if c then return c, e, t end
-    txn.tenant = tenant
+    txn.tenant, self.rate_tenant = tenant, tenant
+  elseif over_quota(self, tenant) then
+    return 452, "4.3.1", "Tenant queue quota exceeded, try again later"
   end
   return nil
 end

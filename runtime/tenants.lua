@@ -9,6 +9,7 @@
 --   t:close(name)                              and ends
 --   t:connections(name)     -> n
 --   t:take(name)            -> true | false   one message from the rate budget (false: over max_messages)
+--   t:give(name)                               a token taken for a message that turned out not to be name's
 --   t:inherit(old)                             a reload: share old's counts and buckets
 --
 -- Settings of a tenant live in TENANT_SCHEMA below; blocks that give
@@ -150,6 +151,16 @@ function Tenants:take(name)
   if b.tokens < 1 then return false end
   b.tokens = b.tokens - 1
   return true
+end
+
+-- give(name): the token take(name) took goes back (the message was not
+-- name's after all: a tenant header named another tenant). At most burst.
+function Tenants:give(name)
+  local b = self.buckets[name]
+  if b then
+    local tok = b.tokens + 1
+    b.tokens = tok > b.cap and b.cap or tok
+  end
 end
 
 return _M

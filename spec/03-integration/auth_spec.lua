@@ -771,12 +771,14 @@ describe("tenants", function()
     H.run(function()
       local dir = H.tmpdir()
       -- a spool and no transport: what is accepted stays queued
-      local mta, port = start({ accept = { tenant = "acme", tenant_header = "X-Tenant" },
+      local mta, port = start({ accept = { tenant = "acme" },
         new = { spool = dir .. "/spool", tenants = tenants({ acme = { max_queued = 2 }, gamma = { max_queued = 1 } }) },
         setup = function(mta)
           mta:use(require("moonpost.accept").smtp { listen = "127.0.0.1:0", log_messages = false, tenant = "beta" })
+          mta:use(require("moonpost.accept").smtp { listen = "127.0.0.1:0", log_messages = false, tenant = "acme",
+            tenant_header = "X-Tenant" })
         end })
-      local portb = mta:addresses()[2].port
+      local portb, porth = mta:addresses()[2].port, mta:addresses()[3].port
       assert.equal(250, (H.send(port)))
       assert.equal(1, mta:tenant_depth("acme"))
       -- a transaction opened below the quota ...
@@ -792,12 +794,22 @@ describe("tenants", function()
       -- B is not affected
       for _ = 1, 3 do assert.equal(250, (H.send(portb))) end
       assert.equal(3, mta:tenant_depth("beta"))
-      -- a tenant chosen by header: checked when the header is read
+      -- on a listener with a tenant header, the final tenant's quota, at the end of the data:
+      -- acme's own mail is refused there, not at MAIL or RCPT ...
+      p = assert(H.connect(porth))
+      p:script("S: 220\nC: EHLO a.test\nS: 250\nC: MAIL FROM:<a@a.test>\nS: 250\nC: RCPT TO:<x@elsewhere.test>\nS: 250"
+        .. "\nC: DATA\nS: 354\nC: Subject: acme\nC: \nC: body\nC: .\nS: 452 4.3.1 Tenant queue quota exceeded")
+      p:close()
+      -- ... and gamma's mail is not refused for acme's quota, but for its own
       local gamma = "X-Tenant: gamma\r\n\r\nbody\r\n"
-      c = H.send(port, { body = gamma })
-      assert.equal(452, c) -- acme is over its quota at MAIL already
+      assert.equal(250, (H.send(porth, { body = gamma })))
+      assert.equal(1, mta:tenant_depth("gamma"))
+      c, e = H.send(porth, { body = gamma })
+      assert.same({ 452, "4.3.1" }, { c, e })
+      assert.equal(2, mta:tenant_depth("acme"))
       H.stop_mta(mta)
-      mta, port = start({ accept = { tenant_header = "X-Tenant" }, new = { spool = dir .. "/spool",
+      -- a listener without a tenant of its own
+      mta, port = start({ accept = { tenant_header = "X-Tenant" }, new = { spool = dir .. "/spool2",
         tenants = tenants({ gamma = { max_queued = 1 } }) } })
       assert.equal(250, (H.send(port, { body = gamma })))
       c, e = H.send(port, { body = gamma })
@@ -805,6 +817,27 @@ describe("tenants", function()
       assert.equal(250, (H.send(port, { body = "X-Tenant: beta\r\n\r\nbody\r\n" })))
       H.stop_mta(mta)
       H.rm_rf(dir)
+    end)
+  end)
+
+  it("a header tenant spends its own message rate, not the listener tenant's, and gets its own refusal", function()
+    H.run(function()
+      local mta, port = start({ accept = { tenant = "acme", tenant_header = "X-Tenant" },
+        new = { tenants = tenants({ acme = { max_messages = { rate = "2/h", burst = 2 } },
+          gamma = { max_messages = { rate = "1/h", burst = 1 } } }) } })
+      local BETA = "X-Tenant: beta\r\n\r\nbody\r\n"
+      local GAMMA = "X-Tenant: gamma\r\n\r\nbody\r\n"
+      for _ = 1, 3 do assert.equal(250, (H.send(port, { body = BETA }))) end
+      assert.equal(250, (H.send(port, { body = GAMMA })))
+      -- gamma is over its rate: the reply is gamma's, at the end of the data
+      local c, e, t = H.send(port, { body = GAMMA })
+      assert.same({ 452, "4.7.0", "Tenant message rate exceeded, try again later" }, { c, e, t })
+      -- acme's two tokens are all there
+      assert.equal(250, (H.send(port)))
+      assert.equal(250, (H.send(port)))
+      c, e = H.send(port)
+      assert.same({ 452, "4.7.0" }, { c, e })
+      H.stop_mta(mta)
     end)
   end)
 
