@@ -22,6 +22,7 @@
 -- hold across sites. docs/shape.md has every option.
 local config = require "moonpost.runtime.config"
 local shape = require "moonpost.runtime.shape"
+local dns = require "moonpost.runtime.dns"
 local regex = require "moonpost.runtime.regex"
 
 local _M = { _VERSION = "0.1" }
@@ -148,7 +149,10 @@ function _M.setup(opts)
       mx = {} }
     for _, m in ipairs(d.mx or {}) do entry.mx[#entry.mx + 1] = m:lower():gsub("^%*?%.", "") end
     for _, dom in ipairs(d.domains or {}) do
-      local k = dom:lower()
+      -- keyed by the A-labels: "bücher.example" and "xn--bcher-kva.example"
+      -- are one domain, in the policy and in the address (as in route.smtp)
+      local k, why = dns.to_ascii(dom)
+      if not k then config.raise(string.format("%s: field 'domains': not a domain: %q (%s)", where, dom, why)) end
       if spec.by_domain[k] then
         config.raise(string.format("%s: domain %s is already in destination %s", where, k, spec.by_domain[k].name))
       end

@@ -20,8 +20,10 @@ local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 local buckets = require "moonpost.runtime.bucket"
+local dns = require "moonpost.runtime.dns"
 
 local floor, min, max, huge = math.floor, math.min, math.max, math.huge
+local lower = string.lower
 
 local _M = { _VERSION = "0.1" }
 
@@ -120,7 +122,8 @@ end
 -- delivery.
 function Shaper:destination(domain, mx_names, site)
   local spec = self.spec
-  local d = spec.by_domain and spec.by_domain[domain]
+  -- by_domain is keyed by A-labels in lower case (moonpost.shape)
+  local d = spec.by_domain and spec.by_domain[dns.to_ascii(domain) or lower(domain)]
   if d then return d end
   if not mx_names then return nil end
   local memo = self.by_site

@@ -247,4 +247,21 @@ describe("moonpost.shape", function()
     -- "notgoogle.com" is not a subdomain of google.com
     assert.is_nil(sh:destination("example.net", { "mx.notgoogle.com" }))
   end)
+
+  it("matches an internationalized domain in either form, written either way in the policy", function()
+    local sh = require("moonpost.shape").setup({ destinations = {
+      de = { domains = { "bücher.example" }, rate = "1/m" },
+      mx = { domains = { "XN--mller-kva.example" }, rate = "1/m" } } }).shaper
+    for _, d in ipairs({ "bücher.example", "xn--bcher-kva.example", "BÜCHER.example", "Xn--Bcher-Kva.Example" }) do
+      assert.equal("de", (sh:destination(d) or {}).name, d)
+    end
+    for _, d in ipairs({ "müller.example", "xn--mller-kva.example" }) do
+      assert.equal("mx", (sh:destination(d) or {}).name, d)
+    end
+    -- one domain, two spellings: a duplicate
+    local ok, err = pcall(require("moonpost.shape").setup, { destinations = {
+      a = { domains = { "bücher.example" } }, b = { domains = { "xn--bcher-kva.example" } } } })
+    assert.is_false(ok)
+    assert.matches("domain xn%-%-bcher%-kva.example is already in destination a", tostring(err))
+  end)
 end)
