@@ -380,6 +380,9 @@ function _M.sign(opts)
   end
 
   function block.attach(_, mta)
+    local named = {}
+    for t in pairs(o.tenants or {}) do named[#named + 1] = t end
+    mta.tenants:check_names("dkim.sign: field 'tenants'", named)
     rdkim.configure({ threads = o.threads or cpus(), rsa = o.rsa, inline_ed25519 = o.inline_ed25519 })
     mta:add_message_step(step)
   end

@@ -438,6 +438,19 @@ function _M.smtp(opts)
   end
 
   function block.attach(_, mta)
+    local named = {}
+    for t in pairs(o.tenant_pools or {}) do named[#named + 1] = t end
+    mta.tenants:check_names("route.smtp: field 'tenant_pools'", named)
+    local pool_names = {}
+    for name in pairs(pools) do pool_names[#pool_names + 1] = tostring(name) end
+    table.sort(pool_names)
+    for _, name in ipairs(pool_names) do
+      if pools[name].tenants then
+        named = {}
+        for t in pairs(pools[name].tenants) do named[#named + 1] = t end
+        mta.tenants:check_names("route.smtp: field 'pools' [" .. name .. "]: field 'tenants'", named)
+      end
+    end
     local helo = o.helo or mta.hostname
     -- one connection pool per ready queue (source x site) and TLS policy:
     -- connections made under one policy are not reused under another

@@ -177,6 +177,9 @@ function _M.setup(opts)
   local block = { name = "shape", spec = spec, shaper = shaper }
   function block.attach(_, mta)
     if mta.shaper then config.raise("shape: the policy uses two shape blocks; merge them into one") end
+    local tnames = {}
+    for name in pairs(spec.tenants) do tnames[#tnames + 1] = name end
+    mta.tenants:check_names("shape: field 'tenants'", tnames)
     mta.shaper = shaper
   end
   -- state() -> per gate: inflight, parked, suspended_for, slowed_for, stats

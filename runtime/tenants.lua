@@ -11,6 +11,8 @@
 --   t:take(name)            -> true | false   one message from the rate budget (false: over max_messages)
 --   t:give(name)                               a token taken for a message that turned out not to be name's
 --   t:inherit(old)                             a reload: share old's counts and buckets
+--   t:check_names(where, names)                 at a block's attach: raises a config error for a name in
+--                                               the list that is not declared (when tenants are declared)
 --
 -- Settings of a tenant live in TENANT_SCHEMA below; blocks that give
 -- tenants more settings add their fields there.
@@ -18,7 +20,7 @@ local uv = require "luv"
 local config = require "moonpost.runtime.config"
 local bucket = require "moonpost.runtime.bucket"
 
-local format, type, pairs, tostring = string.format, type, pairs, tostring
+local format, type, pairs, ipairs, next, tostring = string.format, type, pairs, ipairs, next, tostring
 
 local _M = { _VERSION = "0.1" }
 
@@ -104,6 +106,24 @@ function Tenants:names()
   for name in pairs(self.cfg) do list[#list + 1] = name end
   table.sort(list)
   return list
+end
+
+-- check_names(where, names): a block naming tenants (shape, route, dkim)
+-- must name declared ones; a typo would silently leave the tenant out.
+-- Raised at the policy's line, naming the field (where). An MTA that
+-- declares no tenants is not checked: its blocks name tenants that
+-- handlers set (txn.tenant).
+function Tenants:check_names(where, names)
+  if next(self.cfg) == nil then return end
+  local list = {}
+  for _, name in ipairs(names) do list[#list + 1] = tostring(name) end
+  table.sort(list)
+  for _, name in ipairs(list) do
+    if not self.cfg[name] then
+      config.raise(format("%s: tenant '%s' is not declared in moonpost.new { tenants = ... } (declared: %s)",
+        where, name, table.concat(self:names(), ", ")))
+    end
+  end
 end
 
 function Tenants:connections(name)

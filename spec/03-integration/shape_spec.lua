@@ -248,6 +248,25 @@ describe("moonpost.shape", function()
     assert.is_nil(sh:destination("example.net", { "mx.notgoogle.com" }))
   end)
 
+  it("moonpost check refuses a tenant that is not declared, in shape tenants and route.smtp pools, at the policy's line", function()
+    H.run(function()
+      local tail = " is not declared in moonpost.new { tenants = ... } (declared: acme, beta)"
+      for _, case in ipairs({
+        { "bad_shape_tenant.lua", 3, "shape: field 'tenants': tenant 'acmee'" .. tail },
+        { "bad_route_tenant.lua", 3, "route.smtp: field 'tenant_pools': tenant 'acmee'" .. tail },
+        { "bad_pool_tenant.lua", 3, "route.smtp: field 'pools' [p]: field 'tenants': tenant 'betta'" .. tail },
+      }) do
+        local path = "spec/fixtures/policies/" .. case[1]
+        local code, out, err = H.exec(H.root .. "/scripts/moonpost", { "check", path }, { cwd = H.root, timeout = 30 })
+        assert.equal(1, code, path)
+        assert.equal("", out)
+        local want = "moonpost: " .. path .. ":" .. case[2] .. ": " .. case[3]
+        assert.equal(want, err:sub(1, #want), err)
+        assert.falsy(err:find("stack traceback", 1, true))
+      end
+    end)
+  end)
+
   it("matches an internationalized domain in either form, written either way in the policy", function()
     local sh = require("moonpost.shape").setup({ destinations = {
       de = { domains = { "bücher.example" }, rate = "1/m" },
