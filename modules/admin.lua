@@ -44,6 +44,8 @@ local MAX_RECIPIENTS = 1000   -- per injected message
 local MAX_BATCH = 1000        -- messages per injection request
 local LAST_RESULTS = 10000    -- messages whose recipients' last results are kept for inspection
 local PURGE_WAIT = 10         -- seconds a purge waits for its bounces before it answers
+local BODY_MAX = 1048576      -- octets of body an inspection returns by default (?body_max=)
+local BODY_MAX_LIMIT = 16777216 -- the most it returns
 
 -- ---- JSON answers --------------------------------------------------------------------------
 
@@ -70,15 +72,18 @@ local function clean(v, seen)
   return out
 end
 
-local function encode(body)
+-- encode(body [, valid]): with valid, the caller has made every string in
+-- body well-formed UTF-8 already, and the encoded text is not checked again
+-- (a pure-Lua pass over it: seconds for a large 8-bit message body).
+local function encode(body, valid)
   local s = cjson.encode(body)
-  if s and not mime.utf8_valid(s) then s = cjson.encode(clean(body, {})) end
+  if s and not valid and not mime.utf8_valid(s) then s = cjson.encode(clean(body, {})) end
   return (gsub(s, EMPTY_PATTERN, "[]"))
 end
 _M.encode = encode
 
-local function answer(status, body)
-  return status, encode(body), JSON_HEADERS
+local function answer(status, body, valid)
+  return status, encode(body, valid), JSON_HEADERS
 end
 
 local function fail(status, why)
@@ -853,6 +858,14 @@ end
 function Admin:api_message(req)
   local mta = self.mta
   local hex = req.params.id
+  local want_body = req.query.body == "1"
+  local body_max = BODY_MAX
+  if req.query.body_max ~= nil then
+    body_max = tonumber(req.query.body_max)
+    if not body_max or body_max % 1 ~= 0 or body_max < 0 or body_max > BODY_MAX_LIMIT then
+      return fail(400, format("body_max: expected octets from 0 to %d", BODY_MAX_LIMIT))
+    end
+  end
   local sp = mta.spool
   if not sp then return fail(404, "no spool: nothing is queued") end
   local num = hex:match("^%x+$") and #hex <= 16 and tonumber(hex, 16)
@@ -884,14 +897,43 @@ function Admin:api_message(req)
     if not done and self.marks[env.id] and self.marks[env.id][i] then rs = "purging" end
     rcpts[i] = { address = r.a, state = rs, notify = r.n, orcpt = r.o, last_result = lr }
   end
-  local text, size
+  -- the header section, and at most body_max octets of the body: the whole
+  -- message is never copied, split or checked on the loop thread
+  local size, head, rest, body_size
   if type(body) == "string" then
-    text, size = body, #body
+    size = #body
+    local e = find(body, "\r\n\r\n", 1, true)
+    head = e and sub(body, 1, e + 1) or body
+    body_size = e and size - e - 3 or 0
+    if want_body and e then rest = sub(body, e + 4, e + 3 + body_max) end
   else
     size = body:size()
-    text = req.query.body == "1" and body:tostring() or body:headers()
+    head = body:headers()
+    local hl = #head
+    if sub(head, -4) == "\r\n\r\n" or head == "\r\n" then
+      body_size = size - hl
+      if want_body then rest = body:sub(hl + 1, hl + body_max) end
+      if head ~= "\r\n" then head = sub(head, 1, -3) end
+    else
+      body_size = 0
+    end
   end
-  local head, rest = mime.split(text)
+  rest = rest or ""
+  local truncated = want_body and #rest < body_size
+  if truncated then
+    -- not in the middle of a UTF-8 sequence: back to the start of the last one
+    -- when it is cut (at most 3 octets)
+    local n = #rest
+    for k = n, math.max(1, n - 2), -1 do
+      local c = string.byte(rest, k)
+      if c < 0x80 then break end
+      if c >= 0xC0 then
+        local len = c >= 0xF0 and 4 or c >= 0xE0 and 3 or 2
+        if k + len - 1 > n then rest = sub(rest, 1, k - 1) end
+        break
+      end
+    end
+  end
   local fields = mime.fields(head)
   for _, f in ipairs(fields) do
     -- 8-bit octets that are not UTF-8 (a legacy charset sent raw): shown
@@ -908,14 +950,19 @@ function Admin:api_message(req)
     state = state, suspended_by = held_by, envid = env.envid, ret = env.ret, smtputf8 = env.utf8,
     client = env.ip, recipients = list(rcpts), headers = list(fields),
   }
-  if req.query.body == "1" then
+  -- every string but the body made UTF-8 here (small), the body checked
+  -- once: the encoded answer needs no second pass
+  out = clean(out, {})
+  if want_body then
     if mime.utf8_valid(rest) then
       out.body = rest
     else
       out.body_base64 = require("moonpost.runtime.passwd").b64encode(rest)
     end
+    out.body_size = body_size
+    if truncated then out.body_truncated = true end
   end
-  return answer(200, out)
+  return answer(200, out, true)
 end
 
 -- ---- purge -----------------------------------------------------------------------------------------

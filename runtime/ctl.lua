@@ -23,7 +23,7 @@ usage: moonpost ctl [--url URL] [--token TOKEN] [--json] [--timeout SECONDS] COM
 
   health                                        is the server alive and ready
   queues [--tenant T] [--domain D] [--site S]   depth, oldest and last error per queue and site
-  inspect ID [--body]                           one queued message
+  inspect ID [--body [--body-max OCTETS]]      one queued message
   suspend [--tenant T] [--domain D] [--site S] [--reason TEXT]
   resume [--tenant T] [--domain D] [--site S] | resume --all
   suspensions
@@ -43,7 +43,8 @@ URL defaults to $MOONPOST_HTTP or http://127.0.0.1:8025; TOKEN to $MOONPOST_API_
 -- options that take a value (the ones marked many may be repeated), and flags
 local VALUES = { url = 1, token = 1, timeout = 1, tenant = 1, domain = 1, site = 1, reason = 1, from = 1,
   to = "many", subject = 1, text = 1, ["text-file"] = 1, html = 1, ["html-file"] = 1, attach = "many",
-  header = "many", pool = 1, ["content-file"] = 1, rcpt = 1, ["older-than"] = 1, limit = 1, offset = 1 }
+  header = "many", pool = 1, ["content-file"] = 1, rcpt = 1, ["older-than"] = 1, limit = 1, offset = 1,
+  ["body-max"] = 1 }
 local FLAGS = { json = true, body = true, silent = true, all = true, help = true }
 
 local function usage_error(why)
@@ -248,6 +249,10 @@ function SHOW.inspect(r)
   io.stdout:write("\n")
   for _, h in ipairs(list_of(r.headers)) do io.stdout:write(h.name, ": ", h.value, "\n") end
   if r.body then io.stdout:write("\n", r.body) end
+  if r.body_truncated then
+    io.stdout:write(format("\n[body cut at %d of %d octets: --body-max N for more]\n", #(r.body or ""),
+      r.body_size or 0))
+  end
 end
 
 function SHOW.suppress_list(r)
@@ -331,7 +336,12 @@ local function plan(cmd, p)
       show = "queues" }
   elseif cmd == "inspect" then
     if #a ~= 1 then return nil, "inspect needs one message id" end
-    return { "GET", "/api/v1/messages/" .. escape(a[1]) .. (o.body and "?body=1" or ""), show = "inspect" }
+    local q = o.body and "?body=1" or ""
+    if o["body-max"] then
+      if not o.body then return nil, "--body-max goes with --body" end
+      q = q .. "&body_max=" .. escape(o["body-max"])
+    end
+    return { "GET", "/api/v1/messages/" .. escape(a[1]) .. q, show = "inspect" }
   elseif cmd == "suspend" or cmd == "resume" then
     local b = { tenant = o.tenant, domain = o.domain, site = o.site }
     if cmd == "suspend" then b.reason = o.reason end
