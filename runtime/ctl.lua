@@ -14,7 +14,7 @@ local sched = require "moonpost.runtime.sched"
 local http = require "moonpost.runtime.http"
 local http_client = require "moonpost.runtime.http_client"
 
-local format, concat, rep = string.format, table.concat, string.rep
+local format, concat, rep, gsub, byte = string.format, table.concat, string.rep, string.gsub, string.byte
 
 local _M = {}
 
@@ -394,10 +394,35 @@ local function in_loop(fn)
   return unpack(results or {})
 end
 
+-- Untrusted text for the terminal: header fields, bodies, a remote
+-- server's reply and a suppression's reason come from anyone, and an ESC in
+-- them would drive the terminal (clear it, retitle it, rewrite what was
+-- printed). C0 controls other than tab, DEL and the C1 controls (U+0080 to
+-- U+009F) are shown escaped: "\x1b", "\u009b". In a body (lines) CRLF
+-- becomes a newline and a newline stays; elsewhere a newline is escaped too.
+local function term(s, lines)
+  s = tostring(s)
+  if lines then s = gsub(s, "\r\n", "\n") end
+  s = gsub(s, lines and "[%z\1-\8\11-\31\127]" or "[%z\1-\8\10-\31\127]", function(c)
+    return format("\\x%02x", byte(c))
+  end)
+  return (gsub(s, "\194([\128-\159])", function(c) return format("\\u%04x", byte(c)) end))
+end
+_M.term = term
+
+-- every string in an answer, for the terminal (the body keeps its lines)
+local function term_all(v, key)
+  if type(v) == "string" then return term(v, key == "body") end
+  if type(v) ~= "table" then return v end
+  local out = {}
+  for k, x in pairs(v) do out[k] = term_all(x, k) end
+  return setmetatable(out, getmetatable(v))
+end
+
 local function api_error(status, body)
   local v = cjson.decode(body or "")
   local why = type(v) == "table" and v.error or (body ~= "" and body) or http.REASONS[status] or "error"
-  io.stderr:write(format("moonpost: ctl: %d %s: %s\n", status, http.REASONS[status] or "", tostring(why)))
+  io.stderr:write(format("moonpost: ctl: %d %s: %s\n", status, http.REASONS[status] or "", term(why)))
   return 1
 end
 
@@ -439,7 +464,7 @@ function _M.main(argv)
     if o.json then
       io.stdout:write(cjson.encode(r), "\n")
     else
-      SHOW.health(r)
+      SHOW.health(term_all(r))
     end
     if s1 ~= 200 then return api_error(s1, b1) end
     return s2 == 200 and 0 or 1
@@ -459,10 +484,10 @@ function _M.main(argv)
   end
   local v = cjson.decode(body)
   if type(v) ~= "table" then
-    io.stdout:write(body, "\n")
+    io.stdout:write(term(body, true), "\n")
     return 0
   end
-  SHOW[req.show](v)
+  SHOW[req.show](term_all(v))
   return 0
 end
 
