@@ -21,6 +21,7 @@
 -- input error comes back as nil, "field: what is wrong".
 local passwd = require "moonpost.runtime.passwd"
 local kdf = require "moonpost.core.kdf"
+local smtp = require "moonpost.core.smtp"
 
 local byte, char, sub, find, format, concat, gsub = string.byte, string.char, string.sub, string.find,
   string.format, table.concat, string.gsub
@@ -197,6 +198,17 @@ local SPECIALS = '[%(%)<>%[%]:;@\\,%."]'
 
 -- One mailbox for a header: "Name <a@b>", { name = ..., address = ... } or
 -- "a@b" -> the field text | nil, err
+-- A control character in a header value, other than tab: a C0 control
+-- (line breaks and NUL too), DEL, or a C1 control (U+0080 to U+009F).
+-- -> its description | nil
+local function control(s)
+  local c = s:match("[%z\1-\8\10-\31\127]") or s:match("\194[\128-\159]")
+  if not c then return nil end
+  if c == "\r" or c == "\n" then return "a line break" end
+  return format("a control character (U+%04X; only tab is allowed)", c:byte(-1))
+end
+_M.control = control
+
 local function mailbox(v, field)
   local name, addr
   if type(v) == "table" then
@@ -210,11 +222,14 @@ local function mailbox(v, field)
   else
     return nil, field .. ": expected an address (a string or { name, address })"
   end
-  if addr == "" or find(addr, "[%s%c<>]") or not find(addr, "@", 1, true) then
+  if addr == "" or find(addr, "[%s%c<>]") or not find(addr, "@", 1, true)
+    or not smtp.parse_path("TO:<" .. addr .. ">", "rcpt") then
+    -- one address, as SMTP takes it: "a@x.test,evil@z.test" is two
     return nil, format("%s: bad address %q", field, addr)
   end
   if name == nil or name == "" then return addr end
-  if find(name, "[\r\n%z]") then return nil, field .. ": the name holds a line break" end
+  local bad = control(name)
+  if bad then return nil, field .. ": the name holds " .. bad end
   if not utf8_valid(name) then return nil, field .. ": the name is not valid UTF-8" end
   if not ascii(name) then
     name = _M.encode_words(name)
@@ -277,7 +292,8 @@ local function header_list(h)
     if STRUCTURAL[name:lower()] then
       return nil, format("headers: %s is written by Moonpost (use text, html and attachments)", name)
     end
-    if find(value, "[\r\n%z]") then return nil, format("headers: %s: the value holds a line break", name) end
+    local bad = control(value)
+    if bad then return nil, format("headers: %s: the value holds %s", name, bad) end
     if not utf8_valid(value) then return nil, format("headers: %s: the value is not valid UTF-8", name) end
   end
   return out
@@ -406,7 +422,8 @@ function _M.render(o)
   end
   if o.subject ~= nil and not given.subject then
     if type(o.subject) ~= "string" then return nil, "subject: expected a string" end
-    if find(o.subject, "[\r\n%z]") then return nil, "subject: holds a line break" end
+    local bad = control(o.subject)
+    if bad then return nil, "subject: holds " .. bad end
     if not utf8_valid(o.subject) then return nil, "subject: not valid UTF-8" end
     head[#head + 1] = field("Subject", unstructured("Subject", o.subject))
   end
@@ -444,7 +461,10 @@ function _M.render(o)
   end
   local atts = o.attachments
   if atts ~= nil then
-    if type(atts) ~= "table" then return nil, "attachments: expected a list" end
+    -- an object ({"name": ...}) is no list: refused, not dropped
+    if type(atts) ~= "table" or (next(atts) ~= nil and atts[1] == nil) then
+      return nil, "attachments: expected a list"
+    end
     if #atts > 0 then
       local parts = { body }
       for i, a in ipairs(atts) do

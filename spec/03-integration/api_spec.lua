@@ -119,6 +119,35 @@ describe("the HTTP API", function()
       s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", subject = "a\r\nBcc: x@y.test" })
       assert.equal(400, s)
       assert.matches("subject: holds a line break", v.error)
+      -- any control character but tab, in the subject, a header value or a display name
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", subject = "hi\27[2J", text = "x" })
+      assert.equal(400, s)
+      assert.equal("subject: holds a control character (U+001B; only tab is allowed)", v.error)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", text = "x",
+        headers = { ["X-T"] = "\27]0;pwned\7" } })
+      assert.equal(400, s)
+      assert.matches("headers: X-T: the value holds a control character", v.error, nil, true)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", text = "x",
+        headers = { { "X-C1", "a\194\155b" } } })
+      assert.equal(400, s)
+      assert.matches("headers: X-C1: the value holds a control character (U+009B", v.error, nil, true)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", text = "x",
+        from_header = { name = "A\8B", address = "a@b.test" } })
+      assert.equal(400, s)
+      assert.matches("from_header: the name holds a control character", v.error, nil, true)
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", text = "x\ty",
+        subject = "tab\tok" })
+      assert.equal(202, s, cjson.encode(v))
+      -- a display address is one address: a comma in it would add a recipient of the header
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", text = "x",
+        to_header = "A <a@x.test,evil@z.test>" })
+      assert.equal(400, s)
+      assert.matches('to_header: bad address "a@x.test,evil@z.test"', v.error, nil, true)
+      -- attachments as an object instead of a list: refused, not dropped
+      s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", text = "x",
+        attachments = { name = "x.txt", data = "eA==" } })
+      assert.equal(400, s)
+      assert.equal("attachments: expected a list", v.error)
       s, v = api("POST", "/api/v1/messages", { from = "a@b.test", to = "c@d.test", tenant = "nobody" })
       assert.equal(400, s)
       assert.matches("unknown tenant 'nobody'", v.error)
