@@ -180,6 +180,11 @@ end
 local function unstructured(name, value)
   if not ascii(value) or find(value, "=?", 1, true) then return _M.encode_words(value) end
   if #name + 2 + #value <= 78 then return value end
+  -- folding is at blanks only: a word that would make a line longer than
+  -- RFC 5322's 998 octets goes as encoded words, which fold anywhere
+  for word in value:gmatch("%S+") do
+    if #name + 2 + #word > 998 then return _M.encode_words(value) end
+  end
   local out, col = {}, #name + 2
   for word, sp in value:gmatch("(%S+)(%s*)") do
     if col + #word > 78 and #out > 0 then

@@ -261,6 +261,26 @@ describe("the HTTP API", function()
     end)
   end)
 
+  it("keeps every header line under 998 octets, even for a subject that is one long word", function()
+    H.with_sink(function(sink)
+      local mta, api = api_mta(dir, sink.port)
+      local word = string.rep("x", 3000)
+      local s, v = api("POST", "/api/v1/messages", { from = "news@acme.test", to = "joerg@x.test",
+        subject = "Report " .. word, headers = { ["X-Campaign"] = word }, text = "x" })
+      assert.equal(202, s, cjson.encode(v))
+      assert.is_true(H.wait_for(function() return #sink.messages() == 1 end, 10))
+      local m = sink.messages()[1]
+      for line in m.data:gmatch("[^\r\n]+") do
+        assert.is_true(#line <= 998, "a line of " .. #line .. " octets")
+      end
+      local p = parse(m.data)
+      assert.same({}, p.defects)
+      assert.equal("Report " .. word, p.subject)
+      assert.equal(word, p.x_campaign)
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("injects raw content and batches, adding Date and Message-ID only where missing", function()
     H.with_sink(function(sink)
       local mta, api = api_mta(dir, sink.port)
