@@ -66,8 +66,25 @@ local function deliver(port, extra, fields, body)
   return res[1]
 end
 
--- A plain server offering these EHLO keywords, accepting everything.
-local function plain(keywords)
+-- The commands after EHLO: 250 to each, 354 to DATA and `final` (a reply,
+-- or more) after the data, until QUIT or silence.
+local function transactions(P, final)
+  while true do
+    local l = P.line(3)
+    if not l or l == "QUIT" then return P.send("221 bye\r\n") end
+    if l == "DATA" then
+      P.send("354 go\r\n")
+      P.data()
+      P.send(final)
+    else
+      P.send("250 ok\r\n")
+    end
+  end
+end
+
+-- A plain server offering these EHLO keywords, answering `final` (by
+-- default 250) to the end of each message.
+local function plain(keywords, final)
   return function(_, P)
     P.send("220 mx ESMTP\r\n")
     P.line()
@@ -75,17 +92,7 @@ local function plain(keywords)
     for _, k in ipairs(keywords) do ext[#ext + 1] = "250-" .. k end
     ext[#ext + 1] = "250 HELP"
     P.send(table.concat(ext, "\r\n") .. "\r\n")
-    while true do
-      local l = P.line(3)
-      if not l or l == "QUIT" then return P.send("221 bye\r\n") end
-      if l == "DATA" then
-        P.send("354 go\r\n")
-        P.data()
-        P.send("250 2.0.0 queued\r\n")
-      else
-        P.send("250 ok\r\n")
-      end
-    end
+    transactions(P, final or "250 2.0.0 queued\r\n")
   end
 end
 
@@ -109,22 +116,7 @@ local function injected(sctx)
     if not s:starttls(sctx:new(), 5) then return end
     P.line()
     P.send("250-mx\r\n250 PIPELINING\r\n")
-    while true do
-      l = P.line(3)
-      if not l then return end
-      if l:match("^MAIL") or l:match("^RCPT") then
-        P.send("250 ok\r\n")
-      elseif l == "DATA" then
-        P.send("354 go\r\n")
-        P.data()
-        P.send("554 5.7.1 rejected: spam\r\n")
-      elseif l == "QUIT" then
-        P.send("221 bye\r\n")
-        return
-      else
-        P.send("500 what\r\n")
-      end
-    end
+    transactions(P, "554 5.7.1 rejected: spam\r\n")
   end
 end
 
@@ -224,23 +216,8 @@ describe("the SMTP client against a hostile peer", function()
 
   it("does not reuse an idle connection that holds an unsolicited reply", function()
     H.run(function()
-      local stop, port, got = serve(function(_, P)
-        P.send("220 mx ESMTP\r\n")
-        P.line()
-        P.send("250-mx\r\n250 PIPELINING\r\n")
-        while true do
-          local l = P.line(3)
-          if not l or l == "QUIT" then return P.send("221 bye\r\n") end
-          if l == "DATA" then
-            P.send("354 go\r\n")
-            P.data()
-            -- the reply, then a 421 nobody asked for (the server does not close)
-            P.send("250 2.0.0 queued\r\n421 4.4.2 idle too long\r\n")
-          else
-            P.send("250 ok\r\n")
-          end
-        end
-      end)
+      -- the reply, then a 421 nobody asked for (the server does not close)
+      local stop, port, got = serve(plain({ "PIPELINING" }, "250 2.0.0 queued\r\n421 4.4.2 idle too long\r\n"))
       local pool = client.pool({ name = "peer-spec", helo = "client.test", timeouts = timeouts(), max_connections = 1,
         max_messages = 10, idle_timeout = 5, pipelining = true })
       local hosts = { { host = "127.0.0.1", port = port } }
