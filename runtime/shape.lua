@@ -69,14 +69,15 @@ end
 function Gate:may(t)
   if t < self.suspended_until then return false, self.suspended_until end
   if self.inflight >= self.max_conn then return false, nil end
+  -- slowed: the slow rate, and the gate's own rates still (a slow rule
+  -- never lets a destination go faster than its limits)
   if t < self.slow_until then
     local tok = refill(self.slow, t)
     if tok < 1 then return false, t + (1 - tok) / self.slow.r end
-  else
-    for _, b in ipairs(self.buckets) do
-      local tok = refill(b, t)
-      if tok < 1 then return false, t + (1 - tok) / b.r end
-    end
+  end
+  for _, b in ipairs(self.buckets) do
+    local tok = refill(b, t)
+    if tok < 1 then return false, t + (1 - tok) / b.r end
   end
   return true
 end
@@ -84,11 +85,8 @@ end
 function Gate:take(t)
   self.inflight = self.inflight + 1
   self.stats.admitted = self.stats.admitted + 1
-  if t < self.slow_until then
-    self.slow.tokens = self.slow.tokens - 1
-  else
-    for _, b in ipairs(self.buckets) do b.tokens = b.tokens - 1 end
-  end
+  if t < self.slow_until then self.slow.tokens = self.slow.tokens - 1 end
+  for _, b in ipairs(self.buckets) do b.tokens = b.tokens - 1 end
 end
 
 function Gate:parked_count()
