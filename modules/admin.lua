@@ -64,7 +64,7 @@ end
 -- Every string as well-formed UTF-8 (JSON must be): a remote server's
 -- reply or a message's header field may hold any octets.
 local function clean(v, seen)
-  if type(v) == "string" then return mime.utf8_clean(v) end
+  if type(v) == "string" then return log.utf8_clean(v) end
   if type(v) ~= "table" or seen[v] then return v end
   seen[v] = true
   local out = setmetatable({}, getmetatable(v))
@@ -940,7 +940,7 @@ function Admin:api_message(req)
     -- with U+FFFD, and exactly in value_base64
     if not mime.utf8_valid(f.value) then
       f.value_base64 = require("moonpost.runtime.passwd").b64encode(f.value)
-      f.value = mime.utf8_clean(f.value)
+      f.value = log.utf8_clean(f.value)
     end
   end
   local out = {

@@ -28,7 +28,7 @@ local sched = require "moonpost.runtime.sched"
 local dns = require "moonpost.runtime.dns"
 
 local type, tostring, tonumber, pairs, ipairs = type, tostring, tonumber, pairs, ipairs
-local format, concat, find, match = string.format, table.concat, string.find, string.match
+local format, concat = string.format, table.concat
 
 local _M = { _VERSION = "0.1" }
 
@@ -75,12 +75,7 @@ end
 -- domain by its A-labels (bob@bücher.example and bob@xn--bcher-kva.example
 -- are one mailbox, as route.smtp treats them); the store lowercases ASCII.
 local function canon(address)
-  if not find(address, "[\128-\255]") then return address end
-  local lp, domain = match(address, "^(.*)@([^@]+)$")
-  if not lp then return address end
-  local ok, ascii = pcall(dns.to_ascii, domain)
-  if ok and type(ascii) == "string" then return lp .. "@" .. ascii end
-  return address
+  return dns.address_to_ascii(address) or address
 end
 
 local function tenant_of(t)

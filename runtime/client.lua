@@ -351,12 +351,9 @@ end
 -- A-labels (xn--...): what a server without SMTPUTF8 takes (RFC 6531 3.2,
 -- the domain is the same either way). nil when the local part is not ASCII.
 local function ascii_address(a)
-  if not has_8bit(a) then return a end
-  local lp, domain = a:match("^(.*)@([^@]+)$")
-  if not lp or has_8bit(lp) then return nil end
-  local ok, ad = pcall(dns.to_ascii, domain)
-  if not ok or type(ad) ~= "string" then return nil end
-  return lp .. "@" .. ad
+  local x = dns.address_to_ascii(a)
+  if x and not has_8bit(x) then return x end
+  return nil
 end
 
 -- downgrade(env, rcpts) -> from, { [i] = address } | nil: the transaction's

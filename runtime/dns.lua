@@ -18,7 +18,7 @@ local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 local net = require "moonpost.runtime.net"
 
-local lower, random, floor, find = string.lower, math.random, math.floor, string.find
+local lower, random, floor, find, match = string.lower, math.random, math.floor, string.find, string.match
 
 local _M = { _VERSION = "0.1" }
 
@@ -28,6 +28,18 @@ local _M = { _VERSION = "0.1" }
 function _M.to_ascii(domain)
   if not find(domain, "[\128-\255]") then return lower(domain) end
   return core.to_ascii(domain)
+end
+
+-- address_to_ascii(address) -> the address with its domain in A-labels
+-- (the local part as it is: "bob@bücher.example" ->
+-- "bob@xn--bcher-kva.example") | nil when the domain has no ASCII form. An
+-- ASCII address comes back as it is.
+function _M.address_to_ascii(address)
+  if not find(address, "[\128-\255]") then return address end
+  local lp, domain = match(address, "^(.*)@([^@]+)$")
+  if not lp then return nil end
+  local ad = _M.to_ascii(domain)
+  return ad and (lp .. "@" .. ad) or nil
 end
 
 local Resolver = {}

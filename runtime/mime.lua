@@ -68,26 +68,6 @@ local function utf8_valid(s)
   return true
 end
 
--- utf8_clean(s) -> s, with every octet that starts no well-formed sequence
--- replaced by U+FFFD (for JSON, which must be UTF-8)
-local function utf8_clean(s)
-  if utf8_valid(s) then return s end
-  local out, i, n, from = {}, 1, #s, 1
-  while i <= n do
-    local nx = utf8_next(s, i, n)
-    if nx then
-      i = nx
-    else
-      out[#out + 1] = sub(s, from, i - 1)
-      out[#out + 1] = "\239\191\189"
-      i = i + 1
-      from = i
-    end
-  end
-  out[#out + 1] = sub(s, from)
-  return concat(out)
-end
-_M.utf8_clean = utf8_clean
 _M.utf8_valid = utf8_valid
 
 local function ascii(s)
