@@ -414,9 +414,7 @@ function MTA:start()
     else
       sp.cache_bytes = 0 -- nothing will deliver: keep no bodies in memory
     end
-    local recovered = {}
-    sp:each(function(m) recovered[#recovered + 1] = m end)
-    q:recover(recovered)
+    q:recover()
     sp.on_stored = function(m, envt)
       m.stored_at = uv.hrtime()
       q:account(m, envt)

@@ -287,22 +287,21 @@ local function longest_retry(self)
   return most
 end
 
--- recover(list): messages the spool recovered at start go into the queue. A
--- retry time further ahead than the longest retry interval was set by a
+-- recover(): the messages the spool recovered at start go into the queue.
+-- A retry time further ahead than the longest retry interval was set by a
 -- clock that has since gone back (a wrong time at an earlier start): such a
 -- message is due now, or it would wait that long, past its max_age too.
-function Queue:recover(list)
+function Queue:recover()
   local now = os.time()
   local limit, ahead = now + longest_retry(self), 0
-  for i = 1, #list do
-    local m = list[i]
+  self.spool:each(function(m)
     if m.next > limit then
       m.next = now
       ahead = ahead + 1
     end
     self:account(m) -- its domains are known after its first read
     heap_push(self.heap, m)
-  end
+  end)
   if ahead > 0 then
     log.warn("queue: %d recovered messages had retry times more than the longest retry interval ahead "
       .. "(the clock went back since they were set): due now", ahead)
