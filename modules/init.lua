@@ -148,6 +148,9 @@ local QUEUE_SCHEMA = {
   -- above a destination's max_connections (route.smtp, 20), the attempts
   -- that wait keep its connections busy: docs/route.md, The transaction
   concurrency = { type = "posint", default = 100 },
+  -- attempts at once for one tenant@domain: a slow destination keeps the
+  -- rest of the workers for the others (docs/spool.md, Attempts)
+  per_destination = { type = "posint", default = 40 },
   retry = { type = "table", default = function() return { "5m", "10m", "20m", "40m", "1h" } end },
   max_age = { type = "duration", default = "5d" },
   delay_warning = { type = "duration" },

@@ -31,6 +31,8 @@ local _M = { _VERSION = "0.1" }
 local Queue = {}
 local mt = { __index = Queue }
 
+local set_aside, take_slots, give_slots -- (below: one destination does not take every worker)
+
 -- ---- a min-heap of entries by .next ------------------------------------------------
 
 local function heap_push(h, m)
@@ -83,6 +85,7 @@ function _M.new(mta, spool, opts)
     mta = mta,
     spool = spool,
     concurrency = opts.concurrency or 100,
+    per_destination = opts.per_destination or 40,
     retry = opts.retry or { 300, 600, 1200, 2400, 3600 },
     max_age = opts.max_age or 5 * 86400,
     delay_warning = opts.delay_warning,
@@ -99,6 +102,11 @@ function _M.new(mta, spool, opts)
     wakers = setmetatable({}, { __mode = "k" }), -- message -> its entry there while held
     rush = setmetatable({}, { __mode = "k" }),   -- messages expedite() wants again as their attempt ends
     running = 0,
+    flight = {},      -- "tenant@domain" -> attempts running for it
+    aside = {},       -- "tenant@domain" -> due messages set aside while it has per_destination attempts
+    aside_of = setmetatable({}, { __mode = "k" }), -- message -> the key it waits on
+    unhold = setmetatable({}, { __mode = "k" }),   -- messages expedite() took from there
+    naside = 0,
     stopped = true,
     transport = nil,
     stats = { delivered = 0, deferred = 0, bounced = 0, attempts = 0 },
@@ -1110,17 +1118,148 @@ function failed_attempt(self, m)
   self:add(m)
 end
 
+-- ---- one destination does not take every worker ---------------------------------------
+--
+-- At most per_destination attempts run at once for one queue (tenant@domain):
+-- a destination that answers slowly, or not at all until a timeout, would
+-- otherwise hold every worker, its attempts waiting for its connections,
+-- while mail for every other destination waits behind them. A due message
+-- whose queues are all that busy is set aside, and goes back to the heap
+-- when one of their attempts ends. (A message with several domains is
+-- attempted when any of them has room.)
+
+local function crowded(self, key)
+  return key ~= UNREAD and (self.flight[key] or 0) >= self.per_destination
+end
+
+-- set_aside(m) -> true when m waits for a busy destination instead of an attempt now
+function set_aside(self, m)
+  local k = m.key
+  if k == nil then return false end
+  if self.unhold[m] then
+    self.unhold[m] = nil -- wanted now (expedite): not set aside again
+    return false
+  end
+  if type(k) == "table" then
+    for _, x in ipairs(k) do
+      if not crowded(self, x) then return false end
+    end
+    k = k[1]
+  elseif not crowded(self, k) then
+    return false
+  end
+  local l = self.aside[k]
+  if not l then
+    l = { head = 1, n = 0 }
+    self.aside[k] = l
+  end
+  l.n = l.n + 1
+  l[l.n] = m
+  self.aside_of[m] = k
+  self.naside = self.naside + 1
+  return true
+end
+
+-- the queues an attempt of m counts against (m.key may change meanwhile)
+function take_slots(self, m)
+  local k = m.key
+  if k == nil then return nil end
+  local f = self.flight
+  if type(k) == "table" then
+    local copy = {}
+    for i, x in ipairs(k) do
+      copy[i] = x
+      f[x] = (f[x] or 0) + 1
+    end
+    return copy
+  end
+  f[k] = (f[k] or 0) + 1
+  return k
+end
+
+-- Due again: the messages set aside for key, while it has room. With keep,
+-- the first is returned instead, for the worker whose attempt just ended
+-- (no trip through the heap and no other worker woken for it).
+local function release(self, key, keep)
+  local l = self.aside[key]
+  if not l then return nil end
+  local room = self.per_destination - (self.flight[key] or 0)
+  local kept
+  while room > 0 and l.head <= l.n do
+    local m = l[l.head]
+    l[l.head] = nil
+    l.head = l.head + 1
+    self.aside_of[m] = nil
+    self.naside = self.naside - 1
+    room = room - 1
+    if keep and not kept then
+      kept = m
+    else
+      heap_push(self.heap, m)
+      poke(self)
+    end
+  end
+  if l.head > l.n then self.aside[key] = nil end
+  return kept
+end
+
+local function give_one(self, key, keep)
+  local f = self.flight
+  local n = (f[key] or 1) - 1
+  f[key] = n > 0 and n or nil
+  return release(self, key, keep)
+end
+
+-- give_slots(keys) -> a message set aside that is the caller's to attempt next, or nil
+function give_slots(self, keys)
+  if keys == nil then return nil end
+  if type(keys) == "table" then
+    local kept
+    for _, x in ipairs(keys) do kept = give_one(self, x, not kept) or kept end
+    return kept
+  end
+  return give_one(self, keys, true)
+end
+
+-- the messages set aside while their queues have room (a reload that raised
+-- per_destination)
+local function release_all(self)
+  for key in pairs(self.aside) do release(self, key) end
+end
+
+-- take m out of the messages set aside (expedite: wanted now): true if it was
+local function unset_aside(self, m)
+  local key = self.aside_of[m]
+  if not key then return false end
+  self.aside_of[m] = nil
+  self.naside = self.naside - 1
+  local l = self.aside[key]
+  for i = l.head, l.n do
+    if l[i] == m then
+      -- (not table.remove: the list starts at l.head, not at 1)
+      for j = i, l.n - 1 do l[j] = l[j + 1] end
+      l[l.n] = nil
+      l.n = l.n - 1
+      break
+    end
+  end
+  if l.head > l.n then self.aside[key] = nil end
+  return true
+end
+
 -- A fixed set of workers (concurrency of them) takes due messages from the
 -- heap: no task is created per delivery.
 local function worker(self, i)
   local me = sched.current()
   -- a worker past the concurrency (lowered by a reload) ends
+  local next_m -- a message set aside, handed on by the attempt that ended
   while not self.stopped and i <= self.concurrency do
     local h = self.heap
-    local m = h[1]
-    if m and m.next <= os.time() then
-      heap_pop(h)
-      if self.spool:get(m.id) == m then
+    local m = next_m or h[1]
+    if next_m or (m and m.next <= os.time()) then
+      if next_m then next_m = nil else heap_pop(h) end
+      if self.spool:get(m.id) == m and not set_aside(self, m) then
+        local keys = take_slots(self, m)
         self.running = self.running + 1
         local ok, err = xpcall(deliver, debug.traceback, self, m)
         if not ok then
@@ -1129,6 +1268,7 @@ local function worker(self, i)
           if not ok then log.error("queue: %s: %s", ids.hex(m.id), tostring(err)) end
         end
         self.running = self.running - 1
+        next_m = give_slots(self, keys)
       end
     else
       local idle = self.idle
@@ -1138,6 +1278,11 @@ local function worker(self, i)
         if idle[k] == me then table.remove(idle, k) break end
       end
     end
+  end
+  -- stopped (or past the concurrency) with one handed on: back to the heap
+  if next_m then
+    heap_push(self.heap, next_m)
+    if not self.stopped then poke(self) end
   end
   if self.workers[i] == me then self.workers[i] = nil end
 end
@@ -1174,12 +1319,14 @@ end
 -- intervals apply from their next deferral.
 function Queue:configure(opts)
   self.concurrency = opts.concurrency or self.concurrency
+  self.per_destination = opts.per_destination or self.per_destination
   self.retry = opts.retry or self.retry
   self.max_age = opts.max_age or self.max_age
   self.delay_warning = opts.delay_warning
   self.domain_opts = opts.domains or {}
   self.classify = opts.classify
   self.describe_class = opts.describe_class
+  release_all(self)
   if not self.stopped then
     self:spawn_workers()
     -- workers past the new concurrency look at it when woken
@@ -1216,7 +1363,11 @@ function Queue:expedite(list)
   for m in pairs(want) do
     if m.rnext then m.rnext = nil end
     local resume = self.parked[m]
-    if resume then
+    if unset_aside(self, m) then
+      if m.next > now then m.next = now end
+      self.unhold[m] = true
+      heap_push(h, m)
+    elseif resume then
       resume()
     elseif self.spool:get(m.id) == m then
       self.rush[m] = true
@@ -1238,7 +1389,7 @@ function Queue:latency_stats()
 end
 
 function Queue:depth()
-  return #self.heap + self.running
+  return #self.heap + self.running + self.naside
 end
 
 _M.split = split
