@@ -18,93 +18,87 @@ local function start(dir, fast_port, slow_port, queue)
   end, { spool = { dir = dir .. "/spool", min_free = 0 }, queue = q })
 end
 
+-- fn(fast, slow, mta, port): two real sinks, slow.test routed to the second,
+-- and an MTA whose queue has these options; stopped after fn
+local function with_sinks(dir, queue, fn)
+  H.with_sink({}, function(fast)
+    local slow = H.sink()
+    local ok, err = pcall(function()
+      local mta, port = start(dir, fast.port, slow.port, queue)
+      fn(fast, slow, mta, port)
+      H.stop_mta(mta)
+    end)
+    slow.stop()
+    if not ok then error(err, 0) end
+  end, 120)
+end
+
 describe("queue fairness", function()
   local dir
   before_each(function() dir = H.tmpdir("moonpost-fair") end)
   after_each(function() H.rm_rf(dir) end)
 
   it("delivers to a quick destination while a slow one has a backlog", function()
-    H.with_sink({}, function(fast)
-      local slow = H.sink()
-      local ok, err = pcall(function()
-        local mta, port = start(dir, fast.port, slow.port, { per_destination = 3 })
-        for i = 1, 12 do
-          assert.equal(250, H.send(port, { to = "slow1500-" .. i .. "@slow.test" }))
-        end
-        -- the slow destination's attempts have begun
-        assert.is_true(H.wait_for(function() return #slow.events("connect") >= 1 end, 10))
-        assert.equal(250, H.send(port, { to = "quick@fast.test" }))
-        assert.is_true(H.wait_for(function() return #fast.messages() >= 1 end, 30))
-        assert.is_true(H.wait_for(function() return #slow.messages() >= 12 end, 60))
-        local quick = H.arrivals(fast)[1]
-        local slows = H.arrivals(slow)
-        assert.equal("quick@fast.test", quick.rcpt)
-        -- before the first slow message was through: no worker waited on it
-        assert.is_true(quick.t < slows[1].t, string.format("quick at %.3f, first slow at %.3f", quick.t, slows[1].t))
-        -- every slow message got through, none twice
-        local seen = {}
-        for _, a in ipairs(slows) do
-          assert.is_nil(seen[a.rcpt], a.rcpt)
-          seen[a.rcpt] = true
-        end
-        H.wait_for(function() return mta.queue:depth() == 0 end, 10)
-        assert.equal(0, mta.queue:depth())
-        H.stop_mta(mta)
-      end)
-      slow.stop()
-      if not ok then error(err, 0) end
-    end, 120)
+    with_sinks(dir, { per_destination = 3 }, function(fast, slow, mta, port)
+      for i = 1, 12 do
+        assert.equal(250, H.send(port, { to = "slow1500-" .. i .. "@slow.test" }))
+      end
+      -- the slow destination's attempts have begun
+      assert.is_true(H.wait_for(function() return #slow.events("connect") >= 1 end, 10))
+      assert.equal(250, H.send(port, { to = "quick@fast.test" }))
+      assert.is_true(H.wait_for(function() return #fast.messages() >= 1 end, 30))
+      assert.is_true(H.wait_for(function() return #slow.messages() >= 12 end, 60))
+      local quick = H.arrivals(fast)[1]
+      local slows = H.arrivals(slow)
+      assert.equal("quick@fast.test", quick.rcpt)
+      -- before the first slow message was through: no worker waited on it
+      assert.is_true(quick.t < slows[1].t, string.format("quick at %.3f, first slow at %.3f", quick.t, slows[1].t))
+      -- every slow message got through, none twice
+      local seen = {}
+      for _, a in ipairs(slows) do
+        assert.is_nil(seen[a.rcpt], a.rcpt)
+        seen[a.rcpt] = true
+      end
+      H.wait_for(function() return mta.queue:depth() == 0 end, 10)
+      assert.equal(0, mta.queue:depth())
+    end)
   end)
 
   it("counts the messages set aside in the queue's depth and sends them as attempts end", function()
-    H.with_sink({}, function(fast)
-      local slow = H.sink()
-      local ok, err = pcall(function()
-        local mta, port = start(dir, fast.port, slow.port, { per_destination = 1, concurrency = 4 })
-        for i = 1, 4 do
-          assert.equal(250, H.send(port, { to = "slow1000-" .. i .. "@slow.test" }))
-        end
-        assert.is_true(H.wait_for(function() return #slow.events("connect") >= 1 end, 10))
-        -- one attempt runs; the other three wait, set aside, and are counted
-        assert.equal(4, mta.queue:depth())
-        assert.is_true(mta.queue.naside >= 1)
-        assert.is_true(H.wait_for(function() return #slow.messages() >= 4 end, 30))
-        -- one at a time: the sink saw no two transactions at once
-        local a = H.arrivals(slow)
-        for i = 2, #a do assert.is_true(a[i].t - a[i - 1].t >= 0.9, "attempts overlapped") end
-        H.wait_for(function() return mta.queue:depth() == 0 end, 10)
-        assert.equal(0, mta.queue.naside)
-        H.stop_mta(mta)
-      end)
-      slow.stop()
-      if not ok then error(err, 0) end
-    end, 120)
+    with_sinks(dir, { per_destination = 1, concurrency = 4 }, function(_, slow, mta, port)
+      for i = 1, 4 do
+        assert.equal(250, H.send(port, { to = "slow1000-" .. i .. "@slow.test" }))
+      end
+      assert.is_true(H.wait_for(function() return #slow.events("connect") >= 1 end, 10))
+      -- one attempt runs; the other three wait, set aside, and are counted
+      assert.equal(4, mta.queue:depth())
+      assert.is_true(mta.queue.naside >= 1)
+      assert.is_true(H.wait_for(function() return #slow.messages() >= 4 end, 30))
+      -- one at a time: the sink saw no two transactions at once
+      local a = H.arrivals(slow)
+      for i = 2, #a do assert.is_true(a[i].t - a[i - 1].t >= 0.9, "attempts overlapped") end
+      H.wait_for(function() return mta.queue:depth() == 0 end, 10)
+      assert.equal(0, mta.queue.naside)
+    end)
   end)
 
   it("takes messages set aside at once when they are wanted now (an admin bounce)", function()
-    H.with_sink({}, function(fast)
-      local slow = H.sink()
-      local ok, err = pcall(function()
-        local mta, port = start(dir, fast.port, slow.port, { per_destination = 1, concurrency = 4 })
-        for i = 1, 3 do
-          assert.equal(250, H.send(port, { to = "slow1500-" .. i .. "@slow.test" }))
-        end
-        local q = mta.queue
-        assert.is_true(H.wait_for(function() return q.naside == 2 end, 10))
-        local list = {}
-        for m in pairs(q.aside_of) do list[#list + 1] = m end
-        assert.equal(2, #list)
-        q:expedite(list)
-        assert.equal(0, q.naside)
-        -- attempted now, beside the one running: the route's second
-        -- connection carries one of them while the first is still slow
-        assert.is_true(H.wait_for(function() return #slow.messages() >= 3 end, 30))
-        local a = H.arrivals(slow)
-        assert.is_true(a[2].t - a[1].t < 1.0, "the expedited messages waited for the first one")
-        H.stop_mta(mta)
-      end)
-      slow.stop()
-      if not ok then error(err, 0) end
-    end, 120)
+    with_sinks(dir, { per_destination = 1, concurrency = 4 }, function(_, slow, mta, port)
+      for i = 1, 3 do
+        assert.equal(250, H.send(port, { to = "slow1500-" .. i .. "@slow.test" }))
+      end
+      local q = mta.queue
+      assert.is_true(H.wait_for(function() return q.naside == 2 end, 10))
+      local list = {}
+      for m in pairs(q.aside_of) do list[#list + 1] = m end
+      assert.equal(2, #list)
+      q:expedite(list)
+      assert.equal(0, q.naside)
+      -- attempted now, beside the one running: the route's second
+      -- connection carries one of them while the first is still slow
+      assert.is_true(H.wait_for(function() return #slow.messages() >= 3 end, 30))
+      local a = H.arrivals(slow)
+      assert.is_true(a[2].t - a[1].t < 1.0, "the expedited messages waited for the first one")
+    end)
   end)
 end)
