@@ -451,7 +451,7 @@ function Admin:api_queues(req)
       queues[#queues + 1] = { tenant = e.tenant, domain = e.domain, depth = e.depth, oldest = e.oldest,
         last_error = e.last_error, last_error_at = e.last_error_at,
         last_error_age = e.last_error_at and (now - e.last_error_at) or nil,
-        unread = unread or nil }
+        active = e.active, set_aside = e.set_aside, unread = unread or nil }
     end
   end
   -- sites: what the shaper knows of its ready queues, and the outcomes seen

@@ -535,7 +535,7 @@ function MTA:stop_http()
   self.http_servers = {}
 end
 
--- queues() -> { { key, tenant, domain, depth, oldest, last_error, last_error_at } }:
+-- queues() -> { { key, tenant, domain, depth, oldest, last_error, last_error_at, active, set_aside } }:
 -- the scheduled queues (tenant@domain), read from counters, not messages.
 function MTA:queues()
   return self.queue and self.queue:summary() or {}

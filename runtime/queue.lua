@@ -462,8 +462,10 @@ function Queue:summary()
       end
       if Q.head > #f then Q.fifo, Q.head = {}, 1 end
       local tenant, domain = key:match("^(.-)@(.*)$")
+      local l = self.aside[key]
       out[#out + 1] = { key = key, tenant = tenant, domain = domain, depth = Q.depth, oldest = oldest,
-        last_error = Q.last_error, last_error_at = Q.last_error_at }
+        last_error = Q.last_error, last_error_at = Q.last_error_at, active = self.flight[key] or 0,
+        set_aside = l and (l.n - l.head + 1) or 0 }
     end
   end
   table.sort(out, function(a, b) return a.depth > b.depth end)

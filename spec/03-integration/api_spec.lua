@@ -603,6 +603,9 @@ describe("the HTTP API", function()
       s, v = api("GET", "/api/v1/queues?domain=lim.test")
       assert.equal(200, s)
       assert.equal(2, v.queues[1].depth)
+      -- held by the gate: no attempt runs for them, none waits for one
+      assert.equal(0, v.queues[1].active)
+      assert.equal(0, v.queues[1].set_aside)
       -- a purge takes them back from the gate at once
       s, v = api("POST", "/api/v1/bounce", { domain = "lim.test", dsn = false })
       assert.equal(200, s)

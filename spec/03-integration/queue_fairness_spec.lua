@@ -71,14 +71,25 @@ describe("queue fairness", function()
       end
       assert.is_true(H.wait_for(function() return #slow.events("connect") >= 1 end, 10))
       -- one attempt runs; the other three wait, set aside, and are counted
+      local function slow_queue()
+        for _, e in ipairs(mta:queues()) do
+          if e.key == "@slow.test" then return e end
+        end
+      end
+      assert.is_true(H.wait_for(function() return mta.queue.naside == 3 end, 10))
       assert.equal(4, mta.queue:depth())
-      assert.is_true(mta.queue.naside >= 1)
+      local e = slow_queue()
+      assert.equal(4, e.depth)
+      assert.equal(1, e.active)
+      assert.equal(3, e.set_aside)
       assert.is_true(H.wait_for(function() return #slow.messages() >= 4 end, 30))
       -- one at a time: the sink saw no two transactions at once
       local a = H.arrivals(slow)
       for i = 2, #a do assert.is_true(a[i].t - a[i - 1].t >= 0.9, "attempts overlapped") end
       H.wait_for(function() return mta.queue:depth() == 0 end, 10)
       assert.equal(0, mta.queue.naside)
+      e = slow_queue()
+      assert.is_true(e == nil or (e.active == 0 and e.set_aside == 0))
     end)
   end)
 
