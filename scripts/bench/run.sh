@@ -357,6 +357,13 @@ for name, s in figs.items():
             s["vs_accept_only"], paired_text(s["paired_vs_accept_only"]))
     if name == "relay":
         relay_target(s, "", 0.35, 10)  # issue 4
+        # issue 8 asks more of the same row: 40 % of the limit, 20x Postfix;
+        # "met" is for both, the text says which part holds
+        met4 = s["met"]
+        s["met_issue8"] = s["ratio"] >= 0.40 and bool(pfr) and s["median"] / pfr["median"] >= 20
+        s["target"] += "; issue 8: >= 40%% of limit and >= 20x Postfix relaying: %s" % (
+            "yes" if s["met_issue8"] else "no")
+        s["met"] = met4 and s["met_issue8"]
         c = s.get("cpu_us_per_msg")
         if pfr and c:
             # What 20x Postfix would leave Moonpost: the cores' time per
