@@ -465,7 +465,7 @@ function Queue:summary()
       local l = self.aside[key]
       out[#out + 1] = { key = key, tenant = tenant, domain = domain, depth = Q.depth, oldest = oldest,
         last_error = Q.last_error, last_error_at = Q.last_error_at, active = self.flight[key] or 0,
-        set_aside = l and (l.n - l.head + 1) or 0 }
+        set_aside = l and l.live or 0 }
     end
   end
   table.sort(out, function(a, b) return a.depth > b.depth end)
@@ -1134,7 +1134,11 @@ local function crowded(self, key)
   return key ~= UNREAD and (self.flight[key] or 0) >= self.per_destination
 end
 
--- set_aside(m) -> true when m waits for a busy destination instead of an attempt now
+-- set_aside(m) -> true when m waits for a busy destination instead of an attempt now.
+-- A message with several domains waits in the list of each (the first of
+-- them with room takes it): aside_of[m] is its keys while it waits, and an
+-- entry whose message has left (taken by another list, or expedited) is
+-- dropped when its list gets to it (l.live counts the others).
 function set_aside(self, m)
   local k = m.key
   if k == nil then return false end
@@ -1146,19 +1150,38 @@ function set_aside(self, m)
     for _, x in ipairs(k) do
       if not crowded(self, x) then return false end
     end
-    k = k[1]
+    local copy = {}
+    for i, x in ipairs(k) do copy[i] = x end
+    k = copy
   elseif not crowded(self, k) then
     return false
   end
-  local l = self.aside[k]
-  if not l then
-    l = { head = 1, n = 0 }
-    self.aside[k] = l
+  for _, x in ipairs(type(k) == "table" and k or { k }) do
+    local l = self.aside[x]
+    if not l then
+      l = { head = 1, n = 0, live = 0 }
+      self.aside[x] = l
+    end
+    l.n = l.n + 1
+    l[l.n] = m
+    l.live = l.live + 1
   end
-  l.n = l.n + 1
-  l[l.n] = m
   self.aside_of[m] = k
   self.naside = self.naside + 1
+  return true
+end
+
+-- take m out of the messages set aside: true if it was (its entries stay
+-- in the lists, dropped as they come up)
+local function unset_aside(self, m)
+  local k = self.aside_of[m]
+  if not k then return false end
+  self.aside_of[m] = nil
+  self.naside = self.naside - 1
+  for _, x in ipairs(type(k) == "table" and k or { k }) do
+    local l = self.aside[x]
+    if l then l.live = l.live - 1 end
+  end
   return true
 end
 
@@ -1187,19 +1210,21 @@ local function release(self, key, keep)
   if not l then return nil end
   local room = self.per_destination - (self.flight[key] or 0)
   local kept
-  while room > 0 and l.head <= l.n do
+  while l.head <= l.n do
     local m = l[l.head]
+    if self.aside_of[m] then
+      if room <= 0 then break end
+      unset_aside(self, m)
+      room = room - 1
+      if keep and not kept then
+        kept = m
+      else
+        heap_push(self.heap, m)
+        poke(self)
+      end
+    end
     l[l.head] = nil
     l.head = l.head + 1
-    self.aside_of[m] = nil
-    self.naside = self.naside - 1
-    room = room - 1
-    if keep and not kept then
-      kept = m
-    else
-      heap_push(self.heap, m)
-      poke(self)
-    end
   end
   if l.head > l.n then self.aside[key] = nil end
   return kept
@@ -1227,26 +1252,6 @@ end
 -- per_destination)
 local function release_all(self)
   for key in pairs(self.aside) do release(self, key) end
-end
-
--- take m out of the messages set aside (expedite: wanted now): true if it was
-local function unset_aside(self, m)
-  local key = self.aside_of[m]
-  if not key then return false end
-  self.aside_of[m] = nil
-  self.naside = self.naside - 1
-  local l = self.aside[key]
-  for i = l.head, l.n do
-    if l[i] == m then
-      -- (not table.remove: the list starts at l.head, not at 1)
-      for j = i, l.n - 1 do l[j] = l[j + 1] end
-      l[l.n] = nil
-      l.n = l.n - 1
-      break
-    end
-  end
-  if l.head > l.n then self.aside[key] = nil end
-  return true
 end
 
 -- A fixed set of workers (concurrency of them) takes due messages from the
