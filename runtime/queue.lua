@@ -106,6 +106,7 @@ function _M.new(mta, spool, opts)
     aside = {},       -- "tenant@domain" -> due messages set aside while it has per_destination attempts
     aside_of = setmetatable({}, { __mode = "k" }), -- message -> the key it waits on
     unhold = setmetatable({}, { __mode = "k" }),   -- messages expedite() took from there
+    relabeled = {},   -- recovered message -> the queues its attempt counts against once read
     naside = 0,
     stopped = true,
     transport = nil,
@@ -840,6 +841,14 @@ function attempt(self, m, env, body)
     m.next = now + 60
     return self:add(m)
   end
+  if m.key == UNREAD then
+    -- recovered at start: its queues are known now, and its attempt counts
+    -- against them (per_destination), or it waits, set aside, as others do
+    self:unaccount(m)
+    self:account(m, env)
+    if not self.rush[m] and set_aside(self, m) then return end
+    self.relabeled[m] = take_slots(self, m)
+  end
   local rcpts, todo = {}, {}
   local filters, early = self.filters, nil
   -- recipients deferred in an attempt that a gate also held (park): not
@@ -1276,6 +1285,18 @@ local function worker(self, i)
         end
         self.running = self.running - 1
         next_m = give_slots(self, keys)
+        local more = self.relabeled[m]
+        if more then
+          self.relabeled[m] = nil
+          local other = give_slots(self, more)
+          if other then
+            if next_m then
+              heap_push(h, next_m)
+              poke(self)
+            end
+            next_m = other
+          end
+        end
       end
     else
       local idle = self.idle
