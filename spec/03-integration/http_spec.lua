@@ -281,6 +281,23 @@ describe("the HTTP listener", function()
     end)
   end)
 
+  it("answers 500 and closes when a handler's answer cannot be sent as JSON (a number the client sent)", function()
+    H.run(function()
+      local mta, port = start()
+      -- the echo route hands back what it decoded: 1e999 decodes to inf, which JSON cannot write
+      local s, b = http.request("127.0.0.1", port, "POST", "/api/v1/echo", '{"a": 1e999}',
+        { ["Content-Type"] = "application/json" }, 5)
+      assert.equal(500, s, tostring(b))
+      assert.same({ error = "internal error" }, cjson.decode(b))
+      assert.matches("http POST /api/v1/echo", H.log("cannot be sent"))
+      -- nothing of that connection is left behind
+      local srv = mta.http_servers[1]
+      assert.is_true(H.wait_for(function() return next(srv.conns) == nil end, 5))
+      assert.equal(200, (http.request("127.0.0.1", port, "GET", "/healthz", nil, nil, 5)))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("refuses a listener address it cannot use, naming it", function()
     H.run(function()
       local moonpost = require "moonpost"
