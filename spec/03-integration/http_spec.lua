@@ -298,6 +298,28 @@ describe("the HTTP listener", function()
     end)
   end)
 
+  it("sends its own errors as UTF-8 JSON, whatever octets the request path holds", function()
+    H.run(function()
+      local mta, port = start()
+      local stream = require "moonpost.runtime.stream"
+      local mime = require "moonpost.runtime.mime"
+      local c = assert(stream.connect("127.0.0.1", port, 5))
+      assert(c:send("GET /caf\xe9/\xff HTTP/1.1\r\nConnection: close\r\n\r\n", 5))
+      local head, len = assert(c:receive("*l", 5)), 0
+      while true do
+        local h = assert(c:receive("*l", 5))
+        if h == "" then break end
+        len = tonumber(h:match("^content%-length: (%d+)$")) or len
+      end
+      local body = assert(c:receive(len, 5))
+      c:close()
+      assert.equal("HTTP/1.1 404 Not Found", head)
+      assert.is_true(mime.utf8_valid(body), body)
+      assert.same({ error = "no such endpoint: /caf\u{FFFD}/\u{FFFD}" }, cjson.decode(body))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("refuses a listener address it cannot use, naming it", function()
     H.run(function()
       local moonpost = require "moonpost"
