@@ -117,9 +117,12 @@ local function is_loopback(ip)
 end
 _M.is_loopback = is_loopback
 
+-- encode_body(body, headers) -> data | nil, err (a table cjson cannot write:
+-- inf or NaN, a function, nesting past 1000)
 local function encode_body(body, headers)
   if type(body) == "table" then
-    local s = cjson.encode(body)
+    local s, err = cjson.encode(body)
+    if not s then return nil, err end
     -- cjson writes an empty table as {}; an empty list means []
     headers["content-type"] = headers["content-type"] or "application/json"
     return s
@@ -129,10 +132,16 @@ local function encode_body(body, headers)
   return tostring(body)
 end
 
-local function respond(s, status, body, headers, head_only, keep)
+-- respond(s, status, body, headers, head_only, keep [, what]): what names
+-- the request in the log when the body cannot be written (a 500 goes instead).
+local function respond(s, status, body, headers, head_only, keep, what)
   local h = {}
   for k, v in pairs(headers or {}) do h[lower(k)] = v end
-  local data = encode_body(body, h)
+  local data, err = encode_body(body, h)
+  if not data then
+    log.error("http %s: the answer cannot be sent as JSON: %s", what or "?", tostring(err))
+    status, data, h = 500, '{"error":"internal error"}', { ["content-type"] = "application/json" }
+  end
   h["content-length"] = tostring(#data)
   h["connection"] = keep and "keep-alive" or "close"
   local out = { format("HTTP/1.1 %d %s\r\n", status, REASONS[status] or "Unknown") }
@@ -251,7 +260,8 @@ local function serve(srv, s, remote)
     end
     srv.stats.requests = srv.stats.requests + 1
     if refused and req.length > 0 then keep = false end
-    if not respond(s, code, body, headers, req.method == "HEAD", keep) or not keep then break end
+    if not respond(s, code, body, headers, req.method == "HEAD", keep, req.method .. " " .. req.path)
+      or not keep then break end
   end
   s:close()
 end
@@ -281,7 +291,11 @@ function _M.listen(o)
       local s = stream.new(c)
       local peer = c:getpeername()
       srv.conns[s] = true
-      sched.spawn_named("http", function(e) log.error("http: %s", tostring(e)) end, function()
+      sched.spawn_named("http", function(e)
+        log.error("http: %s", tostring(e))
+        s:close()
+        srv.conns[s] = nil
+      end, function()
         serve(srv, s, peer and peer.ip)
         srv.conns[s] = nil
       end)
