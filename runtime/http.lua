@@ -125,7 +125,9 @@ local function encode_body(body, headers)
     if not s then return nil, err end
     -- cjson writes an empty table as {}; an empty list means []
     headers["content-type"] = headers["content-type"] or "application/json"
-    return s
+    -- cjson passes octets >= 0x80 through as they are, and they are only
+    -- ever inside strings: the text is made UTF-8 as it stands
+    return log.utf8_clean(s)
   end
   if body == nil then return "" end
   headers["content-type"] = headers["content-type"] or "text/plain; charset=utf-8"
