@@ -320,6 +320,22 @@ describe("the HTTP listener", function()
     end)
   end)
 
+  it("reads no body for a GET: an open endpoint cannot be made to hold http_max_body for a client without a token",
+    function()
+    H.run(function()
+      local mta, port = start({ api_token = "s3cret" })
+      local stream = require "moonpost.runtime.stream"
+      -- /healthz needs no token; the 10 MB this head announces never come
+      local c = assert(stream.connect("127.0.0.1", port, 5))
+      assert(c:send("GET /healthz HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n", 5))
+      local line = c:receive("*l", 5)
+      c:close()
+      assert.equal("HTTP/1.1 413 Content Too Large", line)
+      assert.equal(200, (http.request("127.0.0.1", port, "GET", "/healthz", nil, nil, 5)))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("refuses a listener address it cannot use, naming it", function()
     H.run(function()
       local moonpost = require "moonpost"
