@@ -336,6 +336,55 @@ describe("the HTTP listener", function()
     end)
   end)
 
+  it("keeps answering SMTP while a client opens HTTP connections by the hundred (they do not take every descriptor)",
+    function()
+    local ffi = require "ffi"
+    local uv = require "luv"
+    pcall(ffi.cdef, "struct moonpost_spec_rlimit { unsigned long cur, max; };"
+      .. "int getrlimit(int, struct moonpost_spec_rlimit *); int setrlimit(int, const struct moonpost_spec_rlimit *);")
+    local RLIMIT_NOFILE = 7
+    local saved = ffi.new("struct moonpost_spec_rlimit")
+    assert(ffi.C.getrlimit(RLIMIT_NOFILE, saved) == 0)
+    -- a client on loopback: 600 idle connections to the HTTP listener, then one to SMTP
+    local script = [[
+import resource, socket, sys, time
+h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (h, h))
+hp, sp = int(sys.argv[1]), int(sys.argv[2])
+held = []
+for i in range(600):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", hp), timeout=2))
+    except OSError:
+        pass
+time.sleep(1)
+s = socket.create_connection(("127.0.0.1", sp), timeout=5)
+try:
+    greeting = s.recv(512)
+except OSError:
+    greeting = b""
+print("smtp=" + greeting.decode("latin-1").strip())
+]]
+    local ok, err = pcall(H.run, function()
+      local mta, hport = start()
+      local sport = mta:addresses()[1].port
+      -- the process may open 300 descriptors more than it has now: a tight
+      -- limit stands for any limit; the listeners have to share it
+      local n = 0
+      local req = uv.fs_scandir("/proc/self/fd")
+      while req and uv.fs_scandir_next(req) do n = n + 1 end
+      local low = ffi.new("struct moonpost_spec_rlimit", { n + 300, saved.max })
+      assert(ffi.C.setrlimit(RLIMIT_NOFILE, low) == 0)
+      local code, out, perr = H.exec(H.python, { "-c", script, tostring(hport), tostring(sport) }, { timeout = 60 })
+      assert(ffi.C.setrlimit(RLIMIT_NOFILE, saved) == 0)
+      assert.equal(0, code, perr)
+      assert.matches("^smtp=220 ", out)
+      H.stop_mta(mta)
+    end)
+    ffi.C.setrlimit(RLIMIT_NOFILE, saved)
+    assert(ok, err)
+  end)
+
   it("refuses a listener address it cannot use, naming it", function()
     H.run(function()
       local moonpost = require "moonpost"
