@@ -197,6 +197,11 @@ local function read_head(s, srv)
   if len then
     if not len:match("^%d+$") then return nil, 400, "bad Content-Length" end
     len = tonumber(len)
+    -- /healthz, /readyz and /metrics need no token: a body they do not use
+    -- would be read and held all the same
+    if len > 0 and (method == "GET" or method == "HEAD") then
+      return nil, 413, format("a %s request takes no body", method)
+    end
     if len > srv.max_body then return nil, 413, format("the body is over %d bytes", srv.max_body) end
     req.length = len
   end
