@@ -95,6 +95,7 @@ local NEW_SCHEMA = {
   http = { type = "any" },        -- "host:port" of the HTTP listener (API, /metrics, health), or nil
   api_token = { type = "string" },
   http_max_body = { type = "size", default = "10M" },
+  http_max_connections = { type = "posint", default = 256 }, -- per HTTP listener
   workers = { type = "posint", default = 1 }, -- processes (runtime/workers.lua, docs/cli.md#workers)
   -- the Lua collector's pause (collectgarbage "setpause"): a cycle starts when
   -- the heap is this % of what the last one kept. Lua's 200 made the relay
@@ -524,7 +525,7 @@ end
 -- http_listen({ host, port }) -> server | nil, err: one HTTP listener.
 function MTA:http_listen(a)
   local srv, err = http.listen({ host = a.host, port = a.port, router = self.http_router,
-    token = self.opts.api_token, max_body = self.opts.http_max_body })
+    token = self.opts.api_token, max_body = self.opts.http_max_body, max_connections = self.opts.http_max_connections })
   if not srv then return nil, err end
   log.info("listening http %s%s", srv.name, self.opts.api_token and "" or " (API for loopback clients only)")
   return srv

@@ -278,11 +278,19 @@ end
 local Server = {}
 local server_mt = { __index = Server }
 
--- listen{ host, port, router, token, max_body, timeout, idle_timeout } -> server | nil, err
+-- What a connection past max_connections gets before it is closed.
+local BUSY = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+  .. 'content-length: 32\r\n\r\n{"error":"too many connections"}'
+
+-- listen{ host, port, router, token, max_body, max_connections, timeout,
+-- idle_timeout } -> server | nil, err. Past max_connections open at once,
+-- a new connection gets a 503 and is closed: each one holds a descriptor
+-- (which the SMTP listeners need too) and up to a line, a body and 1 MiB.
 function _M.listen(o)
   local srv = setmetatable({ router = o.router, token = o.token, max_body = o.max_body or 10485760,
+    max_connections = o.max_connections or 256, active = 0,
     timeout = o.timeout or 30, idle_timeout = o.idle_timeout or 60, conns = {}, closed = false,
-    stats = { connections = 0, requests = 0 } }, server_mt)
+    stats = { connections = 0, requests = 0, refused = 0 } }, server_mt)
   local tcp = uv.new_tcp()
   local pok, ok, err = pcall(tcp.bind, tcp, o.host, o.port, find(o.host, ":", 1, true) and { ipv6only = true } or nil)
   if not pok then ok, err = nil, ok end
@@ -294,17 +302,34 @@ function _M.listen(o)
         c:close()
         return
       end
+      if srv.active >= srv.max_connections then
+        srv.stats.refused = srv.stats.refused + 1
+        pcall(uv.try_write, c, BUSY)
+        c:close()
+        if srv.stats.refused == 1 or srv.stats.refused % 1000 == 0 then
+          log.warn("http %s: connection refused, %d open (%d refused so far)", srv.name, srv.active,
+            srv.stats.refused)
+        end
+        return
+      end
       srv.stats.connections = srv.stats.connections + 1
       local s = stream.new(c)
       local peer = c:getpeername()
       srv.conns[s] = true
+      srv.active = srv.active + 1
+      local function done()
+        if srv.conns[s] then
+          srv.conns[s] = nil
+          srv.active = srv.active - 1
+        end
+      end
       sched.spawn_named("http", function(e)
         log.error("http: %s", tostring(e))
         s:close()
-        srv.conns[s] = nil
+        done()
       end, function()
         serve(srv, s, peer and peer.ip)
-        srv.conns[s] = nil
+        done()
       end)
     end, "http listener"))
   end

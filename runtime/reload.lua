@@ -284,6 +284,7 @@ local function take_http(old, new, p)
     if j then
       local srv = old.http_servers[j]
       srv.router, srv.token, srv.max_body = new.http_router, new.opts.api_token, new.opts.http_max_body
+      srv.max_connections = new.opts.http_max_connections
       servers[i] = srv
     else
       servers[i] = p.opened[i]

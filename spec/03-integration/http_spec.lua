@@ -385,6 +385,33 @@ print("smtp=" + greeting.decode("latin-1").strip())
     assert(ok, err)
   end)
 
+  it("answers a connection past http_max_connections with 503 and closes it; a freed place is taken again",
+    function()
+    H.run(function()
+      local mta, port = start({ http_max_connections = 2 })
+      local stream = require "moonpost.runtime.stream"
+      local a = assert(stream.connect("127.0.0.1", port, 5))
+      local b = assert(stream.connect("127.0.0.1", port, 5))
+      assert.is_true(H.wait_for(function() return mta.http_servers[1].active == 2 end, 5))
+      local c = assert(stream.connect("127.0.0.1", port, 5))
+      assert.equal("HTTP/1.1 503 Service Unavailable", c:receive("*l", 5))
+      local rest = ""
+      while true do
+        local x = c:receive(1, 5)
+        if not x then break end
+        rest = rest .. x
+      end
+      c:close()
+      assert.matches('{"error":"too many connections"}$', rest)
+      assert.matches("connection refused, 2 open", H.log("http "))
+      a:close()
+      assert.is_true(H.wait_for(function() return mta.http_servers[1].active == 1 end, 5))
+      assert.equal(200, (http.request("127.0.0.1", port, "GET", "/healthz", nil, nil, 5)))
+      b:close()
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("refuses a listener address it cannot use, naming it", function()
     H.run(function()
       local moonpost = require "moonpost"
