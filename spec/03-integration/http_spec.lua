@@ -412,6 +412,21 @@ print("smtp=" + greeting.decode("latin-1").strip())
     end)
   end)
 
+  it("takes the Bearer scheme in any case, as HTTP's authentication schemes are (RFC 9110, 11.1)", function()
+    H.run(function()
+      local mta, port = start({ api_token = "s3cret" })
+      for _, auth in ipairs({ "Bearer s3cret", "bearer s3cret", "BEARER s3cret" }) do
+        assert.equal(200, (http.request("127.0.0.1", port, "GET", "/api/v1/items/1", nil, { Authorization = auth }, 5)),
+          auth)
+      end
+      for _, auth in ipairs({ "Bearer S3CRET", "Basic s3cret", "Bearer", "s3cret", "Bearer s3cret2" }) do
+        assert.equal(401, (http.request("127.0.0.1", port, "GET", "/api/v1/items/1", nil, { Authorization = auth }, 5)),
+          auth)
+      end
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("refuses a listener address it cannot use, naming it", function()
     H.run(function()
       local moonpost = require "moonpost"
