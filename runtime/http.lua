@@ -112,6 +112,14 @@ local function same(a, b)
   return diff == 0
 end
 
+-- authorized(field, token): the Authorization field is "Bearer <token>",
+-- the scheme in any case (RFC 9110, 11.1), the token compared as same() does.
+local function authorized(field, token)
+  local scheme, cred = (field or ""):match("^(%S+)[ \t]+(.-)$")
+  if not scheme or lower(scheme) ~= "bearer" then return false end
+  return same(cred, token)
+end
+
 local function is_loopback(ip)
   return ip ~= nil and (ip:match("^127%.") ~= nil or ip == "::1" or ip:match("^::ffff:127%.") ~= nil)
 end
@@ -247,7 +255,7 @@ local function serve(srv, s, remote)
       body = error_body(code == 405 and ("method " .. req.method .. " not allowed here") or
         ("no such endpoint: " .. req.path))
       headers = code == 405 and { allow = allow } or nil
-    elseif not route.open and srv.token and not same(req.headers.authorization or "", "Bearer " .. srv.token) then
+    elseif not route.open and srv.token and not authorized(req.headers.authorization, srv.token) then
       code, body, headers = 401, error_body("a valid bearer token is required"), { ["www-authenticate"] = "Bearer" }
     elseif not route.open and not srv.token and not is_loopback(remote) then
       code, body = 403, error_body("the API answers loopback clients only when no token is configured")
