@@ -427,6 +427,24 @@ print("smtp=" + greeting.decode("latin-1").strip())
     end)
   end)
 
+  it("lets a client that sends its body at once read the 413 or 401 it gets instead of a reset", function()
+    H.run(function()
+      local mta, port = start({ api_token = "s3cret", http_max_body = "3M" })
+      -- 4 MiB, as ctl would send a large message: over the limit, or with a wrong token
+      local big = string.rep("0123456789abcdef", 262144)
+      local auth = { Authorization = "Bearer s3cret", ["Content-Type"] = "application/json" }
+      for i = 1, 5 do
+        local s, b = http.request("127.0.0.1", port, "POST", "/api/v1/echo", big, auth, 10)
+        assert.equal(413, s, i .. ": " .. tostring(b))
+        assert.matches("the body is over 3145728 bytes", b)
+        s, b = http.request("127.0.0.1", port, "POST", "/api/v1/echo", big:sub(1, 2097152),
+          { Authorization = "Bearer nope" }, 10)
+        assert.equal(401, s, i .. ": " .. tostring(b))
+      end
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("refuses a listener address it cannot use, naming it", function()
     H.run(function()
       local moonpost = require "moonpost"
