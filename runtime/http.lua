@@ -45,6 +45,7 @@ _M.REASONS = REASONS
 
 local MAX_LINE = 8192
 local MAX_HEADERS = 100
+local LINGER = 5 -- seconds a refused request's unread rest is read and dropped before the close
 
 -- ---- routes ---------------------------------------------------------------------------
 
@@ -237,11 +238,29 @@ local function json_of(req)
   end
 end
 
+-- linger(s): the answer is out and the connection ends, but the client may
+-- still be sending what was not read (a refused body, the rest of a long
+-- line). Closed at once, the socket would answer that with a reset, and a
+-- reset makes the client's kernel drop the answer it has not read yet
+-- (RFC 9112, 9.6). So: half-close, then read and drop for a while, holding
+-- nothing, until the client closes.
+local function linger(s)
+  local tcp = s.tcp
+  if s.closed or s.eof or tcp:is_closing() then return end
+  pcall(tcp.shutdown, tcp)
+  local deadline = uv.now() + LINGER * 1000
+  while true do
+    s.rbuf, s.rlen = nil, 0
+    local left = (deadline - uv.now()) / 1000
+    if left <= 0 or not s:wait_input(left) then return end
+  end
+end
+
 local function serve(srv, s, remote)
   while not srv.closed do
     local req, status, why = read_head(s, srv)
     if not req then
-      if status then respond(s, status, error_body(why), nil, false, false) end
+      if status and respond(s, status, error_body(why), nil, false, false) and status ~= 408 then linger(s) end
       break
     end
     req.remote = remote
@@ -274,9 +293,13 @@ local function serve(srv, s, remote)
       end
     end
     srv.stats.requests = srv.stats.requests + 1
-    if refused and req.length > 0 then keep = false end
-    if not respond(s, code, body, headers, req.method == "HEAD", keep, req.method .. " " .. req.path)
-      or not keep then break end
+    local unread = refused and req.length > 0
+    if unread then keep = false end
+    if not respond(s, code, body, headers, req.method == "HEAD", keep, req.method .. " " .. req.path) then break end
+    if not keep then
+      if unread then linger(s) end
+      break
+    end
   end
   s:close()
 end
