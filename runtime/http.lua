@@ -105,11 +105,12 @@ local function parse_query(q)
   return out
 end
 
--- Compare two strings in time that does not depend on where they differ.
+-- Compare a string a client sent with the secret b, in time that depends on
+-- neither where they differ nor how long a is (an early return on unequal
+-- lengths told the secret's length).
 local function same(a, b)
-  if #a ~= #b then return false end
-  local diff = 0
-  for i = 1, #a do diff = bit.bor(diff, bit.bxor(byte(a, i), byte(b, i))) end
+  local diff = bit.bxor(#a, #b)
+  for i = 1, #b do diff = bit.bor(diff, bit.bxor(byte(a, i) or 0, byte(b, i))) end
   return diff == 0
 end
 
@@ -173,13 +174,22 @@ end
 -- rest of the head has srv.timeout in all, however it trickles in. Nothing
 -- a client sends is held past MAX_LINE per line and MAX_HEADERS lines.
 local function read_head(s, srv)
-  local line, err = s:receive("*l", srv.idle_timeout, MAX_LINE)
+  local line, err
+  -- empty lines before a request line are ignored (RFC 9112, 2.2: a client
+  -- may end a POST body with an extra CRLF); a few, not for ever
+  for _ = 1, 4 do
+    line, err = s:receive("*l", srv.idle_timeout, MAX_LINE)
+    if line ~= "" then break end
+  end
   if not line then
     if err == "too long" then return nil, 414, "request line too long" end
     return nil, nil, err
   end
   local method, target, version = line:match("^(%u+) (%S+) HTTP/(%d%.%d)$")
   if not method then return nil, 400, "malformed request line" end
+  -- the absolute form (RFC 9112, 3.2.2: a server must accept it): its path
+  local rest = target:match("^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]*(.*)$")
+  if rest then target = rest:sub(1, 1) == "/" and rest or ("/" .. rest) end
   local deadline = uv.now() + srv.timeout * 1000
   local headers, n = {}, 0
   while true do

@@ -164,6 +164,19 @@ describe("the HTTP listener", function()
       assert.equal("HTTP/1.1 200 OK",
         ask("POST /api/v1/echo HTTP/1.1\r\nAuthorization: Bearer sekrit\r\nContent-Length: 2\r\n\r\n{}"))
       assert.equal(1, handled)
+      -- an empty line before the request line is ignored (RFC 9112, 2.2)
+      assert.equal("HTTP/1.1 200 OK",
+        ask("\r\nPOST /api/v1/echo HTTP/1.1\r\nAuthorization: Bearer sekrit\r\nContent-Length: 2\r\n\r\n{}"))
+      -- the absolute form of the target names the same resource (RFC 9112, 3.2.2)
+      assert.equal("HTTP/1.1 200 OK", ask("POST http://127.0.0.1:" .. srv.port .. "/api/v1/echo HTTP/1.1\r\n"
+        .. "Authorization: Bearer sekrit\r\nContent-Length: 2\r\n\r\n{}"))
+      assert.equal(3, handled)
+      -- tokens longer, shorter or with the right prefix are refused
+      for _, t in ipairs({ "sekri", "sekritt", "sekritsekrit", "", "SEKRIT" }) do
+        assert.equal("HTTP/1.1 401 Unauthorized",
+          ask("POST /api/v1/echo HTTP/1.1\r\nAuthorization: Bearer " .. t .. "\r\nContent-Length: 2\r\n\r\n{}"))
+      end
+      assert.equal(3, handled)
       srv:close()
     end)
   end)
