@@ -76,9 +76,27 @@ end
 
 -- Load keys: a directory laid out as <dir>/<domain>/<selector>.pem, or a
 -- table { [domain] = { [selector] = "file.pem" } }. -> store | nil, err
+-- A domain name or selector as d= and s= take it (what the signer checks
+-- for each message): labels of letters, digits, '-' and '_', at most 63
+-- octets each, 253 in all.
+local function valid_name(s)
+  if #s == 0 or #s > 253 then return false end
+  for label in (s .. "."):gmatch("([^.]*)%.") do
+    if #label == 0 or #label > 63 or find(label, "[^%w%-_]") then return false end
+  end
+  return true
+end
+
 local function load_keys(spec)
   local store, n = {}, 0
   local function add(domain, selector, path)
+    -- a name the signer would refuse fails every message it signs: refused here
+    if not valid_name(selector) then
+      return nil, format("%s: selector %q is not a selector (letters, digits, '-', '_', '.')", path, selector)
+    end
+    if not valid_name(dname(domain)) then
+      return nil, format("%s: domain %q is not a domain name", path, domain)
+    end
     local key, err = core.load_key(path)
     if not key then return nil, err end
     domain = dname(domain)
@@ -292,10 +310,15 @@ function _M.sign(opts)
 
   -- The signatures for a message: list of specs | nil, err
   local function choose(txn, msg)
-    local from = from_domain(msg:headers())
+    local head = msg:headers()
+    -- no From field: nothing can sign it (RFC 6376 5.4), now or on a retry
+    if not fields.find(head, "from")[1] then return {}, "no From field" end
+    local from = from_domain(head)
     local picks
     if o.select then
-      picks = o.select(txn, msg, from)
+      local ok, r = pcall(o.select, txn, msg, from)
+      if not ok then return nil, "select() raised: " .. tostring(r) end
+      picks = r
       if picks ~= nil and type(picks) ~= "table" then
         return nil, "select() returned " .. type(picks)
       end
@@ -352,7 +375,10 @@ function _M.sign(opts)
       rdkim.stats.failures = rdkim.stats.failures + 1 -- rdkim.sign counts its own
       return fail(txn, cerr)
     end
-    if #specs == 0 then return nil end
+    if #specs == 0 then
+      if cerr then log.warn("%s: not DKIM signed: %s", txn.id, cerr) end
+      return nil
+    end
     local headers, serr = rdkim.sign(msg, specs, o.timeout)
     if not headers then return fail(txn, serr) end
     msg:prepend(headers)

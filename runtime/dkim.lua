@@ -81,13 +81,43 @@ local function counted(specs, headers, err)
   return headers
 end
 
--- sign(msg, specs, timeout) -> headers | nil, err. Waits in the calling
+-- sign(msg, specs, timeout) -> headers | nil, err. Any number of specs (more
+-- than MAX_SPECS make several jobs). Waits in the calling
 -- task; a mistake in specs raises. Ed25519-only jobs of messages up to
 -- 64 KiB are signed at once on this thread (unless configured with
 -- inline_ed25519 = false): such a signature costs about 25 µs, less than the
 -- trip to a signer thread and back. RSA always goes to the threads.
+local sign_job
+
 function _M.sign(msg, specs, timeout)
   if not sched.current() then error("dkim.sign() outside a task", 2) end
+  local max = core.MAX_SPECS
+  if type(specs) ~= "table" or #specs <= max then
+    local headers, err = sign_job(msg, specs, timeout, 0)
+    return headers, err
+  end
+  -- more signatures than one job takes: one job per MAX_SPECS of them (each
+  -- signs the message as given, so the fields simply follow one another)
+  local out = {}
+  for first = 1, #specs, max do
+    local part = {}
+    for i = first, math.min(first + max - 1, #specs) do part[#part + 1] = specs[i] end
+    local headers, err = sign_job(msg, part, timeout, first - 1)
+    if not headers then return nil, err end
+    out[#out + 1] = headers
+  end
+  return table.concat(out)
+end
+
+-- a spec error raised by the core, as the caller of sign() should see it:
+-- specs numbered in the caller's list
+local function spec_error(e, offset)
+  e = tostring(e):gsub("^bad argument #%d to '%?'", "bad argument")
+  if offset > 0 then e = e:gsub("%(spec (%d+):", function(n) return "(spec " .. (tonumber(n) + offset) .. ":" end) end
+  error("dkim.sign: " .. e, 4)
+end
+
+function sign_job(msg, specs, timeout, offset)
   if opts.inline_ed25519 and (type(msg) == "string" and #msg or msg:size()) <= INLINE_MAX then
     local all = true
     for i = 1, #specs do
@@ -100,7 +130,7 @@ function _M.sign(msg, specs, timeout)
     if all then
       local ok, headers, err = pcall(core.sign_now, msg, specs)
       if not ok then
-        error("dkim.sign: " .. tostring(headers):gsub("^bad argument #%d to '%?'", "bad argument"), 2)
+        spec_error(headers, offset)
       end
       if headers then return counted(specs, headers) end
       return counted(specs, nil, "dkim: " .. tostring(err))
@@ -110,7 +140,7 @@ function _M.sign(msg, specs, timeout)
   if not signer then return counted(specs, nil, err) end
   local ok, id, serr = pcall(signer.submit, signer, msg, specs)
   if not ok then
-    error("dkim.sign: " .. tostring(id):gsub("^bad argument #%d to '%?'", "bad argument"), 2)
+    spec_error(id, offset)
   end
   if not id then return counted(specs, nil, "dkim: " .. tostring(serr)) end
   return counted(specs, jobs:wait(id, timeout or _M.DEFAULT_TIMEOUT))
