@@ -24,10 +24,10 @@ local function count_sigs(data)
   return n
 end
 
-describe("dkim.sign review", function()
+describe("dkim.sign limits", function()
   local dir, keys, dnsd
   setup(function()
-    dir = H.tmpdir("moonpost-dkim-review")
+    dir = H.tmpdir("moonpost-dkim-limits")
     keys = dir .. "/dkim"
     local records = {}
     H.run(function()
