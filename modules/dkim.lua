@@ -244,8 +244,18 @@ function _M.sign(opts)
       config.raise(format("dkim.sign: field 'fallback': no key for %s selector %s", f.domain, f.selector))
     end
   end
+  -- a selector named for a domain without that key would quietly sign its
+  -- mail with a parent domain's key or the fallback: refused at load
   local selectors = {}
-  for d, s in pairs(o.selectors or {}) do selectors[dname(d)] = s end
+  for d, s in pairs(o.selectors or {}) do
+    if type(d) ~= "string" or type(s) ~= "string" then
+      config.raise("dkim.sign: field 'selectors': expected { [\"domain\"] = \"selector\" }")
+    end
+    if not (store[dname(d)] and store[dname(d)][s]) then
+      config.raise(format("dkim.sign: field 'selectors.%s': no key for %s selector %s", d, d, s))
+    end
+    selectors[dname(d)] = s
+  end
   -- tenants = { acme = { "acme.example" } }: the keys of those domains (and
   -- of their subdomains) sign only that tenant's mail
   local owner = {}

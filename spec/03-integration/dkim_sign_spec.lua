@@ -260,6 +260,16 @@ describe("DKIM signing in the pipeline", function()
     ok, err = pcall(dkim.sign, { keys = keys, also = { domain = "esp.dkim.test", selector = "nope" } })
     assert.is_false(ok)
     assert.truthy(tostring(err):find("no key for esp.dkim.test selector nope", 1, true), err)
+    -- a selector named for a domain must have its key there
+    ok, err = pcall(dkim.sign, { keys = keys, selectors = { ["customer.dkim.test"] = "rsa9" } })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("dkim.sign: field 'selectors.customer.dkim.test': no key for "
+      .. "customer.dkim.test selector rsa9", 1, true), err)
+    ok, err = pcall(dkim.sign, { keys = keys, selectors = { ["nokeys.dkim.test"] = "s1" } })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("no key for nokeys.dkim.test selector s1", 1, true), err)
+    ok, err = pcall(dkim.sign, { keys = keys, selectors = { ["customer.dkim.test"] = "rsa1" } })
+    assert.is_true(ok, err)
 
     H.run(function()
       local kdir = dir .. "/reload"
