@@ -72,14 +72,24 @@ function _M.duration(v)
   return n * mult
 end
 
+-- Whole numbers (sizes, counts) are exact up to 2^53; above, a Lua number
+-- is not, and the C side refuses such a limit.
+local MAX_EXACT = 2 ^ 53
+_M.MAX_EXACT = MAX_EXACT
+
 function _M.size(v)
-  if type(v) == "number" then return (v >= 0 and v % 1 == 0) and v or nil end
+  if type(v) == "number" then
+    if v > MAX_EXACT and v % 1 == 0 then return nil, "too large" end
+    return (v >= 0 and v % 1 == 0) and v or nil
+  end
   if type(v) ~= "string" then return nil end
   local n, u = v:match("^%s*(%d+%.?%d*)%s*(%a*)%s*$")
   n = tonumber(n)
   local mult = UNITS_S[(u or ""):lower()]
   if not n or not mult then return nil end
-  return math.floor(n * mult)
+  n = math.floor(n * mult)
+  if n > MAX_EXACT then return nil, "too large" end
+  return n
 end
 
 local function show(v)
@@ -106,18 +116,25 @@ local function convert(spec, v)
     if type(v) == "number" then return v end
     return nil, "expected a number"
   elseif t == "posint" then
-    if type(v) == "number" and v >= 1 and v % 1 == 0 then return v end
+    if type(v) == "number" and v >= 1 and v % 1 == 0 then
+      if v <= MAX_EXACT then return v end
+      return nil, "expected a positive integer of at most 2^53"
+    end
     return nil, "expected a positive integer"
   elseif t == "nonneg" then
-    if type(v) == "number" and v >= 0 and v % 1 == 0 then return v end
+    if type(v) == "number" and v >= 0 and v % 1 == 0 then
+      if v <= MAX_EXACT then return v end
+      return nil, "expected an integer >= 0 of at most 2^53"
+    end
     return nil, "expected an integer >= 0"
   elseif t == "duration" then
     local d = _M.duration(v)
     if d then return d end
     return nil, "expected a duration (seconds, or like \"30s\", \"5m\", \"2h\")"
   elseif t == "size" then
-    local s = _M.size(v)
+    local s, big = _M.size(v)
     if s then return s end
+    if big then return nil, "expected a size of at most 2^53 octets" end
     return nil, "expected a size (octets, or like \"512k\", \"50M\")"
   elseif t == "list" then
     if type(v) == "string" then return { v } end

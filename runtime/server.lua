@@ -1128,7 +1128,7 @@ local function ehlo_reply(hostname, opts, starttls, auth)
   local lines = { "250-" .. hostname }
   local ext = opts.extensions
   if ext.pipelining then lines[#lines + 1] = "250-PIPELINING" end
-  if ext.size then lines[#lines + 1] = "250-SIZE " .. tostring(opts.max_message_size) end
+  if ext.size then lines[#lines + 1] = "250-SIZE " .. string.format("%d", opts.max_message_size) end
   if ext["8bitmime"] then lines[#lines + 1] = "250-8BITMIME" end
   if ext.enhancedstatuscodes then lines[#lines + 1] = "250-ENHANCEDSTATUSCODES" end
   if ext.smtputf8 then lines[#lines + 1] = "250-SMTPUTF8" end
