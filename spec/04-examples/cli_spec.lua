@@ -39,6 +39,7 @@ describe("moonpost check", function()
     { "bad_listen.lua", "spec/fixtures/policies/bad_listen.lua:3: accept.smtp: field 'listen' item 2: expected host:port" },
     { "bad_verdict.lua", "spec/fixtures/policies/bad_verdict.lua:3: moonpost.reject: code must be an integer from 500 to 599, got 450" },
     { "bad_huge_size.lua", "spec/fixtures/policies/bad_huge_size.lua:3: accept.smtp: field 'max_message_size': " },
+    { "bad_relay_v6.lua", "spec/fixtures/policies/bad_relay_v6.lua:3: route.smtp: field 'relay' item 1: " },
     { "bad_extension.lua", "spec/fixtures/policies/bad_extension.lua:3: accept.smtp: field 'extensions': unknown extension 'pipelning'" },
   }
   for _, c in ipairs(cases) do
