@@ -13,6 +13,8 @@
 -- values = { ... }). Unknown fields are errors: a typo must not pass silently.
 local type, tostring, pairs, ipairs, format, tonumber = type, tostring, pairs, ipairs, string.format, tonumber
 
+local net = require "moonpost.runtime.net"
+
 local _M = { _VERSION = "0.1" }
 
 -- Moonpost's own Lua files: in a checkout <root>/runtime/ and <root>/modules/,
@@ -243,10 +245,15 @@ function _M.parse_address(s, default_host)
   local v4 = { host:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$") }
   if #v4 == 4 then
     for _, o in ipairs(v4) do
-      if tonumber(o) > 255 then return nil, "bad IPv4 address in " .. show(s) end
+      -- no leading zero: the system's parser (inet_pton) refuses "01"
+      if tonumber(o) > 255 or (#o > 1 and o:sub(1, 1) == "0") then
+        return nil, "bad IPv4 address in " .. show(s)
+      end
     end
   elseif not host:find(":", 1, true) then
     return nil, "expected an IP address, not a host name, in " .. show(s)
+  elseif not net.ip(host) then
+    return nil, "bad IPv6 address in " .. show(s)
   end
   return host, port
 end
