@@ -278,7 +278,33 @@ function MTA:use(block)
   if type(block) ~= "table" then
     config.raise("use(): expected a block (a table from a module's constructor), got " .. type(block))
   end
+  if block.attach == nil and block.on == nil then
+    -- mta:use(require("moonpost.accept")): the module, not its block
+    config.raise("use(): expected a block with 'on' or 'attach' (a table from a module's constructor, such as "
+      .. "require(\"moonpost.accept\").smtp { ... }), got a table with neither")
+  end
+  if block.attach ~= nil and type(block.attach) ~= "function" then
+    config.raise("use(): field 'attach': expected a function, got " .. type(block.attach))
+  end
   if block.attach then block:attach(self) end
+  if block.on ~= nil then
+    if type(block.on) ~= "table" then
+      config.raise("use(): field 'on': expected a table of event = handler, got " .. type(block.on))
+    end
+    for event, fns in pairs(block.on) do
+      local where = "use(): field 'on." .. tostring(event) .. "'"
+      if type(fns) == "function" then
+        fns = { fns }
+      elseif type(fns) ~= "table" then
+        config.raise(where .. ": expected a function or a list of functions, got " .. type(fns))
+      end
+      for i, fn in ipairs(fns) do
+        if type(fn) ~= "function" then
+          config.raise(string.format("%s item %d: expected a function, got %s", where, i, type(fn)))
+        end
+      end
+    end
+  end
   self.blocks = self.blocks or {}
   self.blocks[#self.blocks + 1] = block
   if block.on then
