@@ -41,6 +41,7 @@ describe("moonpost check", function()
     { "bad_huge_size.lua", "spec/fixtures/policies/bad_huge_size.lua:3: accept.smtp: field 'max_message_size': " },
     { "bad_relay_v6.lua", "spec/fixtures/policies/bad_relay_v6.lua:3: route.smtp: field 'relay' item 1: " },
     { "bad_use_module.lua", "spec/fixtures/policies/bad_use_module.lua:3: use(): " },
+    { "bad_listen_twice.lua", "spec/fixtures/policies/bad_listen_twice.lua:3: accept.smtp: field 'listen': " },
     { "bad_extension.lua", "spec/fixtures/policies/bad_extension.lua:3: accept.smtp: field 'extensions': unknown extension 'pipelning'" },
   }
   for _, c in ipairs(cases) do
