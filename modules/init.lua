@@ -326,7 +326,24 @@ function MTA:add_message_step(fn)
 end
 
 -- Used by moonpost.accept: remember a listener to open at start().
+-- The same address twice would fail at start (EADDRINUSE): refused here,
+-- at the policy's line. Port 0 (any free port) may repeat.
 function MTA:add_listener(spec)
+  if spec.port ~= 0 then
+    local function show(a) return (a.host:find(":", 1, true) and ("[" .. a.host .. "]") or a.host) .. ":" .. a.port end
+    local function same(a) return a.port == spec.port and a.host == spec.host end
+    for _, other in ipairs(self.listen_specs) do
+      if same(other) then
+        config.raise(string.format("accept.smtp: field 'listen': %s is already the address of a listener", show(spec)))
+      end
+    end
+    for _, a in ipairs(self.opts.http or {}) do
+      if same(a) then
+        config.raise(string.format("accept.smtp: field 'listen': %s is the address of the HTTP listener "
+          .. "(moonpost.new { http = ... })", show(spec)))
+      end
+    end
+  end
   self.listen_specs[#self.listen_specs + 1] = spec
 end
 
