@@ -202,8 +202,20 @@ local function check_queue(v)
   for d, dv in pairs(q.domains or {}) do
     local where = "moonpost.new: queue: domains[" .. tostring(d) .. "]"
     if type(d) ~= "string" then config.raise("moonpost.new: queue: field 'domains': keys must be domains") end
+    -- in A-labels, as the queue looks them up; a name, not a pattern
+    local a = dns.to_ascii(d)
+    a = a and a:gsub("%.$", "")
+    local ok = a and #a >= 1 and #a <= 253
+    for label in ((a or "") .. "."):gmatch("([^.]*)%.") do
+      if not ok then break end
+      ok = #label >= 1 and #label <= 63 and not label:find("[^%w_-]")
+    end
+    if not ok then
+      config.raise(string.format("moonpost.new: queue: field 'domains': %q is not a domain name "
+        .. "(a whole name such as \"example.org\"; no wildcards)", d))
+    end
     local o = config.check(where, dv, DOMAIN_QUEUE_SCHEMA)
-    domains[d:lower()] = { retry = o.retry and check_retry(o.retry, where), max_age = o.max_age }
+    domains[a] = { retry = o.retry and check_retry(o.retry, where), max_age = o.max_age }
   end
   q.domains = domains
   return q

@@ -21,6 +21,7 @@ local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 local ids = require "moonpost.runtime.ids"
 local dsn = require "moonpost.runtime.dsn"
+local dns = require "moonpost.runtime.dns"
 local smtp = require "moonpost.core.smtp"
 
 local floor, min, max = math.floor, math.min, math.max
@@ -538,8 +539,20 @@ function Queue:notify(env, body, action, list)
   return ok
 end
 
-local function retry_after(self, attempts, domain)
+-- the queue options of a recipient domain (lower case): the keys are in
+-- A-labels, and a domain in UTF-8 finds its entry by its A-label form
+local function domain_opt(self, domain)
+  if domain == nil then return nil end
   local d = self.domain_opts[domain]
+  if d == nil and find(domain, "[\128-\255]") then
+    local a = dns.to_ascii(domain)
+    d = a and self.domain_opts[a]
+  end
+  return d
+end
+
+local function retry_after(self, attempts, domain)
+  local d = domain_opt(self, domain)
   local r = d and d.retry or self.retry
   return r[min(attempts, #r)]
 end
@@ -553,7 +566,7 @@ local function due_after(after)
 end
 
 local function max_age_of(self, domain)
-  local d = self.domain_opts[domain]
+  local d = domain_opt(self, domain)
   return d and d.max_age or self.max_age
 end
 

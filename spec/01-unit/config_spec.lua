@@ -118,3 +118,24 @@ describe("moonpost.new gc_pause", function()
     assert.matches("moonpost.new: field 'gc_pause': must be between 110 and 1000", err, nil, true)
   end)
 end)
+
+describe("moonpost.new queue domains", function()
+  local moonpost = require "moonpost"
+
+  it("keeps per-domain options under the domain's A-label form, lower case", function()
+    local mta = moonpost.new { spool = false, queue = { domains = {
+      ["Bücher.Example"] = { max_age = "1d" }, ["Example.ORG."] = { retry = { "1m" } } } } }
+    local d = mta.opts.queue.domains
+    assert.equal(86400, d["xn--bcher-kva.example"].max_age)
+    assert.same({ 60 }, d["example.org"].retry)
+  end)
+
+  it("refuses a key that is no domain name, naming it", function()
+    for _, bad in ipairs({ "", "bad domain!", "*.example.com", "a..b", string.rep("a", 64) .. ".test" }) do
+      local ok, err = pcall(moonpost.new, { spool = false, queue = { domains = { [bad] = { max_age = "1d" } } } })
+      assert.is_false(ok, bad)
+      assert.matches("moonpost.new: queue: field 'domains': " .. string.format("%q", bad) .. " is not a domain name",
+        err, nil, true)
+    end
+  end)
+end)

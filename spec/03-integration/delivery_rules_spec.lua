@@ -182,15 +182,22 @@ describe("scheduled queues", function()
       local mta, port = H.start_mta({}, function(m)
         m:use(require("moonpost.route").smtp { relay = "127.0.0.1:" .. sink.port })
       end, { spool = { dir = dir .. "/spool", min_free = 0 },
-        queue = { retry = { "1h" }, domains = { ["quick.test"] = { retry = { "1s" } } } } })
+        queue = { retry = { "1h" }, domains = { ["quick.test"] = { retry = { "1s" } },
+          -- internationalized names match in either form
+          ["Bücher.test"] = { retry = { "1s" } }, ["xn--caf-dma.test"] = { retry = { "1s" } } } } })
       assert.equal(250, (H.send(port, { to = { "flaky1-a@quick.test" } })))
       assert.equal(250, (H.send(port, { to = { "flaky1-b@slow.test" } })))
+      assert.equal(250, (H.send(port, { to = { "flaky1-c@xn--bcher-kva.test" } })))
+      assert.equal(250, (H.send(port, { to = { "flaky1-d@café.test" }, mail_params = "SMTPUTF8" })))
       -- quick.test is retried after a second; slow.test waits an hour
-      assert.is_true(H.wait_for(function()
+      local function arrived(rcpt)
         for _, msg in ipairs(sink.messages()) do
-          if msg.rcpts[1] == "flaky1-a@quick.test" then return true end
+          if msg.rcpts[1] == rcpt then return true end
         end
-      end, 10))
+      end
+      assert.is_true(H.wait_for(function() return arrived("flaky1-a@quick.test") end, 10))
+      assert.is_true(H.wait_for(function() return arrived("flaky1-c@xn--bcher-kva.test") end, 10))
+      assert.is_true(H.wait_for(function() return arrived("flaky1-d@café.test") end, 10))
       for _, msg in ipairs(sink.messages()) do assert.are_not.equal("flaky1-b@slow.test", msg.rcpts[1]) end
       H.stop_mta(mta)
     end)
