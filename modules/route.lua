@@ -54,6 +54,10 @@ local function hosts_of(spec, what)
     if not host then
       config.raise(string.format("route.smtp: %s item %d: %s", what, i, port))
     end
+    -- (0 means any free port to a listener; nothing listens on it)
+    if port == 0 then
+      config.raise(string.format("route.smtp: %s item %d: port 0 in %q: a next hop needs its port", what, i, a))
+    end
     out[i] = { host = host, port = port }
   end
   return out, policy
