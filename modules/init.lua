@@ -96,7 +96,8 @@ local NEW_SCHEMA = {
   api_token = { type = "string" },
   http_max_body = { type = "size", default = "10M" },
   http_max_connections = { type = "posint", default = 256 }, -- per HTTP listener
-  workers = { type = "posint", default = 1 }, -- processes (runtime/workers.lua, docs/cli.md#workers)
+  -- processes (runtime/workers.lua, docs/cli.md#workers); each holds a spool partition and a port
+  workers = { type = "posint", default = 1, check = function(v) return v <= 256, "must be at most 256" end },
   -- the Lua collector's pause (collectgarbage "setpause"): a cycle starts when
   -- the heap is this % of what the last one kept. Lua's 200 made the relay
   -- spend ~15% more CPU time per message than 400, which costs about twice
@@ -140,7 +141,8 @@ local SPOOL_SCHEMA = {
   min_free = { type = "size", default = 64 * 1048576 },
   compact_ratio = { type = "number", default = 0.5,
     check = function(v) return v >= 0 and v <= 1, "must be between 0 and 1" end },
-  check_interval = { type = "duration", default = 2 },
+  -- (0 would check once and never again: a full disk would refuse mail for good)
+  check_interval = { type = "duration", default = 2, check = function(v) return v > 0, "must be > 0" end },
   compact_delay = { type = "duration", default = 60 },
   cache_bytes = { type = "size", default = 64 * 1048576 },
 }

@@ -139,3 +139,17 @@ describe("moonpost.new queue domains", function()
     end
   end)
 end)
+
+describe("moonpost.new limits", function()
+  local moonpost = require "moonpost"
+
+  it("refuses a free-space check interval of 0 and more than 256 workers, naming the field", function()
+    local ok, err = pcall(moonpost.new, { spool = { dir = "/nonexistent", check_interval = 0 } })
+    assert.is_false(ok)
+    assert.matches("field 'check_interval': must be > 0", err, nil, true)
+    ok, err = pcall(moonpost.new, { spool = false, workers = 1000000 })
+    assert.is_false(ok)
+    assert.matches("moonpost.new: field 'workers': must be at most 256", err, nil, true)
+    assert.is_truthy(moonpost.new { spool = false, workers = 256 })
+  end)
+end)
