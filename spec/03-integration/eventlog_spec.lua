@@ -413,6 +413,79 @@ describe("moonpost.eventlog", function()
     end)
   end)
 
+  it("webhook: max_size bounds the records waiting, not those sent: a queue below one segment keeps "
+    .. "taking records once the endpoint has them", function()
+    H.run(function()
+      local rcv = receiver(dir .. "/got.jsonl")
+      -- 4 KiB of queue, in the default 16 MiB segment: 10 records of ~270 octets wait at most
+      local elog = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. rcv.port .. "/", dir = dir .. "/wh",
+        batch = 10, interval = 0.05, max_size = 4096 } }
+      local ok, err = pcall(function()
+        assert.is_true(elog:start())
+        local pad = string.rep("x", 200)
+        local n = 0
+        for round = 1, 5 do
+          for _ = 1, 10 do
+            n = n + 1
+            elog:log({ type = "AdminAction", action = "a" .. n, pad = pad })
+          end
+          -- every record arrived, and the queue has the endpoint's answer
+          assert.is_true(H.wait_for(function() return #rcv.records() == n and elog:stats().webhook.backlog == 0 end,
+            10),
+            string.format("round %d: %d of %d records arrived, %d refused by the queue", round, #rcv.records(), n,
+              elog:stats().webhook.refused))
+        end
+        assert.equal(0, elog:stats().webhook.refused)
+      end)
+      elog:stop()
+      rcv.stop()
+      if not ok then error(err, 0) end
+    end)
+  end)
+
+  it("webhook: a queue that filled its disk while the endpoint was down frees it once the endpoint "
+    .. "has the records, and queues new ones again", function()
+    H.run(function()
+      local mnt = dir .. "/mnt"
+      assert(uv.fs_mkdir(mnt, 448))
+      local code, _, merr = H.exec("mount", { "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt }, { timeout = 10 })
+      if code ~= 0 then
+        pending("cannot mount a tmpfs (needs root): " .. tostring(merr))
+        return
+      end
+      local wport = H.free_port()
+      local elog = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. wport .. "/", dir = mnt .. "/wh",
+        batch = 50, interval = 0.05, retry_min = 0.05, retry_max = 0.2, segment_size = 16384 } }
+      local rcv
+      local ok, err = pcall(function()
+        assert.is_true(elog:start())
+        local pad = string.rep("x", 400)
+        -- the endpoint is down: the queue fills the disk, then records are refused
+        local n = 0
+        while elog:stats().webhook.refused == 0 and n < 5000 do
+          n = n + 1
+          elog:log({ type = "AdminAction", action = "before" .. n, pad = pad })
+        end
+        assert.is_true(elog:stats().webhook.refused > 0, "the disk did not fill")
+        local queued = n - elog:stats().webhook.refused
+        -- it comes up and takes everything that was queued
+        rcv = receiver(dir .. "/got.jsonl", wport)
+        assert.is_true(H.wait_for(function() return elog:stats().webhook.backlog == 0 end, 30))
+        assert.equal(queued, #rcv.records())
+        -- new records are queued and sent again
+        for i = 1, 10 do elog:log({ type = "AdminAction", action = "after" .. i, pad = pad }) end
+        assert.is_true(H.wait_for(function() return #rcv.records() == queued + 10 end, 10),
+          string.format("%d of the 10 new records arrived; %d refused by the queue", #rcv.records() - queued,
+            elog:stats().webhook.refused - (n - queued)))
+        assert.equal("after10", rcv.records()[queued + 10].action)
+      end)
+      elog:stop()
+      if rcv then rcv.stop() end
+      H.exec("umount", { "-l", mnt }, { timeout = 10 })
+      if not ok then error(err, 0) end
+    end, 60)
+  end)
+
   it("handover() (policy reload): the new block shares the old one's file and webhook queue, in one order; "
     .. "the last stop closes them", function()
     H.run(function()
@@ -861,6 +934,49 @@ os.exit(ok and 0 or 1)]] }, { timeout = 30, env = { ROOT = H.root, DIR = dir } }
       ob = assert(outbox.open({ dir = dir }))
       ob:close()
       ob:close_reader()
+    end)
+  end)
+
+  it("a full disk that its own sent lines fill, in one segment: they are deleted and appends go on", function()
+    H.run(function()
+      local mnt = dir .. "/mnt"
+      assert(uv.fs_mkdir(mnt, 448))
+      local code, _, merr = H.exec("mount", { "-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt }, { timeout = 10 })
+      if code ~= 0 then
+        pending("cannot mount a tmpfs (needs root): " .. tostring(merr))
+        return
+      end
+      local ok, err = pcall(function()
+        -- the default 16 MiB segment is larger than the disk
+        local ob = assert(outbox.open({ dir = mnt .. "/q" }))
+        local line = string.rep("a", 99)
+        local n = 0
+        while ob:append(line) do n = n + 1 end
+        assert.is_true(n > 0)
+        -- every line is sent and acknowledged (the cursor cannot be written: the disk is full)
+        local got = 0
+        while true do
+          local b = assert(ob:read(100))
+          if b.n == 0 then break end
+          got = got + b.n
+          ob:ack(b)
+        end
+        assert.equal(n, got)
+        local after = string.rep("b", 99)
+        assert.is_true(ob:append(after))
+        local b = assert(ob:read(100))
+        assert.same({ n = 1, after }, { n = b.n, b[1] })
+        ob:close()
+        ob:close_reader()
+        -- reopened: the line not yet acknowledged is read again, and only it
+        ob = assert(outbox.open({ dir = mnt .. "/q" }))
+        b = assert(ob:read(100))
+        assert.same({ n = 1, after }, { n = b.n, b[1] })
+        ob:close()
+        ob:close_reader()
+      end)
+      H.exec("umount", { "-l", mnt }, { timeout = 10 })
+      if not ok then error(err, 0) end
     end)
   end)
 
