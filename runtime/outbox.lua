@@ -258,13 +258,73 @@ local function rotate(self)
   return true
 end
 
+-- The segments before `seg` are done: deleted. The cursor on disk may
+-- still point into one of them (its write failed): open() then reads from
+-- the oldest segment left, which holds no line older than the cursor.
+-- In the reading task; now: from the loop thread, synchronously (the
+-- reader's file is left to the reading task, which moves on from it).
+local function drop_behind(self, seg, now)
+  local keep = {}
+  for _, num in ipairs(self.segs) do
+    if num < seg then
+      if self.rseg == num and self.rfd and not now then
+        local fd = self.rfd
+        self.rfd, self.rseg = nil, nil
+        fs.close(fd)
+      end
+      local uok, uerr, code
+      if now then
+        uok, uerr, code = uv.fs_unlink(seg_name(self.dir, num))
+      else
+        uok, uerr, code = fs.unlink(seg_name(self.dir, num))
+      end
+      if not uok and code ~= "ENOENT" then log.error("outbox: %s", tostring(uerr)) end
+      self.total = self.total - (self.sizes[num] or 0)
+      self.sizes[num] = nil
+    else
+      keep[#keep + 1] = num
+    end
+  end
+  self.segs = keep
+end
+
+-- Every line of the segment being written is done (acknowledged) and it
+-- holds some: a new segment for the writer, and the old one deleted. A
+-- queue that never fills a segment (max_size below segment_size, a full
+-- disk) frees its space this way. true if it did.
+local function renew(self)
+  local cur = self.cur
+  if self.wsize == 0 or cur.seg ~= self.wseg or cur.off < self.wsize then return false end
+  local old, num = self.wfd, self.wseg + 1
+  local fd = uv.fs_open(seg_name(self.dir, num), C.O_RDWR + C.O_CREAT, 384)
+  if not fd then return false end
+  -- a deleted file keeps its space while it is open: the old segment's
+  -- lines are all sent (no sync), it is closed now unless a sync uses it,
+  -- and the reader's file unless a read uses it (the reader then moves on
+  -- to the new segment, and closes it, at once)
+  if self.syncing then self.retired[#self.retired + 1] = old else uv.fs_close(old) end
+  if self.rfd and self.rseg == self.wseg and not self.reading then
+    uv.fs_close(self.rfd)
+    self.rfd, self.rseg = nil, nil
+  end
+  self.wseg, self.wfd, self.wsize = num, fd, 0
+  self.segs[#self.segs + 1] = num
+  self.sizes[num] = 0
+  self.dir_dirty = true
+  self.cur = { seg = num, off = 0 }
+  drop_behind(self, num, true)
+  return true
+end
+
 -- append(line) -> true | nil, err. The line is in the file (the page cache)
--- when this returns.
-function Outbox:append(line)
+-- when this returns. max_size bounds the lines not yet acknowledged; the
+-- files also hold, until their segment is deleted, the lines already
+-- acknowledged in it (at most segment_size more).
+function Outbox:append(line, again)
   if self.closed then return nil, "closed" end
   local data = line .. "\n"
   local len = #data
-  if self.total + len > self.max_size then
+  if self:backlog() + len > self.max_size then
     self.stats.refused = self.stats.refused + 1
     return nil, "full"
   end
@@ -279,6 +339,8 @@ function Outbox:append(line)
   if n ~= len then
     -- a short write (the disk is full): the partial line is cut off again
     if n and n > 0 then uv.fs_ftruncate(self.wfd, self.wsize) end
+    -- a full disk that this queue's own sent lines fill: they go, and the line is written again
+    if not again and renew(self) then return self:append(line, true) end
     self.stats.refused = self.stats.refused + 1
     return nil, err or "short write"
   end
@@ -296,8 +358,9 @@ end
 local function reader_at(self, seg)
   if self.rseg == seg and self.rfd then return self.rfd end
   if self.rfd then
-    fs.close(self.rfd)
-    self.rfd = nil
+    local old = self.rfd
+    self.rfd, self.rseg = nil, nil
+    fs.close(old)
   end
   local fd, err, code = fs.open(seg_name(self.dir, seg), "r", 0)
   if not fd then return nil, err, code end
@@ -309,6 +372,14 @@ end
 -- after the cursor, up to max; read() again returns the same lines until
 -- ack() moves the cursor past them.
 function Outbox:read(max)
+  -- renew() leaves the reader's file alone meanwhile
+  self.reading = true
+  local b, err = self:read_lines(max)
+  self.reading = false
+  return b, err
+end
+
+function Outbox:read_lines(max)
   local chunk = READ_CHUNK
   while true do
     if self.closed then return nil, "closed" end
@@ -370,7 +441,10 @@ end
 
 -- ack(b): the lines of b are done. In a task: the cursor file is replaced,
 -- then the segments behind it are deleted. true | nil, err (the cursor in
--- memory moves on all the same; the next ack writes it).
+-- memory moves on all the same; the next ack writes it). The segments are
+-- deleted even when the cursor cannot be written (a full disk: deleting
+-- them is what frees it), since a cursor whose segment is gone reads from
+-- the oldest one left.
 function Outbox:ack(b)
   -- closed: the directory may have another owner already; the batch is
   -- sent again after the next start (at-least-once)
@@ -381,34 +455,20 @@ function Outbox:ack(b)
   self.stats.acked = self.stats.acked + b.n
   local tmp = self.dir .. "/cursor.tmp"
   local fd, err = fs.open(tmp, "w", 384)
-  if not fd then return nil, err end
-  local ok
-  ok, err = fs.write(fd, format("%d %d\n", b.seg, b.off), 0)
-  fs.close(fd)
-  -- closed while this waited for the disk: the directory is not ours now
+  local ok = false
+  if fd then
+    ok, err = fs.write(fd, format("%d %d\n", b.seg, b.off), 0)
+    fs.close(fd)
+    -- closed while this waited for the disk: the directory is not ours now
+    if self.closed then return nil, "closed" end
+    if ok then ok, err = fs.rename(tmp, self.dir .. "/cursor") end
+    if not ok then fs.unlink(tmp) end
+  end
   if self.closed then return nil, "closed" end
-  if ok then ok, err = fs.rename(tmp, self.dir .. "/cursor") end
-  if not ok then
-    log.error("outbox: %s: cannot write the cursor: %s", self.dir, tostring(err))
-    return nil, err
-  end
-  -- what is behind the cursor on disk can go
-  local keep = {}
-  for _, num in ipairs(self.segs) do
-    if num < b.seg then
-      if self.rseg == num and self.rfd then
-        fs.close(self.rfd)
-        self.rfd, self.rseg = nil, nil
-      end
-      local uok, uerr, code = fs.unlink(seg_name(self.dir, num))
-      if not uok and code ~= "ENOENT" then log.error("outbox: %s", tostring(uerr)) end
-      self.total = self.total - (self.sizes[num] or 0)
-      self.sizes[num] = nil
-    else
-      keep[#keep + 1] = num
-    end
-  end
-  self.segs = keep
+  if not ok then log.error("outbox: %s: cannot write the cursor: %s", self.dir, tostring(err)) end
+  -- what is behind the cursor can go
+  drop_behind(self, b.seg)
+  if not ok then return nil, err end
   return true
 end
 
