@@ -171,6 +171,25 @@ describe("moonpost.eventlog", function()
     assert.truthy(tostring(err):find("bad value for X-A", 1, true), err)
   end)
 
+  it("setup() refuses a webhook URL or header that would break the request: a space, a control character "
+    .. "or a non-ASCII octet in the URL, a header field the client writes itself", function()
+    for _, url in ipairs({ "http://127.0.0.1:9000/events batch", "http://127.0.0.1:9000/e\r\nX-Injected: yes",
+      "http://127.0.0.1:9000/e?a=\t1", "http://127.0.0.1:9000/\195\169v\195\169nements" }) do
+      local ok, err = pcall(eventlog.setup, { webhook = { url = url } })
+      assert.is_false(ok, url)
+      assert.truthy(tostring(err):find("field 'url'", 1, true), err)
+    end
+    for _, name in ipairs({ "Content-Length", "content-length", "Host", "Transfer-Encoding", "Content-Type",
+      "X-Moonpost-Events" }) do
+      local ok, err = pcall(eventlog.setup, { webhook = { url = "http://127.0.0.1:9000/", headers = { [name] = "1" } } })
+      assert.is_false(ok, name)
+      assert.truthy(tostring(err):find("field 'headers'", 1, true), err)
+    end
+    -- percent-encoded, and headers of its own: fine
+    assert.truthy(eventlog.setup({ webhook = { url = "http://127.0.0.1:9000/%C3%A9v?a=1%202",
+      headers = { Authorization = "Bearer x", ["X-Tenant"] = "shop" } } }))
+  end)
+
   it("encode() writes type and time first, and valid UTF-8 whatever the input", function()
     local line = eventlog.encode({ recipient = "a/b@x.test", type = "Bounce", time = "T", zeta = 1,
       reply = { text = "bad \255\254 bytes \195" } })
