@@ -587,6 +587,10 @@ end
 
 -- ---- the block --------------------------------------------------------------------------
 
+-- the header fields of every request that the client and post() write
+local OWN_HEADERS = { host = true, ["content-length"] = true, ["transfer-encoding"] = true,
+  ["content-type"] = true, ["user-agent"] = true, ["x-moonpost-events"] = true }
+
 local function check_webhook(v)
   if v == nil or v == false then return nil end
   local o = config.check("eventlog.setup: webhook", v, WEBHOOK_SCHEMA)
@@ -595,6 +599,9 @@ local function check_webhook(v)
   for k, hv in pairs(o.headers or {}) do
     if type(k) ~= "string" or not k:match("^[!#$%%&'*+.^_`|~%w-]+$") then
       config.raise("eventlog.setup: webhook: field 'headers': bad header name " .. tostring(k))
+    end
+    if OWN_HEADERS[k:lower()] then
+      config.raise("eventlog.setup: webhook: field 'headers': " .. k .. " is set by Moonpost (it would be sent twice)")
     end
     if (type(hv) ~= "string" and type(hv) ~= "number") or tostring(hv):find("[\r\n]") then
       config.raise("eventlog.setup: webhook: field 'headers': bad value for " .. k)

@@ -20,8 +20,8 @@ local uv = require "luv"
 local stream = require "moonpost.runtime.stream"
 local sched = require "moonpost.runtime.sched"
 
-local format, concat, lower, tonumber, pairs, type = string.format, table.concat, string.lower, tonumber, pairs,
-  type
+local format, concat, lower, find, tonumber, pairs, type = string.format, table.concat, string.lower, string.find,
+  tonumber, pairs, type
 
 local _M = { _VERSION = "0.1" }
 
@@ -40,6 +40,12 @@ function _M.parse_url(url)
   if type(url) ~= "string" then return nil, "expected a string" end
   local scheme, rest = url:match("^(%a[%w+.-]*)://(.*)$")
   if not scheme then return nil, "not an absolute URL" end
+  -- it goes as it is into the request line and the Host field: a space, a
+  -- control character (CR LF would add header fields) or an 8-bit octet
+  -- would make a request that no server reads as meant
+  if find(url, "[%z\1-\32\127-\255]") then
+    return nil, "a space, control character or non-ASCII octet in the URL (percent-encode it)"
+  end
   if lower(scheme) ~= "http" then return nil, "only http:// is supported, got " .. scheme .. "://" end
   local authority, path = rest:match("^([^/?#]*)(.*)$")
   if path == "" then path = "/" end
