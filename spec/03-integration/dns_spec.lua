@@ -98,6 +98,25 @@ describe("moonpost.runtime.dns", function()
     end)
   end)
 
+  it("keeps an answer that came through an alias no longer than the alias' TTL", function()
+    with_dns(function(srv)
+      local r = assert(dns.new { servers = srv.address })
+      -- shortalias.test 1 CNAME mx1.test; mx1.test 300 A 127.0.0.2 (and no MX)
+      local a = assert(r:query("shortalias.test", "A"))
+      assert.same({ "mx1.test", "127.0.0.2", 300 }, { a[1].name, a[1].data, a[1].ttl })
+      assert.same({ nil, "nodata" }, { r:query("shortalias.test", "MX") })
+      local sent = r.stats.sent
+      assert.truthy(r:query("shortalias.test", "A"))
+      assert.equal(sent, r.stats.sent) -- cached while the alias lasts
+      sched.sleep(1.2)
+      -- the alias has expired: it may point elsewhere now, so both are asked again
+      assert.truthy(r:query("shortalias.test", "A"))
+      assert.same({ nil, "nodata" }, { r:query("shortalias.test", "MX") })
+      assert.equal(sent + 2, r.stats.sent)
+      r:close()
+    end)
+  end)
+
   it("sends identical queries in flight once", function()
     with_dns(function(srv)
       local r = assert(dns.new { servers = srv.address })
