@@ -67,10 +67,16 @@ function _M.new(opts)
   }, mt)
 end
 
-local function min_ttl(records, rtype, cap)
+-- The smallest TTL of the records and of the aliases (CNAME) the answer
+-- went through: when an alias expires it may point elsewhere (a negative
+-- answer at the end of an alias lasts no longer than the alias either).
+local function min_ttl(records, aliases, cap)
   local ttl = cap
   for _, r in ipairs(records) do
-    if r.type == rtype and r.ttl < ttl then ttl = r.ttl end
+    if r.ttl < ttl then ttl = r.ttl end
+  end
+  for _, r in ipairs(aliases) do
+    if r.ttl < ttl then ttl = r.ttl end
   end
   return ttl
 end
@@ -84,17 +90,21 @@ local function harvest(self)
     if entry then
       self.inflight[key] = nil
       local rtype = entry.rtype
-      local records, status = {}, res.status
+      local records, aliases, status = {}, {}, res.status
       for _, r in ipairs(res.records or {}) do
-        if r.type == rtype then records[#records + 1] = r end
+        if r.type == rtype then
+          records[#records + 1] = r
+        elseif r.type == "CNAME" then
+          aliases[#aliases + 1] = r
+        end
       end
       if status == "ok" and #records == 0 then status = "nodata" end
       local now = uv.now() / 1000
       if status == "ok" then
-        self:store(key, { expires = now + min_ttl(records, rtype, self.max_ttl), records = records })
+        self:store(key, { expires = now + min_ttl(records, aliases, self.max_ttl), records = records })
       elseif status == "nxdomain" or status == "nodata" then
         local ttl = (res.neg_ttl and res.neg_ttl > 0) and res.neg_ttl or self.neg_ttl
-        self:store(key, { expires = now + math.min(ttl, self.max_ttl), status = status })
+        self:store(key, { expires = now + min_ttl(aliases, {}, math.min(ttl, self.max_ttl)), status = status })
       end
       local tasks = entry.tasks
       for i = 1, #tasks, 2 do
