@@ -681,6 +681,49 @@ remote-control:
   return srv
 end
 
+-- hostile_dns(script) starts spec/tools/hostile_dns.py on 127.0.0.1:<free
+-- port>, answering by script ({ ["<name> <TYPE>"] = rule }, see the tool),
+-- and returns { port, address, queries() (each { name, type, proto }), stop() }.
+function H.hostile_dns(script)
+  local cjson = require "cjson"
+  local dir = H.tmpdir("moonpost-hdns")
+  H.write(dir .. "/script.json", cjson.encode(script))
+  local events = dir .. "/events.json"
+  local stdin, stdout = uv.new_pipe(false), uv.new_pipe(false)
+  local out, exited = {}, false
+  local handle, pid
+  handle, pid = uv.spawn(H.python, { args = { H.root .. "/spec/tools/hostile_dns.py", "--script",
+    dir .. "/script.json", "--events", events }, stdio = { stdin, stdout, 2 } }, function()
+    exited = true
+    handle:close()
+  end)
+  assert(handle, "cannot start hostile_dns.py: " .. tostring(pid))
+  stdout:read_start(function(_, chunk) if chunk then out[#out + 1] = chunk else stdout:close() end end)
+  local port
+  H.wait_for(function()
+    port = tonumber(table.concat(out):match("port (%d+)"))
+    return port ~= nil or exited
+  end, 30)
+  assert(port, "hostile_dns.py did not start: " .. table.concat(out))
+  local srv = { port = port, address = "127.0.0.1:" .. port }
+  function srv.queries()
+    local list = {}
+    local f = io.open(events, "r")
+    if not f then return list end
+    for line in f:lines() do list[#list + 1] = cjson.decode(line) end
+    f:close()
+    return list
+  end
+  function srv.stop()
+    if not stdin:is_closing() then stdin:close() end
+    H.wait_for(function() return exited end, 10)
+    if not exited then uv.kill(pid, "sigkill") H.wait_for(function() return exited end, 5) end
+    if not stdout:is_closing() then stdout:close() end
+    H.rm_rf(dir)
+  end
+  return srv
+end
+
 -- Every process H.launch started, for H.run_killing.
 local launched = {}
 

@@ -1,0 +1,82 @@
+-- The resolver against a server that answers what the spec chooses
+-- (spec/tools/hostile_dns.py, H.hostile_dns): truncated answers, answers
+-- with another ID, malformed ones, and records for names nobody asked for.
+local H = require "helpers"
+local dns = require "moonpost.runtime.dns"
+
+local function with_hostile(script, fn)
+  H.run(function()
+    local srv = H.hostile_dns(script)
+    local r = assert(dns.new { servers = srv.address, timeout = 0.5, tries = 2 })
+    local ok, err = pcall(fn, r, srv)
+    r:close()
+    srv.stop()
+    if not ok then error(err, 0) end
+  end, 60)
+end
+
+local function protos(srv, name)
+  local out = {}
+  for _, q in ipairs(srv.queries()) do
+    if q.name == name then out[#out + 1] = q.proto end
+  end
+  return out
+end
+
+describe("moonpost.runtime.dns against a hostile server", function()
+  it("asks again over TCP when the UDP answer is truncated", function()
+    with_hostile({ ["tc.test A"] = { tc = true, answer = { "tc.test. 300 IN A 127.0.0.5" } } }, function(r, srv)
+      local recs = assert(r:query("tc.test", "A"))
+      assert.same({ "127.0.0.5" }, { recs[1].data })
+      assert.same({ "udp", "tcp" }, protos(srv, "tc.test"))
+    end)
+  end)
+
+  it("ignores an answer with another ID", function()
+    with_hostile({ ["wid.test A"] = { wrong_id = true, bogus = { "wid.test. 300 IN A 192.0.2.66" },
+      answer = { "wid.test. 300 IN A 127.0.0.5" } } }, function(r)
+      local recs = assert(r:query("wid.test", "A"))
+      assert.same({ "127.0.0.5" }, { recs[1].data })
+    end)
+  end)
+
+  it("takes a malformed answer (a compression loop) as a temporary failure", function()
+    -- header after the ID, the question loop.test MX, then an MX whose
+    -- owner and target are pointers to themselves
+    local q = "046c6f6f70" .. "0474657374" .. "00" .. "000f0001"
+    local raw = "81800001000100000000" .. q .. "c01b000f00010000012c0004000ac01b"
+    with_hostile({ ["loop.test MX"] = { raw_hex = raw } }, function(r)
+      local none, err = r:query("loop.test", "MX")
+      assert.is_nil(none)
+      assert.equal("error", err)
+      local hosts, why, permanent = r:mx_hosts("loop.test")
+      assert.is_nil(hosts)
+      assert.matches("^4%.4%.3 ", why)
+      assert.is_false(permanent)
+    end)
+  end)
+
+  it("takes only the records of the name asked for, or of the aliases it leads to", function()
+    with_hostile({
+      -- records for another name than the question's
+      ["other.test MX"] = { answer = { "evil.test. 300 IN MX 10 mx.evil.test." } },
+      ["mx.evil.test A"] = { answer = { "mx.evil.test. 300 IN A 127.0.0.66" } },
+      ["other.test A"] = { answer = { "other.test. 300 IN A 127.0.0.5", "evil.test. 300 IN A 127.0.0.66" } },
+      -- an alias, then the records of its target: those are the name's
+      ["alias.test MX"] = { answer = { "alias.test. 300 IN CNAME real.test.", "real.test. 300 IN MX 10 mx.real.test.",
+        "evil.test. 300 IN MX 5 mx.evil.test." } },
+      ["mx.real.test A"] = { answer = { "mx.real.test. 300 IN A 127.0.0.7" } },
+    }, function(r)
+      assert.same({ nil, "nodata" }, { r:query("other.test", "MX") })
+      local a = assert(r:query("other.test", "A"))
+      assert.same({ { "other.test", "127.0.0.5" } }, { { a[1].name, a[1].data } }, #a .. " records")
+      -- no MX (of its own): the domain itself, not the host named for evil.test
+      local hosts = assert(r:mx_hosts("other.test", { order = "ipv4-only" }))
+      assert.same({ { "other.test", { "127.0.0.5" } } }, { { hosts[1].name, hosts[1].addrs } })
+      local mx = assert(r:query("alias.test", "MX"))
+      assert.same({ { "real.test", "mx.real.test" } }, { { mx[1].name, mx[1].data } }, #mx .. " records")
+      hosts = assert(r:mx_hosts("alias.test", { order = "ipv4-only" }))
+      assert.same({ "mx.real.test" }, { hosts[1].name, hosts[2] and hosts[2].name })
+    end)
+  end)
+end)
