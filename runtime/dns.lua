@@ -81,6 +81,34 @@ local function min_ttl(records, aliases, cap)
   return ttl
 end
 
+-- The records of an answer that belong to the name asked for: those of
+-- rtype owned by the name or by an alias it leads to (CNAME, followed from
+-- the name), and those aliases. Records of other names (which c-ares does
+-- not check) are left out: they say nothing about the name.
+local function relevant(all, qname, rtype)
+  local records, aliases, on_chain = {}, {}, { [qname] = true }
+  if rtype ~= "CNAME" then
+    local owner = qname
+    for _ = 1, #all do
+      local next_alias
+      for _, r in ipairs(all) do
+        if r.type == "CNAME" and r.name == owner then
+          next_alias = r
+          break
+        end
+      end
+      if not next_alias or on_chain[next_alias.data] then break end
+      aliases[#aliases + 1] = next_alias
+      owner = next_alias.data
+      on_chain[owner] = true
+    end
+  end
+  for _, r in ipairs(all) do
+    if r.type == rtype and on_chain[r.name] then records[#records + 1] = r end
+  end
+  return records, aliases
+end
+
 -- Collect what c-ares finished: cache it and wake the tasks waiting.
 local function harvest(self)
   for _, res in ipairs(self.ch:results()) do
@@ -90,14 +118,8 @@ local function harvest(self)
     if entry then
       self.inflight[key] = nil
       local rtype = entry.rtype
-      local records, aliases, status = {}, {}, res.status
-      for _, r in ipairs(res.records or {}) do
-        if r.type == rtype then
-          records[#records + 1] = r
-        elseif r.type == "CNAME" then
-          aliases[#aliases + 1] = r
-        end
-      end
+      local status = res.status
+      local records, aliases = relevant(res.records or {}, entry.name, rtype)
       if status == "ok" and #records == 0 then status = "nodata" end
       local now = uv.now() / 1000
       if status == "ok" then
@@ -228,7 +250,7 @@ function Resolver:query(name, rtype)
     entry.tasks[#entry.tasks + 1] = task
     entry.tasks[#entry.tasks + 1] = token
   else
-    entry = { rtype = rtype, tasks = { task, token } }
+    entry = { rtype = rtype, name = name, tasks = { task, token } }
     self.inflight[key] = entry
     local id = self.ch:query(name, rtype)
     self.stats.sent = self.stats.sent + 1
