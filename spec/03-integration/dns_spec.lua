@@ -290,6 +290,30 @@ describe("MX routing", function()
     end, 60)
   end)
 
+  it("names the implicit MX by the domain's DNS name, so however a recipient writes the domain it is one site",
+    function()
+      with_dns(function(srv)
+        local r = assert(dns.new { servers = srv.address })
+        assert.equal("nomx.test", assert(r:mx_hosts("NoMX.Test"))[1].name)
+        assert.equal("xn--nmx-sna.test", assert(r:mx_hosts("nömx.test"))[1].name)
+        r:close()
+        local mta, port, sinks = setup(srv)
+        assert.equal(250, (H.send(port, { to = { "a@nomx.test" } })))
+        assert.equal(250, (H.send(port, { to = { "b@NOMX.TEST" } })))
+        assert.is_true(H.wait_for(function()
+          return count(sinks.mx1, "a@nomx.test") == 1 and count(sinks.mx1, "b@NOMX.TEST") == 1
+        end, 20))
+        local route
+        for _, b in ipairs(mta.blocks) do if b.name == "route.smtp" then route = b end end
+        local sites = {}
+        for key in pairs(route.pools) do
+          if key:find("^mx:") then sites[#sites + 1] = key end
+        end
+        assert.same({ "mx:nomx.test:" .. route.opts.mx_port }, sites)
+        stop_all(mta, sinks)
+      end, 60)
+    end)
+
   it("spreads deliveries over MX hosts of the same preference", function()
     with_dns(function(srv)
       local mta, port, sinks = setup(srv, { max_messages_per_connection = 1 })
