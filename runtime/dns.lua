@@ -378,7 +378,9 @@ function Resolver:mx_hosts(domain, opts)
       for _, name in ipairs(bypref[p]) do mxs[#mxs + 1] = { name = name, pref = p } end
     end
   elseif err == "nodata" then
-    mxs = { { name = domain, pref = 0, implicit = true } }
+    -- named as the DNS names it (A-labels, lower case), as MX hosts are: the
+    -- site, and the name for TLS, whatever the form the recipient wrote
+    mxs = { { name = _M.to_ascii(domain) or lower(domain), pref = 0, implicit = true } }
   elseif err == "nxdomain" then
     return nil, "5.1.2 " .. domain .. " does not exist", true
   else
