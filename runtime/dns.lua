@@ -85,26 +85,32 @@ end
 -- rtype owned by the name or by an alias it leads to (CNAME, followed from
 -- the name), and those aliases. Records of other names (which c-ares does
 -- not check) are left out: they say nothing about the name.
+-- (names compared as DNS compares them: without regard to case, nor to a final dot)
+local function norm(n)
+  n = lower(n or "")
+  return (n:gsub("%.$", ""))
+end
+
 local function relevant(all, qname, rtype)
-  local records, aliases, on_chain = {}, {}, { [qname] = true }
+  local records, aliases, on_chain = {}, {}, { [norm(qname)] = true }
   if rtype ~= "CNAME" then
-    local owner = qname
+    local owner = norm(qname)
     for _ = 1, #all do
       local next_alias
       for _, r in ipairs(all) do
-        if r.type == "CNAME" and r.name == owner then
+        if r.type == "CNAME" and norm(r.name) == owner then
           next_alias = r
           break
         end
       end
-      if not next_alias or on_chain[next_alias.data] then break end
+      if not next_alias or on_chain[norm(next_alias.data)] then break end
       aliases[#aliases + 1] = next_alias
-      owner = next_alias.data
+      owner = norm(next_alias.data)
       on_chain[owner] = true
     end
   end
   for _, r in ipairs(all) do
-    if r.type == rtype and on_chain[r.name] then records[#records + 1] = r end
+    if r.type == rtype and on_chain[norm(r.name)] then records[#records + 1] = r end
   end
   return records, aliases
 end

@@ -66,7 +66,12 @@ describe("moonpost.runtime.dns against a hostile server", function()
       ["alias.test MX"] = { answer = { "alias.test. 300 IN CNAME real.test.", "real.test. 300 IN MX 10 mx.real.test.",
         "evil.test. 300 IN MX 5 mx.evil.test." } },
       ["mx.real.test A"] = { answer = { "mx.real.test. 300 IN A 127.0.0.7" } },
+      -- names in another letter case are the same names
+      ["case.test MX"] = { answer = { "CASE.Test. 300 IN CNAME Real2.TEST.", "real2.test. 300 IN MX 10 mx.real.test." } },
     }, function(r)
+      local cmx = assert(r:query("case.test", "MX"))
+      assert.equal(1, #cmx)
+      assert.equal("mx.real.test", cmx[1].data)
       assert.same({ nil, "nodata" }, { r:query("other.test", "MX") })
       local a = assert(r:query("other.test", "A"))
       assert.same({ { "other.test", "127.0.0.5" } }, { { a[1].name, a[1].data } }, #a .. " records")
