@@ -43,6 +43,7 @@ function _M.address_to_ascii(address)
 end
 
 local Resolver = {}
+local lookup_all -- (below, beside mx_hosts)
 local mt = { __index = Resolver }
 
 local TEMPORARY = { timeout = true, servfail = true, refused = true, error = true, cancelled = true }
@@ -346,6 +347,35 @@ local ONLY = { ["ipv4-only"] = "ipv4", ["ipv6-only"] = "ipv6" }
 -- permanent; anything else that fails is temporary. An address literal is
 -- its own host, without DNS (RFC 5321 5.1): { name = domain, pref = 0,
 -- addrs = { address }, literal = true }.
+-- lookup_all(resolver, mxs, order) -> { [i] = { addrs, err } } for the MX
+-- hosts that name a host (an address is not looked up): one task per host,
+-- all at once, the caller waiting for the last.
+function lookup_all(self, mxs, order)
+  local found, names = {}, {}
+  for i, mx in ipairs(mxs) do
+    found[i] = {}
+    if mx.implicit or not net.ip(mx.name) then names[#names + 1] = i end
+  end
+  if #names == 1 then
+    local i = names[1]
+    found[i][1], found[i][2] = self:addresses(mxs[i].name, order)
+    return found
+  end
+  if #names == 0 then return found end
+  local task, token = sched.reserve()
+  local pending = #names
+  for _, i in ipairs(names) do
+    sched.spawn(function()
+      local ok, a, e = pcall(self.addresses, self, mxs[i].name, order)
+      if ok then found[i][1], found[i][2] = a, e else found[i][2] = "error" end
+      pending = pending - 1
+      if pending == 0 then sched.wake_token(task, token, true) end
+    end)
+  end
+  sched.wait()
+  return found
+end
+
 function Resolver:mx_hosts(domain, opts)
   opts = opts or {}
   local addr, family = _M.literal(domain)
@@ -393,7 +423,11 @@ function Resolver:mx_hosts(domain, opts)
     return nil, "4.4.3 MX lookup for " .. domain .. " failed: " .. tostring(err), false
   end
   local out, temp, numeric = {}, nil, 0
-  for _, mx in ipairs(mxs) do
+  -- the hosts' addresses, looked up all at once: one after another, a
+  -- domain with many MX hosts whose servers time out kept a delivery for
+  -- minutes (each lookup waits up to its timeout and tries)
+  local found = lookup_all(self, mxs, opts.order)
+  for i, mx in ipairs(mxs) do
     local addrs, aerr
     if not mx.implicit and net.ip(mx.name) then
       -- "MX 10 192.0.2.1.": an MX names a host, never an address (RFC
@@ -401,7 +435,7 @@ function Resolver:mx_hosts(domain, opts)
       numeric = numeric + 1
       log.info("dns: %s: MX %s is an IP address, not a host name", domain, mx.name)
     else
-      addrs, aerr = self:addresses(mx.name, opts.order)
+      addrs, aerr = found[i][1], found[i][2]
       if addrs then
         mx.addrs = addrs
         out[#out + 1] = mx

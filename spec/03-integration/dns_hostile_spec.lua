@@ -84,4 +84,32 @@ describe("moonpost.runtime.dns against a hostile server", function()
       assert.same({ "mx.real.test" }, { hosts[1].name, hosts[2] and hosts[2].name })
     end)
   end)
+
+  it("looks up the addresses of a domain's MX hosts all at once", function()
+    with_hostile({
+      ["many.test MX"] = { answer = { "many.test. 300 IN MX 10 a.many.test.", "many.test. 300 IN MX 20 b.many.test.",
+        "many.test. 300 IN MX 30 c.many.test." } },
+      -- two hosts whose addresses never come (the server says nothing)
+      ["a.many.test A"] = { drop = true },
+      ["b.many.test A"] = { drop = true },
+      ["c.many.test A"] = { answer = { "c.many.test. 300 IN A 127.0.0.9" } },
+    }, function(r, srv)
+      local hosts = assert(r:mx_hosts("many.test", { order = "ipv4-only" }))
+      assert.equal(1, #hosts)
+      assert.equal("c.many.test", hosts[1].name)
+      assert.same({ "127.0.0.9" }, hosts[1].addrs)
+      -- c.many.test was asked before a.many.test's lookup gave up (its
+      -- second try): one after another, it came after both had timed out
+      local c_at, a_tries, a_second = nil, 0, nil
+      for k, q in ipairs(srv.queries()) do
+        if q.name == "c.many.test" and not c_at then c_at = k end
+        if q.name == "a.many.test" then
+          a_tries = a_tries + 1
+          if a_tries == 2 then a_second = k end
+        end
+      end
+      assert.is_true(c_at < a_second, "c.many.test was asked only after a.many.test had been tried twice")
+      assert.equal(2, a_tries)
+    end)
+  end)
 end)
