@@ -182,3 +182,122 @@ print("pass" if ok else "fail")
     end)
   end)
 end)
+
+describe("moonpost spool list", function()
+  local dir
+  before_each(function() dir = H.tmpdir("moonpost-spool-list") end)
+  after_each(function() H.rm_rf(dir) end)
+
+  -- a spool with one queued message from a client, made by a real run
+  local function spool_with(from, rcpt)
+    local srv = H.launch(H.root .. "/spec/fixtures/policies/spool_only.lua", { MOONPOST_SPOOL = dir .. "/spool" })
+    local p = assert(H.connect(srv.port))
+    p:script([[
+      S: 220
+      C: EHLO client.test
+      S: 250
+    ]])
+    p:cmd("MAIL FROM:<" .. from .. "> SMTPUTF8")
+    p:expect(250)
+    p:cmd("RCPT TO:<" .. rcpt .. ">")
+    p:expect(250)
+    p:script([[
+      C: DATA
+      S: 354
+      C: Subject: hi
+      C:
+      C: hi
+      C: .
+      S: 250
+      C: QUIT
+      S: 221
+    ]])
+    p:close()
+    assert.equal(0, srv.stop())
+  end
+
+  it("escapes the control characters of a client's addresses, as ctl does", function()
+    H.run(function()
+      -- U+009B is CSI, a C1 control: a UTF-8 address may hold it (SMTPUTF8)
+      spool_with("a\194\155" .. "31mred@client.test", "b\194\155" .. "2J@example.com")
+      local code, out, err = moonpost("spool", "list", dir .. "/spool")
+      assert.equal(0, code, err)
+      assert.is_nil(out:find("\194[\128-\159]"), out)
+      assert.matches("<a\\u009b31mred@client.test>  <b\\u009b2J@example.com>", out, nil, true)
+      assert.matches("\n1 queued\n$", out)
+      -- --json gives the octets as they are
+      code, out = moonpost("spool", "list", dir .. "/spool", "--json")
+      assert.equal(0, code)
+      assert.equal("a\194\155" .. "31mred@client.test", require("cjson").decode(out).messages[1].from)
+    end)
+  end)
+
+  it("fails, rather than listing nothing, when the segments cannot be read", function()
+    H.run(function()
+      spool_with("a@client.test", "b@example.com")
+      -- another user may enter the spool directory but not read seg/
+      assert.equal(0, (H.exec("chmod", { "711", dir, dir .. "/spool" })))
+      assert.equal(0, (H.exec("chmod", { "700", dir .. "/spool/seg" })))
+      local code, out, err = H.exec("setpriv", { "--reuid=nobody", "--regid=nogroup", "--clear-groups", MOONPOST,
+        "spool", "list", dir .. "/spool" }, { cwd = "/", timeout = 30 })
+      assert.equal(1, code, out)
+      assert.equal("", out)
+      assert.matches("^moonpost: spool: cannot read " .. dir:gsub("%p", "%%%0") .. "/spool/seg: EACCES", err)
+      -- nor may it enter the spool: not "no spool at" it
+      assert.equal(0, (H.exec("chmod", { "700", dir .. "/spool" })))
+      code, out, err = H.exec("setpriv", { "--reuid=nobody", "--regid=nogroup", "--clear-groups", MOONPOST,
+        "spool", "list", dir .. "/spool" }, { cwd = "/", timeout = 30 })
+      assert.equal(1, code, out)
+      assert.matches("^moonpost: spool: cannot read " .. dir:gsub("%p", "%%%0") .. "/spool/seg: EACCES", err)
+      -- seg/ that is a file is no spool
+      H.rm_rf(dir .. "/spool/seg")
+      H.write(dir .. "/spool/seg", "")
+      code, out, err = moonpost("spool", "list", dir .. "/spool")
+      assert.equal(1, code, out)
+      assert.equal("moonpost: spool: no spool at " .. dir .. "/spool\n", err)
+    end)
+  end)
+
+  it("exits 2 with the usage text for arguments after --json", function()
+    H.run(function()
+      spool_with("a@client.test", "b@example.com")
+      local code, out, err = moonpost("spool", "list", dir .. "/spool", "--json", "extra")
+      assert.equal(2, code)
+      assert.equal("", out)
+      assert.matches("usage: moonpost run POLICY.lua", err, nil, true)
+    end)
+  end)
+end)
+
+describe("moonpost passwd", function()
+  local function passwd(args, stdin)
+    table.insert(args, 1, "passwd")
+    return H.exec(MOONPOST, args, { cwd = H.root, timeout = 60, stdin = stdin })
+  end
+
+  it("refuses costs out of range as a bad option, before reading the password, without a traceback", function()
+    H.run(function()
+      for _, args in ipairs({ { "--ln", "64" }, { "--ln", "31" }, { "--r", "1025" }, { "--p", "100000" },
+          { "--ln", "20", "--r", "1024" }, { "--iterations", "999" }, { "--iterations", "100000001" } }) do
+        local what = table.concat(args, " ")
+        -- no password on standard input: the options are refused first
+        local code, out, err = passwd(args, "")
+        assert.equal(2, code, what .. ": " .. err)
+        assert.equal("", out, what)
+        assert.is_nil(err:find("traceback", 1, true), what .. ": " .. err)
+        assert.matches("\nmoonpost: passwd: ", err, nil, true)
+      end
+      local code, out, err = passwd({ "--ln", "20", "--r", "1024" }, "pw\n")
+      assert.equal(2, code, err)
+      assert.equal("", out)
+      assert.matches("moonpost: passwd: scrypt: parameters need more than 1024 MiB\n$", err)
+      -- the limits themselves are fine
+      code, out, err = passwd({ "--ln", "1", "--r", "1", "--p", "1" }, "pw\n")
+      assert.equal(0, code, err)
+      assert.matches("^%$scrypt%$ln=1,r=1,p=1%$", out)
+      code, out, err = passwd({ "--iterations", "1000" }, "pw\n")
+      assert.equal(0, code, err)
+      assert.matches("^%$pbkdf2%-sha256%$1000%$", out)
+    end)
+  end)
+end)

@@ -235,3 +235,53 @@ describe("moonpost ctl", function()
     end, 120)
   end)
 end)
+
+describe("moonpost ctl against a server that answers oddly", function()
+  -- api(body) -> server, port: answers every request with 200 and body
+  local function api(body)
+    return H.listen(function(c)
+      local got = ""
+      c:read_start(function(_, chunk)
+        if not chunk then return c:close() end
+        got = got .. chunk
+        if got:find("\r\n\r\n", 1, true) then
+          c:read_stop()
+          c:write("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " .. #body
+            .. "\r\nConnection: close\r\n\r\n" .. body, function() c:close() end)
+        end
+      end)
+    end)
+  end
+
+  it("says the answer is not what it expected, in one line, rather than raising a Lua error", function()
+    H.run(function()
+      for _, c in ipairs({
+        { '{"messages":"many","queues":{"a":1},"sites":5}', { "queues" } },
+        { '{"id":"x","recipients":[]}', { "inspect", "x" } },
+        { '{"ok":true}', { "suspend", "--domain", "d.test" } },
+        { '{"resumed":[1,{"a":2}]}', { "resume", "--all" } },
+        { '{"entries":[],"count":"some"}', { "suppress", "list" } },
+      }) do
+        local server, port = api(c[1])
+        local args = { "ctl", "--url", "127.0.0.1:" .. port }
+        for _, a in ipairs(c[2]) do args[#args + 1] = a end
+        local code, _, err = H.exec(MOONPOST, args, { timeout = 30 })
+        server:close()
+        local what = table.concat(c[2], " ") .. " -> " .. c[1]
+        assert.equal(1, code, what .. ": " .. err)
+        assert.is_nil(err:find("traceback", 1, true), what .. ": " .. err)
+        assert.matches("^moonpost: ctl: unexpected answer from 127%.0%.0%.1:" .. port .. " to [%u]+ /api/v1/[^\n]*\n$",
+          err)
+      end
+    end)
+  end)
+
+  it("takes --timeout nan as a usage mistake", function()
+    H.run(function()
+      local code, _, err = H.exec(MOONPOST, { "ctl", "--url", "127.0.0.1:1", "--timeout", "nan", "queues" },
+        { timeout = 30 })
+      assert.equal(2, code, err)
+      assert.matches("^moonpost: ctl: %-%-timeout needs a number of seconds\n", err)
+    end)
+  end)
+end)
