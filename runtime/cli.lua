@@ -146,13 +146,16 @@ function _M.spool(argv)
     io.stdout:write(json, "\n")
     return 0
   end
+  -- addresses come from clients: their control characters are shown
+  -- escaped, as moonpost ctl shows them (a UTF-8 address may hold a C1 CSI)
+  local term = require("moonpost.runtime.ctl").term
   for _, m in ipairs(list) do
     local pending = {}
     for k, r in ipairs(m.env.rcpt) do
-      if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = "<" .. r.a .. ">" end
+      if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = "<" .. term(r.a) .. ">" end
     end
     io.stdout:write(string.format("%s  %6ds  %8d  <%s>  %s  attempts=%d%s\n", ids.hex(m.id),
-      now - (m.env.t or now), m.len, m.env.from, table.concat(pending, " "), m.attempts or 0,
+      now - (m.env.t or now), m.len, term(m.env.from), table.concat(pending, " "), m.attempts or 0,
       m.partition and ("  " .. m.partition) or ""))
   end
   io.stdout:write(string.format("%d queued\n", #list))
