@@ -100,7 +100,7 @@ end
 -- files (works while a server runs on that spool).
 function _M.spool(argv)
   local sub, dir, flag = argv[2], argv[3], argv[4]
-  if sub ~= "list" or not dir or (flag and flag ~= "--json") then
+  if sub ~= "list" or not dir or (flag and flag ~= "--json") or argv[5] ~= nil then
     io.stderr:write(USAGE)
     return 2
   end

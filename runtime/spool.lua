@@ -157,7 +157,18 @@ function _M.open(opts)
     -- Inspection (moonpost spool list): no lock, no change to any file,
     -- envelopes kept in memory. Works beside a running server.
     self.readonly = true
-    if not uv.fs_stat(self.dir .. "/seg") then return nil, "spool: no spool at " .. self.dir end
+    -- seg/ missing (or not a directory) is no spool; one that cannot be
+    -- read is an error, not an empty spool
+    local seg = self.dir .. "/seg"
+    local st, serr, scode = uv.fs_stat(seg)
+    if (not st and (scode == "ENOENT" or scode == "ENOTDIR")) or (st and st.type ~= "directory") then
+      return nil, "spool: no spool at " .. self.dir
+    end
+    local req = st and uv.fs_scandir(seg)
+    if not req then
+      if st then serr = select(2, uv.fs_scandir(seg)) end
+      return nil, "spool: cannot read " .. seg .. ": " .. tostring(serr)
+    end
     local ok, err = self:recover()
     if not ok then return nil, err end
     return self
