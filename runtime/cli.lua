@@ -236,6 +236,12 @@ function _M.passwd(argv)
   if tenant and not tenant:match(passwd.TENANT_PATTERN) then
     return die(2, "passwd: bad tenant name %q", tenant)
   end
+  -- the costs are checked before the password is asked for
+  local okp, perr = passwd.params(opts)
+  if not okp then
+    io.stderr:write(USAGE)
+    return die(2, "passwd: %s", perr)
+  end
   local pw, err = read_password()
   if not pw then return die(1, "passwd: %s", err) end
   local h, herr = passwd.hash(pw, opts)

@@ -150,7 +150,11 @@ end
 -- hash(password [, opts]) -> string | nil, err. opts: scheme ("scrypt" or
 -- "pbkdf2-sha256"), iterations, ln, r, p, salt (octets; random by default).
 -- Runs on the calling thread: for the command line, not for a server.
-function _M.hash(password, opts)
+-- params(opts) -> the hash table without salt and key | nil, why: the
+-- scheme and costs of opts (the defaults for those not given), within the
+-- limits of parse(): what the key derivation would refuse, or what would
+-- take minutes only to be refused afterwards, is refused before it runs.
+function _M.params(opts)
   opts = opts or {}
   local scheme = opts.scheme or _M.DEFAULT_SCHEME
   local h = { scheme = scheme }
@@ -164,6 +168,23 @@ function _M.hash(password, opts)
   else
     return nil, "unknown scheme '" .. tostring(scheme) .. "' (known: pbkdf2-sha256, scrypt)"
   end
+  for _, k in ipairs({ "iterations", "ln", "r", "p" }) do
+    local v = h[k]
+    if v ~= nil and (type(v) ~= "number" or v % 1 ~= 0 or v < 0 or v > 1e9) then
+      return nil, scheme .. ": " .. k .. " must be a whole number"
+    end
+  end
+  h.salt, h.key = string.rep("\0", 16), string.rep("\0", 32)
+  local ok, why = _M.parse(format_hash(h))
+  if not ok then return nil, why end
+  h.salt, h.key = nil, nil
+  return h
+end
+
+function _M.hash(password, opts)
+  opts = opts or {}
+  local h, perr = _M.params(opts)
+  if not h then return nil, perr end
   local salt = opts.salt
   if not salt then
     local err
