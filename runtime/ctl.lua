@@ -443,12 +443,24 @@ function _M.main(argv)
   local token = o.token or os.getenv("MOONPOST_API_TOKEN")
   if token == "" then token = nil end
   local timeout = tonumber(o.timeout or "60")
-  if not timeout or timeout <= 0 then return usage_error("--timeout needs a number of seconds") end
+  if not timeout or timeout ~= timeout or timeout <= 0 then -- (nan is no number of seconds)
+    return usage_error("--timeout needs a number of seconds")
+  end
   local headers = token and { Authorization = "Bearer " .. token } or nil
   local function request(method, path, body)
     return in_loop(function() return http.request(host, port, method, path, body, headers, timeout) end)
   end
   local where = (host:find(":", 1, true) and ("[" .. host .. "]") or host) .. ":" .. port
+  -- show(name, v, what): print an answer readably; JSON of another shape
+  -- than the API's (another server on that port, another version) is an
+  -- error of one line, not a Lua error
+  local function show(name, v, what)
+    local ok, err = pcall(SHOW[name], term_all(v))
+    if ok then return 0 end
+    io.stderr:write(format("moonpost: ctl: unexpected answer from %s to %s: %s\n", where, what,
+      term((tostring(err):gsub("^[^\n]-:%d+: ", "")))))
+    return 1
+  end
   if cmd == "health" then
     local s1, b1 = request("GET", "/healthz")
     if not s1 then
@@ -463,8 +475,8 @@ function _M.main(argv)
     local r = { alive = cjson.decode(b1), ready = cjson.decode(b2) }
     if o.json then
       io.stdout:write(cjson.encode(r), "\n")
-    else
-      SHOW.health(term_all(r))
+    elseif show("health", r, "GET /healthz") ~= 0 then
+      return 1
     end
     if s1 ~= 200 then return api_error(s1, b1) end
     return s2 == 200 and 0 or 1
@@ -487,8 +499,7 @@ function _M.main(argv)
     io.stdout:write(term(body, true), "\n")
     return 0
   end
-  SHOW[req.show](term_all(v))
-  return 0
+  return show(req.show, v, req[1] .. " " .. req[2])
 end
 
 return _M
