@@ -461,6 +461,35 @@ describe("workers = 2", function()
     H.rm_rf(dir)
   end)
 
+  it("fails with status 1 when another supervisor's workers hold the port (SO_REUSEPORT would share it)",
+    function()
+    local dir = H.tmpdir("moonpost-workers-two")
+    run(function()
+      local first, _, port = start(dir)
+      local pids = worker_pids(first)
+      -- a second instance on the same port, with a spool of its own: its
+      -- workers' SO_REUSEPORT binds would succeed, and the kernel would
+      -- spread the first one's connections over both
+      uv.fs_mkdir(dir .. "/mail2", 448)
+      local second = H.launch(dir .. "/policy.lua", { MOONPOST_SPOOL = dir .. "/spool2",
+        MOONPOST_MAILDIR = dir .. "/mail2" }, { port = port })
+      assert.is_true(H.wait_for(function() return (second.exited()) end, 15), "still running: " .. second.log())
+      assert.equal(1, select(2, second.exited()))
+      assert.matches("cannot listen on 127.0.0.1:" .. port .. ": EADDRINUSE", second.log(), 1, true)
+      assert.is_nil(second.log():find(" serving (spool ", 1, true), second.log())
+      -- every connection still reaches the first instance
+      for k = 1, 20 do
+        local code, _, text = H.send(port, { to = "defer-" .. k .. "@x.test" })
+        assert.equal(250, code)
+        assert.is_truthy(text:match("queued as %x+"))
+      end
+      assert.equal(20, spool_list(dir .. "/spool").queued)
+      assert.same(pids, worker_pids(first))
+      assert.equal(0, first.stop())
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
   it("fails with status 1 when a worker cannot start (the port is taken)", function()
     local dir = H.tmpdir("moonpost-workers-fail")
     run(function()
