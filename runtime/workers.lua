@@ -17,10 +17,11 @@
 --
 -- The supervisor restarts a worker that exits (with a backoff), forwards
 -- SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR1 to the workers and returns once
--- every worker has exited after a stop. A worker that exits before it ever
--- started (a port in use, a spool it cannot lock) on its first launch makes
--- the supervisor stop the others and fail: that is a configuration error,
--- not a crash to retry.
+-- every worker has exited after a stop. An SMTP address already in use
+-- (by another supervisor's workers too) fails it before any worker starts;
+-- a worker that exits before it ever started (a spool it cannot lock, an
+-- HTTP port in use) on its first launch makes the supervisor stop the others
+-- and fail: that is a configuration error, not a crash to retry.
 --
 -- SIGUSR1 (reopen the event log's file) is forwarded as well: without a
 -- handler it would end the supervisor, and with it every worker.
@@ -123,6 +124,31 @@ local function environ(index, n, supervisor)
   return out
 end
 
+-- free(specs) -> true | nil, err: every SMTP address (port 0 aside) can be
+-- bound by a socket without SO_REUSEPORT. The workers' SO_REUSEPORT binds
+-- succeed on a port whose listeners are SO_REUSEPORT sockets of the same
+-- user (another supervisor's workers, on another spool): the kernel would
+-- then spread connections over both instances. A plain bind fails there,
+-- as it does on a port any other socket listens on.
+local function free(specs)
+  for _, spec in ipairs(specs or {}) do
+    if spec.port ~= 0 then
+      local v6 = spec.host:find(":", 1, true)
+      local tcp = uv.new_tcp(v6 and "inet6" or "inet")
+      local pok, ok, err = pcall(tcp.bind, tcp, spec.host, spec.port, v6 and { ipv6only = true } or nil)
+      if not pok then ok, err = nil, ok end
+      -- libuv reports EADDRINUSE at listen(), not at bind()
+      if ok then ok, err = tcp:listen(1, function() end) end
+      tcp:close()
+      if not ok then
+        local name = spec.name or ((v6 and ("[" .. spec.host .. "]") or spec.host) .. ":" .. spec.port)
+        return nil, string.format("cannot listen on %s: %s", name, tostring(err))
+      end
+    end
+  end
+  return true
+end
+
 -- supervise(mta, n, source) -> true | nil, err. source: { path, args } of
 -- the policy (runtime/policy.lua's source). Runs the loop until every
 -- worker has exited after SIGTERM/SIGINT.
@@ -131,6 +157,10 @@ function _M.supervise(mta, n, source)
   if not (l and source) then
     return nil, "workers > 1 needs the policy to run under `moonpost run`"
   end
+  -- before any worker starts: a port another instance serves is a
+  -- configuration error (docs/cli.md#workers)
+  local fok, ferr = free(mta.listen_specs)
+  if not fok then return nil, ferr end
   local me = uv.os_getpid()
   local slots = {}
   local stopping, failed = false, nil
