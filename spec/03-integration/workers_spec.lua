@@ -461,6 +461,29 @@ describe("workers = 2", function()
     H.rm_rf(dir)
   end)
 
+  it("names the signal of a worker that died before it started in the supervisor's error", function()
+    local dir = H.tmpdir("moonpost-workers-killed-starting")
+    run(function()
+      uv.fs_mkdir(dir .. "/mail", 448)
+      H.write(dir .. "/policy.lua", POLICY)
+      local srv = H.launch(dir .. "/policy.lua", { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail",
+        GATE_FILE = dir .. "/gate", GATE_WORKER = "1" })
+      local pid
+      assert.is_true(H.wait_for(function()
+        local log = srv.log()
+        pid = log:match("worker 1 started: pid (%d+)")
+        return pid and log:find("worker 1 at the gate", 1, true) ~= nil
+      end, 15), srv.log())
+      -- killed while it starts (the OOM killer, an operator)
+      uv.kill(tonumber(pid), "sigkill")
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 15), "still running: " .. srv.log())
+      assert.equal(1, select(2, srv.exited()))
+      -- not "code 0", which reads as a worker that ended by itself
+      assert.matches("worker 1 exited before it started (code 0, signal 9)", srv.log(), 1, true)
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
   it("fails with status 1 when another supervisor's workers hold the port (SO_REUSEPORT would share it)",
     function()
     local dir = H.tmpdir("moonpost-workers-two")
