@@ -243,7 +243,8 @@ function _M.supervise(mta, n, source)
         signal ~= 0 and (", signal " .. signal) or "", ran)
       if not slot.started then
         -- never served: a configuration problem the logs above name
-        failed = string.format("worker %d exited before it started (code %d)", slot.index, code)
+        failed = string.format("worker %d exited before it started (code %d%s)", slot.index, code,
+          signal ~= 0 and (", signal " .. signal) or "")
         return stop_all("worker " .. slot.index .. " failed to start")
       end
       if ran >= _M.STABLE then slot.delay = _M.BACKOFF_MIN end
