@@ -36,6 +36,8 @@ mta:use(require("moonpost.maildir").deliver {
   root = env.maildir,
   fsync = false,
   folder = function(rcpt)
+    -- hang@: the worker that delivers it hangs (a policy bug, a stuck C call)
+    if rcpt["local"] == "hang" then while true do end end
     if rcpt["local"]:match("^defer") then return env.maildir .. "/.blocked/" .. rcpt["local"] end
     return env.maildir .. "/" .. rcpt["local"]
   end,
@@ -457,6 +459,35 @@ describe("workers = 2", function()
       for id, sub in pairs(where) do assert.equal("/w" .. tonumber(id, 16) % 2, sub, id) end
       for i = 0, 1 do assert.equal(pids[i] .. "\n", H.read(wh .. "/w" .. i .. "/LOCK")) end
       assert.equal(0, srv.stop())
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("kills a worker that has not exited some time after its grace period (a hung worker), and exits", function()
+    local dir = H.tmpdir("moonpost-workers-hung")
+    local hung
+    finally(function()
+      -- were it left running (an orphan holding the port and its partition)
+      if hung and alive(hung) then uv.kill(hung, "sigkill") end
+    end)
+    run(function()
+      local srv, _, port = start(dir)
+      local pids = worker_pids(srv)
+      local code, _, text = H.send(port, { to = "hang@x.test" })
+      assert.equal(250, code)
+      -- the worker that holds it (id % 2) hangs as it delivers it
+      local w = tonumber(assert(text:match("queued as (%x+)")), 16) % 2
+      hung = pids[w]
+      uv.kill(srv.pid, "sigterm")
+      -- the other worker stops; the hung one never handles its SIGTERM
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), "the supervisor did not exit: " .. srv.log())
+      assert.equal(0, select(2, srv.exited()))
+      local log = srv.log()
+      assert.matches(string.format("supervisor: worker %d (pid %d) has not exited 2 s after its grace period (5 s): "
+        .. "killed", w, hung), log, 1, true)
+      assert.matches(string.format("worker %d (pid %d) exited: code 0, signal 9", w, hung), log, 1, true)
+      assert.is_false(alive(hung))
+      assert.is_false(alive(pids[1 - w]))
     end, 60)
     H.rm_rf(dir)
   end)
