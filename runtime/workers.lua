@@ -17,7 +17,8 @@
 --
 -- The supervisor restarts a worker that exits (with a backoff), forwards
 -- SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR1 to the workers and returns once
--- every worker has exited after a stop. An SMTP address already in use
+-- every worker has exited after a stop (killing one still running KILL_AFTER s
+-- past stop_grace). An SMTP address already in use
 -- (by another supervisor's workers too) fails it before any worker starts;
 -- a worker that exits before it ever started (a spool it cannot lock, an
 -- HTTP port in use) on its first launch makes the supervisor stop the others
@@ -52,6 +53,13 @@ _M.launcher = nil
 -- Backoff between restarts of one worker: doubles from MIN up to MAX, and
 -- starts again from MIN once a worker has run for STABLE seconds.
 _M.BACKOFF_MIN, _M.BACKOFF_MAX, _M.STABLE = 0.1, 10, 10
+
+-- A worker still running this many seconds after its grace period
+-- (stop_grace of the policy the supervisor loaded) is hung: its loop never
+-- ran the SIGTERM handler, which a second SIGTERM reaches no better. The
+-- supervisor kills it (SIGKILL), so that a stop ends and no hung worker
+-- outlives the supervisor, holding the port and its partition.
+_M.KILL_AFTER = 2
 
 ffi.cdef [[
 int setsockopt(int sockfd, int level, int optname, const void *optval, unsigned int optlen);
@@ -199,6 +207,20 @@ function _M.supervise(mta, n, source)
     for _, s in ipairs(slots) do
       if s.pid then uv.kill(s.pid, "sigterm") end
     end
+    local grace = mta.opts.stop_grace
+    local t = uv.new_timer()
+    timers[t] = true
+    t:start(math.floor((grace + _M.KILL_AFTER) * 1000), 0, sched.callback(function()
+      t:close()
+      timers[t] = nil
+      for _, s in ipairs(slots) do
+        if s.pid then
+          log.warn("supervisor: worker %d (pid %d) has not exited %g s after its grace period (%g s): killed",
+            s.index, s.pid, _M.KILL_AFTER, grace)
+          uv.kill(s.pid, "sigkill")
+        end
+      end
+    end, "supervisor"))
     finish_if_done()
   end
 
