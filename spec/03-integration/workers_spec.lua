@@ -37,7 +37,10 @@ mta:use(require("moonpost.maildir").deliver {
   fsync = false,
   folder = function(rcpt)
     -- hang@: the worker that delivers it hangs (a policy bug, a stuck C call)
-    if rcpt["local"] == "hang" then while true do end end
+    if rcpt["local"] == "hang" then
+      io.open(env.maildir .. "/hung", "w"):close()
+      while true do end
+    end
     if rcpt["local"]:match("^defer") then return env.maildir .. "/.blocked/" .. rcpt["local"] end
     return env.maildir .. "/" .. rcpt["local"]
   end,
@@ -478,6 +481,7 @@ describe("workers = 2", function()
       -- the worker that holds it (id % 2) hangs as it delivers it
       local w = tonumber(assert(text:match("queued as (%x+)")), 16) % 2
       hung = pids[w]
+      assert.is_true(H.wait_for(function() return uv.fs_stat(dir .. "/mail/hung") ~= nil end, 15), srv.log())
       uv.kill(srv.pid, "sigterm")
       -- the other worker stops; the hung one never handles its SIGTERM
       assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), "the supervisor did not exit: " .. srv.log())
