@@ -12,6 +12,22 @@ local eventlog = require "moonpost.eventlog"
 
 local TIME = "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$"
 
+-- fn(mnt) on a tmpfs of `size` mounted at <dir>/mnt (root needed), then
+-- cleanup(), then the tmpfs is unmounted; fn's error is raised after that
+local function on_tmpfs(dir, size, fn, cleanup)
+  local mnt = dir .. "/mnt"
+  assert(uv.fs_mkdir(mnt, 448))
+  local code, _, merr = H.exec("mount", { "-t", "tmpfs", "-o", "size=" .. size, "tmpfs", mnt }, { timeout = 10 })
+  if code ~= 0 then
+    pending("cannot mount a tmpfs (needs root): " .. tostring(merr))
+    return
+  end
+  local ok, err = pcall(fn, mnt)
+  if cleanup then cleanup() end
+  H.exec("umount", { "-l", mnt }, { timeout = 10 })
+  if not ok then error(err, 0) end
+end
+
 local function lines_of(path)
   local out = {}
   local f = io.open(path, "rb")
@@ -465,18 +481,11 @@ describe("moonpost.eventlog", function()
   it("webhook: a queue that filled its disk while the endpoint was down frees it once the endpoint "
     .. "has the records, and queues new ones again", function()
     H.run(function()
-      local mnt = dir .. "/mnt"
-      assert(uv.fs_mkdir(mnt, 448))
-      local code, _, merr = H.exec("mount", { "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt }, { timeout = 10 })
-      if code ~= 0 then
-        pending("cannot mount a tmpfs (needs root): " .. tostring(merr))
-        return
-      end
-      local wport = H.free_port()
-      local elog = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. wport .. "/", dir = mnt .. "/wh",
-        batch = 50, interval = 0.05, retry_min = 0.05, retry_max = 0.2, segment_size = 16384 } }
-      local rcv
-      local ok, err = pcall(function()
+      local elog, rcv
+      on_tmpfs(dir, "256k", function(mnt)
+        local wport = H.free_port()
+        elog = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. wport .. "/", dir = mnt .. "/wh",
+          batch = 50, interval = 0.05, retry_min = 0.05, retry_max = 0.2, segment_size = 16384 } }
         assert.is_true(elog:start())
         local pad = string.rep("x", 400)
         -- the endpoint is down: the queue fills the disk, then records are refused
@@ -497,11 +506,10 @@ describe("moonpost.eventlog", function()
           string.format("%d of the 10 new records arrived; %d refused by the queue", #rcv.records() - queued,
             elog:stats().webhook.refused - (n - queued)))
         assert.equal("after10", rcv.records()[queued + 10].action)
+      end, function()
+        if elog then elog:stop() end
+        if rcv then rcv.stop() end
       end)
-      elog:stop()
-      if rcv then rcv.stop() end
-      H.exec("umount", { "-l", mnt }, { timeout = 10 })
-      if not ok then error(err, 0) end
     end, 60)
   end)
 
@@ -958,14 +966,7 @@ os.exit(ok and 0 or 1)]] }, { timeout = 30, env = { ROOT = H.root, DIR = dir } }
 
   it("a full disk that its own sent lines fill, in one segment: they are deleted and appends go on", function()
     H.run(function()
-      local mnt = dir .. "/mnt"
-      assert(uv.fs_mkdir(mnt, 448))
-      local code, _, merr = H.exec("mount", { "-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt }, { timeout = 10 })
-      if code ~= 0 then
-        pending("cannot mount a tmpfs (needs root): " .. tostring(merr))
-        return
-      end
-      local ok, err = pcall(function()
+      on_tmpfs(dir, "64k", function(mnt)
         -- the default 16 MiB segment is larger than the disk
         local ob = assert(outbox.open({ dir = mnt .. "/q" }))
         local line = string.rep("a", 99)
@@ -994,8 +995,6 @@ os.exit(ok and 0 or 1)]] }, { timeout = 30, env = { ROOT = H.root, DIR = dir } }
         ob:close()
         ob:close_reader()
       end)
-      H.exec("umount", { "-l", mnt }, { timeout = 10 })
-      if not ok then error(err, 0) end
     end)
   end)
 
