@@ -514,7 +514,10 @@ local function post(w, b)
     ["User-Agent"] = "Moonpost/" .. _M._VERSION, ["X-Moonpost-Events"] = b.n })
   if not res then return nil, err end
   if res.status < 200 or res.status > 299 then
-    return nil, format("HTTP %d %s", res.status, res.reason or ""), res.status
+    -- 429 and 503 may say when to come back (RFC 9110 10.2.3): seconds
+    local after = (res.status == 429 or res.status == 503) and tonumber(
+      (res.headers["retry-after"] or ""):match("^%s*(%d+)%s*$")) or nil
+    return nil, format("HTTP %d %s", res.status, res.reason or ""), res.status, after
   end
   return true
 end
@@ -548,7 +551,7 @@ local function sender_loop(w)
       since = since or uv.now()
       webhook_wait(w, (since + w.opts.interval * 1000 - uv.now()) / 1000, w.opts.batch - b.n)
     else
-      local ok, perr, status = post(w, b)
+      local ok, perr, status, after = post(w, b)
       if w.stopped and not ok then break end
       w.refusals = refused_for_good(status) and (w.refusals or 0) + 1 or 0
       if not ok and w.opts.drop_after and w.refusals >= w.opts.drop_after then
@@ -572,6 +575,8 @@ local function sender_loop(w)
         delay = delay == 0 and w.opts.retry_min or min(delay * 2, w.opts.retry_max)
         -- a little jitter, so that several Moonposts do not retry in step
         local pause = delay * (0.8 + 0.4 * math.random())
+        -- an endpoint that said when (Retry-After): not before, up to retry_max
+        if after and after > pause then pause = min(after, w.opts.retry_max) end
         if w.failures == 1 or w.failures % 10 == 0 then
           log.warn("eventlog: webhook: POST %s failed (%d in a row): %s; %d octets waiting, next try in %.1fs",
             w.opts.url, w.failures, tostring(perr), ob:backlog(), pause)

@@ -136,9 +136,10 @@ local function send_refused(port)
 end
 
 -- The loopback webhook receiver (spec/tools/webhook.py) on `port` (0: any)
-local function receiver(out, port, fail, delay, fail_status)
+local function receiver(out, port, fail, delay, fail_status, retry_after)
   local argv = { H.root .. "/spec/tools/webhook.py", "--out", out, "--port", tostring(port or 0) }
   if fail then argv[#argv + 1] = "--fail"; argv[#argv + 1] = tostring(fail) end
+  if retry_after then argv[#argv + 1] = "--retry-after"; argv[#argv + 1] = tostring(retry_after) end
   if fail_status then argv[#argv + 1] = "--fail-status"; argv[#argv + 1] = tostring(fail_status) end
   if delay then argv[#argv + 1] = "--delay"; argv[#argv + 1] = tostring(delay) end
   local stdin, stdout = uv.new_pipe(false), uv.new_pipe(false)
@@ -159,6 +160,7 @@ local function receiver(out, port, fail, delay, fail_status)
   local r = { port = got }
   function r.records() return records(out) end
   function r.requests() return records(out .. ".requests") end
+  function r.failed() return records(out .. ".failed") end
   function r.stop()
     if not stdin:is_closing() then stdin:close() end
     H.wait_for(function() return exited end, 10)
@@ -419,6 +421,28 @@ describe("moonpost.eventlog", function()
       assert.is_true(#recs >= 1)
       for _, r in ipairs(recs) do assert.equal("Rejection", r.type) end
       assert.same({ code = 451, enhanced = "4.7.1", text = "later" }, recs[1].reply)
+    end)
+  end)
+
+  it("webhook: a 429 with Retry-After is retried no sooner than it asks", function()
+    H.run(function()
+      local rcv = receiver(dir .. "/got.jsonl", 0, 1, nil, 429, 2)
+      local elog = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. rcv.port .. "/", dir = dir .. "/wh",
+        batch = 1, interval = 0.05, retry_min = 0.05, retry_max = 5 } }
+      local ok, err = pcall(function()
+        assert.is_true(elog:start())
+        elog:log({ type = "AdminAction", action = "one" })
+        assert.is_true(H.wait_for(function() return #rcv.records() == 1 end, 10))
+        local failed, got = rcv.failed(), rcv.requests()
+        assert.equal(1, #failed)
+        assert.equal(429, failed[1].status)
+        -- the endpoint asked for 2 s; retry_min alone would have come back after 0.05 s
+        local waited = got[1].t - failed[1].t
+        assert.is_true(waited >= 1.9, string.format("retried %.2f s after the 429", waited))
+      end)
+      elog:stop()
+      rcv.stop()
+      if not ok then error(err, 0) end
     end)
   end)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """A webhook receiver for the event log specs, on the standard http.server.
 
-    webhook.py --out FILE [--host ADDR] [--port N] [--fail N] [--fail-status CODE] [--delay SECONDS]
+    webhook.py --out FILE [--host ADDR] [--port N] [--fail N] [--fail-status CODE] [--retry-after SECONDS]
+               [--delay SECONDS]
 
 Prints "port N" on stdout once it listens, then for every POST whose body
 is a JSON array writes one line per element to FILE (json.dumps with sorted
@@ -9,8 +10,9 @@ keys) and answers 200 with a JSON body {"received": n}. Also appends one
 line per request to FILE.requests: {"t", "n", "path", "content_type",
 "events_header", "keepalive"}.
 
---fail N answers the first N requests with 503 (or --fail-status; nothing
-is recorded), so a spec sees the sender retry. --delay waits that long between recording a
+--fail N answers the first N requests with 503 (or --fail-status; only
+their time is recorded, in FILE.failed), so a spec sees the sender retry;
+with --retry-after, those answers carry Retry-After: SECONDS. --delay waits that long between recording a
 batch and answering (a spec kills the sender in between). A body that is not a JSON array of objects gets
 400 and a line {"error": ...} in FILE.requests.
 
@@ -25,8 +27,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class State:
-    def __init__(self, out, fail, delay=0.0, fail_status=503):
+    def __init__(self, out, fail, delay=0.0, fail_status=503, retry_after=None):
         self.delay = delay
+        self.retry_after = retry_after
+        self.failed = open(out + ".failed", "a", buffering=1)
         self.fail_status = fail_status
         self.lock = threading.Lock()
         self.out = open(out, "a", buffering=1)
@@ -41,9 +45,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # quiet
         pass
 
-    def answer(self, code, obj):
+    def answer(self, code, obj, extra=None):
         body = json.dumps(obj).encode()
         self.send_response(code)
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -56,7 +62,9 @@ class Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.seen += 1
             if st.seen <= st.fail:
-                self.answer(st.fail_status, {"error": "failing on purpose"})
+                st.failed.write(json.dumps({"t": time.time(), "status": st.fail_status}) + "\n")
+                extra = {"Retry-After": str(st.retry_after)} if st.retry_after is not None else None
+                self.answer(st.fail_status, {"error": "failing on purpose"}, extra)
                 return
             try:
                 events = json.loads(raw.decode("utf-8"))
@@ -98,9 +106,10 @@ def main():
     ap.add_argument("--fail", type=int, default=0)
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--fail-status", type=int, default=503)
+    ap.add_argument("--retry-after", type=int, default=None)
     args = ap.parse_args()
     server = Server((args.host, args.port), Handler)
-    server.state = State(args.out, args.fail, args.delay, args.fail_status)
+    server.state = State(args.out, args.fail, args.delay, args.fail_status, args.retry_after)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print("port %d" % server.server_address[1], flush=True)
     sys.stdin.read()  # run until the spec closes our stdin
