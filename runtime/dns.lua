@@ -30,6 +30,17 @@ function _M.to_ascii(domain)
   return core.to_ascii(domain)
 end
 
+-- is_name(s) -> true when s is a DNS name in ASCII: labels of letters,
+-- digits, '-' and '_' (selectors, SRV-style names), 1 to 63 octets each,
+-- 253 in all, no final dot. (A name, not a pattern: "*.example" is not.)
+function _M.is_name(s)
+  if type(s) ~= "string" or #s == 0 or #s > 253 then return false end
+  for label in (s .. "."):gmatch("([^.]*)%.") do
+    if #label == 0 or #label > 63 or find(label, "[^%w%-_]") then return false end
+  end
+  return true
+end
+
 -- address_to_ascii(address) -> the address with its domain in A-labels
 -- (the local part as it is: "bob@bücher.example" ->
 -- "bob@xn--bcher-kva.example") | nil when the domain has no ASCII form. An
@@ -304,9 +315,11 @@ end
 
 -- addresses(name, order) -> list of IP strings | nil, status.
 -- order: "ipv6" (AAAA first), "ipv4" (A first), "ipv4-only", "ipv6-only".
+local KINDS = { ipv4 = { "A", "AAAA" }, ["ipv4-only"] = { "A" }, ["ipv6-only"] = { "AAAA" } }
+local KINDS_DEFAULT = { "AAAA", "A" }
+
 function Resolver:addresses(name, order)
-  local kinds = order == "ipv4" and { "A", "AAAA" } or order == "ipv4-only" and { "A" }
-    or order == "ipv6-only" and { "AAAA" } or { "AAAA", "A" }
+  local kinds = KINDS[order] or KINDS_DEFAULT
   local out, temp, nx = {}, nil, 0
   for _, k in ipairs(kinds) do
     local recs, err = self:query(name, k)
@@ -350,11 +363,29 @@ local ONLY = { ["ipv4-only"] = "ipv4", ["ipv6-only"] = "ipv6" }
 -- lookup_all(resolver, mxs, order) -> { [i] = { addrs, err } } for the MX
 -- hosts that name a host (an address is not looked up): one task per host,
 -- all at once, the caller waiting for the last.
+-- (every record addresses() would ask for is in the cache: it answers at once)
+local function cached(self, name, order)
+  local now = uv.now() / 1000
+  for _, k in ipairs(KINDS[order] or KINDS_DEFAULT) do
+    local c = self.cache[k .. " " .. name]
+    if not c or c.expires <= now then return false end
+  end
+  return true
+end
+
 function lookup_all(self, mxs, order)
   local found, names = {}, {}
   for i, mx in ipairs(mxs) do
     found[i] = {}
-    if mx.implicit or not net.ip(mx.name) then names[#names + 1] = i end
+    if mx.implicit or not net.ip(mx.name) then
+      -- MX host names are lower case, without the final dot: the cache's keys.
+      -- Those in the cache need no task of their own.
+      if cached(self, mx.name, order) then
+        found[i][1], found[i][2] = self:addresses(mx.name, order)
+      else
+        names[#names + 1] = i
+      end
+    end
   end
   if #names == 1 then
     local i = names[1]
