@@ -77,15 +77,8 @@ end
 -- Load keys: a directory laid out as <dir>/<domain>/<selector>.pem, or a
 -- table { [domain] = { [selector] = "file.pem" } }. -> store | nil, err
 -- A domain name or selector as d= and s= take it (what the signer checks
--- for each message): labels of letters, digits, '-' and '_', at most 63
--- octets each, 253 in all.
-local function valid_name(s)
-  if #s == 0 or #s > 253 then return false end
-  for label in (s .. "."):gmatch("([^.]*)%.") do
-    if #label == 0 or #label > 63 or find(label, "[^%w%-_]") then return false end
-  end
-  return true
-end
+-- for each message): dns.is_name.
+local valid_name = dns.is_name
 
 local function load_keys(spec)
   local store, n = {}, 0

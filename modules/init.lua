@@ -207,12 +207,7 @@ local function check_queue(v)
     -- in A-labels, as the queue looks them up; a name, not a pattern
     local a = dns.to_ascii(d)
     a = a and a:gsub("%.$", "")
-    local ok = a and #a >= 1 and #a <= 253
-    for label in ((a or "") .. "."):gmatch("([^.]*)%.") do
-      if not ok then break end
-      ok = #label >= 1 and #label <= 63 and not label:find("[^%w_-]")
-    end
-    if not ok then
+    if not dns.is_name(a) then
       config.raise(string.format("moonpost.new: queue: field 'domains': %q is not a domain name "
         .. "(a whole name such as \"example.org\"; no wildcards)", d))
     end
