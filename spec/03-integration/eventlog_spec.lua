@@ -170,6 +170,25 @@ local function receiver(out, port, fail, delay, fail_status, retry_after)
   return r
 end
 
+-- fn(elog, rcv): an event log whose webhook posts to the receiver that
+-- start_receiver() returns, with these webhook options (url added); both
+-- stopped after fn, whose error is raised after that
+local function with_webhook(start_receiver, wopts, fn)
+  H.run(function()
+    local rcv = start_receiver()
+    local o = { url = "http://127.0.0.1:" .. rcv.port .. "/" }
+    for k, v in pairs(wopts) do o[k] = v end
+    local elog = eventlog.setup { webhook = o }
+    local ok, err = pcall(function()
+      assert.is_true(elog:start())
+      fn(elog, rcv)
+    end)
+    elog:stop()
+    rcv.stop()
+    if not ok then error(err, 0) end
+  end)
+end
+
 describe("moonpost.eventlog", function()
   local dir
   before_each(function() dir = H.tmpdir("moonpost-eventlog") end)
@@ -425,80 +444,56 @@ describe("moonpost.eventlog", function()
   end)
 
   it("webhook: a 429 with Retry-After is retried no sooner than it asks", function()
-    H.run(function()
-      local rcv = receiver(dir .. "/got.jsonl", 0, 1, nil, 429, 2)
-      local elog = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. rcv.port .. "/", dir = dir .. "/wh",
-        batch = 1, interval = 0.05, retry_min = 0.05, retry_max = 5 } }
-      local ok, err = pcall(function()
-        assert.is_true(elog:start())
-        elog:log({ type = "AdminAction", action = "one" })
-        assert.is_true(H.wait_for(function() return #rcv.records() == 1 end, 10))
-        local failed, got = rcv.failed(), rcv.requests()
-        assert.equal(1, #failed)
-        assert.equal(429, failed[1].status)
-        -- the endpoint asked for 2 s; retry_min alone would have come back after 0.05 s
-        local waited = got[1].t - failed[1].t
-        assert.is_true(waited >= 1.9, string.format("retried %.2f s after the 429", waited))
-      end)
-      elog:stop()
-      rcv.stop()
-      if not ok then error(err, 0) end
+    with_webhook(function() return receiver(dir .. "/got.jsonl", 0, 1, nil, 429, 2) end,
+      { dir = dir .. "/wh", batch = 1, interval = 0.05, retry_min = 0.05, retry_max = 5 }, function(elog, rcv)
+      elog:log({ type = "AdminAction", action = "one" })
+      assert.is_true(H.wait_for(function() return #rcv.records() == 1 end, 10))
+      local failed, got = rcv.failed(), rcv.requests()
+      assert.equal(1, #failed)
+      assert.equal(429, failed[1].status)
+      -- the endpoint asked for 2 s; retry_min alone would have come back after 0.05 s
+      local waited = got[1].t - failed[1].t
+      assert.is_true(waited >= 1.9, string.format("retried %.2f s after the 429", waited))
     end)
   end)
 
   it("webhook: drop_after drops a batch the endpoint refuses for good (4xx), and goes on", function()
-    H.run(function()
-      local rcv = receiver(dir .. "/got.jsonl", 0, 2, nil, 400)
-      local elog = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. rcv.port .. "/", dir = dir .. "/wh",
-        batch = 2, interval = 0.05, retry_min = 0.05, retry_max = 0.05, drop_after = 2 } }
-      local ok, err = pcall(function()
-        assert.is_true(elog:start())
-        elog:log({ type = "AdminAction", action = "one" })
-        elog:log({ type = "AdminAction", action = "two" })
-        -- refused twice with 400: dropped; the next batch goes through
-        assert.is_true(H.wait_for(function() return (elog.webhook.stats.dropped_batches or 0) == 1 end, 10))
-        elog:log({ type = "AdminAction", action = "three" })
-        elog:log({ type = "AdminAction", action = "four" })
-        assert.is_true(H.wait_for(function() return #rcv.records() == 2 end, 10))
-        local got = {}
-        for i, r in ipairs(rcv.records()) do got[i] = r.action end
-        assert.same({ "three", "four" }, got)
-        assert.equal(2, elog.webhook.stats.dropped_events)
-        assert.matches("refused a batch of 2 records 2 times %(HTTP 400", H.log("dropped"))
-      end)
-      elog:stop()
-      rcv.stop()
-      if not ok then error(err, 0) end
+    with_webhook(function() return receiver(dir .. "/got.jsonl", 0, 2, nil, 400) end,
+      { dir = dir .. "/wh", batch = 2, interval = 0.05, retry_min = 0.05, retry_max = 0.05, drop_after = 2 }, function(elog, rcv)
+      elog:log({ type = "AdminAction", action = "one" })
+      elog:log({ type = "AdminAction", action = "two" })
+      -- refused twice with 400: dropped; the next batch goes through
+      assert.is_true(H.wait_for(function() return (elog.webhook.stats.dropped_batches or 0) == 1 end, 10))
+      elog:log({ type = "AdminAction", action = "three" })
+      elog:log({ type = "AdminAction", action = "four" })
+      assert.is_true(H.wait_for(function() return #rcv.records() == 2 end, 10))
+      local got = {}
+      for i, r in ipairs(rcv.records()) do got[i] = r.action end
+      assert.same({ "three", "four" }, got)
+      assert.equal(2, elog.webhook.stats.dropped_events)
+      assert.matches("refused a batch of 2 records 2 times %(HTTP 400", H.log("dropped"))
     end)
   end)
 
   it("webhook: max_size bounds the records waiting, not those sent: a queue below one segment keeps "
     .. "taking records once the endpoint has them", function()
-    H.run(function()
-      local rcv = receiver(dir .. "/got.jsonl")
-      -- 4 KiB of queue, in the default 16 MiB segment: 10 records of ~270 octets wait at most
-      local elog = eventlog.setup { webhook = { url = "http://127.0.0.1:" .. rcv.port .. "/", dir = dir .. "/wh",
-        batch = 10, interval = 0.05, max_size = 4096 } }
-      local ok, err = pcall(function()
-        assert.is_true(elog:start())
-        local pad = string.rep("x", 200)
-        local n = 0
-        for round = 1, 5 do
-          for _ = 1, 10 do
-            n = n + 1
-            elog:log({ type = "AdminAction", action = "a" .. n, pad = pad })
-          end
-          -- every record arrived, and the queue has the endpoint's answer
-          assert.is_true(H.wait_for(function() return #rcv.records() == n and elog:stats().webhook.backlog == 0 end,
-            10),
-            string.format("round %d: %d of %d records arrived, %d refused by the queue", round, #rcv.records(), n,
-              elog:stats().webhook.refused))
+    with_webhook(function() return receiver(dir .. "/got.jsonl") end,
+      { dir = dir .. "/wh", batch = 10, interval = 0.05, max_size = 4096 }, function(elog, rcv)
+    -- 4 KiB of queue, in the default 16 MiB segment: 10 records of ~270 octets wait at most
+      local pad = string.rep("x", 200)
+      local n = 0
+      for round = 1, 5 do
+        for _ = 1, 10 do
+          n = n + 1
+          elog:log({ type = "AdminAction", action = "a" .. n, pad = pad })
         end
-        assert.equal(0, elog:stats().webhook.refused)
-      end)
-      elog:stop()
-      rcv.stop()
-      if not ok then error(err, 0) end
+        -- every record arrived, and the queue has the endpoint's answer
+        assert.is_true(H.wait_for(function() return #rcv.records() == n and elog:stats().webhook.backlog == 0 end,
+          10),
+          string.format("round %d: %d of %d records arrived, %d refused by the queue", round, #rcv.records(), n,
+            elog:stats().webhook.refused))
+      end
+      assert.equal(0, elog:stats().webhook.refused)
     end)
   end)
 
