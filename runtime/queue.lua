@@ -1152,6 +1152,15 @@ end
 -- when one of their attempts ends. (A message with several domains is
 -- attempted when any of them has room.)
 
+-- a list of m's queue keys that stays as it is (m.key may change meanwhile),
+-- or its one key (a string: no table made for the common case)
+local function keys_now(k)
+  if type(k) ~= "table" then return k end
+  local copy = {}
+  for i, x in ipairs(k) do copy[i] = x end
+  return copy
+end
+
 local function crowded(self, key)
   return key ~= UNREAD and (self.flight[key] or 0) >= self.per_destination
 end
@@ -1172,9 +1181,7 @@ function set_aside(self, m)
     for _, x in ipairs(k) do
       if not crowded(self, x) then return false end
     end
-    local copy = {}
-    for i, x in ipairs(k) do copy[i] = x end
-    k = copy
+    k = keys_now(k)
   elseif not crowded(self, k) then
     return false
   end
@@ -1209,18 +1216,14 @@ end
 
 -- the queues an attempt of m counts against (m.key may change meanwhile)
 function take_slots(self, m)
-  local k = m.key
+  local k = keys_now(m.key)
   if k == nil then return nil end
   local f = self.flight
   if type(k) == "table" then
-    local copy = {}
-    for i, x in ipairs(k) do
-      copy[i] = x
-      f[x] = (f[x] or 0) + 1
-    end
-    return copy
+    for _, x in ipairs(k) do f[x] = (f[x] or 0) + 1 end
+  else
+    f[k] = (f[k] or 0) + 1
   end
-  f[k] = (f[k] or 0) + 1
   return k
 end
 
