@@ -21,6 +21,8 @@
  *       aux is 0, unknown, or saturated at 65535)
  *       "corrupt", offset, length, why      damaged bytes, valid records follow
  *       "torn", offset, why                 damaged or incomplete to the end
+ *       "zeros", offset                     only zero bytes from offset to the end
+ *                                           (preallocated space: the records end there)
  *       "error", err, code
  *       nil                                 end of file
  *   segment:read(offset, length) -> string   (blocking pread: recovery and tools)
@@ -363,6 +365,10 @@ static int sc_next(lua_State *L)
         lua_pushnumber(L, (lua_Number)it.len);
         lua_pushstring(L, it.why);
         return 4;
+    case MP_SCAN_ZEROS:
+        lua_pushliteral(L, "zeros");
+        lua_pushnumber(L, (lua_Number)it.off);
+        return 2;
     case MP_SCAN_TORN:
         lua_pushliteral(L, "torn");
         lua_pushnumber(L, (lua_Number)it.off);

@@ -313,6 +313,29 @@ static int damaged(mp_scan *s, mp_scan_item *it, off_t start, off_t resume_from,
     return MP_SCAN_CORRUPT;
 }
 
+/* 1 when the file holds only zero bytes from off to its end, 0 when not,
+ * -1 with errno on a read error. */
+static int zeros_to_end(mp_scan *s, off_t off)
+{
+    for (;;) {
+        size_t have, i;
+        const char *p = scan_get(s, off, SCAN_BUF, &have);
+        if (p == NULL) return -1;
+        if (have == 0) return 1;
+        for (i = 0; i < have; i++)
+            if (p[i] != 0) return 0;
+        off += (off_t)have;
+    }
+}
+
+static int all_zero(const char *p, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (p[i] != 0) return 0;
+    return 1;
+}
+
 int mp_scan_next(mp_scan *s, mp_scan_item *it)
 {
     size_t have;
@@ -331,6 +354,19 @@ int mp_scan_next(mp_scan *s, mp_scan_item *it)
         return it->result = MP_SCAN_ERROR;
     }
     if (have == 0) return it->result = MP_SCAN_END;
+    if (all_zero(p, have)) {
+        /* preallocated space after the last record, or damage */
+        int z = zeros_to_end(s, start);
+        if (z < 0) {
+            it->err = errno;
+            return it->result = MP_SCAN_ERROR;
+        }
+        if (z) {
+            it->off = start;
+            s->pos = -1;
+            return it->result = MP_SCAN_ZEROS;
+        }
+    }
     if (have < MP_REC_HEADER) return damaged(s, it, start, start + 1, "short header");
     if (mp_rec_decode((const unsigned char *)p, &h) != 0) return damaged(s, it, start, start + 1, "bad header");
     if (s->meta_cap < h.meta_len + 1) {

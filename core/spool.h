@@ -18,6 +18,12 @@
  * The two checksums let recovery tell a damaged payload (header intact: the
  * record's extent is known and it is skipped exactly) from a damaged header
  * (the scanner searches forward for the next valid header).
+ *
+ * A segment may end in zero bytes: space written ahead of the records
+ * (preallocated) so that a group commit's fdatasync finds its blocks
+ * allocated and the file's size unchanged, and has no metadata to journal.
+ * Zeros from a record boundary to the end of the file are the clean end of
+ * the records (MP_SCAN_ZEROS); zeros followed by anything else are damage.
  */
 #ifndef MOONPOST_SPOOL_H
 #define MOONPOST_SPOOL_H
@@ -69,7 +75,8 @@ enum mp_scan_result {
     MP_SCAN_REC,      /* a valid record */
     MP_SCAN_CORRUPT,  /* damaged bytes [off, off+len) followed by valid records */
     MP_SCAN_TORN,     /* damaged or incomplete bytes from off to the end of file */
-    MP_SCAN_ERROR     /* read error: errno in err */
+    MP_SCAN_ERROR,    /* read error: errno in err */
+    MP_SCAN_ZEROS     /* zero bytes from off to the end of file: the end of the records */
 };
 
 typedef struct mp_scan mp_scan;

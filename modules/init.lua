@@ -145,6 +145,7 @@ local SPOOL_SCHEMA = {
   check_interval = { type = "duration", default = 2, check = function(v) return v > 0, "must be > 0" end },
   compact_delay = { type = "duration", default = 60 },
   cache_bytes = { type = "size", default = 64 * 1048576 },
+  preallocate = { type = "boolean", default = true },
 }
 
 local QUEUE_SCHEMA = {
@@ -454,7 +455,7 @@ function MTA:start()
   if so then
     local sp, err = spool.open({ dir = so.dir, segment_size = so.segment_size, min_free = so.min_free,
       compact_ratio = so.compact_ratio, check_interval = so.check_interval, compact_delay = so.compact_delay,
-      cache_bytes = so.cache_bytes,
+      cache_bytes = so.cache_bytes, preallocate = so.preallocate,
       fault = spool_faults() })
     if not sp then
       self:stop_blocks()

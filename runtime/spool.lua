@@ -14,6 +14,14 @@
 -- batch. A new segment file is made durable with an fsync of its directory
 -- in the same batch.
 --
+-- Preallocation: the segments records are appended to are made ahead of
+-- time by a task, filled with zeros and synced (seg/prealloc, renamed when
+-- it becomes the head). Appending into blocks already written changes
+-- neither the file's size nor its block map, so a group commit's fdatasync
+-- writes the data and flushes the disk's cache, with nothing for the
+-- filesystem's journal: 0.11 ms against 0.19-0.25 ms on this project's
+-- machines when idle. The records end where the zeros begin (core/spool.h).
+--
 -- Reclamation is oldest-first: a segment is deleted when it and every older
 -- segment hold no live message (a younger segment may hold the state records
 -- of an older one's messages). An old segment that keeps a few live messages
@@ -37,12 +45,17 @@ local encode, decode = cjson.encode, cjson.decode
 local _M = { _VERSION = "0.1" }
 
 local COMPACT_RETRY_MS = 10000 -- a compaction that failed is tried again after this
+local PREALLOC_NAME = "prealloc"  -- seg/prealloc: the next head, being filled with zeros
+local PREALLOC_FIRST = 4 * 1048576 -- the first one's size; each next one twice the last, up to segment_size
+local ZERO_CHUNK = 1048576        -- zeros written (and synced) at a time
+local TMPFS_MAGIC = 0x01021994    -- statfs type of tmpfs: memory, no device to spare a sync
 
 local Spool = {}
 local mt = { __index = Spool }
 
 local DEFAULTS = {
   segment_size = 64 * 1048576,
+  preallocate = true,      -- append into zero-filled segments made ahead of time
   compact_ratio = 0.5,     -- compact the oldest segment when live bytes fall below this share
   min_free = 64 * 1048576, -- refuse new mail (452 4.3.1) below this much free space
   check_interval = 2,      -- seconds between free-space checks
@@ -151,7 +164,8 @@ function _M.open(opts)
     unsynced_state = {},
   }, mt)
   for k, v in pairs(DEFAULTS) do
-    self[k] = opts[k] ~= nil and opts[k] or v
+    -- (not `opts[k] ~= nil and opts[k] or v`: that turns false into the default)
+    if opts[k] == nil then self[k] = v else self[k] = opts[k] end
   end
   if opts.readonly then
     -- Inspection (moonpost spool list): no lock, no change to any file,
@@ -185,6 +199,8 @@ function _M.open(opts)
       return nil, "spool: cannot create " .. self.dir .. "/" .. sub .. ": " .. tostring(err)
     end
   end
+  -- a next head that was being prepared when the last process ended
+  uv.fs_unlink(self.dir .. "/seg/" .. PREALLOC_NAME)
   local t0 = uv.hrtime()
   ok, err = self:recover()
   if not ok then
@@ -289,6 +305,7 @@ function Spool:recover()
     self.segs[num] = seg
     self.order[#self.order + 1] = num
     local sc = file:scan()
+    local data_end
     -- Envelopes are not decoded (but for listing): the recipient count is in
     -- the record header and the arrival time in the id.
     local skip_meta = not self.readonly
@@ -358,11 +375,19 @@ function Spool:recover()
         local ok, terr = file:truncate(off)
         if not ok then return nil, "spool: cannot truncate " .. path .. ": " .. tostring(terr) end
         break
+      elseif kind == "zeros" then
+        -- preallocated space the records did not reach: the file ends with them
+        data_end = a
+        if not self.readonly then
+          local ok, terr = file:truncate(a)
+          if not ok then return nil, "spool: cannot truncate " .. path .. ": " .. tostring(terr) end
+        end
+        break
       else
         return nil, format("spool: cannot read %s: %s", path, tostring(a))
       end
     end
-    seg.size = file:size()
+    seg.size = data_end or file:size()
     ::next_segment::
   end
   -- messages whose every recipient is final but whose DONE record was lost
@@ -382,18 +407,103 @@ function Spool:recover()
   return true
 end
 
+local prepare_next
+
 function Spool:new_head()
   local num = (self.order[#self.order] or 0) + 1
   local path = format("%s/seg/%s", self.dir, seg_name(num))
-  local file, err, code = core.open(path, true)
-  if not file then return nil, "spool: cannot create " .. path .. ": " .. tostring(err), code end
-  local seg = { num = num, path = path, file = file, size = 0, live = 0, live_bytes = 0, readers = 0 }
+  local file, err, code, prealloc
+  local p = self.prepared
+  if p then
+    -- the zero-filled file made ahead (its new name is durable with the
+    -- directory's fsync in the next batch, before any record in it is)
+    self.prepared = nil
+    local ok, rerr = uv.fs_rename(p.path, path)
+    if ok then
+      file, prealloc = p.file, p.size
+    else
+      log.warn("spool: cannot rename %s to %s: %s", p.path, path, tostring(rerr))
+      p.file:close()
+      uv.fs_unlink(p.path)
+    end
+  end
+  if not file then
+    file, err, code = core.open(path, true)
+    if not file then return nil, "spool: cannot create " .. path .. ": " .. tostring(err), code end
+  end
+  local seg = { num = num, path = path, file = file, size = 0, live = 0, live_bytes = 0, readers = 0,
+    prealloc = prealloc }
   self.segs[num] = seg
   self.order[#self.order + 1] = num
   if self.head then self.head.closed_at = uv.now() end
   self.head = seg
   self.dir_dirty = true
+  prepare_next(self)
   return seg
+end
+
+-- ---- preallocation -------------------------------------------------------------------------
+
+local zeros -- ZERO_CHUNK zero bytes, made at first use
+
+-- The size of the next file to prepare, or nil: none on tmpfs (memory: no
+-- device, and every zero would take RAM), and none that would bring the
+-- free space near min_free (it is kept for messages).
+local function prealloc_size(self)
+  local size = math.min(self.segment_size, self.next_prealloc or PREALLOC_FIRST)
+  local st = uv.fs_statfs(self.dir)
+  if not st or st.type == TMPFS_MAGIC then return nil end
+  if st.bavail * st.bsize < self.min_free + 2 * size then return nil end
+  return size
+end
+
+local function fill(self, file, size)
+  zeros = zeros or string.rep("\0", ZERO_CHUNK)
+  local fd, off = file:fd(), 0
+  while off < size do
+    if self.closed then return nil, "spool closed" end
+    local n = math.min(ZERO_CHUNK, size - off)
+    local ok, err = fs.write_all(fd, n == ZERO_CHUNK and zeros or zeros:sub(1, n), off)
+    if not ok then return nil, err end
+    -- synced a chunk at a time: one sync of the whole file would hold the
+    -- disk's queue, and every waiting 250 with it, for tens of milliseconds
+    ok, err = fs.fdatasync(fd)
+    if not ok then return nil, err end
+    off = off + n
+  end
+  return true
+end
+
+-- Make the next head ahead of time (a task; see the top of this file).
+function prepare_next(self)
+  if not self.preallocate or self.preparing or self.prepared or self.closed or self.readonly then return end
+  local size = prealloc_size(self)
+  if not size then return end
+  self.preparing = true
+  local path = format("%s/seg/%s", self.dir, PREALLOC_NAME)
+  sched.spawn_named("spool preallocation", function(err)
+    self.preparing = false
+    log.error("spool: preallocation: %s", tostring(err))
+  end, function()
+    uv.fs_unlink(path)
+    local file, err = core.open(path, true)
+    local ok = file ~= nil
+    if ok then ok, err = fill(self, file, size) end
+    self.preparing = false
+    if not ok then
+      if file then file:close() end
+      uv.fs_unlink(path)
+      if not self.closed then log.warn("spool: cannot preallocate %s: %s", path, tostring(err)) end
+      return
+    end
+    if self.closed then
+      file:close()
+      uv.fs_unlink(path)
+      return
+    end
+    self.prepared = { file = file, path = path, size = size }
+    self.next_prealloc = size * 2
+  end)
 end
 
 -- ---- writing -------------------------------------------------------------------------------
@@ -415,7 +525,9 @@ local function append(self, rtype, flags, id, meta, body, aux)
   -- written; an outcome not recorded means one more attempt after a restart
   if self.closed then return nil, "spool is closed", "CLOSED" end
   local seg = self.head
-  if seg.size >= self.segment_size then
+  -- a new head when this one is full, or when a preallocated one is ready
+  -- and this one's own preallocated space (if any) is used up
+  if seg.size >= self.segment_size or (self.prepared and seg.size >= (seg.prealloc or 0)) then
     local nseg, err, code = self:new_head()
     if not nseg then return nil, err, code end
     seg = nseg
@@ -1043,6 +1155,11 @@ function Spool:close()
   end
   for _, seg in pairs(self.segs) do close_segment(seg) end
   self.segs = {}
+  if self.prepared then
+    self.prepared.file:close()
+    uv.fs_unlink(self.prepared.path)
+    self.prepared = nil
+  end
   if self.lock then
     self.lock:close()
     self.lock = nil

@@ -44,6 +44,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (it.len <= 0 || (size_t)(it.off + it.len) > size) abort();
         } else if (r == MP_SCAN_TORN) {
             break;
+        } else if (r == MP_SCAN_ZEROS) {
+            size_t i;
+            for (i = (size_t)it.off; i < size; i++)
+                if (data[i] != 0) abort(); /* only zeros may end the records */
+            break;
         }
     }
     mp_scan_free(s);

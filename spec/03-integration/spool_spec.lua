@@ -20,8 +20,11 @@ local function seg_files(dir)
   return H.ls(dir .. "/seg")
 end
 
+-- (segments as they are written, without preallocation: these cases count
+-- on which segment holds which message and on where each file ends;
+-- spool_prealloc_spec.lua has the preallocated ones)
 local function spool_opts(dir, extra)
-  local o = { dir = dir, min_free = 0 }
+  local o = { dir = dir, min_free = 0, preallocate = false }
   for k, v in pairs(extra or {}) do o[k] = v end
   return o
 end
