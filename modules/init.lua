@@ -98,6 +98,9 @@ local NEW_SCHEMA = {
   http_max_connections = { type = "posint", default = 256 }, -- per HTTP listener
   -- processes (runtime/workers.lua, docs/cli.md#workers); each holds a spool partition and a port
   workers = { type = "posint", default = 1, check = function(v) return v <= 256, "must be at most 256" end },
+  -- a worker whose loop has not run for this long is killed and started
+  -- again by the supervisor (0: never); docs/cli.md#workers
+  watchdog = { type = "duration", default = 30 },
   -- the Lua collector's pause (collectgarbage "setpause"): a cycle starts when
   -- the heap is this % of what the last one kept. Lua's 200 made the relay
   -- spend ~15% more CPU time per message than 400, which costs about twice

@@ -15,7 +15,8 @@
 --   workers.supervise(mta, n)     -> true | nil, err   run the supervisor loop
 --   workers.launcher              -- { exe, script } that `moonpost run` was started as
 --
--- The supervisor restarts a worker that exits (with a backoff), forwards
+-- The supervisor restarts a worker that exits (with a backoff) or hangs
+-- (the watchdog, below), forwards
 -- SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR1 to the workers and returns once
 -- every worker has exited after a stop (killing one still running KILL_AFTER s
 -- past stop_grace). An SMTP address already in use
@@ -23,6 +24,13 @@
 -- a worker that exits before it ever started (a spool it cannot lock, an
 -- HTTP port in use) on its first launch makes the supervisor stop the others
 -- and fail: that is a configuration error, not a crash to retry.
+--
+-- The watchdog: a ready worker writes a line on its fd 3 every HEARTBEAT
+-- seconds from a timer of its loop; a worker the supervisor has heard
+-- nothing from for `watchdog` seconds (the policy's option) has a loop that
+-- no longer runs (a hook in an endless loop, a C call that never returns),
+-- serves nobody and holds its partition: the supervisor kills it (SIGKILL)
+-- and starts it again as any dead worker.
 --
 -- SIGUSR1 (reopen the event log's file) is forwarded as well: without a
 -- handler it would end the supervisor, and with it every worker.
@@ -60,6 +68,9 @@ _M.BACKOFF_MIN, _M.BACKOFF_MAX, _M.STABLE = 0.1, 10, 10
 -- supervisor kills it (SIGKILL), so that a stop ends and no hung worker
 -- outlives the supervisor, holding the port and its partition.
 _M.KILL_AFTER = 2
+
+-- Seconds between a worker's heartbeats, and between the supervisor's checks.
+_M.HEARTBEAT = 1
 
 ffi.cdef [[
 int setsockopt(int sockfd, int level, int optname, const void *optval, unsigned int optlen);
@@ -102,15 +113,28 @@ end
 -- ready(): the worker's MTA has started (spool recovered, listeners open)
 -- and its signal handlers are installed. The supervisor reads it on the
 -- worker's fd 3, and only then sends it the signals it forwards.
+-- Then a heartbeat line on the same fd every HEARTBEAT seconds, for the
+-- supervisor's watchdog (an unreferenced timer: it keeps no loop running).
 function _M.ready()
   local fd = tonumber(os.getenv("MOONPOST_WORKER_FD") or "")
   if not fd then return end
   local p = uv.new_pipe(false)
-  if p:open(fd) then
-    p:write("ready " .. uv.os_getpid() .. "\n", function() p:close() end)
-  else
+  if not p:open(fd) then
     p:close()
+    return
   end
+  p:write("ready " .. uv.os_getpid() .. "\n")
+  local t = uv.new_timer()
+  t:unref()
+  local ms = math.floor(_M.HEARTBEAT * 1000)
+  t:start(ms, ms, function()
+    -- (the supervisor gone: nothing to tell; PR_SET_PDEATHSIG ends this worker)
+    if p:is_closing() or not p:write("alive\n") then
+      t:stop()
+      t:close()
+      if not p:is_closing() then p:close() end
+    end
+  end)
 end
 
 -- The signals the supervisor forwards that a worker may not receive before
@@ -254,7 +278,7 @@ function _M.supervise(mta, n, source)
     }, sched.callback(function(code, signal)
       handle:close()
       if not ready:is_closing() then ready:close() end
-      slot.pid, slot.ready = nil, false
+      slot.pid, slot.ready, slot.killed, slot.heard = nil, false, nil, nil
       local ran = (uv.now() - began) / 1000
       if stopping then
         log.info("supervisor: worker %d (pid %d) exited: code %d%s", slot.index, pid, code,
@@ -288,7 +312,8 @@ function _M.supervise(mta, n, source)
     slot.pid, slot.ready, slot.pending = pid, false, {}
     log.info("supervisor: worker %d started: pid %d", slot.index, pid)
     ready:read_start(sched.callback(function(_, chunk)
-      if chunk and chunk:find("ready", 1, true) then
+      if chunk then slot.heard = uv.now() end
+      if chunk and chunk:find("ready", 1, true) and not slot.ready then
         slot.started, slot.ready = true, true
         -- what came while it started, now that it has its handlers
         for _, name in ipairs(FORWARDED) do
@@ -337,6 +362,28 @@ function _M.supervise(mta, n, source)
     local s = uv.new_signal()
     s:start(name, sched.callback(function() forward(name) end, "signal"))
     signals[#signals + 1] = s
+  end
+
+  -- the watchdog (see the top of this file): only a worker that has
+  -- reported ready has a heartbeat; recovery before that may take long
+  local watchdog = mta.opts.watchdog or 0
+  if watchdog > 0 then
+    local t = uv.new_timer()
+    timers[t] = true
+    t:unref()
+    local ms = math.floor(_M.HEARTBEAT * 1000)
+    t:start(ms, ms, sched.callback(function()
+      if stopping then return end
+      local now = uv.now()
+      for _, s in ipairs(slots) do
+        if s.pid and s.ready and not s.killed and now - (s.heard or now) > watchdog * 1000 then
+          s.killed = true
+          log.error("supervisor: worker %d (pid %d) has not answered for %.1f s (watchdog %g s): its loop does not "
+            .. "run; killed", s.index, s.pid, (now - s.heard) / 1000, watchdog)
+          uv.kill(s.pid, "sigkill")
+        end
+      end
+    end, "supervisor"))
   end
 
   log.info("supervisor: pid %d, %d workers, policy %s", me, n, source.path)

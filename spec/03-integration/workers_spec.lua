@@ -27,7 +27,7 @@ if gate and os.getenv("MOONPOST_WORKER") == env.get("GATE_WORKER") and not uv.fs
   end
 end
 local mta = moonpost.new {
-  hostname = "mx.test", workers = 2, stop_grace = "5s", http = env.http,
+  hostname = "mx.test", workers = 2, stop_grace = "5s", http = env.http, watchdog = env.get("WATCHDOG"),
   spool = { dir = env.spool, segment_size = "256k", min_free = 0 },
   queue = { concurrency = 50, retry = { "1s" } },
 }
@@ -36,8 +36,9 @@ mta:use(require("moonpost.maildir").deliver {
   root = env.maildir,
   fsync = false,
   folder = function(rcpt)
-    -- hang@: the worker that delivers it hangs (a policy bug, a stuck C call)
-    if rcpt["local"] == "hang" then
+    -- hang@: the worker that delivers it first hangs (a policy bug, a stuck
+    -- C call); once <maildir>/hung exists, it is delivered
+    if rcpt["local"] == "hang" and not uv.fs_stat(env.maildir .. "/hung") then
       io.open(env.maildir .. "/hung", "w"):close()
       while true do end
     end
@@ -493,6 +494,41 @@ describe("workers = 2", function()
       assert.is_false(alive(hung))
       assert.is_false(alive(pids[1 - w]))
     end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("kills a worker whose loop no longer runs (watchdog), starts it again, and it delivers what it held", function()
+    local dir = H.tmpdir("moonpost-workers-watchdog")
+    local hung
+    finally(function()
+      if hung and alive(hung) then uv.kill(hung, "sigkill") end
+    end)
+    run(function()
+      local srv, _, port = start(dir, nil, { WATCHDOG = "2s" })
+      local pids = worker_pids(srv)
+      local code, _, text = H.send(port, { to = "hang@x.test" })
+      assert.equal(250, code)
+      local w = tonumber(assert(text:match("queued as (%x+)")), 16) % 2
+      hung = pids[w]
+      assert.is_true(H.wait_for(function() return uv.fs_stat(dir .. "/mail/hung") ~= nil end, 15), srv.log())
+      -- a worker that only waits (no mail) keeps its heartbeat
+      assert.is_true(H.wait_for(function() return not alive(hung) end, 15), "the hung worker was not killed: " .. srv.log())
+      local log = srv.log()
+      assert.matches(string.format("supervisor: worker %d %%(pid %d%%) has not answered for [%%d.]+ s %%(watchdog 2 s%%)", w,
+        hung), log)
+      assert.matches(string.format("worker %d (pid %d) exited: code 0, signal 9", w, hung), log, 1, true)
+      assert.not_matches(string.format("worker %d %%(pid %d%%) has not answered", 1 - w, pids[1 - w]), log)
+      assert.is_true(alive(pids[1 - w]))
+      -- started again, it recovers its partition and delivers the message
+      assert.is_true(H.wait_for(function()
+        local now = worker_pids(srv)
+        return now[w] and now[w] ~= hung
+      end, 15), srv.log())
+      assert.is_true(H.wait_for(function() return #H.ls(dir .. "/mail/hang/new") == 1 end, 15), srv.log())
+      uv.kill(srv.pid, "sigterm")
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), srv.log())
+      assert.equal(0, select(2, srv.exited()))
+    end, 90)
     H.rm_rf(dir)
   end)
 
