@@ -514,9 +514,10 @@ local function post(w, b)
     ["User-Agent"] = "Moonpost/" .. _M._VERSION, ["X-Moonpost-Events"] = b.n })
   if not res then return nil, err end
   if res.status < 200 or res.status > 299 then
-    -- 429 and 503 may say when to come back (RFC 9110 10.2.3): seconds
-    local after = (res.status == 429 or res.status == 503) and tonumber(
-      (res.headers["retry-after"] or ""):match("^%s*(%d+)%s*$")) or nil
+    -- 429 and 503 may say when to come back (RFC 9110 10.2.3): seconds or
+    -- an HTTP-date
+    local after = (res.status == 429 or res.status == 503) and http_client.retry_after(res.headers["retry-after"])
+      or nil
     return nil, format("HTTP %d %s", res.status, res.reason or ""), res.status, after
   end
   return true

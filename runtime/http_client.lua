@@ -8,6 +8,8 @@
 --   -- res = { status = 200, reason = "OK", headers = { ["content-type"] = ... }, body = "..." }
 --   c:close()                      -- the kept connection; c:abort() also ends a request in progress,
 --                                  -- c:retire() lets it finish first
+--   http.parse_date("Sun, 06 Nov 1994 08:49:37 GMT") -> 784111777 (seconds since 1970) | nil
+--   http.retry_after(value [, now]) -> seconds to wait | nil   (a Retry-After field)
 --
 -- The connection is kept alive between requests when the server allows it;
 -- a request on a kept connection that the server closed meanwhile is sent
@@ -34,6 +36,62 @@ local mt = { __index = Client }
 local MAX_HEADERS = 100
 local MAX_BODY = 1048576
 local MAX_LINE = 65536 -- a status line, header or chunk-size line
+
+-- ---- dates (RFC 9110 5.6.7) ------------------------------------------------------
+
+local MONTHS = { jan = 1, feb = 2, mar = 3, apr = 4, may = 5, jun = 6, jul = 7, aug = 8, sep = 9, oct = 10,
+  nov = 11, dec = 12 }
+
+-- days from 1970-01-01 to y-m-d of the proleptic Gregorian calendar
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function epoch(y, mon, d, hh, mm, ss)
+  local m = MONTHS[lower(mon)]
+  y, d, hh, mm, ss = tonumber(y), tonumber(d), tonumber(hh), tonumber(mm), tonumber(ss)
+  if not m or d < 1 or d > 31 or hh > 23 or mm > 59 or ss > 60 then return nil end
+  return days_from_civil(y, m, d) * 86400 + hh * 3600 + mm * 60 + ss
+end
+
+-- parse_date(s) -> seconds since 1970 (UTC) | nil: an HTTP-date in any of
+-- the three forms a recipient must accept: IMF-fixdate ("Sun, 06 Nov 1994
+-- 08:49:37 GMT"), RFC 850 ("Sunday, 06-Nov-94 08:49:37 GMT", a two-digit
+-- year more than 50 years ahead taken as the century before) and asctime
+-- ("Sun Nov  6 08:49:37 1994").
+function _M.parse_date(s, now)
+  if type(s) ~= "string" then return nil end
+  local d, mon, y, hh, mm, ss = s:match("^%s*%a+, (%d%d) (%a%a%a) (%d%d%d%d) (%d%d):(%d%d):(%d%d) GMT%s*$")
+  if d then return epoch(y, mon, d, hh, mm, ss) end
+  d, mon, y, hh, mm, ss = s:match("^%s*%a+, (%d%d)%-(%a%a%a)%-(%d%d) (%d%d):(%d%d):(%d%d) GMT%s*$")
+  if d then
+    local this = tonumber(os.date("!%Y", now or os.time()))
+    local full = math.floor(this / 100) * 100 + tonumber(y)
+    if full > this + 50 then full = full - 100 end
+    return epoch(full, mon, d, hh, mm, ss)
+  end
+  mon, d, hh, mm, ss, y = s:match("^%s*%a+ (%a%a%a) ([ %d]%d) (%d%d):(%d%d):(%d%d) (%d%d%d%d)%s*$")
+  if mon then return epoch(y, mon, d:gsub(" ", ""), hh, mm, ss) end
+  return nil
+end
+
+-- retry_after(value [, now]) -> seconds | nil: a Retry-After field, either
+-- seconds or an HTTP-date (then the time left until it, 0 when past).
+function _M.retry_after(v, now)
+  if type(v) ~= "string" then return nil end
+  local secs = v:match("^%s*(%d+)%s*$")
+  if secs then return tonumber(secs) end
+  now = now or os.time()
+  local t = _M.parse_date(v, now)
+  if not t then return nil end
+  return math.max(0, t - now)
+end
 
 -- parse_url("http://127.0.0.1:9000/events") -> { host, port, path, authority } | nil, err
 function _M.parse_url(url)

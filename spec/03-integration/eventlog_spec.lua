@@ -136,10 +136,16 @@ local function send_refused(port)
 end
 
 -- The loopback webhook receiver (spec/tools/webhook.py) on `port` (0: any)
+-- (retry_after: seconds, or "date+N" for an HTTP-date N seconds ahead)
 local function receiver(out, port, fail, delay, fail_status, retry_after)
   local argv = { H.root .. "/spec/tools/webhook.py", "--out", out, "--port", tostring(port or 0) }
   if fail then argv[#argv + 1] = "--fail"; argv[#argv + 1] = tostring(fail) end
-  if retry_after then argv[#argv + 1] = "--retry-after"; argv[#argv + 1] = tostring(retry_after) end
+  local ahead = type(retry_after) == "string" and retry_after:match("^date%+(%d+)$")
+  if ahead then
+    argv[#argv + 1] = "--retry-after-date"; argv[#argv + 1] = ahead
+  elseif retry_after then
+    argv[#argv + 1] = "--retry-after"; argv[#argv + 1] = tostring(retry_after)
+  end
   if fail_status then argv[#argv + 1] = "--fail-status"; argv[#argv + 1] = tostring(fail_status) end
   if delay then argv[#argv + 1] = "--delay"; argv[#argv + 1] = tostring(delay) end
   local stdin, stdout = uv.new_pipe(false), uv.new_pipe(false)
@@ -454,6 +460,20 @@ describe("moonpost.eventlog", function()
       -- the endpoint asked for 2 s; retry_min alone would have come back after 0.05 s
       local waited = got[1].t - failed[1].t
       assert.is_true(waited >= 1.9, string.format("retried %.2f s after the 429", waited))
+    end)
+  end)
+
+  it("webhook: a 503 with Retry-After as an HTTP-date is retried no sooner than that date", function()
+    with_webhook(function() return receiver(dir .. "/got.jsonl", 0, 1, nil, 503, "date+3") end,
+      { dir = dir .. "/wh", batch = 1, interval = 0.05, retry_min = 0.05, retry_max = 10 }, function(elog, rcv)
+      elog:log({ type = "AdminAction", action = "one" })
+      assert.is_true(H.wait_for(function() return #rcv.records() == 1 end, 15))
+      local failed, got = rcv.failed(), rcv.requests()
+      assert.equal(1, #failed)
+      assert.equal(503, failed[1].status)
+      -- a date 3 s ahead, to the second: at least 2 s; retry_min alone came back after 0.05 s
+      local waited = got[1].t - failed[1].t
+      assert.is_true(waited >= 1.9, string.format("retried %.2f s after the 503", waited))
     end)
   end)
 

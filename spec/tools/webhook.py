@@ -12,7 +12,8 @@ line per request to FILE.requests: {"t", "n", "path", "content_type",
 
 --fail N answers the first N requests with 503 (or --fail-status; only
 their time is recorded, in FILE.failed), so a spec sees the sender retry;
-with --retry-after, those answers carry Retry-After: SECONDS. --delay waits that long between recording a
+with --retry-after, those answers carry Retry-After: SECONDS (--retry-after-date SECONDS: as
+an HTTP-date that many seconds ahead). --delay waits that long between recording a
 batch and answering (a spec kills the sender in between). A body that is not a JSON array of objects gets
 400 and a line {"error": ...} in FILE.requests.
 
@@ -22,14 +23,16 @@ import argparse
 import json
 import sys
 import threading
+import email.utils
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class State:
-    def __init__(self, out, fail, delay=0.0, fail_status=503, retry_after=None):
+    def __init__(self, out, fail, delay=0.0, fail_status=503, retry_after=None, retry_after_date=None):
         self.delay = delay
         self.retry_after = retry_after
+        self.retry_after_date = retry_after_date
         self.failed = open(out + ".failed", "a", buffering=1)
         self.fail_status = fail_status
         self.lock = threading.Lock()
@@ -63,7 +66,12 @@ class Handler(BaseHTTPRequestHandler):
             st.seen += 1
             if st.seen <= st.fail:
                 st.failed.write(json.dumps({"t": time.time(), "status": st.fail_status}) + "\n")
-                extra = {"Retry-After": str(st.retry_after)} if st.retry_after is not None else None
+                extra = None
+                if st.retry_after is not None:
+                    extra = {"Retry-After": str(st.retry_after)}
+                elif st.retry_after_date is not None:
+                    # an HTTP-date (IMF-fixdate) that many seconds ahead
+                    extra = {"Retry-After": email.utils.formatdate(time.time() + st.retry_after_date, usegmt=True)}
                 self.answer(st.fail_status, {"error": "failing on purpose"}, extra)
                 return
             try:
@@ -107,9 +115,10 @@ def main():
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--fail-status", type=int, default=503)
     ap.add_argument("--retry-after", type=int, default=None)
+    ap.add_argument("--retry-after-date", type=int, default=None)
     args = ap.parse_args()
     server = Server((args.host, args.port), Handler)
-    server.state = State(args.out, args.fail, args.delay, args.fail_status, args.retry_after)
+    server.state = State(args.out, args.fail, args.delay, args.fail_status, args.retry_after, args.retry_after_date)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print("port %d" % server.server_address[1], flush=True)
     sys.stdin.read()  # run until the spec closes our stdin
