@@ -309,6 +309,25 @@ static void copy_field(char *dst, size_t cap, const char *s, size_t n)
     dst[n] = '\0';
 }
 
+/* base64string of RFC 6376 3.5: ALPHA / DIGIT / "+" / "/", folding white
+ * space between, at most two "=" at the end, in groups of four */
+static int valid_base64(const mp_tag *t)
+{
+    size_t i, chars = 0, pads = 0;
+    for (i = 0; i < t->value_len; i++) {
+        unsigned char c = (unsigned char)t->value[i];
+        if (is_fws(c)) continue;
+        if (c == '=') {
+            if (++pads > 2) return 0;
+        } else if (pads > 0 || !((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                                 c == '+' || c == '/')) {
+            return 0;
+        }
+        chars++;
+    }
+    return chars > 0 && chars % 4 == 0;
+}
+
 int mp_dkim_sig_parse(const char *value, size_t len, mp_dkim_sig *out)
 {
     mp_tag tags[MP_DKIM_MAX_TAGS];
@@ -427,6 +446,25 @@ int mp_dkim_sig_parse(const char *value, size_t len, mp_dkim_sig *out)
         }
         if (ts && xs && xv < tv) {
             out->error = "x= is before t=";
+            return -1;
+        }
+    }
+    /* RFC 6376 3.5: b= and bh= are base64 (folding white space anywhere); a
+     * signature that cannot be decoded is malformed, not a failed one */
+    if (!valid_base64(tag_get(tags, n, "b"))) {
+        out->error = "b= is not base64";
+        return -1;
+    }
+    if (!valid_base64(tag_get(tags, n, "bh"))) {
+        out->error = "bh= is not base64";
+        return -1;
+    }
+    /* 1*76DIGIT */
+    if ((t = tag_get(tags, n, "l")) != NULL) {
+        size_t d;
+        for (d = 0; d < t->value_len && t->value[d] >= '0' && t->value[d] <= '9'; d++) ;
+        if (t->value_len == 0 || t->value_len > 76 || d != t->value_len) {
+            out->error = "bad l= value";
             return -1;
         }
     }
@@ -986,9 +1024,22 @@ static void md_update(EVP_MD_CTX *md, const char *p, size_t n)
     if (n) EVP_DigestUpdate(md, p, n);
 }
 
+/* Where a canonical body goes: into a digest, and counted (the verifier
+ * counts the octets a signature's l= leaves out). */
+typedef struct body_out {
+    EVP_MD_CTX *md; /* or NULL: only counted */
+    size_t n;
+} body_out;
+
+static void bo_put(body_out *o, const char *p, size_t n)
+{
+    if (o->md && n) EVP_DigestUpdate(o->md, p, n);
+    o->n += n;
+}
+
 /* The body hash: empty lines at the end are dropped, a missing final CRLF
  * is added; relaxed also squeezes WSP. */
-static void canon_body(EVP_MD_CTX *md, const char *body, size_t len, int canon)
+static void canon_body(body_out *md, const char *body, size_t len, int canon)
 {
     size_t p = 0, empties = 0;
     int any = 0;
@@ -1010,8 +1061,8 @@ static void canon_body(EVP_MD_CTX *md, const char *body, size_t len, int canon)
         next = nl ? p + n + 2 : len;
         if (canon == MP_CANON_RELAXED && nl && n > 0 && !memchr(line, ' ', n) && !memchr(line, '\t', n)) {
             /* no WSP: the line, with its CRLF, is its own canonical form */
-            for (; empties > 0; empties--) md_update(md, "\r\n", 2);
-            md_update(md, line, n + 2);
+            for (; empties > 0; empties--) bo_put(md, "\r\n", 2);
+            bo_put(md, line, n + 2);
             any = 1;
         } else if (canon == MP_CANON_RELAXED) {
             size_t e = n;
@@ -1020,32 +1071,32 @@ static void canon_body(EVP_MD_CTX *md, const char *body, size_t len, int canon)
                 empties++;
             } else {
                 size_t s = 0;
-                for (; empties > 0; empties--) md_update(md, "\r\n", 2);
+                for (; empties > 0; empties--) bo_put(md, "\r\n", 2);
                 for (k = 0; k < e; k++) {
                     if (is_wsp((unsigned char)line[k])) {
-                        md_update(md, line + s, k - s);
-                        md_update(md, " ", 1);
+                        bo_put(md, line + s, k - s);
+                        bo_put(md, " ", 1);
                         while (k + 1 < e && is_wsp((unsigned char)line[k + 1])) k++;
                         s = k + 1;
                     }
                 }
-                md_update(md, line + s, e - s);
-                md_update(md, "\r\n", 2);
+                bo_put(md, line + s, e - s);
+                bo_put(md, "\r\n", 2);
                 any = 1;
             }
         } else {
             if (n == 0) {
                 empties++;
             } else {
-                for (; empties > 0; empties--) md_update(md, "\r\n", 2);
-                md_update(md, line, n);
-                md_update(md, "\r\n", 2);
+                for (; empties > 0; empties--) bo_put(md, "\r\n", 2);
+                bo_put(md, line, n);
+                bo_put(md, "\r\n", 2);
                 any = 1;
             }
         }
         p = next;
     }
-    if (!any && canon == MP_CANON_SIMPLE) md_update(md, "\r\n", 2);
+    if (!any && canon == MP_CANON_SIMPLE) bo_put(md, "\r\n", 2);
 }
 
 /* Fold the tags into the signature field, lines within MP_DKIM_MARGIN
@@ -1146,7 +1197,10 @@ static int sign_native(const spec *s, const fields *fl, const char *msg, size_t 
     }
     /* body hash */
     if (EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) goto ssl;
-    canon_body(md, msg + fl->body, msglen - fl->body, s->bcanon);
+    {
+        body_out bo = {md, 0};
+        canon_body(&bo, msg + fl->body, msglen - fl->body, s->bcanon);
+    }
     if (EVP_DigestFinal_ex(md, bh, NULL) != 1) goto ssl;
     if ((bh64 = b64(bh, sizeof bh)) == NULL) goto oom;
     /* h=: the listed fields present, top to bottom, then the oversigned names */
@@ -1364,6 +1418,8 @@ typedef struct vctx {
     const mp_dkim_keyrec *keys;
     size_t nkeys;
     int from_fields; /* From fields in the message's header */
+    const char *body; /* the body, for what l= leaves out */
+    size_t body_len;
 } vctx;
 
 static const mp_dkim_keyrec *find_key(const vctx *c, const char *selector, const char *domain)
@@ -1474,7 +1530,7 @@ static int key_type_mismatch(const char *txt, const char *alg, char *why, size_t
     return 1;
 }
 
-static void judge(DKIM_SIGINFO *s, const vctx *c, mp_dkim_result *r, int ignored)
+static void judge(DKIM *d, DKIM_SIGINFO *s, const vctx *c, mp_dkim_result *r, int ignored)
 {
     unsigned int fl = dkim_sig_getflags(s);
     int bh = dkim_sig_getbh(s), e = dkim_sig_geterror(s);
@@ -1497,7 +1553,19 @@ static void judge(DKIM_SIGINFO *s, const vctx *c, mp_dkim_result *r, int ignored
             snprintf(r->reason, sizeof r->reason, "%d From fields, %d signed (h= must list From as often)",
                      c->from_fields, r->sig.h_from);
         } else {
+            /* RFC 6376 8.2: with l=, octets appended after signing pass too;
+             * say how many, so that a policy can refuse such a pass */
+            ssize_t msglen = 0, canonlen = 0, signlen = -1;
             r->result = "pass";
+            /* libopendkim stops canonicalizing at l=: the whole body's
+             * canonical length is counted here */
+            if (dkim_sig_getcanonlen(d, s, &msglen, &canonlen, &signlen) == DKIM_STAT_OK && signlen >= 0) {
+                dkim_canon_t hc, bc = DKIM_CANON_SIMPLE;
+                body_out bo = {NULL, 0};
+                dkim_sig_getcanons(s, &hc, &bc);
+                canon_body(&bo, c->body, c->body_len, bc == DKIM_CANON_RELAXED ? MP_CANON_RELAXED : MP_CANON_SIMPLE);
+                if (bo.n > (size_t)signlen) r->body_unsigned = (long long)(bo.n - (size_t)signlen);
+            }
         }
     } else if (sig_error(e)) {
         const char *why = dkim_sig_geterrorstr(e);
@@ -1542,7 +1610,7 @@ int mp_dkim_verify(const char *msg, size_t len, const mp_dkim_keyrec *keys, size
                    char *err, size_t errlen)
 {
     fields fl;
-    vctx ctx = {keys, nkeys, 0};
+    vctx ctx = {keys, nkeys, 0, NULL, 0};
     DKIM *d;
     DKIM_STAT st;
     DKIM_SIGINFO **sigs = NULL;
@@ -1556,6 +1624,10 @@ int mp_dkim_verify(const char *msg, size_t len, const mp_dkim_keyrec *keys, size
     }
     for (f = 0; f < fl.n; f++)
         if (field_is(&fl.f[f], "From")) ctx.from_fields++;
+    if (fl.body < len) {
+        ctx.body = msg + fl.body;
+        ctx.body_len = len - fl.body;
+    }
     for (f = 0; f < fl.n && n < max; f++) {
         if (!field_is(&fl.f[f], HDR_NAME)) continue;
         {
@@ -1622,7 +1694,7 @@ int mp_dkim_verify(const char *msg, size_t len, const mp_dkim_keyrec *keys, size
             if (strcasecmp((const char *)dd, r->sig.domain) == 0 && strcasecmp((const char *)ss, r->sig.selector) == 0 &&
                 strcmp(b8, r->sig.header_b) == 0) {
                 used[j] = 1;
-                judge(sigs[j], &ctx, r, j >= MP_DKIM_MAX_SIGS);
+                judge(d, sigs[j], &ctx, r, j >= MP_DKIM_MAX_SIGS);
                 break;
             }
         }

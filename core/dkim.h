@@ -170,6 +170,7 @@ typedef struct mp_dkim_result {
     const char *result;   /* "pass", "fail", "neutral", "policy", "temperror", "permerror" */
     char reason[160];
     int testing;          /* the key has t=y */
+    long long body_unsigned; /* pass with l=: canonicalized body octets after the l= signed */
 } mp_dkim_result;
 
 /* One result per DKIM-Signature field, top to bottom (at most max): the

@@ -616,6 +616,10 @@ static int l_verify(lua_State *L)
             lua_pushboolean(L, 1);
             lua_setfield(L, -2, "testing");
         }
+        if (res[k].body_unsigned > 0) {
+            lua_pushnumber(L, (lua_Number)res[k].body_unsigned);
+            lua_setfield(L, -2, "body_unsigned");
+        }
         lua_rawseti(L, -2, k + 1);
     }
     return 1;

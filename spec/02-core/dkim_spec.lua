@@ -78,9 +78,9 @@ local function pyverify(messages, keytable)
   return res
 end
 
-local function pysign(msgfile, keyfile, domain, selector, canon, alg)
-  local cmd = string.format("%s %ssign.py %s %s %s %s %s %s 2>&1", H.python, FIX, msgfile, keyfile, domain, selector,
-    canon, alg)
+local function pysign(msgfile, keyfile, domain, selector, canon, alg, length)
+  local cmd = string.format("%s %ssign.py %s %s %s %s %s %s %s 2>&1", H.python, FIX, msgfile, keyfile, domain, selector,
+    canon, alg, length and "length" or "")
   local p = assert(io.popen(cmd))
   local out = p:read("*a")
   p:close()
@@ -626,6 +626,55 @@ describe("moonpost.core.dkim", function()
         r = dkim.verify(es .. rs .. MSG:gsub("Joe%.", "Jim."), list)
         assert.same({ "fail", "fail" }, { r[1].result, r[2].result }, c)
       end
+    end)
+
+    it("verify() says how much of a body passed with l= was not signed (content appended after signing)", function()
+      local k = keys()
+      H.write(tmp .. "/msg.eml", MSG)
+      local list = dns({ { "r", "football.example.com", k.rsa2048 } })
+      local sig = pysign(tmp .. "/msg.eml", FIX .. "rsa2048.pem", "football.example.com", "r", "relaxed/simple",
+        "rsa-sha256", true)
+      assert.truthy(sig:find("l=", 1, true), sig)
+      local r = dkim.verify(sig .. MSG, list)[1]
+      assert.equal("pass", r.result)
+      assert.is_nil(r.body_unsigned)
+      -- a line appended after signing: still a pass (RFC 6376 8.2), and said
+      local extra = "Click here: http://bad.example/\r\n"
+      r = dkim.verify(sig .. MSG .. extra, list)[1]
+      assert.equal("pass", r.result)
+      -- (MSG ends with an empty line, which the canonical body leaves out
+      -- until text follows it: that CRLF is unsigned too)
+      assert.equal(#extra + 2, r.body_unsigned)
+      -- python3-dkim agrees that it verifies
+      assert.same({ { true } }, pyverify({ sig .. MSG .. extra }, { ["r._domainkey.football.example.com"] = k.rsa2048:txt() }))
+    end)
+
+    it("verify() judges b= or bh= that is not base64, and a bad l=, malformed (permerror), not failed", function()
+      local k = keys()
+      signer = dkim.signer()
+      local h = assert(sign(signer, MSG, { { key = k.rsa2048, domain = "football.example.com", selector = "r" } }))
+      local list = { ["r._domainkey.football.example.com"] = k.rsa2048:txt() }
+      assert.equal("pass", dkim.verify(h .. MSG, list)[1].result)
+      local b = h:match("b=([^;]+)$"):gsub("%s", "")
+      local bh = h:match("bh=([^;]+);")
+      local cases = {
+        { h:gsub("b=[^;]+$", "b=" .. b:sub(1, 40) .. "!" .. b:sub(42) .. "\r\n"), "b= is not base64" },
+        { h:gsub("b=[^;]+$", "b=" .. b:sub(1, -6) .. "\r\n"), "b= is not base64" },
+        { h:gsub("b=[^;]+$", "b=" .. b .. "===" .. "\r\n"), "b= is not base64" },
+        { h:gsub("bh=[^;]+;", "bh=" .. bh:sub(1, 10) .. "*" .. bh:sub(12) .. ";"), "bh= is not base64" },
+        { h:gsub("bh=", "l=12x; bh="), "bad l= value" },
+        { h:gsub("bh=", "l=; bh="), "bad l= value" },
+      }
+      for _, c in ipairs(cases) do
+        local r = dkim.verify(c[1] .. MSG, list)[1]
+        assert.same({ "permerror", c[2] }, { r.result, r.reason }, c[1])
+      end
+      -- folding white space inside b= is allowed
+      local folded = h:gsub("b=([^;]+)$", function(v)
+        local s = v:gsub("%s", "")
+        return "b=" .. s:sub(1, 30) .. "\r\n\t " .. s:sub(31) .. "\r\n"
+      end)
+      assert.equal("pass", dkim.verify(folded .. MSG, list)[1].result)
     end)
 
     it("verify() judges a signature's own errors permerror even when its key lookup failed", function()
