@@ -118,47 +118,61 @@ function _M.spool(argv)
       parts[#parts + 1] = "w" .. i
     end
   end
-  local list = {}
+  -- Envelopes are read one at a time as the lines are written (not all
+  -- kept), so the listing of a large queue takes about 150 bytes a message.
+  local list, spools = {}, {}
+  -- (the envelopes decoded for the lines are garbage at once: collect it
+  -- before the heap doubles, as Lua's default pause lets it)
+  collectgarbage("setpause", 110)
   for _, part in ipairs(#parts > 0 and parts or { false }) do
-    local sp, err = spool.open({ dir = part and (dir .. "/" .. part) or dir, readonly = true })
+    local sp, err = spool.open({ dir = part and (dir .. "/" .. part) or dir, readonly = true, envelopes = false })
     if not sp then return die(1, "%s", err) end
-    sp:each(function(m)
-      m.partition = part or nil
-      list[#list + 1] = m
-    end)
+    spools[#spools + 1] = sp
+    sp.partition = part or nil
+    -- (no field added to each message: its table would double in size)
+    for _, seg in pairs(sp.segs) do seg.spool = sp end
+    sp:each(function(m) list[#list + 1] = m end)
   end
   table.sort(list, function(a, b) return a.id < b.id end)
   local now = os.time()
+  -- (an envelope that cannot be read: the message is listed without it)
+  local function envelope(m)
+    return m.seg.spool:envelope(m) or { rcpt = {}, from = "?" }
+  end
+  local out = io.stdout
   if flag == "--json" then
     local cjson = require "cjson"
-    local out = setmetatable({}, cjson.array_mt or {})
+    out:write('{"queued":', #list, ',"messages":[')
     for i, m in ipairs(list) do
-      local pending = {}
-      for k, r in ipairs(m.env.rcpt) do
+      local env = envelope(m)
+      local pending = setmetatable({}, cjson.array_mt or {})
+      for k, r in ipairs(env.rcpt) do
         if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = r.a end
       end
-      out[i] = { id = ids.hex(m.id), received = m.env.t or ids.time_of(m.id), record_size = m.len, from = m.env.from,
-        pending = pending, attempts = m.attempts, next_attempt = m.next, tenant = m.env.tenant,
-        partition = m.partition }
+      if i > 1 then out:write(",") end
+      out:write(cjson.encode({ id = ids.hex(m.id), received = env.t or ids.time_of(m.id), record_size = m.len,
+        from = env.from, pending = pending, attempts = m.attempts, next_attempt = m.next, tenant = env.tenant,
+        partition = m.seg.spool.partition }))
     end
-    local json = cjson.encode({ queued = #list, messages = out })
-    if #list == 0 then json = json:gsub('"messages":{}', '"messages":[]') end
-    io.stdout:write(json, "\n")
+    out:write("]}\n")
+    for _, sp in ipairs(spools) do sp:close() end
     return 0
   end
   -- addresses come from clients: their control characters are shown
   -- escaped, as moonpost ctl shows them (a UTF-8 address may hold a C1 CSI)
   local term = require("moonpost.runtime.ctl").term
   for _, m in ipairs(list) do
+    local env = envelope(m)
     local pending = {}
-    for k, r in ipairs(m.env.rcpt) do
+    for k, r in ipairs(env.rcpt) do
       if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = "<" .. term(r.a) .. ">" end
     end
-    io.stdout:write(string.format("%s  %6ds  %8d  <%s>  %s  attempts=%d%s\n", ids.hex(m.id),
-      now - (m.env.t or now), m.len, term(m.env.from), table.concat(pending, " "), m.attempts or 0,
-      m.partition and ("  " .. m.partition) or ""))
+    out:write(string.format("%s  %6ds  %8d  <%s>  %s  attempts=%d%s\n", ids.hex(m.id),
+      now - (env.t or now), m.len, term(env.from or "?"), table.concat(pending, " "), m.attempts or 0,
+      m.seg.spool.partition and ("  " .. m.seg.spool.partition) or ""))
   end
-  io.stdout:write(string.format("%d queued\n", #list))
+  out:write(string.format("%d queued\n", #list))
+  for _, sp in ipairs(spools) do sp:close() end
   return 0
 end
 

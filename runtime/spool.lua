@@ -168,9 +168,12 @@ function _M.open(opts)
     if opts[k] == nil then self[k] = v else self[k] = opts[k] end
   end
   if opts.readonly then
-    -- Inspection (moonpost spool list): no lock, no change to any file,
-    -- envelopes kept in memory. Works beside a running server.
+    -- Inspection (moonpost spool list): no lock, no change to any file.
+    -- Works beside a running server. Envelopes are kept in memory (m.env),
+    -- or with envelopes = false read when asked (Spool:envelope): a million
+    -- queued messages then take ~150 MB to list, not gigabytes.
     self.readonly = true
+    self.keep_env = opts.envelopes ~= false
     -- seg/ missing (or not a directory) is no spool; one that cannot be
     -- read is an error, not an empty spool
     local seg = self.dir .. "/seg"
@@ -308,7 +311,7 @@ function Spool:recover()
     local data_end
     -- Envelopes are not decoded (but for listing): the recipient count is in
     -- the record header and the arrival time in the id.
-    local skip_meta = not self.readonly
+    local skip_meta = not self.keep_env
     while true do
       local kind, a, b, c, d, e, f, g = sc:next(skip_meta)
       if kind == nil then break end
@@ -330,13 +333,13 @@ function Spool:recover()
             -- stays final, even if a crash came between the two records)
             drop_live(m)
             add_live(m, seg, off, len)
-            if self.readonly then m.env = env end
+            if self.keep_env then m.env = env end
           elseif m then
             dups = dups + 1
             log.warn("spool: %s offset %d: duplicate message id %s ignored", seg_name(num), off, ids.hex(id))
           else
             m = { id = id, pending = nrcpt, attempts = 0, next = 0 }
-            if self.readonly then m.env = env end
+            if self.keep_env then m.env = env end
             add_live(m, seg, off, len)
             self.msgs[id] = m
             self.nlive = self.nlive + 1
@@ -717,6 +720,24 @@ end
 
 function Spool:accepting()
   return not self.full
+end
+
+-- envelope(m) -> env | nil, err: a message's envelope, read from its
+-- segment (blocking: for tools; a read-only open keeps its segments open,
+-- so one deleted by a running server since is still read).
+function Spool.envelope(_, m)
+  if m.env then return m.env end
+  local seg = m.seg
+  if not (seg and seg.file) then return nil, "no segment" end
+  local ok, hdr = pcall(seg.file.read, seg.file, m.off, core.HEADER)
+  if not ok or not hdr or #hdr < core.HEADER then return nil, "cannot read the record" end
+  local b1, b2, b3, b4 = hdr:byte(17, 20)
+  local meta_len = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
+  if meta_len > m.len - core.HEADER then return nil, "bad record" end
+  local meta = seg.file:read(m.off + core.HEADER, meta_len)
+  local env = meta and decode(meta)
+  if type(env) ~= "table" then return nil, "unreadable envelope" end
+  return env
 end
 
 function Spool:get(id)

@@ -492,6 +492,48 @@ describe("spool", function()
     end)
   end)
 
+  it("a read-only open with envelopes = false keeps none, and reads each when asked, from a segment deleted since too",
+    function()
+    H.run(function()
+      local sdir = dir .. "/spool"
+      local sp = assert(spool_mod.open(spool_opts(sdir, { segment_size = 4096, cache_bytes = 0, check_interval = 3600 })))
+      local ids = {}
+      for i = 1, 12 do
+        local t = { id = idgen.next(), sender = { address = "s" .. i .. "@y.test" },
+          recipients = { { address = "r" .. i .. "@x.test" }, { address = "q" .. i .. "@x.test" } },
+          received_at = os.time(), tenant = i % 2 == 0 and "even" or nil }
+        assert(sp:store(t, smtp.message("Subject: " .. i .. "\r\n\r\n" .. string.rep("z", 600) .. "\r\n")))
+        ids[i] = idgen.number(t.id)
+      end
+      local kept = assert(spool_mod.open({ dir = sdir, readonly = true }))
+      local lazy = assert(spool_mod.open({ dir = sdir, readonly = true, envelopes = false }))
+      assert.equal(12, lazy:count())
+      -- every message of the oldest segment finishes: the server deletes it
+      local oldest = sp:get(ids[1]).seg
+      local gone = {}
+      for i, id in ipairs(ids) do
+        if sp:get(id).seg == oldest then
+          gone[#gone + 1] = i
+          assert(sp:done(id))
+        end
+      end
+      assert.is_true(#gone > 0)
+      assert.is_true(H.wait_for(function() return not uv.fs_stat(oldest.path) end, 5), "the oldest segment stayed")
+      for i, id in ipairs(ids) do
+        local m = lazy:get(id)
+        assert.is_nil(m.env)
+        local env = assert(lazy:envelope(m))
+        assert.same(kept:get(id).env, env)
+        assert.equal("s" .. i .. "@y.test", env.from)
+        assert.equal(2, #env.rcpt)
+        assert.equal(i % 2 == 0 and "even" or nil, env.tenant)
+      end
+      kept:close()
+      lazy:close()
+      sp:close()
+    end)
+  end)
+
   it("recovers after torn tails and damage: keeps intact messages, quarantines the damaged one", function()
     math.randomseed(os.time())
     for trial = 1, 5 do
