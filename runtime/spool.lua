@@ -576,6 +576,16 @@ function rewrite_later(self, done_ids, state_ids)
   if next(ps) then self.pending_state = ps end
 end
 
+-- flush_segment(seg) -> true | nil, err, code, buffered: what is buffered
+-- for seg, to its file
+local function flush_segment(seg)
+  local buffered = seg.file:pending()
+  local ok, err, code = seg.file:flush()
+  if ok then return true end
+  seg.size = seg.file:size()
+  return nil, err, code, buffered
+end
+
 local function start_sync(self)
   local batch = self.waiters
   self.waiters = {}
@@ -591,12 +601,13 @@ local function start_sync(self)
   -- write fails the whole batch: its records are gone from the file.
   local fds = {}
   for i = 1, #segs do
-    local buffered = segs[i].file:pending()
-    local ok, err, code = segs[i].file:flush()
+    -- (an error here must fail this batch, not end start_sync half-way: the
+    -- spool would stay "syncing" and no 250 would ever come again)
+    local pok, ok, err, code, buffered = pcall(flush_segment, segs[i])
+    if not pok then ok, err = nil, ok end
     if ok then
       fds[#fds + 1] = segs[i].file:fd()
     else
-      segs[i].size = segs[i].file:size()
       failure = failure or err
       if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then set_full(self, code, buffered) end
       log.error("spool: %s: %s", seg_name(segs[i].num), tostring(err))
@@ -965,6 +976,9 @@ end
 
 local function delete_segment(self, seg)
   uv.fs_unlink(seg.path)
+  -- written since the last sync began, it is not synced now: every message
+  -- in it is finished (its state records are moot) and the file is gone
+  self.dirty[seg] = nil
   close_segment(seg) -- (a read still in flight keeps the fd until it ends)
   self.segs[seg.num] = nil
   table.remove(self.order, 1)

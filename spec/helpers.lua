@@ -196,14 +196,17 @@ function H.send(port, opts)
   return c, e, t
 end
 
--- Stop an MTA and wait (bounded) until its sessions have closed.
+-- Stop an MTA and wait (bounded) until it has stopped and its sessions
+-- have closed. A stop that does not end is an error of the spec (it hid a
+-- spool whose syncs had stopped for good behind "left handles open").
 function H.stop_mta(mta)
   local done = false
   mta:stop(0, function() done = true end)
-  for _ = 1, 200 do
+  for _ = 1, 1000 do
     if done and mta:sessions() == 0 then break end
     sched.sleep(0.01)
   end
+  if not done then error("the MTA did not stop within 10 s", 2) end
   sched.sleep(0.01)
 end
 

@@ -534,6 +534,37 @@ describe("spool", function()
     end)
   end)
 
+  it("syncs on after a segment written since the last sync is deleted (its messages all finished)", function()
+    H.run(function()
+      local sp = assert(spool_mod.open(spool_opts(dir .. "/spool", { segment_size = 4096, cache_bytes = 0,
+        check_interval = 3600 })))
+      local t = { id = idgen.next(), sender = { address = "s@y.test" }, recipients = { { address = "r@x.test" } },
+        received_at = os.time() }
+      assert(sp:store(t, smtp.message("Subject: a\r\n\r\n" .. string.rep("z", 3000) .. "\r\n")))
+      local id = idgen.number(t.id)
+      local first = sp.head
+      -- state records fill the head, with no sync between them, until the
+      -- next one starts a new head: the first segment is written and not synced
+      local n = 0
+      while sp.head == first and n < 100 do
+        n = n + 1
+        assert(sp:update(id, { attempts = n, next = os.time() + 60 }))
+      end
+      assert.are_not.equal(first, sp.head)
+      assert.is_true(sp.dirty[first] ~= nil, "the first segment was synced already")
+      -- its message ends: the first segment is deleted at the end of this turn
+      assert(sp:done(id))
+      assert.is_true(H.wait_for(function() return sp.segs[first.num] == nil end, 5))
+      -- the next batch syncs, and so does the one after it
+      assert.is_true((sp:sync()))
+      local t2 = { id = idgen.next(), sender = { address = "s@y.test" }, recipients = { { address = "r@x.test" } },
+        received_at = os.time() }
+      assert.is_true((sp:store(t2, smtp.message("Subject: b\r\n\r\nb\r\n"))))
+      assert.is_falsy(sp.syncing)
+      sp:close()
+    end)
+  end)
+
   it("recovers after torn tails and damage: keeps intact messages, quarantines the damaged one", function()
     math.randomseed(os.time())
     for trial = 1, 5 do
