@@ -1673,17 +1673,21 @@ int mp_dkim_verify(const char *msg, size_t len, const mp_dkim_keyrec *keys, size
     }
     dkim_set_user_context(d, &ctx);
     for (f = 0; f < fl.n; f++) {
-        /* A signature this parser finds malformed is judged already
-         * (permerror) and is not handed to libopendkim: one with duplicate
-         * tags made its dkim_eoh() write past a heap block (found by
-         * fuzz_dkim_parse; core/fuzz/regress/dkim_parse/dup-tags-eoh-overflow).
-         * (A signature whose h= covers such a field then fails: RFC 6376
-         * 3.2 makes the field invalid anyway.) */
+        /* A signature whose tag list this parser cannot read (judged
+         * permerror already) is not handed to libopendkim: one with
+         * duplicate tags made its dkim_eoh() write past a heap block (found
+         * by fuzz_dkim_parse; core/fuzz/regress/dkim_parse/dup-tags-eoh-overflow).
+         * One whose tags read but whose values are wrong (h= without From,
+         * v=2, b= not base64, ...) is still a header field, and another
+         * signature's h= may cover it (RFC 6376 5.4): it is handed over, so
+         * that the hash of such a signature is the signer's. */
         if (field_is(&fl.f[f], HDR_NAME)) {
             const char *colon = memchr(fl.f[f].text, ':', fl.f[f].len);
-            mp_dkim_sig tmp;
-            mp_dkim_sig_parse(colon + 1, fl.f[f].len - (size_t)(colon + 1 - fl.f[f].text), &tmp);
-            if (tmp.error) continue;
+            mp_tag tags[MP_DKIM_MAX_TAGS];
+            const char *why = NULL;
+            if (mp_dkim_tags(colon + 1, fl.f[f].len - (size_t)(colon + 1 - fl.f[f].text), tags, MP_DKIM_MAX_TAGS,
+                             &why) < 0)
+                continue;
         }
         st = dkim_header(d, (unsigned char *)fl.f[f].text, fl.f[f].len);
         if (st != DKIM_STAT_OK && st != DKIM_STAT_SYNTAX) break;

@@ -78,9 +78,9 @@ local function pyverify(messages, keytable)
   return res
 end
 
-local function pysign(msgfile, keyfile, domain, selector, canon, alg, length)
-  local cmd = string.format("%s %ssign.py %s %s %s %s %s %s %s 2>&1", H.python, FIX, msgfile, keyfile, domain, selector,
-    canon, alg, length and "length" or "")
+local function pysign(msgfile, keyfile, domain, selector, canon, alg, length, sign_dkim)
+  local cmd = string.format("%s %ssign.py %s %s %s %s %s %s %s %s 2>&1", H.python, FIX, msgfile, keyfile, domain,
+    selector, canon, alg, length and "length" or "-", sign_dkim and "dkim-signature" or "")
   local p = assert(io.popen(cmd))
   local out = p:read("*a")
   p:close()
@@ -694,6 +694,35 @@ describe("moonpost.core.dkim", function()
         return "b=" .. s:sub(1, 30) .. "\r\n\t " .. s:sub(31) .. "\r\n"
       end)
       assert.equal("pass", dkim.verify(folded .. MSG, list)[1].result)
+    end)
+
+    it("verify() passes a signature whose h= covers a DKIM-Signature field that is itself malformed "
+      .. "(RFC 6376 5.4: a field like any other)", function()
+      local k = keys()
+      local list = dns({ { "r", "football.example.com", k.rsa2048 } })
+      -- malformed in Moonpost's eyes, each its own way, but a clean tag list:
+      -- h= without From, a v= to come, a b= that is not base64
+      local inner = {
+        { "DKIM-Signature: v=1; a=rsa-sha256; d=list.example; s=x; h=to:subject;\r\n\tbh=YWJjZA==; b=YWJjZA==\r\n",
+          "h= does not include From" },
+        { "DKIM-Signature: v=2; a=rsa-sha256; d=list.example; s=x; h=from;\r\n\tbh=YWJjZA==; b=YWJjZA==\r\n",
+          "v= is not 1" },
+        { "DKIM-Signature: v=1; a=rsa-sha256; d=list.example; s=x; h=from;\r\n\tbh=YWJjZA==; b=YWJj!A==\r\n",
+          "b= is not base64" },
+      }
+      for _, c in ipairs(inner) do
+        H.write(tmp .. "/msg.eml", c[1] .. MSG)
+        for _, canon in ipairs({ "relaxed/relaxed", "simple/simple" }) do
+          local outer = pysign(tmp .. "/msg.eml", FIX .. "rsa2048.pem", "football.example.com", "r", canon,
+            "rsa-sha256", false, true)
+          assert.truthy(tags(outer).h:lower():find("dkim-signature", 1, true), outer)
+          local m = outer .. c[1] .. MSG
+          -- python3-dkim agrees that the outer one verifies
+          assert.same({ true, false }, pyverify({ m }, dns({ { "r", "football.example.com", k.rsa2048 } }))[1])
+          local r = dkim.verify(m, list)
+          assert.same({ "pass", "permerror", c[2] }, { r[1].result, r[2].result, r[2].reason }, canon .. " " .. c[2])
+        end
+      end
     end)
 
     it("verify() judges a signature's own errors permerror even when its key lookup failed", function()
