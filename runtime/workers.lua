@@ -372,9 +372,21 @@ function _M.supervise(mta, n, source)
     timers[t] = true
     t:unref()
     local ms = math.floor(_M.HEARTBEAT * 1000)
+    local last = uv.now()
     t:start(ms, ms, sched.callback(function()
       if stopping then return end
       local now = uv.now()
+      -- Silence counts only while this loop runs. A tick this late means the
+      -- supervisor itself was stopped (a frozen container, a paused VM,
+      -- SIGSTOP): its workers most likely were too, and their heartbeats
+      -- may not have come in yet; the time it missed is not held against them.
+      local late = now - last - ms
+      last = now
+      if late > ms / 2 then
+        for _, s in ipairs(slots) do
+          if s.heard then s.heard = math.min(now, s.heard + late) end
+        end
+      end
       for _, s in ipairs(slots) do
         if s.pid and s.ready and not s.killed and now - (s.heard or now) > watchdog * 1000 then
           s.killed = true

@@ -536,6 +536,40 @@ describe("workers = 2", function()
     H.rm_rf(dir)
   end)
 
+  it("kills no worker when the supervisor and its workers were all paused (a frozen container) longer than the "
+    .. "watchdog", function()
+    local dir = H.tmpdir("moonpost-workers-watchdog-paused")
+    local all = {}
+    finally(function()
+      for _, pid in ipairs(all) do uv.kill(pid, "sigcont") end
+    end)
+    run(function()
+      local srv, _, port = start(dir, nil, { WATCHDOG = "2s" })
+      local pids = worker_pids(srv)
+      all = { srv.pid, pids[0], pids[1] }
+      -- a cgroup freeze (docker pause, systemctl freeze) stops every process
+      -- at once; the thaw wakes them in no particular order
+      for _, pid in ipairs(all) do uv.kill(pid, "sigstop") end
+      H.wait_for(function() return false end, 4)
+      uv.kill(srv.pid, "sigcont")
+      H.wait_for(function() return false end, 0.3)
+      uv.kill(pids[0], "sigcont")
+      uv.kill(pids[1], "sigcont")
+      -- the workers' loops run again: their heartbeats come, and nobody is killed
+      H.wait_for(function() return false end, 3)
+      assert.not_matches("has not answered", srv.log())
+      assert.is_true(alive(pids[0]) and alive(pids[1]), srv.log())
+      assert.same(pids, worker_pids(srv))
+      assert.equal(250, (H.send(port, { to = "after@x.test" })))
+      -- a worker that hangs afterwards is still found
+      uv.kill(pids[1], "sigstop")
+      assert.is_true(H.wait_for(function() return not alive(pids[1]) end, 15), "not killed: " .. srv.log())
+      uv.kill(srv.pid, "sigterm")
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), srv.log())
+    end, 90)
+    H.rm_rf(dir)
+  end)
+
   it("names the signal of a worker that died before it started in the supervisor's error", function()
     local dir = H.tmpdir("moonpost-workers-killed-starting")
     run(function()
