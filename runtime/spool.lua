@@ -477,6 +477,15 @@ local function fill(self, file, size)
   return true
 end
 
+-- Close and remove a prepared file, if the name is still its own: a spool
+-- opened on the same directory after this one closed (a reload, a test) may
+-- have made its own seg/prealloc meanwhile.
+local function discard_prepared(file, path)
+  local mine, there = uv.fs_fstat(file:fd()), uv.fs_stat(path)
+  file:close()
+  if mine and there and mine.ino == there.ino and mine.dev == there.dev then uv.fs_unlink(path) end
+end
+
 -- Make the next head ahead of time (a task; see the top of this file).
 function prepare_next(self)
   if not self.preallocate or self.preparing or self.prepared or self.closed or self.readonly then return end
@@ -494,14 +503,12 @@ function prepare_next(self)
     if ok then ok, err = fill(self, file, size) end
     self.preparing = false
     if not ok then
-      if file then file:close() end
-      uv.fs_unlink(path)
+      if file then discard_prepared(file, path) end
       if not self.closed then log.warn("spool: cannot preallocate %s: %s", path, tostring(err)) end
       return
     end
     if self.closed then
-      file:close()
-      uv.fs_unlink(path)
+      discard_prepared(file, path)
       return
     end
     self.prepared = { file = file, path = path, size = size }
@@ -1191,8 +1198,7 @@ function Spool:close()
   for _, seg in pairs(self.segs) do close_segment(seg) end
   self.segs = {}
   if self.prepared then
-    self.prepared.file:close()
-    uv.fs_unlink(self.prepared.path)
+    discard_prepared(self.prepared.file, self.prepared.path)
     self.prepared = nil
   end
   if self.lock then

@@ -153,6 +153,23 @@ describe("spool preallocation", function()
     end)
   end)
 
+  it("a spool closed while it prepares leaves the next spool's seg/prealloc alone", function()
+    H.run(function()
+      local sdir = dir .. "/spool"
+      local a = assert(spool_mod.open({ dir = sdir, min_free = 0 }))
+      assert.is_true(a.preparing, "the first spool prepares nothing")
+      a:close() -- its task is still writing zeros
+      local b = assert(spool_mod.open({ dir = sdir, min_free = 0 }))
+      assert.is_true(H.wait_for(function() return not a.preparing and b.prepared ~= nil end, 10))
+      sched.sleep(0.1)
+      local there = uv.fs_stat(sdir .. "/seg/prealloc")
+      assert.truthy(there, "the second spool's prepared file was removed")
+      assert.equal(uv.fs_fstat(b.prepared.file:fd()).ino, there.ino)
+      b:close()
+      assert.is_nil(uv.fs_stat(sdir .. "/seg/prealloc"))
+    end)
+  end)
+
   it("preallocate = false writes plain segments", function()
     H.run(function()
       local so = { dir = dir .. "/spool", min_free = 0, preallocate = false }
