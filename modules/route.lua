@@ -104,15 +104,7 @@ local WARMUP_SCHEMA = {
 local function day_of(date)
   local y, m, d = tostring(date):match("^(%d%d%d%d)%-(%d%d)%-(%d%d)$")
   if not y then return nil end
-  y, m, d = tonumber(y), tonumber(m), tonumber(d)
-  -- days from civil (H. Hinnant's algorithm)
-  if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m + 9) % 12
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
+  return config.days_from_civil(tonumber(y), tonumber(m), tonumber(d))
 end
 _M.day_of = day_of
 

@@ -74,6 +74,19 @@ function _M.duration(v)
   return n * mult
 end
 
+-- days_from_civil(y, m, d) -> days from 1970-01-01 to that date of the
+-- proleptic Gregorian calendar (H. Hinnant's algorithm): route schedules'
+-- dates, HTTP-dates.
+function _M.days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
 -- Whole numbers (sizes, counts) are exact up to 2^53; above, a Lua number
 -- is not, and the C side refuses such a limit.
 local MAX_EXACT = 2 ^ 53

@@ -42,16 +42,7 @@ local MAX_LINE = 65536 -- a status line, header or chunk-size line
 local MONTHS = { jan = 1, feb = 2, mar = 3, apr = 4, may = 5, jun = 6, jul = 7, aug = 8, sep = 9, oct = 10,
   nov = 11, dec = 12 }
 
--- days from 1970-01-01 to y-m-d of the proleptic Gregorian calendar
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m + 9) % 12
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
+local days_from_civil = require("moonpost.runtime.config").days_from_civil
 
 local function epoch(y, mon, d, hh, mm, ss)
   local m = MONTHS[lower(mon)]

@@ -87,6 +87,16 @@ local function alive(pid)
   return (uv.kill(pid, 0)) == 0
 end
 
+-- hang_one(srv, port, dir, pids) -> index, pid of the worker that hangs as
+-- it delivers a message to hang@ (the one holding it: id % 2), once it has
+local function hang_one(srv, port, dir, pids)
+  local code, _, text = H.send(port, { to = "hang@x.test" })
+  assert.equal(250, code)
+  local w = tonumber(assert(text:match("queued as (%x+)")), 16) % 2
+  assert.is_true(H.wait_for(function() return uv.fs_stat(dir .. "/mail/hung") ~= nil end, 15), srv.log())
+  return w, pids[w]
+end
+
 -- Two consecutive free ports (the HTTP ports of workers 0 and 1), below
 -- the ephemeral range so that no outgoing connection takes the second.
 local function free_pair()
@@ -477,12 +487,8 @@ describe("workers = 2", function()
     run(function()
       local srv, _, port = start(dir)
       local pids = worker_pids(srv)
-      local code, _, text = H.send(port, { to = "hang@x.test" })
-      assert.equal(250, code)
-      -- the worker that holds it (id % 2) hangs as it delivers it
-      local w = tonumber(assert(text:match("queued as (%x+)")), 16) % 2
-      hung = pids[w]
-      assert.is_true(H.wait_for(function() return uv.fs_stat(dir .. "/mail/hung") ~= nil end, 15), srv.log())
+      local w
+      w, hung = hang_one(srv, port, dir, pids)
       uv.kill(srv.pid, "sigterm")
       -- the other worker stops; the hung one never handles its SIGTERM
       assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), "the supervisor did not exit: " .. srv.log())
@@ -506,11 +512,8 @@ describe("workers = 2", function()
     run(function()
       local srv, _, port = start(dir, nil, { WATCHDOG = "2s" })
       local pids = worker_pids(srv)
-      local code, _, text = H.send(port, { to = "hang@x.test" })
-      assert.equal(250, code)
-      local w = tonumber(assert(text:match("queued as (%x+)")), 16) % 2
-      hung = pids[w]
-      assert.is_true(H.wait_for(function() return uv.fs_stat(dir .. "/mail/hung") ~= nil end, 15), srv.log())
+      local w
+      w, hung = hang_one(srv, port, dir, pids)
       -- a worker that only waits (no mail) keeps its heartbeat
       assert.is_true(H.wait_for(function() return not alive(hung) end, 15), "the hung worker was not killed: " .. srv.log())
       -- (the supervisor's lines come through a pipe: they may follow the kill)
