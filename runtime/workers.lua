@@ -76,11 +76,13 @@ ffi.cdef [[
 int setsockopt(int sockfd, int level, int optname, const void *optval, unsigned int optlen);
 int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5);
 int getppid(void);
+int fcntl(int fd, int cmd, ...);
 ]]
 
 -- Linux values (asm-generic/socket.h, linux/prctl.h, signal.h).
 local SOL_SOCKET, SO_REUSEPORT = 1, 15
 local PR_SET_PDEATHSIG, SIGTERM = 1, 15
+local F_SETFD, FD_CLOEXEC = 2, 1
 
 -- reuseport(tcp): SO_REUSEPORT on a TCP handle whose socket exists
 -- (uv.new_tcp("inet") / "inet6"), before bind. libuv 1.44 has no flag for it.
@@ -118,6 +120,8 @@ end
 function _M.ready()
   local fd = tonumber(os.getenv("MOONPOST_WORKER_FD") or "")
   if not fd then return end
+  -- (kept open for the heartbeats: not for programs the policy starts)
+  ffi.C.fcntl(fd, F_SETFD, ffi.new("int", FD_CLOEXEC)) -- (an int: a vararg number goes as a double)
   local p = uv.new_pipe(false)
   if not p:open(fd) then
     p:close()

@@ -42,6 +42,10 @@ mta:use(require("moonpost.maildir").deliver {
       io.open(env.maildir .. "/hung", "w"):close()
       while true do end
     end
+    -- fds@: what a program the policy starts finds on its fd 3
+    if rcpt["local"] == "fds" then
+      os.execute("sh -c 'readlink /proc/$$/fd/3; echo done' > " .. env.maildir .. "/fds.txt 2>&1")
+    end
     if rcpt["local"]:match("^defer") then return env.maildir .. "/.blocked/" .. rcpt["local"] end
     return env.maildir .. "/" .. rcpt["local"]
   end,
@@ -570,6 +574,26 @@ describe("workers = 2", function()
       uv.kill(srv.pid, "sigterm")
       assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), srv.log())
     end, 90)
+    H.rm_rf(dir)
+  end)
+
+  it("keeps the heartbeat pipe from the programs a worker's policy starts", function()
+    local dir = H.tmpdir("moonpost-workers-fds")
+    run(function()
+      local srv, _, port = start(dir)
+      assert.equal(250, (H.send(port, { to = "fds@x.test" })))
+      local out
+      assert.is_true(H.wait_for(function()
+        local f = io.open(dir .. "/mail/fds.txt", "rb")
+        out = f and f:read("*a")
+        if f then f:close() end
+        return out and out:find("done", 1, true) ~= nil
+      end, 15), srv.log())
+      -- nothing on fd 3 (the supervisor's end is a socket: "socket:[...]")
+      assert.equal("done\n", out)
+      uv.kill(srv.pid, "sigterm")
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), srv.log())
+    end, 60)
     H.rm_rf(dir)
   end)
 
