@@ -91,6 +91,12 @@ local function alive(pid)
   return (uv.kill(pid, 0)) == 0
 end
 
+-- SIGTERM to the supervisor, and its exit (30 s at most)
+local function stop_supervisor(srv)
+  uv.kill(srv.pid, "sigterm")
+  assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), srv.log())
+end
+
 -- hang_one(srv, port, dir, pids) -> index, pid of the worker that hangs as
 -- it delivers a message to hang@ (the one holding it: id % 2), once it has
 local function hang_one(srv, port, dir, pids)
@@ -536,8 +542,7 @@ describe("workers = 2", function()
         return now[w] and now[w] ~= hung
       end, 15), srv.log())
       assert.is_true(H.wait_for(function() return #H.ls(dir .. "/mail/hang/new") == 1 end, 15), srv.log())
-      uv.kill(srv.pid, "sigterm")
-      assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), srv.log())
+      stop_supervisor(srv)
       assert.equal(0, select(2, srv.exited()))
     end, 90)
     H.rm_rf(dir)
@@ -571,8 +576,7 @@ describe("workers = 2", function()
       -- a worker that hangs afterwards is still found
       uv.kill(pids[1], "sigstop")
       assert.is_true(H.wait_for(function() return not alive(pids[1]) end, 15), "not killed: " .. srv.log())
-      uv.kill(srv.pid, "sigterm")
-      assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), srv.log())
+      stop_supervisor(srv)
     end, 90)
     H.rm_rf(dir)
   end)
@@ -591,8 +595,7 @@ describe("workers = 2", function()
       end, 15), srv.log())
       -- nothing on fd 3 (the supervisor's end is a socket: "socket:[...]")
       assert.equal("done\n", out)
-      uv.kill(srv.pid, "sigterm")
-      assert.is_true(H.wait_for(function() return (srv.exited()) end, 30), srv.log())
+      stop_supervisor(srv)
     end, 60)
     H.rm_rf(dir)
   end)
