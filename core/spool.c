@@ -366,6 +366,13 @@ int mp_scan_next(mp_scan *s, mp_scan_item *it)
             s->pos = -1;
             return it->result = MP_SCAN_ZEROS;
         }
+        /* zeros_to_end() refilled the buffer from further on: p pointed
+         * into it, so the header is fetched again */
+        p = scan_get(s, start, MP_REC_HEADER, &have);
+        if (p == NULL) {
+            it->err = errno;
+            return it->result = MP_SCAN_ERROR;
+        }
     }
     if (have < MP_REC_HEADER) return damaged(s, it, start, start + 1, "short header");
     if (mp_rec_decode((const unsigned char *)p, &h) != 0) return damaged(s, it, start, start + 1, "bad header");
