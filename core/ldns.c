@@ -154,16 +154,6 @@ static lchannel *checkchannel(lua_State *L, int i)
     return lc;
 }
 
-static int server_count(ares_channel ch)
-{
-    struct ares_addr_port_node *list = NULL, *p;
-    int n = 0;
-    if (ares_get_servers_ports(ch, &list) != ARES_SUCCESS) return -1;
-    for (p = list; p; p = p->next) n++;
-    ares_free_data(list);
-    return n;
-}
-
 static int l_channel(lua_State *L)
 {
     static int library_ready;
@@ -215,20 +205,22 @@ static int l_channel(lua_State *L)
      * and, with no other to try, end the query with ECONNREFUSED ("could
      * not contact DNS servers"), so a domain whose DNS is broken looked like
      * a resolver that is down. With several, c-ares tries the next one. */
-    if (server_count(lc->ch) == 1) {
+    {
+        struct ares_addr_port_node *list = NULL;
         ares_channel one;
-        o.flags = ARES_FLAG_NOCHECKRESP;
-        if (ares_init_options(&one, &o, mask | ARES_OPT_FLAGS) == ARES_SUCCESS) {
-            struct ares_addr_port_node *list = NULL;
-            if (ares_get_servers_ports(lc->ch, &list) == ARES_SUCCESS && ares_set_servers_ports(one, list) == ARES_SUCCESS) {
-                ares_destroy(lc->ch);
-                lc->ch = one;
-                ares_set_socket_functions(lc->ch, &socket_functions, lc);
-            } else {
-                ares_destroy(one);
+        if (ares_get_servers_ports(lc->ch, &list) == ARES_SUCCESS && list != NULL && list->next == NULL) {
+            o.flags = ARES_FLAG_NOCHECKRESP;
+            if (ares_init_options(&one, &o, mask | ARES_OPT_FLAGS) == ARES_SUCCESS) {
+                if (ares_set_servers_ports(one, list) == ARES_SUCCESS) {
+                    ares_destroy(lc->ch);
+                    lc->ch = one;
+                    ares_set_socket_functions(lc->ch, &socket_functions, lc);
+                } else {
+                    ares_destroy(one);
+                }
             }
-            if (list) ares_free_data(list);
         }
+        if (list) ares_free_data(list);
     }
     return 1;
 }

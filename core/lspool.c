@@ -26,6 +26,8 @@
  *       "error", err, code
  *       nil                                 end of file
  *   segment:read(offset, length) -> string   (blocking pread: recovery and tools)
+ *   segment:meta(offset)        -> the metadata of the record at offset | nil, why
+ *       (blocking; the header is checked, the payload is not read past the metadata)
  *   segment:size(), segment:fd(), segment:truncate(n), segment:close()
  */
 #include <fcntl.h>
@@ -264,6 +266,44 @@ static int s_truncate(lua_State *L)
     return 1;
 }
 
+/* pread exactly n bytes at off: 0, or -errno (EIO for a short file) */
+static int pread_all(int fd, char *buf, size_t n, off_t off)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = pread(fd, buf + done, n - done, off + (off_t)done);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -errno;
+        if (r == 0) return -EIO;
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+static int s_meta(lua_State *L)
+{
+    lsegment *seg = checksegment(L, 1);
+    lua_Number off = luaL_checknumber(L, 2);
+    unsigned char hdr[MP_REC_HEADER];
+    mp_rec_hdr h;
+    char *p;
+    int r;
+    if (off < 0) luaL_argerror(L, 2, "negative offset");
+    r = seg_flush(seg);
+    if (r == 0) r = pread_all(seg->fd, (char *)hdr, sizeof hdr, (off_t)off);
+    if (r != 0) return mp_pusherrno(L, "read", -r);
+    if (mp_rec_decode(hdr, &h) != 0) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "bad header");
+        return 2;
+    }
+    p = lua_newuserdata(L, h.meta_len + 1); /* freed by the collector */
+    r = pread_all(seg->fd, p, h.meta_len, (off_t)off + MP_REC_HEADER);
+    if (r != 0) return mp_pusherrno(L, "read", -r);
+    lua_pushlstring(L, p, h.meta_len);
+    return 1;
+}
+
 static int s_read(lua_State *L)
 {
     lsegment *seg = checksegment(L, 1);
@@ -496,7 +536,7 @@ static const luaL_Reg funcs[] = {
 
 static const luaL_Reg segment_methods[] = {
     {"append", s_append}, {"flush", s_flush}, {"pending", s_pending}, {"spill", s_spill}, {"size", s_size}, {"fd", s_fd}, {"truncate", s_truncate},
-    {"read", s_read}, {"scan", s_scan}, {"close", s_close}, {NULL, NULL}};
+    {"read", s_read}, {"meta", s_meta}, {"scan", s_scan}, {"close", s_close}, {NULL, NULL}};
 static const luaL_Reg segment_meta[] = {{"__gc", s_gc}, {NULL, NULL}};
 static const luaL_Reg scan_methods[] = {{"next", sc_next}, {NULL, NULL}};
 static const luaL_Reg scan_meta[] = {{"__gc", sc_gc}, {NULL, NULL}};

@@ -120,7 +120,7 @@ function _M.spool(argv)
   end
   -- Envelopes are read one at a time as the lines are written (not all
   -- kept), so the listing of a large queue takes about 150 bytes a message.
-  local list, spools = {}, {}
+  local list, spools, part_of = {}, {}, {}
   -- (the envelopes decoded for the lines are garbage at once: collect it
   -- before the heap doubles, as Lua's default pause lets it)
   collectgarbage("setpause", 110)
@@ -128,16 +128,15 @@ function _M.spool(argv)
     local sp, err = spool.open({ dir = part and (dir .. "/" .. part) or dir, readonly = true, envelopes = false })
     if not sp then return die(1, "%s", err) end
     spools[#spools + 1] = sp
-    sp.partition = part or nil
-    -- (no field added to each message: its table would double in size)
-    for _, seg in pairs(sp.segs) do seg.spool = sp end
+    -- the partition by segment (a field on each message would double its table)
+    for _, seg in pairs(sp.segs) do part_of[seg] = part or nil end
     sp:each(function(m) list[#list + 1] = m end)
   end
   table.sort(list, function(a, b) return a.id < b.id end)
   local now = os.time()
   -- (an envelope that cannot be read: the message is listed without it)
   local function envelope(m)
-    return m.seg.spool:envelope(m) or { rcpt = {}, from = "?" }
+    return spool.envelope(m) or { rcpt = {}, from = "?" }
   end
   local out = io.stdout
   if flag == "--json" then
@@ -152,7 +151,7 @@ function _M.spool(argv)
       if i > 1 then out:write(",") end
       out:write(cjson.encode({ id = ids.hex(m.id), received = env.t or ids.time_of(m.id), record_size = m.len,
         from = env.from, pending = pending, attempts = m.attempts, next_attempt = m.next, tenant = env.tenant,
-        partition = m.seg.spool.partition }))
+        partition = part_of[m.seg] }))
     end
     out:write("]}\n")
     for _, sp in ipairs(spools) do sp:close() end
@@ -169,7 +168,7 @@ function _M.spool(argv)
     end
     out:write(string.format("%s  %6ds  %8d  <%s>  %s  attempts=%d%s\n", ids.hex(m.id),
       now - (env.t or now), m.len, term(env.from or "?"), table.concat(pending, " "), m.attempts or 0,
-      m.seg.spool.partition and ("  " .. m.seg.spool.partition) or ""))
+      part_of[m.seg] and ("  " .. part_of[m.seg]) or ""))
   end
   out:write(string.format("%d queued\n", #list))
   for _, sp in ipairs(spools) do sp:close() end

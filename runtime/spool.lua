@@ -410,7 +410,7 @@ function Spool:recover()
   return true
 end
 
-local prepare_next
+local prepare_next, discard_prepared
 
 function Spool:new_head()
   local num = (self.order[#self.order] or 0) + 1
@@ -426,8 +426,7 @@ function Spool:new_head()
       file, prealloc = p.file, p.size
     else
       log.warn("spool: cannot rename %s to %s: %s", p.path, path, tostring(rerr))
-      p.file:close()
-      uv.fs_unlink(p.path)
+      discard_prepared(p.file, p.path)
     end
   end
   if not file then
@@ -480,7 +479,7 @@ end
 -- Close and remove a prepared file, if the name is still its own: a spool
 -- opened on the same directory after this one closed (a reload, a test) may
 -- have made its own seg/prealloc meanwhile.
-local function discard_prepared(file, path)
+function discard_prepared(file, path)
   local mine, there = uv.fs_fstat(file:fd()), uv.fs_stat(path)
   file:close()
   if mine and there and mine.ino == there.ino and mine.dev == there.dev then uv.fs_unlink(path) end
@@ -742,21 +741,21 @@ end
 
 -- envelope(m) -> env | nil, err: a message's envelope, read from its
 -- segment (blocking: for tools; a read-only open keeps its segments open,
--- so one deleted by a running server since is still read).
-function Spool.envelope(_, m)
+-- so one deleted by a running server since is still read). Also
+-- spool.envelope(m).
+local function envelope(m)
   if m.env then return m.env end
   local seg = m.seg
   if not (seg and seg.file) then return nil, "no segment" end
-  local ok, hdr = pcall(seg.file.read, seg.file, m.off, core.HEADER)
-  if not ok or not hdr or #hdr < core.HEADER then return nil, "cannot read the record" end
-  local b1, b2, b3, b4 = hdr:byte(17, 20)
-  local meta_len = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
-  if meta_len > m.len - core.HEADER then return nil, "bad record" end
-  local meta = seg.file:read(m.off + core.HEADER, meta_len)
-  local env = meta and decode(meta)
+  local ok, meta, err = pcall(seg.file.meta, seg.file, m.off)
+  if not ok then return nil, tostring(meta) end
+  if not meta then return nil, err end
+  local env = decode(meta)
   if type(env) ~= "table" then return nil, "unreadable envelope" end
   return env
 end
+_M.envelope = envelope
+function Spool.envelope(_, m) return envelope(m) end
 
 function Spool:get(id)
   return self.msgs[id]
