@@ -68,6 +68,7 @@ build = {
     ["moonpost.runtime.regex"] = "runtime/regex.lua",
     ["moonpost.runtime.reload"] = "runtime/reload.lua",
     ["moonpost.runtime.workers"] = "runtime/workers.lua",
+    ["moonpost.runtime.fifo"] = "runtime/fifo.lua",
     ["moonpost.runtime.sched"] = "runtime/sched.lua",
     ["moonpost.runtime.server"] = "runtime/server.lua",
     ["moonpost.runtime.shape"] = "runtime/shape.lua",

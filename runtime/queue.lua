@@ -23,6 +23,7 @@ local ids = require "moonpost.runtime.ids"
 local dsn = require "moonpost.runtime.dsn"
 local dns = require "moonpost.runtime.dns"
 local smtp = require "moonpost.core.smtp"
+local fifo = require "moonpost.runtime.fifo"
 
 local floor, min, max = math.floor, math.min, math.max
 local find, sub, lower = string.find, string.sub, string.lower
@@ -326,7 +327,7 @@ local UNREAD = "?" -- recovered messages until their first attempt reads the env
 local function queue_of(self, key)
   local Q = self.queues[key]
   if not Q then
-    Q = { depth = 0, fifo = {}, head = 1 }
+    Q = { depth = 0, fifo = fifo.new() }
     self.queues[key] = Q
   end
   return Q
@@ -379,7 +380,7 @@ function Queue:account(m, env)
     end
     local Q = queue_of(self, key)
     Q.depth = Q.depth + 1
-    Q.fifo[#Q.fifo + 1] = m
+    fifo.push(Q.fifo, m)
     return
   end
   if env then
@@ -406,7 +407,7 @@ function Queue:account(m, env)
   for _, key in ipairs(keys) do
     local Q = queue_of(self, key)
     Q.depth = Q.depth + 1
-    Q.fifo[#Q.fifo + 1] = m
+    fifo.push(Q.fifo, m)
   end
 end
 
@@ -415,19 +416,16 @@ end
 -- holds at most about twice its depth whatever the order messages finish
 -- in, and finished messages are not kept alive by it.
 local function compact_fifo(self, Q, key)
-  local fresh = {}
-  for i = Q.head, #Q.fifo do
-    local m = Q.fifo[i]
-    if m.key ~= nil and self.spool:get(m.id) == m and has_key(m, key) then fresh[#fresh + 1] = m end
-  end
-  Q.fifo, Q.head = fresh, 1
+  fifo.keep(Q.fifo, function(m)
+    return m.key ~= nil and self.spool:get(m.id) == m and has_key(m, key)
+  end)
 end
 
 local function unaccount_key(self, key)
   local Q = self.queues[key]
   if Q then
     Q.depth = Q.depth - 1
-    if #Q.fifo - Q.head + 1 > 2 * Q.depth + 64 then compact_fifo(self, Q, key) end
+    if fifo.len(Q.fifo) > 2 * Q.depth + 64 then compact_fifo(self, Q, key) end
   end
 end
 
@@ -453,16 +451,15 @@ function Queue:summary()
     else
       local oldest
       local f = Q.fifo
-      while Q.head <= #f do
-        local m = f[Q.head]
+      local m = fifo.peek(f)
+      while m do
         if self.spool:get(m.id) == m and has_key(m, key) then
           oldest = now - ids.time_of(m.id)
           break
         end
-        f[Q.head] = nil
-        Q.head = Q.head + 1
+        fifo.pop(f)
+        m = fifo.peek(f)
       end
-      if Q.head > #f then Q.fifo, Q.head = {}, 1 end
       local tenant, domain = key:match("^(.-)@(.*)$")
       local l = self.aside[key]
       out[#out + 1] = { key = key, tenant = tenant, domain = domain, depth = Q.depth, oldest = oldest,
@@ -1165,6 +1162,22 @@ local function crowded(self, key)
   return key ~= UNREAD and (self.flight[key] or 0) >= self.per_destination
 end
 
+-- the list of messages set aside for key x gets m
+local function add_aside(self, x, m)
+  local l = self.aside[x]
+  if not l then
+    l = { list = fifo.new(), live = 0 }
+    self.aside[x] = l
+  end
+  fifo.push(l.list, m)
+  l.live = l.live + 1
+end
+
+local function left_aside(self, x)
+  local l = self.aside[x]
+  if l then l.live = l.live - 1 end
+end
+
 -- set_aside(m) -> true when m waits for a busy destination instead of an attempt now.
 -- A message with several domains waits in the list of each (the first of
 -- them with room takes it): aside_of[m] is its keys while it waits, and an
@@ -1185,15 +1198,10 @@ function set_aside(self, m)
   elseif not crowded(self, k) then
     return false
   end
-  for _, x in ipairs(type(k) == "table" and k or { k }) do
-    local l = self.aside[x]
-    if not l then
-      l = { head = 1, n = 0, live = 0 }
-      self.aside[x] = l
-    end
-    l.n = l.n + 1
-    l[l.n] = m
-    l.live = l.live + 1
+  if type(k) == "table" then
+    for _, x in ipairs(k) do add_aside(self, x, m) end
+  else
+    add_aside(self, k, m)
   end
   self.aside_of[m] = k
   self.naside = self.naside + 1
@@ -1207,9 +1215,10 @@ local function unset_aside(self, m)
   if not k then return false end
   self.aside_of[m] = nil
   self.naside = self.naside - 1
-  for _, x in ipairs(type(k) == "table" and k or { k }) do
-    local l = self.aside[x]
-    if l then l.live = l.live - 1 end
+  if type(k) == "table" then
+    for _, x in ipairs(k) do left_aside(self, x) end
+  else
+    left_aside(self, k)
   end
   return true
 end
@@ -1235,8 +1244,9 @@ local function release(self, key, keep)
   if not l then return nil end
   local room = self.per_destination - (self.flight[key] or 0)
   local kept
-  while l.head <= l.n do
-    local m = l[l.head]
+  local list = l.list
+  local m = fifo.peek(list)
+  while m ~= nil do
     if self.aside_of[m] then
       if room <= 0 then break end
       unset_aside(self, m)
@@ -1248,10 +1258,10 @@ local function release(self, key, keep)
         poke(self)
       end
     end
-    l[l.head] = nil
-    l.head = l.head + 1
+    fifo.pop(list)
+    m = fifo.peek(list)
   end
-  if l.head > l.n then self.aside[key] = nil end
+  if fifo.len(list) == 0 then self.aside[key] = nil end
   return kept
 end
 
