@@ -47,7 +47,7 @@ KDF_SRC   := core/kdf.c core/lkdf.c core/workq.c
 KDF_HDR   := core/kdf.h core/workq.h core/lcompat.h
 
 MODULES   := $(LIBDIR)/smtp.so $(LIBDIR)/spool.so $(LIBDIR)/dns.so $(LIBDIR)/tls.so
-MODULES   += $(LIBDIR)/dkim.so $(LIBDIR)/kdf.so $(LIBDIR)/suppress.so
+MODULES   += $(LIBDIR)/dkim.so $(LIBDIR)/kdf.so $(LIBDIR)/suppress.so $(LIBDIR)/proc.so
 
 .PHONY: bench-instructions all deps run test test-long lint fuzz fuzz-build bench bench-peers clean
 
@@ -80,6 +80,10 @@ $(LIBDIR)/tls.so: $(TLS_SRC) $(TLS_HDR)
 $(LIBDIR)/kdf.so: $(KDF_SRC) $(KDF_HDR)
 	@mkdir -p $(LIBDIR)
 	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ $(KDF_SRC) -lcrypto -lpthread
+
+$(LIBDIR)/proc.so: core/lproc.c core/lcompat.h
+	@mkdir -p $(LIBDIR)
+	$(CC) $(MODCFLAGS) $(MODLDFLAGS) -o $@ core/lproc.c -lpthread
 
 deps:
 	@scripts/deps.sh

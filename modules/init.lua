@@ -26,6 +26,8 @@ local policy = require "moonpost.runtime.policy"
 local reload = require "moonpost.runtime.reload"
 local metrics = require "moonpost.metrics"
 local workers = require "moonpost.runtime.workers"
+local proc = require "moonpost.core.proc"
+local watchdog_on = false -- the process's watchdog thread runs (start_watchdog)
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -797,6 +799,31 @@ local function on_sighup(mta)
   if rok then log.info("reload: done") else log.error("reload: %s", rerr) end
 end
 
+-- The watchdog of a process without a supervisor (workers = 1; with
+-- workers, the supervisor watches them: runtime/workers.lua): a thread of
+-- moonpost.core.proc kills the process when this loop's timer has not beaten
+-- for `watchdog` seconds. The limit follows reloads.
+local function start_watchdog(serving)
+  local limit = serving().opts.watchdog or 0
+  if limit <= 0 then return end
+  local ok, err = proc.watchdog(limit, log.get_format() == "json")
+  if not ok then
+    log.error("%s", err)
+    return
+  end
+  watchdog_on = true
+  local t = uv.new_timer()
+  t:unref() -- (keeps no loop running)
+  t:start(1000, 1000, function()
+    proc.beat()
+    local now = serving().opts.watchdog or 0
+    if now ~= limit then
+      limit = now
+      proc.watchdog(limit, log.get_format() == "json")
+    end
+  end)
+end
+
 -- run(): start, then run the loop until SIGTERM/SIGINT (or stop()).
 function MTA:run()
   if _M.check_mode then
@@ -824,6 +851,7 @@ function MTA:run()
     for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end
     mta:stop(nil, function()
       log.info("stopped")
+      if watchdog_on then proc.watchdog(0) end
       uv.stop()
     end)
   end
@@ -850,6 +878,8 @@ function MTA:run()
     log.info("worker %d: pid %d serving (spool %s)", workers.index, uv.os_getpid(),
       self.opts.spool and self.opts.spool.dir or "none")
     workers.ready()
+  else
+    start_watchdog(serving)
   end
   uv.run("default")
   return true

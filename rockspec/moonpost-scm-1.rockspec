@@ -97,6 +97,11 @@ build = {
       incdirs = { "core" },
       libraries = { "crypto", "pthread" },
     },
+    ["moonpost.core.proc"] = {
+      sources = { "core/lproc.c" },
+      incdirs = { "core" },
+      libraries = { "pthread" },
+    },
     ["moonpost.core.spool"] = {
       sources = { "core/spool.c", "core/lspool.c" },
       incdirs = { "core" },

@@ -424,3 +424,80 @@ describe("the process log", function()
     H.rm_rf(dir)
   end)
 end)
+
+-- The watchdog of a process without workers (moonpost.core.proc): a loop
+-- that no longer runs (a hook in an endless loop) gets the process killed,
+-- for its service manager to start again; what got a 250 is delivered
+-- after the restart. A process stopped as a whole is not held to it.
+describe("moonpost run without workers", function()
+  local HANG_POLICY = [[
+local moonpost = require "moonpost"
+local env = moonpost.env
+local uv = require "luv"
+local mta = moonpost.new { hostname = "mx.test", spool = env.spool, watchdog = env.get("WATCHDOG") }
+mta:use(require("moonpost.accept").smtp { listen = env.listen })
+mta:use(require("moonpost.maildir").deliver {
+  root = env.maildir,
+  fsync = false,
+  folder = function(rcpt)
+    -- hang@: the first delivery hangs the loop (a policy bug); once
+    -- <maildir>/hung exists, it is delivered
+    if rcpt["local"] == "hang" and not uv.fs_stat(env.maildir .. "/hung") then
+      io.open(env.maildir .. "/hung", "w"):close()
+      while true do end
+    end
+    return env.maildir .. "/" .. rcpt["local"]
+  end,
+})
+mta:run()
+]]
+
+  local function start_hang(dir, watchdog)
+    H.write(dir .. "/policy.lua", HANG_POLICY)
+    uv.fs_mkdir(dir .. "/mail", 448)
+    local srv = launch(dir .. "/policy.lua", { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail",
+      WATCHDOG = watchdog })
+    assert.is_true(wait_log(srv, "listening smtp"), srv.log())
+    return srv
+  end
+
+  it("is killed by its watchdog when its loop hangs, and delivers after a restart", function()
+    local dir = H.tmpdir("moonpost-watchdog")
+    run(function()
+      local srv = start_hang(dir, "2s")
+      assert.equal(250, (H.send(srv.port, { to = "hang@x.test" })))
+      assert.is_true(H.wait_for(function() return uv.fs_stat(dir .. "/mail/hung") ~= nil end, 10), srv.log())
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 10), "not killed: " .. srv.log())
+      assert.matches("Z error watchdog: the event loop has not run for [%d.]+ s %(watchdog 2 s%)", srv.log())
+      -- the message that got its 250 is delivered by the next process
+      local again = start_hang(dir, "2s")
+      assert.is_true(H.wait_for(function() return #H.ls(dir .. "/mail/hang/new") == 1 end, 15), again.log())
+      assert.equal(0, again.stop())
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("is left alone with watchdog = 0, and after it was stopped as a whole", function()
+    local dir = H.tmpdir("moonpost-watchdog")
+    run(function()
+      -- stopped (SIGSTOP) for longer than its watchdog: that time is not the loop's
+      local srv = start_hang(dir, "1s")
+      uv.kill(srv.pid, "sigstop")
+      sched.sleep(2.5)
+      uv.kill(srv.pid, "sigcont")
+      assert.equal(250, (H.send(srv.port, { to = "after-pause@x.test" })))
+      assert.is_true(H.wait_for(function() return #H.ls(dir .. "/mail/after-pause/new") == 1 end, 10), srv.log())
+      assert.is_false((srv.exited()))
+      assert.equal(0, srv.stop())
+      -- watchdog = 0: a hung loop stays hung (the test kills it)
+      local off = start_hang(dir, "0")
+      assert.equal(250, (H.send(off.port, { to = "hang@x.test" })))
+      assert.is_true(H.wait_for(function() return uv.fs_stat(dir .. "/mail/hung") ~= nil end, 10), off.log())
+      sched.sleep(3)
+      assert.is_false((off.exited()))
+      off.kill()
+      assert.falsy(off.log():find("error watchdog:", 1, true), off.log())
+    end, 60)
+    H.rm_rf(dir)
+  end)
+end)
