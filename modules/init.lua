@@ -802,26 +802,27 @@ end
 -- The watchdog of a process without a supervisor (workers = 1; with
 -- workers, the supervisor watches them: runtime/workers.lua): a thread of
 -- moonpost.core.proc kills the process when this loop's timer has not beaten
--- for `watchdog` seconds. The limit follows reloads.
+-- for `watchdog` seconds. The timer runs whatever the limit: a reload may
+-- turn the watchdog on, change its limit or turn it off (at once after a
+-- SIGHUP, at the next beat after a reload through the API). Returns the
+-- function that applies the serving MTA's limit.
 local function start_watchdog(serving)
-  local limit = serving().opts.watchdog or 0
-  if limit <= 0 then return end
-  local ok, err = proc.watchdog(limit, log.get_format() == "json")
-  if not ok then
-    log.error("%s", err)
-    return
+  local limit = 0
+  local function follow()
+    local now = serving().opts.watchdog or 0
+    if now == limit then return end
+    local ok, err = proc.watchdog(now, log.get_format() == "json")
+    limit = now -- (a thread that cannot start is told once)
+    if ok then watchdog_on = now > 0 else log.error("%s", err) end
   end
-  watchdog_on = true
+  follow()
   local t = uv.new_timer()
   t:unref() -- (keeps no loop running)
   t:start(1000, 1000, function()
     proc.beat()
-    local now = serving().opts.watchdog or 0
-    if now ~= limit then
-      limit = now
-      proc.watchdog(limit, log.get_format() == "json")
-    end
+    follow()
   end)
+  return follow
 end
 
 -- run(): start, then run the loop until SIGTERM/SIGINT (or stop()).
@@ -860,8 +861,12 @@ function MTA:run()
     s:start(name, sched.callback(function() stop(name) end, "signal"))
     signals[#signals + 1] = s
   end
+  local follow_watchdog -- (without workers: start_watchdog, below)
   local hup = uv.new_signal()
-  hup:start("sighup", sched.callback(function() on_sighup(serving()) end, "signal"))
+  hup:start("sighup", sched.callback(function()
+    on_sighup(serving())
+    if follow_watchdog then follow_watchdog() end
+  end, "signal"))
   signals[#signals + 1] = hup
   if workers.index then
     -- the supervisor forwards SIGUSR1: the event log's own handler reopens
@@ -879,7 +884,7 @@ function MTA:run()
       self.opts.spool and self.opts.spool.dir or "none")
     workers.ready()
   else
-    start_watchdog(serving)
+    follow_watchdog = start_watchdog(serving)
   end
   uv.run("default")
   return true

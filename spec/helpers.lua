@@ -7,6 +7,17 @@ local stream = require "moonpost.runtime.stream"
 local smtp = require "moonpost.core.smtp"
 
 local H = {}
+
+-- Policy source for the body of a Maildir `folder` function (rcpt and env
+-- in scope): the first delivery to hang@ hangs the event loop for good (a
+-- policy bug, a stuck C call) after making <maildir>/hung; once that file
+-- exists, hang@ is delivered. For the watchdog specs.
+H.POLICY_HANG = [[
+    if rcpt["local"] == "hang" and not require("luv").fs_stat(env.maildir .. "/hung") then
+      io.open(env.maildir .. "/hung", "w"):close()
+      while true do end
+    end
+]]
 H.root = _G.MOONPOST_ROOT or "."
 H.python = "/usr/bin/python3"   -- Debian's, with Debian's modules
 

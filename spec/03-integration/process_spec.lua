@@ -433,30 +433,30 @@ describe("moonpost run without workers", function()
   local HANG_POLICY = [[
 local moonpost = require "moonpost"
 local env = moonpost.env
-local uv = require "luv"
-local mta = moonpost.new { hostname = "mx.test", spool = env.spool, watchdog = env.get("WATCHDOG") }
+-- the watchdog: WATCHDOG, or what the file WATCHDOG_FILE holds when the
+-- policy runs (a reload reads it again)
+local wf = env.get("WATCHDOG_FILE") and io.open(env.get("WATCHDOG_FILE"))
+local mta = moonpost.new { hostname = "mx.test", spool = env.spool,
+  watchdog = wf and wf:read("*l") or env.get("WATCHDOG") }
+if wf then wf:close() end
 mta:use(require("moonpost.accept").smtp { listen = env.listen })
 mta:use(require("moonpost.maildir").deliver {
   root = env.maildir,
   fsync = false,
   folder = function(rcpt)
-    -- hang@: the first delivery hangs the loop (a policy bug); once
-    -- <maildir>/hung exists, it is delivered
-    if rcpt["local"] == "hang" and not uv.fs_stat(env.maildir .. "/hung") then
-      io.open(env.maildir .. "/hung", "w"):close()
-      while true do end
-    end
+    -- hang@: the first delivery hangs the loop (H.POLICY_HANG)
+]] .. H.POLICY_HANG .. [[
     return env.maildir .. "/" .. rcpt["local"]
   end,
 })
 mta:run()
 ]]
 
-  local function start_hang(dir, watchdog)
+  local function start_hang(dir, watchdog, file)
     H.write(dir .. "/policy.lua", HANG_POLICY)
     uv.fs_mkdir(dir .. "/mail", 448)
     local srv = launch(dir .. "/policy.lua", { MOONPOST_SPOOL = dir .. "/spool", MOONPOST_MAILDIR = dir .. "/mail",
-      WATCHDOG = watchdog })
+      WATCHDOG = watchdog, WATCHDOG_FILE = file })
     assert.is_true(wait_log(srv, "listening smtp"), srv.log())
     return srv
   end
@@ -473,6 +473,21 @@ mta:run()
       local again = start_hang(dir, "2s")
       assert.is_true(H.wait_for(function() return #H.ls(dir .. "/mail/hang/new") == 1 end, 15), again.log())
       assert.equal(0, again.stop())
+    end, 60)
+    H.rm_rf(dir)
+  end)
+
+  it("gets a watchdog from a reload when it started without one", function()
+    local dir = H.tmpdir("moonpost-watchdog")
+    run(function()
+      H.write(dir .. "/wd", "0\n")
+      local srv = start_hang(dir, nil, dir .. "/wd")
+      H.write(dir .. "/wd", "2s\n")
+      uv.kill(srv.pid, "sighup")
+      assert.is_true(wait_log(srv, "new sessions use it"), srv.log())
+      assert.equal(250, (H.send(srv.port, { to = "hang@x.test" })))
+      assert.is_true(H.wait_for(function() return (srv.exited()) end, 15), "not killed: " .. srv.log())
+      assert.matches("error watchdog: the event loop has not run for [%d.]+ s %(watchdog 2 s%)", srv.log())
     end, 60)
     H.rm_rf(dir)
   end)

@@ -36,12 +36,8 @@ mta:use(require("moonpost.maildir").deliver {
   root = env.maildir,
   fsync = false,
   folder = function(rcpt)
-    -- hang@: the worker that delivers it first hangs (a policy bug, a stuck
-    -- C call); once <maildir>/hung exists, it is delivered
-    if rcpt["local"] == "hang" and not uv.fs_stat(env.maildir .. "/hung") then
-      io.open(env.maildir .. "/hung", "w"):close()
-      while true do end
-    end
+    -- hang@: the worker that delivers it first hangs (H.POLICY_HANG)
+]] .. H.POLICY_HANG .. [[
     -- fds@: what a program the policy starts finds on its fd 3
     if rcpt["local"] == "fds" then
       os.execute("sh -c 'readlink /proc/$$/fd/3; echo done' > " .. env.maildir .. "/fds.txt 2>&1")
