@@ -15,6 +15,7 @@
 -- bounces. Timeouts default to RFC 5321 4.5.3.2.
 local smtp = require "moonpost.core.smtp"
 local sched = require "moonpost.runtime.sched"
+local fifo = require "moonpost.runtime.fifo"
 local stream = require "moonpost.runtime.stream"
 local log = require "moonpost.runtime.log"
 local tls = require "moonpost.runtime.tls"
@@ -48,6 +49,7 @@ _M.TIMEOUTS = {
 
 local Conn = {}
 local conn_mt = { __index = Conn }
+local has_waiter -- (Pool's, below)
 
 -- A failure of our own (connection, timeout, protocol): no reply code, as
 -- no server sent one; the DSN says "x-moonpost" rather than "smtp".
@@ -543,7 +545,7 @@ function Conn:send_data(body, rcpts, results, replies, ncmds, size, dsn)
   -- its turn (Conn:reply). The second result says the connection is no
   -- longer this delivery's to release.
   local pool = self.pool
-  local handed = pool and #pool.waiting > 0 and self.pipelining and not pool.closing
+  local handed = pool and self.pipelining and not pool.closing and has_waiter(pool)
     and self.messages + 2 <= pool.opts.max_messages
   if handed then
     self.pending, self.pending_timeout = body, timeout
@@ -594,16 +596,31 @@ function _M.pool(opts)
     opts = opts,
     idle = {},        -- connections waiting for a message, most recent last
     open = 0,         -- connections open (idle or busy)
-    waiting = {},     -- tasks waiting for a connection
+    waiting = fifo.new(), -- tasks waiting for a connection, each followed by its wait's token
     stats = { connections = 0, messages = 0, reused = 0, peak = 0 },
   }, pool_mt)
 end
 
--- Wake the first task waiting for a connection (a task leaves the list
--- itself when its wait times out).
+-- Wake the first task still waiting for a connection. A task whose wait
+-- timed out stays in the list with a stale token, which wakes nothing: it
+-- is passed over here (no search of the list when a wait times out).
 local function notify(pool)
-  local w = table.remove(pool.waiting, 1)
-  if w then sched.wake(w, true) end
+  local w = pool.waiting
+  while fifo.len(w) > 0 do
+    local task = fifo.pop(w)
+    if sched.wake_token(task, fifo.pop(w), true) then return end
+  end
+end
+
+-- true when a task waits for a connection (stale entries at the head go)
+function has_waiter(pool)
+  local w = pool.waiting
+  while fifo.len(w) > 0 do
+    if sched.waits_for(fifo.peek(w), fifo.peek(w, 2)) then return true end
+    fifo.pop(w)
+    fifo.pop(w)
+  end
+  return false
 end
 
 -- release(conn): back to the pool, or closed.
@@ -710,16 +727,11 @@ function Pool:acquire(hosts)
       -- a permanent answer only when every host gave one
       return nil, concat(errs, "; "), all_5xx and code5 or nil, enh
     else
-      local me = sched.current()
-      local waiting = self.waiting
-      waiting[#waiting + 1] = me
-      if sched.wait(o.timeouts.connect) == nil then
-        -- timed out: leave the list, or a later release would wake this
-        -- task while it waits for something else
-        for i = #waiting, 1, -1 do
-          if waiting[i] == me then table.remove(waiting, i) break end
-        end
-      end
+      -- (timed out, the entry stays: notify passes over its stale token)
+      local me, token = sched.reserve()
+      fifo.push(self.waiting, me)
+      fifo.push(self.waiting, token)
+      sched.wait(o.timeouts.connect)
     end
   end
 end

@@ -10,7 +10,7 @@
 -- table whose size changes only when the ring doubles.
 --
 --   local f = fifo.new()
---   fifo.push(f, x); fifo.peek(f) -> x; fifo.pop(f) -> x; fifo.len(f) -> n
+--   fifo.push(f, x); fifo.peek(f [, i]) -> x; fifo.pop(f) -> x; fifo.len(f) -> n
 --   fifo.keep(f, pred): drop the entries for which pred(x) is false, in order
 local band = require("bit").band
 local tnew = require "table.new"
@@ -38,10 +38,11 @@ function _M.push(f, x)
   f.n = f.n + 1
 end
 
--- the oldest entry, or nil when empty
-function _M.peek(f)
-  if f.n == 0 then return nil end
-  return f.ring[f.first + 1]
+-- peek(f [, i]) -> the i-th oldest entry (the oldest by default), or nil
+function _M.peek(f, i)
+  i = i or 1
+  if i > f.n or i < 1 then return nil end
+  return f.ring[band(f.first + i - 1, f.mask) + 1]
 end
 
 -- take the oldest entry out and return it (nil when empty)

@@ -324,6 +324,12 @@ function _M.is_waiting(task)
   return task.waiting and true or false
 end
 
+-- waits_for(task, token) -> true while task waits in the wait that token
+-- (from reserve()) names: a wake_token() with it would wake the task
+function _M.waits_for(task, token)
+  return task.waiting == token and not task.done
+end
+
 -- Sleeps use their own timer: precise, and not on any hot path.
 function _M.sleep(seconds)
   local task = _M.current()

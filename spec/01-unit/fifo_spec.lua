@@ -17,6 +17,10 @@ describe("moonpost.runtime.fifo", function()
     for i = 1, 100 do fifo.push(f, i) end
     assert.equal(100, fifo.len(f))
     assert.equal(1, fifo.peek(f))
+    assert.equal(2, fifo.peek(f, 2))
+    assert.equal(100, fifo.peek(f, 100))
+    assert.is_nil(fifo.peek(f, 101))
+    assert.is_nil(fifo.peek(f, 0))
     local want = {}
     for i = 1, 100 do want[i] = i end
     assert.same(want, drain(f))
@@ -32,6 +36,7 @@ describe("moonpost.runtime.fifo", function()
       assert.equal(next_out, fifo.pop(f)); next_out = next_out + 1
     end
     assert.equal(300, fifo.len(f))
+    assert.equal(next_out + 1, fifo.peek(f, 2)) -- (across the wrap)
     for _, x in ipairs(drain(f)) do
       assert.equal(next_out, x)
       next_out = next_out + 1
