@@ -266,62 +266,19 @@ static int s_truncate(lua_State *L)
     return 1;
 }
 
-/* pread exactly n bytes at off: 0, or -errno (EIO for a short file) */
-static int pread_all(int fd, char *buf, size_t n, off_t off)
+/* Push the len bytes at off as a string (shorter at the end of the file):
+ * returns 1, or 3 with nil, err, code pushed (mp_pusherrno) */
+static int push_range(lua_State *L, int fd, off_t off, size_t len)
 {
-    size_t done = 0;
-    while (done < n) {
-        ssize_t r = pread(fd, buf + done, n - done, off + (off_t)done);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) return -errno;
-        if (r == 0) return -EIO;
-        done += (size_t)r;
-    }
-    return 0;
-}
-
-static int s_meta(lua_State *L)
-{
-    lsegment *seg = checksegment(L, 1);
-    lua_Number off = luaL_checknumber(L, 2);
-    unsigned char hdr[MP_REC_HEADER];
-    mp_rec_hdr h;
-    char *p;
-    int r;
-    if (off < 0) luaL_argerror(L, 2, "negative offset");
-    r = seg_flush(seg);
-    if (r == 0) r = pread_all(seg->fd, (char *)hdr, sizeof hdr, (off_t)off);
-    if (r != 0) return mp_pusherrno(L, "read", -r);
-    if (mp_rec_decode(hdr, &h) != 0) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "bad header");
-        return 2;
-    }
-    p = lua_newuserdata(L, h.meta_len + 1); /* freed by the collector */
-    r = pread_all(seg->fd, p, h.meta_len, (off_t)off + MP_REC_HEADER);
-    if (r != 0) return mp_pusherrno(L, "read", -r);
-    lua_pushlstring(L, p, h.meta_len);
-    return 1;
-}
-
-static int s_read(lua_State *L)
-{
-    lsegment *seg = checksegment(L, 1);
-    lua_Number off = luaL_checknumber(L, 2);
-    lua_Number len = luaL_checknumber(L, 3);
     luaL_Buffer b;
     size_t done = 0;
-    int r;
-    if (off < 0 || len < 0) luaL_argerror(L, 2, "negative offset or length");
-    r = seg_flush(seg);
-    if (r != 0) return mp_pusherrno(L, "write", -r);
     luaL_buffinit(L, &b);
-    while (done < (size_t)len) {
+    while (done < len) {
         char tmp[LUAL_BUFFERSIZE];
-        size_t want = (size_t)len - done;
+        size_t want = len - done;
         ssize_t r;
         if (want > sizeof tmp) want = sizeof tmp;
-        r = pread(seg->fd, tmp, want, (off_t)off + (off_t)done);
+        r = pread(fd, tmp, want, off + (off_t)done);
         if (r < 0) {
             if (errno == EINTR) continue;
             return mp_pusherrno(L, "read", errno);
@@ -332,6 +289,44 @@ static int s_read(lua_State *L)
     }
     luaL_pushresult(&b);
     return 1;
+}
+
+static int s_meta(lua_State *L)
+{
+    lsegment *seg = checksegment(L, 1);
+    lua_Number off = luaL_checknumber(L, 2);
+    mp_rec_hdr h;
+    size_t got;
+    int r;
+    if (off < 0) luaL_argerror(L, 2, "negative offset");
+    r = seg_flush(seg);
+    if (r != 0) return mp_pusherrno(L, "write", -r);
+    if ((r = push_range(L, seg->fd, (off_t)off, MP_REC_HEADER)) != 1) return r;
+    if (lua_objlen(L, -1) < MP_REC_HEADER || mp_rec_decode((const unsigned char *)lua_tostring(L, -1), &h) != 0) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "bad header");
+        return 2;
+    }
+    if ((r = push_range(L, seg->fd, (off_t)off + MP_REC_HEADER, h.meta_len)) != 1) return r;
+    lua_tolstring(L, -1, &got);
+    if (got < h.meta_len) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "short record");
+        return 2;
+    }
+    return 1;
+}
+
+static int s_read(lua_State *L)
+{
+    lsegment *seg = checksegment(L, 1);
+    lua_Number off = luaL_checknumber(L, 2);
+    lua_Number len = luaL_checknumber(L, 3);
+    int r;
+    if (off < 0 || len < 0) luaL_argerror(L, 2, "negative offset or length");
+    r = seg_flush(seg);
+    if (r != 0) return mp_pusherrno(L, "write", -r);
+    return push_range(L, seg->fd, (off_t)off, (size_t)len);
 }
 
 /* close() writes what is buffered (not synced: the caller syncs first if it

@@ -27,7 +27,6 @@ local reload = require "moonpost.runtime.reload"
 local metrics = require "moonpost.metrics"
 local workers = require "moonpost.runtime.workers"
 local proc = require "moonpost.core.proc"
-local watchdog_on = false -- the process's watchdog thread runs (start_watchdog)
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -813,7 +812,7 @@ local function start_watchdog(serving)
     if now == limit then return end
     local ok, err = proc.watchdog(now, log.get_format() == "json")
     limit = now -- (a thread that cannot start is told once)
-    if ok then watchdog_on = now > 0 else log.error("%s", err) end
+    if not ok then log.error("%s", err) end
   end
   follow()
   local t = uv.new_timer()
@@ -852,7 +851,7 @@ function MTA:run()
     for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end
     mta:stop(nil, function()
       log.info("stopped")
-      if watchdog_on then proc.watchdog(0) end
+      proc.watchdog(0) -- (the process exits: no longer watched; nothing to stop without one)
       uv.stop()
     end)
   end

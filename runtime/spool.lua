@@ -170,7 +170,7 @@ function _M.open(opts)
   if opts.readonly then
     -- Inspection (moonpost spool list): no lock, no change to any file.
     -- Works beside a running server. Envelopes are kept in memory (m.env),
-    -- or with envelopes = false read when asked (Spool:envelope): a million
+    -- or with envelopes = false read when asked (spool.envelope(m)): a million
     -- queued messages then take ~150 MB to list, not gigabytes.
     self.readonly = true
     self.keep_env = opts.envelopes ~= false
@@ -741,9 +741,9 @@ end
 
 -- envelope(m) -> env | nil, err: a message's envelope, read from its
 -- segment (blocking: for tools; a read-only open keeps its segments open,
--- so one deleted by a running server since is still read). Also
--- spool.envelope(m).
-local function envelope(m)
+-- so one deleted by a running server since is still read). A function of
+-- the module: a listing of several spools need not know m's.
+function _M.envelope(m)
   if m.env then return m.env end
   local seg = m.seg
   if not (seg and seg.file) then return nil, "no segment" end
@@ -754,8 +754,6 @@ local function envelope(m)
   if type(env) ~= "table" then return nil, "unreadable envelope" end
   return env
 end
-_M.envelope = envelope
-function Spool.envelope(_, m) return envelope(m) end
 
 function Spool:get(id)
   return self.msgs[id]

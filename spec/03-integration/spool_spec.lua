@@ -522,7 +522,7 @@ describe("spool", function()
       for i, id in ipairs(ids) do
         local m = lazy:get(id)
         assert.is_nil(m.env)
-        local env = assert(lazy:envelope(m))
+        local env = assert(spool_mod.envelope(m))
         assert.same(kept:get(id).env, env)
         assert.equal("s" .. i .. "@y.test", env.from)
         assert.equal(2, #env.rcpt)
