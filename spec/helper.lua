@@ -31,4 +31,13 @@ if ok_busted and busted.subscribe then
     for i = #lines, 1, -1 do lines[i] = nil end
     return nil, true
   end)
+  -- A failing test shows the end of its log (CI keeps only the output).
+  busted.subscribe({ "test", "end" }, function(_, _, status)
+    if status == "failure" or status == "error" then
+      for i = math.max(1, #lines - 40), #lines do
+        io.stderr:write("# log: ", (lines[i]:gsub("\n$", "")), "\n")
+      end
+    end
+    return nil, true
+  end)
 end
