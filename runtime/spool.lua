@@ -36,6 +36,7 @@ local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 local ids = require "moonpost.runtime.ids"
 local fs = require "moonpost.runtime.fs"
+local fifo = require "moonpost.runtime.fifo"
 
 local MSG, STATE, DONE, F_COPY = core.MSG, core.STATE, core.DONE, core.F_COPY
 local format, tonumber, pairs, ipairs, type = string.format, tonumber, pairs, ipairs, type
@@ -154,8 +155,8 @@ function _M.open(opts)
       torn = 0, recovered = 0, compactions = 0, deleted = 0 },
     fault = opts.fault or {},
     cache = {},       -- id -> { msg, env } for messages stored by this process
-    cache_order = {}, -- ids, oldest first
-    cache_head = 1,
+    cache_order = fifo.new(), -- ids, oldest first (and ids uncached since)
+    ncached = 0,
     cached_bytes = 0,
     compact_retry_at = 0,
     -- DONE ids and updated message ids since the last sync started: written
@@ -304,7 +305,7 @@ function Spool:recover()
       vanished = true
       goto next_segment
     end
-    local seg = { num = num, path = path, file = file, size = file:size(), live = 0, live_bytes = 0, readers = 0 }
+    local seg = { num = num, path = path, file = file, size = file:size(), live = 0, live_bytes = 0, fd_users = 0 }
     self.segs[num] = seg
     self.order[#self.order + 1] = num
     local sc = file:scan()
@@ -433,7 +434,7 @@ function Spool:new_head()
     file, err, code = core.open(path, true)
     if not file then return nil, "spool: cannot create " .. path .. ": " .. tostring(err), code end
   end
-  local seg = { num = num, path = path, file = file, size = 0, live = 0, live_bytes = 0, readers = 0,
+  local seg = { num = num, path = path, file = file, size = 0, live = 0, live_bytes = 0, fd_users = 0,
     prealloc = prealloc }
   self.segs[num] = seg
   self.order[#self.order + 1] = num
@@ -592,6 +593,35 @@ local function flush_segment(seg)
   return nil, err, code, buffered
 end
 
+-- A segment's file is closed only once no read or sync of it is in flight.
+-- Both run in the thread pool with the fd they were given when they were
+-- queued, and compaction (or the last DONE of a segment) may delete the
+-- segment before a pool thread gets to it: closed under them, the fd would
+-- fail them with EBADF (a failed sync fails its whole batch: 451 to every
+-- transaction in it), or reach whatever file was given that number since.
+-- A deleted file stays readable and syncable through the fd until the last
+-- user releases it.
+local function close_segment(seg)
+  if seg.fd_users == 0 then
+    seg.file:close()
+    return
+  end
+  -- what is buffered goes to the file now, as close() would have written it
+  if seg.file:pending() > 0 then seg.file:spill() end
+  seg.retired = true
+end
+
+local function hold_fd(seg)
+  seg.fd_users = seg.fd_users + 1
+  return seg.file:fd()
+end
+
+local function release_fd(seg)
+  local n = seg.fd_users - 1
+  seg.fd_users = n
+  if n == 0 and seg.retired then seg.file:close() end
+end
+
 local function start_sync(self)
   local batch = self.waiters
   self.waiters = {}
@@ -605,14 +635,16 @@ local function start_sync(self)
   local failure
   -- Write what is buffered (one write per segment), then sync. A failed
   -- write fails the whole batch: its records are gone from the file.
-  local fds = {}
+  local fds, held = {}, {}
   for i = 1, #segs do
     -- (an error here must fail this batch, not end start_sync half-way: the
     -- spool would stay "syncing" and no 250 would ever come again)
     local pok, ok, err, code, buffered = pcall(flush_segment, segs[i])
     if not pok then ok, err = nil, ok end
     if ok then
-      fds[#fds + 1] = segs[i].file:fd()
+      -- (held open until the sync ends: the segment may be deleted meanwhile)
+      held[#held + 1] = segs[i]
+      fds[#fds + 1] = hold_fd(segs[i])
     else
       failure = failure or err
       if code == "ENOSPC" or code == "EDQUOT" or code == "EIO" then set_full(self, code, buffered) end
@@ -626,6 +658,7 @@ local function start_sync(self)
     dir = self.dir .. "/seg"
   end
   self.stats.fsyncs = self.stats.fsyncs + fs.sync_all(fds, dir, "spool: sync", function(err)
+    for i = 1, #held do release_fd(held[i]) end
     failure = failure or err
     -- the next batch syncs the directory again
     if err and dir then self.dir_dirty = true end
@@ -703,7 +736,8 @@ function Spool:stored(txn, msg, envt, id, seg, off, len, ok, err)
   if self.cache_bytes > 0 and size <= self.cache_bytes / 8 then
     envt.id = txn.id
     self.cache[id] = { msg = msg, env = envt, size = size }
-    self.cache_order[#self.cache_order + 1] = id
+    fifo.push(self.cache_order, id)
+    self.ncached = self.ncached + 1
     self.cached_bytes = self.cached_bytes + size
     txn.kept = true
     self:trim_cache()
@@ -712,24 +746,29 @@ function Spool:stored(txn, msg, envt, id, seg, off, len, ok, err)
   return true
 end
 
+-- The ids of messages that left the cache (delivered) stay in cache_order
+-- until trim_cache meets them: dropped here once they are most of it, or a
+-- cache that stays under its size (every message delivered at once) would
+-- keep an id for every message ever stored.
+local function drop_uncached(self)
+  local cache = self.cache
+  fifo.keep(self.cache_order, function(id) return cache[id] ~= nil end)
+end
+
 -- Drop cached messages, oldest first, beyond cache_bytes (all: every one).
 function Spool:trim_cache(all)
   local order = self.cache_order
-  while self.cache_head <= #order and (all or self.cached_bytes > self.cache_bytes) do
-    local id = order[self.cache_head]
-    order[self.cache_head] = nil
-    self.cache_head = self.cache_head + 1
-    self:uncache(id)
+  while fifo.len(order) > 0 and (all or self.cached_bytes > self.cache_bytes) do
+    self:uncache(fifo.pop(order))
   end
-  if self.cache_head > #order then
-    self.cache_order, self.cache_head = {}, 1
-  end
+  if fifo.len(order) > 2 * self.ncached + 64 then drop_uncached(self) end
 end
 
 function Spool:uncache(id)
   local c = self.cache[id]
   if c then
     self.cache[id] = nil
+    self.ncached = self.ncached - 1
     self.cached_bytes = self.cached_bytes - c.size
     c.msg:close()
   end
@@ -768,28 +807,6 @@ function Spool:each(fn)
   for _, m in pairs(self.msgs) do fn(m) end
 end
 
--- A segment's file is closed only once no read of it is in flight. A read
--- runs in the thread pool with the fd it was given when it was queued, and
--- compaction (or the last DONE of a segment) may delete the segment before
--- a pool thread gets to it: closed under the read, the fd would fail it with
--- EBADF, or read whatever file was given that number since. The deleted
--- file stays readable through the fd until the last reader closes it.
-local function close_segment(seg)
-  if seg.readers == 0 then
-    seg.file:close()
-    return
-  end
-  -- what is buffered goes to the file now, as close() would have written it
-  if seg.file:pending() > 0 then seg.file:spill() end
-  seg.retired = true
-end
-
-local function release_reader(seg)
-  local n = seg.readers - 1
-  seg.readers = n
-  if n == 0 and seg.retired then seg.file:close() end
-end
-
 -- The record from its segment (read's slow path: a function of its own, so
 -- that the callback made here does not keep LuaJIT from compiling read).
 -- m.seg, m.off and m.len are taken once: a compaction that moves the message
@@ -798,20 +815,19 @@ end
 -- read_at(seg, off, len) -> octets | nil, err: a read of a segment in the
 -- thread pool, in a task (the loop never waits for the disk). The segment's
 -- fd stays open until the read ends, even if the segment is deleted
--- meanwhile (release_reader).
+-- meanwhile (close_segment).
 local function read_at(seg, off, len)
   local file = seg.file
   -- the record may still be in the head's write buffer (a fresh compaction copy)
   if file:pending() > 0 then file:spill() end
-  local fd = file:fd()
+  local fd = hold_fd(seg)
   local task, token = reserve()
-  seg.readers = seg.readers + 1
   local req, rerr = uv.fs_read(fd, len, off, function(err, data)
-    release_reader(seg)
+    release_fd(seg)
     wake_token(task, token, err, data)
   end)
   if not req then
-    release_reader(seg)
+    release_fd(seg)
     task.reserved = nil
     return nil, rerr
   end

@@ -565,6 +565,102 @@ describe("spool", function()
     end)
   end)
 
+  -- A sync runs in the thread pool with the fds it was given when it was
+  -- queued. A segment deleted meanwhile (its messages all finished since it
+  -- stopped being the head) had its file closed under the sync: the batch
+  -- failed with EBADF and every transaction waiting on it got 451 4.3.0
+  -- (seen in CI as a rare 451 in the queue and route specs).
+  it("keeps a segment's fd open for a sync in flight when the segment is deleted", function()
+    H.run(function()
+      local sp = assert(spool_mod.open(spool_opts(dir .. "/spool", { segment_size = 4096, cache_bytes = 0,
+        check_interval = 3600 })))
+      local t = { id = idgen.next(), sender = { address = "s@y.test" }, recipients = { { address = "r@x.test" } },
+        received_at = os.time() }
+      assert(sp:store(t, smtp.message("Subject: a\r\n\r\n" .. string.rep("z", 3000) .. "\r\n")))
+      local id = idgen.number(t.id)
+      local first = sp.head
+      local n = 0
+      while sp.head == first and n < 100 do
+        n = n + 1
+        assert(sp:update(id, { attempts = n, next = os.time() + 60 }))
+      end
+      assert.are_not.equal(first, sp.head)
+      assert.is_true(sp.dirty[first] ~= nil, "the first segment was synced already")
+      -- the first segment's fdatasync waits in the "thread pool" until release
+      local fd, real, held = first.file:fd(), uv.fs_fdatasync, {}
+      uv.fs_fdatasync = function(f, cb)
+        if f == fd then
+          held[#held + 1] = function() assert(real(f, cb)) end
+          return true
+        end
+        return real(f, cb)
+      end
+      local synced
+      local ok, failure = pcall(function()
+        sched.spawn(function() synced = { sp:sync() } end)
+        assert.equal(1, #held)
+        -- its message ends: the first segment is deleted while its sync waits
+        assert(sp:done(id))
+        assert.is_true(H.wait_for(function() return sp.segs[first.num] == nil end, 5))
+        assert.is_nil(synced)
+      end)
+      uv.fs_fdatasync = real
+      for _, go in ipairs(held) do go() end
+      assert(ok, failure)
+      assert.is_true(H.wait_for(function() return synced end, 5))
+      assert.is_true(synced[1], tostring(synced[2]))
+      -- the deleted segment's fd is closed once its sync has ended
+      assert.is_false((pcall(first.file.fd, first.file)))
+      sp:close()
+    end)
+  end)
+
+  -- The memory cache of stored messages (for their first delivery) kept its
+  -- order in a Lua list with a moving head: LuaJIT's `#` on it could answer
+  -- a border before the head, and the whole order was then thrown away with
+  -- the messages still cached, out of trim's reach: new messages were
+  -- evicted at once while the lost ones held the cache. The list also kept
+  -- the id of every message delivered while the cache was under its size.
+  it("keeps its message cache within its size, newest kept, oldest evicted, through deliveries", function()
+    local fifo = require "moonpost.runtime.fifo"
+    H.run(function()
+      local size = 64 * 1100
+      local sp = assert(spool_mod.open(spool_opts(dir .. "/spool", { cache_bytes = size, check_interval = 3600 })))
+      local function store()
+        local t = { id = idgen.next(), sender = { address = "s@y.test" }, recipients = { { address = "r@x.test" } },
+          received_at = os.time() }
+        assert(sp:store(t, smtp.message("Subject: x\r\n\r\n" .. string.rep("z", 1000) .. "\r\n")))
+        return idgen.number(t.id)
+      end
+      local function cached()
+        local n = 0
+        for _ in pairs(sp.cache) do n = n + 1 end
+        return n
+      end
+      -- batches larger than the cache, half of each delivered at once
+      local last
+      for round = 1, 20 do
+        local batch = {}
+        for _ = 1, 50 + round * 7 do batch[#batch + 1] = store() end
+        for i = 1, #batch, 2 do assert(sp:done(batch[i])) end
+        last = batch[#batch]
+        assert.is_true(sp.cached_bytes <= size)
+      end
+      assert.is_truthy(sp.cache[last], "the newest message is not cached")
+      -- what is cached is what the order reaches: the oldest go first
+      local more = {}
+      for i = 1, 80 do more[i] = store() end
+      assert.is_true(sp.cached_bytes <= size)
+      assert.is_truthy(sp.cache[more[80]])
+      assert.is_nil(sp.cache[last], "an older message outlived 80 newer ones in a cache of 69")
+      assert.equal(cached(), sp.ncached)
+      -- every message delivered at once: the order does not keep their ids
+      for _ = 1, 3000 do assert(sp:done(store())) end
+      assert.is_true(fifo.len(sp.cache_order) <= 2 * sp.ncached + 64, fifo.len(sp.cache_order) .. " ids in the order")
+      sp:close()
+    end)
+  end)
+
   it("recovers after torn tails and damage: keeps intact messages, quarantines the damaged one", function()
     math.randomseed(os.time())
     for trial = 1, 5 do
