@@ -25,6 +25,7 @@ local log = require "moonpost.runtime.log"
 local fs = require "moonpost.runtime.fs"
 local sched = require "moonpost.runtime.sched"
 local ids = require "moonpost.runtime.ids"
+local fifo = require "moonpost.runtime.fifo"
 local mime = require "moonpost.runtime.mime"
 local headers = require "moonpost.runtime.headers"
 local smtp = require "moonpost.core.smtp"
@@ -138,7 +139,7 @@ function _M.install(mta)
     susp = {},        -- suspensions: { key, tenant, domain, site, since, reason, waiting = { {id, resume} } }
     marks = {},       -- message id (hex) -> { [rcpt index] = { res = result, op = purge } }
     last = {},        -- message id (hex) -> { [rcpt index] = last result }
-    last_order = {}, last_head = 1,
+    last_order = fifo.new(),
     sites = {},       -- site -> { delivered, deferred, bounced, last_error, last_error_at }
     on = {},
   }, mt)
@@ -170,7 +171,7 @@ end
 -- (the queue, and the messages the suspensions hold, carry on too).
 function Admin:handover(old)
   self.susp, self.marks, self.sites = old.susp, old.marks, old.sites
-  self.last, self.last_order, self.last_head = old.last, old.last_order, old.last_head
+  self.last, self.last_order = old.last, old.last_order
   self.loaded = true
   return true
 end
@@ -202,17 +203,8 @@ function Admin:record(status, env, r, res)
       per = {}
       self.last[id] = per
       local order = self.last_order
-      order[#order + 1] = id
-      if #order - self.last_head + 1 > LAST_RESULTS then
-        self.last[order[self.last_head]] = nil
-        order[self.last_head] = nil
-        self.last_head = self.last_head + 1
-        if self.last_head > LAST_RESULTS then
-          local fresh = {}
-          for i = self.last_head, #order do fresh[#fresh + 1] = order[i] end
-          self.last_order, self.last_head = fresh, 1
-        end
-      end
+      fifo.push(order, id)
+      if fifo.len(order) > LAST_RESULTS then self.last[fifo.pop(order)] = nil end
     end
     per[r.index] = { status = status, code = res.code, enhanced = res.enhanced, text = res.text and tostring(res.text),
       host = res.host, class = res.class, time = os.time() }
