@@ -15,7 +15,10 @@
 -- The report part is message/delivery-status; with RET=HDRS, or when the
 -- message is larger than max_full and RET is not FULL, only the header
 -- section is returned (text/rfc822-headers), else the whole message
--- (message/rfc822).
+-- (message/rfc822). For a message that came with SMTPUTF8, or an address
+-- that is not ASCII, the DSN is an internationalized one (RFC 6533):
+-- message/global-delivery-status with "utf-8" address types in UTF-8,
+-- message/global or message/global-headers, a UTF-8 notification.
 --
 --   local short = dsn.headers_only(text, why)   -- a built DSN, cut down
 --
@@ -24,7 +27,7 @@
 -- it (no 8BITMIME, or too large), the SMTP client sends headers_only()
 -- instead: the header section of the returned message alone, in US-ASCII,
 -- with a sentence in the notification that says why.
-local format, concat, gsub, upper = string.format, table.concat, string.gsub, string.upper
+local format, concat, gsub, upper, lower = string.format, table.concat, string.gsub, string.upper, string.lower
 local find, sub, match = string.find, string.sub, string.match
 
 local _M = { _VERSION = "0.1" }
@@ -43,6 +46,30 @@ local function xtext_decode(s)
     local c = tonumber(h, 16)
     if c < 0x20 or c > 0x7E then return nil end
     return string.char(c)
+  end))
+end
+
+-- utf-8-addr-xtext / utf-8-addr-unitext (RFC 6533 3) to the address:
+-- "\x{E9}" -> "é". As with xtext, what would be a control character stays
+-- as it was written.
+local function utf8_char(cp)
+  if cp < 0x80 then return string.char(cp) end
+  if cp < 0x800 then return string.char(0xC0 + math.floor(cp / 0x40), 0x80 + cp % 0x40) end
+  if cp < 0x10000 then
+    return string.char(0xE0 + math.floor(cp / 0x1000), 0x80 + math.floor(cp / 0x40) % 0x40, 0x80 + cp % 0x40)
+  end
+  return string.char(0xF0 + math.floor(cp / 0x40000), 0x80 + math.floor(cp / 0x1000) % 0x40,
+    0x80 + math.floor(cp / 0x40) % 0x40, 0x80 + cp % 0x40)
+end
+
+local function utf8_addr_decode(s)
+  return (gsub(s, "\\x{(%x%x?%x?%x?%x?%x?)}", function(h)
+    local cp = tonumber(h, 16)
+    if cp < 0x20 or cp == 0x7F or (cp >= 0x80 and cp < 0xA0) or (cp >= 0xD800 and cp < 0xE000)
+      or cp > 0x10FFFF then
+      return nil
+    end
+    return utf8_char(cp)
   end))
 end
 
@@ -81,8 +108,31 @@ local INTROS = {
 
 local seq = 0
 
+-- Does the DSN carry UTF-8 (RFC 6533): the message came with SMTPUTF8, or
+-- an address it names is not ASCII.
+local function is_global(o)
+  if o.env.utf8 or find(o.env.from or "", "[\128-\255]") then return true end
+  for _, r in ipairs(o.recipients) do
+    if find(r.address, "[\128-\255]") then return true end
+  end
+  return false
+end
+
+-- Original-Recipient's value: the ORCPT parameter, decoded. "utf-8" type
+-- addresses (RFC 6533) only go into a message/global-delivery-status;
+-- in a plain one they stay encoded, as ASCII.
+local function original_recipient(orcpt, global)
+  local typ, addr = orcpt:match("^([^;]+);(.*)$")
+  if not typ then return nil end
+  if lower(typ:match("^%s*(.-)%s*$")) == "utf-8" then
+    return field(typ .. ";" .. (global and utf8_addr_decode(addr) or addr))
+  end
+  return field(typ .. ";" .. xtext_decode(addr))
+end
+
 function _M.build(o)
   local env, host = o.env, o.hostname
+  local global = is_global(o)
   seq = seq + 1
   local boundary = format("%d.%d.%x/%s", os.time(), seq, math.random(0, 0x7fffffff), host)
   local action = o.action or "failed"
@@ -102,10 +152,13 @@ function _M.build(o)
     end
     fields[#fields + 1] = ""
     if r.orcpt then
-      local typ, addr = r.orcpt:match("^([^;]+);(.*)$")
-      if typ then fields[#fields + 1] = "Original-Recipient: " .. field(typ .. ";" .. xtext_decode(addr)) end
+      local v = original_recipient(r.orcpt, global)
+      if v then fields[#fields + 1] = "Original-Recipient: " .. v end
     end
-    fields[#fields + 1] = "Final-Recipient: rfc822; " .. r.address
+    -- a non-ASCII address is of type utf-8 (RFC 6533 3), as UTF-8 itself in
+    -- a message/global-delivery-status
+    fields[#fields + 1] = (find(r.address, "[\128-\255]") and "Final-Recipient: utf-8; " or "Final-Recipient: rfc822; ")
+      .. field(r.address)
     fields[#fields + 1] = "Action: " .. action
     fields[#fields + 1] = "Status: " .. (r.enhanced or (action == "failed" and "5.0.0" or
       (action == "delayed" and "4.0.0" or "2.0.0")))
@@ -134,9 +187,9 @@ function _M.build(o)
   local size = type(o.body) == "string" and #o.body or o.body:size()
   local ret = env.ret and upper(env.ret) or nil
   local full = ret == "FULL" or (ret == nil and size <= (o.max_full or 65536))
-  local returned_type, returned = "text/rfc822-headers", headers_of(o.body)
+  local returned_type, returned = global and "message/global-headers" or "text/rfc822-headers", headers_of(o.body)
   if full and action ~= "delivered" and action ~= "relayed" then
-    returned_type, returned = "message/rfc822", text_of(o.body)
+    returned_type, returned = global and "message/global" or "message/rfc822", text_of(o.body)
   end
   local msgid = format("<%d.%d.dsn@%s>", os.time(), seq, host)
   local parts = {
@@ -147,24 +200,26 @@ function _M.build(o)
     "Message-ID: " .. msgid,
     "Auto-Submitted: auto-replied",
     "MIME-Version: 1.0",
+    -- (report-type stays delivery-status for an internationalized one too:
+    -- only the parts' types change, as Postfix writes them)
     format('Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="%s"', boundary),
     "",
     "This is a MIME-encapsulated message.",
     "",
     "--" .. boundary,
     "Content-Description: Notification",
-    "Content-Type: text/plain; charset=us-ascii",
+    global and "Content-Type: text/plain; charset=utf-8" or "Content-Type: text/plain; charset=us-ascii",
     "",
     concat(human, "\r\n"),
     "",
     "--" .. boundary,
     "Content-Description: Delivery report",
-    "Content-Type: message/delivery-status",
+    global and "Content-Type: message/global-delivery-status" or "Content-Type: message/delivery-status",
     "",
     concat(fields, "\r\n"),
     "",
     "--" .. boundary,
-    "Content-Description: " .. (returned_type == "message/rfc822" and "Returned message" or "Returned headers"),
+    "Content-Description: " .. (returned_type:find("headers", 1, true) and "Returned headers" or "Returned message"),
     "Content-Type: " .. returned_type,
     "",
   }

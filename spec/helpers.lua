@@ -590,16 +590,27 @@ function H.parse_dsn(data)
   local script = [==[
 import email, json, sys
 from email import policy
-msg = email.message_from_string(sys.stdin.read(), policy=policy.compat32)
+raw = sys.stdin.buffer.read()
+msg = email.message_from_bytes(raw, policy=policy.compat32)
 out = {"type": msg.get_content_type(), "report_type": msg.get_param("report-type"),
        "parts": [msg.get_content_type()] + [p.get_content_type() for p in msg.get_payload()]}
 for part in msg.walk():
     if part.get_content_type() == "text/plain" and "text" not in out:
-        out["text"] = part.get_payload(decode=True).decode("ascii")
+        out["text"] = part.get_payload(decode=True).decode(part.get_content_charset() or "ascii")
     if part.get_content_type() == "message/delivery-status":
         blocks = part.get_payload()
         out["per_message"] = dict(blocks[0].items())
         out["recipients"] = [dict(b.items()) for b in blocks[1:]]
+    if part.get_content_type() == "message/global-delivery-status":
+        # (RFC 6533: Python's parser takes it for a message, so the part's
+        # own octets are read here, as UTF-8, split into blocks)
+        for raw_part in raw.split(b"--" + msg.get_boundary().encode()):
+            head, _, body = raw_part.partition(b"\r\n\r\n")
+            if b"Content-Type: message/global-delivery-status" in head:
+                blocks = [email.message_from_string(b + "\n\n", policy=policy.compat32)
+                          for b in body.decode("utf-8").replace("\r\n", "\n").strip("\n").split("\n\n")]
+                out["per_message"] = dict(blocks[0].items())
+                out["recipients"] = [dict(b.items()) for b in blocks[1:]]
 print(json.dumps(out))
 ]==]
   local code, out, err = H.exec(H.python, { "-c", script }, { stdin = data })

@@ -42,6 +42,55 @@ describe("moonpost.runtime.dsn", function()
     assert.equal("Original-Recipient: rfc?822;a@b.c", lines[5])
   end)
 
+  -- RFC 6533
+  local function global_build(env, rcpt)
+    return dsn.build({ hostname = "mta.test", action = "failed", env = env,
+      body = "Subject: caf\195\169\r\n\r\nhello\r\n", recipients = { rcpt } })
+  end
+
+  local function part_types(text)
+    local out = {}
+    for t in text:gmatch("\r\nContent%-Type: ([%w/%-]+)") do out[#out + 1] = t end
+    return out
+  end
+
+  it("build() makes an SMTPUTF8 message's DSN an internationalized one: global types, utf-8 addresses", function()
+    local text = global_build({ from = "s@x.test", utf8 = true, t = 0 },
+      { address = "j\195\182ran@y.test", orcpt = "utf-8;j\\x{F6}ran@y.test", code = 550, enhanced = "5.1.1", text = "no" })
+    assert.same({ "multipart/report", "text/plain", "message/global-delivery-status", "message/global" },
+      part_types(text))
+    assert.truthy(text:find("report-type=delivery-status;", 1, true))
+    assert.truthy(text:find("Content-Type: text/plain; charset=utf-8\r\n", 1, true))
+    local st = text:match("Content%-Type: message/global%-delivery%-status\r\n\r\n(.-)\r\n\r\n%-%-")
+    assert.truthy(st:find("\r\nOriginal-Recipient: utf-8;j\195\182ran@y.test\r\n", 1, true), st)
+    assert.truthy(st:find("\r\nFinal-Recipient: utf-8; j\195\182ran@y.test\r\n", 1, true), st)
+    -- the returned header section alone: message/global-headers
+    text = dsn.build({ hostname = "mta.test", action = "failed", env = { from = "s@x.test", utf8 = true, ret = "HDRS" },
+      body = "Subject: x\r\n\r\nhello\r\n", recipients = { { address = "r@y.test" } } })
+    assert.same({ "multipart/report", "text/plain", "message/global-delivery-status", "message/global-headers" },
+      part_types(text))
+    -- an ASCII address keeps its rfc822 type
+    assert.truthy(text:find("\r\nFinal-Recipient: rfc822; r@y.test\r\n", 1, true))
+  end)
+
+  it("build() writes a UTF-8 recipient as utf-8 even without SMTPUTF8, and keeps ASCII DSNs as they were", function()
+    local text = global_build({ from = "s@x.test", t = 0 }, { address = "j\195\182ran@y.test" })
+    assert.same({ "multipart/report", "text/plain", "message/global-delivery-status", "message/global" },
+      part_types(text))
+    -- plain ASCII: RFC 3464 types; a utf-8 ORCPT stays encoded (ASCII) there
+    text = global_build({ from = "s@x.test", t = 0 }, { address = "r@y.test", orcpt = "utf-8;j\\x{F6}ran@y.test" })
+    assert.same({ "multipart/report", "text/plain", "message/delivery-status", "message/rfc822" }, part_types(text))
+    local lines = report_lines(text)
+    assert.equal("Original-Recipient: utf-8;j\\x{F6}ran@y.test", lines[4])
+  end)
+
+  it("build() decodes only printable characters of a utf-8 ORCPT: \\x{0A} stays as written", function()
+    local text = global_build({ from = "s@x.test", utf8 = true, t = 0 },
+      { address = "r@y.test", orcpt = "utf-8;a\\x{0D}\\x{0A}Action:\\x{20}delivered@y.test" })
+    assert.truthy(text:find("Original-Recipient: utf-8;a\\x{0D}\\x{0A}Action: delivered@y.test\r\n", 1, true))
+    assert.falsy(text:find("\nAction: delivered", 1, true))
+  end)
+
   it("xtext_decode() decodes printable US-ASCII only", function()
     assert.equal("a+b c~", dsn.xtext_decode("a+2Bb+20c+7E"))
     assert.equal("a+0Db+7F+C3+A9+09", dsn.xtext_decode("a+0Db+7F+C3+A9+09"))

@@ -176,6 +176,30 @@ describe("DSNs the sender's mail server cannot take whole", function()
     end)
   end)
 
+  -- RFC 6533: the DSN of a message that came with SMTPUTF8 is an
+  -- internationalized one. Before, its report said "rfc822; " before a UTF-8
+  -- address in a message/delivery-status (which must be ASCII), and returned
+  -- the message as message/rfc822.
+  it("sends an SMTPUTF8 message's DSN as message/global-delivery-status with utf-8 addresses", function()
+    two_sinks({}, function(_, port, _, sender_mx)
+      assert.equal(250, (H.send(port, { from = "origin@sender.test", to = "r550-g\195\184ne@x.test",
+        mail_params = "SMTPUTF8 BODY=8BITMIME", rcpt_params = "ORCPT=utf-8;r550-g\\x{F8}ne@x.test", body = EIGHT })))
+      assert.is_true(H.wait_for(function() return #sender_mx.messages() > 0 end, 20), H.log("origin@sender.test"))
+      local m = sender_mx.messages()[1]
+      assert.equal("<>", m.from)
+      -- (its envelope and header section are ASCII: SMTPUTF8 is not needed, 8BITMIME is)
+      assert.equal("BODY=8BITMIME", m.mail_params[1])
+      local d = parse_dsn(m.data)
+      assert.equal("delivery-status", d.report_type)
+      assert.same({ "multipart/report", "text/plain", "message/global-delivery-status", "message/global" }, d.parts)
+      assert.equal("utf-8; r550-g\195\184ne@x.test", d.recipients[1]["Final-Recipient"])
+      assert.equal("utf-8;r550-g\195\184ne@x.test", d.recipients[1]["Original-Recipient"])
+      assert.equal("failed", d.recipients[1]["Action"])
+      assert.truthy(d.text:find("<r550-g\195\184ne@x.test>", 1, true), d.text)
+      assert.truthy(m.data:find("h\195\169llo w\195\182rld", 1, true))
+    end)
+  end)
+
   it("sends the header only when the whole DSN exceeds the server's SIZE limit", function()
     two_sinks({ "--size", "6000" }, function(_, port, _, sender_mx)
       local big = "Subject: big\r\n\r\n" .. string.rep("0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghij\r\n", 150)
