@@ -534,24 +534,32 @@ describe("spool", function()
     end)
   end)
 
+  -- A spool whose first segment holds one message and state records not
+  -- yet synced, and is no longer the head: -> spool, the message's id, the
+  -- first segment.
+  local function unsynced_first_segment()
+    local sp = assert(spool_mod.open(spool_opts(dir .. "/spool", { segment_size = 4096, cache_bytes = 0,
+      check_interval = 3600 })))
+    local t = { id = idgen.next(), sender = { address = "s@y.test" }, recipients = { { address = "r@x.test" } },
+      received_at = os.time() }
+    assert(sp:store(t, smtp.message("Subject: a\r\n\r\n" .. string.rep("z", 3000) .. "\r\n")))
+    local id = idgen.number(t.id)
+    local first = sp.head
+    -- state records fill the head, with no sync between them, until the
+    -- next one starts a new head: the first segment is written and not synced
+    local n = 0
+    while sp.head == first and n < 100 do
+      n = n + 1
+      assert(sp:update(id, { attempts = n, next = os.time() + 60 }))
+    end
+    assert.are_not.equal(first, sp.head)
+    assert.is_true(sp.dirty[first] ~= nil, "the first segment was synced already")
+    return sp, id, first
+  end
+
   it("syncs on after a segment written since the last sync is deleted (its messages all finished)", function()
     H.run(function()
-      local sp = assert(spool_mod.open(spool_opts(dir .. "/spool", { segment_size = 4096, cache_bytes = 0,
-        check_interval = 3600 })))
-      local t = { id = idgen.next(), sender = { address = "s@y.test" }, recipients = { { address = "r@x.test" } },
-        received_at = os.time() }
-      assert(sp:store(t, smtp.message("Subject: a\r\n\r\n" .. string.rep("z", 3000) .. "\r\n")))
-      local id = idgen.number(t.id)
-      local first = sp.head
-      -- state records fill the head, with no sync between them, until the
-      -- next one starts a new head: the first segment is written and not synced
-      local n = 0
-      while sp.head == first and n < 100 do
-        n = n + 1
-        assert(sp:update(id, { attempts = n, next = os.time() + 60 }))
-      end
-      assert.are_not.equal(first, sp.head)
-      assert.is_true(sp.dirty[first] ~= nil, "the first segment was synced already")
+      local sp, id, first = unsynced_first_segment()
       -- its message ends: the first segment is deleted at the end of this turn
       assert(sp:done(id))
       assert.is_true(H.wait_for(function() return sp.segs[first.num] == nil end, 5))
@@ -572,20 +580,7 @@ describe("spool", function()
   -- (seen in CI as a rare 451 in the queue and route specs).
   it("keeps a segment's fd open for a sync in flight when the segment is deleted", function()
     H.run(function()
-      local sp = assert(spool_mod.open(spool_opts(dir .. "/spool", { segment_size = 4096, cache_bytes = 0,
-        check_interval = 3600 })))
-      local t = { id = idgen.next(), sender = { address = "s@y.test" }, recipients = { { address = "r@x.test" } },
-        received_at = os.time() }
-      assert(sp:store(t, smtp.message("Subject: a\r\n\r\n" .. string.rep("z", 3000) .. "\r\n")))
-      local id = idgen.number(t.id)
-      local first = sp.head
-      local n = 0
-      while sp.head == first and n < 100 do
-        n = n + 1
-        assert(sp:update(id, { attempts = n, next = os.time() + 60 }))
-      end
-      assert.are_not.equal(first, sp.head)
-      assert.is_true(sp.dirty[first] ~= nil, "the first segment was synced already")
+      local sp, id, first = unsynced_first_segment()
       -- the first segment's fdatasync waits in the "thread pool" until release
       local fd, real, held = first.file:fd(), uv.fs_fdatasync, {}
       uv.fs_fdatasync = function(f, cb)
