@@ -18,7 +18,7 @@
  *   segment:scan()             -> scanner; scanner:next() -> one of
  *       "rec", offset, length, type, flags, id, meta, aux
  *       (scanner:next(true) leaves out the metadata of MSG records, nil, unless
- *       aux is 0, unknown, or saturated at 65535)
+ *       aux is 0, unknown, or saturated at 65535, or the record is a DSN's, F_DSN)
  *       "corrupt", offset, length, why      damaged bytes, valid records follow
  *       "torn", offset, why                 damaged or incomplete to the end
  *       "zeros", offset                     only zero bytes from offset to the end
@@ -389,8 +389,10 @@ static int sc_next(lua_State *L)
         lua_pushinteger(L, (lua_Integer)it.hdr.type);
         lua_pushinteger(L, (lua_Integer)it.hdr.flags);
         lua_pushnumber(L, (lua_Number)it.hdr.id);
-        /* an unknown (0) or saturated recipient count: the envelope is needed */
-        if (skip_msg_meta && it.hdr.type == MP_REC_MSG && it.hdr.aux > 0 && it.hdr.aux < 65535) lua_pushnil(L);
+        /* an unknown (0) or saturated recipient count: the envelope is needed; a DSN's too */
+        if (skip_msg_meta && it.hdr.type == MP_REC_MSG && it.hdr.aux > 0 && it.hdr.aux < 65535
+            && !(it.hdr.flags & MP_REC_F_DSN))
+            lua_pushnil(L);
         else lua_pushlstring(L, it.meta, it.hdr.meta_len);
         lua_pushinteger(L, (lua_Integer)it.hdr.aux);
         return 8;
@@ -554,6 +556,10 @@ MP_EXPORT int luaopen_moonpost_core_spool(lua_State *L)
     lua_setfield(L, -2, "DONE");
     lua_pushinteger(L, MP_REC_F_COPY);
     lua_setfield(L, -2, "F_COPY");
+    lua_pushinteger(L, MP_REC_F_DSN);
+    lua_setfield(L, -2, "F_DSN");
+    lua_pushinteger(L, MP_REC_F_VOID);
+    lua_setfield(L, -2, "F_VOID");
     lua_pushinteger(L, MP_REC_HEADER);
     lua_setfield(L, -2, "HEADER");
     return 1;

@@ -47,6 +47,10 @@ enum mp_rec_type {
 
 /* flags */
 #define MP_REC_F_COPY 0x01 /* MSG copied forward by compaction: supersedes older copies */
+#define MP_REC_F_DSN 0x02  /* MSG: a DSN whose envelope names the message and recipients it reports
+                            * on (read at recovery: the report is final even if that message's
+                            * own state record was lost) */
+#define MP_REC_F_VOID 0x04 /* DONE: the message was never acknowledged (its sync failed) */
 
 typedef struct mp_rec_hdr {
     unsigned type, flags, aux;

@@ -520,9 +520,18 @@ function Queue:notify(env, body, action, list)
   -- then, as for any 8-bit message. dsn = true lets the SMTP client send
   -- the returned message's header section alone to a next hop that cannot
   -- take the whole (runtime/client.lua): a DSN that bounces is lost.
+  -- dsn_of: what this DSN makes final in the original (its failed
+  -- recipients, its delay warning), for a recovery after a crash that came
+  -- before the original's own state record was synced (runtime/spool.lua)
+  local done
+  if action == "failed" then
+    done = {}
+    for _, e in ipairs(list) do done[#done + 1] = e.index end
+  end
   local txn = { id = ids.next(), sender = { address = "" }, recipients = { { address = env.from } },
     received_at = os.time(), smtputf8 = env.utf8 or nil, notes = {},
-    body_type = smtp.has_8bit(text) and "8BITMIME" or "7BIT", dsn = true }
+    body_type = smtp.has_8bit(text) and "8BITMIME" or "7BIT", dsn = true,
+    dsn_of = env.id and { id = env.id, action = action, done = done } or nil }
   local msg = smtp.message(text)
   local ok, err = self.spool:store(txn, msg)
   if not txn.kept then msg:close() end

@@ -38,7 +38,8 @@ local ids = require "moonpost.runtime.ids"
 local fs = require "moonpost.runtime.fs"
 local fifo = require "moonpost.runtime.fifo"
 
-local MSG, STATE, DONE, F_COPY = core.MSG, core.STATE, core.DONE, core.F_COPY
+local MSG, STATE, DONE, F_COPY, F_DSN, F_VOID = core.MSG, core.STATE, core.DONE, core.F_COPY, core.F_DSN,
+  core.F_VOID
 local format, tonumber, pairs, ipairs, type = string.format, tonumber, pairs, ipairs, type
 local reserve, wake_token, wait = sched.reserve, sched.wake_token, sched.wait
 local encode, decode = cjson.encode, cjson.decode
@@ -109,6 +110,13 @@ local function envelope_of(txn)
   if txn.body_type ~= nil then e.body = txn.body_type end
   if txn.smtputf8 then e.utf8 = true end
   if txn.dsn then e.dsn = true end
+  -- a DSN: the message it reports on (hex id), the recipients it makes
+  -- final (indexes) and its action (see "DSNs and crashes" in recover)
+  local of = txn.dsn_of
+  if of then
+    e.of, e.act = of.id, of.action
+    if of.done and #of.done > 0 then e.ri = of.done end
+  end
   return e
 end
 
@@ -281,6 +289,7 @@ function Spool:recover()
   local max_id = 0
   local unknown, dups = 0, 0
   local idx, vanished = 0, false
+  local reports = {} -- DSN id -> its envelope: { of, ri, act }
   while true do
     if idx == #nums then
       if not vanished then break end
@@ -326,6 +335,7 @@ function Spool:recover()
             nrcpt = env and type(env.rcpt) == "table" and #env.rcpt or 0
           end
           local m = self.msgs[id]
+          if env and flags % 4 >= 2 and type(env.of) == "string" then reports[id] = env end
           if nrcpt == 0 then
             quarantine(self, seg, off, len, "message without recipients")
           elseif m and flags % 2 == 1 then
@@ -349,6 +359,7 @@ function Spool:recover()
           local m = self.msgs[id]
           if m then apply_state(m, decode(meta)) else unknown = unknown + 1 end
         elseif rtype == DONE then
+          if flags % 8 >= 4 then reports[id] = nil end
           local m = self.msgs[id]
           if m then
             drop_live(m)
@@ -393,6 +404,26 @@ function Spool:recover()
     end
     seg.size = data_end or file:size()
     ::next_segment::
+  end
+  -- DSNs and crashes: a DSN is stored (and synced) before the state record
+  -- of the message it reports on, which follows with a later sync. After a
+  -- crash between the two, that message's recipients would be tried again,
+  -- and fail again: a second DSN. The DSN's record says which recipients it
+  -- made final (and that a delay warning went): applied here, whatever
+  -- came of the DSN since (unless it was never acknowledged, F_VOID).
+  for _, env in pairs(reports) do
+    local m = self.msgs[tonumber(env.of, 16)]
+    if m then
+      if env.act == "failed" and type(env.ri) == "table" then
+        local done = {}
+        for _, i in ipairs(env.ri) do
+          if type(i) == "number" and i >= 1 and i % 1 == 0 then done[#done + 1] = i end
+        end
+        apply_state(m, { done = done })
+      elseif env.act == "delayed" then
+        m.warned = true
+      end
+    end
   end
   -- messages whose every recipient is final but whose DONE record was lost
   for id, m in pairs(self.msgs) do
@@ -695,7 +726,7 @@ function Spool:store(txn, msg)
   local id = tonumber(txn.id, 16)
   local envt = envelope_of(txn)
   local meta = _M.encode_envelope(envt)
-  local seg, off, len = append(self, MSG, 0, id, meta, msg, #txn.recipients)
+  local seg, off, len = append(self, MSG, txn.dsn_of and F_DSN or 0, id, meta, msg, #txn.recipients)
   if not seg then return nil, off, len end
   seg.live = seg.live + 1
   seg.live_bytes = seg.live_bytes + len
@@ -711,8 +742,9 @@ function Spool:stored(txn, msg, envt, id, seg, off, len, ok, err)
     -- Not acknowledged: make sure it is not delivered either.
     seg.live = seg.live - 1
     seg.live_bytes = seg.live_bytes - len
-    -- (the record may be on disk even so: a failed sync says nothing of it)
-    if not append(self, DONE, 0, id, "") then
+    -- (the record may be on disk even so: a failed sync says nothing of it;
+    -- F_VOID: a DSN's record then reports nothing at recovery)
+    if not append(self, DONE, F_VOID, id, "") then
       self.pending_done = self.pending_done or {}
       self.pending_done[id] = true
     else
@@ -1081,17 +1113,18 @@ function Spool:compact_segment(seg)
     -- in the thread pool: a segment that is not in the page cache any more
     -- must not hold up the loop
     local raw, err = read_at(seg, m.off, m.len)
-    local rtype, _, id, meta, body = core.decode(raw or "")
+    local rtype, rflags, id, meta, body = core.decode(raw or "")
     if not rtype then
       log.error("spool: compaction of %s stopped at %s: %s", seg_name(seg.num), ids.hex(m.id),
-        tostring(err or _))
+        tostring(err or rflags))
       return false
     end
     -- Still live? (It may have been delivered while we worked.)
     if self.msgs[id] == m and m.seg == seg then
       local env = decode(meta)
       -- the copy, then its current state: recovery applies them in order
-      local cseg, off, len = append(self, MSG, F_COPY, id, meta, body, env and #env.rcpt or 0)
+      local cseg, off, len = append(self, MSG, F_COPY + (rflags % 4 >= 2 and F_DSN or 0), id, meta, body,
+        env and #env.rcpt or 0)
       local sseg, serr = nil, off
       if cseg then sseg, serr = append(self, STATE, 0, id, state_of(m)) end
       if not sseg then

@@ -200,6 +200,27 @@ describe("DSNs the sender's mail server cannot take whole", function()
     end)
   end)
 
+  it("stores a DSN with what it makes final in the original: its id and failed recipients (for recovery)", function()
+    two_sinks({}, function(mta, port)
+      -- the sender's server defers the DSN: it stays in the spool
+      local code, _, text = H.send(port, { from = "r451-origin@sender.test",
+        to = { "ok@x.test", "r550-gone@x.test" } })
+      assert.equal(250, code)
+      local orig = text:match("queued as (%x+)")
+      local env
+      assert.is_true(H.wait_for(function()
+        mta.spool:each(function(m)
+          local e = require("moonpost.runtime.spool").envelope(m)
+          if e and e.dsn then env = e end
+        end)
+        return env ~= nil
+      end, 20), H.log())
+      assert.equal(orig, env.of)
+      assert.equal("failed", env.act)
+      assert.same({ 2 }, env.ri)
+    end)
+  end)
+
   it("sends the header only when the whole DSN exceeds the server's SIZE limit", function()
     two_sinks({ "--size", "6000" }, function(_, port, _, sender_mx)
       local big = "Subject: big\r\n\r\n" .. string.rep("0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghij\r\n", 150)

@@ -656,6 +656,52 @@ describe("spool", function()
     end)
   end)
 
+  -- A DSN is synced before the state record of the message it reports on
+  -- (that one goes with a later sync). A crash between the two left the
+  -- message's failed recipients to be tried again, and a second DSN sent.
+  it("after a crash between a DSN and the state of its message, recovery makes what the DSN reported final", function()
+    H.run(function()
+      local sdir = dir .. "/spool"
+      local sp = assert(spool_mod.open(spool_opts(sdir, { check_interval = 3600 })))
+      local o = { id = idgen.next(), sender = { address = "s@y.test" }, received_at = os.time(),
+        recipients = { { address = "a@x.test" }, { address = "b@x.test" }, { address = "c@x.test" } } }
+      assert(sp:store(o, smtp.message("Subject: o\r\n\r\no\r\n")))
+      local function dsn(action, done)
+        local t = { id = idgen.next(), sender = { address = "" }, recipients = { { address = "s@y.test" } },
+          received_at = os.time(), dsn = true, dsn_of = { id = o.id, action = action, done = done } }
+        return t, sp:store(t, smtp.message("Subject: dsn\r\n\r\nabout " .. o.id .. "\r\n"))
+      end
+      -- a@ bounced, b@ got a delay warning; the original's state was never
+      -- written (the crash)
+      assert(select(2, dsn("failed", { 1 })))
+      assert(select(2, dsn("delayed")))
+      -- c@ bounced too, but that DSN's sync failed: never acknowledged
+      local real = uv.fs_fdatasync
+      uv.fs_fdatasync = function(f, cb)
+        return real(f, function() cb("EIO: i/o error (injected)") end)
+      end
+      local ok, t3, stored = pcall(dsn, "failed", { 3 })
+      uv.fs_fdatasync = real
+      assert(ok, t3)
+      assert.is_nil(stored)
+      sp:close()
+      sp = assert(spool_mod.open(spool_opts(sdir, { check_interval = 3600 })))
+      local m = sp:get(idgen.number(o.id))
+      assert.is_true(m.rdone and m.rdone[1], "the bounced recipient is not final")
+      assert.equal(2, m.pending)
+      assert.is_true(m.warned, "the delay warning is not recorded")
+      assert.is_nil(m.rdone[3], "a DSN never acknowledged made its recipient final")
+      assert.is_nil(sp:get(idgen.number(t3.id)))
+      assert.equal(3, sp:count()) -- the original and the two DSNs
+      -- a read-only listing (moonpost spool list) sees the same
+      local list = listing(sdir)
+      for _, lm in ipairs(list) do
+        if lm.id == m.id then assert.equal(2, lm.pending) end
+      end
+      sp:close()
+    end)
+  end)
+
   it("recovers after torn tails and damage: keeps intact messages, quarantines the damaged one", function()
     math.randomseed(os.time())
     for trial = 1, 5 do
