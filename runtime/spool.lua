@@ -51,6 +51,9 @@ local PREALLOC_NAME = "prealloc"  -- seg/prealloc: the next head, being filled w
 local PREALLOC_FIRST = 4 * 1048576 -- the first one's size; each next one twice the last, up to segment_size
 local ZERO_CHUNK = 1048576        -- zeros written (and synced) at a time
 local TMPFS_MAGIC = 0x01021994    -- statfs type of tmpfs: memory, no device to spare a sync
+-- statfs types of copy-on-write file systems: a write into zeros allocates
+-- new blocks anyway, so zeros written ahead are twice the writes for nothing
+local COW_MAGIC = { [0x9123683E] = "btrfs", [0x2FC12FC1] = "ZFS", [0xCA451A4E] = "bcachefs" }
 
 local Spool = {}
 local mt = { __index = Spool }
@@ -481,12 +484,21 @@ end
 local zeros -- ZERO_CHUNK zero bytes, made at first use
 
 -- The size of the next file to prepare, or nil: none on tmpfs (memory: no
--- device, and every zero would take RAM), and none that would bring the
--- free space near min_free (it is kept for messages).
+-- device, and every zero would take RAM) or a copy-on-write file system,
+-- and none that would bring the free space near min_free (it is kept for
+-- messages).
 local function prealloc_size(self)
   local size = math.min(self.segment_size, self.next_prealloc or PREALLOC_FIRST)
   local st = uv.fs_statfs(self.dir)
   if not st or st.type == TMPFS_MAGIC then return nil end
+  local cow = COW_MAGIC[st.type]
+  if cow then
+    if not self.cow_said then
+      self.cow_said = true
+      log.info("spool: %s is on %s (copy-on-write): segments are not preallocated", self.dir, cow)
+    end
+    return nil
+  end
   if st.bavail * st.bsize < self.min_free + 2 * size then return nil end
   return size
 end
