@@ -808,14 +808,21 @@ function Spool:trim_cache(all)
   if fifo.len(order) > 2 * self.ncached + 64 then drop_uncached(self) end
 end
 
-function Spool:uncache(id)
+-- The cache entry of id out of the cache (its id stays in cache_order
+-- until met there); -> the entry, whose message the caller closes or takes.
+local function forget(self, id)
   local c = self.cache[id]
   if c then
     self.cache[id] = nil
     self.ncached = self.ncached - 1
     self.cached_bytes = self.cached_bytes - c.size
-    c.msg:close()
   end
+  return c
+end
+
+function Spool:uncache(id)
+  local c = forget(self, id)
+  if c then c.msg:close() end
 end
 
 function Spool:accepting()
@@ -910,8 +917,7 @@ function Spool:read(m, take)
       -- the caller owns the message now and closes it: the cache must not
       -- close it under a delivery that is still sending it (a later read
       -- comes from the disk)
-      self.cache[m.id] = nil
-      self.cached_bytes = self.cached_bytes - c.size
+      forget(self, m.id)
       return env, c.msg, true
     end
     return env, c.msg

@@ -652,6 +652,18 @@ describe("spool", function()
       -- every message delivered at once: the order does not keep their ids
       for _ = 1, 3000 do assert(sp:done(store())) end
       assert.is_true(fifo.len(sp.cache_order) <= 2 * sp.ncached + 64, fifo.len(sp.cache_order) .. " ids in the order")
+      -- the same when a delivery takes the message out of the cache (as the
+      -- queue's first attempt does)
+      for _ = 1, 3000 do
+        local id = store()
+        local env, msg, taken = sp:read(sp:get(id), true)
+        assert.is_true(taken)
+        assert.truthy(env)
+        msg:close()
+        assert(sp:done(id))
+      end
+      assert.equal(cached(), sp.ncached)
+      assert.is_true(fifo.len(sp.cache_order) <= 2 * sp.ncached + 64, fifo.len(sp.cache_order) .. " ids in the order")
       sp:close()
     end)
   end)
