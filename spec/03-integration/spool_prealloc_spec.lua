@@ -199,6 +199,24 @@ describe("spool preallocation", function()
     end)
   end)
 
+  -- An MTA with its spool on the file system mounted at mnt writes plain
+  -- segments (no seg/prealloc, no zeros after the records); then mnt is
+  -- unmounted. also(): more checks while the MTA runs.
+  local function plain_segments_on(mnt, also)
+    local ok, err = pcall(function()
+      local mta, port = H.start_mta({}, nil, { spool = { dir = mnt .. "/spool", min_free = 0 } })
+      assert.equal(250, (H.send(port, { body = body(1) })))
+      sched.sleep(0.3)
+      assert.is_nil(mta.spool.prepared)
+      assert.is_nil(size_of(mnt .. "/spool/seg/prealloc"))
+      assert.equal(mta.spool.head.size, size_of(mta.spool.head.path))
+      if also then also() end
+      H.stop_mta(mta)
+    end)
+    H.exec("umount", { "-l", mnt }, { timeout = 30 })
+    if not ok then error(err, 0) end
+  end
+
   -- On btrfs (and ZFS, bcachefs) a write into zeros allocates new blocks
   -- anyway: the zeros were twice the writes for nothing.
   it("nothing is preallocated on a copy-on-write file system (btrfs, on a loop device)", function()
@@ -216,18 +234,9 @@ describe("spool preallocation", function()
         pending("cannot mount a btrfs image here: " .. tostring(merr))
         return
       end
-      local ok, err = pcall(function()
-        local mta, port = H.start_mta({}, nil, { spool = { dir = mnt .. "/spool", min_free = 0 } })
-        assert.equal(250, (H.send(port, { body = body(1) })))
-        sched.sleep(0.3)
-        assert.is_nil(mta.spool.prepared)
-        assert.is_nil(size_of(mnt .. "/spool/seg/prealloc"))
-        assert.equal(mta.spool.head.size, size_of(mta.spool.head.path))
+      plain_segments_on(mnt, function()
         assert.are_not.equal("", H.log("is on btrfs (copy-on-write): segments are not preallocated"), H.log())
-        H.stop_mta(mta)
       end)
-      H.exec("umount", { "-l", mnt }, { timeout = 30 })
-      if not ok then error(err, 0) end
     end)
   end)
 
@@ -237,17 +246,7 @@ describe("spool preallocation", function()
       assert(uv.fs_mkdir(mnt, 448))
       local code, _, merr = H.exec("mount", { "-t", "tmpfs", "-o", "size=64m", "tmpfs", mnt }, { timeout = 10 })
       assert.equal(0, code, "cannot mount a tmpfs (the specs run as root): " .. tostring(merr))
-      local ok, err = pcall(function()
-        local mta, port = H.start_mta({}, nil, { spool = { dir = mnt .. "/spool", min_free = 0 } })
-        assert.equal(250, (H.send(port, { body = body(1) })))
-        sched.sleep(0.3)
-        assert.is_nil(mta.spool.prepared)
-        assert.is_nil(size_of(mnt .. "/spool/seg/prealloc"))
-        assert.equal(mta.spool.head.size, size_of(mta.spool.head.path))
-        H.stop_mta(mta)
-      end)
-      H.exec("umount", { "-l", mnt }, { timeout = 10 })
-      if not ok then error(err, 0) end
+      plain_segments_on(mnt)
     end)
   end)
 end)
