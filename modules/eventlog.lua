@@ -896,6 +896,14 @@ function EventLog:reopen()
 end
 
 local function stop_webhook(w)
+  -- what the queue still holds is sent by the next start of a policy whose
+  -- webhook uses this dir (after a restart, or a reload back to it): said,
+  -- since a reload to another dir leaves it behind
+  local left = w.outbox:backlog()
+  if left > 0 then
+    log.warn("eventlog: webhook: %d octets of records in %s not sent yet: they are sent when a policy "
+      .. "whose webhook uses that dir starts", left, w.opts.dir)
+  end
   w.stopped = true
   -- a POST in progress ends now (its batch is sent again after a restart)
   w.client:abort()
