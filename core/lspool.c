@@ -266,6 +266,23 @@ static int s_truncate(lua_State *L)
     return 1;
 }
 
+/* pread up to n bytes at off into buf, through EINTR and short reads:
+ * the count (less than n at the end of the file), or -errno */
+static ssize_t pread_upto(int fd, char *buf, size_t n, off_t off)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = pread(fd, buf + done, n - done, off + (off_t)done);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (r == 0) break;
+        done += (size_t)r;
+    }
+    return (ssize_t)done;
+}
+
 /* Push the len bytes at off as a string (shorter at the end of the file):
  * returns 1, or 3 with nil, err, code pushed (mp_pusherrno) */
 static int push_range(lua_State *L, int fd, off_t off, size_t len)
@@ -278,14 +295,11 @@ static int push_range(lua_State *L, int fd, off_t off, size_t len)
         size_t want = len - done;
         ssize_t r;
         if (want > sizeof tmp) want = sizeof tmp;
-        r = pread(fd, tmp, want, off + (off_t)done);
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            return mp_pusherrno(L, "read", errno);
-        }
-        if (r == 0) break;
+        r = pread_upto(fd, tmp, want, off + (off_t)done);
+        if (r < 0) return mp_pusherrno(L, "read", (int)-r);
         luaL_addlstring(&b, tmp, (size_t)r);
         done += (size_t)r;
+        if ((size_t)r < want) break;
     }
     luaL_pushresult(&b);
     return 1;
@@ -295,14 +309,18 @@ static int s_meta(lua_State *L)
 {
     lsegment *seg = checksegment(L, 1);
     lua_Number off = luaL_checknumber(L, 2);
+    unsigned char hdr[MP_REC_HEADER];
     mp_rec_hdr h;
     size_t got;
+    ssize_t n;
     int r;
     if (off < 0) luaL_argerror(L, 2, "negative offset");
     r = seg_flush(seg);
     if (r != 0) return mp_pusherrno(L, "write", -r);
-    if ((r = push_range(L, seg->fd, (off_t)off, MP_REC_HEADER)) != 1) return r;
-    if (lua_objlen(L, -1) < MP_REC_HEADER || mp_rec_decode((const unsigned char *)lua_tostring(L, -1), &h) != 0) {
+    /* the header stays in C; only the metadata becomes a Lua string */
+    n = pread_upto(seg->fd, (char *)hdr, sizeof hdr, (off_t)off);
+    if (n < 0) return mp_pusherrno(L, "read", (int)-n);
+    if ((size_t)n < sizeof hdr || mp_rec_decode(hdr, &h) != 0) {
         lua_pushnil(L);
         lua_pushliteral(L, "bad header");
         return 2;

@@ -41,6 +41,7 @@ local fifo = require "moonpost.runtime.fifo"
 local MSG, STATE, DONE, F_COPY, F_DSN, F_VOID = core.MSG, core.STATE, core.DONE, core.F_COPY, core.F_DSN,
   core.F_VOID
 local format, tonumber, pairs, ipairs, type = string.format, tonumber, pairs, ipairs, type
+local band = require("bit").band
 local reserve, wake_token, wait = sched.reserve, sched.wake_token, sched.wait
 local encode, decode = cjson.encode, cjson.decode
 
@@ -259,12 +260,13 @@ local function quarantine(self, seg, off, len, why)
     #data, why, qname)
 end
 
+-- (from a record: a recipient index that is not a positive integer is passed over)
 local function apply_state(m, st)
   if type(st) ~= "table" then return end
   if type(st.done) == "table" then
     m.rdone = m.rdone or {}
     for _, i in ipairs(st.done) do
-      if not m.rdone[i] then
+      if type(i) == "number" and i >= 1 and i % 1 == 0 and not m.rdone[i] then
         m.rdone[i] = true
         m.pending = m.pending - 1
       end
@@ -338,10 +340,10 @@ function Spool:recover()
             nrcpt = env and type(env.rcpt) == "table" and #env.rcpt or 0
           end
           local m = self.msgs[id]
-          if env and flags % 4 >= 2 and type(env.of) == "string" then reports[id] = env end
+          if env and band(flags, F_DSN) ~= 0 and type(env.of) == "string" then reports[id] = env end
           if nrcpt == 0 then
             quarantine(self, seg, off, len, "message without recipients")
-          elseif m and flags % 2 == 1 then
+          elseif m and band(flags, F_COPY) ~= 0 then
             -- a compaction copy supersedes the older copy of the message; its
             -- state follows in a STATE record; the state known so far stays (a recipient once final
             -- stays final, even if a crash came between the two records)
@@ -362,7 +364,7 @@ function Spool:recover()
           local m = self.msgs[id]
           if m then apply_state(m, decode(meta)) else unknown = unknown + 1 end
         elseif rtype == DONE then
-          if flags % 8 >= 4 then reports[id] = nil end
+          if band(flags, F_VOID) ~= 0 then reports[id] = nil end
           local m = self.msgs[id]
           if m then
             drop_live(m)
@@ -417,15 +419,7 @@ function Spool:recover()
   for _, env in pairs(reports) do
     local m = self.msgs[tonumber(env.of, 16)]
     if m then
-      if env.act == "failed" and type(env.ri) == "table" then
-        local done = {}
-        for _, i in ipairs(env.ri) do
-          if type(i) == "number" and i >= 1 and i % 1 == 0 then done[#done + 1] = i end
-        end
-        apply_state(m, { done = done })
-      elseif env.act == "delayed" then
-        m.warned = true
-      end
+      apply_state(m, { done = env.act == "failed" and env.ri or nil, warned = env.act == "delayed" })
     end
   end
   -- messages whose every recipient is final but whose DONE record was lost
@@ -1141,7 +1135,7 @@ function Spool:compact_segment(seg)
     if self.msgs[id] == m and m.seg == seg then
       local env = decode(meta)
       -- the copy, then its current state: recovery applies them in order
-      local cseg, off, len = append(self, MSG, F_COPY + (rflags % 4 >= 2 and F_DSN or 0), id, meta, body,
+      local cseg, off, len = append(self, MSG, F_COPY + band(rflags, F_DSN), id, meta, body,
         env and #env.rcpt or 0)
       local sseg, serr = nil, off
       if cseg then sseg, serr = append(self, STATE, 0, id, state_of(m)) end
