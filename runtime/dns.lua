@@ -202,7 +202,8 @@ local function pump(self)
             self.ch:process(fd, ev and ev:find("r", 1, true) ~= nil, ev and ev:find("w", 1, true) ~= nil)
           end
           harvest(self)
-          pump(self)
+          -- (a task that harvest woke may have closed the resolver)
+          if not self.closed then pump(self) end
         end)
         if not ok then log.error("dns: %s", tostring(e)) end
       end)
@@ -225,7 +226,7 @@ local function pump(self)
       local ok, e = pcall(function()
         self.ch:process(-1)
         harvest(self)
-        pump(self)
+        if not self.closed then pump(self) end
       end)
       if not ok then log.error("dns: %s", tostring(e)) end
     end)

@@ -36,6 +36,20 @@ describe("moonpost.runtime.dns", function()
     end)
   end)
 
+  it("can be closed by the task its answer wakes", function()
+    with_dns(function(srv)
+      local before = #MOONPOST_LOG
+      local r = assert(dns.new { servers = srv.address })
+      assert.equal("127.0.0.2", assert(r:query("mx1.test", "A"))[1].data)
+      -- the answer's callback resumed this task: it still runs below us
+      r:close()
+      sched.sleep(0.05)
+      for i = before + 1, #MOONPOST_LOG do
+        assert.falsy(MOONPOST_LOG[i]:find("dns: ", 1, true), MOONPOST_LOG[i])
+      end
+    end)
+  end)
+
   it("looks an internationalized name up by its A-labels, in any case or form", function()
     with_dns(function(srv)
       local r = assert(dns.new { servers = srv.address })
