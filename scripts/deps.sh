@@ -5,12 +5,15 @@
 # "Local only" and its system instance is never started here. swaks needs
 # libnet-ssleay-perl for --tls (a Recommends, which --no-install-recommends
 # leaves out). btrfs-progs makes the copy-on-write file system of a spool spec.
+# publicsuffix is the list DMARC finds organizational domains with; python3-spf
+# and python3-authres check SPF results and Authentication-Results fields,
+# python3-publicsuffix2 the organizational domains.
 set -eu
 
 PKGS="build-essential clang libclang-rt-14-dev luajit libluajit-5.1-dev liblua5.1-0-dev
 lua-luv lua-luv-dev libuv1-dev libssl-dev libopendkim-dev libsodium-dev libc-ares-dev libidn2-dev
 lua-lpeg lua-cjson lua-busted lua-check luarocks
-swaks libnet-ssleay-perl python3 python3-dkim python3-prometheus-client python3-nacl python3-dnspython python3-aiosmtpd nsd postfix netcat-openbsd iproute2 procps valgrind btrfs-progs"
+swaks libnet-ssleay-perl python3 python3-dkim python3-prometheus-client python3-nacl python3-dnspython python3-spf python3-authres python3-publicsuffix2 python3-aiosmtpd publicsuffix nsd postfix netcat-openbsd iproute2 procps valgrind btrfs-progs"
 
 missing=""
 for p in $PKGS; do

@@ -1,0 +1,450 @@
+-- DMARC (RFC 7489): the RFC5322.From domain of a message, organizational
+-- domains by the Public Suffix List, DMARC records, and the verdict for a
+-- message from its SPF and DKIM results.
+--
+--   local dmarc = require "moonpost.runtime.dmarc"
+--   local domain, why = dmarc.from_domain(head)      -- "example.org" | nil, reason
+--   dmarc.org_domain("a.b.example.co.uk")            -- "example.co.uk"
+--   dmarc.load_psl(path)                             -- true | nil, err
+--   local rec, err = dmarc.parse("v=DMARC1; p=reject")
+--   local res = dmarc.check {                        -- in a task
+--     dns = resolver,                                -- (default: dns.default())
+--     from_domain = domain,
+--     spf = { result = "pass", domain = "bounce.example.org" },     -- or nil
+--     dkim = { { result = "pass", domain = "example.org" }, ... },  -- or {}
+--     random = nil,                                  -- function() -> [0, 1), for pct
+--   }
+--
+-- from_domain(head) takes a header section (CRLF or LF line ends, folded
+-- lines) and returns the domain of its one From address, lower case, in
+-- A-labels; or nil and "no From header" | "several From headers" |
+-- "several addresses in From" | "no domain in From" (also for an empty
+-- group, a domain literal, or a name that has no ASCII form).
+--
+-- org_domain(domain) is the public suffix of the domain and one label more
+-- (the domain itself when it is a public suffix), lower case, in A-labels
+-- ("a.b.example.co.uk" -> "example.co.uk"). The list is read once,
+-- on first use, from /usr/share/publicsuffix/public_suffix_list.dat unless
+-- load_psl(path) was called; without a list, the last two labels.
+--
+-- parse(text) returns { v, p, sp, adkim, aspf, pct, rua, ruf, fo, rf, ri }
+-- with the defaults of RFC 7489 6.3 filled in (rua and ruf are lists of
+-- URIs, nil when absent), or nil and an error. A known tag with a value it
+-- cannot have takes its default; unknown tags are ignored. A record whose
+-- p (or sp) is missing or not valid reads as p=none, sp=none when it has a
+-- reporting URI in rua, and is an error otherwise (6.6.3).
+--
+-- check(opts) returns { result, policy, disposition, domain, org_domain,
+-- record_domain, record, spf_aligned, dkim_aligned, reason }: result is
+-- "pass" | "fail" | "none" | "temperror" | "permerror"; policy the p (or sp)
+-- that applies; disposition what to do with the message: the policy for a
+-- failing message, one step milder when pct sampled it out (6.6.4), and
+-- "none" for every other result. No record (NXDOMAIN, NODATA, no TXT
+-- record that starts "v=DMARC1") or several is "none"; any other DNS
+-- failure is "temperror"; a record that parse() refuses, or no from_domain,
+-- "permerror". spf_aligned and dkim_aligned are false without a record.
+local dns = require "moonpost.runtime.dns"
+local log = require "moonpost.runtime.log"
+
+local find, sub, byte, lower, match, gsub, gmatch =
+  string.find, string.sub, string.byte, string.lower, string.match, string.gsub, string.gmatch
+local tonumber, type, ipairs, next = tonumber, type, ipairs, next
+
+local _M = { _VERSION = "0.1" }
+
+local PSL_PATH = "/usr/share/publicsuffix/public_suffix_list.dat"
+
+-- ---- the RFC5322.From domain ----------------------------------------------
+
+-- The characters that end an atom (RFC 5322 3.2.3 specials, and space).
+local SPECIAL = {}
+for c in ("()<>[]:;@\\,.\"\t "):gmatch(".") do SPECIAL[byte(c)] = true end
+
+-- The tokens of an address list: atoms and quoted strings as "w" (with
+-- their text), domain literals as "l", and the specials as themselves.
+-- Comments are dropped, nested or not; an unclosed quote, comment or
+-- literal runs to the end (mail in the wild has them, the verdict must not
+-- fail on them).
+local function tokens(s)
+  local out, pos, n = {}, 1, #s
+  while pos <= n do
+    local c = byte(s, pos)
+    if c == 32 or c == 9 or c == 13 or c == 10 then
+      pos = pos + 1
+    elseif c == 40 then -- "(": a comment
+      local depth = 0
+      repeat
+        c = byte(s, pos)
+        if c == 92 then pos = pos + 1
+        elseif c == 40 then depth = depth + 1
+        elseif c == 41 then depth = depth - 1
+        end
+        pos = pos + 1
+      until depth == 0 or pos > n
+    elseif c == 34 then -- a quoted string
+      pos = pos + 1
+      while pos <= n do
+        c = byte(s, pos)
+        if c == 92 then pos = pos + 1 elseif c == 34 then break end
+        pos = pos + 1
+      end
+      pos = pos + 1
+      out[#out + 1] = "w"
+      out[#out + 1] = ""
+    elseif c == 91 then -- "[": a domain literal
+      local e = find(s, "]", pos, true) or n
+      out[#out + 1] = "l"
+      out[#out + 1] = sub(s, pos, e)
+      pos = e + 1
+    elseif SPECIAL[c] then
+      out[#out + 1] = sub(s, pos, pos)
+      out[#out + 1] = false
+      pos = pos + 1
+    else
+      local e = pos
+      while e < n and not SPECIAL[byte(s, e + 1)] do e = e + 1 end
+      out[#out + 1] = "w"
+      out[#out + 1] = sub(s, pos, e)
+      pos = e + 1
+    end
+  end
+  return out
+end
+
+-- The domain of one address, from its tokens (kinds and texts in pairs
+-- first..last): what follows the last "@", atoms and dots joined.
+local function address_domain(t, first, last)
+  local at
+  for i = last - 1, first, -2 do
+    if t[i] == "@" then at = i break end
+  end
+  if not at then return nil end
+  local parts = {}
+  for i = at + 2, last, 2 do
+    local kind = t[i]
+    if kind == "w" then parts[#parts + 1] = t[i + 1]
+    elseif kind == "." then parts[#parts + 1] = "."
+    else return nil -- a domain literal or a stray special
+    end
+  end
+  return table.concat(parts)
+end
+
+-- The addresses of an address list (RFC 5322 3.4, with the obsolete forms
+-- of 4.4): each is the tokens of an angle-addr or of a bare addr-spec. A
+-- display name is skipped, and so is a group's name; empty list elements
+-- are no addresses.
+local function addresses(value)
+  local t = tokens(value)
+  local out = {}
+  local first, angle = 1, nil -- start of the current element; of its angle-addr
+  local i, n = 1, #t
+  local function flush(last)
+    if angle then
+      out[#out + 1] = { angle[1], angle[2] }
+    elseif last >= first then
+      out[#out + 1] = { first, last }
+    end
+    angle = nil
+  end
+  while i <= n do
+    local kind = t[i]
+    if kind == "<" then
+      -- an angle-addr; an obsolete route ("<@a,@b:user@host>") ends at ":"
+      local j, start = i + 2, i + 2
+      while j <= n and t[j] ~= ">" do
+        if t[j] == ":" then start = j + 2 end
+        j = j + 2
+      end
+      angle = { start, j - 1 }
+      i = j + 2
+    elseif kind == ":" then
+      first = i + 2 -- a group: what came before is its name
+      angle = nil
+      i = i + 2
+    elseif kind == "," or kind == ";" then
+      flush(i - 1)
+      first = i + 2
+      i = i + 2
+    else
+      i = i + 2
+    end
+  end
+  flush(n)
+  local list = {}
+  for _, a in ipairs(out) do
+    if a[2] >= a[1] then list[#list + 1] = a end
+  end
+  return list, t
+end
+
+local headers -- moonpost.runtime.headers, on first use
+
+function _M.from_domain(head)
+  headers = headers or require "moonpost.runtime.headers"
+  -- the header reader splits at CRLF: bare LF line ends are made CRLF
+  if find(head, "[^\r]\n") or byte(head, 1) == 10 then head = gsub(head, "\r?\n", "\r\n") end
+  local fields = headers.find(head, "from")
+  if #fields == 0 then return nil, "no From header" end
+  if #fields > 1 then return nil, "several From headers" end
+  local list, t = addresses(fields[1].value)
+  if #list > 1 then return nil, "several addresses in From" end
+  local domain = list[1] and address_domain(t, list[1][1], list[1][2])
+  if not domain then return nil, "no domain in From" end
+  domain = dns.to_ascii((gsub(domain, "%.$", "")))
+  if not domain or not dns.is_name(domain) then return nil, "no domain in From" end
+  return domain
+end
+
+-- ---- organizational domains -------------------------------------------------
+
+-- The rules, keyed by the suffix they name: "example.co.uk" is found by
+-- looking up "example.co.uk", "co.uk" and "uk" (at most one lookup per
+-- label). "*.ck" is kept as wild["ck"], "!www.ck" as except["www.ck"].
+local psl -- { exact, wild, except } | false when there is no list
+
+-- load_psl(path) -> true | nil, err. Both sections of the list are read:
+-- ICANN's suffixes and the PRIVATE ones (blogspot.com, github.io, ...),
+-- as most receivers do, so that two customers of one hosting name are two
+-- organizations. Rules in Unicode are kept by their A-labels, which is
+-- how domains reach org_domain().
+function _M.load_psl(path)
+  local f, err = io.open(path or PSL_PATH, "rb")
+  if not f then return nil, err end
+  local text = f:read("*a")
+  f:close()
+  local exact, wild, except = {}, {}, {}
+  for line in gmatch(text, "[^\n]+") do
+    -- a rule runs up to the first space; "//" starts a comment
+    local kind, rule = match(line, "^%s*([!]?)([^%s/][^%s]*)")
+    if rule then
+      if kind == "" and find(rule, "^%*%.") then kind, rule = "*", sub(rule, 3) end
+      if find(rule, "[\128-\255]") then
+        rule = dns.to_ascii(rule)
+      else
+        rule = lower(rule)
+      end
+      if rule then
+        local into = kind == "!" and except or kind == "*" and wild or exact
+        into[rule] = true
+      end
+    end
+  end
+  if not next(exact) and not next(wild) then return nil, (path or PSL_PATH) .. ": no rules" end
+  psl = { exact = exact, wild = wild, except = except }
+  return true
+end
+
+local function load_default()
+  local ok, err = _M.load_psl(PSL_PATH)
+  if not ok then
+    psl = false
+    log.warn("dmarc: no public suffix list (%s): organizational domains are the last two labels", err)
+  end
+end
+
+-- The public suffix of a domain (PSL algorithm): an exception rule wins,
+-- then the longest rule that matches, else the last label ("*").
+local function public_suffix(domain)
+  local exact, wild, except = psl.exact, psl.wild, psl.except
+  -- starts[k] is where the k-th longest suffix begins
+  local starts, k, pos = { 1 }, 1, 1
+  while true do
+    local dot = find(domain, ".", pos, true)
+    if not dot then break end
+    k = k + 1
+    starts[k] = dot + 1
+    pos = dot + 1
+  end
+  for j = 1, k do
+    local s = sub(domain, starts[j])
+    if except[s] then return starts[j + 1] and sub(domain, starts[j + 1]) or s end
+  end
+  for j = 1, k do
+    local s = sub(domain, starts[j])
+    if exact[s] or (j < k and wild[sub(domain, starts[j + 1])]) then return s, j end
+  end
+  return sub(domain, starts[k]), k
+end
+
+local function normal(domain)
+  domain = gsub(domain, "%.$", "")
+  if find(domain, "[\128-\255]") then return dns.to_ascii(domain) or lower(domain) end
+  return lower(domain)
+end
+
+function _M.org_domain(domain)
+  domain = normal(domain)
+  if psl == nil then load_default() end
+  if not psl then return match(domain, "[^.]+%.[^.]+$") or domain end
+  local suffix = public_suffix(domain)
+  if #suffix >= #domain then return domain end
+  -- the suffix and the label before it
+  return match(sub(domain, 1, #domain - #suffix - 1), "[^.]*$") .. "." .. suffix
+end
+
+-- ---- records ---------------------------------------------------------------
+
+local POLICY = { none = true, quarantine = true, reject = true }
+local ALIGN = { r = true, s = true }
+
+-- The URIs of rua or ruf (6.4: URIs, each with an optional "!size"), or
+-- nil when none is valid.
+local function uris(value)
+  local list
+  for item in gmatch(value, "[^,]+") do
+    local uri = match(item, "^%s*(.-)%s*$")
+    local u, size = match(uri, "^([^!]*)(.*)$")
+    if find(u, "^%a[%w+.-]*:%S+$") and (size == "" or find(size, "^!%d+[kmgtKMGT]?$")) then
+      list = list or {}
+      list[#list + 1] = uri
+    end
+  end
+  return list
+end
+
+-- A colon-separated list whose items all match item (fo, rf), spaces
+-- removed; nil when one does not.
+local function colon_list(value, item)
+  if not value then return nil end
+  value = gsub(lower(value), "%s", "")
+  local rest = gsub(value .. ":", item .. ":", "")
+  if rest ~= "" or value == "" then return nil end
+  return value
+end
+
+function _M.parse(text)
+  if type(text) ~= "string" then return nil, "not a string" end
+  -- v first, exactly DMARC1 (6.4 spells it case-sensitively)
+  local v, rest = match(text, "^%s*[vV]%s*=%s*(DMARC1)%s*(.*)$")
+  if not v or (rest ~= "" and byte(rest, 1) ~= 59) then return nil, "not a DMARC1 record" end
+  local tags = {}
+  for part in gmatch(rest, "[^;]+") do
+    local name, value = match(part, "^%s*([%w_]+)%s*=%s*(.-)%s*$")
+    -- (a part that is no tag=value is passed over, like an unknown tag:
+    -- refusing the record for it would drop the owner's policy)
+    if name then
+      name = lower(name)
+      if tags[name] == nil then tags[name] = value end
+    end
+  end
+  local rec = { v = "DMARC1" }
+  rec.rua = tags.rua and uris(tags.rua)
+  rec.ruf = tags.ruf and uris(tags.ruf)
+  local p, sp = tags.p and lower(tags.p), tags.sp and lower(tags.sp)
+  if not POLICY[p] or (sp and not POLICY[sp]) then
+    -- 6.6.3: such a record still asks for reports, and acts as p=none
+    if not rec.rua then return nil, p and POLICY[p] and "bad sp" or (p and "bad p" or "no p") end
+    p, sp = "none", "none"
+  end
+  rec.p, rec.sp = p, sp or p
+  local adkim, aspf = tags.adkim and lower(tags.adkim), tags.aspf and lower(tags.aspf)
+  rec.adkim = ALIGN[adkim] and adkim or "r"
+  rec.aspf = ALIGN[aspf] and aspf or "r"
+  local pct = tags.pct and match(tags.pct, "^%d%d?%d?$") and tonumber(tags.pct)
+  rec.pct = pct and pct <= 100 and pct or 100
+  rec.fo = colon_list(tags.fo, "[01ds]") or "0"
+  rec.rf = colon_list(tags.rf, "%a[%w]*") or "afrf"
+  local ri = tags.ri and match(tags.ri, "^%d+$") and tonumber(tags.ri)
+  rec.ri = ri or 86400
+  return rec
+end
+
+-- ---- the verdict -----------------------------------------------------------
+
+-- The DMARC records of a domain: "found", text | "none" | "several" |
+-- "temperror", status. Other TXT records are no DMARC records (6.6.3).
+local function discover(resolver, name)
+  local records, status = resolver:query(name, "TXT")
+  if not records then
+    if status == "nxdomain" or status == "nodata" then return "none" end
+    return "temperror", status
+  end
+  local found
+  for _, r in ipairs(records) do
+    if find(r.data, "^%s*[vV]%s*=%s*DMARC1%s*;") or find(r.data, "^%s*[vV]%s*=%s*DMARC1%s*$") then
+      if found then return "several" end
+      found = r.data
+    end
+  end
+  if not found then return "none" end
+  return "found", found
+end
+
+local function aligned(a, b, mode)
+  if not a or a == "" then return false end
+  a, b = normal(a), normal(b)
+  if a == b then return true end
+  return mode == "r" and _M.org_domain(a) == _M.org_domain(b)
+end
+
+local MILDER = { reject = "quarantine", quarantine = "none", none = "none" }
+
+function _M.check(opts)
+  local resolver = opts.dns or dns.default()
+  local random = opts.random or math.random
+  local res = { result = "none", disposition = "none", spf_aligned = false, dkim_aligned = false }
+  if type(opts.from_domain) ~= "string" or opts.from_domain == "" then
+    res.result, res.reason = "permerror", "no From domain"
+    return res
+  end
+  local domain = normal(opts.from_domain)
+  local org = _M.org_domain(domain)
+  res.domain, res.org_domain = domain, org
+
+  local name = "_dmarc." .. domain
+  local state, text = discover(resolver, name)
+  if state == "none" and org ~= domain then
+    name = "_dmarc." .. org
+    state, text = discover(resolver, name)
+  end
+  if state == "temperror" then
+    res.result, res.reason = "temperror", name .. ": " .. tostring(text)
+    return res
+  elseif state == "several" then
+    res.reason = name .. ": several DMARC records"
+    return res
+  elseif state == "none" then
+    res.reason = "no DMARC record"
+    return res
+  end
+
+  res.record_domain = name
+  local rec, err = _M.parse(text)
+  if not rec then
+    res.result, res.reason = "permerror", name .. ": " .. err
+    return res
+  end
+  res.record = rec
+  res.policy = (name ~= "_dmarc." .. domain) and rec.sp or rec.p
+
+  local spf = opts.spf
+  res.spf_aligned = spf ~= nil and spf.result == "pass" and aligned(spf.domain, domain, rec.aspf)
+  for _, sig in ipairs(opts.dkim or {}) do
+    if sig.result == "pass" and aligned(sig.domain, domain, rec.adkim) then
+      res.dkim_aligned = true
+      break
+    end
+  end
+  if res.spf_aligned or res.dkim_aligned then
+    res.result = "pass"
+    res.reason = res.dkim_aligned and (res.spf_aligned and "SPF and DKIM aligned" or "DKIM aligned")
+      or "SPF aligned"
+    return res
+  end
+
+  res.result = "fail"
+  local policy = res.policy
+  -- 6.6.4: pct of the failing messages get the policy, the rest the
+  -- next milder one
+  if rec.pct >= 100 or random() * 100 < rec.pct then
+    res.disposition = policy
+    res.reason = "no aligned pass; p=" .. policy
+  else
+    res.disposition = MILDER[policy]
+    res.reason = "no aligned pass; p=" .. policy .. " sampled out (pct=" .. rec.pct .. ")"
+  end
+  return res
+end
+
+return _M
