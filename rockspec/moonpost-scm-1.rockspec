@@ -38,6 +38,7 @@ build = {
     ["moonpost.maildir"] = "modules/maildir.lua",
     ["moonpost.metrics"] = "modules/metrics.lua",
     ["moonpost.route"] = "modules/route.lua",
+    ["moonpost.sender_auth"] = "modules/sender_auth.lua",
     ["moonpost.shape"] = "modules/shape.lua",
     ["moonpost.shape.defaults"] = "modules/shape/defaults.lua",
     ["moonpost.suppress"] = "modules/suppress.lua",

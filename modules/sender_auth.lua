@@ -1,0 +1,254 @@
+-- moonpost.sender_auth: the sender checks of inbound mail: SPF (RFC 7208) for the
+-- MAIL FROM identity, DKIM verification (RFC 6376) and DMARC (RFC 7489),
+-- written into an Authentication-Results field (RFC 8601) and, when asked,
+-- enforced.
+--
+--   mta:use(require("moonpost.sender_auth").check {
+--     spf_fail = "reject",     -- 550 5.7.23 at MAIL FROM when SPF says fail
+--     dmarc = "enforce",       -- 550 5.7.1 when the From domain's policy says reject
+--   })
+--
+-- SPF runs at MAIL FROM (so that a refusal costs the client no DATA); DKIM
+-- and DMARC once the content is complete, before the message is stored.
+-- Every DNS query goes through the MTA's resolver (moonpost.new { dns = ... })
+-- and waits in the session's task, never on the loop. The results are on
+-- txn.auth_results for the handlers that follow. docs/sender-auth.md has every
+-- option.
+local config = require "moonpost.runtime.config"
+local hooks = require "moonpost.runtime.hooks"
+local log = require "moonpost.runtime.log"
+local dns = require "moonpost.runtime.dns"
+local headers = require "moonpost.runtime.headers"
+local spf = require "moonpost.runtime.spf"
+local dmarc = require "moonpost.runtime.dmarc"
+local rdkim = require "moonpost.runtime.dkim"
+
+local format, lower, gsub, match, find, concat = string.format, string.lower, string.gsub, string.match,
+  string.find, table.concat
+
+local _M = { _VERSION = "0.1" }
+
+local SCHEMA = {
+  spf = { type = "boolean", default = true },
+  spf_fail = { type = "enum", values = { "accept", "reject" }, default = "accept" },
+  spf_softfail = { type = "enum", values = { "accept", "reject" }, default = "accept" },
+  spf_temperror = { type = "enum", values = { "accept", "tempfail" }, default = "accept" },
+  spf_permerror = { type = "enum", values = { "accept", "reject" }, default = "accept" },
+  dkim = { type = "boolean", default = true },
+  dmarc = { type = "enum", values = { "off", "check", "enforce" }, default = "check" },
+  dmarc_quarantine = { type = "enum", values = { "accept", "reject" }, default = "accept" },
+  dmarc_temperror = { type = "enum", values = { "accept", "tempfail" }, default = "accept" },
+  header = { type = "boolean", default = true },
+  authserv_id = { type = "string",
+    check = function(v) return v ~= "" and not find(v, "[%s;()\"\\]"), "must be a name" end },
+  check_relay = { type = "boolean", default = false },
+  skip = { type = "function" },
+  timeout = { type = "duration", default = 20, check = function(v) return v > 0, "must be > 0" end },
+}
+
+-- RFC 7372 codes for SPF; RFC 7489 names none for DMARC, 5.7.1 is the common one
+local SPF_FAIL = hooks.reject(550, "5.7.23", "SPF validation failed")
+local SPF_PERMERROR = hooks.reject(550, "5.7.24", "SPF validation error")
+local SPF_TEMPERROR = hooks.tempfail(451, "4.7.24", "SPF validation error (DNS), try again later")
+local DMARC_TEMPERROR = hooks.tempfail(451, "4.7.5", "DMARC check failed (DNS), try again later")
+
+-- An A-R value as RFC 8601 allows it unquoted (a token), else quoted.
+local function value(s)
+  s = tostring(s)
+  if find(s, "^[%w%.%-_@+]+$") then return s end
+  return '"' .. gsub(s, '(["\\])', "\\%1") .. '"'
+end
+
+-- A comment: no parentheses, backslashes or line ends inside.
+local function comment(s)
+  if not s or s == "" then return "" end
+  s = gsub(s, "[()\\%c]", " ")
+  return " (" .. s .. ")"
+end
+
+-- The identity SPF checks (RFC 7208 2.4): the MAIL FROM domain, or for the
+-- null sender postmaster at the HELO name. -> sender, domain, via
+-- ("mailfrom" | "helo") | nil when there is none to check (no HELO name, an
+-- address literal).
+local function spf_identity(txn, sender)
+  local conn = txn.conn
+  if sender.null or sender.domain == "" then
+    local helo = conn.helo
+    if not helo or find(helo, "^%[") then return nil end
+    local d = dns.to_ascii(helo)
+    if not d then return nil end
+    return "postmaster@" .. d, d, "helo"
+  end
+  if sender.literal then return nil end
+  local d = dns.to_ascii(sender.domain)
+  if not d then return nil end
+  return sender["local"] .. "@" .. d, d, "mailfrom"
+end
+
+-- The Authentication-Results field for these results (RFC 8601 2.2), folded
+-- a result per line.
+local function ar_field(id, r)
+  local parts = { id }
+  local s = r.spf
+  if s then
+    local t = format("spf=%s%s", s.result, comment(s.reason))
+    if s.via == "helo" then
+      t = t .. " smtp.helo=" .. value(s.domain)
+    elseif s.sender then
+      t = t .. " smtp.mailfrom=" .. value(s.sender)
+    end
+    parts[#parts + 1] = t
+  end
+  local d = r.dkim
+  if d then
+    if #d == 0 then parts[#parts + 1] = "dkim=none" end
+    for _, sig in ipairs(d) do
+      local t = format("dkim=%s%s", sig.result, comment(sig.result ~= "pass" and sig.reason or nil))
+      if sig.domain then t = t .. " header.d=" .. value(sig.domain) end
+      if sig.selector then t = t .. " header.s=" .. value(sig.selector) end
+      if sig.header_b then t = t .. " header.b=" .. value(sig.header_b) end
+      parts[#parts + 1] = t
+    end
+  end
+  local m = r.dmarc
+  if m then
+    local c = m.record and format("p=%s sp=%s dis=%s", m.record.p or "none", m.record.sp or m.record.p or "none",
+      m.disposition or "none") or m.reason
+    local t = format("dmarc=%s%s", m.result, comment(c))
+    if m.domain then t = t .. " header.from=" .. value(m.domain) end
+    parts[#parts + 1] = t
+  end
+  if #parts == 1 then parts[2] = "none" end
+  return "Authentication-Results: " .. concat(parts, ";\r\n\t") .. "\r\n"
+end
+
+-- The authserv-id of an Authentication-Results value: its first token.
+local function authserv_of(v)
+  return lower(match(v, "^%s*([^%s;]+)") or "")
+end
+
+function _M.check(opts)
+  local o = config.check("sender_auth.check", opts or {}, SCHEMA)
+  local block = { name = "sender_auth.check", opts = o }
+  local id -- the authserv-id: the option, else the MTA's host name
+  local counted -- sender_auth_results_total{method, result}, once attached
+  local function count(method, result)
+    if counted then counted:inc(method, result) end
+  end
+
+  local function skipped(txn)
+    local conn = txn.conn
+    -- API injections and, unless told to check them too, clients the MTA
+    -- trusts to relay (authenticated users, relay networks) send as
+    -- themselves: their mail is the MTA's own outbound mail
+    if conn.protocol == "http" then return true end
+    if conn.relay and not o.check_relay then return true end
+    if o.skip then return o.skip(txn) and true or false end
+    return false
+  end
+
+  local function mail_from(txn, sender)
+    if not o.spf then return nil end
+    if skipped(txn) then
+      txn.auth_results = { skipped = true }
+      return nil
+    end
+    local ident, domain, via = spf_identity(txn, sender)
+    local r
+    if not ident then
+      r = { result = "none", reason = "no domain to check" }
+    else
+      r = spf.check_host { dns = dns.default(), ip = txn.conn.remote_ip, sender = ident, helo = txn.conn.helo,
+        domain = domain, timeout = o.timeout, receiver = id }
+    end
+    r.via, r.sender = via, ident
+    r.domain = r.domain or domain
+    txn.auth_results = { spf = r }
+    local res = r.result
+    count("spf", res)
+    if res == "fail" and o.spf_fail == "reject" or res == "softfail" and o.spf_softfail == "reject" then
+      log.info("sender_auth: %s: SPF %s for %s from %s: refused", txn.conn.id, res, tostring(ident), txn.conn.remote_ip)
+      if r.explanation and res == "fail" then
+        return hooks.reject(550, "5.7.23", "SPF validation failed: " .. gsub(r.explanation, "%c", " "))
+      end
+      return SPF_FAIL
+    end
+    if res == "permerror" and o.spf_permerror == "reject" then return SPF_PERMERROR end
+    if res == "temperror" and o.spf_temperror == "tempfail" then return SPF_TEMPERROR end
+    return nil
+  end
+
+  local function message_received(txn, msg)
+    local results = txn.auth_results
+    if results and results.skipped or (not results and skipped(txn)) then return nil end
+    results = results or {}
+    txn.auth_results = results
+    local head = msg:headers()
+    if o.dkim or o.dmarc ~= "off" then
+      local list, err = rdkim.verify(msg, dns.default(), o.timeout)
+      if not list then
+        log.warn("sender_auth: %s: DKIM verification failed: %s", txn.id, tostring(err))
+        list = {}
+      end
+      results.dkim = list
+      if o.dkim then
+        if #list == 0 then count("dkim", "none") end
+        for _, sig in ipairs(list) do count("dkim", sig.result) end
+      end
+    end
+    if o.dmarc ~= "off" then
+      local from, why = dmarc.from_domain(head)
+      local m
+      if not from then
+        -- RFC 7489 6.6.1: no single From domain, nothing to apply a policy to
+        m = { result = "permerror", reason = why, disposition = "none" }
+      else
+        local s = results.spf
+        local dk = {}
+        for _, sig in ipairs(results.dkim or {}) do
+          if sig.domain and not sig.testing then dk[#dk + 1] = { result = sig.result, domain = lower(sig.domain) } end
+        end
+        m = dmarc.check { dns = dns.default(), from_domain = from,
+          spf = s and s.domain and { result = s.result, domain = s.domain } or nil, dkim = dk }
+      end
+      results.dmarc = m
+      count("dmarc", m.result)
+    end
+    if not o.dkim then results.dkim = nil end
+    if o.header then
+      -- RFC 8601 5: a field that claims to come from this host and was not
+      -- added by it is a forgery; remove those first, bottom up so that
+      -- the offsets found stay right
+      local found = headers.find(head, "authentication-results")
+      for i = #found, 1, -1 do
+        if authserv_of(found[i].value) == lower(id) then msg:remove(found[i].first, found[i].last) end
+      end
+      msg:prepend(ar_field(id, results))
+    end
+    local m = results.dmarc
+    if m and o.dmarc == "enforce" then
+      if m.result == "temperror" and o.dmarc_temperror == "tempfail" then return DMARC_TEMPERROR end
+      local dis = m.disposition
+      if dis == "reject" or dis == "quarantine" and o.dmarc_quarantine == "reject" then
+        log.info("sender_auth: %s: DMARC %s for %s (policy %s): refused", txn.id, m.result, tostring(m.domain), dis)
+        return hooks.reject(550, "5.7.1", format("Email from %s is refused by its domain's DMARC policy",
+          gsub(m.domain or "?", "%c", "")))
+      end
+    end
+    return nil
+  end
+
+  function block.attach(_, mta)
+    id = o.authserv_id or mta.hostname or "localhost"
+    counted = mta.metrics and mta.metrics:counter("sender_auth_results_total",
+      "Results of the sender checks of inbound mail", { "method", "result" })
+  end
+  block.on = { smtp_server_mail_from = mail_from, smtp_server_message_received = message_received }
+  return block
+end
+
+-- for the specs
+_M.ar_field = ar_field
+_M.spf_identity = spf_identity
+
+return _M
