@@ -9,13 +9,17 @@
 --     domain = nil,                  -- the domain to check: by default the sender's
 --     timeout = 20,                  -- seconds for the whole check (4.6.4); temperror past it
 --     receiver = nil,                -- this host's name, for %{r} in explanations ("unknown")
+--     explain = true,                -- false: no exp= explanation, and no DNS query for one (6.2);
+--                                    -- for a caller that will not refuse the mail anyway
 --   }
 --   res.result       "pass" | "fail" | "softfail" | "neutral" | "none" | "temperror" | "permerror"
 --   res.domain       the domain checked
 --   res.mechanism    the term that decided, as written in the record ("ip4:192.0.2.0/24",
 --                    "-all", "include:_spf.example.net"), "default" when none matched; nil
 --                    for none and the errors
---   res.explanation  for fail, the domain's exp= text expanded (nil without one, 6.2)
+--   res.explanation  for fail, the domain's exp= text expanded (nil without one, 6.2), made
+--                    fit for an SMTP reply and a header field: printable ASCII only (other
+--                    bytes become spaces), no runs of spaces, at most 200 characters
 --   res.reason       a short line saying why, for logs and Authentication-Results comments
 --
 --   spf.parse(text)   -> record | nil, err   the syntax check of a "v=spf1 ..." record:
@@ -31,7 +35,11 @@
 -- Limits (4.6.4): 10 terms that query DNS (include, a, mx, ptr, exists,
 -- redirect, and a first %{p}), 10 MX names per mx, the first 10 PTR names
 -- per ptr, 2 void lookups (an answer of NXDOMAIN or no records), and the
--- time budget. Past any of the first three: permerror.
+-- time budget. Past any of the first three: permerror. Only the query a
+-- term makes for itself can be a void one: the A/AAAA of a, the MX of mx,
+-- the PTR of ptr (or of a %{p}), the TXT of include and redirect, the A of
+-- exists. The address lookups of an mx's hosts and of the names a PTR
+-- answer gives are not counted: an MX host without an AAAA is no error.
 local uv = require "luv"
 local net = require "moonpost.runtime.net"
 local sched = require "moonpost.runtime.sched"
@@ -48,6 +56,7 @@ local MAX_TERMS = 10   -- DNS-querying terms per check (4.6.4)
 local MAX_MX = 10      -- MX names an mx mechanism may look up (4.6.4)
 local MAX_PTR = 10     -- PTR names a ptr mechanism or %{p} considers (4.6.4)
 local MAX_VOID = 2     -- void lookups per check (4.6.4)
+local MAX_EXPLANATION = 200 -- characters of an explanation (it goes into an SMTP reply)
 local DEFAULT_TIMEOUT = 20
 
 local RESULTS = { ["+"] = "pass", ["-"] = "fail", ["~"] = "softfail", ["?"] = "neutral" }
@@ -439,16 +448,19 @@ local function ask(st, name, rtype)
   return recs, status
 end
 
--- lookup(st, name, rtype, lenient) -> records (EMPTY for a void lookup) |
--- nil, status for a DNS error when lenient (ptr, 5.5); otherwise a DNS
--- error is a temperror (5). Every void answer counts, whichever term asked
--- (an mx's host lookups and a ptr's too, as pyspf counts them); the exp=
--- lookup is no term's and does not count.
-local function lookup(st, name, rtype, lenient)
+-- lookup(st, name, rtype, lenient, secondary) -> records (EMPTY for a void
+-- lookup) | nil, status for a DNS error when lenient (ptr, 5.5); otherwise
+-- a DNS error is a temperror (5). A void answer counts (4.6.4 limits the
+-- terms whose query is void) unless secondary: the address lookups of an
+-- mx's hosts and of the PTR names being validated are no term's own query,
+-- and one of several MX hosts without an AAAA is normal, not abuse (pyspf
+-- counts them). The exp= lookup is no term's either and does not count.
+local function lookup(st, name, rtype, lenient, secondary)
   if not dns_name(name) then return EMPTY end
   local recs, status = ask(st, name, rtype)
   if recs then return recs end
   if status == "nxdomain" or status == "nodata" then
+    if secondary then return EMPTY end
     st.voids = st.voids + 1
     if st.voids > MAX_VOID then
       stop("permerror", format("more than %d void DNS lookups, the last %s %s (RFC 7208 4.6.4)", MAX_VOID, rtype, name))
@@ -483,7 +495,8 @@ end
 
 -- The client's validated names (5.5): the names its PTR records give (the
 -- first 10) whose addresses include it. A DNS error leaves a name out
--- (or all of them, for the PTR query). Asked once per check.
+-- (or all of them, for the PTR query). Asked once per check; a void PTR
+-- answer counts (4.6.4), a void address lookup does not.
 local function validated_names(st)
   if st.ptr_names then return st.ptr_names end
   local names = {}
@@ -492,7 +505,7 @@ local function validated_names(st)
     local rtype = st.who.v4 and "A" or "AAAA"
     for k = 1, math.min(#ptrs, MAX_PTR) do
       local name = norm(ptrs[k].data)
-      local addrs = lookup(st, name, rtype, true)
+      local addrs = lookup(st, name, rtype, true, true)
       for _, a in ipairs(addrs or EMPTY) do
         if net.ip(a.data) == st.who.bytes then
           names[#names + 1] = name
@@ -553,7 +566,7 @@ local function matches(st, d, domain)
     end
     -- no implicit MX (5.4); a null MX (RFC 7505) names no host
     for _, mx in ipairs(mxs) do
-      if mx.data ~= "" and any_address(st, lookup(st, mx.data, st.who.v4 and "A" or "AAAA"), d) then
+      if mx.data ~= "" and any_address(st, lookup(st, mx.data, st.who.v4 and "A" or "AAAA", false, true), d) then
         return true
       end
     end
@@ -606,9 +619,23 @@ function check_domain(st, domain)
   return { result = "neutral", domain = domain, term = "default", record = rec }
 end
 
+-- clean(text) -> text | nil: an explanation fit for an SMTP reply and a
+-- header field. Its literal text is printable ASCII (scan() checks), but the
+-- macros bring in what the client chose (%{l}, %{s}, %{h}) or its DNS did
+-- (%{p}): every other byte becomes a space (a CR LF would end the reply),
+-- runs of spaces become one, and it is cut at MAX_EXPLANATION characters.
+local function clean(text)
+  text = gsub(gsub(text, "[^\32-\126]", " "), "  +", " ")
+  text = match(text, "^ ?(.-) ?$")
+  if #text > MAX_EXPLANATION then text = match(sub(text, 1, MAX_EXPLANATION), "^(.-) ?$") end
+  if text == "" then return nil end
+  return text
+end
+
 -- The explanation of a fail (6.2): the TXT record exp= names, expanded with
 -- the record's domain; any problem (DNS, more or fewer than one record, its
--- syntax) leaves it out. Its lookup is not a DNS term nor a void one.
+-- syntax: a byte other than printable ASCII in its text too) leaves it out.
+-- Its lookup is not a DNS term nor a void one.
 local function explain(st, v)
   local rec = v.record
   if not rec or not rec.exp then return nil end
@@ -618,7 +645,7 @@ local function explain(st, v)
     local recs = ask(st, name, "TXT")
     if not recs or #recs ~= 1 then return nil end
     local parts = scan(recs[1].data, true)
-    return parts and expand_parts(parts, st.ctx, v.domain)
+    return parts and clean(expand_parts(parts, st.ctx, v.domain))
   end)
   if ok then return text end
   if getmetatable(text) ~= Stop then error(text, 0) end
@@ -654,7 +681,8 @@ function _M.check_host(opts)
   else
     res.reason = format("%s: %s matched %s", v.domain, v.term, who.c)
   end
-  if v.result == "fail" then res.explanation = explain(st, v) end
+  -- explain = false: nobody will read it, so no query for it either
+  if v.result == "fail" and opts.explain ~= false then res.explanation = explain(st, v) end
   return res
 end
 

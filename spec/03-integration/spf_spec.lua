@@ -157,6 +157,16 @@ voidmx      TXT "v=spf1 mx ?all"
 voidmx      MX 10 nx1.spf.test.
 voidmx      MX 20 nx2.spf.test.
 voidmx      MX 30 nx3.spf.test.
+voidmxq     TXT "v=spf1 mx:nx1.spf.test mx:nx2.spf.test mx:nx3.spf.test ?all"
+mxv6        TXT "v=spf1 mx ip6:2001:db8:9::/48 -all"
+mxv6        MX 10 v4only1.spf.test.
+mxv6        MX 20 v4only2.spf.test.
+mxv6        MX 30 v4only3.spf.test.
+v4only1     A 192.0.2.41
+v4only2     A 192.0.2.42
+v4only3     A 192.0.2.43
+ptrvoid     TXT "v=spf1 ptr ip4:127.0.0.9 -all"
+pvoid       TXT "v=spf1 exists:%{p}.pv.spf.test ip4:127.0.0.9 -all"
 
 ; record selection
 tworec      TXT "v=spf1 -all"
@@ -186,6 +196,16 @@ ip6bad      TXT "v=spf1 ip6::CAFE::BABE -all"
 emptymod    TXT "v=spf1 =all"
 redirmech   TXT "v=spf1 ip4:198.51.100.1 redirect:ip4.spf.test"
 d0          TXT "v=spf1 exists:%{d0}.spf.test -all"
+
+; explanations that need cleaning (spf.check_host's own rule, for the SMTP reply)
+expctl      TXT "v=spf1 -all exp=whyctl.spf.test"
+whyctl      TXT "bell\007tab\009cr\013lf\010 e\195\169 \255 end"
+explong     TXT "v=spf1 -all exp=whylong.spf.test"
+whylong     TXT "]] .. string.rep("why ", 60) .. [[" "]] .. string.rep("not ", 60) .. [["
+expmac      TXT "v=spf1 -all exp=whymac.spf.test"
+whymac      TXT "%{l} from %{h} is not allowed"
+explmac     TXT "v=spf1 -all exp=whylmac.spf.test"
+whylmac     TXT "%{l}%{l}%{l}"
 ]]
 
 local REV4 = [[
@@ -206,6 +226,9 @@ $TTL 300
 8   PTR p9.spf.test.
 8   PTR p10.spf.test.
 8   PTR p11.spf.test.
+9   PTR gone1.spf.test.
+9   PTR gone2.spf.test.
+9   PTR gone3.spf.test.
 ]]
 
 local REV6 = [[
@@ -328,7 +351,19 @@ local CASES = {
   { "rloop", result = "permerror" },
   { "void2", result = "neutral" },
   { "void3", result = "permerror" },
-  { "voidmx", result = "permerror" },
+  { "voidmx", result = "neutral", pyspf = "permerror",
+    why = "RFC 7208 4.6.4 limits the terms whose DNS query is void: the address lookups of an mx's hosts are not "
+      .. "the mx term's query; pyspf counts them" },
+  { "voidmxq", result = "permerror" }, -- three void MX queries: those are the terms' own
+  { "mxv6", ip = "2001:db8:9::1", result = "pass", mechanism = "ip6:2001:db8:9::/48", pyspf = "permerror",
+    why = "RFC 7208 4.6.4: three MX hosts without AAAA are no void lookups of a term (an IPv6 client of a "
+      .. "domain whose MX hosts are IPv4 only); pyspf counts them" },
+  { "mxv6", ip = "192.0.2.42", result = "pass", mechanism = "mx" },
+  { "ptrvoid", ip = "127.0.0.9", result = "pass", mechanism = "ip4:127.0.0.9", pyspf = "permerror",
+    why = "RFC 7208 4.6.4: the A lookups of the names a PTR answer gives are not the ptr term's query; "
+      .. "pyspf counts them" },
+  { "pvoid", ip = "127.0.0.9", result = "pass", mechanism = "ip4:127.0.0.9", pyspf = "permerror",
+    why = "RFC 7208 4.6.4: nor are the A lookups that %{p} makes to validate names; pyspf counts them" },
   { "tworec", result = "permerror" },
   { "case", result = "softfail" },
   { "nospace", result = "none" },
@@ -597,6 +632,68 @@ describe("moonpost.runtime.spf", function()
           assert.equal("temperror", check(r, { ip = "192.0.2.10", sender = "a@sfa.test", helo = HELO }).result)
           -- RFC 7208 5.5: a DNS error in the PTR lookup: ptr does not match
           assert.equal("pass", check(r, { ip = "192.0.2.10", sender = "a@sfptr.test", helo = HELO }).result)
+        end)
+        r:close()
+        srv.stop()
+        if not ok then error(err, 0) end
+      end, 60)
+    end)
+
+    it("cleans the explanation for an SMTP reply: printable ASCII, no runs of spaces, at most 200 characters",
+      function()
+      with_dns(function(r)
+        local function clean(exp)
+          assert.is_string(exp)
+          assert.is_true(#exp <= 200, #exp .. " characters")
+          assert.is_nil(exp:find("[^\32-\126]"), exp)
+          assert.is_nil(exp:find("  ", 1, true), exp)
+          assert.is_nil(exp:find("^ "), exp)
+          assert.is_nil(exp:find(" $"), exp)
+        end
+        -- a long text, cut at 200 characters (and the space it ended on)
+        local res = check(r, { ip = "192.0.2.10", sender = "alice@explong.spf.test", helo = HELO })
+        assert.equal("fail", res.result)
+        clean(res.explanation)
+        assert.equal(string.rep("why ", 50):sub(1, -2), res.explanation)
+        -- the macros bring in the client's bytes: control characters, CR LF, 8-bit
+        res = check(r, { ip = "192.0.2.10", sender = "b\7o\195\169b\r\n\tx @expmac.spf.test",
+          helo = "evil\1.example\r\n250 ok" })
+        assert.equal("fail", res.result)
+        clean(res.explanation)
+        assert.equal("b o b x from evil .example 250 ok is not allowed", res.explanation)
+        res = check(r, { ip = "192.0.2.10", sender = string.rep("\200a", 100) .. "@explmac.spf.test", helo = HELO })
+        clean(res.explanation)
+        assert.equal(string.rep(" a", 100):sub(2, 200), res.explanation)
+        -- such bytes in the TXT record itself are a syntax error of the
+        -- explain-string: as if there were no exp= (RFC 7208 6.2)
+        res = check(r, { ip = "192.0.2.10", sender = "alice@expctl.spf.test", helo = HELO })
+        assert.same({ "fail", nil }, { res.result, res.explanation })
+      end)
+    end)
+
+    it("with explain = false, neither looks up nor gives the explanation", function()
+      H.run(function()
+        local srv = H.hostile_dns({
+          ["noexp.test TXT"] = { answer = { 'noexp.test. 300 IN TXT "v=spf1 -all exp=why.noexp.test"' } },
+          ["why.noexp.test TXT"] = { answer = { 'why.noexp.test. 300 IN TXT "not %{i}"' } },
+        })
+        local r = assert(dns.new { servers = srv.address, timeout = 5, tries = 1 })
+        local ok, err = pcall(function()
+          local function asked(name)
+            local n = 0
+            for _, q in ipairs(srv.queries()) do
+              if q.name:lower():gsub("%.$", "") == name then n = n + 1 end
+            end
+            return n
+          end
+          local res = check(r, { ip = "192.0.2.10", sender = "a@noexp.test", helo = HELO }, { explain = false })
+          assert.same({ "fail", "-all", nil }, { res.result, res.mechanism, res.explanation })
+          assert.equal(1, asked("noexp.test"))
+          assert.equal(0, asked("why.noexp.test"))
+          -- by default it does
+          res = check(r, { ip = "192.0.2.10", sender = "a@noexp.test", helo = HELO })
+          assert.same({ "fail", "not 192.0.2.10" }, { res.result, res.explanation })
+          assert.equal(1, asked("why.noexp.test"))
         end)
         r:close()
         srv.stop()
