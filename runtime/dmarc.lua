@@ -4,6 +4,7 @@
 --
 --   local dmarc = require "moonpost.runtime.dmarc"
 --   local domain, why = dmarc.from_domain(head)      -- "example.org" | nil, reason
+--   local domains, why = dmarc.author_domains(head)  -- { "example.org", ... } | nil, reason
 --   dmarc.org_domain("a.b.example.co.uk")            -- "example.co.uk"
 --   dmarc.load_psl(path)                             -- true | nil, err
 --   local rec, err = dmarc.parse("v=DMARC1; p=reject")
@@ -14,6 +15,7 @@
 --     dkim = { { result = "pass", domain = "example.org" }, ... },  -- or {}
 --     random = nil,                                  -- function() -> [0, 1), for pct
 --   }
+--   local res = dmarc.check_authors { ..., from_domains = domains }  -- the strictest
 --
 -- from_domain(head) takes a header section (CRLF or LF line ends, folded
 -- lines) and returns the domain of its one From address, lower case, in
@@ -21,11 +23,23 @@
 -- "several addresses in From" | "no domain in From" (also for an empty
 -- group, a domain literal, or a name that has no ASCII form).
 --
+-- author_domains(head) returns the distinct domains of every address of
+-- every From field (lower case, A-labels, in the order they appear), or
+-- nil and "no From header" | "no domain in From" (no address has a domain
+-- it can use) | "too many author domains" (more than 8). An address with
+-- no usable domain (a domain literal, say) is passed over when others have
+-- one: it must not hide their policies. Addresses are what a reader could
+-- take for one: each angle-addr ("<a@x> <b@y>" is two), a bare addr-spec,
+-- and a display name or group name that holds an "@" outside quotes
+-- ("ceo@bank.example <x@evil.example>" is both).
+--
 -- org_domain(domain) is the public suffix of the domain and one label more
 -- (the domain itself when it is a public suffix), lower case, in A-labels
 -- ("a.b.example.co.uk" -> "example.co.uk"). The list is read once,
 -- on first use, from /usr/share/publicsuffix/public_suffix_list.dat unless
--- load_psl(path) was called; without a list, the last two labels.
+-- load_psl(path) was called. Without a list (a warning is logged once) it
+-- is the domain itself: only identical domains align, and check() still
+-- looks for the policy of a subdomain's parent at its last two labels.
 --
 -- parse(text) returns { v, p, sp, adkim, aspf, pct, rua, ruf, fo, rf, ri }
 -- with the defaults of RFC 7489 6.3 filled in (rua and ruf are lists of
@@ -43,12 +57,21 @@
 -- record that starts "v=DMARC1") or several is "none"; any other DNS
 -- failure is "temperror"; a record that parse() refuses, or no from_domain,
 -- "permerror". spf_aligned and dkim_aligned are false without a record.
+--
+-- check_authors(opts) takes the opts of check() with from_domains (a list,
+-- as author_domains() gives it) for from_domain, checks each domain, and
+-- returns the strictest result (RFC 7489 6.6.1, several authors): the
+-- strictest disposition (reject > quarantine > none), then the strictest
+-- result (fail > temperror > permerror > none > pass), then the first. It
+-- is a copy of that domain's check() result with two fields more: domains
+-- (the list) and each (the check() result of every domain, in order). An
+-- empty list is check() without a from_domain: a permerror.
 local dns = require "moonpost.runtime.dns"
 local log = require "moonpost.runtime.log"
 
 local find, sub, byte, lower, match, gsub, gmatch =
   string.find, string.sub, string.byte, string.lower, string.match, string.gsub, string.gmatch
-local tonumber, type, ipairs, next = tonumber, type, ipairs, next
+local tonumber, type, ipairs, pairs, next = tonumber, type, ipairs, pairs, next
 
 local _M = { _VERSION = "0.1" }
 
@@ -131,69 +154,121 @@ local function address_domain(t, first, last)
 end
 
 -- The addresses of an address list (RFC 5322 3.4, with the obsolete forms
--- of 4.4): each is the tokens of an angle-addr or of a bare addr-spec. A
--- display name is skipped, and so is a group's name; empty list elements
--- are no addresses.
+-- of 4.4): each is the tokens of an angle-addr or of a bare addr-spec.
+-- Empty list elements are no addresses. A display name, or a group's
+-- name, is skipped unless it has an "@" (outside quotes and comments):
+-- then it is no valid name, and some reader may take it for the address
+-- ("ceo@bank.example <x@evil.example>"), so it counts as one more. An
+-- element with two angle-addrs ("<a@x> <b@y>", no comma between) is two
+-- addresses too: where readers disagree on the author, every candidate
+-- is an author (the verdict takes the strictest, RFC 7489 6.6.1).
 local function addresses(value)
   local t = tokens(value)
   local out = {}
-  local first, angle = 1, nil -- start of the current element; of its angle-addr
+  local first, angled = 1, false -- start of the current run of tokens; whether its element had an angle-addr
   local i, n = 1, #t
-  local function flush(last)
-    if angle then
-      out[#out + 1] = { angle[1], angle[2] }
-    elseif last >= first then
-      out[#out + 1] = { first, last }
+  local function add(a, b, from_name)
+    if b >= a then out[#out + 1] = { a, b, name = from_name } end
+  end
+  -- the tokens first..last around angle-addrs, or before a group's ":"
+  local function name(last)
+    for k = first, last, 2 do
+      if t[k] == "@" then return add(first, last, true) end
     end
-    angle = nil
   end
   while i <= n do
     local kind = t[i]
     if kind == "<" then
+      name(i - 1)
       -- an angle-addr; an obsolete route ("<@a,@b:user@host>") ends at ":"
       local j, start = i + 2, i + 2
       while j <= n and t[j] ~= ">" do
         if t[j] == ":" then start = j + 2 end
         j = j + 2
       end
-      angle = { start, j - 1 }
+      add(start, j - 1)
+      angled = true
       i = j + 2
+      first = i
     elseif kind == ":" then
-      first = i + 2 -- a group: what came before is its name
-      angle = nil
+      name(i - 1)
+      first = i + 2 -- a group: its members follow
+      angled = false
       i = i + 2
     elseif kind == "," or kind == ";" then
-      flush(i - 1)
-      first = i + 2
+      if angled then name(i - 1) else add(first, i - 1) end
+      first, angled = i + 2, false
       i = i + 2
     else
       i = i + 2
     end
   end
-  flush(n)
-  local list = {}
-  for _, a in ipairs(out) do
-    if a[2] >= a[1] then list[#list + 1] = a end
-  end
-  return list, t
+  if angled then name(n) else add(first, n) end
+  return out, t
+end
+
+-- The domain of an address as DMARC looks it up: lower case, in A-labels,
+-- without a final dot; nil when it has none that is a host name.
+local function domain_of(t, a)
+  local domain = address_domain(t, a[1], a[2])
+  if not domain then return nil end
+  domain = dns.to_ascii((gsub(domain, "%.$", "")))
+  if not domain or not dns.is_name(domain) then return nil end
+  return domain
 end
 
 local headers -- moonpost.runtime.headers, on first use
 
-function _M.from_domain(head)
+-- The From fields of a header section.
+local function from_fields(head)
   headers = headers or require "moonpost.runtime.headers"
   -- the header reader splits at CRLF: bare LF line ends are made CRLF
   if find(head, "[^\r]\n") or byte(head, 1) == 10 then head = gsub(head, "\r?\n", "\r\n") end
-  local fields = headers.find(head, "from")
+  return headers.find(head, "from")
+end
+
+function _M.from_domain(head)
+  local fields = from_fields(head)
   if #fields == 0 then return nil, "no From header" end
   if #fields > 1 then return nil, "several From headers" end
   local list, t = addresses(fields[1].value)
-  if #list > 1 then return nil, "several addresses in From" end
-  local domain = list[1] and address_domain(t, list[1][1], list[1][2])
+  -- a name that repeats the address's domain ("joe@example.org
+  -- <joe@example.org>", as some mailers write it) names no other author
+  local real = {}
+  for _, a in ipairs(list) do
+    if not a.name then real[#real + 1] = a end
+  end
+  if #real == 0 then real = list end
+  if #real > 1 then return nil, "several addresses in From" end
+  local domain = real[1] and domain_of(t, real[1])
+  for _, a in ipairs(list) do
+    if a ~= real[1] and domain_of(t, a) ~= domain then return nil, "several addresses in From" end
+  end
   if not domain then return nil, "no domain in From" end
-  domain = dns.to_ascii((gsub(domain, "%.$", "")))
-  if not domain or not dns.is_name(domain) then return nil, "no domain in From" end
   return domain
+end
+
+-- More author domains than this is no mail anyone sends, and would cost a
+-- DNS lookup or two each.
+local MAX_AUTHOR_DOMAINS = 8
+
+function _M.author_domains(head)
+  local fields = from_fields(head)
+  if #fields == 0 then return nil, "no From header" end
+  local list, seen = {}, {}
+  for _, field in ipairs(fields) do
+    local addrs, t = addresses(field.value)
+    for _, a in ipairs(addrs) do
+      local domain = domain_of(t, a)
+      if domain and not seen[domain] then
+        if #list == MAX_AUTHOR_DOMAINS then return nil, "too many author domains" end
+        seen[domain] = true
+        list[#list + 1] = domain
+      end
+    end
+  end
+  if #list == 0 then return nil, "no domain in From" end
+  return list
 end
 
 -- ---- organizational domains -------------------------------------------------
@@ -239,7 +314,10 @@ local function load_default()
   local ok, err = _M.load_psl(PSL_PATH)
   if not ok then
     psl = false
-    log.warn("dmarc: no public suffix list (%s): organizational domains are the last two labels", err)
+    -- (the last two labels would be wrong for a.co.uk and b.co.uk, and
+    -- make them one organization: relaxed alignment would pass between
+    -- strangers. Without a list only identical domains align.)
+    log.warn("dmarc: no public suffix list (%s): only identical domains align", err)
   end
 end
 
@@ -276,7 +354,7 @@ end
 function _M.org_domain(domain)
   domain = normal(domain)
   if psl == nil then load_default() end
-  if not psl then return match(domain, "[^.]+%.[^.]+$") or domain end
+  if not psl then return domain end
   local suffix = public_suffix(domain)
   if #suffix >= #domain then return domain end
   -- the suffix and the label before it
@@ -392,10 +470,17 @@ function _M.check(opts)
   local org = _M.org_domain(domain)
   res.domain, res.org_domain = domain, org
 
+  -- where to look when the From domain has no record (6.6.3): the
+  -- organization's; without a list that is the domain itself, and the
+  -- policy of a subdomain's parent would be lost, so the last two labels
+  -- (a record found there is a policy; alignment stays exact)
+  local parent = org
+  if not psl and org == domain then parent = match(domain, "[^.]+%.[^.]+$") or domain end
+
   local name = "_dmarc." .. domain
   local state, text = discover(resolver, name)
-  if state == "none" and org ~= domain then
-    name = "_dmarc." .. org
+  if state == "none" and parent ~= domain then
+    name = "_dmarc." .. parent
     state, text = discover(resolver, name)
   end
   if state == "temperror" then
@@ -444,6 +529,41 @@ function _M.check(opts)
     res.disposition = MILDER[policy]
     res.reason = "no aligned pass; p=" .. policy .. " sampled out (pct=" .. rec.pct .. ")"
   end
+  return res
+end
+
+-- The order of check_authors(): higher is stricter.
+local DISPOSITION_RANK = { none = 1, quarantine = 2, reject = 3 }
+local RESULT_RANK = { pass = 1, none = 2, permerror = 3, temperror = 4, fail = 5 }
+
+local function stricter(a, b)
+  local da, db = DISPOSITION_RANK[a.disposition], DISPOSITION_RANK[b.disposition]
+  if da ~= db then return da > db end
+  return RESULT_RANK[a.result] > RESULT_RANK[b.result]
+end
+
+function _M.check_authors(opts)
+  local domains = opts.from_domains
+  if type(domains) ~= "table" then domains = {} end
+  local each, worst = {}, nil
+  -- each domain in turn: a handful at most (author_domains() caps them),
+  -- and the resolver answers a repeated name from its cache
+  local one = {}
+  for k, v in pairs(opts) do one[k] = v end
+  one.from_domains = nil
+  if #domains == 0 then
+    one.from_domain = nil
+    worst = _M.check(one)
+  end
+  for i, domain in ipairs(domains) do
+    one.from_domain = domain
+    each[i] = _M.check(one)
+    if not worst or stricter(each[i], worst) then worst = each[i] end
+  end
+  -- a copy: the result is not one of its own .each
+  local res = {}
+  for k, v in pairs(worst) do res[k] = v end
+  res.domains, res.each = domains, each
   return res
 end
 

@@ -36,6 +36,15 @@ _dmarc.pct50  IN TXT "v=DMARC1; p=reject; pct=50"
 _dmarc.badp   IN TXT "v=DMARC1; p=bogus"
 _dmarc.badprua IN TXT "v=DMARC1; p=bogus; rua=mailto:agg@dmarc.test"
 ]],
+  -- an organization under a public suffix, for org_domain() without a list
+  ["example.com."] = [[
+$ORIGIN example.com.
+$TTL 300
+@        IN SOA ns.example.com. hostmaster.example.com. 1 3600 600 86400 60
+@        IN NS  ns.example.com.
+ns       IN A   127.0.0.1
+_dmarc   IN TXT "v=DMARC1; p=reject"
+]],
   -- a zone nsd cannot load: it answers SERVFAIL for it
   ["broken.dmarc.test."] = "this is no zone file\n",
   ["other.test."] = [[
@@ -60,6 +69,24 @@ local function with_dmarc(fn)
 end
 
 local function fixed(x) return function() return x end end
+
+-- A fresh copy of the module that found no public suffix list: io.open
+-- refuses the list only while the copy looks for it (on first use).
+local function without_psl()
+  local name = "moonpost.runtime.dmarc"
+  local saved, open = package.loaded[name], io.open
+  package.loaded[name] = nil
+  local fresh = require(name)
+  package.loaded[name] = saved
+  io.open = function(path, ...) -- luacheck: ignore 122
+    if path == PSL then return nil, path .. ": No such file or directory" end
+    return open(path, ...)
+  end
+  local ok, err = pcall(fresh.org_domain, "example.com")
+  io.open = open -- luacheck: ignore 122
+  assert(ok, err)
+  return fresh
+end
 
 describe("moonpost.runtime.dmarc", function()
   describe("parse()", function()
@@ -159,10 +186,80 @@ describe("moonpost.runtime.dmarc", function()
       { "an empty angle address", "From: <>\r\n", nil, "no domain in From" },
       { "a domain literal", "From: joe@[192.0.2.1]\r\n", nil, "no domain in From" },
       { "a domain that is no name", "From: joe@exa_mple!.org\r\n", nil, "no domain in From" },
+      -- what some reader could take for a second author
+      { "two angle addresses without a comma", "From: <ceo@bank.example> <x@evil.example>\r\n", nil,
+        "several addresses in From" },
+      { "two named angle addresses without a comma", "From: CEO <ceo@bank.example> X <x@evil.example>\r\n", nil,
+        "several addresses in From" },
+      { "an address for a display name", "From: ceo@bank.example <x@evil.example>\r\n", nil,
+        "several addresses in From" },
+      { "an address after the angle address", "From: <x@evil.example> ceo@bank.example\r\n", nil,
+        "several addresses in From" },
+      { "an address for a group name", "From: ceo@bank.example: x@evil.example;\r\n", nil,
+        "several addresses in From" },
+      { "an address of another domain for a display name", "From: joe@example.org <joe@example.org.evil.example>\r\n",
+        nil, "several addresses in From" },
+      -- ... and what no reader takes for one
+      { "the address for its own display name", "From: Joe@Example.ORG <joe@example.org>\r\n", "example.org" },
+      { "an address of the same domain for a display name", "From: info@example.org <joe@example.org>\r\n",
+        "example.org" },
+      { "an address in a quoted display name", 'From: "a@b.example" <c@d.example>\r\n', "d.example" },
+      { "an address in a comment", "From: (ceo@bank.example) <c@d.example> (a@b.example)\r\n", "d.example" },
+      { "an address in a quoted group name", 'From: "a@b.example": c@d.example;\r\n', "d.example" },
     }
     for _, c in ipairs(cases) do
       it("from_domain() handles " .. c[1], function()
         assert.same({ c[3], c[4] }, { dmarc.from_domain(c[2]) })
+      end)
+    end
+  end)
+
+  describe("author_domains()", function()
+    local many = {}
+    for i = 1, 9 do many[i] = "a@d" .. i .. ".example" end
+    local cases = {
+      { "one address", "From: Joe <joe@Example.ORG>\r\n", { "example.org" } },
+      { "two addresses", "From: ceo@bank.example, x@evil.example\r\n", { "bank.example", "evil.example" } },
+      { "two From fields", "From: ceo@bank.example\r\nTo: y@z.example\r\nFrom: x@evil.example\r\n",
+        { "bank.example", "evil.example" } },
+      { "two folded From fields (LF)", "From: CEO\n <ceo@bank.example>\nFrom: X\n\t<x@evil.example>\n",
+        { "bank.example", "evil.example" } },
+      { "duplicates once, in order", "From: a@evil.example, b@Bank.Example\r\nFrom: c@bank.example., d@EVIL.example\r\n",
+        { "evil.example", "bank.example" } },
+      { "two angle addresses without a comma", "From: <ceo@bank.example> <x@evil.example>\r\n",
+        { "bank.example", "evil.example" } },
+      { "an address for a display name", "From: ceo@bank.example <x@evil.example>\r\n",
+        { "bank.example", "evil.example" } },
+      { "an address after the angle address", "From: <x@evil.example> ceo@bank.example\r\n",
+        { "evil.example", "bank.example" } },
+      { "an address in a quoted display name", 'From: "a@b.example" <c@d.example>\r\n', { "d.example" } },
+      { "the address for its own display name", "From: Joe@Example.ORG <joe@example.org>\r\n", { "example.org" } },
+      { "an address in a comment", "From: (a@b.example) c@d.example\r\n", { "d.example" } },
+      { "a group", "From: grp: a@x.example, b@y.example;\r\n", { "x.example", "y.example" } },
+      { "a group and an address", "From: grp: a@x.example, B <b@y.example>;, c@z.example\r\n",
+        { "x.example", "y.example", "z.example" } },
+      { "an address for a group name", "From: ceo@bank.example: x@evil.example;\r\n", { "bank.example", "evil.example" } },
+      { "an empty group and an address", "From: undisclosed-recipients:;, a@example.org\r\n", { "example.org" } },
+      { "an obsolete route", "From: <@relay.example,@x.example:john@example.org>\r\n", { "example.org" } },
+      { "an internationalized domain", "From: Jörg <jörg@Bücher.example>, j@xn--bcher-kva.example\r\n",
+        { "xn--bcher-kva.example" } },
+      -- an address without a domain hides no other's
+      { "a domain literal and a domain", "From: joe@[192.0.2.1], ceo@bank.example\r\n", { "bank.example" } },
+      { "a name that is no domain and a domain", "From: joe@exa_mple!.org, <ceo@bank.example>\r\n", { "bank.example" } },
+      { "eight domains", "From: " .. table.concat(many, ", ", 1, 8) .. ", a@D1.example\r\n",
+        { "d1.example", "d2.example", "d3.example", "d4.example", "d5.example", "d6.example", "d7.example",
+          "d8.example" } },
+      { "nine domains", "From: " .. table.concat(many, ", ") .. "\r\n", nil, "too many author domains" },
+      { "nine domains in two fields", "From: " .. table.concat(many, ", ", 1, 5) .. "\r\nFrom: "
+        .. table.concat(many, ", ", 6, 9) .. "\r\n", nil, "too many author domains" },
+      { "no From", "To: x@y.example\r\n", nil, "no From header" },
+      { "no address", "From: John Doe\r\n", nil, "no domain in From" },
+      { "an empty group", "From: undisclosed-recipients:;\r\n", nil, "no domain in From" },
+      { "only a domain literal", "From: joe@[192.0.2.1], <>\r\n", nil, "no domain in From" },
+    }
+    for _, c in ipairs(cases) do
+      it("author_domains() handles " .. c[1], function()
+        assert.same({ c[3], c[4] }, { dmarc.author_domains(c[2]) })
       end)
     end
   end)
@@ -217,27 +314,19 @@ describe("moonpost.runtime.dmarc", function()
       assert.equal("foo.blogspot.com", dmarc.org_domain("x.foo.blogspot.com"))
     end)
 
-    it("org_domain() takes the last two labels without a list, and says so once", function()
-      local name = "moonpost.runtime.dmarc"
-      local saved, open = package.loaded[name], io.open
-      package.loaded[name] = nil
-      local fresh = require(name)
-      io.open = function(path, ...) -- luacheck: ignore 122
-        if path == PSL then return nil, path .. ": No such file or directory" end
-        return open(path, ...)
-      end
-      local ok, err = pcall(function()
-        assert.equal("co.uk", fresh.org_domain("a.b.example.co.uk"))
-        assert.equal("localhost", fresh.org_domain("localhost"))
-      end)
-      io.open = open -- luacheck: ignore 122
-      package.loaded[name] = saved
-      assert(ok, err)
+    it("org_domain() is the domain itself without a list, and says so once", function()
+      local fresh = without_psl()
+      -- not "co.uk": a.co.uk and b.co.uk are no one organization
+      assert.equal("a.b.example.co.uk", fresh.org_domain("a.b.example.co.uk"))
+      assert.equal("mail.example.com", fresh.org_domain("Mail.Example.COM."))
+      assert.equal("localhost", fresh.org_domain("localhost"))
       local warned = 0
       for _, line in ipairs(MOONPOST_LOG) do
         if line:find("no public suffix list", 1, true) then warned = warned + 1 end
       end
       assert.equal(1, warned)
+      -- the module everyone else uses still has its list
+      assert.equal("example.co.uk", dmarc.org_domain("a.b.example.co.uk"))
     end)
 
     -- An independent reading of the same list: Debian's python3-publicsuffix2
@@ -423,11 +512,128 @@ for name in sys.stdin.read().split():
       end)
     end)
 
+    it("aligns only identical domains without a list, and still finds the parent's policy", function()
+      local fresh = without_psl()
+      with_dmarc(function(r)
+        -- relaxed alignment: mail.example.com is not example.com's organization
+        local res = fresh.check { dns = r, from_domain = "example.com",
+          spf = { result = "pass", domain = "mail.example.com" },
+          dkim = { { result = "pass", domain = "mail.example.com" } } }
+        assert.same({ "fail", "reject", "reject", false, false, "example.com" }, {
+          res.result, res.policy, res.disposition, res.spf_aligned, res.dkim_aligned, res.org_domain })
+        res = fresh.check { dns = r, from_domain = "mail.example.com",
+          dkim = { { result = "pass", domain = "example.com" } } }
+        assert.same({ "fail", "reject", false, "_dmarc.example.com" }, {
+          res.result, res.disposition, res.dkim_aligned, res.record_domain })
+        -- the same domain does
+        res = fresh.check { dns = r, from_domain = "Example.COM", spf = { result = "pass", domain = "example.com" } }
+        assert.same({ "pass", "none", true }, { res.result, res.disposition, res.spf_aligned })
+        -- a subdomain without a record of its own: its parent's sp= applies
+        for _, from in ipairs({ "sub.dmarc.test", "a.b.sub.dmarc.test" }) do
+          res = fresh.check { dns = r, from_domain = from, dkim = { { result = "pass", domain = "dmarc.test" } } }
+          assert.same({ "fail", "quarantine", "quarantine", "_dmarc.dmarc.test", from }, {
+            res.result, res.policy, res.disposition, res.record_domain, res.org_domain }, from)
+        end
+      end)
+    end)
+
     it("looks an internationalized From domain up by its A-labels", function()
       with_dmarc(function(r)
         local res = dmarc.check { dns = r, from_domain = "bücher.dmarc.test", dkim = {
           { result = "pass", domain = "xn--bcher-kva.dmarc.test" } } }
         assert.same({ "pass", "xn--bcher-kva.dmarc.test", "_dmarc.dmarc.test" }, { res.result, res.domain, res.record_domain })
+      end)
+    end)
+  end)
+
+  describe("check_authors()", function()
+    -- dmarc.test stands for the bank (p=reject), other.test for the forger's
+    -- domain (no record), whose SPF and DKIM pass
+    local FORGED = { result = "pass", domain = "other.test" }
+
+    local function verdict(r, head)
+      local domains = assert(dmarc.author_domains(head))
+      return dmarc.check_authors { dns = r, from_domains = domains, spf = FORGED, dkim = { FORGED } }
+    end
+
+    it("applies the bank's policy to a From with a second, unprotected address", function()
+      with_dmarc(function(r)
+        for _, head in ipairs({
+          "From: ceo@dmarc.test, x@other.test\r\n",
+          "From: x@other.test, ceo@dmarc.test\r\n",
+          "From: <ceo@dmarc.test> <x@other.test>\r\n",
+          "From: ceo@dmarc.test <x@other.test>\r\n",
+          "From: grp: ceo@dmarc.test, x@other.test;\r\n",
+        }) do
+          local res = verdict(r, head)
+          assert.same({ "fail", "reject", "reject", "dmarc.test", "_dmarc.dmarc.test" }, {
+            res.result, res.policy, res.disposition, res.domain, res.record_domain }, head .. tostring(res.reason))
+          assert.equal(2, #res.each)
+          local bank = res.domains[1] == "dmarc.test" and 1 or 2
+          assert.same({ "fail", "none" }, { res.each[bank].result, res.each[3 - bank].result },
+            head .. tostring(res.each[3 - bank].reason))
+        end
+      end)
+    end)
+
+    it("applies the bank's policy to two From fields, each domain checked once", function()
+      with_dmarc(function(r)
+        local res = verdict(r, "From: x@other.test\r\nSubject: hi\r\nFrom: ceo@dmarc.test\r\n")
+        assert.same({ "fail", "reject", "dmarc.test" }, { res.result, res.disposition, res.domain })
+        assert.same({ "other.test", "dmarc.test" }, res.domains)
+        assert.same({ "none", "fail" }, { res.each[1].result, res.each[2].result })
+        -- duplicates (in any case, with a final dot, in either field): one check each
+        res = verdict(r, "From: ceo@dmarc.test, CEO@DMARC.TEST.\r\nFrom: <ceo@Dmarc.Test>, x@other.test\r\n")
+        assert.same({ "fail", "reject" }, { res.result, res.disposition })
+        assert.same({ "dmarc.test", "other.test" }, res.domains)
+        assert.equal(2, #res.each)
+      end)
+    end)
+
+    it("is the result of check() for one domain, with domains and each", function()
+      with_dmarc(function(r)
+        local opts = { dns = r, from_domains = { "sub.dmarc.test" }, spf = FORGED,
+          dkim = { { result = "pass", domain = "dmarc.test" } } }
+        local res = dmarc.check_authors(opts)
+        local alone = dmarc.check { dns = r, from_domain = "sub.dmarc.test", spf = FORGED,
+          dkim = { { result = "pass", domain = "dmarc.test" } } }
+        assert.equal("pass", alone.result)
+        assert.same(alone, res.each[1])
+        assert.same({ "sub.dmarc.test" }, res.domains)
+        assert.is_not.equal(res, res.each[1])
+        res.domains, res.each = nil, nil
+        assert.same(alone, res)
+        -- opts is left as it was
+        assert.is_nil(opts.from_domain)
+        assert.same({ "sub.dmarc.test" }, opts.from_domains)
+      end)
+    end)
+
+    it("takes the strictest disposition, then the strictest result", function()
+      with_dmarc(function(r)
+        local function pick(domains, random)
+          -- a signature of dmarc.test passes every domain but under
+          -- strict.dmarc.test; with random, none is given
+          local res = dmarc.check_authors { dns = r, from_domains = domains, random = random,
+            dkim = random and {} or { { result = "pass", domain = "dmarc.test" } } }
+          return { res.result, res.disposition, res.domain }
+        end
+        -- a pass and no record: none
+        assert.same({ "none", "none", "other.test" }, pick({ "dmarc.test", "other.test" }))
+        -- a pass, a permerror, a temperror: the temperror
+        assert.same({ "temperror", "none", "broken.dmarc.test" },
+          pick({ "dmarc.test", "badp.dmarc.test", "broken.dmarc.test", "other.test" }))
+        -- a failure that pct= spared (disposition none) outranks a temperror ...
+        assert.same({ "fail", "none", "pct0q.dmarc.test" }, pick({ "broken.dmarc.test", "pct0q.dmarc.test" }, fixed(0)))
+        -- ... and quarantine outranks it
+        assert.same({ "fail", "quarantine", "pct0r.dmarc.test" },
+          pick({ "pct0q.dmarc.test", "pct0r.dmarc.test", "broken.dmarc.test" }, fixed(0)))
+        -- reject outranks quarantine; among equals, the first
+        assert.same({ "fail", "reject", "pct50.dmarc.test" },
+          pick({ "pct0r.dmarc.test", "pct50.dmarc.test", "strict.dmarc.test" }, fixed(0)))
+        -- no domain: a permerror
+        local res = dmarc.check_authors { dns = r, from_domains = {}, dkim = {} }
+        assert.same({ "permerror", "none", {}, {} }, { res.result, res.disposition, res.domains, res.each })
       end)
     end)
   end)
