@@ -44,17 +44,31 @@ local SCHEMA = {
   check_relay = { type = "boolean", default = false },
   skip = { type = "function" },
   timeout = { type = "duration", default = 20, check = function(v) return v > 0, "must be > 0" end },
+  spf_session_limit = { type = "posint", default = 10 },
+  dkim_body_length = { type = "enum", values = { "accept", "ignore" }, default = "ignore" },
 }
 
 -- RFC 7372 codes for SPF; RFC 7489 names none for DMARC, 5.7.1 is the common one
 local SPF_FAIL = hooks.reject(550, "5.7.23", "SPF validation failed")
 local SPF_PERMERROR = hooks.reject(550, "5.7.24", "SPF validation error")
 local SPF_TEMPERROR = hooks.tempfail(451, "4.7.24", "SPF validation error (DNS), try again later")
-local DMARC_TEMPERROR = hooks.tempfail(451, "4.7.5", "DMARC check failed (DNS), try again later")
+-- RFC 3463 4.4.3: the directory server (DNS) failed; RFC 7489 names no code
+local DMARC_TEMPERROR = hooks.tempfail(451, "4.4.3", "DMARC policy lookup failed (DNS), try again later")
+local TOO_MANY_AUTHORS = hooks.reject(550, "5.7.1", "Too many author domains in From to check DMARC")
+local SPF_LIMIT = hooks.tempfail(451, "4.7.24", "Too many SPF checks in this session, try again in a new one")
+
+-- What the client wrote (a HELO name, a reason quoting a DNS answer) goes
+-- into a header field: printable ASCII only, and bounded, so that no field
+-- line outgrows RFC 5322's 998 octets whatever arrives.
+local function printable(s, max)
+  s = gsub(tostring(s), "[^\32-\126]", "?")
+  if #s > max then s = s:sub(1, max - 3) .. "..." end
+  return s
+end
 
 -- An A-R value as RFC 8601 allows it unquoted (a token), else quoted.
 local function value(s)
-  s = tostring(s)
+  s = printable(s, 254)
   if find(s, "^[%w%.%-_@+]+$") then return s end
   return '"' .. gsub(s, '(["\\])', "\\%1") .. '"'
 end
@@ -62,7 +76,7 @@ end
 -- A comment: no parentheses, backslashes or line ends inside.
 local function comment(s)
   if not s or s == "" then return "" end
-  s = gsub(s, "[()\\%c]", " ")
+  s = gsub(printable(s, 200), "[()\\]", " ")
   return " (" .. s .. ")"
 end
 
@@ -122,9 +136,43 @@ local function ar_field(id, r)
   return "Authentication-Results: " .. concat(parts, ";\r\n\t") .. "\r\n"
 end
 
--- The authserv-id of an Authentication-Results value: its first token.
+-- Past CFWS (RFC 5322 3.2.2: white space and comments, which nest) from
+-- position i of s. -> the next position
+local function skip_cfws(s, i)
+  local depth = 0
+  while i <= #s do
+    local c = s:sub(i, i)
+    if c == "\\" and depth > 0 then
+      i = i + 1
+    elseif c == "(" then
+      depth = depth + 1
+    elseif c == ")" and depth > 0 then
+      depth = depth - 1
+    elseif depth == 0 and not find(c, "^%s") then
+      return i
+    end
+    i = i + 1
+  end
+  return i
+end
+
+-- The authserv-id of an Authentication-Results value (RFC 8601 2.2: a
+-- value, a token or a quoted-string, after optional CFWS), lower case; ""
+-- when there is none.
 local function authserv_of(v)
-  return lower(match(v, "^%s*([^%s;]+)") or "")
+  local i = skip_cfws(v, 1)
+  if v:sub(i, i) == '"' then
+    local out, j = {}, i + 1
+    while j <= #v do
+      local c = v:sub(j, j)
+      if c == '"' then return lower(concat(out)) end
+      if c == "\\" then j = j + 1; c = v:sub(j, j) end
+      out[#out + 1] = c
+      j = j + 1
+    end
+    return "" -- unterminated
+  end
+  return lower(match(v, "^[^%s;()\"]+", i) or "")
 end
 
 function _M.check(opts)
@@ -147,6 +195,43 @@ function _M.check(opts)
     return false
   end
 
+  -- Does any SPF result refuse or defer mail? Then a client must not get
+  -- past the checks by making them many, and an exp= explanation is
+  -- worth its lookups (it only goes into a refusal).
+  local enforcing = o.spf_fail == "reject" or o.spf_softfail == "reject" or o.spf_permerror == "reject"
+    or o.spf_temperror == "tempfail"
+  -- per session: the SPF results by identity, and how many checks it made.
+  -- Each MAIL FROM with a new domain costs up to 20 DNS queries a client
+  -- picks; a session gets spf_session_limit checks, repeats are answered
+  -- from here.
+  local sessions = setmetatable({}, { __mode = "k" })
+
+  local function spf_result(txn, ident, domain)
+    local conn = txn.conn
+    local seen = sessions[conn]
+    if not seen then
+      seen = { n = 0, results = {} }
+      sessions[conn] = seen
+    end
+    local key = ident .. "\0" .. tostring(conn.helo)
+    local r = seen.results[key]
+    if r then
+      local copy = {}
+      for k, v in pairs(r) do copy[k] = v end
+      return copy
+    end
+    if seen.n >= o.spf_session_limit then
+      return { result = "temperror", reason = "more than " .. o.spf_session_limit .. " SPF checks in this session",
+        limited = true }
+    end
+    seen.n = seen.n + 1
+    r = spf.check_host { dns = dns.default(), ip = conn.remote_ip, sender = ident, helo = conn.helo,
+      domain = domain, timeout = o.timeout, receiver = id, explain = o.spf_fail == "reject" }
+    -- a temporary error is tried again by the next transaction
+    if r.result ~= "temperror" then seen.results[key] = r end
+    return r
+  end
+
   local function mail_from(txn, sender)
     if not o.spf then return nil end
     if skipped(txn) then
@@ -158,18 +243,22 @@ function _M.check(opts)
     if not ident then
       r = { result = "none", reason = "no domain to check" }
     else
-      r = spf.check_host { dns = dns.default(), ip = txn.conn.remote_ip, sender = ident, helo = txn.conn.helo,
-        domain = domain, timeout = o.timeout, receiver = id }
+      r = spf_result(txn, ident, domain)
     end
     r.via, r.sender = via, ident
     r.domain = r.domain or domain
     txn.auth_results = { spf = r }
     local res = r.result
     count("spf", res)
+    if r.limited and enforcing then
+      log.info("sender_auth: %s: SPF check limit (%d) of the session reached: deferred", txn.conn.id,
+        o.spf_session_limit)
+      return SPF_LIMIT
+    end
     if res == "fail" and o.spf_fail == "reject" or res == "softfail" and o.spf_softfail == "reject" then
       log.info("sender_auth: %s: SPF %s for %s from %s: refused", txn.conn.id, res, tostring(ident), txn.conn.remote_ip)
       if r.explanation and res == "fail" then
-        return hooks.reject(550, "5.7.23", "SPF validation failed: " .. gsub(r.explanation, "%c", " "))
+        return hooks.reject(550, "5.7.23", "SPF validation failed: " .. printable(r.explanation, 200))
       end
       return SPF_FAIL
     end
@@ -178,7 +267,20 @@ function _M.check(opts)
     return nil
   end
 
+  -- RFC 8601 5: a field that claims to come from this host and was not
+  -- added by it is a forgery. Removed from every message, checked or not
+  -- (a relay client's too: the next hop of the same domain would trust
+  -- it), bottom up so that the offsets found stay right.
+  local function remove_forged(msg)
+    local found = headers.find(msg:headers(), "authentication-results")
+    local mine = lower(id)
+    for i = #found, 1, -1 do
+      if authserv_of(found[i].value) == mine then msg:remove(found[i].first, found[i].last) end
+    end
+  end
+
   local function message_received(txn, msg)
+    remove_forged(msg)
     local results = txn.auth_results
     if results and results.skipped or (not results and skipped(txn)) then return nil end
     results = results or {}
@@ -190,6 +292,16 @@ function _M.check(opts)
         log.warn("sender_auth: %s: DKIM verification failed: %s", txn.id, tostring(err))
         list = {}
       end
+      if o.dkim_body_length == "ignore" then
+        -- RFC 6376 8.2: past its l= anyone may append to a signed body; such
+        -- a signature vouches for less than the message, DMARC gets none
+        for _, sig in ipairs(list) do
+          if sig.result == "pass" and sig.body_unsigned then
+            sig.result = "policy"
+            sig.reason = format("%d body octets after l= are unsigned", sig.body_unsigned)
+          end
+        end
+      end
       results.dkim = list
       if o.dkim then
         if #list == 0 then count("dkim", "none") end
@@ -197,37 +309,35 @@ function _M.check(opts)
       end
     end
     if o.dmarc ~= "off" then
-      local from, why = dmarc.from_domain(head)
+      local authors, why = dmarc.author_domains(head)
       local m
-      if not from then
-        -- RFC 7489 6.6.1: no single From domain, nothing to apply a policy to
-        m = { result = "permerror", reason = why, disposition = "none" }
+      if not authors then
+        -- RFC 7489 6.6.1: no From domain, nothing to apply a policy to; but
+        -- authors too many to check must not be a way around a policy
+        m = { result = "permerror", reason = why, disposition = "none", too_many = why == "too many author domains" }
       else
+        -- several authors: each domain's policy, the strictest applies
+        -- (RFC 7489 6.6.1), so that a second address is no way around it
         local s = results.spf
         local dk = {}
         for _, sig in ipairs(results.dkim or {}) do
           if sig.domain and not sig.testing then dk[#dk + 1] = { result = sig.result, domain = lower(sig.domain) } end
         end
-        m = dmarc.check { dns = dns.default(), from_domain = from,
+        m = dmarc.check_authors { dns = dns.default(), from_domains = authors,
           spf = s and s.domain and { result = s.result, domain = s.domain } or nil, dkim = dk }
       end
       results.dmarc = m
       count("dmarc", m.result)
     end
     if not o.dkim then results.dkim = nil end
-    if o.header then
-      -- RFC 8601 5: a field that claims to come from this host and was not
-      -- added by it is a forgery; remove those first, bottom up so that
-      -- the offsets found stay right
-      local found = headers.find(head, "authentication-results")
-      for i = #found, 1, -1 do
-        if authserv_of(found[i].value) == lower(id) then msg:remove(found[i].first, found[i].last) end
-      end
-      msg:prepend(ar_field(id, results))
-    end
+    if o.header then msg:prepend(ar_field(id, results)) end
     local m = results.dmarc
     if m and o.dmarc == "enforce" then
       if m.result == "temperror" and o.dmarc_temperror == "tempfail" then return DMARC_TEMPERROR end
+      if m.too_many then
+        log.info("sender_auth: %s: DMARC: %s: refused", txn.id, m.reason)
+        return TOO_MANY_AUTHORS
+      end
       local dis = m.disposition
       if dis == "reject" or dis == "quarantine" and o.dmarc_quarantine == "reject" then
         log.info("sender_auth: %s: DMARC %s for %s (policy %s): refused", txn.id, m.result, tostring(m.domain), dis)
@@ -250,5 +360,6 @@ end
 -- for the specs
 _M.ar_field = ar_field
 _M.spf_identity = spf_identity
+_M.authserv_of = authserv_of
 
 return _M

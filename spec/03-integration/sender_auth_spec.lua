@@ -68,18 +68,21 @@ local SIGN = [==[
 import sys, dkim
 key = open(sys.argv[1], "rb").read()
 msg = sys.stdin.buffer.read()
-sig = dkim.sign(msg, sys.argv[3].encode(), sys.argv[2].encode(), key, include_headers=[b"from", b"to", b"subject"])
+sig = dkim.sign(msg, sys.argv[3].encode(), sys.argv[2].encode(), key, include_headers=[b"from", b"to", b"subject"],
+    length=len(sys.argv) > 4)
 sys.stdout.buffer.write(sig + msg)
 ]==]
 
-local function sign(data, keyfile, domain, selector)
-  local code, out, err = H.exec(H.python, { "-c", SIGN, keyfile, domain, selector }, { stdin = data, timeout = 30 })
+local function sign(data, keyfile, domain, selector, with_length)
+  local code, out, err = H.exec(H.python, { "-c", SIGN, keyfile, domain, selector, with_length and "l" or nil },
+    { stdin = data, timeout = 30 })
   assert(code == 0, "python3-dkim sign: " .. out .. err)
   return out
 end
 
 local function message(from, extra)
-  return (extra or "") .. "From: Sender <" .. from .. ">\r\nTo: rcpt@mx.test\r\nSubject: auth\r\n"
+  if from:find("^[^<,%s]+$") then from = "Sender <" .. from .. ">" end
+  return (extra or "") .. "From: " .. from .. "\r\nTo: rcpt@mx.test\r\nSubject: auth\r\n"
     .. "Message-ID: <" .. math.random(1e9) .. "@auth.test>\r\n\r\nHello.\r\n"
 end
 
@@ -275,6 +278,157 @@ describe("moonpost.sender_auth", function()
     with_mta({ spf_fail = "reject", check_relay = true }, function(port)
       local r = session(port, "127.0.0.7", { from = "bounce@good.auth.test", data = message("a@good.auth.test") })
       assert.same({ 550, "5.7.23", "mail" }, { r.code, r.enhanced, r.at })
+    end)
+  end)
+
+  it("finds the authserv-id of a forged field behind comments and quotes, and always removes it", function()
+    local forged = "Authentication-Results: (checked) mx.test; dmarc=pass header.from=good.auth.test\r\n"
+      .. 'Authentication-Results: "MX.test" (x); spf=pass smtp.mailfrom=a@good.auth.test\r\n'
+      .. "Authentication-Results: (mx.test) upstream.example; spf=pass smtp.mailfrom=x@upstream.example\r\n"
+    local function ids(data)
+      local out = {}
+      for _, f in ipairs(authres(data)) do out[#out + 1] = f.id end
+      return out
+    end
+    with_mta({}, function(port, got)
+      local r = session(port, "127.0.0.6", { from = "bounce@good.auth.test", data = message("a@good.auth.test", forged) })
+      assert.same({ 250, "end" }, { r.code, r.at })
+      assert.same({ "mx.test", "upstream.example" }, ids(got[1].data))
+      assert.equal("fail", result_of(authres(got[1].data), "dmarc"))
+    end)
+    -- without a field of its own, and for a relay client it does not check
+    with_mta({ header = false }, function(port, got)
+      local r = session(port, "127.0.0.6", { from = "bounce@good.auth.test", data = message("a@good.auth.test", forged) })
+      assert.same({ 250, "end" }, { r.code, r.at })
+      r = session(port, "127.0.0.7", { from = "bounce@good.auth.test", data = message("a@good.auth.test", forged) })
+      assert.same({ 250, "end" }, { r.code, r.at })
+      assert.is_true(got[2].results.skipped)
+      for i = 1, 2 do assert.same({ "upstream.example" }, ids(got[i].data)) end
+    end)
+  end)
+
+  it("keeps the field printable and its lines short whatever the reasons say", function()
+    local sa = require("moonpost.sender_auth")
+    local long = ("\200\1x(y)\\"):rep(300)
+    local field = sa.ar_field("mx.test", {
+      spf = { result = "permerror", reason = long, via = "helo", domain = "h" .. long },
+      dkim = { { result = "fail", reason = long, domain = long, selector = long, header_b = "abc" } },
+      dmarc = { result = "permerror", reason = long, domain = long },
+    })
+    assert.falsy(field:find("[^\32-\126\r\n\t]"))
+    for line in field:gmatch("[^\n]*") do assert.is_true(#line <= 998, #line) end
+    local f
+    H.run(function() f = authres(field .. "From: a@b.test\r\n\r\nx\r\n") end)
+    assert.equal("mx.test", f[1].id)
+    assert.same({ "spf", "dkim", "dmarc" }, { f[1].results[1].method, f[1].results[2].method, f[1].results[3].method })
+  end)
+
+  it("checks each From domain and applies the strictest policy", function()
+    with_mta({ dmarc = "enforce" }, function(port, got)
+      -- SPF passes for elsewhere.test (no DMARC record); good.auth.test says
+      -- p=reject and nothing aligned with it passed: refused whichever
+      -- way the second author is written
+      for _, from in ipairs({ "a@elsewhere.test, b@good.auth.test", "<b@good.auth.test> <a@elsewhere.test>" }) do
+        local r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", data = message(from) })
+        assert.same({ 550, "5.7.1", "end" }, { r.code, r.enhanced, r.at }, from)
+        assert.truthy(r.text:find("good.auth.test", 1, true))
+      end
+      -- two From fields likewise
+      local r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test",
+        data = message("a@elsewhere.test", "From: b@good.auth.test\r\n") })
+      assert.same({ 550, "5.7.1", "end" }, { r.code, r.enhanced, r.at })
+      -- authors of domains without a DMARC record: nothing to apply
+      r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", data = message("a@elsewhere.test, c@elsewhere.test") })
+      assert.same({ 250, "end" }, { r.code, r.at })
+      assert.equal("none", got[#got].results.dmarc.result)
+      -- past 8 author domains nothing is evaluated: refused under enforce,
+      -- or else they would be a way around the policy
+      local many = {}
+      for i = 1, 9 do many[i] = "a@d" .. i .. ".elsewhere.test" end
+      many[10] = "b@good.auth.test"
+      r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", data = message(table.concat(many, ", ")) })
+      assert.same({ 550, "5.7.1", "end" }, { r.code, r.enhanced, r.at })
+      assert.truthy(r.text:find("author", 1, true))
+    end)
+  end)
+
+  it("defers with 451 4.4.3 when the DMARC record cannot be looked up, if told to", function()
+    with_mta({ dmarc = "enforce", dmarc_temperror = "tempfail" }, function(port)
+      local r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", data = message("a@x.dead.auth.test") })
+      assert.same({ 451, "4.4.3", "end" }, { r.code, r.enhanced, r.at })
+    end)
+  end)
+
+  it("gives DMARC no pass from a signature whose l= leaves body content unsigned", function()
+    local signed, appended
+    with_mta({ dmarc = "enforce" }, function(port, got)
+      signed = sign(message("a@good.auth.test"), key, "good.auth.test", "s1", true)
+      appended = signed .. "Appended after signing.\r\n"
+      -- l= covering the whole body: a pass
+      local r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", data = signed })
+      assert.same({ 250, "end" }, { r.code, r.at })
+      assert.equal("pass", got[1].results.dkim[1].result)
+      r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", data = appended })
+      assert.same({ 550, "5.7.1", "end" }, { r.code, r.enhanced, r.at })
+    end)
+    with_mta({ dmarc = "enforce", dkim_body_length = "accept" }, function(port, got)
+      local r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", data = appended })
+      assert.same({ 250, "end" }, { r.code, r.at })
+      assert.equal("pass", got[1].results.dmarc.result)
+    end)
+  end)
+
+  it("bounds the SPF checks of one session and answers repeats from the first", function()
+    -- transactions of one session: MAIL FROM each sender, then RSET
+    local function senders(port, list)
+      local p = assert(H.connect(port, "127.0.0.1", 10, "127.0.0.6"))
+      p:expect(220)
+      p:cmd("EHLO client.auth.test")
+      p:expect(250)
+      local out = {}
+      for _, from in ipairs(list) do
+        p:cmd("MAIL FROM:<" .. from .. ">")
+        local c, e = p:reply()
+        out[#out + 1] = c .. " " .. tostring(e)
+        p:cmd("RSET")
+        p:expect(250)
+      end
+      p:cmd("QUIT")
+      p:close()
+      return out
+    end
+    with_mta({ spf_fail = "reject", spf_session_limit = 3 }, function(port, _, mta)
+      -- the same failing sender many times: one check, the same answer
+      local same = {}
+      for i = 1, 6 do same[i] = "bounce@good.auth.test" end
+      local out = senders(port, same)
+      for i = 1, 6 do assert.equal("550 5.7.23", out[i]) end
+      local text = require("moonpost.metrics").render(mta)
+      assert.truthy(text:find('sender_auth_results_total{method="spf",result="fail"} 6', 1, true))
+      -- new identities: three checks, then deferred
+      out = senders(port, { "a@elsewhere.test", "b@elsewhere.test", "c@elsewhere.test", "d@elsewhere.test" })
+      assert.same({ "250 2.1.0", "250 2.1.0", "250 2.1.0", "451 4.7.24" }, out)
+    end)
+    -- nothing enforced: the check past the limit is a temperror, the mail goes on
+    with_mta({ spf_session_limit = 1 }, function(port, got)
+      local p = assert(H.connect(port, "127.0.0.1", 10, "127.0.0.6"))
+      p:expect(220)
+      p:cmd("EHLO client.auth.test")
+      p:expect(250)
+      for _, from in ipairs({ "a@elsewhere.test", "b@elsewhere.test" }) do
+        p:cmd("MAIL FROM:<" .. from .. ">")
+        p:expect(250)
+        p:cmd("RCPT TO:<rcpt@mx.test>")
+        p:expect(250)
+        p:cmd("DATA")
+        p:expect(354)
+        p:send(message("x@elsewhere.test") .. ".\r\n")
+        p:expect(250)
+      end
+      p:cmd("QUIT")
+      p:close()
+      assert.equal("pass", got[1].results.spf.result)
+      assert.equal("temperror", got[2].results.spf.result)
     end)
   end)
 
