@@ -195,7 +195,9 @@ local function pump(self)
           if err then
             -- libuv reports POLLERR (a UDP socket's pending ICMP error) as
             -- EBADF and stops the handle: let c-ares read the error, and
-            -- start watching again if it keeps the socket
+            -- start watching again if it keeps the socket. (luv's poll
+            -- callback itself prints "EBADF: bad file descriptor" to stderr
+            -- before calling this, src/poll.c; nothing here can stop it.)
             p.events = ""
             self.ch:process(fd, true, true)
           else
