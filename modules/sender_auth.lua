@@ -34,6 +34,8 @@ local SCHEMA = {
   spf_softfail = { type = "enum", values = { "accept", "reject" }, default = "accept" },
   spf_temperror = { type = "enum", values = { "accept", "tempfail" }, default = "accept" },
   spf_permerror = { type = "enum", values = { "accept", "reject" }, default = "accept" },
+  spf_helo = { type = "boolean", default = true },
+  spf_helo_fail = { type = "enum", values = { "accept", "reject" }, default = "accept" },
   dkim = { type = "boolean", default = true },
   dmarc = { type = "enum", values = { "off", "check", "enforce" }, default = "check" },
   dmarc_quarantine = { type = "enum", values = { "accept", "reject" }, default = "accept" },
@@ -50,6 +52,7 @@ local SCHEMA = {
 
 -- RFC 7372 codes for SPF; RFC 7489 names none for DMARC, 5.7.1 is the common one
 local SPF_FAIL = hooks.reject(550, "5.7.23", "SPF validation failed")
+local SPF_HELO_FAIL = hooks.reject(550, "5.7.23", "SPF validation failed for the HELO name")
 local SPF_PERMERROR = hooks.reject(550, "5.7.24", "SPF validation error")
 local SPF_TEMPERROR = hooks.tempfail(451, "4.7.24", "SPF validation error (DNS), try again later")
 -- RFC 3463 4.4.3: the directory server (DNS) failed; RFC 7489 names no code
@@ -84,15 +87,16 @@ end
 -- null sender postmaster at the HELO name. -> sender, domain, via
 -- ("mailfrom" | "helo") | nil when there is none to check (no HELO name, an
 -- address literal).
+local function helo_identity(conn)
+  local helo = conn.helo
+  if not helo or find(helo, "^%[") then return nil end
+  local d = dns.to_ascii(helo)
+  if not d then return nil end
+  return "postmaster@" .. d, d, "helo"
+end
+
 local function spf_identity(txn, sender)
-  local conn = txn.conn
-  if sender.null or sender.domain == "" then
-    local helo = conn.helo
-    if not helo or find(helo, "^%[") then return nil end
-    local d = dns.to_ascii(helo)
-    if not d then return nil end
-    return "postmaster@" .. d, d, "helo"
-  end
+  if sender.null or sender.domain == "" then return helo_identity(txn.conn) end
   if sender.literal then return nil end
   local d = dns.to_ascii(sender.domain)
   if not d then return nil end
@@ -113,6 +117,8 @@ local function ar_field(id, r)
     end
     parts[#parts + 1] = t
   end
+  local h = r.spf_helo
+  if h then parts[#parts + 1] = format("spf=%s%s smtp.helo=%s", h.result, comment(h.reason), value(h.domain)) end
   local d = r.dkim
   if d then
     if #d == 0 then parts[#parts + 1] = "dkim=none" end
@@ -199,7 +205,7 @@ function _M.check(opts)
   -- past the checks by making them many, and an exp= explanation is
   -- worth its lookups (it only goes into a refusal).
   local enforcing = o.spf_fail == "reject" or o.spf_softfail == "reject" or o.spf_permerror == "reject"
-    or o.spf_temperror == "tempfail"
+    or o.spf_temperror == "tempfail" or o.spf_helo_fail == "reject"
   -- per session: the SPF results by identity, and how many checks it made.
   -- Each MAIL FROM with a new domain costs up to 20 DNS queries a client
   -- picks; a session gets spf_session_limit checks, repeats are answered
@@ -247,10 +253,23 @@ function _M.check(opts)
     end
     r.via, r.sender = via, ident
     r.domain = r.domain or domain
-    txn.auth_results = { spf = r }
+    local results = { spf = r }
+    txn.auth_results = results
     local res = r.result
     count("spf", res)
-    if r.limited and enforcing then
+    -- RFC 7208 2.3 recommends checking the HELO identity too; for the null
+    -- sender it is the one above. Once per session and name (the cache).
+    local h
+    if o.spf_helo and via == "mailfrom" then
+      local hident, hdomain = helo_identity(txn.conn)
+      if hident then
+        h = spf_result(txn, hident, hdomain)
+        h.via, h.sender, h.domain = "helo", hident, h.domain or hdomain
+        results.spf_helo = h
+        count("spf_helo", h.result)
+      end
+    end
+    if (r.limited or h and h.limited) and enforcing then
       log.info("sender_auth: %s: SPF check limit (%d) of the session reached: deferred", txn.conn.id,
         o.spf_session_limit)
       return SPF_LIMIT
@@ -261,6 +280,11 @@ function _M.check(opts)
         return hooks.reject(550, "5.7.23", "SPF validation failed: " .. printable(r.explanation, 200))
       end
       return SPF_FAIL
+    end
+    if h and h.result == "fail" and o.spf_helo_fail == "reject" then
+      log.info("sender_auth: %s: SPF fail for HELO %s from %s: refused", txn.conn.id, tostring(txn.conn.helo),
+        txn.conn.remote_ip)
+      return SPF_HELO_FAIL
     end
     if res == "permerror" and o.spf_permerror == "reject" then return SPF_PERMERROR end
     if res == "temperror" and o.spf_temperror == "tempfail" then return SPF_TEMPERROR end

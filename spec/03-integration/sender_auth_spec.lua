@@ -254,6 +254,46 @@ describe("moonpost.sender_auth", function()
     end)
   end)
 
+  it("checks the HELO identity as well, once per session, and refuses its fail only when told to", function()
+    -- helo.auth.test lets only 127.0.0.5 send; elsewhere.test lets 127.0.0.6
+    local function helo_results(f)
+      local out = {}
+      for _, r in ipairs(f[1].results) do
+        if r.method == "spf" then out[#out + 1] = r.result .. " " .. (r.props["smtp.helo"] or r.props["smtp.mailfrom"]) end
+      end
+      return out
+    end
+    with_mta({}, function(port, got, mta)
+      for _ = 1, 2 do
+        local r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", helo = "helo.auth.test",
+          data = message("a@elsewhere.test") })
+        assert.same({ 250, "end" }, { r.code, r.at })
+      end
+      assert.same({ "pass bounce@elsewhere.test", "fail helo.auth.test" }, helo_results(authres(got[1].data)))
+      assert.equal("fail", got[2].results.spf_helo.result)
+      assert.equal("pass", got[2].results.spf.result)
+      local text = require("moonpost.metrics").render(mta)
+      assert.truthy(text:find('sender_auth_results_total{method="spf_helo",result="fail"} 2', 1, true))
+    end)
+    with_mta({ spf_helo_fail = "reject" }, function(port)
+      local r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", helo = "helo.auth.test",
+        data = message("a@elsewhere.test") })
+      assert.same({ 550, "5.7.23", "mail" }, { r.code, r.enhanced, r.at })
+      assert.truthy(r.text:find("HELO", 1, true))
+      r = session(port, "127.0.0.5", { from = "bounce@elsewhere.test", helo = "helo.auth.test",
+        data = message("a@elsewhere.test") })
+      -- from .5 the HELO passes; the MAIL FROM's fail is accepted (spf_fail)
+      assert.same({ 250, "end" }, { r.code, r.at })
+    end)
+    with_mta({ spf_helo = false }, function(port, got)
+      local r = session(port, "127.0.0.6", { from = "bounce@elsewhere.test", helo = "helo.auth.test",
+        data = message("a@elsewhere.test") })
+      assert.same({ 250, "end" }, { r.code, r.at })
+      assert.same({ "pass bounce@elsewhere.test" }, helo_results(authres(got[1].data)))
+      assert.is_nil(got[1].results.spf_helo)
+    end)
+  end)
+
   it("removes forged fields that claim its authserv-id, keeps the others", function()
     with_mta({}, function(port, got)
       local forged = "Authentication-Results: MX.test; dmarc=pass header.from=good.auth.test\r\n"
@@ -397,7 +437,7 @@ describe("moonpost.sender_auth", function()
       p:close()
       return out
     end
-    with_mta({ spf_fail = "reject", spf_session_limit = 3 }, function(port, _, mta)
+    with_mta({ spf_fail = "reject", spf_session_limit = 3, spf_helo = false }, function(port, _, mta)
       -- the same failing sender many times: one check, the same answer
       local same = {}
       for i = 1, 6 do same[i] = "bounce@good.auth.test" end
@@ -410,7 +450,7 @@ describe("moonpost.sender_auth", function()
       assert.same({ "250 2.1.0", "250 2.1.0", "250 2.1.0", "451 4.7.24" }, out)
     end)
     -- nothing enforced: the check past the limit is a temperror, the mail goes on
-    with_mta({ spf_session_limit = 1 }, function(port, got)
+    with_mta({ spf_session_limit = 1, spf_helo = false }, function(port, got)
       local p = assert(H.connect(port, "127.0.0.1", 10, "127.0.0.6"))
       p:expect(220)
       p:cmd("EHLO client.auth.test")
