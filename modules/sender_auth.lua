@@ -57,7 +57,6 @@ local SPF_PERMERROR = hooks.reject(550, "5.7.24", "SPF validation error")
 local SPF_TEMPERROR = hooks.tempfail(451, "4.7.24", "SPF validation error (DNS), try again later")
 -- RFC 3463 4.4.3: the directory server (DNS) failed; RFC 7489 names no code
 local DMARC_TEMPERROR = hooks.tempfail(451, "4.4.3", "DMARC policy lookup failed (DNS), try again later")
-local TOO_MANY_AUTHORS = hooks.reject(550, "5.7.1", "Too many author domains in From to check DMARC")
 local SPF_LIMIT = hooks.tempfail(451, "4.7.24", "Too many SPF checks in this session, try again in a new one")
 
 -- What the client wrote (a HELO name, a reason quoting a DNS answer) goes
@@ -73,7 +72,15 @@ end
 local function value(s)
   s = printable(s, 254)
   if find(s, "^[%w%.%-_@+]+$") then return s end
-  return '"' .. gsub(s, '(["\\])', "\\%1") .. '"'
+  -- bounded after escaping, which may double it; never cut in an escape
+  s = gsub(s, '(["\\])', "\\%1")
+  if #s > 254 then
+    s = s:sub(1, 251)
+    local tail = #match(s, "\\*$")
+    if tail % 2 == 1 then s = s:sub(1, -2) end
+    s = s .. "..."
+  end
+  return '"' .. s .. '"'
 end
 
 -- A comment: no parentheses, backslashes or line ends inside.
@@ -212,29 +219,35 @@ function _M.check(opts)
   -- from here.
   local sessions = setmetatable({}, { __mode = "k" })
 
-  local function spf_result(txn, ident, domain)
+  -- kind: "mail" or "helo", counted apart so that neither uses up the
+  -- other's checks
+  local function spf_result(txn, ident, domain, kind)
     local conn = txn.conn
     local seen = sessions[conn]
     if not seen then
-      seen = { n = 0, results = {} }
+      seen = { mail = 0, helo = 0, results = {} }
       sessions[conn] = seen
     end
-    local key = ident .. "\0" .. tostring(conn.helo)
-    local r = seen.results[key]
+    -- a result holds for the whole domain unless the record used the
+    -- sender's local part (%{l}, %{s}): VERP and SRS senders, a new local
+    -- part per message, cost one check
+    local helo = tostring(conn.helo)
+    local dkey, ikey = "d\0" .. domain .. "\0" .. helo, "s\0" .. ident .. "\0" .. helo
+    local r = seen.results[dkey] or seen.results[ikey]
     if r then
       local copy = {}
       for k, v in pairs(r) do copy[k] = v end
       return copy
     end
-    if seen.n >= o.spf_session_limit then
+    if seen[kind] >= o.spf_session_limit then
       return { result = "temperror", reason = "more than " .. o.spf_session_limit .. " SPF checks in this session",
         limited = true }
     end
-    seen.n = seen.n + 1
+    seen[kind] = seen[kind] + 1
     r = spf.check_host { dns = dns.default(), ip = conn.remote_ip, sender = ident, helo = conn.helo,
       domain = domain, timeout = o.timeout, receiver = id, explain = o.spf_fail == "reject" }
     -- a temporary error is tried again by the next transaction
-    if r.result ~= "temperror" then seen.results[key] = r end
+    if r.result ~= "temperror" then seen.results[r.local_part and ikey or dkey] = r end
     return r
   end
 
@@ -249,7 +262,7 @@ function _M.check(opts)
     if not ident then
       r = { result = "none", reason = "no domain to check" }
     else
-      r = spf_result(txn, ident, domain)
+      r = spf_result(txn, ident, domain, via == "helo" and "helo" or "mail")
     end
     r.via, r.sender = via, ident
     r.domain = r.domain or domain
@@ -263,7 +276,7 @@ function _M.check(opts)
     if o.spf_helo and via == "mailfrom" then
       local hident, hdomain = helo_identity(txn.conn)
       if hident then
-        h = spf_result(txn, hident, hdomain)
+        h = spf_result(txn, hident, hdomain, "helo")
         h.via, h.sender, h.domain = "helo", hident, h.domain or hdomain
         results.spf_helo = h
         count("spf_helo", h.result)
@@ -281,7 +294,9 @@ function _M.check(opts)
       end
       return SPF_FAIL
     end
-    if h and h.result == "fail" and o.spf_helo_fail == "reject" then
+    -- the HELO identity's fail: checked apart, or, for the null sender,
+    -- the one MAIL FROM checked
+    if (h and h.result == "fail" or via == "helo" and res == "fail") and o.spf_helo_fail == "reject" then
       log.info("sender_auth: %s: SPF fail for HELO %s from %s: refused", txn.conn.id, tostring(txn.conn.helo),
         txn.conn.remote_ip)
       return SPF_HELO_FAIL
@@ -337,8 +352,10 @@ function _M.check(opts)
       local m
       if not authors then
         -- RFC 7489 6.6.1: no From domain, nothing to apply a policy to; but
-        -- authors too many to check must not be a way around a policy
-        m = { result = "permerror", reason = why, disposition = "none", too_many = why == "too many author domains" }
+        -- a From that cannot be checked (no field, an address whose domain
+        -- cannot be read, authors too many to check) must not be a way
+        -- around a policy: under enforce it is refused
+        m = { result = "permerror", reason = why, disposition = "none", unchecked = true }
       else
         -- several authors: each domain's policy, the strictest applies
         -- (RFC 7489 6.6.1), so that a second address is no way around it
@@ -358,9 +375,9 @@ function _M.check(opts)
     local m = results.dmarc
     if m and o.dmarc == "enforce" then
       if m.result == "temperror" and o.dmarc_temperror == "tempfail" then return DMARC_TEMPERROR end
-      if m.too_many then
+      if m.unchecked then
         log.info("sender_auth: %s: DMARC: %s: refused", txn.id, m.reason)
-        return TOO_MANY_AUTHORS
+        return hooks.reject(550, "5.7.1", "Cannot check the DMARC policy of this message: " .. m.reason)
       end
       local dis = m.disposition
       if dis == "reject" or dis == "quarantine" and o.dmarc_quarantine == "reject" then

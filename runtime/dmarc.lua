@@ -260,7 +260,11 @@ function _M.author_domains(head)
     local addrs, t = addresses(field.value)
     for _, a in ipairs(addrs) do
       local domain = domain_of(t, a)
-      if domain and not seen[domain] then
+      -- an address whose domain cannot be read (a stray byte, a control
+      -- character, a literal) may still be shown to the reader as the
+      -- author: passing over it would let it past the policy
+      if not domain then return nil, "an author address without a usable domain" end
+      if not seen[domain] then
         if #list == MAX_AUTHOR_DOMAINS then return nil, "too many author domains" end
         seen[domain] = true
         list[#list + 1] = domain
@@ -456,6 +460,10 @@ local function aligned(a, b, mode)
   return mode == "r" and _M.org_domain(a) == _M.org_domain(b)
 end
 
+-- Ancestors looked at for a policy without a suffix list (DMARCbis walks
+-- at most 8 labels; 5 parents cover any real name's organization).
+local MAX_WALK = 5
+
 local MILDER = { reject = "quarantine", quarantine = "none", none = "none" }
 
 function _M.check(opts)
@@ -472,14 +480,24 @@ function _M.check(opts)
 
   -- where to look when the From domain has no record (6.6.3): the
   -- organization's; without a list that is the domain itself, and the
-  -- policy of a subdomain's parent would be lost, so the last two labels
+  -- policy of a subdomain's parent would be lost, so each ancestor in
+  -- turn, nearest first, down to two labels and at most MAX_WALK of them
   -- (a record found there is a policy; alignment stays exact)
-  local parent = org
-  if not psl and org == domain then parent = match(domain, "[^.]+%.[^.]+$") or domain end
+  local parents = {}
+  if org ~= domain then
+    parents[1] = org
+  elseif not psl then
+    local p = match(domain, "^[^.]+%.(.+%..+)$")
+    while p and #parents < MAX_WALK do
+      parents[#parents + 1] = p
+      p = match(p, "^[^.]+%.(.+%..+)$")
+    end
+  end
 
   local name = "_dmarc." .. domain
   local state, text = discover(resolver, name)
-  if state == "none" and parent ~= domain then
+  for _, parent in ipairs(parents) do
+    if state ~= "none" then break end
     name = "_dmarc." .. parent
     state, text = discover(resolver, name)
   end

@@ -21,6 +21,8 @@
 --                    fit for an SMTP reply and a header field: printable ASCII only (other
 --                    bytes become spaces), no runs of spaces, at most 200 characters
 --   res.reason       a short line saying why, for logs and Authentication-Results comments
+--   res.local_part   true when a macro used the sender's local part (%{l} or %{s}): the result
+--                    holds for this sender only, not for every sender of its domain
 --
 --   spf.parse(text)   -> record | nil, err   the syntax check of a "v=spf1 ..." record:
 --       { directives = { { qualifier = "-", result = "fail", mechanism = "ip4", text = "-ip4:...",
@@ -161,6 +163,8 @@ end
 local function macro_value(m, ctx, d)
   local l = m.letter
   local v
+  -- the local part makes the result one of this sender, not of its domain
+  if l == "l" or l == "s" then ctx.local_part = true end
   if l == "d" then
     v = d
   elseif l == "p" then
@@ -668,11 +672,12 @@ function _M.check_host(opts)
   local ok, v = pcall(check_domain, st, domain)
   if not ok then
     if getmetatable(v) ~= Stop then error(v, 0) end
-    return { result = v.result, domain = domain, reason = v.reason }
+    return { result = v.result, domain = domain, reason = v.reason, local_part = ctx.local_part }
   end
   local res = { result = v.result, domain = domain }
   if v.result == "none" then
     res.reason = v.why
+    res.local_part = ctx.local_part
     return res
   end
   res.mechanism = v.term
@@ -683,6 +688,7 @@ function _M.check_host(opts)
   end
   -- explain = false: nobody will read it, so no query for it either
   if v.result == "fail" and opts.explain ~= false then res.explanation = explain(st, v) end
+  res.local_part = ctx.local_part
   return res
 end
 

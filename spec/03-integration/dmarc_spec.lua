@@ -45,6 +45,16 @@ $TTL 300
 ns       IN A   127.0.0.1
 _dmarc   IN TXT "v=DMARC1; p=reject"
 ]],
+  -- an organization under a two-label suffix (as bank.co.uk), for the
+  -- policy of its subdomains without a list
+  ["co.test."] = [[
+$ORIGIN co.test.
+$TTL 300
+@        IN SOA ns.co.test. hostmaster.co.test. 1 3600 600 86400 60
+@        IN NS  ns.co.test.
+ns       IN A   127.0.0.1
+_dmarc.bank IN TXT "v=DMARC1; p=none; sp=reject"
+]],
   -- a zone nsd cannot load: it answers SERVFAIL for it
   ["broken.dmarc.test."] = "this is no zone file\n",
   ["other.test."] = [[
@@ -243,9 +253,16 @@ describe("moonpost.runtime.dmarc", function()
       { "an obsolete route", "From: <@relay.example,@x.example:john@example.org>\r\n", { "example.org" } },
       { "an internationalized domain", "From: Jörg <jörg@Bücher.example>, j@xn--bcher-kva.example\r\n",
         { "xn--bcher-kva.example" } },
-      -- an address without a domain hides no other's
-      { "a domain literal and a domain", "From: joe@[192.0.2.1], ceo@bank.example\r\n", { "bank.example" } },
-      { "a name that is no domain and a domain", "From: joe@exa_mple!.org, <ceo@bank.example>\r\n", { "bank.example" } },
+      -- an address whose domain cannot be read may still be what a reader
+      -- sees as the author (a stray byte is often invisible): no list,
+      -- so that the caller cannot pass over it to the other authors
+      { "a domain literal and a domain", "From: joe@[192.0.2.1], ceo@bank.example\r\n", nil, "an author address without a usable domain" },
+      { "a name that is no domain and a domain", "From: joe@exa_mple!.org, <ceo@bank.example>\r\n", nil, "an author address without a usable domain" },
+      { "a no-break space after the domain", "From: a@bank.example\194\160\r\n", nil, "an author address without a usable domain" },
+      { "a control character after the domain", "From: a@bank.example\1, x@evil.example\r\n", nil, "an author address without a usable domain" },
+      { "a stray >", "From: a@bank.example>\r\n", nil, "an author address without a usable domain" },
+      { "an escaped >", "From: Bank <a@bank.example\\>\r\n", nil, "an author address without a usable domain" },
+      { "an encoded word only", "From: =?utf-8?q?a=40bank.example?=\r\n", nil, "an author address without a usable domain" },
       { "eight domains", "From: " .. table.concat(many, ", ", 1, 8) .. ", a@D1.example\r\n",
         { "d1.example", "d2.example", "d3.example", "d4.example", "d5.example", "d6.example", "d7.example",
           "d8.example" } },
@@ -253,9 +270,9 @@ describe("moonpost.runtime.dmarc", function()
       { "nine domains in two fields", "From: " .. table.concat(many, ", ", 1, 5) .. "\r\nFrom: "
         .. table.concat(many, ", ", 6, 9) .. "\r\n", nil, "too many author domains" },
       { "no From", "To: x@y.example\r\n", nil, "no From header" },
-      { "no address", "From: John Doe\r\n", nil, "no domain in From" },
+      { "no address", "From: John Doe\r\n", nil, "an author address without a usable domain" },
       { "an empty group", "From: undisclosed-recipients:;\r\n", nil, "no domain in From" },
-      { "only a domain literal", "From: joe@[192.0.2.1], <>\r\n", nil, "no domain in From" },
+      { "only a domain literal", "From: joe@[192.0.2.1], <>\r\n", nil, "an author address without a usable domain" },
     }
     for _, c in ipairs(cases) do
       it("author_domains() handles " .. c[1], function()
@@ -533,6 +550,12 @@ for name in sys.stdin.read().split():
           res = fresh.check { dns = r, from_domain = from, dkim = { { result = "pass", domain = "dmarc.test" } } }
           assert.same({ "fail", "quarantine", "quarantine", "_dmarc.dmarc.test", from }, {
             res.result, res.policy, res.disposition, res.record_domain, res.org_domain }, from)
+        end
+        -- under a suffix of two labels too: every ancestor is looked at,
+        -- nearest first, not only the last two labels (co.test)
+        for _, from in ipairs({ "x.bank.co.test", "a.b.c.x.bank.co.test" }) do
+          res = fresh.check { dns = r, from_domain = from, dkim = {} }
+          assert.same({ "fail", "reject", "_dmarc.bank.co.test" }, { res.result, res.disposition, res.record_domain }, from)
         end
       end)
     end)
