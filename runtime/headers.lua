@@ -6,7 +6,8 @@
 --   for _, f in ipairs(headers.find(msg:headers(), "x-tenant")) do
 --     print(f.value, f.first, f.last)   -- octets first..last: the field with its line ends
 --   end
-local find, sub, byte, lower, match = string.find, string.sub, string.byte, string.lower, string.match
+local find, sub, byte, lower, match, gsub =
+  string.find, string.sub, string.byte, string.lower, string.match, string.gsub
 
 local _M = { _VERSION = "0.1" }
 
@@ -33,16 +34,20 @@ function _M.find(head, lname)
       _, colon = find(head, "^[ \t]*:", pos + ln)
       if colon and colon >= e then colon = nil end
     end
-    local line = colon and sub(head, colon + 1, e - 1)
+    local stop = e -- where the field's text ends (its last line end)
     pos = e + 2
     while pos <= n do
       local c = byte(head, pos)
       if c ~= 32 and c ~= 9 then break end
-      local e2 = find(head, "\r\n", pos, true) or (n + 1)
-      if line then line = line .. sub(head, pos, e2 - 1) end
-      pos = e2 + 2
+      stop = find(head, "\r\n", pos, true) or (n + 1)
+      pos = stop + 2
     end
-    if line then
+    if colon then
+      -- unfolded in one pass: appending line by line copied the value so
+      -- far for each continuation, quadratic in a field of many short
+      -- lines that a sender controls
+      local line = sub(head, colon + 1, stop - 1)
+      if stop ~= e then line = gsub(line, "\r\n", "") end
       -- trimmed (not with "^%s*(.-)%s*$": its lazy run tries the end at
       -- every octet, half of what finding the field cost)
       local s1 = find(line, "%S")
