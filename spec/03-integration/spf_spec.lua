@@ -581,6 +581,13 @@ describe("moonpost.runtime.spf", function()
         assert.same({ "none", "nothere.spf.test has no SPF record" }, { res.result, res.reason })
         res = check(r, { ip = "192.0.2.10", sender = "alice@incnone.spf.test", helo = HELO })
         assert.matches("norec.spf.test has no SPF record", res.reason, 1, true)
+        -- whether the result depends on the local part: a caller that
+        -- keeps results per domain must know (VERP senders)
+        assert.is_nil(check(r, { ip = "192.0.2.10", sender = "alice@ip4.spf.test", helo = HELO }).local_part)
+        for _, case in ipairs({ { "first.last@macl.spf.test", "pass" }, { "bob@macl.spf.test", "fail" } }) do
+          res = check(r, { ip = "192.0.2.10", sender = case[1], helo = HELO })
+          assert.same({ case[2], true }, { res.result, res.local_part }, case[1])
+        end
       end)
     end)
 
