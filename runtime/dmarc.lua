@@ -25,10 +25,11 @@
 --
 -- author_domains(head) returns the distinct domains of every address of
 -- every From field (lower case, A-labels, in the order they appear), or
--- nil and "no From header" | "no domain in From" (no address has a domain
--- it can use) | "too many author domains" (more than 8). An address with
--- no usable domain (a domain literal, say) is passed over when others have
--- one: it must not hide their policies. Addresses are what a reader could
+-- nil and "no From header" | "no domain in From" (no address at all) |
+-- "an author address without a usable domain" (a domain literal, a stray
+-- byte: such an address may be what the reader sees, so it is not passed
+-- over for the others) | "too many author domains" (more than 8).
+-- Addresses are what a reader could
 -- take for one: each angle-addr ("<a@x> <b@y>" is two), a bare addr-spec,
 -- and a display name or group name that holds an "@" outside quotes
 -- ("ceo@bank.example <x@evil.example>" is both).
@@ -39,7 +40,8 @@
 -- on first use, from /usr/share/publicsuffix/public_suffix_list.dat unless
 -- load_psl(path) was called. Without a list (a warning is logged once) it
 -- is the domain itself: only identical domains align, and check() still
--- looks for the policy of a subdomain's parent at its last two labels.
+-- looks for the policy of a subdomain's parent at its ancestors (the
+-- DMARCbis tree walk: from the last 7 labels down to 2, at most 6 names).
 --
 -- parse(text) returns { v, p, sp, adkim, aspf, pct, rua, ruf, fo, rf, ri }
 -- with the defaults of RFC 7489 6.3 filled in (rua and ruf are lists of
@@ -460,9 +462,11 @@ local function aligned(a, b, mode)
   return mode == "r" and _M.org_domain(a) == _M.org_domain(b)
 end
 
--- Ancestors looked at for a policy without a suffix list (DMARCbis walks
--- at most 8 labels; 5 parents cover any real name's organization).
-local MAX_WALK = 5
+-- Ancestors looked at for a policy without a suffix list: as DMARCbis's
+-- tree walk, a name of more labels is first cut to its last MAX_WALK, then
+-- one label at a time down to two; a name of many labels (which need not
+-- exist) still reaches the organization's own
+local MAX_WALK = 7
 
 local MILDER = { reject = "quarantine", quarantine = "none", none = "none" }
 
@@ -480,17 +484,18 @@ function _M.check(opts)
 
   -- where to look when the From domain has no record (6.6.3): the
   -- organization's; without a list that is the domain itself, and the
-  -- policy of a subdomain's parent would be lost, so each ancestor in
-  -- turn, nearest first, down to two labels and at most MAX_WALK of them
-  -- (a record found there is a policy; alignment stays exact)
+  -- policy of a subdomain's parent would be lost, so its ancestors, from
+  -- the last MAX_WALK labels (or the parent) down to the last two (a
+  -- record found there is a policy; alignment stays exact)
   local parents = {}
   if org ~= domain then
     parents[1] = org
   elseif not psl then
-    local p = match(domain, "^[^.]+%.(.+%..+)$")
-    while p and #parents < MAX_WALK do
-      parents[#parents + 1] = p
-      p = match(p, "^[^.]+%.(.+%..+)$")
+    local labels = {}
+    for l in gmatch(domain, "[^.]+") do labels[#labels + 1] = l end
+    local n = #labels
+    for k = math.min(n - 1, MAX_WALK), 2, -1 do
+      parents[#parents + 1] = table.concat(labels, ".", n - k + 1, n)
     end
   end
 

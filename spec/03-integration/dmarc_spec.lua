@@ -546,14 +546,16 @@ for name in sys.stdin.read().split():
         res = fresh.check { dns = r, from_domain = "Example.COM", spf = { result = "pass", domain = "example.com" } }
         assert.same({ "pass", "none", true }, { res.result, res.disposition, res.spf_aligned })
         -- a subdomain without a record of its own: its parent's sp= applies
-        for _, from in ipairs({ "sub.dmarc.test", "a.b.sub.dmarc.test" }) do
+        for _, from in ipairs({ "sub.dmarc.test", "a.b.sub.dmarc.test", "a.b.c.d.e.sub.dmarc.test" }) do
           res = fresh.check { dns = r, from_domain = from, dkim = { { result = "pass", domain = "dmarc.test" } } }
           assert.same({ "fail", "quarantine", "quarantine", "_dmarc.dmarc.test", from }, {
             res.result, res.policy, res.disposition, res.record_domain, res.org_domain }, from)
         end
         -- under a suffix of two labels too: every ancestor is looked at,
         -- nearest first, not only the last two labels (co.test)
-        for _, from in ipairs({ "x.bank.co.test", "a.b.c.x.bank.co.test" }) do
+        -- a name of many labels (it need not exist) still reaches the
+        -- organization's: the walk starts at the last 7 labels
+        for _, from in ipairs({ "x.bank.co.test", "a.b.c.x.bank.co.test", "a.b.c.d.e.f.g.x.bank.co.test" }) do
           res = fresh.check { dns = r, from_domain = from, dkim = {} }
           assert.same({ "fail", "reject", "_dmarc.bank.co.test" }, { res.result, res.disposition, res.record_domain }, from)
         end
