@@ -90,9 +90,8 @@ local function comment(s)
   return " (" .. s .. ")"
 end
 
--- The identity SPF checks (RFC 7208 2.4): the MAIL FROM domain, or for the
--- null sender postmaster at the HELO name. -> sender, domain, via
--- ("mailfrom" | "helo") | nil when there is none to check (no HELO name, an
+-- The HELO identity (RFC 7208 2.3): postmaster at the HELO name. -> sender,
+-- domain, "helo" | nil when there is none to check (no HELO name, an
 -- address literal).
 local function helo_identity(conn)
   local helo = conn.helo
@@ -102,6 +101,9 @@ local function helo_identity(conn)
   return "postmaster@" .. d, d, "helo"
 end
 
+-- The identity SPF checks (RFC 7208 2.4): the MAIL FROM domain, or for the
+-- null sender the HELO identity. -> sender, domain, via ("mailfrom" |
+-- "helo") | nil when there is none to check.
 local function spf_identity(txn, sender)
   if sender.null or sender.domain == "" then return helo_identity(txn.conn) end
   if sender.literal then return nil end
@@ -290,7 +292,8 @@ function _M.check(opts)
     if res == "fail" and o.spf_fail == "reject" or res == "softfail" and o.spf_softfail == "reject" then
       log.info("sender_auth: %s: SPF %s for %s from %s: refused", txn.conn.id, res, tostring(ident), txn.conn.remote_ip)
       if r.explanation and res == "fail" then
-        return hooks.reject(550, "5.7.23", "SPF validation failed: " .. printable(r.explanation, 200))
+        -- (printable ASCII of at most 200 characters: spf.lua cleans it)
+        return hooks.reject(550, "5.7.23", "SPF validation failed: " .. r.explanation)
       end
       return SPF_FAIL
     end
@@ -309,9 +312,10 @@ function _M.check(opts)
   -- RFC 8601 5: a field that claims to come from this host and was not
   -- added by it is a forgery. Removed from every message, checked or not
   -- (a relay client's too: the next hop of the same domain would trust
-  -- it), bottom up so that the offsets found stay right.
-  local function remove_forged(msg)
-    local found = headers.find(msg:headers(), "authentication-results")
+  -- it), bottom up so that the offsets found in head (the message's
+  -- header section as it is) stay right.
+  local function remove_forged(msg, head)
+    local found = headers.find(head, "authentication-results")
     local mine = lower(id)
     for i = #found, 1, -1 do
       if authserv_of(found[i].value) == mine then msg:remove(found[i].first, found[i].last) end
@@ -319,12 +323,14 @@ function _M.check(opts)
   end
 
   local function message_received(txn, msg)
-    remove_forged(msg)
+    local head = msg:headers()
     local results = txn.auth_results
-    if results and results.skipped or (not results and skipped(txn)) then return nil end
+    if results and results.skipped or (not results and skipped(txn)) then
+      remove_forged(msg, head)
+      return nil
+    end
     results = results or {}
     txn.auth_results = results
-    local head = msg:headers()
     if o.dkim or o.dmarc ~= "off" then
       local list, err = rdkim.verify(msg, dns.default(), o.timeout)
       if not list then
@@ -371,6 +377,9 @@ function _M.check(opts)
       count("dmarc", m.result)
     end
     if not o.dkim then results.dkim = nil end
+    -- after the verification, which sees the message as it came: a
+    -- signature may cover any field
+    remove_forged(msg, head)
     if o.header then msg:prepend(ar_field(id, results)) end
     local m = results.dmarc
     if m and o.dmarc == "enforce" then
