@@ -151,43 +151,19 @@ local function ar_field(id, r)
   return "Authentication-Results: " .. concat(parts, ";\r\n\t") .. "\r\n"
 end
 
--- Past CFWS (RFC 5322 3.2.2: white space and comments, which nest) from
--- position i of s. -> the next position
-local function skip_cfws(s, i)
-  local depth = 0
-  while i <= #s do
-    local c = s:sub(i, i)
-    if c == "\\" and depth > 0 then
-      i = i + 1
-    elseif c == "(" then
-      depth = depth + 1
-    elseif c == ")" and depth > 0 then
-      depth = depth - 1
-    elseif depth == 0 and not find(c, "^%s") then
-      return i
-    end
-    i = i + 1
-  end
-  return i
-end
-
 -- The authserv-id of an Authentication-Results value (RFC 8601 2.2: a
--- value, a token or a quoted-string, after optional CFWS), lower case; ""
--- when there is none.
+-- value, after optional comments): a quoted string, or a token, which the
+-- RFC 5322 tokens split at its dots; lower case, "" when there is none.
 local function authserv_of(v)
-  local i = skip_cfws(v, 1)
-  if v:sub(i, i) == '"' then
-    local out, j = {}, i + 1
-    while j <= #v do
-      local c = v:sub(j, j)
-      if c == '"' then return lower(concat(out)) end
-      if c == "\\" then j = j + 1; c = v:sub(j, j) end
-      out[#out + 1] = c
-      j = j + 1
-    end
-    return "" -- unterminated
+  local t = headers.tokens(v)
+  if t[1] == "q" then return lower(t[2]) end
+  if t[1] ~= "w" then return "" end
+  local out, i = { t[2] }, 3
+  while t[i] == "." and t[i + 2] == "w" do
+    out[#out + 1] = "." .. t[i + 3]
+    i = i + 4
   end
-  return lower(match(v, "^[^%s;()\"]+", i) or "")
+  return lower(concat(out))
 end
 
 function _M.check(opts)

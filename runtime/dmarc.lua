@@ -81,60 +81,7 @@ local PSL_PATH = "/usr/share/publicsuffix/public_suffix_list.dat"
 
 -- ---- the RFC5322.From domain ----------------------------------------------
 
--- The characters that end an atom (RFC 5322 3.2.3 specials, and space).
-local SPECIAL = {}
-for c in ("()<>[]:;@\\,.\"\t "):gmatch(".") do SPECIAL[byte(c)] = true end
-
--- The tokens of an address list: atoms and quoted strings as "w" (with
--- their text), domain literals as "l", and the specials as themselves.
--- Comments are dropped, nested or not; an unclosed quote, comment or
--- literal runs to the end (mail in the wild has them, the verdict must not
--- fail on them).
-local function tokens(s)
-  local out, pos, n = {}, 1, #s
-  while pos <= n do
-    local c = byte(s, pos)
-    if c == 32 or c == 9 or c == 13 or c == 10 then
-      pos = pos + 1
-    elseif c == 40 then -- "(": a comment
-      local depth = 0
-      repeat
-        c = byte(s, pos)
-        if c == 92 then pos = pos + 1
-        elseif c == 40 then depth = depth + 1
-        elseif c == 41 then depth = depth - 1
-        end
-        pos = pos + 1
-      until depth == 0 or pos > n
-    elseif c == 34 then -- a quoted string
-      pos = pos + 1
-      while pos <= n do
-        c = byte(s, pos)
-        if c == 92 then pos = pos + 1 elseif c == 34 then break end
-        pos = pos + 1
-      end
-      pos = pos + 1
-      out[#out + 1] = "w"
-      out[#out + 1] = ""
-    elseif c == 91 then -- "[": a domain literal
-      local e = find(s, "]", pos, true) or n
-      out[#out + 1] = "l"
-      out[#out + 1] = sub(s, pos, e)
-      pos = e + 1
-    elseif SPECIAL[c] then
-      out[#out + 1] = sub(s, pos, pos)
-      out[#out + 1] = false
-      pos = pos + 1
-    else
-      local e = pos
-      while e < n and not SPECIAL[byte(s, e + 1)] do e = e + 1 end
-      out[#out + 1] = "w"
-      out[#out + 1] = sub(s, pos, e)
-      pos = e + 1
-    end
-  end
-  return out
-end
+local headers -- moonpost.runtime.headers, on first use
 
 -- The domain of one address, from its tokens (kinds and texts in pairs
 -- first..last): what follows the last "@", atoms and dots joined.
@@ -165,7 +112,8 @@ end
 -- addresses too: where readers disagree on the author, every candidate
 -- is an author (the verdict takes the strictest, RFC 7489 6.6.1).
 local function addresses(value)
-  local t = tokens(value)
+  headers = headers or require "moonpost.runtime.headers"
+  local t = headers.tokens(value)
   local out = {}
   local first, angled = 1, false -- start of the current run of tokens; whether its element had an angle-addr
   local i, n = 1, #t
@@ -218,8 +166,6 @@ local function domain_of(t, a)
   if not domain or not dns.is_name(domain) then return nil end
   return domain
 end
-
-local headers -- moonpost.runtime.headers, on first use
 
 -- The From fields of a header section.
 local function from_fields(head)
