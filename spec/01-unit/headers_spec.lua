@@ -53,3 +53,13 @@ describe("moonpost.runtime.headers find", function()
     assert.is_true(used < 20 * #big, ("%d octets allocated for a header of %d"):format(used, #big))
   end)
 end)
+
+describe("moonpost.runtime.headers tokens", function()
+  it("splits a structured value into atoms, quoted strings, literals and specials, without comments", function()
+    assert.same({ "q", 'MX "1"', "w", "mx", ".", false, "w", "test", ";", false, "l", "[1.2.3.4]" },
+      headers.tokens(' (a (nested) comment) "MX \\"1\\"" mx.test (c); [1.2.3.4]'))
+    -- an unclosed quote or comment runs to the end
+    assert.same({ "q", "open" }, headers.tokens('"open'))
+    assert.same({ "w", "a" }, headers.tokens("a (open"))
+  end)
+end)
