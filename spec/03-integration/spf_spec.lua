@@ -615,35 +615,41 @@ describe("moonpost.runtime.spf", function()
       end)
     end)
 
-    it("gives temperror when the time budget runs out, and on SERVFAIL", function()
+    -- fn(resolver, server) against a scripted DNS server (H.hostile_dns)
+    -- answering script; both are stopped whatever fn does
+    local function with_hostile(script, fn)
       H.run(function()
-        local srv = H.hostile_dns({
-          ["slow.test TXT"] = { drop = true },
-          ["sf.test TXT"] = { rcode = "SERVFAIL" },
-          ["sfa.test TXT"] = { answer = { 'sfa.test. 300 IN TXT "v=spf1 a:broken.test -all"' } },
-          ["broken.test A"] = { rcode = "SERVFAIL" },
-          ["sfptr.test TXT"] = { answer = { 'sfptr.test. 300 IN TXT "v=spf1 ptr ip4:192.0.2.10 -all"' } },
-          ["10.2.0.192.in-addr.arpa PTR"] = { rcode = "SERVFAIL" },
-        })
+        local srv = H.hostile_dns(script)
         local r = assert(dns.new { servers = srv.address, timeout = 5, tries = 1 })
-        local ok, err = pcall(function()
-          local t0 = require("luv").hrtime()
-          local res = check(r, { ip = "192.0.2.10", sender = "a@slow.test", helo = HELO }, { timeout = 0.5 })
-          local took = (require("luv").hrtime() - t0) / 1e9
-          assert.equal("temperror", res.result)
-          assert.matches("longer than 0.5 s", res.reason, 1, true)
-          assert.is_true(took < 2, "took " .. took)
-          res = check(r, { ip = "192.0.2.10", sender = "a@sf.test", helo = HELO })
-          assert.same({ "temperror", "sf.test" }, { res.result, res.domain })
-          assert.matches("servfail", res.reason, 1, true)
-          assert.equal("temperror", check(r, { ip = "192.0.2.10", sender = "a@sfa.test", helo = HELO }).result)
-          -- RFC 7208 5.5: a DNS error in the PTR lookup: ptr does not match
-          assert.equal("pass", check(r, { ip = "192.0.2.10", sender = "a@sfptr.test", helo = HELO }).result)
-        end)
+        local ok, err = pcall(fn, r, srv)
         r:close()
         srv.stop()
         if not ok then error(err, 0) end
       end, 60)
+    end
+
+    it("gives temperror when the time budget runs out, and on SERVFAIL", function()
+      with_hostile({
+        ["slow.test TXT"] = { drop = true },
+        ["sf.test TXT"] = { rcode = "SERVFAIL" },
+        ["sfa.test TXT"] = { answer = { 'sfa.test. 300 IN TXT "v=spf1 a:broken.test -all"' } },
+        ["broken.test A"] = { rcode = "SERVFAIL" },
+        ["sfptr.test TXT"] = { answer = { 'sfptr.test. 300 IN TXT "v=spf1 ptr ip4:192.0.2.10 -all"' } },
+        ["10.2.0.192.in-addr.arpa PTR"] = { rcode = "SERVFAIL" },
+      }, function(r)
+        local t0 = require("luv").hrtime()
+        local res = check(r, { ip = "192.0.2.10", sender = "a@slow.test", helo = HELO }, { timeout = 0.5 })
+        local took = (require("luv").hrtime() - t0) / 1e9
+        assert.equal("temperror", res.result)
+        assert.matches("longer than 0.5 s", res.reason, 1, true)
+        assert.is_true(took < 2, "took " .. took)
+        res = check(r, { ip = "192.0.2.10", sender = "a@sf.test", helo = HELO })
+        assert.same({ "temperror", "sf.test" }, { res.result, res.domain })
+        assert.matches("servfail", res.reason, 1, true)
+        assert.equal("temperror", check(r, { ip = "192.0.2.10", sender = "a@sfa.test", helo = HELO }).result)
+        -- RFC 7208 5.5: a DNS error in the PTR lookup: ptr does not match
+        assert.equal("pass", check(r, { ip = "192.0.2.10", sender = "a@sfptr.test", helo = HELO }).result)
+      end)
     end)
 
     it("cleans the explanation for an SMTP reply: printable ASCII, no runs of spaces, at most 200 characters",
@@ -679,33 +685,26 @@ describe("moonpost.runtime.spf", function()
     end)
 
     it("with explain = false, neither looks up nor gives the explanation", function()
-      H.run(function()
-        local srv = H.hostile_dns({
-          ["noexp.test TXT"] = { answer = { 'noexp.test. 300 IN TXT "v=spf1 -all exp=why.noexp.test"' } },
-          ["why.noexp.test TXT"] = { answer = { 'why.noexp.test. 300 IN TXT "not %{i}"' } },
-        })
-        local r = assert(dns.new { servers = srv.address, timeout = 5, tries = 1 })
-        local ok, err = pcall(function()
-          local function asked(name)
-            local n = 0
-            for _, q in ipairs(srv.queries()) do
-              if q.name:lower():gsub("%.$", "") == name then n = n + 1 end
-            end
-            return n
+      with_hostile({
+        ["noexp.test TXT"] = { answer = { 'noexp.test. 300 IN TXT "v=spf1 -all exp=why.noexp.test"' } },
+        ["why.noexp.test TXT"] = { answer = { 'why.noexp.test. 300 IN TXT "not %{i}"' } },
+      }, function(r, srv)
+        local function asked(name)
+          local n = 0
+          for _, q in ipairs(srv.queries()) do
+            if q.name:lower():gsub("%.$", "") == name then n = n + 1 end
           end
-          local res = check(r, { ip = "192.0.2.10", sender = "a@noexp.test", helo = HELO }, { explain = false })
-          assert.same({ "fail", "-all", nil }, { res.result, res.mechanism, res.explanation })
-          assert.equal(1, asked("noexp.test"))
-          assert.equal(0, asked("why.noexp.test"))
-          -- by default it does
-          res = check(r, { ip = "192.0.2.10", sender = "a@noexp.test", helo = HELO })
-          assert.same({ "fail", "not 192.0.2.10" }, { res.result, res.explanation })
-          assert.equal(1, asked("why.noexp.test"))
-        end)
-        r:close()
-        srv.stop()
-        if not ok then error(err, 0) end
-      end, 60)
+          return n
+        end
+        local res = check(r, { ip = "192.0.2.10", sender = "a@noexp.test", helo = HELO }, { explain = false })
+        assert.same({ "fail", "-all", nil }, { res.result, res.mechanism, res.explanation })
+        assert.equal(1, asked("noexp.test"))
+        assert.equal(0, asked("why.noexp.test"))
+        -- by default it does
+        res = check(r, { ip = "192.0.2.10", sender = "a@noexp.test", helo = HELO })
+        assert.same({ "fail", "not 192.0.2.10" }, { res.result, res.explanation })
+        assert.equal(1, asked("why.noexp.test"))
+      end)
     end)
 
     it("must run in a task, and wants a resolver and an address", function()
