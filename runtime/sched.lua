@@ -6,6 +6,9 @@
 --                                   (then returns nil, "timeout")
 --   sched.wake(task, a, b)          resume a waiting task with (at most two) values
 --   sched.sleep(seconds)
+--   sched.park(cont, timeout) -> sched.PARKED
+--                                   wait without a coroutine: return PARKED from
+--                                   the task; the wake or timeout runs cont(a, b)
 --   sched.current()       -> task | nil
 --   sched.callback(fn)    -> fn     wrap a luv callback so that an error is logged
 --                                   instead of taking the process down
@@ -59,17 +62,44 @@ local function on_task_error(task, err)
   end
 end
 
-local function finish(task, ok, err)
+-- What park() returns, for the task's function to return (see park()).
+local PARKED = setmetatable({}, { __tostring = function() return "parked" end })
+
+local function finish(task, co, ok, err)
+  tasks[co] = nil
+  if ok and err == PARKED and task.co ~= co then return end -- parked, not done
   task.done = true
-  tasks[task.co] = nil
   if not ok then
     task.error = err
     on_task_error(task, err)
   end
 end
 
+-- What a coroutine yields when its task has ended and it is free for the
+-- next one.
+local FREE = {}
+
+-- A task's coroutine runs body(), which, when the task's function has
+-- returned, yields FREE and then runs the next task given to it (a tail
+-- call: the stack does not grow). Coroutines are kept for reuse, up to
+-- POOL_MAX of them, so a task costs no coroutine and stack to allocate and
+-- collect, and a session that parks leaves no dead stack behind.
+local pool, pool_n, POOL_MAX = {}, 0, 256
+
 local function body(task, fn, ...)
-  finish(task, xpcall(fn, traceback, ...))
+  finish(task, co_running(), xpcall(fn, traceback, ...))
+  return body(co_yield(FREE))
+end
+
+local function take_co()
+  local n = pool_n
+  if n > 0 then
+    local co = pool[n]
+    pool[n] = nil
+    pool_n = n - 1
+    return co
+  end
+  return co_create(body)
 end
 
 -- The task whose coroutine the scheduler has resumed and not yet got back
@@ -79,31 +109,40 @@ end
 -- task was resumed inside the waker, re-entrantly.
 local running = nil
 
--- After a resume: back to the task that was running (if any), and a failed
--- resume logged (body() wraps everything in xpcall, so that is a scheduler
--- bug).
-local function resumed(task, prev, ok, err)
+-- After a resume: back to the task that was running (if any); a coroutine
+-- whose task ended goes back to the pool; a failed resume is logged
+-- (body() wraps everything in xpcall, so that is a scheduler bug).
+local function resumed(task, co, prev, ok, err)
   running = prev
   if not ok then
     task.done = true
     log.error("task %s: resume failed: %s", task.name or "?", tostring(err))
+  elseif err == FREE and pool_n < POOL_MAX then
+    pool_n = pool_n + 1
+    pool[pool_n] = co
   end
 end
 
--- A task's first run: body(task, fn, ...) on its coroutine.
+-- A task's first run: body(task, fn, ...) on a coroutine of its own.
 local function start(task, fn, ...)
   local prev = running
   running = task
-  resumed(task, prev, co_resume(task.co, task, fn, ...))
+  local co = take_co()
+  task.co = co
+  tasks[co] = task
+  resumed(task, co, prev, co_resume(co, task, fn, ...))
 end
 
 -- Every later resume, with the values wait() returns: two at most, as a
 -- fixed number of arguments lets LuaJIT compile the wake paths (it does not
--- record "..." passed on here: NYI bytecode VARG).
+-- record "..." passed on here: NYI bytecode VARG). A parked task (task.co
+-- is its continuation) starts again on a coroutine from the pool.
 local function resume(task, a, b)
+  local co = task.co
+  if type(co) ~= "thread" then return start(task, co, a, b) end
   local prev = running
   running = task
-  resumed(task, prev, co_resume(task.co, a, b))
+  resumed(task, co, prev, co_resume(co, a, b))
 end
 
 local function wheel_remove(task)
@@ -230,18 +269,14 @@ local token_seq = 0
 -- fifth doubles it (every idle SMTP session is a task waiting for a
 -- command; scripts/bench/conns_probe.lua counts them).
 function _M.spawn(fn, ...)
-  local task = { waiting = false }
-  task.co = co_create(body)
-  tasks[task.co] = task
+  local task = { waiting = false, co = false }
   start(task, fn, ...)
   return task
 end
 
 -- Like spawn, with a name for the logs and an error handler.
 function _M.spawn_named(name, on_error, fn, ...)
-  local task = { name = name, on_error = on_error, waiting = false }
-  task.co = co_create(body)
-  tasks[task.co] = task
+  local task = { name = name, on_error = on_error, waiting = false, co = false }
   start(task, fn, ...)
   return task
 end
@@ -320,6 +355,31 @@ function _M.reserve()
   return task, token_seq
 end
 
+-- park(cont [, timeout]) -> PARKED: wait() for a task that gives up its
+-- coroutine while it waits. Unlike wait(), it returns at once, and the
+-- task's function must return what it returned (from every frame down to
+-- the function given to spawn), with nothing to do on the way: the
+-- coroutine then goes back to the pool. The wake (or the timeout) that
+-- ends the wait runs cont(a, b) -- a function or a callable table -- as
+-- the task's body on a coroutine from the pool, with the values wait()
+-- would have returned. An idle SMTP session parks, so 500,000 of them do
+-- not hold 500,000 stacks; what the task needs after must not be on its
+-- stack. The task can no longer wait on this coroutine.
+function _M.park(cont, timeout)
+  local co = co_running()
+  local task = tasks[co or false]
+  if not task then error("sched.park() outside a task", 2) end
+  if task.reserved then error("sched.park() with a reserved wake", 2) end
+  token_seq = token_seq + 1
+  local token = token_seq
+  task.waiting = token
+  if timeout then wheel_add(task, token, timeout > 0 and timeout or 0.001) end
+  tasks[co] = nil
+  task.co = cont
+  return PARKED
+end
+_M.PARKED = PARKED
+
 function _M.is_waiting(task)
   return task.waiting and true or false
 end
@@ -367,7 +427,9 @@ end
 
 function _M.status(task)
   if task.done then return "dead" end
-  return co_status(task.co)
+  local co = task.co
+  if type(co) ~= "thread" then return "suspended" end -- parked
+  return co_status(co)
 end
 
 return _M

@@ -1028,14 +1028,36 @@ local function greet(self)
   return true
 end
 
-local function serve(self)
+-- An idle session parks (sched.park) once it has waited idle_park_after
+-- seconds for a command with no transaction open, so it holds no coroutine
+-- while it idles on: serve() returns PARKED through session_main() and
+-- run_session() to the scheduler, and unparked() below carries on where it
+-- waited. Everything serve() needs is in self, none of it on the stack.
+local PARKED = sched.PARKED
+local unparked
+
+local function wait_idle(self, park_after)
+  local left = command_time_left(self)
+  if left <= park_after then return wait_command(self) end
+  if park_after > 0 then
+    local ok, err = self.stream:wait_input(park_after)
+    if ok or err ~= "timeout" then return ok, err end
+    left = command_time_left(self)
+    if left <= 0 then return nil, "timeout" end
+  end
+  return self.stream:park_input(left, self) -- PARKED, or nil, err if the stream has ended
+end
+
+local function serve(self, resumed)
   local parser = self.parser
   local s = self.stream
   local opts = self.opts
   local timeouts = opts.timeouts
-  local tls = self.listener.tls
-  if tls and tls.implicit and not start_tls(self, tls) then return end
-  if not greet(self) then return end
+  if not resumed then
+    local tls = self.listener.tls
+    if tls and tls.implicit and not start_tls(self, tls) then return end
+    if not greet(self) then return end
+  end
   while not self.quit do
     local kind, a, b, c = parser:next()
     if kind then self.cmd_deadline = nil end
@@ -1043,13 +1065,17 @@ local function serve(self)
       -- the MTA is stopping: a session between transactions ends now
       if self.draining and not self.txn then return shutting_down(self) end
       if self.nout > 0 and not flush(self) then return end
-      self.idle_wait = not self.txn
+      local idle = not self.txn
+      self.idle_wait = idle
       local ok, err
       if self.in_content then
         ok, err = s:wait_input(timeouts.data)
+      elseif idle then
+        ok, err = wait_idle(self, timeouts.park)
       else
         ok, err = wait_command(self)
       end
+      if ok == PARKED then return PARKED end
       self.idle_wait = false
       if not ok then
         if err == "timeout" then
@@ -1084,8 +1110,9 @@ local function serve(self)
   end
 end
 
-local function session_main(self)
-  local ok, err = xpcall(serve, traceback, self)
+local function session_main(self, resumed)
+  local ok, err = xpcall(serve, traceback, self, resumed)
+  if ok and err == PARKED then return PARKED end
   if not ok then
     -- A bug or a failing hook costs this session only.
     log.error("session %s: internal error: %s", self.conn.id, tostring(err))
@@ -1117,9 +1144,18 @@ local function session_close(self)
   self.mta.bus:emit("smtp_server_disconnect", conn, conn.closed_reason)
 end
 
-local function run_session(self)
-  session_main(self)
+local function run_session(self, resumed)
+  if session_main(self, resumed) == PARKED then return PARKED end
   session_close(self)
+end
+
+-- A parked session woken (input, the stream's end, its command timeout or
+-- an interrupt): the session's __call, run as its task's new body. The
+-- wait's result is not needed: serve() looks at the parser and the stream.
+function unparked(self)
+  self.stream:unparked()
+  self.idle_wait = false
+  return run_session(self, true)
 end
 
 -- ---- listeners -------------------------------------------------------------------------
@@ -1197,7 +1233,8 @@ local function on_connection(listener, client)
   local proto = listener.session_mt
   if not proto then
     proto = { __index = setmetatable({ mta = mta, opts = opts, ext = opts.extensions,
-      hostname = listener.hostname, banner = listener.banner }, session_mt) }
+      hostname = listener.hostname, banner = listener.banner }, session_mt),
+      __call = unparked } -- a parked session's continuation (sched.park)
     listener.session_mt = proto
   end
   local self = setmetatable({

@@ -3,6 +3,7 @@
 --   local s = stream.new(tcp)
 --   s:attach(parser [, high_water])  feed received bytes straight into a C parser
 --   s:wait_input(timeout)            wait for the next chunk: true | nil, "closed" | "timeout" | err
+--   s:park_input(timeout, cont)      the same, the task parked (sched.park) meanwhile
 --   s:receive("*l" | n, timeout [, max])
 --                                    line (without CRLF; nil, "too long" past max
 --                                    bytes) or n bytes, when no parser is attached
@@ -25,7 +26,7 @@ local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 local smtp = require "moonpost.core.smtp"
 
-local try_write, wait, wake, current = uv.try_write, sched.wait, sched.wake, sched.current
+local try_write, wait, wake, current, park = uv.try_write, sched.wait, sched.wake, sched.current, sched.park
 local reserve, wake_token = sched.reserve, sched.wake_token
 local sub, find, concat = string.sub, string.find, table.concat
 
@@ -158,6 +159,25 @@ function Stream:wait_input(timeout)
   if ok then return true end
   if self.closed or self.eof then return nil, self.err or "closed" end
   return nil, err
+end
+
+-- park_input(timeout, cont) -> sched.PARKED: wait_input() for a task that
+-- parks while it waits (sched.park, whose rules apply). When input comes,
+-- the stream closes or the timeout passes, cont(ok, err) runs as the
+-- task's body, and must call unparked() before it waits on the stream
+-- again. Returns nil, err at once, not parked, if the stream has ended.
+function Stream:park_input(timeout, cont)
+  if self.closed then return nil, "closed" end
+  if self.eof then return nil, self.err or "closed" end
+  start_reading(self)
+  if self.eof then return nil, self.err or "closed" end
+  self.reader = current()
+  return park(cont, timeout)
+end
+
+-- unparked(): a parked reader (park_input) has been woken
+function Stream:unparked()
+  self.reader = nil
 end
 
 -- receive("*l" [, timeout [, max]]) -> line without CRLF; receive(n [, timeout])

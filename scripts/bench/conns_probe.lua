@@ -118,16 +118,28 @@ local function census(n0lua, n0c)
     add("tcp handle userdata (a pointer; uv_tcp_t is malloc'd)", UDATA + 8)
     add("parser userdata", UDATA + 8)
   end
-  -- the tasks: their table, their coroutine and its stack, their name
-  local nt = 0
-  for task, co in pairs(task_of) do
-    if type(task.name) == "string" and task.name:sub(1, 8) == "session " then
-      nt = nt + 1
-      add("task table", tsize(task))
-      add("task name string", strsize(task.name))
+  -- the tasks: their table, their coroutine and its stack, their name; a
+  -- parked session's task (sched.park) has no coroutine, and is found as
+  -- its stream's reader
+  local nt, parked = 0, 0
+  local seen = {}
+  local function count_task(task, co)
+    if seen[task] or type(task.name) ~= "string" or task.name:sub(1, 8) ~= "session " then return end
+    seen[task] = true
+    nt = nt + 1
+    add("task table", tsize(task))
+    add("task name string", strsize(task.name))
+    if co then
       add("coroutine: lua_State", 96)
       add("coroutine: stack (" .. "slots of 8 bytes)", cosize(co) - 96)
+    else
+      parked = parked + 1
     end
+  end
+  for task, co in pairs(task_of) do count_task(task, co) end
+  for i = 1, n do
+    local r = sessions[i].stream.reader
+    if type(r) == "table" and type(r.co) ~= "thread" then count_task(r, nil) end
   end
   -- the shared indexes, shared out
   for _, l in ipairs(listeners) do add("listener.sessions (share)", tsize(l.sessions), 0) end
@@ -139,8 +151,9 @@ local function census(n0lua, n0c)
   end
   local w = io.stderr
   local per = function(b) return b / n end
-  w:write(string.format("probe: %d sessions (%d tasks); Lua heap %.0f bytes per session, C heap (malloc) %.0f\n",
-    n, nt, per(lua_total - n0lua), per(c_total - n0c)))
+  w:write(string.format("probe: %d sessions (%d tasks, %d of them parked); "
+    .. "Lua heap %.0f bytes per session, C heap (malloc) %.0f\n",
+    n, nt, parked, per(lua_total - n0lua), per(c_total - n0c)))
   local named = 0
   for _, name in ipairs(order) do
     local r = rows[name]

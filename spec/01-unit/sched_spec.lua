@@ -134,3 +134,78 @@ describe("sched.wake from inside a task", function()
     assert.same({ "after wake", "waker goes on", "woken", "waker back" }, order)
   end)
 end)
+
+-- park(): a task waits with no coroutine (an idle SMTP session holds no
+-- stack); the wake or the timeout runs its continuation as the same task.
+describe("sched.park", function()
+  it("ends the task's run and runs the continuation, as the same task, with the wake's values", function()
+    H.run(function()
+      local got, task = {}, nil
+      local cont = setmetatable({}, { __call = function(_, a, b)
+        got.values = { a, b }
+        got.same = sched.current() == task
+        got.waited = { sched.wait(0.01) } -- a continuation may wait like any task
+      end })
+      task = sched.spawn(function()
+        local r = sched.park(cont, 5)
+        got.returned = r
+        return r
+      end)
+      assert.equal(sched.PARKED, got.returned)
+      assert.equal("suspended", sched.status(task))
+      assert.is_true(sched.is_waiting(task))
+      assert.is_true(sched.wake(task, "in", 2))
+      H.wait_for(function() return got.waited end, 5)
+      assert.same({ "in", 2 }, got.values)
+      assert.is_true(got.same)
+      assert.same({ nil, "timeout" }, got.waited)
+      H.wait_for(function() return sched.status(task) == "dead" end, 5)
+    end)
+  end)
+
+  it("runs the continuation with nil, \"timeout\" when its timeout passes", function()
+    H.run(function()
+      local got
+      sched.spawn(function()
+        return sched.park(function(a, b) got = { a, b } end, 0.05)
+      end)
+      H.wait_for(function() return got end, 5)
+      assert.same({ nil, "timeout" }, got)
+    end)
+  end)
+
+  it("takes the coroutine from the task: it can no longer wait there", function()
+    H.run(function()
+      local err
+      sched.spawn(function()
+        sched.park(function() end, 5)
+        local ok, e = pcall(sched.wait, 0.01)
+        err = not ok and e
+      end)
+      assert.matches("outside a task", err)
+    end)
+  end)
+
+  it("gives a woken task a coroutine again, and a finished task's coroutine to the next", function()
+    H.run(function()
+      local cos = {}
+      local first = sched.spawn(function()
+        cos[1] = coroutine.running()
+        return sched.park(function() cos[2] = coroutine.running() end)
+      end)
+      -- the parked task's coroutine went back for reuse: the next task has it
+      sched.spawn(function() cos[3] = coroutine.running() end)
+      assert.equal(cos[1], cos[3])
+      sched.wake(first, true)
+      H.wait_for(function() return cos[2] end, 5)
+      assert.is_true(cos[2] ~= nil and cos[2] ~= coroutine.running())
+    end)
+  end)
+
+  it("does not count a task that returned without parking as parked", function()
+    H.run(function()
+      local t = sched.spawn(function() return sched.PARKED end)
+      assert.equal("dead", sched.status(t))
+    end)
+  end)
+end)

@@ -657,3 +657,139 @@ describe("smtp server session", function()
     end)
   end)
 end)
+
+-- An idle session parks (sched.park): after idle_park_after seconds without
+-- a command and with no transaction open it holds no coroutine, and picks
+-- up where it was when the client speaks, times out, goes away or the MTA
+-- stops.
+describe("smtp server session, parked while idle", function()
+  local PARK = { idle_park_after = 0.05 }
+
+  -- the tasks of the listener's sessions that wait parked (no coroutine)
+  local function parked(mta)
+    local n = 0
+    for _, l in ipairs(mta.listeners) do
+      for sess in pairs(l.sessions) do
+        local r = sess.stream.reader
+        if type(r) == "table" and type(r.co) ~= "thread" then n = n + 1 end
+      end
+    end
+    return n
+  end
+
+  it("holds no coroutine while idle and carries on with the client's next command", function()
+    H.run(function()
+      local reasons = {}
+      local mta, port, got = server(PARK, function(m)
+        m:on("smtp_server_disconnect", function(_, why) reasons[#reasons + 1] = why end)
+      end)
+      local ps = {}
+      for i = 1, 3 do
+        ps[i] = H.connect(port)
+        ps[i]:expect(220)
+        ps[i]:cmd("EHLO c" .. i) ps[i]:expect(250)
+      end
+      assert.is_true(H.wait_for(function() return parked(mta) == 3 end, 5), "parked: " .. parked(mta))
+      -- each session again, twice, parking in between
+      for round = 1, 2 do
+        for i = 1, 3 do
+          local p = ps[i]
+          p:cmd("MAIL FROM:<a" .. i .. "@c.test>") p:expect(250)
+          p:cmd("RCPT TO:<r" .. round .. "@mx.test>") p:expect(250)
+          p:cmd("DATA") p:expect(354)
+          p:send("Subject: " .. round .. "/" .. i .. "\r\n\r\nparked\r\n.\r\n")
+          p:expect(250, "2.0.0")
+        end
+        assert.is_true(H.wait_for(function() return parked(mta) == 3 end, 5), "parked: " .. parked(mta))
+      end
+      -- a transaction open: MAIL given, the session waits for RCPT unparked
+      ps[1]:cmd("MAIL FROM:<open@c.test>") ps[1]:expect(250)
+      sched.sleep(0.3)
+      assert.equal(2, parked(mta))
+      ps[1]:cmd("RSET") ps[1]:expect(250)
+      for i = 1, 3 do
+        ps[i]:cmd("QUIT") ps[i]:expect(221)
+        assert.is_true(ps[i]:closed())
+        ps[i]:close()
+      end
+      assert.equal(6, #got)
+      assert.is_true(H.wait_for(function() return #reasons == 3 end, 5))
+      assert.same({ "quit", "quit", "quit" }, reasons)
+      assert.equal(0, mta:sessions())
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("closes a parked session at the command timeout with 421 4.4.2, counted from the wait's start", function()
+    H.run(function()
+      local mta, port = server({ idle_park_after = 0.05, command_timeout = 0.6 })
+      local p = H.connect(port)
+      p:expect(220)
+      local t0 = require("luv").now()
+      p:cmd("EHLO x") p:expect(250)
+      assert.is_true(H.wait_for(function() return parked(mta) == 1 end, 5))
+      p:expect(421, "4.4.2", "timeout")
+      local took = (require("luv").now() - t0) / 1000
+      assert.is_true(took >= 0.55, "closed after " .. took .. " s")
+      assert.is_true(p:closed())
+      p:close()
+      assert.is_true(H.wait_for(function() return mta:sessions() == 0 end, 5))
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("ends a parked session whose client goes away, with its disconnect event", function()
+    H.run(function()
+      local reasons = {}
+      local mta, port = server(PARK, function(m)
+        m:on("smtp_server_disconnect", function(_, why) reasons[#reasons + 1] = why end)
+      end)
+      local p = H.connect(port)
+      p:expect(220)
+      p:cmd("EHLO x") p:expect(250)
+      assert.is_true(H.wait_for(function() return parked(mta) == 1 end, 5))
+      p:close()
+      assert.is_true(H.wait_for(function() return mta:sessions() == 0 end, 5))
+      assert.same({ "disconnected" }, reasons)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("answers a parked session 421 4.3.2 when the MTA stops", function()
+    H.run(function()
+      local mta, port = server(PARK)
+      local p = H.connect(port)
+      p:expect(220)
+      p:cmd("EHLO x") p:expect(250)
+      assert.is_true(H.wait_for(function() return parked(mta) == 1 end, 5))
+      local done = false
+      mta:stop(0, function() done = true end)
+      p:expect(421, "4.3.2", "Service shutting down")
+      assert.is_true(p:closed())
+      p:close()
+      assert.is_true(H.wait_for(function() return done and mta:sessions() == 0 end, 10))
+    end)
+  end)
+
+  it("reads a command that came with the parking, split over reads", function()
+    H.run(function()
+      local mta, port, got = server({ idle_park_after = 0 })
+      local p = H.connect(port)
+      p:expect(220)
+      p:cmd("EHLO x") p:expect(250)
+      assert.is_true(H.wait_for(function() return parked(mta) == 1 end, 5))
+      for _, part in ipairs({ "MA", "IL FROM:<", "a@c.test>\r", "\n" }) do
+        p:send(part)
+        sched.sleep(0.02)
+      end
+      p:expect(250)
+      p:script("C: RCPT TO:<r@mx.test>\nS: 250\nC: DATA\nS: 354")
+      p:send("Subject: split\r\n\r\nx\r\n.\r\nQUIT\r\n")
+      p:expect(250, "2.0.0")
+      p:expect(221)
+      p:close()
+      assert.equal(1, #got)
+      H.stop_mta(mta)
+    end)
+  end)
+end)
