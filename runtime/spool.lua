@@ -944,29 +944,32 @@ end
 
 -- Work for the end of this loop iteration, after a burst of outcomes: the
 -- state records written to the page cache (spill_pending), empty segments
--- reclaimed (reclaim_scheduled). One check handle and callback, made once (a
--- function that makes a closure is not compiled by LuaJIT past its returns,
--- NYI bytecode UCLO, and these run for every outcome).
-local function end_of_iteration(self)
-  local h = self.tick_handle
-  if not h then
-    h = uv.new_check()
-    h:unref()
-    self.tick_handle = h
-    self.tick_cb = function()
-      h:stop()
-      self.tick_armed = false
-      if self.spill_pending then
-        self.spill_pending = false
-        if self.head and self.head.file:pending() > 0 then self.head.file:spill() end
-      end
-      if self.reclaim_scheduled then
-        self.reclaim_scheduled = false
-        local ok, err = pcall(self.reclaim, self)
-        if not ok then log.error("spool: reclaim: %s", tostring(err)) end
-      end
+-- reclaimed (reclaim_scheduled). One check handle and callback, made once,
+-- here: a function that makes a closure is not compiled by LuaJIT past its
+-- returns (NYI bytecode UCLO), so end_of_iteration(), which runs for every
+-- outcome, makes none.
+local function make_tick(self)
+  local h = uv.new_check()
+  h:unref()
+  self.tick_handle = h
+  self.tick_cb = function()
+    h:stop()
+    self.tick_armed = false
+    if self.spill_pending then
+      self.spill_pending = false
+      if self.head and self.head.file:pending() > 0 then self.head.file:spill() end
+    end
+    if self.reclaim_scheduled then
+      self.reclaim_scheduled = false
+      local ok, err = pcall(self.reclaim, self)
+      if not ok then log.error("spool: reclaim: %s", tostring(err)) end
     end
   end
+  return h
+end
+
+local function end_of_iteration(self)
+  local h = self.tick_handle or make_tick(self)
   -- (armed kept here: is_active() is a luv call, and this runs per outcome)
   if not self.tick_armed then
     h:start(self.tick_cb)
@@ -1051,6 +1054,23 @@ local function delete_segment(self, seg)
   log.debug("spool: deleted %s", seg_name(seg.num))
 end
 
+-- A compaction of seg, as a task. (Its closures are made here, not in
+-- reclaim(), which runs after every burst of outcomes: LuaJIT does not
+-- compile a function that makes a closure past its returns.)
+local function start_compaction(self, seg)
+  self.compacting = true
+  sched.spawn_named("spool compaction", function(err)
+    self.compacting = false
+    self.compact_retry_at = uv.now() + COMPACT_RETRY_MS
+    log.error("spool: compaction failed: %s", tostring(err))
+  end, function()
+    -- a failed one (disk full, a write error) is not tried again at once
+    if not self:compact(seg) then self.compact_retry_at = uv.now() + COMPACT_RETRY_MS end
+    self.compacting = false
+    if not self.closed then self:reclaim() end
+  end)
+end
+
 -- reclaim(): delete empty segments from the oldest; compact the oldest one
 -- when it holds little live data.
 function Spool:reclaim()
@@ -1064,17 +1084,7 @@ function Spool:reclaim()
   local oldest = self.segs[self.order[1]]
   if oldest and oldest ~= self.head and not self.compacting and oldest.live > 0
     and uv.now() >= self.compact_retry_at and self:worth_compacting(oldest) then
-    self.compacting = true
-    sched.spawn_named("spool compaction", function(err)
-      self.compacting = false
-      self.compact_retry_at = uv.now() + COMPACT_RETRY_MS
-      log.error("spool: compaction failed: %s", tostring(err))
-    end, function()
-      -- a failed one (disk full, a write error) is not tried again at once
-      if not self:compact(oldest) then self.compact_retry_at = uv.now() + COMPACT_RETRY_MS end
-      self.compacting = false
-      if not self.closed then self:reclaim() end
-    end)
+    start_compaction(self, oldest)
   end
 end
 
