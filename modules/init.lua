@@ -616,6 +616,14 @@ function MTA:sessions()
   return n + reload.sessions(self)
 end
 
+-- parked_sessions() -> the sessions of this MTA's listeners that are idle
+-- and parked (docs/accept.md#idle-sessions)
+function MTA:parked_sessions()
+  local n = 0
+  for _, l in ipairs(self.listeners) do n = n + l.parked end
+  return n
+end
+
 -- stop([grace]): stop accepting; sessions get `grace` seconds to finish,
 -- then are closed. Calls done() when nothing is left.
 function MTA:stop(grace, done)

@@ -1075,7 +1075,11 @@ local function serve(self, resumed)
       else
         ok, err = wait_command(self)
       end
-      if ok == PARKED then return PARKED end
+      if ok == PARKED then
+        local l = self.listener
+        l.parked = l.parked + 1
+        return PARKED
+      end
       self.idle_wait = false
       if not ok then
         if err == "timeout" then
@@ -1153,6 +1157,8 @@ end
 -- an interrupt): the session's __call, run as its task's new body. The
 -- wait's result is not needed: serve() looks at the parser and the stream.
 function unparked(self)
+  local l = self.listener
+  l.parked = l.parked - 1
   self.stream:unparked()
   self.idle_wait = false
   return run_session(self, true)
@@ -1281,6 +1287,7 @@ local function new_listener(mta, spec)
       .. (opts.auth and "AUTH " or "") .. "MAIL RCPT DATA " .. (opts.extensions.chunking and "BDAT " or "")
       .. "RSET NOOP QUIT VRFY HELP",
     active = 0,
+    parked = 0,      -- sessions of it that are parked (sched.park)
     sessions = {},
     handles = {},
   }, listener_mt)

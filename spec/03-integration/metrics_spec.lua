@@ -87,6 +87,7 @@ local FAMILIES = {
   moonpost_queue_depth = "gauge",
   moonpost_connections = "counter",
   moonpost_connections_open = "gauge",
+  moonpost_smtp_sessions_parked = "gauge",
   moonpost_tls_handshakes = "counter",
   moonpost_tls_handshake_failures = "counter",
   moonpost_spool_messages = "gauge",
@@ -180,6 +181,32 @@ describe("moonpost.metrics", function()
       assert.is_true(value(s, "moonpost_lua_memory_bytes", "moonpost_lua_memory_bytes") > 0)
       local started = value(s, "process_start_time_seconds", "process_start_time_seconds")
       assert.is_true(started > 1.6e9 and started <= os.time() + 1)
+      H.stop_mta(mta)
+    end)
+  end)
+
+  it("smtp_sessions_parked follows the sessions that park while idle and wake", function()
+    H.with_sink(function(sink)
+      local mta, port, hport = relay_mta(dir, sink.port, { metrics = {}, accept = { idle_park_after = 0.05 } })
+      local ps = {}
+      for i = 1, 3 do
+        ps[i] = H.connect(port)
+        ps[i]:expect(220)
+        ps[i]:cmd("EHLO c" .. i) ps[i]:expect(250)
+      end
+      local function parked() return value(scrape(hport), "moonpost_smtp_sessions_parked", "moonpost_smtp_sessions_parked") end
+      assert.is_true(H.wait_for(function() return parked() == 3 end, 10))
+      -- one opens a transaction (it waits unparked for RCPT), one leaves
+      ps[1]:cmd("MAIL FROM:<a@c.test>") ps[1]:expect(250)
+      ps[2]:cmd("QUIT") ps[2]:expect(221)
+      ps[2]:close()
+      assert.is_true(H.wait_for(function() return parked() == 1 end, 10))
+      local s = scrape(hport)
+      assert.equal(2, value(s, "moonpost_connections_open", "moonpost_connections_open", { direction = "in" }))
+      ps[1]:cmd("RSET") ps[1]:expect(250)
+      assert.is_true(H.wait_for(function() return parked() == 2 end, 10))
+      ps[1]:close() ps[3]:close()
+      assert.is_true(H.wait_for(function() return parked() == 0 and mta:sessions() == 0 end, 10))
       H.stop_mta(mta)
     end)
   end)
