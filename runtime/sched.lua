@@ -86,9 +86,18 @@ local FREE = {}
 -- collect, and a session that parks leaves no dead stack behind.
 local pool, pool_n, POOL_MAX = {}, 0, 256
 
-local function body(task, fn, ...)
-  finish(task, co_running(), xpcall(fn, traceback, ...))
+local body
+
+-- (A function of its own, called as a tail call: body's frame, with the
+-- task, its function and their arguments, is gone while the coroutine
+-- waits in the pool, so it keeps none of them from the collector.)
+local function next_task()
   return body(co_yield(FREE))
+end
+
+function body(task, fn, ...)
+  finish(task, co_running(), xpcall(fn, traceback, ...))
+  return next_task()
 end
 
 local function take_co()

@@ -209,3 +209,23 @@ describe("sched.park", function()
     end)
   end)
 end)
+
+describe("sched's coroutine pool", function()
+  it("keeps nothing of a finished task alive: not its function, its arguments or its results", function()
+    H.run(function()
+      local weak = setmetatable({}, { __mode = "v" })
+      do
+        local arg, result = {}, {}
+        local fn = function(a) return a, result end
+        weak.arg, weak.fn, weak.result = arg, fn, result
+        local t = sched.spawn(fn, arg)
+        assert.equal("dead", sched.status(t))
+      end
+      collectgarbage()
+      collectgarbage()
+      assert.is_nil(weak.arg)
+      assert.is_nil(weak.fn)
+      assert.is_nil(weak.result)
+    end)
+  end)
+end)
