@@ -390,6 +390,40 @@ for mech in ("PLAIN", "LOGIN"):
     end)
   end)
 
+  -- an idle session parks (docs/accept.md#idle-sessions): TLS and the
+  -- login are the session's, not its coroutine's, and survive it
+  it("keeps TLS and the login of a session that parked while idle, and parks again", function()
+    H.run(function()
+      local mta, port, got = start({ accept = { idle_park_after = 0.05 } })
+      local function parked()
+        local n = 0
+        for sess in pairs(mta.listeners[1].sessions) do
+          local r = sess.stream.reader
+          if type(r) == "table" and type(r.co) ~= "thread" then n = n + 1 end
+        end
+        return n
+      end
+      local p = tls_session(port)
+      assert.is_true(H.wait_for(function() return parked() == 1 end, 5))
+      login(p, "alice@acme.test", "alice-pw")
+      assert.is_true(H.wait_for(function() return parked() == 1 end, 5))
+      -- relaying needs the login: the session still has it after parking
+      assert.equal(250, (send_message(p, "alice@acme.test", "x@elsewhere.test")))
+      assert.is_true(H.wait_for(function() return parked() == 1 end, 5))
+      assert.equal(250, (send_message(p, "alice@acme.test", "y@elsewhere.test")))
+      p:cmd("QUIT")
+      p:expect(221)
+      p:close()
+      assert.equal(2, #got)
+      for i = 1, 2 do
+        assert.equal("alice@acme.test", got[i].txn.auth)
+        assert.equal("acme", got[i].txn.tenant)
+        assert.equal("TLSv1.3", got[i].txn.conn.tls_info.version)
+      end
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("auth.check: a policy function that may wait gives the tenant; nil, err is a temporary failure", function()
     H.run(function()
       local seen = {}
