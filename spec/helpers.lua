@@ -207,6 +207,31 @@ function H.send(port, opts)
   return c, e, t
 end
 
+-- ehlo_sessions(port, n) -> { peer, ... }: n sessions, each greeted and
+-- past EHLO c<i>
+function H.ehlo_sessions(port, n)
+  local ps = {}
+  for i = 1, n do
+    ps[i] = H.connect(port)
+    ps[i]:expect(220)
+    ps[i]:cmd("EHLO c" .. i) ps[i]:expect(250)
+  end
+  return ps
+end
+
+-- parked(mta) -> how many of mta's sessions are parked: their task, the
+-- stream's reader, holds no coroutine (docs/accept.md#idle-sessions)
+function H.parked(mta)
+  local n = 0
+  for _, l in ipairs(mta.listeners) do
+    for sess in pairs(l.sessions) do
+      local r = sess.stream.reader
+      if type(r) == "table" and type(r.co) ~= "thread" then n = n + 1 end
+    end
+  end
+  return n
+end
+
 -- Stop an MTA and wait (bounded) until it has stopped and its sessions
 -- have closed. A stop that does not end is an error of the spec (it hid a
 -- spool whose syncs had stopped for good behind "left handles open").

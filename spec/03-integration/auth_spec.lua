@@ -395,14 +395,7 @@ for mech in ("PLAIN", "LOGIN"):
   it("keeps TLS and the login of a session that parked while idle, and parks again", function()
     H.run(function()
       local mta, port, got = start({ accept = { idle_park_after = 0.05 } })
-      local function parked()
-        local n = 0
-        for sess in pairs(mta.listeners[1].sessions) do
-          local r = sess.stream.reader
-          if type(r) == "table" and type(r.co) ~= "thread" then n = n + 1 end
-        end
-        return n
-      end
+      local function parked() return H.parked(mta) end
       local p = tls_session(port)
       assert.is_true(H.wait_for(function() return parked() == 1 end, 5))
       login(p, "alice@acme.test", "alice-pw")

@@ -188,13 +188,10 @@ describe("moonpost.metrics", function()
   it("smtp_sessions_parked follows the sessions that park while idle and wake", function()
     H.with_sink(function(sink)
       local mta, port, hport = relay_mta(dir, sink.port, { metrics = {}, accept = { idle_park_after = 0.05 } })
-      local ps = {}
-      for i = 1, 3 do
-        ps[i] = H.connect(port)
-        ps[i]:expect(220)
-        ps[i]:cmd("EHLO c" .. i) ps[i]:expect(250)
+      local ps = H.ehlo_sessions(port, 3)
+      local function parked()
+        return value(scrape(hport), "moonpost_smtp_sessions_parked", "moonpost_smtp_sessions_parked")
       end
-      local function parked() return value(scrape(hport), "moonpost_smtp_sessions_parked", "moonpost_smtp_sessions_parked") end
       assert.is_true(H.wait_for(function() return parked() == 3 end, 10))
       -- one opens a transaction (it waits unparked for RCPT), one leaves
       ps[1]:cmd("MAIL FROM:<a@c.test>") ps[1]:expect(250)

@@ -665,17 +665,7 @@ end)
 describe("smtp server session, parked while idle", function()
   local PARK = { idle_park_after = 0.05 }
 
-  -- the tasks of the listener's sessions that wait parked (no coroutine)
-  local function parked(mta)
-    local n = 0
-    for _, l in ipairs(mta.listeners) do
-      for sess in pairs(l.sessions) do
-        local r = sess.stream.reader
-        if type(r) == "table" and type(r.co) ~= "thread" then n = n + 1 end
-      end
-    end
-    return n
-  end
+  local parked = H.parked
 
   it("holds no coroutine while idle and carries on with the client's next command", function()
     H.run(function()
@@ -683,12 +673,7 @@ describe("smtp server session, parked while idle", function()
       local mta, port, got = server(PARK, function(m)
         m:on("smtp_server_disconnect", function(_, why) reasons[#reasons + 1] = why end)
       end)
-      local ps = {}
-      for i = 1, 3 do
-        ps[i] = H.connect(port)
-        ps[i]:expect(220)
-        ps[i]:cmd("EHLO c" .. i) ps[i]:expect(250)
-      end
+      local ps = H.ehlo_sessions(port, 3)
       assert.is_true(H.wait_for(function() return parked(mta) == 3 end, 5), "parked: " .. parked(mta))
       -- each session again, twice, parking in between
       for round = 1, 2 do
