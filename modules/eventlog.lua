@@ -501,8 +501,15 @@ end
 -- ---- the webhook ------------------------------------------------------------------------
 
 -- Wait for `want` more records (none: only the timeout or stop() ends it).
+-- Records queued since the sender's last read began count already: they
+-- may have come while the read waited for the disk, after it had looked,
+-- and no later record need ever come to wake the sender for them. (Some
+-- may be in the batch read, and are counted twice: that costs one more
+-- read, never a record left waiting.)
 local function webhook_wait(w, timeout, want)
-  w.want, w.got = want or math.huge, 0
+  local since_read = w.queued - w.read_mark
+  if want and since_read >= want then return end
+  w.want, w.got = want or math.huge, since_read
   w.idle = true
   sched.wait(timeout)
   w.idle = false
@@ -538,6 +545,7 @@ local function sender_loop(w)
   local since -- uv.now() when a batch short of `batch` was first seen
   local delay = 0
   while not w.stopped do
+    w.read_mark = w.queued
     local b, err = ob:read(w.opts.batch)
     if w.stopped then break end
     if not b then
@@ -701,11 +709,14 @@ local function emit(self, kind, line)
       if w.stats.refused == 1 or w.stats.refused % 10000 == 0 then
         log.error("eventlog: webhook: %d records not queued: %s", w.stats.refused, tostring(err))
       end
-    elseif w.idle then
-      w.got = w.got + 1
-      if w.got >= w.want then
-        w.idle = false
-        sched.wake(w.task, true)
+    else
+      w.queued = w.queued + 1
+      if w.idle then
+        w.got = w.got + 1
+        if w.got >= w.want then
+          w.idle = false
+          sched.wake(w.task, true)
+        end
       end
     end
   end
@@ -832,6 +843,7 @@ function EventLog:start(mta)
       return nil, err
     end
     w = { opts = wh, outbox = ob, failures = 0, stopped = false, idle = false, want = math.huge, got = 0,
+      queued = 0, read_mark = 0, -- records queued, and how many when the sender's last read began
       users = 0, client = assert(http_client.new(wh.url, { timeout = wh.timeout, headers = wh.headers })),
       stats = { posts = 0, events = 0, failures = 0, refused = 0 } }
     local backlog = ob:backlog()

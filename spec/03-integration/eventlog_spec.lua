@@ -495,6 +495,36 @@ describe("moonpost.eventlog", function()
     end)
   end)
 
+  -- The sender's read waits for the disk (the thread pool): records logged
+  -- meanwhile, after it had looked, must not wait for a later record to
+  -- wake the sender (a CI run lost "three" and "four" above this way).
+  it("webhook: records queued while the sender reads are sent without a later record", function()
+    with_webhook(function() return receiver(dir .. "/got.jsonl") end,
+      { dir = dir .. "/wh", batch = 2, interval = 0.05 }, function(elog, rcv)
+      local ob = elog.webhook.outbox
+      local real, forced = ob.read, false
+      -- the interleaving forced: the read finds nothing, then two records
+      -- are logged before it returns
+      ob.read = function(o, max)
+        local b, err = real(o, max)
+        if not forced and b and b.n == 0 then
+          forced = true
+          elog:log({ type = "AdminAction", action = "during" })
+          elog:log({ type = "AdminAction", action = "the read" })
+        end
+        return b, err
+      end
+      -- one record, sent; the read after it finds nothing, and is forced
+      elog:log({ type = "AdminAction", action = "first" })
+      assert.is_true(H.wait_for(function() return forced end, 5))
+      assert.is_true(H.wait_for(function() return #rcv.records() == 3 end, 5), "the records were left waiting")
+      local got = {}
+      for i, r in ipairs(rcv.records()) do got[i] = r.action end
+      assert.same({ "first", "during", "the read" }, got)
+      ob.read = real
+    end)
+  end)
+
   it("webhook: max_size bounds the records waiting, not those sent: a queue below one segment keeps "
     .. "taking records once the endpoint has them", function()
     with_webhook(function() return receiver(dir .. "/got.jsonl") end,
