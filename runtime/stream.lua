@@ -148,12 +148,20 @@ local function start_reading(self)
   end
 end
 
-function Stream:wait_input(timeout)
+-- The running task becomes the stream's reader, reading started: true, or
+-- nil, err when the stream has ended (then nothing is to be waited for).
+local function become_reader(self)
   if self.closed then return nil, "closed" end
   if self.eof then return nil, self.err or "closed" end
   start_reading(self)
   if self.eof then return nil, self.err or "closed" end
   self.reader = current()
+  return true
+end
+
+function Stream:wait_input(timeout)
+  local ready, rerr = become_reader(self)
+  if not ready then return nil, rerr end
   local ok, err = wait(timeout)
   self.reader = nil
   if ok then return true end
@@ -167,11 +175,8 @@ end
 -- task's body, and must call unparked() before it waits on the stream
 -- again. Returns nil, err at once, not parked, if the stream has ended.
 function Stream:park_input(timeout, cont)
-  if self.closed then return nil, "closed" end
-  if self.eof then return nil, self.err or "closed" end
-  start_reading(self)
-  if self.eof then return nil, self.err or "closed" end
-  self.reader = current()
+  local ready, err = become_reader(self)
+  if not ready then return nil, err end
   return park(cont, timeout)
 end
 
