@@ -507,9 +507,8 @@ end
 -- may be in the batch read, and are counted twice: that costs one more
 -- read, never a record left waiting.)
 local function webhook_wait(w, timeout, want)
-  local since_read = w.queued - w.read_mark
-  if want and since_read >= want then return end
-  w.want, w.got = want or math.huge, since_read
+  if want and w.queued - w.read_mark >= want then return end
+  w.want = want or math.huge
   w.idle = true
   sched.wait(timeout)
   w.idle = false
@@ -711,12 +710,9 @@ local function emit(self, kind, line)
       end
     else
       w.queued = w.queued + 1
-      if w.idle then
-        w.got = w.got + 1
-        if w.got >= w.want then
-          w.idle = false
-          sched.wake(w.task, true)
-        end
+      if w.idle and w.queued - w.read_mark >= w.want then
+        w.idle = false
+        sched.wake(w.task, true)
       end
     end
   end
@@ -842,7 +838,7 @@ function EventLog:start(mta)
       close_writers(fresh)
       return nil, err
     end
-    w = { opts = wh, outbox = ob, failures = 0, stopped = false, idle = false, want = math.huge, got = 0,
+    w = { opts = wh, outbox = ob, failures = 0, stopped = false, idle = false, want = math.huge,
       queued = 0, read_mark = 0, -- records queued, and how many when the sender's last read began
       users = 0, client = assert(http_client.new(wh.url, { timeout = wh.timeout, headers = wh.headers })),
       stats = { posts = 0, events = 0, failures = 0, refused = 0 } }
