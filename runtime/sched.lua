@@ -9,6 +9,7 @@
 --   sched.park(cont, timeout) -> sched.PARKED
 --                                   wait without a coroutine: return PARKED from
 --                                   the task; the wake or timeout runs cont(a, b)
+--   sched.is_parked(task) -> bool
 --   sched.current()       -> task | nil
 --   sched.callback(fn)    -> fn     wrap a luv callback so that an error is logged
 --                                   instead of taking the process down
@@ -434,11 +435,16 @@ function _M.is_internal(handle)
   return handles[handle] == true
 end
 
+-- is_parked(task) -> true while the task waits parked (park()), holding
+-- no coroutine
+function _M.is_parked(task)
+  return not task.done and type(task.co) ~= "thread"
+end
+
 function _M.status(task)
   if task.done then return "dead" end
-  local co = task.co
-  if type(co) ~= "thread" then return "suspended" end -- parked
-  return co_status(co)
+  if _M.is_parked(task) then return "suspended" end
+  return co_status(task.co)
 end
 
 return _M

@@ -226,7 +226,7 @@ function H.parked(mta)
   for _, l in ipairs(mta.listeners) do
     for sess in pairs(l.sessions) do
       local r = sess.stream.reader
-      if type(r) == "table" and type(r.co) ~= "thread" then n = n + 1 end
+      if r and sched.is_parked(r) then n = n + 1 end
     end
   end
   return n

@@ -139,7 +139,7 @@ local function census(n0lua, n0c)
   for task, co in pairs(task_of) do count_task(task, co) end
   for i = 1, n do
     local r = sessions[i].stream.reader
-    if type(r) == "table" and type(r.co) ~= "thread" then count_task(r, nil) end
+    if r and sched.is_parked(r) then count_task(r, nil) end
   end
   -- the shared indexes, shared out
   for _, l in ipairs(listeners) do add("listener.sessions (share)", tsize(l.sessions), 0) end
