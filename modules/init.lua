@@ -476,11 +476,7 @@ function MTA:start()
       sp.cache_bytes = 0 -- nothing will deliver: keep no bodies in memory
     end
     q:recover()
-    sp.on_stored = function(m, envt)
-      m.stored_at = uv.hrtime()
-      q:account(m, envt)
-      q:add(m)
-    end
+    sp.on_stored = function(m, envt) q:stored(m, envt) end
     q:start()
   else
     log.warn("no spool configured: accepted messages are only handed to smtp_server_message_received")

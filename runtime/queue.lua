@@ -109,6 +109,9 @@ function _M.new(mta, spool, opts)
     aside_of = setmetatable({}, { __mode = "k" }), -- message -> the key it waits on
     unhold = setmetatable({}, { __mode = "k" }),   -- messages expedite() took from there
     relabeled = {},   -- recovered message -> the queues its attempt counts against once read
+    -- message stored by this process -> uv.hrtime() at its 250, until its
+    -- first attempt ends (beside the entry, not in it: see Queue:stored)
+    stored_at = setmetatable({}, { __mode = "k" }),
     naside = 0,
     stopped = true,
     transport = nil,
@@ -286,6 +289,17 @@ end
 function Queue:add(m)
   heap_push(self.heap, m)
   poke(self)
+end
+
+-- stored(m, env): a message the spool has just made durable (its 250 is
+-- on the way) joins its queues. The time of the 250 is kept beside the
+-- entry until the first attempt ends (the latency metrics, and max_age to
+-- the nanosecond): in it, a ninth field would double the entry's hash part
+-- for the life of the message.
+function Queue:stored(m, env)
+  self.stored_at[m] = uv.hrtime()
+  self:account(m, env)
+  return self:add(m)
 end
 
 -- The longest wait the retry schedules give (the queue's and the domains').
@@ -607,7 +621,8 @@ local function delivered_one(self, m, env, r, res, now, domain)
   if mc then
     mc.delivered:inc(tenant, domain)
     -- from the durable 250 (or, for a message recovered at start, its arrival) to the remote 250
-    mc.latency:observe(m.stored_at and (uv.hrtime() - m.stored_at) / 1e9 or max(0, now - (env.t or now)), tenant)
+    local stored_at = self.stored_at[m]
+    mc.latency:observe(stored_at and (uv.hrtime() - stored_at) / 1e9 or max(0, now - (env.t or now)), tenant)
   end
   log.info("%s: to=<%s> delivered: %s", env.id, r.address, tostring(res.text))
   self.mta.bus:emit("delivery_delivered", env, r, res)
@@ -660,11 +675,12 @@ local attempt, outcomes, failed_attempt
 
 local function deliver(self, m)
   local spool = self.spool
-  if m.stored_at and m.next == 0 then
+  local stored_at = self.stored_at[m]
+  if stored_at and m.next == 0 then
     -- from the durable 250 to this first attempt (stored_at stays for the
     -- delivery latency metric)
     local n = self.nlatency % LATENCY_SAMPLES + 1
-    self.latency[n] = (uv.hrtime() - m.stored_at) / 1e9
+    self.latency[n] = (uv.hrtime() - stored_at) / 1e9
     self.nlatency = self.nlatency + 1
   end
   local env, body, owned = spool:read(m, true)
@@ -920,8 +936,9 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
   -- arrival are known, and one is taken off, so that it never expires
   -- early (whole seconds on both sides made it up to a second early).
   local age
-  if m.stored_at then
-    age = (uv.hrtime() - m.stored_at) / 1e9
+  local stored_at = self.stored_at[m]
+  if stored_at then
+    age = (uv.hrtime() - stored_at) / 1e9
   else
     age = now - (env.t or ids.time_of(m.id)) - 1
   end
@@ -1066,6 +1083,8 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
     self.stats.attempts = self.stats.attempts - 1
   end
   self:unaccount(m)
+  -- the first attempt has ended: later ones go by the arrival's whole seconds
+  if stored_at then self.stored_at[m] = nil end
   -- (cleared only when set: a nil store would add a key to every message)
   if deferred == 0 and not held then
     if m.rnext then m.rnext = nil end
@@ -1141,6 +1160,7 @@ function failed_attempt(self, m)
     return finished(self, m)
   end
   if m.rnext then m.rnext = nil end
+  self.stored_at[m] = nil
   m.next = due_after(retry_after(self, max(1, m.attempts or 1)))
   spool:update(m.id, { attempts = m.attempts, next = m.next, warned = m.warned or nil })
   -- (counted under "?" again if the error came after it left its queues)

@@ -260,15 +260,16 @@ local function quarantine(self, seg, off, len, why)
     #data, why, qname)
 end
 
--- (from a record: a recipient index that is not a positive integer is passed over)
-local function apply_state(m, st)
+-- (from a record: a recipient index that is not a positive integer is passed
+-- over). pending, at recovery: message id -> recipients not yet final.
+local function apply_state(m, st, pending)
   if type(st) ~= "table" then return end
   if type(st.done) == "table" then
     m.rdone = m.rdone or {}
     for _, i in ipairs(st.done) do
       if type(i) == "number" and i >= 1 and i % 1 == 0 and not m.rdone[i] then
         m.rdone[i] = true
-        m.pending = m.pending - 1
+        if pending then pending[m.id] = pending[m.id] - 1 end
       end
     end
   end
@@ -295,6 +296,8 @@ function Spool:recover()
   local unknown, dups = 0, 0
   local idx, vanished = 0, false
   local reports = {} -- DSN id -> its envelope: { of, ri, act }
+  -- id -> recipients not yet final (not in the entries: not needed after this)
+  local pending = {}
   while true do
     if idx == #nums then
       if not vanished then break end
@@ -354,7 +357,8 @@ function Spool:recover()
             dups = dups + 1
             log.warn("spool: %s offset %d: duplicate message id %s ignored", seg_name(num), off, ids.hex(id))
           else
-            m = { id = id, pending = nrcpt, attempts = 0, next = 0 }
+            m = { id = id, attempts = 0, next = 0 }
+            pending[id] = nrcpt
             if self.keep_env then m.env = env end
             add_live(m, seg, off, len)
             self.msgs[id] = m
@@ -362,7 +366,7 @@ function Spool:recover()
           end
         elseif rtype == STATE then
           local m = self.msgs[id]
-          if m then apply_state(m, decode(meta)) else unknown = unknown + 1 end
+          if m then apply_state(m, decode(meta), pending) else unknown = unknown + 1 end
         elseif rtype == DONE then
           if band(flags, F_VOID) ~= 0 then reports[id] = nil end
           local m = self.msgs[id]
@@ -419,12 +423,12 @@ function Spool:recover()
   for _, env in pairs(reports) do
     local m = self.msgs[tonumber(env.of, 16)]
     if m then
-      apply_state(m, { done = env.act == "failed" and env.ri or nil, warned = env.act == "delayed" })
+      apply_state(m, { done = env.act == "failed" and env.ri or nil, warned = env.act == "delayed" }, pending)
     end
   end
   -- messages whose every recipient is final but whose DONE record was lost
   for id, m in pairs(self.msgs) do
-    if m.pending <= 0 then
+    if pending[id] <= 0 then
       drop_live(m)
       self.msgs[id] = nil
       self.nlive = self.nlive - 1
@@ -763,9 +767,11 @@ function Spool:stored(txn, msg, envt, id, seg, off, len, ok, err)
   -- A write that succeeds ends a refusal caused by a failed write; one caused
   -- by low free space ends when the space check says so.
   if self.full and self.full ~= "low disk space" then self.full, self.full_need = false, nil end
-  -- eight fields at most (LuaJIT's hash part doubles past eight): the arrival
-  -- time is in the id (ids.time_of)
-  local m = { id = id, pending = #txn.recipients, attempts = 0, next = 0, seg = seg, off = off, len = len }
+  -- Six fields, and the queue adds two (key, tenant): eight at most, as
+  -- LuaJIT's hash part doubles past eight (256 bytes a message to 448). The
+  -- arrival time is in the id (ids.time_of); the queue keeps the time of
+  -- the 250 beside the entry until the first attempt (Queue:stored).
+  local m = { id = id, attempts = 0, next = 0, seg = seg, off = off, len = len }
   self.msgs[id] = m
   self.nlive = self.nlive + 1
   self.stats.stored = self.stats.stored + 1
