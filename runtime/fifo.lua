@@ -58,8 +58,22 @@ end
 
 function _M.len(f) return f.n end
 
+-- A ring a quarter full or less after keep() is made smaller (to twice
+-- what it holds): a queue that drained after a burst (the recovered
+-- messages of a large spool, all in one queue until their first attempt)
+-- does not keep its peak size.
+local function shrink(f)
+  local n, size = f.n, FIRST
+  while size < 2 * n do size = size * 2 end
+  if size * 2 > f.mask + 1 then return end
+  local old, mask, first = f.ring, f.mask, f.first
+  local ring = tnew(size, 0)
+  for i = 0, n - 1 do ring[i + 1] = old[band(first + i, mask) + 1] end
+  f.ring, f.mask, f.first = ring, size - 1, 0
+end
+
 -- keep(f, pred): only the entries for which pred(x) is true stay, in their
--- order. O(len); the ring keeps its size.
+-- order. O(len).
 function _M.keep(f, pred)
   local ring, mask, first, n = f.ring, f.mask, f.first, f.n
   local kept = 0
@@ -73,6 +87,7 @@ function _M.keep(f, pred)
     end
   end
   f.n = kept
+  if 4 * kept <= mask + 1 and mask + 1 > FIRST then shrink(f) end
 end
 
 return _M

@@ -68,4 +68,31 @@ describe("moonpost.runtime.fifo", function()
     fifo.keep(f, function() return true end)
     assert.equal(0, fifo.len(f))
   end)
+
+  -- The queue of recovered messages holds a whole spool until their first
+  -- attempts move them on; its ring must not stay that large after.
+  it("keep() gives back the room of a ring left a quarter full or less", function()
+    local f = fifo.new()
+    for i = 1, 1000 do fifo.push(f, i) end
+    for _ = 1, 10 do fifo.pop(f) end -- a moved head: the shrunk ring starts at it
+    assert.equal(1024, f.mask + 1)
+    fifo.keep(f, function(x) return x % 2 == 0 end) -- half stay: no smaller
+    assert.equal(1024, f.mask + 1)
+    assert.equal(495, fifo.len(f))
+    fifo.keep(f, function(x) return x % 10 == 0 or x > 990 end)
+    assert.equal(103, fifo.len(f))
+    assert.equal(256, f.mask + 1) -- twice what it holds, as a power of two
+    -- in order, and it still grows past its new size
+    for i = 1001, 1300 do fifo.push(f, i) end
+    local out = drain(f)
+    assert.equal(403, #out)
+    assert.equal(20, out[1])
+    assert.equal(990, out[98])
+    assert.equal(992, out[99])
+    assert.equal(1300, out[403])
+    fifo.push(f, "x")
+    fifo.keep(f, function() return false end)
+    assert.equal(8, f.mask + 1) -- never below the first size
+    assert.is_nil(fifo.pop(f))
+  end)
 end)
