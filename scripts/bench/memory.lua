@@ -1,7 +1,10 @@
 -- Memory per queued message: a spool of N queued messages (default
 -- 1,000,000; one recipient, small body) recovered into the spool index and
--- the delivery queue, as at start-up. Prints the Lua heap and the RSS that
--- the index and the queue add, per message.
+-- the delivery queue, as at start-up; then the same messages once each has
+-- had its envelope read and its queues set, as its first attempt does (the
+-- shape of an entry with the sink down, and of one stored by this process).
+-- Prints the Lua heap and the RSS that the index and the queue add, per
+-- message, for both.
 --
 --   luajit scripts/bench/memory.lua [N]
 local root = debug.getinfo(1, "S").source:sub(2):match("^(.*)/scripts/bench/memory%.lua$") or "."
@@ -36,8 +39,24 @@ local q = queue.new({ bus = { emit = function() end }, hostname = "x" }, sp, {})
 sp:each(function(m) q:account(m) q:add(m) end)
 collectgarbage() collectgarbage()
 local lua1, rss1 = collectgarbage("count"), rss()
-print(string.format("%d queued: Lua heap %.0f bytes/message, RSS %.0f bytes/message", sp:count(),
+print(string.format("%d queued (recovered): Lua heap %.0f bytes/message, RSS %.0f bytes/message", sp:count(),
   (lua1 - lua0) * 1024 / N, (rss1 - rss0) * 1024 / N))
+-- each one's first attempt: its envelope read, its queues known (Queue:deliver)
+local unread = 0
+sp:each(function(m)
+  local env = spool.envelope(m)
+  if env then
+    q:unaccount(m)
+    q:account(m, env)
+  else
+    unread = unread + 1
+  end
+end)
+assert(unread == 0, unread .. " envelopes unreadable")
+collectgarbage() collectgarbage()
+local lua2, rss2 = collectgarbage("count"), rss()
+print(string.format("%d queued (attempted): Lua heap %.0f bytes/message, RSS %.0f bytes/message", sp:count(),
+  (lua2 - lua0) * 1024 / N, (rss2 - rss0) * 1024 / N))
 sp:close()
 os.execute("rm -rf " .. dir)
 uv.run("nowait")

@@ -249,7 +249,8 @@ if [ "${CONNS_K:-100000}" != 0 ]; then
 fi
 if [ "${MEMORY_N:-1000000}" != 0 ]; then
   echo "  memory: a queue of ${MEMORY_N:-1000000} messages" >&2
-  luajit scripts/bench/memory.lua "${MEMORY_N:-1000000}" 2>&1 | sed 's/^/  /' >&2
+  luajit scripts/bench/memory.lua "${MEMORY_N:-1000000}" >"$out/memory.txt" 2>&1 || true
+  sed 's/^/  /' "$out/memory.txt" >&2
 fi
 if [ "${RECOVERY_N:-1000000}" != 0 ]; then
   echo "  recovery: writing and recovering a spool of ${RECOVERY_N:-1000000} messages" >&2
@@ -465,6 +466,14 @@ try:
     res["conns"] = json.load(open(out + "/conns.json"))
 except (OSError, ValueError):
     pass
+try:
+    import re as _rm
+    res["queued_memory"] = [{"state": m.group(2), "messages": int(m.group(1)), "lua_heap_bytes": float(m.group(3)),
+                             "rss_bytes": float(m.group(4))}
+                            for m in _rm.finditer(r"(\d+) queued \((\w+)\): Lua heap ([\d.]+) bytes/message, "
+                                                  r"RSS ([\d.]+) bytes/message", open(out + "/memory.txt").read())]
+except OSError:
+    pass
 json.dump(res, open(out + "/latest.json", "w"), indent=2)
 lines = ["| figure | msg/s median (min–max) | ratio to limit | peak RSS MiB | batch size | fsyncs/s | target | met |",
          "|---|---|---|---|---|---|---|---|",
@@ -485,6 +494,28 @@ if eng and speed:
         if k in eng and speed.get(sk):
             lines.append("| %s | %.0f | %.0f | %.2f |" % ("RSA-2048" if k == "rsa" else "Ed25519", eng[k], speed[sk],
                                                     eng[k] / speed[sk]))
+scale = []
+for q in res.get("queued_memory", []):
+    scale.append("| %d messages queued, %s | %.0f bytes/message of Lua heap (%.0f of RSS) | < 300 bytes/message | %s |" % (
+        q["messages"], {"recovered": "as recovered at start", "attempted": "each after its first attempt"}.get(
+            q["state"], q["state"]), q["lua_heap_bytes"], q["rss_bytes"], "yes" if q["lua_heap_bytes"] < 300 else "no"))
+cn = res.get("conns")
+if cn and cn.get("held"):
+    gib = cn["rss_held_kib"] / 1048576.0
+    g = cn.get("greeting_ms") or {}
+    t = cn.get("targets") or {}
+    scale.append("| %d idle sessions held %d s | %.2f GiB RSS (%d bytes/session); greeting median %.2f ms, max %.2f | "
+                 "%d sessions, < %g GiB, greeting < %g ms | %s |" % (
+                     cn["held"], cn["hold_s"], gib, cn["rss_bytes_per_session"], g.get("median", -1), g.get("max", -1),
+                     t.get("sessions", 0), t.get("rss_gib", 0), t.get("greeting_ms", 0),
+                     "yes" if cn["held"] >= t.get("sessions", 0) and gib < t.get("rss_gib", 0)
+                     and g.get("max", 1e9) < t.get("greeting_ms", 0) else
+                     "no (%d held)" % cn["held"] if cn["held"] < t.get("sessions", 0) else "no"))
+if scale:
+    lines.append("")
+    lines.append("| scale | measured | target | met |")
+    lines.append("|---|---|---|---|")
+    lines.extend(scale)
 sup = res.get("suppress")
 if sup:
     lines.append("")
