@@ -26,6 +26,10 @@ local fs = require "moonpost.runtime.fs"
 local sched = require "moonpost.runtime.sched"
 local ids = require "moonpost.runtime.ids"
 local fifo = require "moonpost.runtime.fifo"
+local spool_mod = require "moonpost.runtime.spool"
+
+-- a message's entry: array slots (moonpost.runtime.spool)
+local ID, ATTEMPTS, NEXT, LEN = spool_mod.ID, spool_mod.ATTEMPTS, spool_mod.NEXT, spool_mod.LEN
 local mime = require "moonpost.runtime.mime"
 local headers = require "moonpost.runtime.headers"
 local smtp = require "moonpost.core.smtp"
@@ -876,7 +880,7 @@ function Admin:api_message(req)
         if w.resume == q.parked[m] then state, held_by = "suspended", s.key end
       end
     end
-  elseif m.next and m.next > now and (m.attempts or 0) > 0 then
+  elseif m[NEXT] and m[NEXT] > now and (m[ATTEMPTS] or 0) > 0 then
     state = "deferred"
   end
   local last = self.last[env.id] or {}
@@ -937,8 +941,8 @@ function Admin:api_message(req)
   end
   local out = {
     id = env.id, from = env.from, tenant = env.tenant, pool = env.pool, received = env.t,
-    age = now - (env.t or ids.time_of(num)), size = size, record_size = m.len,
-    attempts = m.attempts or 0, next_attempt = (m.next and m.next > 0) and m.next or nil,
+    age = now - (env.t or ids.time_of(num)), size = size, record_size = m[LEN],
+    attempts = m[ATTEMPTS] or 0, next_attempt = (m[NEXT] and m[NEXT] > 0) and m[NEXT] or nil,
     state = state, suspended_by = held_by, envid = env.envid, ret = env.ret, smtputf8 = env.utf8,
     client = env.ip, recipients = list(rcpts), headers = list(fields),
   }
@@ -1017,9 +1021,9 @@ function Admin:api_bounce(req)
   local now = os.time()
   local msgs, matched = {}, 0
   for i, m in ipairs(all) do
-    if sp:get(m.id) == m and (not older or now - ids.time_of(m.id) >= older) and key_may_match(m) then
+    if sp:get(m[ID]) == m and (not older or now - ids.time_of(m[ID]) >= older) and key_may_match(m) then
       local env = sp:read(m)
-      if env and sp:get(m.id) == m and (not f.tenant or (env.tenant or "") == f.tenant)
+      if env and sp:get(m[ID]) == m and (not f.tenant or (env.tenant or "") == f.tenant)
           and (not f.from or lower(env.from or "") == f.from) and (not older or now - (env.t or now) >= older) then
         local hit
         for k, r in ipairs(env.rcpt) do

@@ -108,6 +108,7 @@ function _M.spool(argv)
   log.set_level("warn")
   local spool = require "moonpost.runtime.spool"
   local ids = require "moonpost.runtime.ids"
+  local ID, ATTEMPTS, NEXT, SEG, LEN = spool.ID, spool.ATTEMPTS, spool.NEXT, spool.SEG, spool.LEN
   -- the spool of worker processes is one partition per worker, <dir>/w<i>
   -- (docs/spool.md#partitions): list them all
   local uv = require "luv"
@@ -132,7 +133,7 @@ function _M.spool(argv)
     for _, seg in pairs(sp.segs) do part_of[seg] = part or nil end
     sp:each(function(m) list[#list + 1] = m end)
   end
-  table.sort(list, function(a, b) return a.id < b.id end)
+  table.sort(list, function(a, b) return a[ID] < b[ID] end)
   local now = os.time()
   -- (an envelope that cannot be read: the message is listed without it)
   local function envelope(m)
@@ -149,9 +150,9 @@ function _M.spool(argv)
         if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = r.a end
       end
       if i > 1 then out:write(",") end
-      out:write(cjson.encode({ id = ids.hex(m.id), received = env.t or ids.time_of(m.id), record_size = m.len,
-        from = env.from, pending = pending, attempts = m.attempts, next_attempt = m.next, tenant = env.tenant,
-        partition = part_of[m.seg] }))
+      out:write(cjson.encode({ id = ids.hex(m[ID]), received = env.t or ids.time_of(m[ID]), record_size = m[LEN],
+        from = env.from, pending = pending, attempts = m[ATTEMPTS], next_attempt = m[NEXT], tenant = env.tenant,
+        partition = part_of[m[SEG]] }))
     end
     out:write("]}\n")
     for _, sp in ipairs(spools) do sp:close() end
@@ -166,9 +167,9 @@ function _M.spool(argv)
     for k, r in ipairs(env.rcpt) do
       if not (m.rdone and m.rdone[k]) then pending[#pending + 1] = "<" .. term(r.a) .. ">" end
     end
-    out:write(string.format("%s  %6ds  %8d  <%s>  %s  attempts=%d%s\n", ids.hex(m.id),
-      now - (env.t or now), m.len, term(env.from or "?"), table.concat(pending, " "), m.attempts or 0,
-      part_of[m.seg] and ("  " .. part_of[m.seg]) or ""))
+    out:write(string.format("%s  %6ds  %8d  <%s>  %s  attempts=%d%s\n", ids.hex(m[ID]),
+      now - (env.t or now), m[LEN], term(env.from or "?"), table.concat(pending, " "), m[ATTEMPTS] or 0,
+      part_of[m[SEG]] and ("  " .. part_of[m[SEG]]) or ""))
   end
   out:write(string.format("%d queued\n", #list))
   for _, sp in ipairs(spools) do sp:close() end

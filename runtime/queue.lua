@@ -24,6 +24,10 @@ local dsn = require "moonpost.runtime.dsn"
 local dns = require "moonpost.runtime.dns"
 local smtp = require "moonpost.core.smtp"
 local fifo = require "moonpost.runtime.fifo"
+local spool_mod = require "moonpost.runtime.spool"
+
+-- a message's entry: array slots (moonpost.runtime.spool)
+local ID, ATTEMPTS, NEXT = spool_mod.ID, spool_mod.ATTEMPTS, spool_mod.NEXT
 
 local floor, min, max = math.floor, math.min, math.max
 local find, sub, lower = string.find, string.sub, string.lower
@@ -35,14 +39,14 @@ local mt = { __index = Queue }
 
 local set_aside, take_slots, give_slots -- (below: one destination does not take every worker)
 
--- ---- a min-heap of entries by .next ------------------------------------------------
+-- ---- a min-heap of entries by [NEXT] -----------------------------------------------
 
 local function heap_push(h, m)
   local n = #h + 1
   h[n] = m
   while n > 1 do
     local p = floor(n / 2)
-    if h[p].next <= m.next then break end
+    if h[p][NEXT] <= m[NEXT] then break end
     h[n], h[p] = h[p], m
     n = p
   end
@@ -53,8 +57,8 @@ local function sift_down(h, i, n)
   while true do
     local l, r = 2 * i, 2 * i + 1
     local s = i
-    if l <= n and h[l].next < h[s].next then s = l end
-    if r <= n and h[r].next < h[s].next then s = r end
+    if l <= n and h[l][NEXT] < h[s][NEXT] then s = l end
+    if r <= n and h[r][NEXT] < h[s][NEXT] then s = r end
     if s == i then return end
     h[i], h[s] = h[s], h[i]
     i = s
@@ -320,8 +324,8 @@ function Queue:recover()
   local now = os.time()
   local limit, ahead = now + longest_retry(self), 0
   self.spool:each(function(m)
-    if m.next > limit then
-      m.next = now
+    if m[NEXT] > limit then
+      m[NEXT] = now
       ahead = ahead + 1
     end
     self:account(m) -- its domains are known after its first read
@@ -431,7 +435,7 @@ end
 -- in, and finished messages are not kept alive by it.
 local function compact_fifo(self, Q, key)
   fifo.keep(Q.fifo, function(m)
-    return m.key ~= nil and self.spool:get(m.id) == m and has_key(m, key)
+    return m.key ~= nil and self.spool:get(m[ID]) == m and has_key(m, key)
   end)
 end
 
@@ -467,8 +471,8 @@ function Queue:summary()
       local f = Q.fifo
       local m = fifo.peek(f)
       while m do
-        if self.spool:get(m.id) == m and has_key(m, key) then
-          oldest = now - ids.time_of(m.id)
+        if self.spool:get(m[ID]) == m and has_key(m, key) then
+          oldest = now - ids.time_of(m[ID])
           break
         end
         fifo.pop(f)
@@ -498,7 +502,7 @@ local function finished(self, m)
     self.tenants[t] = self.tenants[t] - 1
     m.tenant = nil
   end
-  return self.spool:done(m.id)
+  return self.spool:done(m[ID])
 end
 
 -- add_filter(fn): fn(env, rcpt) runs before each delivery attempt of each
@@ -665,7 +669,7 @@ function settle(self, m, env, body, group, results, now, settled)
     -- the next domains' transports see them done, as a later attempt would
     env.rcpt[i].done = true
   end
-  self.spool:update(m.id, { done = done, attempts = m.attempts })
+  self.spool:update(m[ID], { done = done, attempts = m[ATTEMPTS] })
   if delivered then self:notify(env, body, "delivered", delivered) end
   if relayed then self:notify(env, body, "relayed", relayed) end
   return settled
@@ -676,7 +680,7 @@ local attempt, outcomes, failed_attempt
 local function deliver(self, m)
   local spool = self.spool
   local stored_at = self.stored_at[m]
-  if stored_at and m.next == 0 then
+  if stored_at and m[NEXT] == 0 then
     -- from the durable 250 to this first attempt (stored_at stays for the
     -- delivery latency metric)
     local n = self.nlatency % LATENCY_SAMPLES + 1
@@ -814,10 +818,10 @@ end
 local function park(self, m, env, held, done, attempted, wake_at, expire_in)
   local spool = self.spool
   if #done > 0 or attempted then
-    spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
+    spool:update(m[ID], { done = #done > 0 and done or nil, attempts = m[ATTEMPTS], next = m[NEXT],
       warned = m.warned or nil })
   end
-  if spool:get(m.id) then
+  if spool:get(m[ID]) then
     self:account(m, env)
     -- the resume function of the latest park only: expedite() may take
     -- the message back before the gate (or suspension) calls an older one
@@ -825,8 +829,8 @@ local function park(self, m, env, held, done, attempted, wake_at, expire_in)
       if self.parked[m] ~= resume then return end
       self.parked[m] = nil
       drop_waker(self, m)
-      if spool:get(m.id) ~= m then return end
-      m.next = os.time()
+      if spool:get(m[ID]) ~= m then return end
+      m[NEXT] = os.time()
       -- a stopped queue (a reload to a policy without a transport, a
       -- shaper stopping at a reload) keeps it in the heap for its start()
       if self.stopped then heap_push(self.heap, m) else self:add(m) end
@@ -865,15 +869,15 @@ end
 function attempt(self, m, env, body)
   local now = os.time()
   if not env then
-    log.error("queue: %s: %s", ids.hex(m.id), tostring(body))
-    if now - ids.time_of(m.id) >= self.max_age then
+    log.error("queue: %s: %s", ids.hex(m[ID]), tostring(body))
+    if now - ids.time_of(m[ID]) >= self.max_age then
       -- unreadable until it expired: give up on it (the record stays in
       -- its segment for inspection until the segment is reclaimed)
-      log.error("queue: %s: dropped: unreadable for longer than max_age", ids.hex(m.id))
+      log.error("queue: %s: dropped: unreadable for longer than max_age", ids.hex(m[ID]))
       self:unaccount(m)
       return finished(self, m)
     end
-    m.next = now + 60
+    m[NEXT] = now + 60
     return self:add(m)
   end
   if m.key == UNREAD then
@@ -896,7 +900,7 @@ function attempt(self, m, env, body)
     elseif not r.done then
       local l, d = split(r.a)
       local rc = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o,
-        attempt = (m.attempts or 0) + 1 }
+        attempt = (m[ATTEMPTS] or 0) + 1 }
       rcpts[#rcpts + 1] = rc
       local res = #filters > 0 and filtered(filters, env, rc) or nil
       if res then
@@ -907,7 +911,7 @@ function attempt(self, m, env, body)
       end
     end
   end
-  m.attempts = (m.attempts or 0) + 1
+  m[ATTEMPTS] = (m[ATTEMPTS] or 0) + 1
   self.stats.attempts = self.stats.attempts + 1
   local results, settled
   if #todo > 0 then
@@ -940,7 +944,7 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
   if stored_at then
     age = (uv.hrtime() - stored_at) / 1e9
   else
-    age = now - (env.t or ids.time_of(m.id)) - 1
+    age = now - (env.t or ids.time_of(m[ID])) - 1
   end
   -- the metrics (moonpost.metrics) count each recipient's outcome
   local mc, tenant = self.mta.counters, env.tenant or ""
@@ -1024,7 +1028,7 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
       deferred = deferred + 1
       self.stats.deferred = self.stats.deferred + 1
       if mc then mc.deferred:inc(tenant, domain) end
-      local at = due_after(retry_after(self, m.attempts, domain))
+      local at = due_after(retry_after(self, m[ATTEMPTS], domain))
       if not next_at or at < next_at then next_at = at end
       dnext = dnext or {}
       dnext[r.index] = at
@@ -1051,7 +1055,7 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
     end
     done = keep
     deferred = deferred + #failed
-    local at = due_after(retry_after(self, m.attempts))
+    local at = due_after(retry_after(self, m[ATTEMPTS]))
     if not next_at or at < next_at then next_at = at end
   end
   if delivered then self:notify(env, body, "delivered", delivered) end
@@ -1079,7 +1083,7 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
   end
   if not attempted then
     -- held, suppressed or not yet due only: this was not a delivery attempt
-    m.attempts = m.attempts - 1
+    m[ATTEMPTS] = m[ATTEMPTS] - 1
     self.stats.attempts = self.stats.attempts - 1
   end
   self:unaccount(m)
@@ -1100,14 +1104,14 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
     return park(self, m, env, held, done, attempted, dnext and next_at or nil, hold_left)
   end
   if m.rnext then m.rnext = nil end
-  m.next = next_at or due_after(retry_after(self, m.attempts))
+  m[NEXT] = next_at or due_after(retry_after(self, m[ATTEMPTS]))
   if self.rush[m] then
     self.rush[m] = nil
-    m.next = os.time()
+    m[NEXT] = os.time()
   end
-  spool:update(m.id, { done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
+  spool:update(m[ID], { done = #done > 0 and done or nil, attempts = m[ATTEMPTS], next = m[NEXT],
     warned = m.warned or nil })
-  if spool:get(m.id) then
+  if spool:get(m[ID]) then
     self:account(m, env)
     self:add(m)
   end
@@ -1126,14 +1130,14 @@ local function expire_failed(self, m)
     if not r.done then
       local l, d = split(r.a)
       rcpts[#rcpts + 1] = { index = i, address = r.a, ["local"] = l, domain = d, notify = r.n, orcpt = r.o,
-        attempt = m.attempts }
+        attempt = m[ATTEMPTS] }
       results[i] = { status = "deferred", text = "4.3.0 every attempt failed with an internal error" }
     end
   end
   if m.rnext then m.rnext = nil end
   local ok, err = xpcall(outcomes, debug.traceback, self, m, env, body, rcpts, results, nil, os.time())
   if owned then body:close() end
-  if not ok then log.error("queue: %s: %s", ids.hex(m.id), tostring(err)) end
+  if not ok then log.error("queue: %s: %s", ids.hex(m[ID]), tostring(err)) end
   return ok
 end
 
@@ -1151,18 +1155,18 @@ function failed_attempt(self, m)
   self.parked[m] = nil
   drop_waker(self, m)
   self.rush[m] = nil
-  if spool:get(m.id) ~= m then return end -- finished before the error
+  if spool:get(m[ID]) ~= m then return end -- finished before the error
   local now = os.time()
-  if now - ids.time_of(m.id) >= self.max_age then
+  if now - ids.time_of(m[ID]) >= self.max_age then
     if expire_failed(self, m) then return end
-    log.error("queue: %s: dropped: its attempts failed for longer than max_age", ids.hex(m.id))
+    log.error("queue: %s: dropped: its attempts failed for longer than max_age", ids.hex(m[ID]))
     self:unaccount(m)
     return finished(self, m)
   end
   if m.rnext then m.rnext = nil end
   self.stored_at[m] = nil
-  m.next = due_after(retry_after(self, max(1, m.attempts or 1)))
-  spool:update(m.id, { attempts = m.attempts, next = m.next, warned = m.warned or nil })
+  m[NEXT] = due_after(retry_after(self, max(1, m[ATTEMPTS] or 1)))
+  spool:update(m[ID], { attempts = m[ATTEMPTS], next = m[NEXT], warned = m.warned or nil })
   -- (counted under "?" again if the error came after it left its queues)
   if m.key == nil then self:account(m) end
   self:add(m)
@@ -1327,16 +1331,16 @@ local function worker(self, i)
   while not self.stopped and i <= self.concurrency do
     local h = self.heap
     local m = next_m or h[1]
-    if next_m or (m and m.next <= os.time()) then
+    if next_m or (m and m[NEXT] <= os.time()) then
       if next_m then next_m = nil else heap_pop(h) end
-      if self.spool:get(m.id) == m and not set_aside(self, m) then
+      if self.spool:get(m[ID]) == m and not set_aside(self, m) then
         local keys = take_slots(self, m)
         self.running = self.running + 1
         local ok, err = xpcall(deliver, debug.traceback, self, m)
         if not ok then
-          log.error("queue: %s: %s", ids.hex(m.id), tostring(err))
+          log.error("queue: %s: %s", ids.hex(m[ID]), tostring(err))
           ok, err = xpcall(failed_attempt, debug.traceback, self, m)
-          if not ok then log.error("queue: %s: %s", ids.hex(m.id), tostring(err)) end
+          if not ok then log.error("queue: %s: %s", ids.hex(m[ID]), tostring(err)) end
         end
         self.running = self.running - 1
         next_m = give_slots(self, keys)
@@ -1356,7 +1360,7 @@ local function worker(self, i)
     else
       local idle = self.idle
       idle[#idle + 1] = me
-      sched.wait(m and max(0.05, min(1, m.next - os.time())) or 1)
+      sched.wait(m and max(0.05, min(1, m[NEXT] - os.time())) or 1)
       for k = #idle, 1, -1 do
         if idle[k] == me then table.remove(idle, k) break end
       end
@@ -1436,8 +1440,8 @@ function Queue:expedite(list)
     local m = h[i]
     if want[m] then
       want[m] = nil
-      if m.next > now then
-        m.next = now
+      if m[NEXT] > now then
+        m[NEXT] = now
         moved = true
       end
     end
@@ -1447,12 +1451,12 @@ function Queue:expedite(list)
     if m.rnext then m.rnext = nil end
     local resume = self.parked[m]
     if unset_aside(self, m) then
-      if m.next > now then m.next = now end
+      if m[NEXT] > now then m[NEXT] = now end
       self.unhold[m] = true
       heap_push(h, m)
     elseif resume then
       resume()
-    elseif self.spool:get(m.id) == m then
+    elseif self.spool:get(m[ID]) == m then
       self.rush[m] = true
     end
   end

@@ -7,6 +7,16 @@
 --   sp:update(id, state)                     -- a state change (attempts, results)
 --   sp:done(id)                              -- finished: reclaimable
 --
+-- A message's entry (sp:get, sp:each) keeps its fields in array slots,
+-- named by the module's constants: m[spool.ID] (the id, a number),
+-- m[spool.ATTEMPTS], m[spool.NEXT] (the time of its next attempt, 0 for
+-- now), m[spool.SEG], m[spool.OFF], m[spool.LEN] (where its record is).
+-- An array slot costs 8 bytes and a field of the hash part 24, and a hash
+-- part doubles past eight fields: a million queued messages took 300 MB of
+-- Lua heap with named fields, 230 with slots (scripts/bench/memory.lua). Fields few
+-- messages have stay named: rdone (recipient index -> final), warned,
+-- and the queue's key, tenant and rnext.
+--
 -- Records go to the page cache from the loop (core/spool.c, pwritev straight
 -- from the message buffer). Group commit: at most one fdatasync runs at a
 -- time, in the libuv thread pool; every store() waiting when it starts is
@@ -46,6 +56,9 @@ local reserve, wake_token, wait = sched.reserve, sched.wake_token, sched.wait
 local encode, decode = cjson.encode, cjson.decode
 
 local _M = { _VERSION = "0.1" }
+
+local ID, ATTEMPTS, NEXT, SEG, OFF, LEN = 1, 2, 3, 4, 5, 6
+_M.ID, _M.ATTEMPTS, _M.NEXT, _M.SEG, _M.OFF, _M.LEN = ID, ATTEMPTS, NEXT, SEG, OFF, LEN
 
 local COMPACT_RETRY_MS = 10000 -- a compaction that failed is tried again after this
 local PREALLOC_NAME = "prealloc"  -- seg/prealloc: the next head, being filled with zeros
@@ -269,25 +282,25 @@ local function apply_state(m, st, pending)
     for _, i in ipairs(st.done) do
       if type(i) == "number" and i >= 1 and i % 1 == 0 and not m.rdone[i] then
         m.rdone[i] = true
-        if pending then pending[m.id] = pending[m.id] - 1 end
+        if pending then pending[m[ID]] = pending[m[ID]] - 1 end
       end
     end
   end
-  if st.attempts then m.attempts = st.attempts end
-  if st.next then m.next = st.next end
+  if st.attempts then m[ATTEMPTS] = st.attempts end
+  if st.next then m[NEXT] = st.next end
   if st.warned then m.warned = true end
 end
 
 local function add_live(m, seg, off, len)
-  m.seg, m.off, m.len = seg, off, len
+  m[SEG], m[OFF], m[LEN] = seg, off, len
   seg.live = seg.live + 1
   seg.live_bytes = seg.live_bytes + len
 end
 
 local function drop_live(m)
-  local seg = m.seg
+  local seg = m[SEG]
   seg.live = seg.live - 1
-  seg.live_bytes = seg.live_bytes - m.len
+  seg.live_bytes = seg.live_bytes - m[LEN]
 end
 
 function Spool:recover()
@@ -357,7 +370,7 @@ function Spool:recover()
             dups = dups + 1
             log.warn("spool: %s offset %d: duplicate message id %s ignored", seg_name(num), off, ids.hex(id))
           else
-            m = { id = id, attempts = 0, next = 0 }
+            m = { id, 0, 0, false, 0, 0 }
             pending[id] = nrcpt
             if self.keep_env then m.env = env end
             add_live(m, seg, off, len)
@@ -602,7 +615,7 @@ local function state_of(m)
   local done = {}
   for k in pairs(m.rdone or {}) do done[#done + 1] = k end
   table.sort(done)
-  return encode({ done = #done > 0 and done or nil, attempts = m.attempts, next = m.next,
+  return encode({ done = #done > 0 and done or nil, attempts = m[ATTEMPTS], next = m[NEXT],
     warned = m.warned or nil })
 end
 
@@ -767,11 +780,10 @@ function Spool:stored(txn, msg, envt, id, seg, off, len, ok, err)
   -- A write that succeeds ends a refusal caused by a failed write; one caused
   -- by low free space ends when the space check says so.
   if self.full and self.full ~= "low disk space" then self.full, self.full_need = false, nil end
-  -- Six fields, and the queue adds two (key, tenant): eight at most, as
-  -- LuaJIT's hash part doubles past eight (256 bytes a message to 448). The
-  -- arrival time is in the id (ids.time_of); the queue keeps the time of
-  -- the 250 beside the entry until the first attempt (Queue:stored).
-  local m = { id = id, attempts = 0, next = 0, seg = seg, off = off, len = len }
+  -- (array slots, see the top; the queue adds key and tenant). The arrival
+  -- time is in the id (ids.time_of); the queue keeps the time of the 250
+  -- beside the entry until the first attempt (Queue:stored).
+  local m = { id, 0, 0, seg, off, len }
   self.msgs[id] = m
   self.nlive = self.nlive + 1
   self.stats.stored = self.stats.stored + 1
@@ -835,9 +847,9 @@ end
 -- the module: a listing of several spools need not know m's.
 function _M.envelope(m)
   if m.env then return m.env end
-  local seg = m.seg
+  local seg = m[SEG]
   if not (seg and seg.file) then return nil, "no segment" end
-  local ok, meta, err = pcall(seg.file.meta, seg.file, m.off)
+  local ok, meta, err = pcall(seg.file.meta, seg.file, m[OFF])
   if not ok then return nil, tostring(meta) end
   if not meta then return nil, err end
   local env = decode(meta)
@@ -888,13 +900,13 @@ local function read_at(seg, off, len)
 end
 
 local function read_disk(m)
-  local data, err = read_at(m.seg, m.off, m.len)
+  local data, err = read_at(m[SEG], m[OFF], m[LEN])
   if not data then return nil, err end
   local rtype, _, id, meta, body = core.decode(data)
-  if not rtype then return nil, "spool: record of " .. ids.hex(m.id) .. ": " .. tostring(_) end
-  if id ~= m.id or rtype ~= MSG then return nil, "spool: record mismatch for " .. ids.hex(m.id) end
+  if not rtype then return nil, "spool: record of " .. ids.hex(m[ID]) .. ": " .. tostring(_) end
+  if id ~= m[ID] or rtype ~= MSG then return nil, "spool: record mismatch for " .. ids.hex(m[ID]) end
   local env = decode(meta)
-  if not env then return nil, "spool: unreadable envelope of " .. ids.hex(m.id) end
+  if not env then return nil, "spool: unreadable envelope of " .. ids.hex(m[ID]) end
   env.id = ids.hex(id)
   if m.rdone then
     for i, r in ipairs(env.rcpt) do r.done = m.rdone[i] or nil end
@@ -908,7 +920,7 @@ end
 -- true: the caller closes it when done. Otherwise the body is valid only
 -- until the task next waits (the cache may close it then).
 function Spool:read(m, take)
-  local c = self.cache[m.id]
+  local c = self.cache[m[ID]]
   if c then
     -- the envelope as stored, with the recipients done so far
     local env = c.env
@@ -917,7 +929,7 @@ function Spool:read(m, take)
       -- the caller owns the message now and closes it: the cache must not
       -- close it under a delivery that is still sending it (a later read
       -- comes from the disk)
-      forget(self, m.id)
+      forget(self, m[ID])
       return env, c.msg, true
     end
     return env, c.msg
@@ -1125,9 +1137,9 @@ end
 function Spool:compact_segment(seg)
   local live = {}
   for _, m in pairs(self.msgs) do
-    if m.seg == seg then live[#live + 1] = m end
+    if m[SEG] == seg then live[#live + 1] = m end
   end
-  table.sort(live, function(a, b) return a.off < b.off end)
+  table.sort(live, function(a, b) return a[OFF] < b[OFF] end)
   local moves = {}
   log.info("spool: compacting %s: %d live messages, %d of %d bytes", seg_name(seg.num), #live,
     seg.live_bytes, seg.size)
@@ -1137,18 +1149,18 @@ function Spool:compact_segment(seg)
       sched.sleep(self.fault.compaction_pause)
     end
     -- Delivered (or already moved) meanwhile: nothing to copy.
-    if self.msgs[m.id] ~= m or m.seg ~= seg then goto continue end
+    if self.msgs[m[ID]] ~= m or m[SEG] ~= seg then goto continue end
     -- in the thread pool: a segment that is not in the page cache any more
     -- must not hold up the loop
-    local raw, err = read_at(seg, m.off, m.len)
+    local raw, err = read_at(seg, m[OFF], m[LEN])
     local rtype, rflags, id, meta, body = core.decode(raw or "")
     if not rtype then
-      log.error("spool: compaction of %s stopped at %s: %s", seg_name(seg.num), ids.hex(m.id),
+      log.error("spool: compaction of %s stopped at %s: %s", seg_name(seg.num), ids.hex(m[ID]),
         tostring(err or rflags))
       return false
     end
     -- Still live? (It may have been delivered while we worked.)
-    if self.msgs[id] == m and m.seg == seg then
+    if self.msgs[id] == m and m[SEG] == seg then
       local env = decode(meta)
       -- the copy, then its current state: recovery applies them in order
       local cseg, off, len = append(self, MSG, F_COPY + band(rflags, F_DSN), id, meta, body,
@@ -1175,7 +1187,7 @@ function Spool:compact_segment(seg)
     local mv = moves[i]
     local m = mv[1]
     -- (finished while the copies were synced: nothing to move)
-    if self.msgs[m.id] == m and m.seg == seg then
+    if self.msgs[m[ID]] == m and m[SEG] == seg then
       drop_live(m)
       add_live(m, mv[2], mv[3], mv[4])
     end

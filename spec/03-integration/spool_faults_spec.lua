@@ -3,6 +3,7 @@
 -- records; a crash between a compaction copy and its state record; a
 -- bounce whose DSN cannot be stored.
 local H = require "helpers"
+local E = require "moonpost.runtime.spool" -- a spool entry's slots: m[E.ID], ...
 local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 local spool_mod = require "moonpost.runtime.spool"
@@ -79,12 +80,12 @@ describe("spool faults", function()
           all[i] = ids.number(t.id)
         end
         local x = all[1]
-        local first = sp:get(x).seg
+        local first = sp:get(x)[E.SEG]
         local keep = {}
         for i = 1, #all do
-          if sp:get(all[i]).seg == first and i % 2 == 1 then
+          if sp:get(all[i])[E.SEG] == first and i % 2 == 1 then
             keep[#keep + 1] = all[i]
-          elseif sp:get(all[i]).seg == first then
+          elseif sp:get(all[i])[E.SEG] == first then
             sp:done(all[i])
           end
         end
@@ -100,7 +101,7 @@ describe("spool faults", function()
         assert.is_truthy(uv.fs_stat(first.path))
         for _, id in ipairs(keep) do
           local m = sp:get(id)
-          assert.equal(first, m.seg)
+          assert.equal(first, m[E.SEG])
           local env, body = sp:read(m)
           assert.truthy(env, tostring(body))
         end
@@ -151,7 +152,7 @@ describe("spool faults", function()
       assert(sp:update(x, { done = { 1 }, attempts = 1, next = os.time() + 3600 }))
       assert(sp:sync())
       local m = sp:get(x)
-      local path, off, len = m.seg.path, m.off, m.len
+      local path, off, len = m[E.SEG].path, m[E.OFF], m[E.LEN]
       sp:close()
       -- what a compaction writes first (the copy), without the STATE record
       -- that follows it: as a kill -9 between the two leaves the file
@@ -166,7 +167,7 @@ describe("spool faults", function()
       assert.is_truthy(m2)
       assert.is_true(m2.rdone[1])
       assert.is_nil(m2.rdone[2]) -- the other recipient still to do
-      assert.is_true(m2.off > off)
+      assert.is_true(m2[E.OFF] > off)
       sp2:close()
     end)
   end)
@@ -197,7 +198,7 @@ describe("spool faults", function()
         local m
         mta.spool:each(function(e) m = e end)
         assert.is_nil(m.rdone and m.rdone[1]) -- its recipient not final
-        assert.is_true(m.next > os.time())
+        assert.is_true(m[E.NEXT] > os.time())
         H.stop_mta(mta)
         if filler then os.remove(filler) end
       end)

@@ -3,6 +3,7 @@
 -- begin, and recovery reads them so, through clean ends, torn records and
 -- damage in the zeros.
 local H = require "helpers"
+local E = require "moonpost.runtime.spool" -- a spool entry's slots: m[E.ID], ...
 local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 local spool_mod = require "moonpost.runtime.spool"
@@ -89,18 +90,18 @@ describe("spool preallocation", function()
     H.run(function()
       local mta, _, head = filled(dir, 4)
       local last
-      mta.spool:each(function(m) if not last or m.off > last.off then last = m end end)
-      assert.equal(head.num, last.seg.num)
+      mta.spool:each(function(m) if not last or m[E.OFF] > last[E.OFF] then last = m end end)
+      assert.equal(head.num, last[E.SEG].num)
       H.stop_mta(mta)
       -- the last record's second half never reached the disk: zeros there
       local fd = assert(uv.fs_open(head.path, "r+", 0))
-      local half = math.floor(last.len / 2)
-      assert(uv.fs_write(fd, string.rep("\0", last.len - half), last.off + half))
+      local half = math.floor(last[E.LEN] / 2)
+      assert(uv.fs_write(fd, string.rep("\0", last[E.LEN] - half), last[E.OFF] + half))
       uv.fs_close(fd)
       mta = H.start_mta({}, nil, { spool = { dir = dir .. "/spool", min_free = 0 } })
       assert.equal(3, mta.spool:count())
       assert.equal(1, mta.spool.stats.torn)
-      assert.equal(last.off, size_of(head.path))
+      assert.equal(last[E.OFF], size_of(head.path))
       assert.truthy(H.log("torn tail"):find(spool_mod.seg_name(head.num), 1, true))
       H.stop_mta(mta)
     end)
@@ -126,11 +127,11 @@ describe("spool preallocation", function()
     H.run(function()
       local mta, _, head = filled(dir, 3)
       local first
-      mta.spool:each(function(m) if not first or m.off < first.off then first = m end end)
+      mta.spool:each(function(m) if not first or m[E.OFF] < first[E.OFF] then first = m end end)
       H.stop_mta(mta)
       -- the first record's bytes lost (zeros), the ones after intact
       local fd = assert(uv.fs_open(head.path, "r+", 0))
-      assert(uv.fs_write(fd, string.rep("\0", first.len), first.off))
+      assert(uv.fs_write(fd, string.rep("\0", first[E.LEN]), first[E.OFF]))
       uv.fs_close(fd)
       mta = H.start_mta({}, nil, { spool = { dir = dir .. "/spool", min_free = 0 } })
       assert.equal(2, mta.spool:count())

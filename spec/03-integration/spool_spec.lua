@@ -2,6 +2,7 @@
 -- its envelope, group commit, recovery, reclamation, compaction, the lock,
 -- file modes, torn writes and a full disk.
 local H = require "helpers"
+local E = require "moonpost.runtime.spool" -- a spool entry's slots: m[E.ID], ...
 local uv = require "luv"
 local sched = require "moonpost.runtime.sched"
 local spool_mod = require "moonpost.runtime.spool"
@@ -12,7 +13,7 @@ local function listing(dir)
   local sp = assert(spool_mod.open({ dir = dir, readonly = true }))
   local out = {}
   sp:each(function(m) out[#out + 1] = m end)
-  table.sort(out, function(a, b) return a.id < b.id end)
+  table.sort(out, function(a, b) return a[E.ID] < b[E.ID] end)
   return out, sp
 end
 
@@ -71,7 +72,7 @@ describe("spool", function()
       local list = listing(dir .. "/spool")
       assert.equal(3, #list)
       for i, m in ipairs(list) do
-        assert.equal(ids[i], require("moonpost.runtime.ids").hex(m.id))
+        assert.equal(ids[i], require("moonpost.runtime.ids").hex(m[E.ID]))
         assert.equal("s" .. i .. "@client.test", m.env.from)
         assert.same({ "a@x.test", "b@y.test" }, { m.env.rcpt[1].a, m.env.rcpt[2].a })
         assert.equal("SUCCESS,FAILURE", m.env.rcpt[1].n)
@@ -107,12 +108,12 @@ describe("spool", function()
       assert.is_true(H.wait_for(function()
         local m
         mta.spool:each(function(x) m = x end)
-        return m and m.attempts == 1
+        return m and m[E.ATTEMPTS] == 1
       end, 10))
       -- as if its retry had been set by a clock 30 days fast
       local m
       mta.spool:each(function(x) m = x end)
-      assert(mta.spool:update(m.id, { attempts = 1, next = os.time() + 30 * 86400 }))
+      assert(mta.spool:update(m[E.ID], { attempts = 1, next = os.time() + 30 * 86400 }))
       H.stop_mta(mta)
       r.defer.late = nil
       mta = H.start_mta({}, function(mm) mm:set_transport(r.transport) end, opts)
@@ -281,7 +282,7 @@ describe("spool", function()
         -- "now@" was delivered before the copy: the copy knows it
         assert.is_true(m.rdone[2])
         assert.is_nil(m.rdone[1])
-        assert.equal(1, m.attempts)
+        assert.equal(1, m[E.ATTEMPTS])
       end
       -- the first segments are gone
       assert.is_nil(uv.fs_stat(dir .. "/spool/seg/" .. spool_mod.seg_name(1)))
@@ -326,7 +327,7 @@ describe("spool", function()
       assert(sp:store(t, smtp.message(text)))
       local id = idgen.number(t.id)
       bodies[id] = text
-      if sp:get(id).seg.num == 1 then first[#first + 1] = id end
+      if sp:get(id)[E.SEG].num == 1 then first[#first + 1] = id end
     end
     assert.is_true(#first >= 8 and #first < 24, #first .. " messages in the first segment")
     return sp, bodies, first
@@ -336,7 +337,7 @@ describe("spool", function()
     H.run(function()
       local sp, bodies, first = direct_spool(dir .. "/spool")
       local target = first[1]
-      local seg1 = sp:get(target).seg
+      local seg1 = sp:get(target)[E.SEG]
       local hold = hold_reads(seg1.file:fd())
       local got
       local ok, failure = pcall(function()
@@ -348,7 +349,7 @@ describe("spool", function()
         assert.is_true(H.wait_for(function()
           return sp.stats.compactions >= 1 and not uv.fs_stat(seg1.path)
         end, 5), "the first segment was not compacted away")
-        assert.are_not.equal(seg1, sp:get(target).seg)
+        assert.are_not.equal(seg1, sp:get(target)[E.SEG])
         assert.is_nil(got)
       end)
       hold.release()
@@ -369,7 +370,7 @@ describe("spool", function()
   it("compaction reads the records it copies in the thread pool, never on the loop", function()
     H.run(function()
       local sp, bodies, first = direct_spool(dir .. "/spool")
-      local seg1 = sp:get(first[1]).seg
+      local seg1 = sp:get(first[1])[E.SEG]
       -- the segment file's blocking read (core pread on the calling thread)
       local methods = getmetatable(seg1.file).__index
       local blocking_read, blocking = methods.read, 0
@@ -401,7 +402,7 @@ describe("spool", function()
     H.run(function()
       local sp, bodies, first = direct_spool(dir .. "/spool")
       local target = first[#first]
-      local seg1 = sp:get(target).seg
+      local seg1 = sp:get(target)[E.SEG]
       local hold = hold_reads(seg1.file:fd())
       local got
       local ok, failure = pcall(function()
@@ -428,7 +429,7 @@ describe("spool", function()
     H.run(function()
       local sp, bodies, first = direct_spool(dir .. "/spool")
       local target = first[1]
-      local seg1 = sp:get(target).seg
+      local seg1 = sp:get(target)[E.SEG]
       local hold = hold_reads(seg1.file:fd())
       local got
       local ok, failure = pcall(function()
@@ -456,7 +457,7 @@ describe("spool", function()
           recipients = { { address = "r@x.test" } }, received_at = os.time() }
         assert(sp:store(t, smtp.message("Subject: " .. i .. "\r\n\r\n" .. string.rep("z", 1000) .. "\r\n")))
         local id = idgen.number(t.id)
-        if sp:get(id).seg.num == 1 then first[#first + 1] = id end
+        if sp:get(id)[E.SEG].num == 1 then first[#first + 1] = id end
       end
       -- the head is full: the copies go to a segment made after the listing
       assert.is_true(sp.head.size >= sp.segment_size)
@@ -485,7 +486,7 @@ describe("spool", function()
       for i = 1, 2 do
         local m = ro:get(first[i])
         assert.truthy(m, idgen.hex(first[i]) .. " missing")
-        assert.equal(spool_mod.seg_name(3), spool_mod.seg_name(m.seg.num))
+        assert.equal(spool_mod.seg_name(3), spool_mod.seg_name(m[E.SEG].num))
       end
       ro:close()
       sp:close()
@@ -509,10 +510,10 @@ describe("spool", function()
       local lazy = assert(spool_mod.open({ dir = sdir, readonly = true, envelopes = false }))
       assert.equal(12, lazy:count())
       -- every message of the oldest segment finishes: the server deletes it
-      local oldest = sp:get(ids[1]).seg
+      local oldest = sp:get(ids[1])[E.SEG]
       local gone = {}
       for i, id in ipairs(ids) do
-        if sp:get(id).seg == oldest then
+        if sp:get(id)[E.SEG] == oldest then
           gone[#gone + 1] = i
           assert(sp:done(id))
         end
@@ -708,7 +709,7 @@ describe("spool", function()
       -- a read-only listing (moonpost spool list) sees the same
       local list = listing(sdir)
       for _, lm in ipairs(list) do
-        if lm.id == m.id then
+        if lm[E.ID] == m[E.ID] then
           assert.is_true(lm.rdone[1])
           assert.is_nil(lm.rdone[2])
           assert.is_nil(lm.rdone[3])
@@ -737,10 +738,10 @@ describe("spool", function()
       local oldest = sdir .. "/seg/" .. segs[1]
       local victim
       for _, m in ipairs(before) do
-        if m.seg.num == 1 and m.off > 0 then victim = m break end
+        if m[E.SEG].num == 1 and m[E.OFF] > 0 then victim = m break end
       end
       local f = assert(io.open(oldest, "r+b"))
-      f:seek("set", victim.off + victim.len - 40)
+      f:seek("set", victim[E.OFF] + victim[E.LEN] - 40)
       f:write("#")
       f:close()
       -- tear the newest segment that has data at a random place
@@ -752,9 +753,9 @@ describe("spool", function()
       local cut = math.random(40, size - 1)
       local lost_by_cut, at_boundary = 0, false
       for _, m in ipairs(before) do
-        if spool_mod.seg_name(m.seg.num) == newest then
-          if m.off + m.len > cut then lost_by_cut = lost_by_cut + 1 end
-          if m.off == cut or m.off + m.len == cut then at_boundary = true end
+        if spool_mod.seg_name(m[E.SEG].num) == newest then
+          if m[E.OFF] + m[E.LEN] > cut then lost_by_cut = lost_by_cut + 1 end
+          if m[E.OFF] == cut or m[E.OFF] + m[E.LEN] == cut then at_boundary = true end
         end
       end
       local tfd = assert(uv.fs_open(sdir .. "/seg/" .. newest, "r+", 0))
@@ -781,7 +782,7 @@ describe("spool", function()
       for _, m in ipairs(after) do left[m.env.from] = true end
       assert.is_nil(left[victim.env and victim.env.from or "?"])
       for _, m in ipairs(before) do
-        local torn = spool_mod.seg_name(m.seg.num) == newest and m.off + m.len > cut
+        local torn = spool_mod.seg_name(m[E.SEG].num) == newest and m[E.OFF] + m[E.LEN] > cut
         if m ~= victim and not torn then assert.is_true(left[m.env.from], m.env.from) end
       end
     end)
