@@ -612,12 +612,13 @@ function MTA:sessions()
   return n + reload.sessions(self)
 end
 
--- parked_sessions() -> the sessions of this MTA's listeners that are idle
--- and parked (docs/accept.md#idle-sessions)
+-- parked_sessions() -> the sessions that are idle and parked
+-- (docs/accept.md#idle-sessions), including those that began under a
+-- policy this MTA replaced
 function MTA:parked_sessions()
   local n = 0
   for _, l in ipairs(self.listeners) do n = n + l.parked end
-  return n
+  return n + reload.parked_sessions(self)
 end
 
 -- stop([grace]): stop accepting; sessions get `grace` seconds to finish,

@@ -68,17 +68,32 @@ local function addr(host, port)
   return host .. "|" .. tostring(port)
 end
 
-local function own_sessions(mta)
+-- the sum of one count of mta's listeners (active, parked)
+local function count(mta, field)
   local n = 0
-  for _, l in ipairs(mta.listeners or {}) do n = n + l.active end
+  for _, l in ipairs(mta.listeners or {}) do n = n + l[field] end
+  return n
+end
+
+local function own_sessions(mta)
+  return count(mta, "active")
+end
+
+-- the same over the policies mta replaced
+local function of_retiring(mta, field)
+  local n = 0
+  for _, old in ipairs(mta.retiring or {}) do n = n + count(old, field) end
   return n
 end
 
 -- sessions(mta) -> the sessions of the policies mta replaced, not ended yet
 function _M.sessions(mta)
-  local n = 0
-  for _, old in ipairs(mta.retiring or {}) do n = n + own_sessions(old) end
-  return n
+  return of_retiring(mta, "active")
+end
+
+-- parked_sessions(mta) -> those of them parked while idle
+function _M.parked_sessions(mta)
+  return of_retiring(mta, "parked")
 end
 
 -- drain(mta): mta stops; the sessions of the replaced policies end after

@@ -258,6 +258,31 @@ mta:on("smtp_server_mail_from", function() mine:inc("from") end)
     end)
   end)
 
+  it("counts the old policy's parked sessions as parked", function()
+    H.run(function()
+      local path = dir .. "/policy.lua"
+      write(path, dir .. "/spool", { body = [[
+mta:use(require("moonpost.accept").smtp { listen = "127.0.0.1:0", log_messages = false,
+  idle_park_after = 0 })
+]] })
+      local old = start(path)
+      local port = old:addresses()[1].port
+      local held = { session(port), session(port) }
+      assert.is_true(H.wait_for(function() return old:parked_sessions() == 2 end, 5))
+      assert.is_true(old:reload_policy(path))
+      local new = moonpost.current()
+      assert.equal(2, new:sessions())
+      assert.equal(2, new:parked_sessions())
+      -- one carries on (unparked while it waits for RCPT), one leaves
+      held[1]:script("C: MAIL FROM:<a@x.test>\nS: 250")
+      held[2]:script("C: QUIT\nS: 221")
+      held[2]:close()
+      assert.is_true(H.wait_for(function() return new:parked_sessions() == 0 and new:sessions() == 1 end, 5))
+      held[1]:close()
+      H.stop_mta(new)
+    end)
+  end)
+
   it("drains the sessions of the old policy when the new MTA stops", function()
     H.run(function()
       local path = dir .. "/policy.lua"
