@@ -297,11 +297,11 @@ end
 
 -- stored(m, env): a message the spool has just made durable (its 250 is
 -- on the way) joins its queues. The time of the 250 is kept beside the
--- entry until the first attempt ends (the latency metrics, and max_age to
--- the nanosecond): in it, a ninth field would double the entry's hash part
--- for the life of the message.
+-- entry, not in it, and only until the first attempt ends (the latency
+-- metrics, and max_age to the nanosecond); not at all by a queue without
+-- a transport, which never attempts (an accept-only policy).
 function Queue:stored(m, env)
-  self.stored_at[m] = uv.hrtime()
+  if self.transport then self.stored_at[m] = uv.hrtime() end
   self:account(m, env)
   return self:add(m)
 end

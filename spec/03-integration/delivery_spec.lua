@@ -144,6 +144,17 @@ describe("delivery over SMTP", function()
     end)
   end)
 
+  it("keeps no time of the 250 for a message a queue without a transport never attempts", function()
+    H.run(function()
+      local mta, port = H.start_mta({}, nil, { spool = { dir = dir .. "/spool", min_free = 0 } })
+      assert.equal(250, (H.send(port, { to = { "a@x.test" } })))
+      assert.equal(250, (H.send(port, { to = { "b@x.test" } })))
+      assert.equal(2, mta.spool:count())
+      assert.is_nil(next(mta.queue.stored_at))
+      H.stop_mta(mta)
+    end)
+  end)
+
   it("never expires a message before max_age: the fraction of a second of its arrival counts", function()
     with_sink(nil, function(sink)
       local uv = require "luv"
