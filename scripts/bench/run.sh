@@ -240,10 +240,10 @@ if [ "${SUPPRESS_N:-1000000}" != 0 ]; then
   sed 's/^/  /' "$out/suppress.txt" >&2
 fi
 run_postfix
-if [ "${CONNS_K:-100000}" != 0 ]; then
+if [ "${CONNS_K:-500000}" != 0 ]; then
   # the full target, 500000 sessions for 30 s, is K=500000 HOLD=30 scripts/bench/conns.sh
-  echo "  conns: ${CONNS_K:-100000} idle sessions held after EHLO by worker processes" >&2
-  K=${CONNS_K:-100000} HOLD=${CONNS_HOLD:-10} PORT=$((PORT + 200)) JSON="$out/conns.json" \
+  echo "  conns: ${CONNS_K:-500000} idle sessions held after EHLO by worker processes" >&2
+  K=${CONNS_K:-500000} HOLD=${CONNS_HOLD:-30} PORT=$((PORT + 200)) JSON="$out/conns.json" \
     scripts/bench/conns.sh >"$out/conns.txt" 2>&1 || true
   sed 's/^/  /' "$out/conns.txt" >&2
 fi
