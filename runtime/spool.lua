@@ -12,10 +12,10 @@
 -- m[spool.ATTEMPTS], m[spool.NEXT] (the time of its next attempt, 0 for
 -- now), m[spool.SEG], m[spool.OFF], m[spool.LEN] (where its record is).
 -- An array slot costs 8 bytes and a field of the hash part 24, and a hash
--- part doubles past eight fields: a million queued messages took 300 MB of
--- Lua heap with named fields, 230 with slots (scripts/bench/memory.lua). Fields few
--- messages have stay named: rdone (recipient index -> final), warned,
--- and the queue's key, tenant and rnext.
+-- part doubles past eight fields: a million queued messages took 300 MB
+-- of Lua heap with named fields, 230 with slots (scripts/bench/memory.lua).
+-- Fields few messages have stay named: rdone (recipient index -> final),
+-- warned, and the queue's key, tenant and rnext.
 --
 -- Records go to the page cache from the loop (core/spool.c, pwritev straight
 -- from the message buffer). Group commit: at most one fdatasync runs at a
