@@ -37,6 +37,7 @@ local SMTP_SCHEMA = {
   data_timeout = { type = "duration", default = 180, check = function(v) return v > 0, "must be > 0" end },
   send_timeout = { type = "duration", default = 300, check = function(v) return v > 0, "must be > 0" end },
   idle_park_after = { type = "duration", default = 1 },
+  idle_park_busy = { type = "posint", default = 5000 },
   bare_lf = { type = "enum", values = { "normalize", "reject" }, default = "normalize" },
   extensions = { type = "table" },
   backlog = { type = "posint", default = 511 },
@@ -184,7 +185,7 @@ function _M.smtp(opts)
   local o = config.check("accept.smtp", opts, SMTP_SCHEMA)
   o.extensions = check_extensions(o.extensions)
   o.timeouts = { command = o.command_timeout, data = o.data_timeout, send = o.send_timeout,
-    park = o.idle_park_after }
+    park = o.idle_park_after, park_busy = o.idle_park_busy }
   local addrs = {}
   for i, a in ipairs(o.listen) do
     local host, port = config.parse_address(a)

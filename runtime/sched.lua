@@ -10,6 +10,7 @@
 --                                   wait without a coroutine: return PARKED from
 --                                   the task; the wake or timeout runs cont(a, b)
 --   sched.is_parked(task) -> bool
+--   sched.coroutines_in_use() -> n  tasks holding a coroutine now (not parked)
 --   sched.current()       -> task | nil
 --   sched.callback(fn)    -> fn     wrap a luv callback so that an error is logged
 --                                   instead of taking the process down
@@ -30,6 +31,7 @@ local floor, ceil = math.floor, math.ceil
 local _M = { _VERSION = "0.1" }
 
 local tasks = setmetatable({}, { __mode = "k" })   -- coroutine -> task
+local in_use = 0 -- the entries of tasks: tasks holding a coroutine
 local handles = setmetatable({}, { __mode = "k" }) -- internal handles (not leaks)
 
 -- Timeouts live in a wheel of TICK-millisecond buckets, so a wait costs two
@@ -67,7 +69,10 @@ end
 local PARKED = setmetatable({}, { __tostring = function() return "parked" end })
 
 local function finish(task, co, ok, err)
-  tasks[co] = nil
+  if tasks[co] then
+    tasks[co] = nil
+    in_use = in_use - 1
+  end
   if ok and err == PARKED and task.co ~= co then return end -- parked, not done
   task.done = true
   if not ok then
@@ -126,6 +131,10 @@ local function resumed(task, co, prev, ok, err)
   running = prev
   if not ok then
     task.done = true
+    if tasks[co] then
+      tasks[co] = nil
+      in_use = in_use - 1
+    end
     log.error("task %s: resume failed: %s", task.name or "?", tostring(err))
   elseif err == FREE and pool_n < POOL_MAX then
     pool_n = pool_n + 1
@@ -140,6 +149,7 @@ local function start(task, fn, ...)
   local co = take_co()
   task.co = co
   tasks[co] = task
+  in_use = in_use + 1
   resumed(task, co, prev, co_resume(co, task, fn, ...))
 end
 
@@ -385,6 +395,7 @@ function _M.park(cont, timeout)
   task.waiting = token
   if timeout then wheel_add(task, token, timeout > 0 and timeout or 0.001) end
   tasks[co] = nil
+  in_use = in_use - 1
   task.co = cont
   return PARKED
 end
@@ -433,6 +444,12 @@ end
 
 function _M.is_internal(handle)
   return handles[handle] == true
+end
+
+-- coroutines_in_use() -> how many tasks hold a coroutine now: running or
+-- waiting, not parked, not ended
+function _M.coroutines_in_use()
+  return in_use
 end
 
 -- is_parked(task) -> true while the task waits parked (park()), holding

@@ -1036,10 +1036,15 @@ end
 local PARKED = sched.PARKED
 local unparked
 
-local function wait_idle(self, park_after)
+-- A burst of new sessions (more than park_busy tasks hold a coroutine)
+-- parks at once: every session waiting out idle_park_after would hold its
+-- coroutine, and the burst's peak of them stays in the process's memory.
+local coroutines_in_use = sched.coroutines_in_use
+
+local function wait_idle(self, park_after, park_busy)
   local left = command_time_left(self)
-  if left <= park_after then return wait_command(self) end
-  if park_after > 0 then
+  if left <= park_after and coroutines_in_use() <= park_busy then return wait_command(self) end
+  if park_after > 0 and coroutines_in_use() <= park_busy then
     local ok, err = self.stream:wait_input(park_after)
     if ok or err ~= "timeout" then return ok, err end
     left = command_time_left(self)
@@ -1071,7 +1076,7 @@ local function serve(self, resumed)
       if self.in_content then
         ok, err = s:wait_input(timeouts.data)
       elseif idle then
-        ok, err = wait_idle(self, timeouts.park)
+        ok, err = wait_idle(self, timeouts.park, timeouts.park_busy or 5000)
       else
         ok, err = wait_command(self)
       end

@@ -705,6 +705,36 @@ describe("smtp server session, parked while idle", function()
     end)
   end)
 
+  -- A burst of new sessions would each hold a coroutine for
+  -- idle_park_after: past idle_park_busy tasks with one, they park at once.
+  it("parks at once, before idle_park_after, while more than idle_park_busy tasks hold a coroutine", function()
+    H.run(function()
+      local base = sched.coroutines_in_use()
+      -- every session would wait an hour before parking; the first ones to
+      -- wait still do, and those past the limit park at once
+      local mta, port = server({ idle_park_after = 3600, idle_park_busy = base + 3 })
+      local ps = H.ehlo_sessions(port, 8)
+      assert.is_true(H.wait_for(function() return parked(mta) >= 4 end, 5), "parked: " .. parked(mta))
+      local holding = sched.coroutines_in_use()
+      assert.is_true(holding <= base + 4, holding .. " tasks hold a coroutine, from " .. base)
+      -- parked at once, they answer as any session does
+      for i = 1, 8 do
+        ps[i]:cmd("NOOP") ps[i]:expect(250)
+        ps[i]:cmd("QUIT") ps[i]:expect(221)
+        ps[i]:close()
+      end
+      assert.is_true(H.wait_for(function() return mta:sessions() == 0 end, 5))
+      H.stop_mta(mta)
+      -- without the limit reached, none parks before idle_park_after
+      local mta2, port2 = server({ idle_park_after = 3600 })
+      local qs = H.ehlo_sessions(port2, 8)
+      sched.sleep(0.2)
+      assert.equal(0, parked(mta2))
+      for i = 1, 8 do qs[i]:close() end
+      H.stop_mta(mta2)
+    end)
+  end)
+
   it("closes a parked session at the command timeout with 421 4.4.2, counted from the wait's start", function()
     H.run(function()
       local mta, port = server({ idle_park_after = 0.05, command_timeout = 0.6 })
