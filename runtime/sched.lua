@@ -68,11 +68,16 @@ end
 -- What park() returns, for the task's function to return (see park()).
 local PARKED = setmetatable({}, { __tostring = function() return "parked" end })
 
-local function finish(task, co, ok, err)
+-- co's task no longer holds it (parked, ended, or its resume failed)
+local function release(co)
   if tasks[co] then
     tasks[co] = nil
     in_use = in_use - 1
   end
+end
+
+local function finish(task, co, ok, err)
+  release(co)
   if ok and err == PARKED and task.co ~= co then return end -- parked, not done
   task.done = true
   if not ok then
@@ -131,10 +136,7 @@ local function resumed(task, co, prev, ok, err)
   running = prev
   if not ok then
     task.done = true
-    if tasks[co] then
-      tasks[co] = nil
-      in_use = in_use - 1
-    end
+    release(co)
     log.error("task %s: resume failed: %s", task.name or "?", tostring(err))
   elseif err == FREE and pool_n < POOL_MAX then
     pool_n = pool_n + 1
@@ -394,8 +396,7 @@ function _M.park(cont, timeout)
   local token = token_seq
   task.waiting = token
   if timeout then wheel_add(task, token, timeout > 0 and timeout or 0.001) end
-  tasks[co] = nil
-  in_use = in_use - 1
+  release(co)
   task.co = cont
   return PARKED
 end

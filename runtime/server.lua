@@ -1043,8 +1043,9 @@ local coroutines_in_use = sched.coroutines_in_use
 
 local function wait_idle(self, park_after, park_busy)
   local left = command_time_left(self)
-  if left <= park_after and coroutines_in_use() <= park_busy then return wait_command(self) end
-  if park_after > 0 and coroutines_in_use() <= park_busy then
+  local busy = coroutines_in_use() > park_busy
+  if left <= park_after and not busy then return wait_command(self) end
+  if park_after > 0 and not busy then
     local ok, err = self.stream:wait_input(park_after)
     if ok or err ~= "timeout" then return ok, err end
     left = command_time_left(self)
@@ -1076,7 +1077,7 @@ local function serve(self, resumed)
       if self.in_content then
         ok, err = s:wait_input(timeouts.data)
       elseif idle then
-        ok, err = wait_idle(self, timeouts.park, timeouts.park_busy or 5000)
+        ok, err = wait_idle(self, timeouts.park, timeouts.park_busy)
       else
         ok, err = wait_command(self)
       end
