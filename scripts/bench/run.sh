@@ -504,13 +504,15 @@ if cn and cn.get("held"):
     gib = cn["rss_held_kib"] / 1048576.0
     g = cn.get("greeting_ms") or {}
     t = cn.get("targets") or {}
+    want, gib_max, ms_max = t.get("sessions", 0), t.get("rss_gib", 0), t.get("greeting_ms", 0)
+    if cn["held"] < want:
+        met = "no (%d held)" % cn["held"]
+    else:
+        met = "yes" if gib < gib_max and g.get("max", 1e9) < ms_max else "no"
     scale.append("| %d idle sessions held %d s | %.2f GiB RSS (%d bytes/session); greeting median %.2f ms, max %.2f | "
                  "%d sessions, < %g GiB, greeting < %g ms | %s |" % (
                      cn["held"], cn["hold_s"], gib, cn["rss_bytes_per_session"], g.get("median", -1), g.get("max", -1),
-                     t.get("sessions", 0), t.get("rss_gib", 0), t.get("greeting_ms", 0),
-                     "yes" if cn["held"] >= t.get("sessions", 0) and gib < t.get("rss_gib", 0)
-                     and g.get("max", 1e9) < t.get("greeting_ms", 0) else
-                     "no (%d held)" % cn["held"] if cn["held"] < t.get("sessions", 0) else "no"))
+                     want, gib_max, ms_max, met))
 if scale:
     lines.append("")
     lines.append("| scale | measured | target | met |")
