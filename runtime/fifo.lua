@@ -24,12 +24,16 @@ function _M.new()
   return { ring = tnew(FIRST, 0), mask = FIRST - 1, first = 0, n = 0 }
 end
 
-local function grow(f)
-  local old, mask, first, n = f.ring, f.mask, f.first, f.n
-  local size = (mask + 1) * 2
+-- the entries, in order, into a new ring of size (a power of two, >= n)
+local function resize(f, size)
+  local old, mask, first = f.ring, f.mask, f.first
   local ring = tnew(size, 0)
-  for i = 0, n - 1 do ring[i + 1] = old[band(first + i, mask) + 1] end
+  for i = 0, f.n - 1 do ring[i + 1] = old[band(first + i, mask) + 1] end
   f.ring, f.mask, f.first = ring, size - 1, 0
+end
+
+local function grow(f)
+  resize(f, (f.mask + 1) * 2)
 end
 
 function _M.push(f, x)
@@ -63,13 +67,9 @@ function _M.len(f) return f.n end
 -- messages of a large spool, all in one queue until their first attempt)
 -- does not keep its peak size.
 local function shrink(f)
-  local n, size = f.n, FIRST
-  while size < 2 * n do size = size * 2 end
-  if size * 2 > f.mask + 1 then return end
-  local old, mask, first = f.ring, f.mask, f.first
-  local ring = tnew(size, 0)
-  for i = 0, n - 1 do ring[i + 1] = old[band(first + i, mask) + 1] end
-  f.ring, f.mask, f.first = ring, size - 1, 0
+  local size = FIRST
+  while size < 2 * f.n do size = size * 2 end
+  if size * 2 <= f.mask + 1 then resize(f, size) end
 end
 
 -- keep(f, pred): only the entries for which pred(x) is true stay, in their
