@@ -27,6 +27,7 @@ local reload = require "moonpost.runtime.reload"
 local metrics = require "moonpost.metrics"
 local workers = require "moonpost.runtime.workers"
 local proc = require "moonpost.core.proc"
+local gc = require "moonpost.runtime.gc"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -108,6 +109,10 @@ local NEW_SCHEMA = {
   -- the live heap in memory (docs/api.md).
   gc_pause = { type = "posint", default = 400,
     check = function(v) return v >= 110 and v <= 1000, "must be between 110 and 1000" end },
+  -- the most the Lua heap grows past what a collection cycle left alive
+  -- before the next starts, whatever gc_pause allows (runtime/gc.lua): a
+  -- large queue's heap is not let grow to four times itself; 0: gc_pause alone
+  gc_headroom = { type = "size", default = 64 * 1048576 },
 }
 
 local DNS_SCHEMA = {
@@ -259,7 +264,7 @@ function _M.new(opts)
     if opts.log_level then log.set_level(opts.log_level) end
     if opts.log_format then log.set_format(opts.log_format) end
   end
-  collectgarbage("setpause", opts.gc_pause)
+  gc.configure(opts.gc_pause, opts.gc_headroom)
   local mta = setmetatable({
     hostname = opts.hostname,
     opts = opts,

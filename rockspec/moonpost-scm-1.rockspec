@@ -71,6 +71,7 @@ build = {
     ["moonpost.runtime.reload"] = "runtime/reload.lua",
     ["moonpost.runtime.workers"] = "runtime/workers.lua",
     ["moonpost.runtime.fifo"] = "runtime/fifo.lua",
+    ["moonpost.runtime.gc"] = "runtime/gc.lua",
     ["moonpost.runtime.sched"] = "runtime/sched.lua",
     ["moonpost.runtime.server"] = "runtime/server.lua",
     ["moonpost.runtime.shape"] = "runtime/shape.lua",

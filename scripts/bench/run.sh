@@ -472,6 +472,11 @@ try:
                              "rss_bytes": float(m.group(4))}
                             for m in _rm.finditer(r"(\d+) queued \((\w+)\): Lua heap ([\d.]+) bytes/message, "
                                                   r"RSS ([\d.]+) bytes/message", open(out + "/memory.txt").read())]
+    pk = _rm.search(r"during the pass of first attempts: Lua heap peak ([\d.]+) MiB, RSS peak ([\d.]+) MiB "
+                    r"\(([\d.]+) bytes/message\)", open(out + "/memory.txt").read())
+    if pk:
+        res["queued_memory_peak"] = {"lua_heap_mib": float(pk.group(1)), "rss_mib": float(pk.group(2)),
+                                     "rss_bytes_per_message": float(pk.group(3))}
 except OSError:
     pass
 json.dump(res, open(out + "/latest.json", "w"), indent=2)
@@ -499,6 +504,11 @@ for q in res.get("queued_memory", []):
     scale.append("| %d messages queued, %s | %.0f bytes/message of Lua heap (%.0f of RSS) | < 300 bytes/message | %s |" % (
         q["messages"], {"recovered": "as recovered at start", "attempted": "each after its first attempt"}.get(
             q["state"], q["state"]), q["lua_heap_bytes"], q["rss_bytes"], "yes" if q["lua_heap_bytes"] < 300 else "no"))
+pk = res.get("queued_memory_peak")
+if pk and res.get("queued_memory"):
+    scale.append("| the same queue, peak during its pass of first attempts (gc_headroom) | %.0f MiB RSS "
+                 "(%.0f bytes/message), Lua heap %.0f MiB | reported | – |" % (
+                     pk["rss_mib"], pk["rss_bytes_per_message"], pk["lua_heap_mib"]))
 cn = res.get("conns")
 if cn and cn.get("held"):
     gib = cn["rss_held_kib"] / 1048576.0

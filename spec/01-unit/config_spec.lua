@@ -100,16 +100,32 @@ end)
 
 describe("moonpost.new gc_pause", function()
   local moonpost = require "moonpost"
+  local gc = require "moonpost.runtime.gc"
   local saved
   before_each(function() saved = collectgarbage("setpause", 200) end)
-  after_each(function() collectgarbage("setpause", saved) end)
+  after_each(function() gc.configure(saved, 0) end)
 
   it("sets the collector's pause: 400 by default, the policy's value when given", function()
-    moonpost.new { spool = false }
+    -- (gc_headroom 0: the pause alone, whatever this process's heap holds)
+    moonpost.new { spool = false, gc_headroom = 0 }
     -- setpause returns the value it replaces
     assert.equal(400, collectgarbage("setpause", 200))
-    moonpost.new { spool = false, gc_pause = 250 }
+    moonpost.new { spool = false, gc_pause = 250, gc_headroom = 0 }
     assert.equal(250, collectgarbage("setpause", 200))
+  end)
+
+  it("lowers the pause by gc_headroom for a heap that the pause would let grow past it", function()
+    local live = collectgarbage("count") * 1024
+    moonpost.new { spool = false, gc_headroom = math.floor(live / 2) }
+    -- half of what is alive: about 150 %
+    local p = collectgarbage("setpause", 200)
+    assert.is_true(p >= 140 and p <= 160, "pause " .. p)
+  end)
+
+  it("refuses a headroom that is not a size, naming the field", function()
+    local ok, err = pcall(moonpost.new, { spool = false, gc_headroom = "lots" })
+    assert.is_false(ok)
+    assert.matches("moonpost.new: field 'gc_headroom': expected a size", err, nil, true)
   end)
 
   it("refuses a pause out of range, naming the field", function()
