@@ -18,6 +18,7 @@ local config = require "moonpost.runtime.config"
 local client = require "moonpost.runtime.client"
 local dns = require "moonpost.runtime.dns"
 local uv = require "luv"
+local gc = require "moonpost.runtime.gc"
 
 local ipairs, pairs, collectgarbage, loaded = ipairs, pairs, collectgarbage, package.loaded
 
@@ -100,6 +101,9 @@ function _M.install(mta, predecessor)
 
   -- the process
   local lua_memory = reg:gauge("lua_memory_bytes", "Memory used by Lua objects (collectgarbage \"count\")")
+  local gc_cycles = reg:counter("lua_gc_cycles_total", "Lua garbage collection cycles ended")
+  local gc_pause = reg:gauge("lua_gc_pause_percent",
+    "The Lua collector's pause now: gc_pause, or less where gc_headroom holds the heap")
   reg:gauge("build_info", "Moonpost's version", { "version" }):child(require("moonpost")._VERSION):set(1)
   reg:gauge("process_start_time_seconds", "Start time of the process since the Unix epoch in seconds",
     nil, { raw = true }):set(started)
@@ -155,6 +159,8 @@ function _M.install(mta, predecessor)
     dns_sent:set(dt.sent)
 
     lua_memory:set(collectgarbage("count") * 1024)
+    gc_cycles:set(gc.cycles())
+    gc_pause:set(gc.pause())
     rss:set(uv.resident_set_memory() or 0)
     local ru = uv.getrusage()
     if ru then cpu:set(tv(ru.utime) + tv(ru.stime)) end

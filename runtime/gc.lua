@@ -2,7 +2,8 @@
 -- gc_headroom, docs/api.md).
 --
 --   gc.configure(pause, headroom)   -- percent; bytes (0: pause alone)
---   gc.cycles()                     -- collection cycles ended since start
+--   gc.cycles()                     -- collection cycles ended since the first configure()
+--   gc.pause()                      -- the pause now (what the headroom made of gc_pause)
 --
 -- Lua starts a collection cycle once the heap has grown to `pause` percent
 -- of what the last cycle left alive. A high pause saves collector work
@@ -23,6 +24,7 @@ local MIN_PAUSE = 110
 _M.MIN_PAUSE = MIN_PAUSE
 
 local pause, headroom = 200, 0
+local current = 200 -- the pause set last
 local cycles = 0
 local armed = false
 
@@ -38,16 +40,15 @@ end
 local arm
 
 -- Runs at the end of every cycle (the finalizer of a sentinel that only
--- the collector refers to), before Lua works out when the next one starts:
--- the heap now holds what the cycle left alive and what was made meanwhile.
+-- the collector refers to; a new one each cycle), before Lua works out when
+-- the next one starts: the heap now holds what the cycle left alive and
+-- what was made meanwhile.
 local function cycle_ended()
   cycles = cycles + 1
-  if headroom <= 0 then
-    armed = false
-    return
-  end
-  collectgarbage("setpause", _M.pause_for(collectgarbage("count") * 1024, pause, headroom))
   arm()
+  if headroom <= 0 then return end
+  current = _M.pause_for(collectgarbage("count") * 1024, pause, headroom)
+  collectgarbage("setpause", current)
 end
 
 function arm()
@@ -59,13 +60,12 @@ end
 
 function _M.configure(p, room)
   pause, headroom = p, room or 0
-  collectgarbage("setpause", pause)
-  if headroom > 0 then
-    collectgarbage("setpause", _M.pause_for(collectgarbage("count") * 1024, pause, headroom))
-    if not armed then arm() end
-  end
+  current = _M.pause_for(collectgarbage("count") * 1024, pause, headroom)
+  collectgarbage("setpause", current)
+  if not armed then arm() end
 end
 
 function _M.cycles() return cycles end
+function _M.pause() return current end
 
 return _M

@@ -103,6 +103,8 @@ local FAMILIES = {
   moonpost_dns_cache_hits = "counter",
   moonpost_dns_queries_sent = "counter",
   moonpost_lua_memory_bytes = "gauge",
+  moonpost_lua_gc_cycles = "counter",
+  moonpost_lua_gc_pause_percent = "gauge",
   moonpost_build_info = "gauge",
   process_start_time_seconds = "gauge",
   process_resident_memory_bytes = "gauge",
@@ -141,6 +143,8 @@ describe("moonpost.metrics", function()
       assert.is_true(H.wait_for(function()
         return #sink.messages() == 2 * N and mta.spool:count() == 0 and mta:sessions() == 0
       end, 20))
+      -- (a cycle of the collector, whatever this process has allocated since)
+      collectgarbage()
       local s = scrape(hport)
       assert.equal(N, value(s, "moonpost_messages", "moonpost_messages_total",
         { tenant = "acme", listener = mta:addresses()[1].name }))
@@ -179,6 +183,11 @@ describe("moonpost.metrics", function()
       assert.is_true(value(s, "moonpost_spool_written_bytes", "moonpost_spool_written_bytes_total") > 0)
       assert.is_true(value(s, "moonpost_spool_segments", "moonpost_spool_segments") >= 1)
       assert.is_true(value(s, "moonpost_lua_memory_bytes", "moonpost_lua_memory_bytes") > 0)
+      -- the collector ran between the scrapes, and its pause is what gc_pause allows
+      assert.is_true(value(s, "moonpost_lua_gc_cycles", "moonpost_lua_gc_cycles_total")
+        > value(before, "moonpost_lua_gc_cycles", "moonpost_lua_gc_cycles_total"))
+      local pause = value(s, "moonpost_lua_gc_pause_percent", "moonpost_lua_gc_pause_percent")
+      assert.is_true(pause >= 110 and pause <= 400, "pause " .. pause)
       local started = value(s, "process_start_time_seconds", "process_start_time_seconds")
       assert.is_true(started > 1.6e9 and started <= os.time() + 1)
       H.stop_mta(mta)
