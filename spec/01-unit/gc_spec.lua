@@ -22,7 +22,7 @@ describe("gc.pause_for", function()
   end)
 end)
 
--- A heap with 48 MB alive, then garbage made at a steady rate: gc_pause
+-- A heap with about 60 MB alive, then garbage made at a steady rate: gc_pause
 -- (400) alone lets it reach about four times what is alive; an 8 MB
 -- headroom keeps it near what is alive.
 describe("gc_headroom", function()
