@@ -108,7 +108,7 @@ local NEW_SCHEMA = {
   -- spend ~15% more CPU time per message than 400, which costs about twice
   -- the live heap in memory (docs/api.md).
   gc_pause = { type = "posint", default = 400,
-    check = function(v) return v >= 110 and v <= 1000, "must be between 110 and 1000" end },
+    check = function(v) return v >= gc.MIN_PAUSE and v <= 1000, "must be between " .. gc.MIN_PAUSE .. " and 1000" end },
   -- the most the Lua heap grows past what a collection cycle left alive
   -- before the next starts, whatever gc_pause allows (runtime/gc.lua): a
   -- large queue's heap is not let grow to four times itself; 0: gc_pause alone

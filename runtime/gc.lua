@@ -37,31 +37,35 @@ function _M.pause_for(live, max_pause, room)
   return p
 end
 
-local arm
+-- the pause for the heap as it is now
+local function repace()
+  current = _M.pause_for(collectgarbage("count") * 1024, pause, headroom)
+  collectgarbage("setpause", current)
+end
 
--- Runs at the end of every cycle (the finalizer of a sentinel that only
--- the collector refers to; a new one each cycle), before Lua works out when
--- the next one starts: the heap now holds what the cycle left alive and
--- what was made meanwhile.
+local on_gc
+
+-- A sentinel that only the collector refers to: its finalizer runs at the
+-- end of the cycle that finds it unreachable, and makes the next one.
+local function arm()
+  armed = true
+  getmetatable(newproxy(true)).__gc = on_gc
+end
+
+-- Runs at the end of every cycle, before Lua works out when the next one
+-- starts: the heap now holds what the cycle left alive and what was made
+-- meanwhile. (pcall: an error in a finalizer would be raised in whatever
+-- code allocated.)
 local function cycle_ended()
   cycles = cycles + 1
   arm()
-  if headroom <= 0 then return end
-  current = _M.pause_for(collectgarbage("count") * 1024, pause, headroom)
-  collectgarbage("setpause", current)
+  repace()
 end
-
-function arm()
-  armed = true
-  local sentinel = newproxy(true)
-  -- (an error in a finalizer would be raised in whatever code allocated)
-  getmetatable(sentinel).__gc = function() pcall(cycle_ended) end
-end
+function on_gc() pcall(cycle_ended) end
 
 function _M.configure(p, room)
   pause, headroom = p, room or 0
-  current = _M.pause_for(collectgarbage("count") * 1024, pause, headroom)
-  collectgarbage("setpause", current)
+  repace()
   if not armed then arm() end
 end
 

@@ -61,8 +61,9 @@ sp:each(function(m)
   if seen % 1000 == 0 then peak = math.max(peak, collectgarbage("count")) end
 end)
 assert(unread == 0, unread .. " envelopes unreadable")
+local hwm = status("VmHWM")
 print(string.format("during the pass of first attempts: Lua heap peak %.0f MiB, RSS peak %.0f MiB (%.0f bytes/message)",
-  peak / 1024, status("VmHWM") / 1024, status("VmHWM") * 1024 / N))
+  peak / 1024, hwm / 1024, hwm * 1024 / N))
 collectgarbage() collectgarbage()
 local lua2, rss2 = collectgarbage("count"), rss()
 print(string.format("%d queued (attempted): Lua heap %.0f bytes/message, RSS %.0f bytes/message", sp:count(),

@@ -468,12 +468,13 @@ except (OSError, ValueError):
     pass
 try:
     import re as _rm
+    memtxt = open(out + "/memory.txt").read()
     res["queued_memory"] = [{"state": m.group(2), "messages": int(m.group(1)), "lua_heap_bytes": float(m.group(3)),
                              "rss_bytes": float(m.group(4))}
                             for m in _rm.finditer(r"(\d+) queued \((\w+)\): Lua heap ([\d.]+) bytes/message, "
-                                                  r"RSS ([\d.]+) bytes/message", open(out + "/memory.txt").read())]
+                                                  r"RSS ([\d.]+) bytes/message", memtxt)]
     pk = _rm.search(r"during the pass of first attempts: Lua heap peak ([\d.]+) MiB, RSS peak ([\d.]+) MiB "
-                    r"\(([\d.]+) bytes/message\)", open(out + "/memory.txt").read())
+                    r"\(([\d.]+) bytes/message\)", memtxt)
     if pk:
         res["queued_memory_peak"] = {"lua_heap_mib": float(pk.group(1)), "rss_mib": float(pk.group(2)),
                                      "rss_bytes_per_message": float(pk.group(3))}
