@@ -609,7 +609,7 @@ local function append(self, rtype, flags, id, meta, body, aux)
   return seg, off, len
 end
 
-local lazy_sync, rewrite_later
+local lazy_sync, rewrite_later, sync_soon
 
 local function state_of(m)
   local done = {}
@@ -724,11 +724,36 @@ local function start_sync(self)
       wake_token(batch[i], batch[i + 1], not failure and true or nil, failure)
     end
     if #self.waiters > 0 then
-      start_sync(self)
+      sync_soon(self)
     elseif next(self.dirty) then
       lazy_sync(self) -- state records written while this sync ran
     end
   end)
+end
+
+-- A batch starts at the end of the loop iteration that asked for it (a
+-- check handle, referenced while armed so that the loop waits for it):
+-- every transaction whose data ended in the same iteration joins it, and
+-- its records go out in one write.
+local function make_sync_check(self)
+  local h = uv.new_check()
+  self.sync_check = h
+  self.sync_check_cb = function()
+    h:stop()
+    self.sync_armed = false
+    if not self.syncing and #self.waiters > 0 then
+      local ok, err = pcall(start_sync, self)
+      if not ok then log.error("spool: sync: %s", tostring(err)) end
+    end
+  end
+  return h
+end
+
+function sync_soon(self)
+  if self.sync_armed then return end
+  local h = self.sync_check or make_sync_check(self)
+  h:start(self.sync_check_cb)
+  self.sync_armed = true
 end
 
 -- sync() waits until everything written so far is on disk.
@@ -739,7 +764,7 @@ function Spool:sync()
   local w = self.waiters
   w[#w + 1] = task
   w[#w + 1] = token
-  if not self.syncing then start_sync(self) end
+  if not self.syncing then sync_soon(self) end
   return wait()
 end
 
@@ -1264,6 +1289,12 @@ end
 function Spool:close()
   self.closed = true
   self:trim_cache(true)
+  if self.sync_check then
+    -- a batch asked for in this iteration goes now, while its segments are open
+    if self.sync_armed and not self.syncing and #self.waiters > 0 then start_sync(self) end
+    self.sync_check:close()
+    self.sync_check, self.sync_armed = nil, false
+  end
   if self.tick_handle then
     self.tick_handle:close()
     self.tick_handle = nil

@@ -167,6 +167,31 @@ describe("spool", function()
     end) -- H.run fails on a timer or check handle made after the close
   end)
 
+  -- A batch starts at the end of the loop iteration in which the first of
+  -- its messages waits for it. It started at that first message: the
+  -- others stored in the same iteration waited for a second batch (on a
+  -- fast disk, or on tmpfs, batches of two or three messages under load).
+  it("syncs the messages stored in one loop iteration in one batch", function()
+    H.run(function()
+      local sp = assert(spool_mod.open(spool_opts(dir .. "/spool", { check_interval = 3600 })))
+      local n, stored = 6, 0
+      local function store(i)
+        local t = { id = idgen.next(), sender = { address = "s@y.test" }, recipients = { { address = "r@x.test" } },
+          received_at = os.time() }
+        assert(sp:store(t, smtp.message("Subject: " .. i .. "\r\n\r\nz\r\n")))
+        stored = stored + 1
+      end
+      for round = 1, 3 do
+        for i = 1, n do sched.spawn(store, i) end
+        assert.is_true(H.wait_for(function() return stored == n * round end, 5))
+        assert.equal(round, sp.stats.batches)
+        assert.equal(n * round, sp.stats.synced)
+      end
+      sp:close()
+      assert.equal(n * 3, #listing(dir .. "/spool"))
+    end)
+  end)
+
   it("answers many concurrent transactions per fdatasync (group commit)", function()
     H.run(function()
       local mta, port = H.start_mta({}, nil, { spool = spool_opts(dir .. "/spool") })
