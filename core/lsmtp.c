@@ -648,6 +648,20 @@ static int l_has_8bit(lua_State *L)
     return 1;
 }
 
+/* has_ctl(s) -> true when s holds a control character other than HT (0-8,
+ * 10-31) or DEL: what a line of the text log escapes. A loop here, not a
+ * Lua pattern: string.find with a class calls the class matcher for every
+ * octet, and the log checks every line it writes. */
+static int l_has_ctl(lua_State *L)
+{
+    size_t n, i;
+    const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+    for (i = 0; i < n; i++)
+        if ((s[i] < 32 && s[i] != 9) || s[i] == 127) break;
+    lua_pushboolean(L, i < n);
+    return 1;
+}
+
 static int l_dotstuff(lua_State *L)
 {
     size_t n;
@@ -788,6 +802,7 @@ static const luaL_Reg funcs[] = {
     {"check_param", l_check_param},
     {"dotstuff", l_dotstuff},
     {"has_8bit", l_has_8bit},
+    {"has_ctl", l_has_ctl},
     {"utf8_valid", l_utf8_valid},
     {"xtext_valid", l_xtext_valid},
     {NULL, NULL}};

@@ -17,6 +17,7 @@ local core = require "moonpost.core.dkim"
 local rdkim = require "moonpost.runtime.dkim"
 local fields = require "moonpost.runtime.headers"
 local dns = require "moonpost.runtime.dns"
+local has_8bit = require("moonpost.core.smtp").has_8bit
 local uv = require "luv"
 
 local format, lower, concat, find, byte, sub, match = string.format, string.lower, table.concat, string.find,
@@ -57,7 +58,7 @@ end
 -- is not valid IDNA2008 stays as it is and matches no key.
 local function dname(d)
   d = lower(d)
-  if find(d, "[\128-\255]") then return dns.to_ascii(d) or d end
+  if has_8bit(d) then return dns.to_ascii(d) or d end
   return d
 end
 
@@ -200,7 +201,7 @@ local function from_domain(head)
   end
   if last == 46 then domain = sub(domain, 1, -2) end -- a final dot
   domain = lower(domain)
-  if find(domain, "[\128-\255]") then
+  if has_8bit(domain) then
     domain = dns.to_ascii(domain)
     if not domain then return nil end
   end

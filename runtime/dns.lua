@@ -14,6 +14,7 @@
 -- /etc/resolv.conf.
 local uv = require "luv"
 local core = require "moonpost.core.dns"
+local has_8bit = require("moonpost.core.smtp").has_8bit
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 local net = require "moonpost.runtime.net"
@@ -26,7 +27,7 @@ local _M = { _VERSION = "0.1" }
 -- "bücher.example" -> "xn--bcher-kva.example" | nil, err when it is not a
 -- valid internationalized name. ASCII names come back lower-cased.
 function _M.to_ascii(domain)
-  if not find(domain, "[\128-\255]") then return lower(domain) end
+  if not has_8bit(domain) then return lower(domain) end
   return core.to_ascii(domain)
 end
 
@@ -46,7 +47,7 @@ end
 -- "bob@xn--bcher-kva.example") | nil when the domain has no ASCII form. An
 -- ASCII address comes back as it is.
 function _M.address_to_ascii(address)
-  if not find(address, "[\128-\255]") then return address end
+  if not has_8bit(address) then return address end
   local lp, domain = match(address, "^(.*)@([^@]+)$")
   if not lp then return nil end
   local ad = _M.to_ascii(domain)

@@ -15,6 +15,11 @@ local concat, sort, pairs, type, tostring, tonumber = table.concat, table.sort, 
 
 local _M = { _VERSION = "0.1" }
 
+-- Octet scans in C: a Lua pattern with a class ("[\128-\255]") calls the
+-- class matcher for every octet, and every line of the log is scanned
+local smtp = require "moonpost.core.smtp"
+local has_8bit, has_ctl = smtp.has_8bit, smtp.has_ctl
+
 local LEVELS = { error = 1, warn = 2, info = 3, debug = 4 }
 local NAMES = { "error", "warn ", "info ", "debug" }
 local JSON_NAMES = { "error", "warn", "info", "debug" }
@@ -65,7 +70,7 @@ end
 local REPLACEMENT = "\239\191\189"
 
 function _M.utf8_clean(s)
-  if not find(s, "[\128-\255]") then return s end
+  if not has_8bit(s) then return s end
   local out, n, i, len = {}, 0, 1, #s
   local start = 1
   while i <= len do
@@ -179,7 +184,7 @@ local CTL = "[%z\1-\8\10-\31\127]"
 local CTL_ESC = { ["\n"] = "\\n", ["\r"] = "\\r" }
 local function ctl_escape(c) return CTL_ESC[c] or ("\\" .. c:byte()) end
 local function escape_ctl(s)
-  if not find(s, CTL) then return s end
+  if not has_ctl(s) then return s end
   -- string.format's %q writes a newline as a backslash and the newline
   s = s:gsub("\\\n", "\\n")
   return (s:gsub(CTL, ctl_escape))

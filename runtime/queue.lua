@@ -23,6 +23,7 @@ local ids = require "moonpost.runtime.ids"
 local dsn = require "moonpost.runtime.dsn"
 local dns = require "moonpost.runtime.dns"
 local smtp = require "moonpost.core.smtp"
+local has_8bit = smtp.has_8bit
 local fifo = require "moonpost.runtime.fifo"
 local spool_mod = require "moonpost.runtime.spool"
 
@@ -548,7 +549,7 @@ function Queue:notify(env, body, action, list)
   end
   local txn = { id = ids.next(), sender = { address = "" }, recipients = { { address = env.from } },
     received_at = os.time(), smtputf8 = env.utf8 or nil, notes = {},
-    body_type = smtp.has_8bit(text) and "8BITMIME" or "7BIT", dsn = true,
+    body_type = has_8bit(text) and "8BITMIME" or "7BIT", dsn = true,
     dsn_of = env.id and { id = env.id, action = action, done = done } or nil }
   local msg = smtp.message(text)
   local ok, err = self.spool:store(txn, msg)
@@ -568,7 +569,7 @@ end
 local function domain_opt(self, domain)
   if domain == nil then return nil end
   local d = self.domain_opts[domain]
-  if d == nil and find(domain, "[\128-\255]") then
+  if d == nil and has_8bit(domain) then
     local a = dns.to_ascii(domain)
     d = a and self.domain_opts[a]
   end

@@ -233,6 +233,20 @@ describe("moonpost.core.smtp has_8bit", function()
   end)
 end)
 
+describe("moonpost.core.smtp has_ctl", function()
+  it("finds a control character other than tab, or DEL, anywhere in a string", function()
+    assert.is_false(smtp.has_ctl(""))
+    assert.is_false(smtp.has_ctl("a tab\tstays, and so does caf\195\169 and \255"))
+    for c = 0, 255 do
+      local ctl = (c < 32 and c ~= 9) or c == 127
+      for _, s in ipairs { string.char(c), "ab" .. string.char(c), string.char(c) .. "cd", "x" .. string.char(c) .. "y" } do
+        assert.equal(ctl, smtp.has_ctl(s), "octet " .. c .. " in " .. string.format("%q", s))
+      end
+    end
+    assert.has_error(function() smtp.has_ctl(nil) end)
+  end)
+end)
+
 describe("moonpost.core.smtp utf8_valid / xtext_valid", function()
   it("checks UTF-8 and xtext", function()
     assert.is_true(smtp.utf8_valid("héllo ✓ 𝄞"))
