@@ -731,12 +731,15 @@ local function start_sync(self)
   end)
 end
 
--- A batch starts at the end of the loop iteration that asked for it (a
--- check handle, referenced while armed so that the loop waits for it):
--- every transaction whose data ended in the same iteration joins it, and
--- its records go out in one write.
+-- A batch starts once the loop iteration that asked for it has run its
+-- callbacks: every transaction whose data ended in the same iteration joins
+-- it, and its records go out in one write. An idle handle, which runs at
+-- the start of the next iteration: while one is active the loop does not
+-- block for I/O, where a check handle armed outside the poll phase (from a
+-- timer, or a task resumed from the scheduler's idle handle) would wait
+-- for the next I/O or timer to run.
 local function make_sync_check(self)
-  local h = uv.new_check()
+  local h = uv.new_idle()
   self.sync_check = h
   self.sync_check_cb = function()
     h:stop()
@@ -751,6 +754,8 @@ end
 
 function sync_soon(self)
   if self.sync_armed then return end
+  -- (a closed spool makes no handle: its last batches start at once)
+  if self.closed then return start_sync(self) end
   local h = self.sync_check or make_sync_check(self)
   h:start(self.sync_check_cb)
   self.sync_armed = true
