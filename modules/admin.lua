@@ -26,6 +26,7 @@ local fs = require "moonpost.runtime.fs"
 local sched = require "moonpost.runtime.sched"
 local ids = require "moonpost.runtime.ids"
 local fifo = require "moonpost.runtime.fifo"
+local tnew = require "table.new"
 local spool_mod = require "moonpost.runtime.spool"
 
 -- a message's entry: array slots (moonpost.runtime.spool)
@@ -204,7 +205,7 @@ function Admin:record(status, env, r, res)
   if id then
     local per = self.last[id]
     if not per then
-      per = {}
+      per = tnew(r.index, 0) -- (by recipient index: sized, or its first is a rehash)
       self.last[id] = per
       local order = self.last_order
       fifo.push(order, id)

@@ -374,7 +374,12 @@ end
 -- The remote reply as it was (for DSNs), and the stage it answered.
 local function outcome(code, enh, text, host, stage)
   local status = (code >= 200 and code < 300) and "delivered" or (code >= 500 and "bounced" or "deferred")
-  return { status = status, code = code, enhanced = enh, text = text, host = host, stage = stage }
+  -- (made with room for the fields added later, here and by the route:
+  -- relayed, tls, tls_cipher, source, helo, site; past the 8 slots of a
+  -- six-field constructor each delivery's result was rehashed)
+  local res = tnew(0, 12)
+  res.status, res.code, res.enhanced, res.text, res.host, res.stage = status, code, enh, text, host, stage
+  return res
 end
 
 -- transaction(env, body, rcpts) -> results by recipient index. The
@@ -405,7 +410,7 @@ local function fit_dsn(self, env, body, size, eight)
 end
 
 function Conn:transaction(env, body, rcpts)
-  local results, host = {}, self.name
+  local results, host = tnew(#rcpts, 0), self.name
   -- what the server must support, checked before sending anything
   local size = type(body) == "string" and #body or body:size()
   -- 8BITMIME is needed by 8-bit content, whatever BODY= the message came
@@ -437,7 +442,8 @@ function Conn:transaction(env, body, rcpts)
     return all(results, rcpts, { status = "bounced", code = 554, enhanced = "5.6.3", host = host,
       text = host .. " does not support 8BITMIME, which this message needs" })
   end
-  local mail = { "MAIL FROM:<", from, ">" }
+  local mail = tnew(8, 0)
+  mail[1], mail[2], mail[3] = "MAIL FROM:<", from, ">"
   if self.ext.SIZE then mail[#mail + 1] = " SIZE=" .. size end
   if ext8 and (eight or env.body == "8BITMIME") then mail[#mail + 1] = " BODY=8BITMIME" end
   if utf8 then mail[#mail + 1] = " SMTPUTF8" end
@@ -445,7 +451,8 @@ function Conn:transaction(env, body, rcpts)
   if dsn and env.ret then mail[#mail + 1] = " RET=" .. env.ret end
   if dsn and env.envid then mail[#mail + 1] = " ENVID=" .. env.envid end
   mail[#mail + 1] = "\r\n"
-  local cmds = { concat(mail) }
+  local cmds = tnew(#rcpts + 2, 0)
+  cmds[1] = concat(mail)
   for i, r in ipairs(rcpts) do
     local line = "RCPT TO:<" .. (addrs and addrs[i] or r.address) .. ">"
     if dsn and r.notify then line = line .. " NOTIFY=" .. r.notify end
@@ -501,7 +508,7 @@ function Conn:send_data(body, rcpts, results, replies, ncmds, size, dsn)
     end
     return all(results, rcpts, outcome(mcode, replies[2] or nil, replies[3], host, "MAIL FROM"))
   end
-  local accepted = {}
+  local accepted = tnew(#rcpts, 0)
   for i, r in ipairs(rcpts) do
     local j = 3 * (i + 1) - 2
     local rc = replies[j]

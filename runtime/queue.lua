@@ -25,6 +25,9 @@ local dns = require "moonpost.runtime.dns"
 local smtp = require "moonpost.core.smtp"
 local has_8bit = smtp.has_8bit
 local fifo = require "moonpost.runtime.fifo"
+-- (lists sized when made: one grown from {} is rehashed at 1, 2, 3, 5, ...
+-- entries, and a table of results by recipient index at its first)
+local tnew = require "table.new"
 local spool_mod = require "moonpost.runtime.spool"
 
 -- a message's entry: array slots (moonpost.runtime.spool)
@@ -265,7 +268,7 @@ local settle
 -- nil. m and now: the attempt's message and time (without them, nothing
 -- is settled on the way).
 function Queue:dispatch(env, body, rcpts, m, now)
-  local results = {}
+  local results = tnew(#rcpts, 0)
   if #rcpts == 1 then
     -- one recipient (the common case): no grouping by domain
     deliver_group(self, env, body, rcpts[1].domain:lower(), rcpts, results)
@@ -889,7 +892,8 @@ function attempt(self, m, env, body)
     if not self.rush[m] and set_aside(self, m) then return end
     self.relabeled[m] = take_slots(self, m)
   end
-  local rcpts, todo = {}, {}
+  local nr = #env.rcpt
+  local rcpts, todo = tnew(nr, 0), tnew(nr, 0)
   local filters, early = self.filters, nil
   -- recipients deferred in an attempt that a gate also held (park): not
   -- tried before their own retry time
@@ -933,7 +937,7 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
   if early then
     for i, res in pairs(early) do results[i] = res end
   end
-  local done, deferred = {}, 0
+  local done, deferred = tnew(#rcpts, 0), 0
   -- the recipients each kind of DSN reports on, made when one needs it
   local failed, delivered, relayed, delayed
   -- The message's age, for max_age: to the nanosecond while this process

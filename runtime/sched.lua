@@ -22,6 +22,7 @@
 -- like a function call.
 local uv = require "luv"
 local log = require "moonpost.runtime.log"
+local tnew = require "table.new"
 
 local co_create, co_resume, co_yield, co_running, co_status =
   coroutine.create, coroutine.resume, coroutine.yield, coroutine.running, coroutine.status
@@ -240,7 +241,8 @@ end
 
 local function run_ready()
   local q, n = ready, ready_n
-  ready, ready_n = {}, 0
+  -- (sized: one grown from {} is rehashed at 1, 2, 3, 5, 9, 17 slots)
+  ready, ready_n = tnew(16, 0), 0
   local i = 1
   while i <= n do
     local task, token = q[i], q[i + 1]

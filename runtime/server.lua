@@ -8,6 +8,7 @@
 -- waits for more (RFC 2920).
 local uv = require "luv"
 local bit = require "bit"
+local tnew = require "table.new"
 local smtp = require "moonpost.core.smtp"
 local sched = require "moonpost.runtime.sched"
 local stream = require "moonpost.runtime.stream"
@@ -391,7 +392,7 @@ commands.MAIL = function(self, arg)
     conn = self.conn,
     sender = path,
     params = params,
-    recipients = {},
+    recipients = tnew(1, 0), -- (most have one: its slot made here, not by a rehash)
     notes = {},
     size_declared = size,
     body_type = params.BODY and upper(params.BODY) or nil,

@@ -47,6 +47,7 @@ local log = require "moonpost.runtime.log"
 local ids = require "moonpost.runtime.ids"
 local fs = require "moonpost.runtime.fs"
 local fifo = require "moonpost.runtime.fifo"
+local tnew = require "table.new"
 
 local MSG, STATE, DONE, F_COPY, F_DSN, F_VOID = core.MSG, core.STATE, core.DONE, core.F_COPY, core.F_DSN,
   core.F_VOID
@@ -104,7 +105,7 @@ local NO_CONN = {}
 
 -- The envelope written with each message (JSON metadata of its MSG record).
 local function envelope_of(txn)
-  local rcpts = {}
+  local rcpts = tnew(#txn.recipients, 0)
   for i, r in ipairs(txn.recipients) do
     rcpts[i] = { a = r.address, n = r.notify, o = r.orcpt }
   end
@@ -678,10 +679,10 @@ end
 
 local function start_sync(self)
   local batch = self.waiters
-  self.waiters = {}
+  self.waiters = tnew(32, 0) -- (a batch's pairs: sized, not rehashed as it grows)
   self.syncing = true
   local done_ids, state_ids = self.unsynced_done, self.unsynced_state
-  if #done_ids > 0 then self.unsynced_done = {} end
+  if #done_ids > 0 then self.unsynced_done = tnew(16, 0) end
   if next(state_ids) then self.unsynced_state = {} end
   local segs = {}
   for seg in pairs(self.dirty) do segs[#segs + 1] = seg end
@@ -810,10 +811,12 @@ function Spool:stored(txn, msg, envt, id, seg, off, len, ok, err)
   -- A write that succeeds ends a refusal caused by a failed write; one caused
   -- by low free space ends when the space check says so.
   if self.full and self.full ~= "low disk space" then self.full, self.full_need = false, nil end
-  -- (array slots, see the top; the queue adds key and tenant). The arrival
-  -- time is in the id (ids.time_of); the queue keeps the time of the 250
-  -- beside the entry until the first attempt (Queue:stored).
-  local m = { id, 0, 0, seg, off, len }
+  -- (array slots, see the top; the queue adds key and tenant: the hash
+  -- part is made for those two here, where adding each was a rehash). The
+  -- arrival time is in the id (ids.time_of); the queue keeps the time of
+  -- the 250 beside the entry until the first attempt (Queue:stored).
+  local m = tnew(6, 2)
+  m[ID], m[ATTEMPTS], m[NEXT], m[SEG], m[OFF], m[LEN] = id, 0, 0, seg, off, len
   self.msgs[id] = m
   self.nlive = self.nlive + 1
   self.stats.stored = self.stats.stored + 1
