@@ -739,10 +739,10 @@ end
 -- block for I/O, where a check handle armed outside the poll phase (from a
 -- timer, or a task resumed from the scheduler's idle handle) would wait
 -- for the next I/O or timer to run.
-local function make_sync_check(self)
+local function make_sync_idle(self)
   local h = uv.new_idle()
-  self.sync_check = h
-  self.sync_check_cb = function()
+  self.sync_idle = h
+  self.sync_idle_cb = function()
     h:stop()
     self.sync_armed = false
     if not self.syncing and #self.waiters > 0 then
@@ -757,8 +757,8 @@ function sync_soon(self)
   if self.sync_armed then return end
   -- (a closed spool makes no handle: its last batches start at once)
   if self.closed then return start_sync(self) end
-  local h = self.sync_check or make_sync_check(self)
-  h:start(self.sync_check_cb)
+  local h = self.sync_idle or make_sync_idle(self)
+  h:start(self.sync_idle_cb)
   self.sync_armed = true
 end
 
@@ -1297,11 +1297,11 @@ end
 function Spool:close()
   self.closed = true
   self:trim_cache(true)
-  if self.sync_check then
+  if self.sync_idle then
     -- a batch asked for in this iteration goes now, while its segments are open
-    if self.sync_armed and not self.syncing and #self.waiters > 0 then start_sync(self) end
-    self.sync_check:close()
-    self.sync_check, self.sync_armed = nil, false
+    if self.sync_armed then self.sync_idle_cb() end
+    self.sync_idle:close()
+    self.sync_idle = nil
   end
   if self.tick_handle then
     self.tick_handle:close()
