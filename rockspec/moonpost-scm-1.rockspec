@@ -70,6 +70,7 @@ build = {
     ["moonpost.runtime.regex"] = "runtime/regex.lua",
     ["moonpost.runtime.reload"] = "runtime/reload.lua",
     ["moonpost.runtime.workers"] = "runtime/workers.lua",
+    ["moonpost.runtime.clock"] = "runtime/clock.lua",
     ["moonpost.runtime.fifo"] = "runtime/fifo.lua",
     ["moonpost.runtime.gc"] = "runtime/gc.lua",
     ["moonpost.runtime.sched"] = "runtime/sched.lua",

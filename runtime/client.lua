@@ -25,6 +25,8 @@ local dns = require "moonpost.runtime.dns"
 local format, concat, upper = string.format, table.concat, string.upper
 local tnew = require "table.new"
 local uv = require "luv"
+local clock = require "moonpost.runtime.clock"
+local mono_ms = clock.mono_ms
 
 local _M = { _VERSION = "0.1" }
 
@@ -107,9 +109,9 @@ function Conn:reply(timeout)
     -- the queue's worker) past it
     local left = timeout
     if deadline then
-      left = (deadline - uv.now()) / 1000
+      left = (deadline - mono_ms()) / 1000
     else
-      deadline = uv.now() + timeout * 1000
+      deadline = mono_ms() + timeout * 1000
     end
     local ok, err
     if left > 0 then
@@ -633,7 +635,7 @@ end
 -- release(conn): back to the pool, or closed.
 -- c joins the idle connections, for a waiting delivery or a later one
 local function to_idle(self, c)
-  c.idle_since = uv.now()
+  c.idle_since = mono_ms()
   self.idle[#self.idle + 1] = c
   notify(self)
   self:reap_later()
@@ -670,7 +672,7 @@ local function reap(self)
     self.reaper_task = nil
     -- take the expired ones out first: quit() waits, and the list may
     -- change meanwhile
-    local now, expired = uv.now(), {}
+    local now, expired = mono_ms(), {}
     for i = #self.idle, 1, -1 do
       local c = self.idle[i]
       if now - c.idle_since >= self.opts.idle_timeout * 1000 then

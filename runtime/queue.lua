@@ -17,6 +17,8 @@
 -- all final is done; one older than max_age is expired (its remaining
 -- recipients bounce with 4.4.7).
 local uv = require "luv"
+local clock = require "moonpost.runtime.clock"
+local mono_ns, wall = clock.mono_ns, clock.time
 local sched = require "moonpost.runtime.sched"
 local log = require "moonpost.runtime.log"
 local ids = require "moonpost.runtime.ids"
@@ -117,7 +119,7 @@ function _M.new(mta, spool, opts)
     aside_of = setmetatable({}, { __mode = "k" }), -- message -> the key it waits on
     unhold = setmetatable({}, { __mode = "k" }),   -- messages expedite() took from there
     relabeled = {},   -- recovered message -> the queues its attempt counts against once read
-    -- message stored by this process -> uv.hrtime() at its 250, until its
+    -- message stored by this process -> clock.mono_ns() at its 250, until its
     -- first attempt ends (beside the entry, not in it: see Queue:stored)
     stored_at = setmetatable({}, { __mode = "k" }),
     naside = 0,
@@ -305,7 +307,7 @@ end
 -- metrics, and max_age to the nanosecond); not at all by a queue without
 -- a transport, which never attempts (an accept-only policy).
 function Queue:stored(m, env)
-  if self.transport then self.stored_at[m] = uv.hrtime() end
+  if self.transport then self.stored_at[m] = mono_ns() end
   self:account(m, env)
   return self:add(m)
 end
@@ -325,7 +327,7 @@ end
 -- clock that has since gone back (a wrong time at an earlier start): such a
 -- message is due now, or it would wait that long, past its max_age too.
 function Queue:recover()
-  local now = os.time()
+  local now = wall()
   local limit, ahead = now + longest_retry(self), 0
   self.spool:each(function(m)
     if m[NEXT] > limit then
@@ -466,7 +468,7 @@ end
 -- oldest message and its last error. O(queues); the FIFO's stale heads are
 -- dropped as they are met.
 function Queue:summary()
-  local out, now = {}, os.time()
+  local out, now = {}, wall()
   for key, Q in pairs(self.queues) do
     if Q.depth <= 0 and not Q.last_error then
       self.queues[key] = nil
@@ -551,7 +553,7 @@ function Queue:notify(env, body, action, list)
     for _, e in ipairs(list) do done[#done + 1] = e.index end
   end
   local txn = { id = ids.next(), sender = { address = "" }, recipients = { { address = env.from } },
-    received_at = os.time(), smtputf8 = env.utf8 or nil, notes = {},
+    received_at = wall(), smtputf8 = env.utf8 or nil, notes = {},
     body_type = has_8bit(text) and "8BITMIME" or "7BIT", dsn = true,
     dsn_of = env.id and { id = env.id, action = action, done = done } or nil }
   local msg = smtp.message(text)
@@ -630,7 +632,7 @@ local function delivered_one(self, m, env, r, res, now, domain)
     mc.delivered:inc(tenant, domain)
     -- from the durable 250 (or, for a message recovered at start, its arrival) to the remote 250
     local stored_at = self.stored_at[m]
-    mc.latency:observe(stored_at and (uv.hrtime() - stored_at) / 1e9 or max(0, now - (env.t or now)), tenant)
+    mc.latency:observe(stored_at and (mono_ns() - stored_at) / 1e9 or max(0, now - (env.t or now)), tenant)
   end
   log.info("%s: to=<%s> delivered: %s", env.id, r.address, tostring(res.text))
   self.mta.bus:emit("delivery_delivered", env, r, res)
@@ -688,7 +690,7 @@ local function deliver(self, m)
     -- from the durable 250 to this first attempt (stored_at stays for the
     -- delivery latency metric)
     local n = self.nlatency % LATENCY_SAMPLES + 1
-    self.latency[n] = (uv.hrtime() - stored_at) / 1e9
+    self.latency[n] = (mono_ns() - stored_at) / 1e9
     self.nlatency = self.nlatency + 1
   end
   local env, body, owned = spool:read(m, true)
@@ -834,14 +836,14 @@ local function park(self, m, env, held, done, attempted, wake_at, expire_in)
       self.parked[m] = nil
       drop_waker(self, m)
       if spool:get(m[ID]) ~= m then return end
-      m[NEXT] = os.time()
+      m[NEXT] = wall()
       -- a stopped queue (a reload to a policy without a transport, a
       -- shaper stopping at a reload) keeps it in the heap for its start()
       if self.stopped then heap_push(self.heap, m) else self:add(m) end
     end
     self.parked[m] = resume
     local ms = math.ceil(expire_in * 1000) + 1
-    if wake_at then ms = min(ms, max(0, wake_at - os.time()) * 1000) end
+    if wake_at then ms = min(ms, max(0, wake_at - wall()) * 1000) end
     wake_at_ms(self, m, resume, ms)
     if self.rush[m] then
       self.rush[m] = nil
@@ -871,7 +873,7 @@ local function filtered(filters, env, rc)
 end
 
 function attempt(self, m, env, body)
-  local now = os.time()
+  local now = wall()
   if not env then
     log.error("queue: %s: %s", ids.hex(m[ID]), tostring(body))
     if now - ids.time_of(m[ID]) >= self.max_age then
@@ -947,7 +949,7 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
   local age
   local stored_at = self.stored_at[m]
   if stored_at then
-    age = (uv.hrtime() - stored_at) / 1e9
+    age = (mono_ns() - stored_at) / 1e9
   else
     age = now - (env.t or ids.time_of(m[ID])) - 1
   end
@@ -1112,7 +1114,7 @@ function outcomes(self, m, env, body, rcpts, results, early, now, waiting, settl
   m[NEXT] = next_at or due_after(retry_after(self, m[ATTEMPTS]))
   if self.rush[m] then
     self.rush[m] = nil
-    m[NEXT] = os.time()
+    m[NEXT] = wall()
   end
   spool:update(m[ID], { done = #done > 0 and done or nil, attempts = m[ATTEMPTS], next = m[NEXT],
     warned = m.warned or nil })
@@ -1140,7 +1142,7 @@ local function expire_failed(self, m)
     end
   end
   if m.rnext then m.rnext = nil end
-  local ok, err = xpcall(outcomes, debug.traceback, self, m, env, body, rcpts, results, nil, os.time())
+  local ok, err = xpcall(outcomes, debug.traceback, self, m, env, body, rcpts, results, nil, wall())
   if owned then body:close() end
   if not ok then log.error("queue: %s: %s", ids.hex(m[ID]), tostring(err)) end
   return ok
@@ -1161,7 +1163,7 @@ function failed_attempt(self, m)
   drop_waker(self, m)
   self.rush[m] = nil
   if spool:get(m[ID]) ~= m then return end -- finished before the error
-  local now = os.time()
+  local now = wall()
   if now - ids.time_of(m[ID]) >= self.max_age then
     if expire_failed(self, m) then return end
     log.error("queue: %s: dropped: its attempts failed for longer than max_age", ids.hex(m[ID]))
@@ -1336,7 +1338,7 @@ local function worker(self, i)
   while not self.stopped and i <= self.concurrency do
     local h = self.heap
     local m = next_m or h[1]
-    if next_m or (m and m[NEXT] <= os.time()) then
+    if next_m or (m and m[NEXT] <= wall()) then
       if next_m then next_m = nil else heap_pop(h) end
       if self.spool:get(m[ID]) == m and not set_aside(self, m) then
         local keys = take_slots(self, m)
@@ -1365,7 +1367,7 @@ local function worker(self, i)
     else
       local idle = self.idle
       idle[#idle + 1] = me
-      sched.wait(m and max(0.05, min(1, m[NEXT] - os.time())) or 1)
+      sched.wait(m and max(0.05, min(1, m[NEXT] - wall())) or 1)
       for k = #idle, 1, -1 do
         if idle[k] == me then table.remove(idle, k) break end
       end
@@ -1440,7 +1442,7 @@ end
 function Queue:expedite(list)
   local want, moved = {}, false
   for _, m in ipairs(list) do want[m] = true end
-  local now, h = os.time(), self.heap
+  local now, h = wall(), self.heap
   for i = 1, #h do
     local m = h[i]
     if want[m] then

@@ -21,6 +21,7 @@
 -- re-entrantly; spawn() runs the new task at once, up to its first wait,
 -- like a function call.
 local uv = require "luv"
+local clock = require "moonpost.runtime.clock"
 local log = require "moonpost.runtime.log"
 local tnew = require "table.new"
 
@@ -52,10 +53,8 @@ local ready_active = false -- ready_idle is started (kept here: is_active() cost
 -- The wheel's clock: the monotonic clock in milliseconds. Not uv.now():
 -- luv finds its loop through a registry lookup by name on every call,
 -- about 600 instructions, and a relayed message waits about ten times.
-local hrtime = uv.hrtime
-local function now_ms()
-  return hrtime() / 1e6
-end
+-- (clock.mono_ms, not uv.hrtime: a call compiled code makes, see clock.lua)
+local now_ms = clock.mono_ms
 
 local function on_task_error(task, err)
   if task.on_error then

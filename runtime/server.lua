@@ -7,6 +7,8 @@
 -- batched while pipelined input is waiting and flushed before the session
 -- waits for more (RFC 2920).
 local uv = require "luv"
+local clock = require "moonpost.runtime.clock"
+local mono_ms, wall = clock.mono_ms, clock.time
 local bit = require "bit"
 local tnew = require "table.new"
 local smtp = require "moonpost.core.smtp"
@@ -213,7 +215,7 @@ end
 
 local date_sec, date_str = -1, ""
 local function rfc5322_date()
-  local t = os.time()
+  local t = wall()
   if t ~= date_sec then
     date_sec = t
     date_str = os.date("!%a, %d %b %Y %H:%M:%S +0000", t)
@@ -568,7 +570,7 @@ local function message_done(self, msg, flags)
   end
   msg:prepend(received_header(self, txn))
   txn.size = msg:size()
-  txn.received_at = os.time()
+  txn.received_at = wall()
   local ok, v = _M.run_received(self.mta, txn, msg)
   local stored, serr, scode = true, nil, nil -- luacheck: ignore scode
   local sp = self.mta.spool
@@ -787,7 +789,7 @@ local B64_USERNAME, B64_PASSWORD = "VXNlcm5hbWU6", "UGFzc3dvcmQ6" -- "Username:"
 -- so a client sending a byte at a time cannot hold a session for ever.
 -- serve() forgets the deadline at every complete line or message.
 local function command_time_left(self)
-  local now = uv.now()
+  local now = mono_ms()
   local deadline = self.cmd_deadline
   if not deadline then
     deadline = now + self.opts.timeouts.command * 1000

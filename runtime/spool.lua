@@ -40,6 +40,7 @@
 -- old segment deleted. A crash in between leaves both copies; recovery keeps
 -- the later one. Nothing is lost and nothing is delivered twice.
 local uv = require "luv"
+local clock = require "moonpost.runtime.clock"
 local cjson = require "cjson.safe"
 local core = require "moonpost.core.spool"
 local sched = require "moonpost.runtime.sched"
@@ -117,7 +118,7 @@ local function envelope_of(txn)
     v = 1,
     from = txn.sender and txn.sender.address or "",
     rcpt = rcpts,
-    t = txn.received_at or os.time(),
+    t = txn.received_at or clock.time(),
     ip = conn.remote_ip,
     helo = conn.helo,
   }
