@@ -758,6 +758,218 @@ static int l_send_stuffed(lua_State *L)
     return 2;
 }
 
+/* ---- reading a luv TCP handle straight into a parser ------------------------
+ *
+ * read_start(tcp, fd, parser, callback) -> true | nil, err
+ * read_stop(tcp) -> true
+ *
+ * luv's read_start hands every chunk it reads to Lua as a new string: a
+ * 64 KiB malloc and free for the buffer, the string interned (hashed, and a
+ * message body hashed in full when its chain has many like it), a pcall
+ * into Lua, and a call back into C to push it into the parser. Here libuv
+ * reads into one static buffer, the bytes go into the parser (a server
+ * parser or a reply parser) in C, and callback(err, n, buffered) is told
+ * what happened: n octets read and the parser's buffered total (buffered
+ * nil when the parser is out of memory); err a "NAME: message" string on a
+ * read error; all nil at the end of the stream. The callback runs on a
+ * coroutine of this module's own (luv's main state is not reachable from
+ * here). Only for plaintext: a TLS stream needs the ciphertext in Lua.
+ *
+ * libuv gives a read callback only the handle, so the handles being read
+ * here are found in a small hash table keyed by address. A reader holds
+ * references to its parser and callback until read_stop, which the stream
+ * calls before it closes the handle. */
+
+typedef struct mp_reader {
+    uv_stream_t *h;
+    lparser *in;  /* one of the two parsers */
+    lreply *rep;
+    int parser_ref, cb_ref;
+} mp_reader;
+
+static mp_reader **rmap;
+static size_t rmap_cap, rmap_n;
+static lua_State *cb_thread; /* anchored in the registry at load */
+static char read_buf[65536];
+
+static size_t rmap_slot(const void *p)
+{
+    uint64_t x = (uint64_t)(uintptr_t)p;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return (size_t)x & (rmap_cap - 1);
+}
+
+static mp_reader *rmap_get(const uv_stream_t *h)
+{
+    size_t i;
+    if (rmap_n == 0) return NULL;
+    for (i = rmap_slot(h); rmap[i] != NULL; i = (i + 1) & (rmap_cap - 1))
+        if (rmap[i]->h == h) return rmap[i];
+    return NULL;
+}
+
+static int rmap_put(mp_reader *r)
+{
+    size_t i;
+    if (2 * (rmap_n + 1) > rmap_cap) {
+        size_t cap = rmap_cap ? 2 * rmap_cap : 64, old = rmap_cap, k;
+        mp_reader **m = calloc(cap, sizeof *m), **was = rmap;
+        if (m == NULL) return -1;
+        rmap = m;
+        rmap_cap = cap;
+        for (k = 0; k < old; k++) {
+            if (was[k] == NULL) continue;
+            for (i = rmap_slot(was[k]->h); rmap[i] != NULL; i = (i + 1) & (cap - 1)) {}
+            rmap[i] = was[k];
+        }
+        free(was);
+    }
+    for (i = rmap_slot(r->h); rmap[i] != NULL; i = (i + 1) & (rmap_cap - 1)) {}
+    rmap[i] = r;
+    rmap_n++;
+    return 0;
+}
+
+/* linear probing: the entries after the removed one move back to keep every
+ * chain unbroken (no tombstones) */
+static void rmap_del(const mp_reader *r)
+{
+    size_t i = rmap_slot(r->h), j, k;
+    while (rmap[i] != r) i = (i + 1) & (rmap_cap - 1);
+    rmap[i] = NULL;
+    rmap_n--;
+    for (j = (i + 1) & (rmap_cap - 1); rmap[j] != NULL; j = (j + 1) & (rmap_cap - 1)) {
+        k = rmap_slot(rmap[j]->h);
+        /* rmap[j] may fill the hole at i when its home slot k is not in (i, j] */
+        if ((j > i && (k <= i || k > j)) || (j < i && (k <= i && k > j))) {
+            rmap[i] = rmap[j];
+            rmap[j] = NULL;
+            i = j;
+        }
+    }
+}
+
+static void reader_free(lua_State *L, mp_reader *r)
+{
+    rmap_del(r);
+    luaL_unref(L, LUA_REGISTRYINDEX, r->parser_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, r->cb_ref);
+    free(r);
+}
+
+static void cread_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    (void)h;
+    (void)suggested;
+    buf->base = read_buf;
+    buf->len = sizeof read_buf;
+}
+
+static void cread_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf)
+{
+    mp_reader *r = rmap_get(h);
+    lua_State *L = cb_thread;
+    int nargs;
+    if (nread == 0 || r == NULL) return;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->cb_ref);
+    if (nread > 0) {
+        int failed;
+        size_t buffered;
+        if (r->in != NULL) {
+            failed = r->in->p == NULL || mp_in_push(r->in->p, buf->base, (size_t)nread) != 0;
+            buffered = failed ? 0 : mp_in_buffered(r->in->p);
+        } else {
+            failed = r->rep->r == NULL || mp_reply_push(r->rep->r, buf->base, (size_t)nread) != 0;
+            buffered = failed ? 0 : mp_reply_buffered(r->rep->r);
+        }
+        lua_pushnil(L);
+        lua_pushnumber(L, (lua_Number)nread);
+        if (failed) lua_pushnil(L);
+        else lua_pushnumber(L, (lua_Number)buffered);
+        nargs = 3;
+    } else if (nread == UV_EOF) {
+        nargs = 0;
+    } else {
+        lua_pushfstring(L, "%s: %s", uv_err_name((int)nread), uv_strerror((int)nread));
+        nargs = 1;
+    }
+    /* (r may be gone after the call: the callback may stop the reading) */
+    if (lua_pcall(L, nargs, 0, 0) != 0) {
+        fprintf(stderr, "moonpost: read callback: %s\n", lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+}
+
+static int l_read_start(lua_State *L)
+{
+    uv_stream_t *h = luv_tcp_handle(L, 1, luaL_checkinteger(L, 2));
+    lparser *in = mp_testudata_c(L, 3, PARSER_MT, &parser_mt);
+    lreply *rep = in == NULL ? mp_testudata_c(L, 3, REPLY_MT, &reply_mt) : NULL;
+    mp_reader *r;
+    int rc;
+    luaL_checktype(L, 4, LUA_TFUNCTION);
+    if (in == NULL && rep == NULL) luaL_argerror(L, 3, "parser or reply parser expected");
+    if (h == NULL) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "unsupported");
+        return 2;
+    }
+    r = rmap_get(h);
+    if (r == NULL) {
+        r = calloc(1, sizeof *r);
+        if (r == NULL || (r->h = h, rmap_put(r) != 0)) {
+            free(r);
+            return luaL_error(L, "out of memory");
+        }
+    } else {
+        luaL_unref(L, LUA_REGISTRYINDEX, r->parser_ref);
+        luaL_unref(L, LUA_REGISTRYINDEX, r->cb_ref);
+    }
+    r->in = in;
+    r->rep = rep;
+    lua_pushvalue(L, 3);
+    r->parser_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, 4);
+    r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    uv_read_stop(h);
+    rc = uv_read_start(h, cread_alloc, cread_cb);
+    if (rc != 0) {
+        reader_free(L, r);
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s", uv_err_name(rc), uv_strerror(rc));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* read_stop(tcp): also for a handle being closed (luv's userdata stays
+ * valid until it is collected) */
+static int l_read_stop(lua_State *L)
+{
+    void *ud = lua_touserdata(L, 1);
+    uv_stream_t *h;
+    mp_reader *r;
+    if (ud == NULL || mp_testudata_c(L, 1, "uv_tcp", &uv_tcp_mt) == NULL) luaL_argerror(L, 1, "uv_tcp expected");
+    h = *(uv_stream_t **)ud;
+    r = h != NULL ? rmap_get(h) : NULL;
+    if (r != NULL) {
+        if (!uv_is_closing((uv_handle_t *)h)) uv_read_stop(h);
+        reader_free(L, r);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* readers() -> the number of handles being read here (for tests) */
+static int l_readers(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)rmap_n);
+    return 1;
+}
+
 static int l_utf8_valid(lua_State *L)
 {
     size_t n;
@@ -795,6 +1007,9 @@ static int l_tune_malloc(lua_State *L)
 static const luaL_Reg funcs[] = {
     {"tune_malloc", l_tune_malloc},
     {"send_stuffed", l_send_stuffed},
+    {"read_start", l_read_start},
+    {"read_stop", l_read_stop},
+    {"readers", l_readers},
     {"parser", l_parser},
     {"reply_parser", l_reply_parser},
     {"message", l_message},
@@ -852,6 +1067,10 @@ MP_EXPORT int luaopen_moonpost_core_smtp(lua_State *L)
     mp_createmeta(L, PARSER_MT, parser_meta, parser_methods);
     mp_createmeta(L, MESSAGE_MT, message_meta, message_methods);
     mp_createmeta(L, REPLY_MT, reply_meta, reply_methods);
+    if (cb_thread == NULL) {
+        cb_thread = lua_newthread(L);
+        luaL_ref(L, LUA_REGISTRYINDEX); /* kept for the life of the state */
+    }
     lua_newtable(L);
     mp_setfuncs(L, funcs);
     lua_pushinteger(L, MP_SMTP_CMD_LINE_MAX);

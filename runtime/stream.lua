@@ -27,6 +27,7 @@ local sched = require "moonpost.runtime.sched"
 local smtp = require "moonpost.core.smtp"
 
 local try_write, wait, wake, current, park = uv.try_write, sched.wait, sched.wake, sched.current, sched.park
+local c_read_start, c_read_stop = smtp.read_start, smtp.read_stop
 local reserve, wake_token = sched.reserve, sched.wake_token
 local sub, find, concat = string.sub, string.find, table.concat
 
@@ -123,20 +124,79 @@ local function make_on_read(self)
   end
 end
 
+-- The callback of the reading done in C (smtp.read_start): the octets are
+-- in the parser already; n of them came, and the parser holds buffered
+-- (nil: it ran out of memory). err on a read error; nothing at the end.
+local function make_on_cread(self)
+  return function(err, n, buffered)
+    if err then
+      self.err = err
+      self.eof = true
+    elseif n then
+      self.bytes_in = self.bytes_in + n
+      if not buffered then
+        self.err = "ENOMEM"
+        self.eof = true
+        c_read_stop(self.tcp)
+      elseif buffered > self.high_water and not self.paused then
+        self.paused = true
+        c_read_stop(self.tcp)
+      end
+    else
+      self.eof = true
+    end
+    local r = self.reader
+    if r then
+      self.reader = nil
+      wake(r, true)
+    end
+  end
+end
+
 function _M.new(tcp)
   return setmetatable({ tcp = tcp, bytes_in = 0, bytes_out = 0 }, mt)
 end
 Stream.high_water = DEFAULT_HIGH_WATER
 
+-- self.reading: false, true (luv reads) or "c" (read in C). (No field of
+-- its own for the C reading, and its callback in on_read: 500,000 idle
+-- sessions hold a stream each.)
+local function stop_reading(self)
+  local r = self.reading
+  if r == "c" then
+    c_read_stop(self.tcp)
+  elseif r then
+    pcall(self.tcp.read_stop, self.tcp)
+  end
+  self.reading, self.paused = false, false
+  self.on_read = nil
+end
+
 function Stream:attach(parser, high_water)
+  -- (reading in C feeds the parser it was started with)
+  if self.reading == "c" and parser ~= self.parser then stop_reading(self) end
   self.parser = parser
   if high_water then self.high_water = high_water end
 end
 
+-- Plaintext into a parser is read in C (make_on_cread), without a Lua
+-- string per chunk; TLS, and a stream without a parser, through luv.
+local function start_creading(self)
+  local cb = self.on_read or make_on_cread(self)
+  self.on_read = cb
+  local fd = self.tcp:fileno()
+  return fd and c_read_start(self.tcp, fd, self.parser, cb)
+end
+
 local function start_reading(self)
-  if not self.reading then
+  local r = self.reading
+  if not r then
+    if self.parser and not self.tls and start_creading(self) then
+      self.reading = "c"
+      return
+    end
     self.reading = true
-    self.on_read = self.on_read or make_on_read(self)
+    self.on_read = make_on_read(self)
     local ok, err = self.tcp:read_start(self.on_read)
     if not ok then
       self.err = err
@@ -144,7 +204,14 @@ local function start_reading(self)
     end
   elseif self.paused then
     self.paused = false
-    self.tcp:read_start(self.on_read)
+    if r == "c" then
+      if not start_creading(self) then
+        self.err = "cannot read"
+        self.eof = true
+      end
+    else
+      self.tcp:read_start(self.on_read)
+    end
   end
 end
 
@@ -344,6 +411,9 @@ function Stream:starttls(conn, timeout)
   if self.closed then return nil, "closed" end
   if self.eof then return nil, self.err or "closed" end
   self.rbuf, self.rlen = nil, 0
+  -- the ciphertext must reach Lua: reading in C stops, luv's starts at
+  -- the next wait
+  if self.reading == "c" then stop_reading(self) end
   self.tls = conn
   self.handshaking = true
   self.hs_in = {}
@@ -415,7 +485,7 @@ function Stream:close()
     if alert then pcall(try_write, tcp, alert) end
   end
   self.closed = true
-  if self.reading then pcall(tcp.read_stop, tcp) end
+  stop_reading(self)
   if not tcp:is_closing() then tcp:close() end
   local r = self.reader
   if r then
